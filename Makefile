@@ -1,0 +1,40 @@
+# The two commands of the README. Each creates .venv when missing.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench-drain bench-scaleout bench-pool clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python >= 3.11) on PATH, or run: make PY=python3 ..." >&2; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fraudactors demo $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check fraudactors loadgen tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+bench-drain: $(STAMP)
+	$(BIN)/fraudactors bench drain $(ARGS)
+
+bench-scaleout: $(STAMP)
+	$(BIN)/fraudactors bench scaleout $(ARGS)
+
+bench-pool: $(STAMP)
+	$(BIN)/fraudactors bench pool $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

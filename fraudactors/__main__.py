@@ -1,0 +1,3 @@
+from fraudactors.cli import main
+
+raise SystemExit(main())

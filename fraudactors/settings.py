@@ -1,0 +1,403 @@
+"""One frozen, validated settings object.
+
+Sources, later wins: the packaged defaults (``fraudactors/defaults.toml``), an optional TOML file
+(``--config PATH`` or ``FRAUDACTORS_CONFIG``), environment variables ``FRAUDACTORS_<SECTION>__<KEY>``
+(double underscore between levels, e.g. ``FRAUDACTORS_KAFKA__BOOTSTRAP_SERVERS``), then explicit
+overrides from code. An unknown key or a bad value raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from fraudactors.errors import ConfigError
+
+ENV_PREFIX = "FRAUDACTORS_"
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    bootstrap_servers: str = "localhost:9092"
+    group_id: str = "fraudactors"
+    # Static membership: a stable id per replica avoids a rebalance on every restart.
+    group_instance_id: str = ""
+    client_id: str = "fraudactors"
+    # Real Apache Kafka: keep True. The embedded Tansu broker rejects InitProducerId.
+    enable_idempotence: bool = True
+    acks: Literal["all", "1", "0"] = "all"
+    linger_ms: int = 2
+    max_batch_size: int = 262144
+    session_timeout_ms: int = 10000
+    heartbeat_interval_ms: int = 3000
+    max_poll_interval_ms: int = 300000
+    fetch_max_records: int = 2000
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    request_timeout_ms: int = 30000
+
+    def validate(self) -> None:
+        _require(bool(self.bootstrap_servers.strip()), "kafka.bootstrap_servers", "must not be empty")
+        _require(bool(self.group_id.strip()), "kafka.group_id", "must not be empty")
+        _require(self.fetch_max_records > 0, "kafka.fetch_max_records", "must be > 0")
+        _require(
+            self.heartbeat_interval_ms < self.session_timeout_ms,
+            "kafka.heartbeat_interval_ms",
+            "must be below kafka.session_timeout_ms",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSettings:
+    transactions: str = "transactions"
+    predictions: str = "predictions"
+    labels: str = "labels"
+    dlq: str = "transactions.dlq"
+    partitions: int = 12
+    replication_factor: int = 1
+
+    def validate(self) -> None:
+        for name in ("transactions", "predictions", "labels", "dlq"):
+            _require(bool(getattr(self, name).strip()), f"topics.{name}", "must not be empty")
+        _require(self.partitions >= 1, "topics.partitions", "must be >= 1")
+        _require(self.replication_factor >= 1, "topics.replication_factor", "must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = "redis://localhost:6379/0"
+    key_prefix: str = "fa:"
+    # State keys expire this long after their last update (longest window + margin).
+    ttl_s: int = 40 * 86400
+    socket_timeout_ms: int = 250
+    # What the feature workers do while Redis is unreachable: score from the transaction alone
+    # and mark the decision degraded, or hold the partition and retry until Redis returns.
+    on_unavailable: Literal["degrade", "hold"] = "degrade"
+    # How often a degraded worker probes Redis to come back by itself.
+    retry_interval_ms: int = 500
+
+    def validate(self) -> None:
+        _require(self.url.startswith(("redis://", "rediss://", "unix://")), "redis.url",
+                 "must start with redis://, rediss:// or unix://")
+        _require(self.ttl_s > 0, "redis.ttl_s", "must be > 0")
+        _require(self.socket_timeout_ms > 0, "redis.socket_timeout_ms", "must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    # Micro-batching: a stage flushes when it has batch_max records or after batch_linger_ms.
+    batch_max: int = 256
+    batch_linger_ms: float = 2.0
+    # Bounded mailboxes; a full one makes the sender wait (and the ingestor pause the partition).
+    mailbox_size: int = 4096
+    inference_workers: int = 1
+    # "process": ONNX sessions pinned in a process pool; "thread": a session in a thread here.
+    inference_mode: Literal["process", "thread"] = "process"
+    inference_timeout_s: float = 10.0
+    max_inflight_batches: int = 8
+    commit_interval_ms: int = 500
+    shutdown_timeout_s: float = 20.0
+    start_timeout_s: float = 60.0
+    # A consumer that made no progress with records waiting for this long is restarted.
+    watchdog_s: float = 30.0
+    restart_max: int = 5
+    restart_window_s: float = 60.0
+
+    def validate(self) -> None:
+        _require(self.batch_max >= 1, "engine.batch_max", "must be >= 1")
+        _require(self.batch_linger_ms >= 0, "engine.batch_linger_ms", "must be >= 0")
+        _require(self.mailbox_size >= 1, "engine.mailbox_size", "must be >= 1")
+        _require(self.inference_workers >= 1, "engine.inference_workers", "must be >= 1")
+        _require(self.max_inflight_batches >= 1, "engine.max_inflight_batches", "must be >= 1")
+        _require(self.shutdown_timeout_s > 0, "engine.shutdown_timeout_s", "must be > 0")
+        _require(self.restart_max >= 0, "engine.restart_max", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class VariantSettings:
+    version: str
+    weight: float = 0.0
+    # A shadow variant is scored and recorded but never decides.
+    shadow: bool = False
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.version.strip()), f"{key}.version", "must not be empty")
+        _require(math.isfinite(self.weight) and self.weight >= 0, f"{key}.weight", "must be >= 0")
+
+
+def _default_variants() -> dict[str, VariantSettings]:
+    return {"A": VariantSettings("v1", 0.9), "B": VariantSettings("v2", 0.1)}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    dir: str = "models"
+    variants: Mapping[str, VariantSettings] = field(default_factory=_default_variants)
+
+    def validate(self) -> None:
+        _require(bool(self.variants), "models.variants", "at least one variant is required")
+        for name, variant in self.variants.items():
+            variant.validate(f"models.variants.{name}")
+        deciding = [v for v in self.variants.values() if not v.shadow]
+        _require(bool(deciding), "models.variants", "at least one variant must not be shadow")
+        _require(sum(v.weight for v in deciding) > 0, "models.variants",
+                 "the weights of the non-shadow variants must add up to more than 0")
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionSettings:
+    # Thresholds on fraud_probability; < 0 means "use the model's metadata".
+    review_threshold: float = -1.0
+    decline_threshold: float = -1.0
+    # is_fraud = decision in is_fraud_decisions
+    is_fraud_decisions: tuple[str, ...] = ("review", "decline")
+    max_reasons: int = 3
+
+    def validate(self) -> None:
+        for key in ("review_threshold", "decline_threshold"):
+            value = getattr(self, key)
+            _require(value < 0 or 0.0 <= value <= 1.0, f"decision.{key}", "must be in [0, 1] or < 0")
+        if self.review_threshold >= 0 and self.decline_threshold >= 0:
+            _require(self.review_threshold <= self.decline_threshold, "decision.review_threshold",
+                     "must be <= decision.decline_threshold")
+        for decision in self.is_fraud_decisions:
+            _require(decision in ("approve", "review", "decline"), "decision.is_fraud_decisions",
+                     f"unknown decision {decision!r}")
+        _require(0 <= self.max_reasons <= 10, "decision.max_reasons", "must be in [0, 10]")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def validate(self) -> None:
+        _require(0 <= self.port <= 65535, "http.port", "must be in [0, 65535]")
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto: console rendering on a terminal, JSON lines otherwise.
+    format: Literal["auto", "json", "console"] = "auto"
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """Where the embedded services' binaries are: explicit path first, then packaged, then PATH."""
+
+    tansu_bin: str = ""
+    redis_bin: str = ""
+    start_timeout_s: float = 30.0
+
+    def validate(self) -> None:
+        _require(self.start_timeout_s > 0, "services.start_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    topics: TopicSettings = field(default_factory=TopicSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    decision: DecisionSettings = field(default_factory=DecisionSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    services: ServiceSettings = field(default_factory=ServiceSettings)
+
+    def validate(self) -> Settings:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def replace(self, **sections: Any) -> Settings:
+        """A copy with whole sections or ``section={key: value}`` updates, validated."""
+        updates: dict[str, Any] = {}
+        for name, value in sections.items():
+            if isinstance(value, Mapping):
+                updates[name] = _build(type(getattr(self, name)), {**_as_dict(getattr(self, name)), **value},
+                                       name)
+            else:
+                updates[name] = value
+        return dataclasses.replace(self, **updates).validate()
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(key, problem)
+
+
+def _as_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: _as_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def as_dict(settings: Settings) -> dict[str, Any]:
+    """Plain data, for logging the effective configuration."""
+    result: dict[str, Any] = _as_dict(settings)
+    return result
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if isinstance(value, str) and value not in args and value.lower() in args:
+            value = value.lower()
+        if value not in args:
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(key, f"must be a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(key, f"must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        if isinstance(value, int | float):
+            result = float(value)
+        elif isinstance(value, str):
+            try:
+                result = float(value.strip())
+            except ValueError:
+                raise ConfigError(key, f"must be a number, got {value!r}") from None
+        else:
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        if not math.isfinite(result):
+            raise ConfigError(key, f"must be finite, got {value!r}")
+        return result
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, f"must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or origin is typing.Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"must be a table, got {value!r}")
+        # A plain dict (picklable, so settings can cross into pool workers); never mutated.
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"must be a table, got {value!r}")
+        return _build(tp, value, key)
+    raise ConfigError(key, f"unsupported type {tp!r}")  # pragma: no cover - programming error
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            raise ConfigError(full, "unknown key")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        missing = [f.name for f in known.values()
+                   if f.name not in kwargs and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        raise ConfigError(f"{prefix}.{missing[0]}" if missing else prefix, "is required") from exc
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        if len(path) < 2 or not all(path):
+            raise ConfigError(name, "environment overrides look like FRAUDACTORS_<SECTION>__<KEY>")
+        node = layer
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(name, "conflicts with another override")
+        node[path[-1]] = value
+    # Variant names are case-sensitive in TOML; environment names are upper-case by custom.
+    variants = layer.get("models", {}).get("variants")
+    if isinstance(variants, dict):
+        layer["models"]["variants"] = {k.upper(): v for k, v in variants.items()}
+    return layer
+
+
+def default_config_text() -> str:
+    return resources.files("fraudactors").joinpath("defaults.toml").read_text(encoding="utf-8")
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build and validate the settings. Raises :class:`ConfigError` naming the bad key."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = tomllib.loads(default_config_text())
+    path = path or env.get(ENV_PREFIX + "CONFIG") or None
+    if path is not None:
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {file}: {exc.strerror}") from None
+        try:
+            from_file = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{file} is not valid TOML: {exc}") from None
+        # Variants in a file replace the default set rather than merging into it.
+        if "variants" in from_file.get("models", {}):
+            data.setdefault("models", {})["variants"] = {}
+        data = _merge(data, from_file)
+    data = _merge(data, _env_layer(env))
+    if overrides:
+        data = _merge(data, overrides)
+    settings: Settings = _build(Settings, data, "")
+    return settings.validate()
