@@ -1,0 +1,121 @@
+"""aiokafka clients and topics, built from :class:`Settings` (never from loose keyword arguments).
+
+``make_producer`` / ``make_consumer`` map the ``[kafka]`` section onto aiokafka; keyword
+``overrides`` win (e.g. ``group_id=None`` for an assign-only reader). Consumers never auto-commit:
+the engine commits what it has finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from fraudactors.errors import ServiceError
+from fraudactors.settings import Settings
+
+
+def topic_names(settings: Settings) -> tuple[str, str, str, str]:
+    t = settings.topics
+    return (t.transactions, t.predictions, t.labels, t.dlq)
+
+
+def _acks(value: str) -> int | str:
+    return "all" if value == "all" else int(value)
+
+
+def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    k = settings.kafka
+    config: dict[str, Any] = {
+        "bootstrap_servers": k.bootstrap_servers,
+        "client_id": k.client_id,
+        "acks": _acks(k.acks),
+        "linger_ms": k.linger_ms,
+        "max_batch_size": k.max_batch_size,
+        "enable_idempotence": k.enable_idempotence,
+        "request_timeout_ms": k.request_timeout_ms,
+    }
+    config.update(overrides)
+    return config
+
+
+def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    k = settings.kafka
+    config: dict[str, Any] = {
+        "bootstrap_servers": k.bootstrap_servers,
+        "client_id": k.client_id,
+        "group_id": k.group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": k.auto_offset_reset,
+        "session_timeout_ms": k.session_timeout_ms,
+        "heartbeat_interval_ms": k.heartbeat_interval_ms,
+        "max_poll_interval_ms": k.max_poll_interval_ms,
+        "max_poll_records": k.fetch_max_records,
+        "request_timeout_ms": max(k.request_timeout_ms, k.session_timeout_ms + 5000),
+    }
+    if k.group_instance_id:
+        config["group_instance_id"] = k.group_instance_id
+    config.update(overrides)
+    return config
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """An unstarted producer; the caller ``await``s ``start()`` and ``stop()``."""
+    return AIOKafkaProducer(**producer_config(settings, **overrides))
+
+
+def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+    """An unstarted consumer subscribed to ``topics`` (none: the caller assigns or subscribes)."""
+    return AIOKafkaConsumer(*topics, **consumer_config(settings, **overrides))
+
+
+def make_admin(settings: Settings, bootstrap_servers: str | None = None) -> AIOKafkaAdminClient:
+    k = settings.kafka
+    return AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers or k.bootstrap_servers,
+                               client_id=f"{k.client_id}-admin", request_timeout_ms=k.request_timeout_ms)
+
+
+async def create_topics(settings: Settings, bootstrap_servers: str | None = None,
+                        names: Sequence[str] | None = None) -> list[str]:
+    """Create the four topics (``settings.topics.partitions`` each); existing ones are left alone.
+
+    Returns the names that were newly created.
+    """
+    t = settings.topics
+    wanted = list(names) if names is not None else list(topic_names(settings))
+    admin = make_admin(settings, bootstrap_servers)
+    try:
+        await admin.start()
+    except Exception as exc:
+        raise ServiceError(f"cannot reach Kafka at {bootstrap_servers or settings.kafka.bootstrap_servers} "
+                           f"to create topics: {exc!r}") from exc
+    created: list[str] = []
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in wanted if name not in existing]
+        if missing:
+            response = await admin.create_topics([
+                NewTopic(name, num_partitions=t.partitions, replication_factor=t.replication_factor)
+                for name in missing])
+            for name, code, *message in response.topic_errors:
+                if code == 0:
+                    created.append(name)
+                elif code != TopicAlreadyExistsError.errno:  # another replica got there first: fine
+                    detail = message[0] if message and message[0] else f"error code {code}"
+                    raise ServiceError(f"cannot create topic {name!r}: {detail}")
+    finally:
+        await admin.close()
+    return created
+
+
+async def delete_topics(settings: Settings, names: Sequence[str] | None = None,
+                        bootstrap_servers: str | None = None) -> None:
+    admin = make_admin(settings, bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_topics(list(names) if names is not None else list(topic_names(settings)))
+    finally:
+        await admin.close()

@@ -1,0 +1,36 @@
+"""The embedded Redis-protocol server: valkey-server (or redis-server), no persistence, loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fraudactors.services.binaries import resolve_redis
+from fraudactors.services.embedded import EmbeddedService
+
+
+class EmbeddedRedis(EmbeddedService):
+    name = "redis"
+
+    def __init__(self, binary: str | None = None, *, port: int | None = None, start_timeout_s: float = 30.0,
+                 stop_grace_s: float = 5.0) -> None:
+        super().__init__(binary or resolve_redis(), port=port, start_timeout_s=start_timeout_s,
+                         stop_grace_s=stop_grace_s)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def argv(self, port: int) -> Sequence[str]:
+        return [self.binary, "--port", str(port), "--bind", self.host, "--save", "", "--appendonly", "no",
+                "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"]
+
+    async def check(self, budget_s: float) -> None:
+        """A real PING."""
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(self.url, socket_timeout=budget_s, socket_connect_timeout=budget_s)
+        try:
+            if not await client.ping():
+                raise RuntimeError("PING did not return PONG")
+        finally:
+            await client.aclose()

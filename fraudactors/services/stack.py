@@ -1,0 +1,53 @@
+"""Broker and Redis together, for ``fraudactors demo`` and the tests."""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Self
+
+from fraudactors.services.broker import EmbeddedBroker
+from fraudactors.services.redis import EmbeddedRedis
+from fraudactors.settings import Settings
+
+
+class EmbeddedStack:
+    """Starts both services concurrently; stops both, whatever happened.
+
+    ``stack.settings`` is the given settings pointed at the embedded services, with
+    ``enable_idempotence`` off (Tansu rejects InitProducerId).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        timeout = settings.services.start_timeout_s
+        self.broker = EmbeddedBroker(settings.services.tansu_bin or None, start_timeout_s=timeout)
+        self.redis = EmbeddedRedis(settings.services.redis_bin or None, start_timeout_s=timeout)
+        self._base = settings
+        self.settings = settings
+
+    @property
+    def pids(self) -> dict[str, int | None]:
+        return {"broker": self.broker.pid, "redis": self.redis.pid}
+
+    async def start(self) -> Self:
+        results = await asyncio.gather(self.broker.start(), self.redis.start(), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.stop()
+            raise errors[0]
+        self.settings = self._base.replace(
+            kafka={"bootstrap_servers": self.broker.bootstrap_servers, "enable_idempotence": False},
+            redis={"url": self.redis.url},
+        )
+        return self
+
+    async def stop(self) -> None:
+        # Shielded so an interrupted caller still reaps both children.
+        await asyncio.shield(asyncio.gather(self.broker.stop(), self.redis.stop()))
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()

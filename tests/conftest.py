@@ -1,0 +1,134 @@
+"""Shared fixtures: one real broker and one real Redis per test session, private names per test.
+
+- ``broker`` (session): embedded Tansu; ``broker.bootstrap_servers`` -> "127.0.0.1:PORT".
+- ``redis_server`` (session): embedded valkey/redis; ``redis_server.url`` -> "redis://127.0.0.1:PORT/0".
+- ``settings`` (function): Settings pointing at both, with unique topic names, kafka.group_id and
+  redis.key_prefix, ``enable_idempotence=False``, ``http.port=0``; the four topics exist with
+  ``topics.partitions`` partitions (deleted again after the test). Need a variation? Use
+  ``settings.replace(engine={...})``; topics made with another partition count:
+  ``await create_topics(s)`` yourself.
+- ``fresh_redis`` (function): a private Redis server for fault tests. ``fresh_redis.url``,
+  ``fresh_redis.stop()`` and ``fresh_redis.start()`` (same port). Both block until done, so they
+  work from sync tests, and may also be awaited (``await fresh_redis.stop()``) from async ones.
+  Point settings at it with ``settings.replace(redis={"url": fresh_redis.url})``.
+- ``run_sync(coro)``: run a coroutine to completion in a helper thread (for sync fixtures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import uuid
+from collections.abc import Coroutine, Generator, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from fraudactors.services.broker import EmbeddedBroker
+from fraudactors.services.kafka import create_topics, delete_topics
+from fraudactors.services.redis import EmbeddedRedis
+from fraudactors.settings import Settings, load_settings
+
+T = TypeVar("T")
+
+
+def run_sync(coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
+    """Run ``coro`` in a fresh event loop on a helper thread (safe whether or not a loop runs here)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conftest") as pool:
+        return pool.submit(asyncio.run, coro).result(timeout=timeout_s)
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    service = EmbeddedBroker()
+    service.start_sync()
+    try:
+        yield service
+    finally:
+        service.stop_sync()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    service = EmbeddedRedis()
+    service.start_sync()
+    try:
+        yield service
+    finally:
+        service.stop_sync()
+
+
+def make_test_settings(bootstrap_servers: str, redis_url: str, **overrides: Any) -> Settings:
+    """Settings for one test: unique names, embedded services, environment ignored."""
+    suffix = uuid.uuid4().hex[:12]
+    data: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": bootstrap_servers, "group_id": f"fa-test-{suffix}",
+                  "client_id": f"fa-test-{suffix}", "enable_idempotence": False},
+        "topics": {"transactions": f"transactions-{suffix}", "predictions": f"predictions-{suffix}",
+                   "labels": f"labels-{suffix}", "dlq": f"transactions.dlq-{suffix}"},
+        "redis": {"url": redis_url, "key_prefix": f"fa-test-{suffix}:"},
+        "http": {"port": 0},
+    }
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    return load_settings(env={}, overrides=data)
+
+
+@pytest.fixture
+def settings(broker: EmbeddedBroker, redis_server: EmbeddedRedis) -> Iterator[Settings]:
+    value = make_test_settings(broker.bootstrap_servers, redis_server.url)
+    run_sync(create_topics(value))
+    yield value
+    if broker.running:
+        try:
+            run_sync(delete_topics(value), timeout_s=15.0)
+        except Exception:  # best effort: a broken broker fails the next test loudly anyway
+            pass
+
+
+class _Done:
+    """An already-finished awaitable, so a blocking call may also be written with ``await``."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # pragma: no cover - makes this a generator
+
+
+class FreshRedis:
+    """A private Redis server on a fixed port that a test may stop and start again."""
+
+    def __init__(self) -> None:
+        # Once started, an embedded service restarts on the same port: the URL stays valid.
+        self._service = EmbeddedRedis(stop_grace_s=2.0)
+        self._service.start_sync()
+        self.port = self._service.port
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._service.pid
+
+    @property
+    def running(self) -> bool:
+        return self._service.running
+
+    def stop(self) -> _Done:
+        self._service.stop_sync()
+        return _Done()
+
+    def start(self) -> _Done:
+        if not self._service.running:
+            self._service.start_sync()
+        return _Done()
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[FreshRedis]:
+    server = FreshRedis()
+    try:
+        yield server
+    finally:
+        server.stop()
