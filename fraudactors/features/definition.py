@@ -1,0 +1,323 @@
+"""The ONE feature definition, shared by training (``offline.py``) and serving (``store.py``).
+
+Everything here is a deterministic function of (user state, merchant context, transaction);
+the only clock is the transaction's own ``event_time``, so replaying old data computes exactly
+what live traffic computed. ``offline.py`` and ``store.py`` both call :func:`transition` (and
+the merchant helpers below), so training and serving cannot drift apart.
+
+User state (:class:`UserState`)
+    The user's recent events (event time, amount) kept sorted by event time, pruned to the
+    ``HISTORY_S`` (30 days) before the newest event and capped at the ``MAX_EVENTS`` most recent
+    ones (the same cap applies offline, so a user with more than ``MAX_EVENTS`` transactions in
+    30 days saturates identically in training and serving); bounded LRU seen-sets of merchants
+    (``MAX_SEEN_MERCHANTS``) and categories (``MAX_SEEN_CATEGORIES``); whether the user was ever
+    seen abroad; the previous transaction's ``is_international``; and the last applied
+    ``(partition, offset)`` so a replayed record is not counted twice.
+
+User windows
+    A window of length ``w`` for a transaction at time ``t`` holds the user's *earlier* events
+    with event time in ``(t - w, t]`` -- the current transaction itself is not counted.
+    Out-of-order events (earlier than the user's newest) are handled deterministically: windows
+    only look at stored events at or before ``t``, and the event is then inserted at its place
+    in time. The seen-sets and ``intl_changed`` follow arrival order, so a late event can see a
+    merchant that was first used "after" it; with events in time order (the normal case and the
+    offline order) both views agree.
+
+Merchant windows (:class:`MerchantState`)
+    Transaction counts live in hour buckets (24h window = hours ``[H-23, H]``) and day buckets
+    (7d / 30d = days ``[D-6, D]`` / ``[D-29, D]``) keyed by the transaction's event hour/day,
+    because many partitions update them concurrently (Redis ``HINCRBY``). Fraud labels are
+    bucketed by their ``labeled_at`` hour/day and count only from the start of the hour after
+    they were reported: 7d = days ``[D-7, D-1]`` plus today's hours before ``H`` (30d likewise),
+    so every counted label has ``labeled_at <= event_time`` (never a leak from the future; a
+    label reported within the same hour waits for the next hour). Smoothed fraud rate =
+    ``frauds / (merchant transactions in the window + MERCHANT_RATE_PRIOR)``.
+
+Degraded mode (:func:`transaction_only_features`)
+    The same vector with every state-dependent feature at the value a brand-new user at a
+    brand-new merchant gets: counts and sums 0, mean and std 0, ``amount_to_avg_30d`` 1,
+    z-score 0, ``seconds_since_last_tx`` = ``NO_PREVIOUS_TX`` (-1), ``is_new_merchant`` and
+    ``is_new_category`` 1, ``is_new_country`` = ``is_international``, ``intl_changed`` 0,
+    merchant counts, fraud counts and rates 0.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+from fraudactors.features.schema import Transaction
+
+HOUR_S = 3600
+DAY_S = 86400
+WINDOWS_S = (600, HOUR_S, DAY_S, 7 * DAY_S, 30 * DAY_S)  # 10m, 1h, 24h, 7d, 30d
+HISTORY_S = 30 * DAY_S
+MAX_EVENTS = 256
+MAX_SEEN_MERCHANTS = 64
+MAX_SEEN_CATEGORIES = 32
+NO_PREVIOUS_TX = -1.0
+NIGHT_HOURS_END = 6  # 00:00-05:59 UTC is night
+MERCHANT_RATE_PRIOR = 10.0
+ZSCORE_MIN_STD = 1.0
+
+FEATURE_NAMES: tuple[str, ...] = (
+    # the transaction alone
+    "amount",
+    "log_amount",
+    "is_international",
+    "hour_of_day",
+    "day_of_week",
+    "is_night",
+    # user velocity and amounts, earlier events in (t - w, t]
+    "tx_count_10m",
+    "tx_count_1h",
+    "tx_count_24h",
+    "tx_count_7d",
+    "tx_count_30d",
+    "amount_sum_1h",
+    "amount_sum_24h",
+    "amount_sum_7d",
+    "amount_sum_30d",
+    "amount_avg_30d",
+    "amount_std_30d",
+    "amount_to_avg_30d",
+    "amount_zscore_30d",
+    "seconds_since_last_tx",
+    # novelty against the user's bounded seen-sets
+    "is_new_merchant",
+    "is_new_category",
+    "is_new_country",
+    "intl_changed",
+    # merchant activity (bucketed) and risk from delayed labels
+    "merchant_tx_count_24h",
+    "merchant_tx_count_7d",
+    "merchant_tx_count_30d",
+    "merchant_fraud_count_7d",
+    "merchant_fraud_count_30d",
+    "merchant_fraud_rate_7d",
+    "merchant_fraud_rate_30d",
+)
+N_FEATURES = len(FEATURE_NAMES)
+FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
+# Features that depend on no stored state (exact in degraded mode too).
+TRANSACTION_ONLY = FEATURE_NAMES[:6]
+# Features computed from merchant counters that several partitions increment concurrently:
+# exact when one writer processes events in time order, eventually consistent otherwise.
+MERCHANT_COUNT_FEATURES = (
+    "merchant_tx_count_24h",
+    "merchant_tx_count_7d",
+    "merchant_tx_count_30d",
+    "merchant_fraud_rate_7d",
+    "merchant_fraud_rate_30d",
+)
+
+
+@dataclass(slots=True)
+class UserState:
+    """Per-user state. Owned by whoever holds it; :func:`transition` updates it in place."""
+
+    times: list[float] = field(default_factory=list)  # sorted ascending
+    amounts: list[float] = field(default_factory=list)  # aligned with times
+    merchants: dict[str, None] = field(default_factory=dict)  # LRU order, most recent last
+    categories: dict[str, None] = field(default_factory=dict)
+    seen_international: bool = False
+    last_international: bool | None = None  # of the last applied transaction (arrival order)
+    partition: int = -1  # last applied (partition, offset); -1 = none
+    offset: int = -1
+
+
+@dataclass(slots=True)
+class MerchantState:
+    """Merchant buckets: transaction counts by event hour/day, fraud labels by labeled_at hour/day."""
+
+    tx_hours: dict[int, int] = field(default_factory=dict)
+    tx_days: dict[int, int] = field(default_factory=dict)
+    fraud_hours: dict[int, int] = field(default_factory=dict)
+    fraud_days: dict[int, int] = field(default_factory=dict)
+
+
+def hour_of(t: float) -> int:
+    return int(t // HOUR_S)
+
+
+def day_of(t: float) -> int:
+    return int(t // DAY_S)
+
+
+def merchant_features(m: MerchantState | None, t: float) -> tuple[float, ...]:
+    """The 7 merchant features at event time ``t`` (before this transaction is counted)."""
+    if m is None:
+        return (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    hour = hour_of(t)
+    day = day_of(t)
+    tx_hours = m.tx_hours
+    tx_days = m.tx_days
+    get_h = tx_hours.get
+    get_d = tx_days.get
+    c24 = sum(get_h(h, 0) for h in range(hour - 23, hour + 1)) if tx_hours else 0
+    c7 = c30 = 0
+    if tx_days:
+        c7 = sum(get_d(d, 0) for d in range(day - 6, day + 1))
+        c30 = c7 + sum(get_d(d, 0) for d in range(day - 29, day - 6))
+    f7 = f30 = 0
+    if m.fraud_days or m.fraud_hours:
+        get_fd = m.fraud_days.get
+        get_fh = m.fraud_hours.get
+        today = sum(get_fh(h, 0) for h in range(day * 24, hour)) if m.fraud_hours else 0
+        f7 = today + sum(get_fd(d, 0) for d in range(day - 7, day))
+        f30 = f7 + sum(get_fd(d, 0) for d in range(day - 30, day - 7))
+    return (
+        float(c24),
+        float(c7),
+        float(c30),
+        float(f7),
+        float(f30),
+        f7 / (c7 + MERCHANT_RATE_PRIOR),
+        f30 / (c30 + MERCHANT_RATE_PRIOR),
+    )
+
+
+def count_merchant_tx(m: MerchantState, t: float) -> None:
+    """Count one transaction at event time ``t`` (offline and the in-batch view online)."""
+    hour = hour_of(t)
+    day = day_of(t)
+    m.tx_hours[hour] = m.tx_hours.get(hour, 0) + 1
+    m.tx_days[day] = m.tx_days.get(day, 0) + 1
+
+
+def count_merchant_fraud(m: MerchantState, labeled_at: float) -> None:
+    """Count one fraud label reported at ``labeled_at``."""
+    hour = hour_of(labeled_at)
+    day = day_of(labeled_at)
+    m.fraud_hours[hour] = m.fraud_hours.get(hour, 0) + 1
+    m.fraud_days[day] = m.fraud_days.get(day, 0) + 1
+
+
+def _time_features(txn: Transaction) -> list[float]:
+    t = txn.event_time
+    hour = int(t // HOUR_S) % 24
+    return [
+        txn.amount,
+        math.log1p(txn.amount),
+        1.0 if txn.is_international else 0.0,
+        float(hour),
+        float((int(t // DAY_S) + 3) % 7),  # Monday = 0 (1970-01-01 was a Thursday)
+        1.0 if hour < NIGHT_HOURS_END else 0.0,
+    ]
+
+
+def user_features(state: UserState | None, txn: Transaction) -> list[float]:
+    """Transaction + user features (everything but the merchant block); reads ``state`` only."""
+    out = _time_features(txn)
+    t = txn.event_time
+    amount = txn.amount
+    if state is None or not state.times:
+        new_merchant = 1.0 if state is None or txn.merchant_id not in state.merchants else 0.0
+        new_category = 1.0 if state is None or txn.merchant_category not in state.categories else 0.0
+        seen_intl = state is not None and state.seen_international
+        out += (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, NO_PREVIOUS_TX,
+                new_merchant, new_category, 1.0 if txn.is_international and not seen_intl else 0.0, 0.0)
+        return out
+    times = state.times
+    amounts = state.amounts
+    end = bisect_right(times, t)
+    s10m = bisect_right(times, t - 600.0, 0, end)
+    s1h = bisect_right(times, t - 3600.0, 0, end)
+    s24h = bisect_right(times, t - 86400.0, 0, end)
+    s7d = bisect_right(times, t - 604800.0, 0, end)
+    s30d = bisect_right(times, t - 2592000.0, 0, end)
+    n30 = end - s30d
+    window = amounts[s30d:end]
+    sum30 = sum(window)
+    if n30:
+        avg = sum30 / n30
+        var = sum([a * a for a in window]) / n30 - avg * avg
+        std = math.sqrt(var) if var > 0.0 else 0.0
+        ratio = amount / avg
+        zscore = (amount - avg) / (std if std > ZSCORE_MIN_STD else ZSCORE_MIN_STD)
+    else:
+        avg = std = zscore = 0.0
+        ratio = 1.0
+    since = t - times[end - 1] if end else NO_PREVIOUS_TX
+    last_intl = state.last_international
+    out += (
+        float(end - s10m),
+        float(end - s1h),
+        float(end - s24h),
+        float(end - s7d),
+        float(n30),
+        sum(amounts[s1h:end]),
+        sum(amounts[s24h:end]),
+        sum(amounts[s7d:end]),
+        sum30,
+        avg,
+        std,
+        ratio,
+        zscore,
+        since,
+        0.0 if txn.merchant_id in state.merchants else 1.0,
+        0.0 if txn.merchant_category in state.categories else 1.0,
+        1.0 if txn.is_international and not state.seen_international else 0.0,
+        1.0 if last_intl is not None and last_intl != txn.is_international else 0.0,
+    )
+    return out
+
+
+def _touch(seen: dict[str, None], key: str, cap: int) -> None:
+    if key in seen:
+        del seen[key]
+    elif len(seen) >= cap:
+        del seen[next(iter(seen))]
+    seen[key] = None
+
+
+def apply_transaction(state: UserState, txn: Transaction) -> None:
+    """Add ``txn`` to the user's state in place (prune to 30 days and ``MAX_EVENTS``)."""
+    times = state.times
+    t = txn.event_time
+    pos = bisect_right(times, t)
+    times.insert(pos, t)
+    state.amounts.insert(pos, txn.amount)
+    cut = bisect_right(times, times[-1] - HISTORY_S)
+    overflow = len(times) - MAX_EVENTS
+    if overflow > cut:
+        cut = overflow
+    if cut > 0:
+        del times[:cut]
+        del state.amounts[:cut]
+    _touch(state.merchants, txn.merchant_id, MAX_SEEN_MERCHANTS)
+    _touch(state.categories, txn.merchant_category, MAX_SEEN_CATEGORIES)
+    if txn.is_international:
+        state.seen_international = True
+    state.last_international = txn.is_international
+
+
+def transition(
+    state: UserState | None, merchant: MerchantState | None, txn: Transaction
+) -> tuple[list[float], UserState]:
+    """``(feature vector, updated state)`` for one transaction.
+
+    The vector is computed from the state *before* the transaction; the returned state includes
+    it. ``state`` is updated in place and returned (a fresh one when ``None``): the caller gives
+    up the old value. ``merchant`` is only read; count the transaction into it with
+    :func:`count_merchant_tx` if the caller keeps merchant state.
+    """
+    features = user_features(state, txn)
+    features += merchant_features(merchant, txn.event_time)
+    if state is None:
+        state = UserState()
+    apply_transaction(state, txn)
+    return features, state
+
+
+def features_of(state: UserState | None, merchant: MerchantState | None, txn: Transaction) -> list[float]:
+    """The feature vector only, state untouched (used for records already applied)."""
+    features = user_features(state, txn)
+    features += merchant_features(merchant, txn.event_time)
+    return features
+
+
+def transaction_only_features(txn: Transaction) -> list[float]:
+    """Degraded mode: the vector a brand-new user at a brand-new merchant gets (module doc)."""
+    return features_of(None, None, txn)
