@@ -1,0 +1,121 @@
+"""The feature-store actor: the online store plus its health, shared by every feature worker.
+
+While Redis answers, workers get the full online features (one round trip per batch). When it
+stops answering, the policy decides: ``degrade`` scores from the transaction alone and marks the
+decision degraded (no Redis call per batch while it is down, so latency stays flat); ``hold``
+waits and retries, so the mailbox fills and the ingestor pauses the partition. In both cases a
+probe pings Redis every ``retry_interval_ms`` and normal mode comes back by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.errors import FeatureStoreUnavailable
+from fraudactors.logging import get_logger
+from fraudactors.settings import Settings
+
+if TYPE_CHECKING:
+    from fraudactors.features.store import OnlineFeatureStore
+
+    from fraudactors.features.schema import Transaction
+
+# Errors that mean "Redis is not there right now" even if the store did not wrap them.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
+
+
+class FeatureStoreActor:
+    def __init__(self, settings: Settings, metrics: EngineMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self.store: OnlineFeatureStore | None = None
+        self._up = asyncio.Event()
+        self._down = asyncio.Event()
+        self._hold = settings.redis.on_unavailable == "hold"
+        self._retry_s = settings.redis.retry_interval_ms / 1000.0
+        self._log = get_logger(actor="feature_store")
+        metrics.feature_store_up.set(0)
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    @property
+    def holding(self) -> bool:
+        """True while the hold policy keeps partitions waiting for Redis."""
+        return self._hold and not self._up.is_set()
+
+    def _mark_up(self) -> None:
+        if not self._up.is_set():
+            self._log.info("feature_store_up")
+        self._up.set()
+        self._down.clear()
+        self._metrics.feature_store_up.set(1)
+
+    def _mark_down(self, error: BaseException) -> None:
+        if self._up.is_set():
+            self._log.warning("feature_store_down", error=repr(error), policy=self._settings.redis.on_unavailable)
+        self._up.clear()
+        self._down.set()
+        self._metrics.feature_store_up.set(0)
+
+    async def run(self, task_status: Any) -> None:
+        """Supervised child: open the store; ready even if Redis is down (the probe brings it back)."""
+        from fraudactors.features.store import OnlineFeatureStore
+
+        store = OnlineFeatureStore(self._settings)
+        try:
+            await store.open()
+            if await self._ping(store):
+                self._mark_up()
+            else:
+                self._mark_down(FeatureStoreUnavailable("ping failed"))
+        except _UNAVAILABLE as exc:
+            self._mark_down(exc)
+        self.store = store
+        task_status.started()
+        try:
+            while True:
+                await self._down.wait()
+                await asyncio.sleep(self._retry_s)
+                if await self._ping(store):
+                    self._mark_up()
+        finally:
+            self._up.clear()
+            self._metrics.feature_store_up.set(0)
+            await asyncio.shield(store.close())
+
+    async def _ping(self, store: OnlineFeatureStore) -> bool:
+        try:
+            return bool(await store.ping())
+        except _UNAVAILABLE:
+            return False
+
+    def compute_degraded(self, txns: Sequence[Transaction]) -> np.ndarray:
+        assert self.store is not None
+        return self.store.compute_degraded(txns)
+
+    async def compute(self, txns: Sequence[Transaction], partition: int,
+                      offsets: Sequence[int]) -> tuple[np.ndarray, bool]:
+        """Features for a batch and whether they are degraded. Other errors propagate (bad input)."""
+        store = self.store
+        assert store is not None, "feature store actor not started"
+        while True:
+            if self._up.is_set():
+                t0 = time.perf_counter()
+                try:
+                    X = await store.compute(txns, partition, offsets)
+                except _UNAVAILABLE as exc:
+                    self._mark_down(exc)
+                else:
+                    self._metrics.stage_latency.labels("features").observe(time.perf_counter() - t0)
+                    return X, False
+            if not self._hold:
+                return store.compute_degraded(txns), True
+            await self._up.wait()

@@ -1,0 +1,323 @@
+"""The inference actor: coalesce feature rows from every worker, score them, route per SPEC §7.
+
+Workers call :meth:`InferenceActor.score` with one micro-batch each. Requests wait in a bounded
+mailbox; a flusher takes what is there (up to ``batch_max`` rows, lingering ``batch_linger_ms`` for
+more), groups rows by model version and makes ONE call to the scorer for all of them, with at most
+``max_inflight_batches`` calls in flight. The scorer runs either in a process pool (ONNX sessions
+pinned per worker process, the default) or in one thread of this process (``inference_mode``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fraudactors.engine.decision import Router, Thresholds, Variant
+from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.errors import ActorDied, ModelError, WorkerDied
+from fraudactors.logging import get_logger
+from fraudactors.settings import Settings
+
+# -- what runs where the scorer lives (a pool worker process, or a thread here) ----------------------
+
+_SCORER: Any = None
+
+
+def init_scorer(models_dir: str, versions: Sequence[str]) -> None:
+    """Pool initializer: load and verify the models, one ONNX session per version, pinned here."""
+    global _SCORER
+    _SCORER = _build_scorer(models_dir, versions)
+
+
+def _build_scorer(models_dir: str, versions: Sequence[str]) -> Any:
+    from fraudactors.modeling.registry import load_model_info
+    from fraudactors.modeling.scorer import Scorer
+
+    return Scorer([load_model_info(models_dir, v) for v in versions])
+
+
+def score_requests(requests: Sequence[tuple[str, np.ndarray]], max_reasons: int,
+                   scorer: Any = None) -> list[tuple[np.ndarray, list[list[str]]]]:
+    """Score several (version, rows) groups in one call; returns (probabilities, reasons) per group."""
+    scorer = scorer if scorer is not None else _SCORER
+    if scorer is None:
+        raise ModelError("scorer not initialised in this worker")
+    out = []
+    for version, X in requests:
+        probs, reasons = scorer.score(version, X, max_reasons)
+        out.append((np.asarray(probs, dtype=np.float64), reasons))
+    return out
+
+
+# -- results ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """The deciding outcome of one row."""
+
+    variant: str
+    model_version: str
+    probability: float
+    decision: str
+    is_fraud: bool
+    reasons: list[str]
+    # What each shadow variant would have said: (variant, is_fraud); for online accuracy.
+    shadows: tuple[tuple[str, bool], ...] = ()
+
+
+@dataclass(slots=True)
+class _Request:
+    X: np.ndarray
+    deciding: list[Variant]
+    future: asyncio.Future[list[Scored]]
+
+
+class InferenceActor:
+    """Micro-batched, routed scoring on top of a process pool or a thread."""
+
+    def __init__(self, settings: Settings, metrics: EngineMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self.router = Router(settings.models.variants)
+        self._thresholds: dict[str, Thresholds] = {}
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=max(64, settings.engine.mailbox_size // 8))
+        self._inflight = asyncio.Semaphore(settings.engine.max_inflight_batches)
+        self._pool: Any = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._local_scorer: Any = None
+        self._ready = asyncio.Event()
+        self._calls: set[asyncio.Task[None]] = set()
+        self._log = get_logger(actor="inference", mode=settings.engine.inference_mode)
+        self.feature_names: tuple[str, ...] = ()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def _load_thresholds(self) -> None:
+        from fraudactors.modeling.registry import load_model_info
+
+        names: tuple[str, ...] | None = None
+        for version in self.router.versions:
+            info = load_model_info(self._settings.models.dir, version)
+            self._thresholds[version] = Thresholds.resolve(
+                self._settings.decision, info.review_threshold, info.decline_threshold)
+            if names is not None and tuple(info.feature_names) != names:
+                raise ModelError(f"model {version} expects different features than the other variants")
+            names = tuple(info.feature_names)
+        self.feature_names = names or ()
+
+    async def run(self, task_status: Any) -> None:
+        """Supervised child: load models (verify sha256), start the scorer, then serve."""
+        engine = self._settings.engine
+        models_dir = str(Path(self._settings.models.dir))
+        versions = self.router.versions
+        await asyncio.to_thread(self._load_thresholds)
+        if engine.inference_mode == "process":
+            from fraudactors.actors import ProcessPool
+
+            pool = ProcessPool(engine.inference_workers, init_scorer, (models_dir, versions),
+                               max_inflight=engine.max_inflight_batches,
+                               ready_timeout=engine.start_timeout_s)
+            await pool.start()
+            self._pool = pool
+        else:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fraudactors-scorer")
+            loop = asyncio.get_running_loop()
+            self._local_scorer = await loop.run_in_executor(self._thread, _build_scorer, models_dir, versions)
+        self._ready.set()
+        self._log.info("inference_started", versions=list(versions), workers=engine.inference_workers)
+        task_status.started()
+        try:
+            await self._flush_loop()
+        finally:
+            self._ready.clear()
+            await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
+        for task in list(self._calls):
+            task.cancel()
+        while not self._queue.empty():
+            req = self._queue.get_nowait()
+            if not req.future.done():
+                req.future.set_exception(ActorDied("inference actor stopped"))
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            thread.shutdown(wait=False, cancel_futures=True)
+
+    async def score(self, X: np.ndarray, transaction_ids: Sequence[str]) -> list[Scored]:
+        """Score one micro-batch; rows are routed by transaction id. Raises ActorDied when stopped."""
+        if not self._ready.is_set():
+            await self._ready.wait()
+        route = self.router.route
+        request = _Request(X, [route(t) for t in transaction_ids], asyncio.get_running_loop().create_future())
+        await self._queue.put(request)
+        return await request.future
+
+    async def _flush_loop(self) -> None:
+        engine = self._settings.engine
+        batch_max = engine.batch_max
+        linger = engine.batch_linger_ms / 1000.0
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await queue.get()
+            batch = [first]
+            rows = len(first.deciding)
+            deadline = loop.time() + linger
+            while rows < batch_max:
+                if queue.empty():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(remaining):
+                            item = await queue.get()
+                    except TimeoutError:
+                        break
+                else:
+                    item = queue.get_nowait()
+                batch.append(item)
+                rows += len(item.deciding)
+            await self._inflight.acquire()
+            task = loop.create_task(self._call(batch))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _call(self, batch: list[_Request]) -> None:
+        try:
+            try:
+                results = await self._score_batch(batch)
+            except BaseException as exc:
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(exc if isinstance(exc, Exception) else ActorDied(repr(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            for req, result in zip(batch, results, strict=True):
+                if not req.future.done():
+                    req.future.set_result(result)
+        finally:
+            self._inflight.release()
+
+    async def _score_batch(self, batch: list[_Request]) -> list[list[Scored]]:
+        X = np.concatenate([r.X for r in batch]) if len(batch) > 1 else batch[0].X
+        deciding = [v for r in batch for v in r.deciding]
+        n = len(deciding)
+        self._metrics.inference_batch_size.observe(n)
+        # Group row indices per model version: deciding rows, plus every row for each shadow.
+        by_version: dict[str, list[int]] = {}
+        for i, v in enumerate(deciding):
+            by_version.setdefault(v.version, []).append(i)
+        shadow_versions = [s.version for s in self.router.shadows]
+        requests: list[tuple[str, np.ndarray]] = []
+        keys: list[str] = []
+        for version, idx in by_version.items():
+            requests.append((version, X[idx] if len(idx) != n else X))
+            keys.append(version)
+        for version in shadow_versions:
+            if version in by_version and len(by_version[version]) == n:
+                continue  # already scored on every row
+            requests.append((version, X))
+            keys.append("*" + version)
+        t0 = time.perf_counter()
+        results = await self._invoke(requests)
+        self._metrics.stage_latency.labels("inference").observe(time.perf_counter() - t0)
+
+        probs = np.empty(n, dtype=np.float64)
+        reasons: list[list[str]] = [[] for _ in range(n)]
+        full: dict[str, tuple[np.ndarray, list[list[str]]]] = {}
+        for key, (p, r) in zip(keys, results, strict=True):
+            if key.startswith("*"):
+                full[key[1:]] = (p, r)
+                continue
+            idx = by_version[key]
+            probs[idx] = p
+            for j, i in enumerate(idx):
+                reasons[i] = r[j]
+            if len(idx) == n:
+                full[key] = (p, r)
+        shadow_flags = self._record_shadows(full)
+
+        scored: list[Scored] = []
+        is_fraud_decisions = self._settings.decision.is_fraud_decisions
+        thresholds = self._thresholds
+        hist = self._metrics.fraud_probability
+        for i, v in enumerate(deciding):
+            prob = float(probs[i])
+            decision = thresholds[v.version].decide(prob)
+            shadows = tuple((name, flags[i]) for name, flags in shadow_flags) if shadow_flags else ()
+            scored.append(Scored(v.name, v.version, prob, decision, decision in is_fraud_decisions, reasons[i],
+                                 shadows))
+        for v in self.router.deciding:
+            sel = [i for i, d in enumerate(deciding) if d.name == v.name]
+            if sel:
+                child = hist.labels(v.name)
+                for p in probs[sel]:
+                    child.observe(float(p))
+        # Split back per request.
+        out: list[list[Scored]] = []
+        start = 0
+        for req in batch:
+            end = start + len(req.deciding)
+            out.append(scored[start:end])
+            start = end
+        return out
+
+    def _record_shadows(self, full: dict[str, tuple[np.ndarray, list[list[str]]]]
+                        ) -> list[tuple[str, list[bool]]]:
+        """Metrics for the shadow variants; returns each shadow's would-be is_fraud per row."""
+        out: list[tuple[str, list[bool]]] = []
+        is_fraud_decisions = self._settings.decision.is_fraud_decisions
+        for shadow in self.router.shadows:
+            p, _ = full[shadow.version]
+            hist = self._metrics.fraud_probability.labels(shadow.name)
+            t = self._thresholds[shadow.version]
+            counts: dict[str, int] = {}
+            flags: list[bool] = []
+            for value in p:
+                hist.observe(float(value))
+                d = t.decide(float(value))
+                counts[d] = counts.get(d, 0) + 1
+                flags.append(d in is_fraud_decisions)
+            for d, c in counts.items():
+                self._metrics.shadow_scores.labels(shadow.name, shadow.version, d).inc(c)
+            out.append((shadow.name, flags))
+        return out
+
+    async def _invoke(self, requests: list[tuple[str, np.ndarray]]) -> list[tuple[np.ndarray, list[list[str]]]]:
+        max_reasons = self._settings.decision.max_reasons
+        timeout = self._settings.engine.inference_timeout_s
+        if self._pool is not None:
+            pool = self._pool
+            try:
+                async with asyncio.timeout(timeout):
+                    result: list[tuple[np.ndarray, list[list[str]]]] = await pool.call(
+                        score_requests, requests, max_reasons)
+                    return result
+            except WorkerDied:
+                self._log.warning("inference_worker_died_retrying")
+                async with asyncio.timeout(timeout):
+                    result = await pool.call(score_requests, requests, max_reasons)
+                    return result
+        if self._thread is None:
+            raise ActorDied("inference actor is not running")
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            return await loop.run_in_executor(self._thread, score_requests, requests, max_reasons,
+                                              self._local_scorer)

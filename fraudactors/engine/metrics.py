@@ -1,0 +1,74 @@
+"""The engine's Prometheus metrics, in a registry of their own (tests run several engines)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Latency buckets in seconds: sub-millisecond stages up to multi-second stalls.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_PROBABILITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+class EngineMetrics:
+    """Every metric the engine exports. Names are part of the operations contract."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.records_consumed = Counter(
+            "fraudactors_records_consumed", "Records fetched from the transactions topic.",
+            ["partition"], registry=r)
+        self.decisions = Counter(
+            "fraudactors_decisions", "Decisions published, by deciding variant and outcome.",
+            ["variant", "model_version", "decision"], registry=r)
+        self.shadow_scores = Counter(
+            "fraudactors_shadow_scores", "Transactions scored by a shadow variant (never decides).",
+            ["variant", "model_version", "decision"], registry=r)
+        self.dlq = Counter(
+            "fraudactors_dlq", "Records sent to the dead-letter topic, by the stage that refused them.",
+            ["stage"], registry=r)
+        self.degraded = Counter(
+            "fraudactors_degraded", "Decisions made without the online features (feature store down).",
+            registry=r)
+        self.stage_latency = Histogram(
+            "fraudactors_stage_latency_seconds", "Time spent per micro-batch in each pipeline stage.",
+            ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.decision_latency = Histogram(
+            "fraudactors_decision_latency_seconds",
+            "From the record's arrival at the ingestor to the decision handed to the producer.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.mailbox_depth = Gauge(
+            "fraudactors_mailbox_depth", "Messages waiting in an actor's mailbox.", ["mailbox"], registry=r)
+        self.consumer_lag = Gauge(
+            "fraudactors_consumer_lag", "High watermark minus the next offset to process, per partition.",
+            ["partition"], registry=r)
+        self.actor_restarts = Counter(
+            "fraudactors_actor_restarts", "Actor restarts by the supervisors.", ["actor"], registry=r)
+        self.partition_paused = Gauge(
+            "fraudactors_partition_paused", "1 while a partition is paused because its worker is full.",
+            ["partition"], registry=r)
+        self.fraud_probability = Histogram(
+            "fraudactors_fraud_probability", "Scored fraud probability per variant (shadow included).",
+            ["variant"], buckets=_PROBABILITY_BUCKETS, registry=r)
+        self.label_outcomes = Counter(
+            "fraudactors_label_outcomes",
+            "Labelled decisions per variant: tp, fp, tn, fn (online accuracy).",
+            ["variant", "outcome"], registry=r)
+        self.labels_unmatched = Counter(
+            "fraudactors_labels_unmatched", "Labels whose decision is unknown (expired or never seen).",
+            registry=r)
+        self.ready = Gauge("fraudactors_ready", "1 when the engine is ready (see /readyz).", registry=r)
+        self.inference_batch_size = Histogram(
+            "fraudactors_inference_batch_size", "Rows per coalesced inference call.",
+            buckets=_BATCH_BUCKETS, registry=r)
+        self.feature_store_up = Gauge(
+            "fraudactors_feature_store_up", "1 while the online feature store is reachable.", registry=r)
+        self.publish_retries = Counter(
+            "fraudactors_publish_retries", "Producer sends retried after a failure.", ["topic"], registry=r)
+        self.commits = Counter("fraudactors_commits", "Offset commits.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,149 @@
+"""The publisher actor: one aiokafka producer for decisions and dead letters.
+
+``send_many`` hands a micro-batch to the producer (no per-record wait for the broker) and returns
+one future that resolves when the broker acknowledged every record of the batch. A record whose
+send fails is sent again with backoff until it is acknowledged or the engine stops: a decision is
+never dropped silently. The feature worker gives that future to its :class:`OffsetTracker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.errors import ActorDied
+from fraudactors.logging import get_logger
+from fraudactors.settings import Settings
+
+# (topic, key, value, headers)
+Message = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]
+
+_BACKOFF_START_S = 0.05
+_BACKOFF_MAX_S = 2.0
+
+
+def build_producer(settings: Settings) -> AIOKafkaProducer:
+    k = settings.kafka
+    return AIOKafkaProducer(
+        bootstrap_servers=k.bootstrap_servers,
+        client_id=f"{k.client_id}-producer",
+        acks="all" if k.acks == "all" else int(k.acks),
+        enable_idempotence=k.enable_idempotence,
+        linger_ms=k.linger_ms,
+        max_batch_size=k.max_batch_size,
+        request_timeout_ms=k.request_timeout_ms,
+    )
+
+
+class Publisher:
+    """Sends decisions and dead letters; survives restarts of its producer."""
+
+    def __init__(self, settings: Settings, metrics: EngineMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._producer: AIOKafkaProducer | None = None
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._confirmations: set[asyncio.Task[None]] = set()
+        self._log = get_logger(actor="publisher")
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def run(self, task_status: Any) -> None:
+        """Supervised child: start the producer, report ready, serve until cancelled."""
+        producer = build_producer(self._settings)
+        await producer.start()
+        self._producer = producer
+        self._ready.set()
+        self._log.info("publisher_started")
+        task_status.started()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._ready.clear()
+            await asyncio.shield(self._close(producer))
+
+    async def _close(self, producer: AIOKafkaProducer) -> None:
+        try:
+            await producer.flush()
+        finally:
+            await producer.stop()
+            if self._producer is producer:
+                self._producer = None
+
+    async def _current(self) -> AIOKafkaProducer:
+        if self._stopping:
+            raise ActorDied("publisher stopped")
+        if self._producer is None:
+            await self._ready.wait()
+        assert self._producer is not None
+        return self._producer
+
+    async def send_many(self, messages: Sequence[Message]) -> asyncio.Future[None]:
+        """Hand a batch to the producer; the returned future resolves once all are acknowledged."""
+        loop = asyncio.get_running_loop()
+        if not messages:
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        futures = await self._send(messages)
+        task = loop.create_task(self._confirm(messages, futures))
+        self._confirmations.add(task)
+        task.add_done_callback(self._confirmations.discard)
+        return task
+
+    async def _send(self, messages: Sequence[Message]) -> list[asyncio.Future[Any] | BaseException]:
+        producer = await self._current()
+        out: list[asyncio.Future[Any] | BaseException] = []
+        send = producer.send
+        for topic, key, value, headers in messages:
+            try:
+                out.append(await send(topic, value, key=key, headers=headers))
+            except KafkaError as exc:
+                out.append(exc)
+        return out
+
+    async def _confirm(self, messages: Sequence[Message],
+                       futures: list[asyncio.Future[Any] | BaseException]) -> None:
+        backoff = _BACKOFF_START_S
+        while True:
+            failed: list[Message] = []
+            error: BaseException | None = None
+            for message, fut in zip(messages, futures, strict=True):
+                if isinstance(fut, BaseException):
+                    exc: BaseException | None = fut
+                else:
+                    try:
+                        await fut
+                        exc = None
+                    except KafkaError as e:
+                        exc = e
+                if exc is not None:
+                    failed.append(message)
+                    error = exc
+            if not failed:
+                return
+            if self._stopping:
+                raise ActorDied(f"publisher stopped with {len(failed)} unacknowledged records")
+            self._metrics.publish_retries.labels(failed[0][0]).inc(len(failed))
+            self._log.warning("publish_retry", records=len(failed), error=repr(error), backoff_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+            messages = failed
+            futures = await self._send(messages)
+
+    async def flush(self) -> None:
+        """Wait until every batch handed off so far is acknowledged (or failed for good)."""
+        if self._confirmations:
+            await asyncio.gather(*list(self._confirmations), return_exceptions=True)
+
+    def stop(self) -> None:
+        """Stop retrying: pending confirmations fail instead of retrying forever."""
+        self._stopping = True

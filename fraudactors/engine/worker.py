@@ -1,0 +1,230 @@
+"""The feature worker: one per assigned partition, one micro-batch at a time, in offset order.
+
+parse -> features (one store round trip) -> inference -> hand to the publisher -> register the
+batch's acknowledgement with the partition's :class:`OffsetTracker`. A record that cannot be
+parsed (or whose features cannot be computed) goes to the dead-letter topic with its original key
+and bytes and a reason; it never crashes the worker and never blocks the partition. The worker
+does not wait for the broker's acknowledgement before taking the next batch: partitions pipeline,
+and the tracker keeps commits honest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from aiokafka.structs import ConsumerRecord
+
+from fraudactors.engine.decision import encode_decision, utc_now_iso
+from fraudactors.engine.features import FeatureStoreActor
+from fraudactors.engine.inference import InferenceActor, Scored
+from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.engine.offsets import OffsetTracker
+from fraudactors.engine.publisher import Message, Publisher
+from fraudactors.errors import InvalidRecord, MailboxClosed
+from fraudactors.logging import get_logger
+from fraudactors.settings import Settings
+
+if TYPE_CHECKING:
+    from fraudactors.actors import Mailbox
+    from fraudactors.features.schema import Transaction
+
+# What the ingestor puts in a worker's mailbox: the record and its arrival (time.monotonic()).
+Item = tuple[ConsumerRecord[bytes, bytes], float]
+
+_MAX_ERROR_HEADER = 500
+
+
+def dlq_message(settings: Settings, record: ConsumerRecord[bytes, bytes], reason: str, stage: str) -> Message:
+    """The dead letter: original key and value, unchanged; the reason and the source in headers."""
+    headers = [
+        ("error", reason[:_MAX_ERROR_HEADER].encode("utf-8", "replace")),
+        ("stage", stage.encode()),
+        ("source_topic", record.topic.encode()),
+        ("source_partition", str(record.partition).encode()),
+        ("source_offset", str(record.offset).encode()),
+    ]
+    return (settings.topics.dlq, record.key, record.value, headers)
+
+
+class FeatureWorker:
+    """Processes the records of one partition from its mailbox."""
+
+    def __init__(
+        self,
+        partition: int,
+        mailbox: Mailbox[Item],
+        tracker: OffsetTracker,
+        *,
+        settings: Settings,
+        metrics: EngineMetrics,
+        features: FeatureStoreActor,
+        inference: InferenceActor,
+        publisher: Publisher,
+        on_decided: Callable[[Sequence[Transaction], Sequence[Scored]], None] | None = None,
+    ) -> None:
+        from fraudactors.features.schema import parse_transaction
+
+        self.partition = partition
+        self.mailbox = mailbox
+        self.tracker = tracker
+        self._settings = settings
+        self._metrics = metrics
+        self._features = features
+        self._inference = inference
+        self._publisher = publisher
+        self._on_decided = on_decided
+        self._parse = parse_transaction
+        self._log = get_logger(actor="feature_worker", partition=partition)
+        self.batches = 0
+        self.last_progress = time.monotonic()
+
+    async def run(self, task_status: Any) -> None:
+        """Supervised child. Cancellation lets the batch in hand finish (bounded), then stops."""
+        batch_max = self._settings.engine.batch_max
+        linger = self._settings.engine.batch_linger_ms / 1000.0
+        grace = self._settings.engine.shutdown_timeout_s / 2
+        task_status.started()
+        while True:
+            try:
+                items = await self.mailbox.get_batch(batch_max, linger)
+            except MailboxClosed:
+                return
+            if not items:
+                continue
+            task = asyncio.ensure_future(self.process(items))
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # Finish the batch in hand so its decisions and offsets stay consistent.
+                try:
+                    await asyncio.wait_for(task, grace)
+                except (TimeoutError, asyncio.CancelledError):
+                    pass
+                raise
+
+    async def process(self, items: Sequence[Item]) -> None:
+        settings = self._settings
+        metrics = self._metrics
+        t0 = time.perf_counter()
+        parse = self._parse
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        arrivals: list[float] = []
+        txns: list[Transaction] = []
+        dead: list[Message] = []
+        for record, arrival in items:
+            try:
+                txn = parse(record.value)
+            except InvalidRecord as exc:
+                dead.append(dlq_message(settings, record, exc.reason, exc.stage or "parse"))
+                continue
+            except Exception as exc:  # a parser bug must not stop the partition
+                dead.append(dlq_message(settings, record, f"unexpected parse error: {exc!r}", "parse"))
+                continue
+            records.append(record)
+            arrivals.append(arrival)
+            txns.append(txn)
+        t1 = time.perf_counter()
+        metrics.stage_latency.labels("parse").observe(t1 - t0)
+
+        messages: list[Message] = []
+        if txns:
+            txns, records, arrivals, X, degraded = await self._features_for(txns, records, arrivals, dead)
+            if txns:
+                scored = await self._inference.score(X, [t.transaction_id for t in txns])
+                messages = self._decisions(txns, records, arrivals, scored, degraded)
+                if self._on_decided is not None:
+                    self._on_decided(txns, scored)
+        if dead:
+            messages.extend(dead)
+            counts: dict[str, int] = {}
+            for _, _, _, headers in dead:
+                assert headers is not None
+                stage = headers[1][1].decode()
+                counts[stage] = counts.get(stage, 0) + 1
+            for stage, count in counts.items():
+                metrics.dlq.labels(stage).inc(count)
+        t2 = time.perf_counter()
+        ack = await self._publisher.send_many(messages)
+        self.tracker.register(items[-1][0].offset + 1, ack)
+        metrics.stage_latency.labels("publish").observe(time.perf_counter() - t2)
+        metrics.stage_latency.labels("batch").observe(time.perf_counter() - t0)
+        self.batches += 1
+        self.last_progress = time.monotonic()
+
+    async def _features_for(
+        self,
+        txns: list[Transaction],
+        records: list[ConsumerRecord[bytes, bytes]],
+        arrivals: list[float],
+        dead: list[Message],
+    ) -> tuple[list[Transaction], list[ConsumerRecord[bytes, bytes]], list[float], Any, bool]:
+        """Features for the batch; if the batch fails on bad input, isolate the record(s) at fault."""
+        partition = self.partition
+        try:
+            X, degraded = await self._features.compute(txns, partition, [r.offset for r in records])
+            return txns, records, arrivals, X, degraded
+        except InvalidRecord:
+            pass
+        except Exception as exc:
+            if isinstance(exc, asyncio.CancelledError):  # pragma: no cover - not an Exception in 3.11
+                raise
+            self._log.warning("features_batch_failed", error=repr(exc), batch=len(txns))
+        import numpy as np
+
+        keep_t: list[Transaction] = []
+        keep_r: list[ConsumerRecord[bytes, bytes]] = []
+        keep_a: list[float] = []
+        rows: list[Any] = []
+        degraded_any = False
+        for txn, record, arrival in zip(txns, records, arrivals, strict=True):
+            try:
+                X1, deg = await self._features.compute([txn], partition, [record.offset])
+            except InvalidRecord as exc:
+                dead.append(dlq_message(self._settings, record, exc.reason, "features"))
+                continue
+            except Exception as exc:
+                dead.append(dlq_message(self._settings, record, f"feature computation failed: {exc!r}",
+                                        "features"))
+                continue
+            keep_t.append(txn)
+            keep_r.append(record)
+            keep_a.append(arrival)
+            rows.append(X1)
+            degraded_any = degraded_any or deg
+        X = np.concatenate(rows) if rows else np.empty((0, 0), dtype=np.float32)
+        return keep_t, keep_r, keep_a, X, degraded_any
+
+    def _decisions(
+        self,
+        txns: Sequence[Transaction],
+        records: Sequence[ConsumerRecord[bytes, bytes]],
+        arrivals: Sequence[float],
+        scored: Sequence[Scored],
+        degraded: bool,
+    ) -> list[Message]:
+        metrics = self._metrics
+        topic = self._settings.topics.predictions
+        decided_at = utc_now_iso()
+        now = time.monotonic()
+        hist = metrics.decision_latency
+        out: list[Message] = []
+        counts: dict[tuple[str, str, str], int] = {}
+        for txn, arrival, s in zip(txns, arrivals, scored, strict=True):
+            latency_s = now - arrival
+            hist.observe(latency_s)
+            key = (s.variant, s.model_version, s.decision)
+            counts[key] = counts.get(key, 0) + 1
+            value = encode_decision(
+                transaction_id=txn.transaction_id, user_id=txn.user_id, is_fraud=s.is_fraud,
+                fraud_probability=s.probability, decision=s.decision, model_version=s.model_version,
+                variant=s.variant, reasons=s.reasons, degraded=degraded, event_time=txn.timestamp,
+                decided_at=decided_at, latency_ms=latency_s * 1000.0)
+            out.append((topic, txn.user_id.encode(), value, None))
+        for (variant, version, decision), count in counts.items():
+            metrics.decisions.labels(variant, version, decision).inc(count)
+        if degraded:
+            metrics.degraded.inc(len(out))
+        return out
