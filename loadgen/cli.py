@@ -1,0 +1,80 @@
+"""``fraudactors loadgen``: open-loop load against a running engine, with a report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+HELP = "open-loop load at a scheduled arrival rate against a running engine; measures end-to-end latency"
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration: float, report: str | None) -> None:
+    """The options shared by ``loadgen`` and ``demo``."""
+    parser.add_argument("--rate", type=float, default=rate, metavar="TPS",
+                        help=f"arrival rate in transactions per second (start rate for step/ramp; default {rate:g})")
+    parser.add_argument("--duration", type=float, default=duration, metavar="S",
+                        help=f"how long to send, seconds (default {duration:g})")
+    parser.add_argument("--report", default=report, metavar="PATH",
+                        help="write the report JSON here, the Markdown next to it (.md) and PNG charts "
+                             + (f"(default {report})" if report else "(default: no files, summary only)"))
+    parser.add_argument("--profile", choices=("constant", "step", "ramp"), default="constant",
+                        help="arrival-rate profile (default constant)")
+    parser.add_argument("--rate-to", type=float, default=None, metavar="TPS",
+                        help="final rate for step/ramp (default: --rate)")
+    parser.add_argument("--steps", type=int, default=4, help="number of steps for --profile step (default 4)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                        help="after sending, wait at most this long for outstanding decisions (default 30)")
+    parser.add_argument("--event-time", choices=("sim", "send"), default="sim",
+                        help="sim: keep the simulator's event times (accuracy is meaningful; default); "
+                             "send: restamp with the scheduled send time")
+    parser.add_argument("--no-labels", action="store_true", help="do not send the delayed fraud labels")
+    parser.add_argument("--seed", type=int, default=7, help="simulator seed (default 7)")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress line on stderr")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="PATH",
+                        help="TOML settings (Kafka bootstrap, topic names); env FRAUDACTORS_* overrides apply")
+    parser.add_argument("--bootstrap-servers", default=None, help="override kafka.bootstrap_servers")
+    add_load_arguments(parser, rate=1000.0, duration=30.0, report=None)
+
+
+def load_config_from_args(args: argparse.Namespace) -> Any:
+    from loadgen.runner import LoadConfig
+    from loadgen.schedule import make_profile
+
+    profile = make_profile(args.profile, args.rate, args.duration, args.rate_to, args.steps)
+    return LoadConfig(profile=profile, drain_timeout_s=args.drain_timeout, seed=args.seed,
+                      event_time=args.event_time, send_labels=not args.no_labels, progress=not args.no_progress)
+
+
+def finish(result: Any, report_path: str | None) -> dict[str, Any]:
+    """Write the files (when asked) and print the summary table on stdout; returns the report."""
+    from loadgen.report import build_report, format_table, write_outputs
+
+    report = write_outputs(result, report_path) if report_path else build_report(result)
+    print(format_table(report))
+    if report_path:
+        print(f"report: {report_path} (+ {report['markdown']}, {len(report['charts'])} charts)")
+    return report
+
+
+def main(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from fraudactors.settings import load_settings
+    from loadgen.runner import run_load
+
+    overrides: dict[str, Any] = {}
+    if args.bootstrap_servers:
+        overrides["kafka"] = {"bootstrap_servers": args.bootstrap_servers}
+    settings = load_settings(args.config, overrides=overrides)
+    config = load_config_from_args(args)
+    result = asyncio.run(run_load(settings, config))
+    report = finish(result, args.report)
+    if report["lost"]:
+        print(f"fraudactors loadgen: {report['lost']} transactions without a decision after the drain",
+              file=sys.stderr)
+        return 1
+    return 0

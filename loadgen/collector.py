@@ -1,0 +1,130 @@
+"""Reads decisions from ``predictions`` and matches them to what the load generator sent.
+
+Every transaction the run sends has the id ``<prefix><index>``, so matching is an integer parse
+and array indexing (no dictionary of hundreds of thousands of strings). Latency is the time the
+decision was read minus the transaction's *scheduled* send time. Decisions for ids outside the run
+(other traffic on the topic) are counted as ``foreign`` and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+from hdrh.histogram import HdrHistogram
+
+# Latencies are recorded in microseconds, from 1 us to 1 hour, 3 significant digits.
+HIST_MIN_US = 1
+HIST_MAX_US = 3_600_000_000
+HIST_DIGITS = 3
+
+VARIANT_CODES = {"A": 1, "B": 2}
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(HIST_MIN_US, HIST_MAX_US, HIST_DIGITS)
+
+
+@dataclass
+class Matches:
+    """Per-transaction outcome arrays for a run of ``total`` transactions."""
+
+    total: int
+    counts: np.ndarray = field(init=False)  # decisions read per transaction
+    latency_ms: np.ndarray = field(init=False)  # first decision's latency; NaN while undecided
+    decided_at_s: np.ndarray = field(init=False)  # when the first decision was read (run clock)
+    probability: np.ndarray = field(init=False)
+    flagged: np.ndarray = field(init=False)  # decision's is_fraud
+    variant: np.ndarray = field(init=False)  # 0 other, 1 A, 2 B
+    degraded: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = self.total
+        self.counts = np.zeros(n, dtype=np.uint16)
+        self.latency_ms = np.full(n, np.nan, dtype=np.float64)
+        self.decided_at_s = np.full(n, np.nan, dtype=np.float64)
+        self.probability = np.full(n, np.nan, dtype=np.float64)
+        self.flagged = np.zeros(n, dtype=bool)
+        self.variant = np.zeros(n, dtype=np.int8)
+        self.degraded = np.zeros(n, dtype=bool)
+
+
+class DecisionCollector:
+    """Feeds decision records into :class:`Matches` and two HDR histograms (whole run + window)."""
+
+    def __init__(self, prefix: str, scheduled_s: np.ndarray, start: float) -> None:
+        self.prefix = prefix
+        self._plen = len(prefix)
+        self.scheduled_s = scheduled_s
+        self.start = start  # time.perf_counter() of the run's t=0
+        self.matches = Matches(len(scheduled_s))
+        self.histogram = new_histogram()
+        self.window = new_histogram()  # reset by the progress display
+        self.distinct = 0
+        self.records = 0
+        self.duplicates = 0
+        self.foreign = 0
+        self.malformed = 0
+        self.other_variants: dict[str, int] = {}
+
+    def feed(self, values: list[bytes | None], now: float | None = None) -> None:
+        """Match a batch of decision values read at ``now`` (perf_counter; default: the current time)."""
+        if now is None:
+            now = time.perf_counter()
+        t_read = now - self.start
+        m = self.matches
+        plen, prefix, sched = self._plen, self.prefix, self.scheduled_s
+        hist, window = self.histogram, self.window
+        total = m.total
+        for value in values:
+            self.records += 1
+            try:
+                d = orjson.loads(value) if value is not None else None
+            except orjson.JSONDecodeError:
+                d = None
+            if not isinstance(d, dict) or "transaction_id" not in d:
+                self.malformed += 1
+                continue
+            tid = d["transaction_id"]
+            if not isinstance(tid, str) or not tid.startswith(prefix):
+                self.foreign += 1
+                continue
+            try:
+                i = int(tid[plen:])
+            except ValueError:
+                self.foreign += 1
+                continue
+            if not 0 <= i < total:
+                self.foreign += 1
+                continue
+            c = m.counts[i]
+            m.counts[i] = c + 1
+            if c:
+                self.duplicates += 1
+                continue
+            self.distinct += 1
+            latency_s = t_read - sched[i]
+            m.latency_ms[i] = latency_s * 1000.0
+            m.decided_at_s[i] = t_read
+            us = max(int(latency_s * 1e6), HIST_MIN_US)
+            hist.record_value(us)
+            window.record_value(us)
+            prob = d.get("fraud_probability")
+            if isinstance(prob, int | float):
+                m.probability[i] = prob
+            m.flagged[i] = d.get("is_fraud") is True
+            variant = d.get("variant")
+            code = VARIANT_CODES.get(variant, 0) if isinstance(variant, str) else 0
+            m.variant[i] = code
+            if code == 0:
+                key = str(variant)
+                self.other_variants[key] = self.other_variants.get(key, 0) + 1
+            if d.get("degraded") is True:
+                m.degraded[i] = True
+
+    def reset_window(self) -> HdrHistogram:
+        """Swap in a fresh window histogram and return the old one."""
+        old, self.window = self.window, new_histogram()
+        return old

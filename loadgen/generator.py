@@ -1,0 +1,107 @@
+"""Where the load generator's transactions come from: the project simulator, with ground truth.
+
+The interface is narrow: a :class:`TransactionSource` hands out the next ``n`` transactions already
+serialized (key = user_id, value = SPEC §2 JSON), their ground truth, and the labels (SPEC §4) that
+become due while they are sent. Each transaction's id is ``<prefix><index>`` (index = its position
+in the run, from 0) so the collector matches decisions by integer parse, not by a dictionary.
+
+Event time: by default each transaction keeps the simulator's own event time (the world runs faster
+than the wall clock; the engine computes features on event time, so the models see traffic like
+their training data and the accuracy numbers mean something). ``event_time="send"`` restamps each
+transaction with its scheduled send time instead (wall clock; use for plumbing, not accuracy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import orjson
+
+from fraudactors.sim import LabelEvent, SimEvent, Simulator, iso
+
+EventTimeMode = Literal["sim", "send"]
+_SIM_PREFIX = "t-"
+
+
+@dataclass(slots=True)
+class PendingLabel:
+    send_after: int  # run index of the transaction after which the label goes out
+    key: bytes
+    value: bytes
+
+
+@dataclass(slots=True)
+class TxnBatch:
+    keys: list[bytes]
+    values: list[bytes]
+    is_fraud: np.ndarray  # bool (n,)
+    scenarios: list[str]
+    labels: list[PendingLabel] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class TransactionSource(Protocol):
+    name: str
+
+    def take(self, n: int, send_times: np.ndarray) -> TxnBatch:
+        """The next ``n`` transactions; ``send_times`` are their scheduled send times (epoch s)."""
+        ...
+
+
+class SimSource:
+    """:class:`fraudactors.sim.Simulator` (endless, seeded) adapted to the load generator."""
+
+    name = "fraudactors.sim"
+
+    def __init__(self, prefix: str, seed: int = 7, n_users: int = 5000, n_merchants: int = 1000,
+                 event_time: EventTimeMode = "sim") -> None:
+        self.prefix = prefix
+        self.event_time = event_time
+        self.simulator = Simulator(seed=seed, n_users=n_users, n_merchants=n_merchants, days=None,
+                                   id_prefix=_SIM_PREFIX)
+        self._events: Iterator[SimEvent | LabelEvent] = self.simulator.events()
+        self._next = 0  # run index of the next transaction
+        self._last_send_time = 0.0
+
+    def take(self, n: int, send_times: np.ndarray) -> TxnBatch:
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        fraud = np.zeros(n, dtype=bool)
+        scenarios: list[str] = []
+        labels: list[PendingLabel] = []
+        prefix, dumps, restamp = self.prefix, orjson.dumps, self.event_time == "send"
+        times = send_times.tolist()
+        k = 0
+        events = self._events
+        while k < n:
+            ev = next(events)
+            if isinstance(ev, LabelEvent):
+                label = dict(ev.label)
+                sim_id = str(label["transaction_id"])
+                label["transaction_id"] = f"{prefix}{int(sim_id[len(_SIM_PREFIX):]) - 1}"
+                if restamp:
+                    label["labeled_at"] = iso(self._last_send_time)
+                labels.append(PendingLabel(self._next + k - 1, str(label["user_id"]).encode(), dumps(label)))
+                continue
+            txn = ev.txn  # a fresh dict per event: ours to rewrite
+            txn["transaction_id"] = f"{prefix}{self._next + k}"
+            if restamp:
+                self._last_send_time = times[k]
+                txn["timestamp"] = iso(times[k])
+            keys.append(str(txn["user_id"]).encode())
+            values.append(dumps(txn))
+            fraud[k] = ev.is_fraud
+            scenarios.append(ev.scenario)
+            k += 1
+        self._next += n
+        return TxnBatch(keys, values, fraud, scenarios, labels)
+
+
+def make_source(prefix: str, seed: int = 7, event_time: EventTimeMode = "sim") -> TransactionSource:
+    """The transaction source for a run; one seed gives the same traffic every time."""
+    return SimSource(prefix, seed=seed, event_time=event_time)

@@ -1,0 +1,242 @@
+"""The run report: SPEC §5 JSON (plus extra keys), a Markdown summary and a terminal table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from loadgen.collector import VARIANT_CODES
+from loadgen.runner import RunResult
+
+REPORT_KEYS = ("target_tps", "duration_s", "sent", "decided", "lost", "duplicates", "dlq", "achieved_tps",
+               "latency_ms", "accuracy", "variants", "degraded")
+LATENCY_KEYS = ("p50", "p95", "p99", "p999", "max")
+ACCURACY_KEYS = ("detection_rate", "false_positive_rate", "auc")
+
+
+def auc_score(truth: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney, ties averaged); None without both classes."""
+    truth = truth.astype(bool)
+    n_pos = int(truth.sum())
+    n_neg = truth.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    upper = np.cumsum(counts)
+    avg_rank = upper - (counts - 1) / 2.0
+    ranks = avg_rank[inverse]
+    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def accuracy(truth: np.ndarray, flagged: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    truth = truth.astype(bool)
+    flagged = flagged.astype(bool)
+    pos = int(truth.sum())
+    neg = int(truth.size - pos)
+    tp = int((truth & flagged).sum())
+    fp = int((~truth & flagged).sum())
+    finite = np.isfinite(scores)
+    auc = auc_score(truth[finite], scores[finite])
+    return {
+        "detection_rate": round(tp / pos, 6) if pos else 0.0,
+        "false_positive_rate": round(fp / neg, 6) if neg else 0.0,
+        "auc": round(auc, 6) if auc is not None else 0.0,
+        # Extra keys: the counts behind the rates, so 0.0 with no positives reads as "undefined".
+        "positives": pos,
+        "negatives": neg,
+        "true_positives": tp,
+        "false_positives": fp,
+        "auc_defined": auc is not None,
+    }
+
+
+def _ms(us: float) -> float:
+    return round(us / 1000.0, 3)
+
+
+def build_report(result: RunResult) -> dict[str, Any]:
+    c = result.collector
+    m = c.matches
+    profile = result.config.profile
+    decided_mask = m.counts > 0
+    decided = int(decided_mask.sum())
+    h = c.histogram
+    if h.get_total_count():
+        latency = {k: _ms(h.get_value_at_percentile(p)) for k, p in
+                   (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))}
+        latency["max"] = _ms(h.get_max_value())
+        latency["mean"] = _ms(h.get_mean_value())
+        latency["min"] = _ms(h.get_min_value())
+    else:
+        latency = {k: 0.0 for k in LATENCY_KEYS}
+    last_decision = float(np.nanmax(m.decided_at_s)) if decided else 0.0
+    achieved = decided / last_decision if last_decision > 0 else 0.0
+    send_window = result.send_end_s if result.send_end_s > 0 else profile.duration_s
+    variants = {name: int((m.variant[decided_mask] == code).sum()) for name, code in VARIANT_CODES.items()}
+    truth = result.is_fraud[decided_mask]
+    acc = accuracy(truth, m.flagged[decided_mask], m.probability[decided_mask])
+    by_variant = {
+        name: accuracy(result.is_fraud[decided_mask & (m.variant == code)],
+                       m.flagged[decided_mask & (m.variant == code)],
+                       m.probability[decided_mask & (m.variant == code)])
+        for name, code in VARIANT_CODES.items()
+    }
+    target = profile.peak_rate if profile.name == "constant" else profile.mean_rate
+    report: dict[str, Any] = {
+        "target_tps": _num(target),
+        "duration_s": _num(profile.duration_s),
+        "sent": result.sent,
+        "decided": decided,
+        "lost": result.sent - decided,
+        "duplicates": c.duplicates,
+        "dlq": result.dlq,
+        "achieved_tps": round(achieved, 1),
+        "latency_ms": latency,
+        "accuracy": acc,
+        "variants": variants,
+        "degraded": int(m.degraded[decided_mask].sum()),
+        # --- extra keys (SPEC §5 allows additions) ---
+        "run_id": result.run_id,
+        "started_at": result.started_at,
+        "profile": {"name": profile.name, "rate_from": _num(profile.segments[0].rate_from),
+                    "rate_to": _num(profile.segments[-1].rate_to), "steps": len(profile.segments),
+                    "peak_tps": _num(profile.peak_rate), "mean_tps": round(profile.mean_rate, 1)},
+        "send_tps": round(result.sent / send_window, 1) if send_window > 0 else 0.0,
+        "send_errors": result.send_errors,
+        "drained": result.drained,
+        "drain_s": round(result.end_s - result.send_end_s, 3),
+        "decision_records": c.records,
+        "foreign_decisions": c.foreign,
+        "malformed_decisions": c.malformed,
+        "other_variants": dict(c.other_variants),
+        "accuracy_by_variant": by_variant,
+        "fraud_sent": int(result.is_fraud.sum()),
+        "fraud_by_scenario": _scenario_counts(result),
+        "labels_sent": result.labels_sent,
+        "source": result.source_name,
+        "topics": dict(result.topics),
+    }
+    return report
+
+
+def _scenario_counts(result: RunResult) -> dict[str, dict[str, int]]:
+    """Per fraud scenario: how many were sent and how many the engine flagged."""
+    m = result.collector.matches
+    out: dict[str, dict[str, int]] = {}
+    for i, scenario in enumerate(result.scenarios):
+        if result.is_fraud[i]:
+            row = out.setdefault(scenario, {"sent": 0, "flagged": 0})
+            row["sent"] += 1
+            row["flagged"] += int(m.flagged[i])
+    return out
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else round(float(x), 3)
+
+
+def check_report(report: dict[str, Any]) -> None:
+    """Raise ValueError unless ``report`` has every SPEC §5 key with the right shape and arithmetic."""
+    for key in REPORT_KEYS:
+        if key not in report:
+            raise ValueError(f"report misses {key!r}")
+    for key in LATENCY_KEYS:
+        if not isinstance(report["latency_ms"].get(key), int | float):
+            raise ValueError(f"report latency_ms misses {key!r}")
+    for key in ACCURACY_KEYS:
+        value = report["accuracy"].get(key)
+        if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"report accuracy.{key} must be in [0, 1], got {value!r}")
+    for key in ("A", "B"):
+        if not isinstance(report["variants"].get(key), int):
+            raise ValueError(f"report variants misses {key!r}")
+    if report["lost"] != report["sent"] - report["decided"]:
+        raise ValueError("report lost != sent - decided")
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    lat = report["latency_ms"]
+    acc = report["accuracy"]
+    var = report["variants"]
+    return [
+        ("target TPS", f"{report['target_tps']:,}"),
+        ("duration", f"{report['duration_s']} s"),
+        ("sent", f"{report['sent']:,}"),
+        ("decided", f"{report['decided']:,}"),
+        ("lost", f"{report['lost']:,}"),
+        ("duplicates", f"{report['duplicates']:,}"),
+        ("DLQ", f"{report['dlq']:,}"),
+        ("achieved TPS", f"{report['achieved_tps']:,.1f}"),
+        ("latency p50 / p95 / p99", f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms"),
+        ("latency p99.9 / max", f"{lat['p999']:.1f} / {lat['max']:.1f} ms"),
+        ("detection rate", f"{acc['detection_rate']:.3f}"),
+        ("false positive rate", f"{acc['false_positive_rate']:.4f}"),
+        ("AUC", f"{acc['auc']:.3f}"),
+        ("variants A / B", f"{var['A']:,} / {var['B']:,}"),
+        ("degraded", f"{report['degraded']:,}"),
+    ]
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = summary_rows(report)
+    width = max(len(k) for k, _ in rows)
+    vwidth = max(len(v) for _, v in rows)
+    line = f"+{'-' * (width + 2)}+{'-' * (vwidth + 2)}+"
+    out = [line] + [f"| {k.ljust(width)} | {v.rjust(vwidth)} |" for k, v in rows] + [line]
+    return "\n".join(out)
+
+
+def render_markdown(report: dict[str, Any], charts: dict[str, str] | None = None) -> str:
+    rows = summary_rows(report)
+    profile = report.get("profile", {})
+    lines = [
+        f"# Load report {report.get('run_id', '')}".rstrip(),
+        "",
+        f"Started {report.get('started_at', '?')}, profile `{profile.get('name', 'constant')}` "
+        f"({profile.get('rate_from', report['target_tps'])} -> {profile.get('rate_to', report['target_tps'])} TPS), "
+        f"source `{report.get('source', '?')}`. Latency is end to end, from each transaction's "
+        "*scheduled* send time to reading its decision (open loop, no coordinated omission).",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", f"Drained: {'yes' if report.get('drained') else 'no'} "
+              f"(drain took {report.get('drain_s', 0)} s); send rate achieved {report.get('send_tps', 0):,} TPS."]
+    by_variant = report.get("accuracy_by_variant") or {}
+    if by_variant:
+        lines += ["", "| variant | decided | detection rate | false positive rate | AUC |", "|---|---:|---:|---:|---:|"]
+        for name, acc in by_variant.items():
+            n = acc["positives"] + acc["negatives"]
+            lines.append(f"| {name} | {n:,} | {acc['detection_rate']:.3f} | {acc['false_positive_rate']:.4f} | "
+                         f"{acc['auc']:.3f} |")
+    if charts:
+        lines += [""]
+        for title, name in charts.items():
+            lines += [f"![{title}]({name})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+
+def write_outputs(result: RunResult, path: str | Path) -> dict[str, Any]:
+    """Write the report JSON at ``path``, the Markdown at ``path`` with ``.md``, and the PNG charts
+    next to it (``<stem>-latency.png``, ``-throughput.png``, ``-distribution.png``). Returns the report."""
+    from loadgen.charts import write_charts
+
+    path = Path(path)
+    report = build_report(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    charts = write_charts(result, path)
+    report["charts"] = [str(path.parent / name) for name in charts.values()]
+    report["markdown"] = str(path.with_suffix(".md"))
+    write_json(report, path)
+    path.with_suffix(".md").write_text(render_markdown(report, charts), encoding="utf-8")
+    return report

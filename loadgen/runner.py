@@ -1,0 +1,315 @@
+"""One open-loop load run: send on schedule, read decisions, drain, and hand back the measurements.
+
+The sender never waits for the engine: the i-th transaction is due at ``scheduled_s[i]`` and goes
+out as soon as the clock passes that time (records are generated and serialized ahead of time, in
+blocks, while the sender is idle). Latency always counts from the scheduled time, so a stall in the
+engine, the broker or the load generator itself shows up as latency instead of being hidden.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from fraudactors.errors import FraudActorsError
+from fraudactors.settings import Settings
+from loadgen.collector import DecisionCollector
+from loadgen.generator import EventTimeMode, PendingLabel, TransactionSource, make_source
+from loadgen.progress import Progress, format_line
+from loadgen.schedule import RateProfile, scheduled_times
+
+
+class LoadgenError(FraudActorsError):
+    """The load run cannot start or cannot talk to Kafka."""
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    profile: RateProfile
+    drain_timeout_s: float = 30.0
+    seed: int = 7
+    # "sim": the simulator's event times; "send": restamped with the scheduled send time.
+    event_time: EventTimeMode = "sim"
+    send_labels: bool = True
+    run_id: str = ""
+    linger_ms: int = 5
+    progress: bool = True
+    # Builds the source from the run's id prefix (tests plug in their own); default: the simulator.
+    source_factory: Callable[[str], TransactionSource] | None = None
+
+
+@dataclass
+class RunResult:
+    config: LoadConfig
+    run_id: str
+    prefix: str
+    started_at: str
+    scheduled_s: np.ndarray
+    sent_at_s: np.ndarray  # when each transaction was handed to the producer; NaN if never
+    is_fraud: np.ndarray
+    scenarios: list[str]
+    collector: DecisionCollector
+    sent: int
+    send_errors: int
+    send_end_s: float
+    end_s: float
+    drained: bool
+    dlq: int
+    labels_sent: int
+    source_name: str
+    topics: dict[str, str] = field(default_factory=dict)
+
+
+class _Outbox:
+    """Serialized transactions prepared ahead of their scheduled time, in blocks, and the labels
+    waiting for the transaction after which they are due."""
+
+    def __init__(self, source: TransactionSource, scheduled_s: np.ndarray, wall_start: float,
+                 is_fraud: np.ndarray, scenarios: list[str]) -> None:
+        self.source = source
+        self.scheduled_s = scheduled_s
+        self.wall_start = wall_start
+        self.is_fraud = is_fraud
+        self.scenarios = scenarios
+        self.blocks: deque[tuple[int, list[bytes], list[bytes]]] = deque()
+        self.prepared_to = 0
+        self.labels: deque[PendingLabel] = deque()
+
+    def prepare(self, n: int) -> None:
+        lo = self.prepared_to
+        hi = min(lo + n, len(self.scheduled_s))
+        if hi <= lo:
+            return
+        batch = self.source.take(hi - lo, self.wall_start + self.scheduled_s[lo:hi])
+        self.is_fraud[lo:hi] = batch.is_fraud
+        self.scenarios.extend(batch.scenarios)
+        self.labels.extend(batch.labels)
+        self.blocks.append((lo, batch.keys, batch.values))
+        self.prepared_to = hi
+
+    def take(self, lo: int, hi: int) -> tuple[list[bytes], list[bytes]]:
+        """Keys and values of transactions [lo, hi), which must be the next ones not yet taken."""
+        if self.prepared_to < hi:
+            self.prepare(hi - self.prepared_to)
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        while lo < hi:
+            start, bkeys, bvalues = self.blocks[0]
+            off = lo - start
+            take = min(hi - lo, len(bkeys) - off)
+            keys.extend(bkeys[off:off + take])
+            values.extend(bvalues[off:off + take])
+            lo += take
+            if off + take == len(bkeys):
+                self.blocks.popleft()
+        return keys, values
+
+    def labels_due(self, sent: int) -> list[PendingLabel]:
+        """Labels whose transaction (and everything before it) has been sent."""
+        due: list[PendingLabel] = []
+        while self.labels and self.labels[0].send_after < sent:
+            due.append(self.labels.popleft())
+        return due
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        await consumer.topics()  # refresh metadata for every topic
+        parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise LoadgenError(f"topic {topic!r} does not exist on the broker")
+    return [TopicPartition(topic, p) for p in sorted(parts)]
+
+
+async def run_load(settings: Settings, config: LoadConfig, progress: Progress | None = None) -> RunResult:
+    """Run the load described by ``config`` against the engine behind ``settings``'s topics."""
+    from fraudactors.services.kafka import make_consumer, make_producer
+
+    profile = config.profile
+    run_id = config.run_id or secrets.token_hex(4)
+    prefix = f"lg-{run_id}-"
+    scheduled = scheduled_times(profile)
+    total = len(scheduled)
+    factory = config.source_factory or (lambda p: make_source(p, config.seed, config.event_time))
+    source = factory(prefix)
+    progress = progress or Progress(enabled=config.progress)
+    topics = settings.topics
+
+    consumer = make_consumer(settings, group_id=None, client_id=f"loadgen-{run_id}",
+                             max_poll_records=20_000, fetch_max_bytes=64 * 1024 * 1024,
+                             max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_wait_ms=50,
+                             auto_offset_reset="earliest")
+    producer = make_producer(settings, client_id=f"loadgen-{run_id}", linger_ms=config.linger_ms,
+                             max_batch_size=max(settings.kafka.max_batch_size, 256 * 1024))
+    try:
+        await consumer.start()
+        await producer.start()
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        raise LoadgenError(f"cannot connect to Kafka at {settings.kafka.bootstrap_servers}: {exc!r}") from exc
+
+    try:
+        pred_tps = await _partitions(consumer, topics.predictions)
+        await _partitions(consumer, topics.transactions)
+        dlq_tps = await _partitions(consumer, topics.dlq)
+        if config.send_labels:
+            await _partitions(consumer, topics.labels)
+        consumer.assign(pred_tps)
+        for tp, offset in (await consumer.end_offsets(pred_tps)).items():
+            consumer.seek(tp, offset)
+        dlq_before = sum((await consumer.end_offsets(dlq_tps)).values())
+
+        is_fraud = np.zeros(total, dtype=bool)
+        scenarios: list[str] = []
+        sent_at = np.full(total, np.nan, dtype=np.float64)
+        started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        wall_start = time.time()
+        start = time.perf_counter()
+        outbox = _Outbox(source, scheduled, wall_start, is_fraud, scenarios)
+        collector = DecisionCollector(prefix, scheduled, start)
+        state = _State()
+
+        def delivered(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                state.send_errors += 1
+
+        block = int(min(4096, max(64, profile.peak_rate * 0.05)))
+        lookahead = int(max(block * 2, profile.peak_rate * 0.25))
+        outbox.prepare(lookahead)
+
+        reader = asyncio.create_task(_read(consumer, collector, state), name="loadgen-reader")
+        shower = asyncio.create_task(_show(progress, profile, collector, state, start), name="loadgen-progress")
+        try:
+            i = 0
+            while i < total:
+                if reader.done():
+                    reader.result()  # surfaces the reader's error
+                now = time.perf_counter() - start
+                due = int(np.searchsorted(scheduled, now, side="right"))
+                if due > i:
+                    hi = min(due, i + 4 * block)
+                    keys, values = outbox.take(i, hi)
+                    for key, value in zip(keys, values, strict=True):
+                        fut = await producer.send(topics.transactions, value=value, key=key)
+                        fut.add_done_callback(delivered)
+                    sent_at[i:hi] = time.perf_counter() - start
+                    i = hi
+                    state.sent = i
+                    if config.send_labels:
+                        for label in outbox.labels_due(i):
+                            fut = await producer.send(topics.labels, value=label.value, key=label.key)
+                            fut.add_done_callback(delivered)
+                            state.labels_sent += 1
+                    await asyncio.sleep(0)
+                elif outbox.prepared_to - i < lookahead and outbox.prepared_to < total:
+                    outbox.prepare(block)
+                else:
+                    await asyncio.sleep(min(max(scheduled[i] - now, 0.0), 0.005))
+            await producer.flush()
+            send_end = time.perf_counter() - start
+            state.phase = "drain"
+            sent_ok = total - state.send_errors
+            deadline = time.perf_counter() + config.drain_timeout_s
+            while collector.distinct < sent_ok and time.perf_counter() < deadline:
+                if reader.done():
+                    reader.result()
+                await asyncio.wait({state.progressed_event()}, timeout=0.1)
+            drained = collector.distinct >= sent_ok
+            # Catch up to the end of the topic once more so duplicates already written are counted.
+            ends = await consumer.end_offsets(pred_tps)
+            catch_up = time.perf_counter() + 5.0
+            while time.perf_counter() < catch_up and not reader.done() and not await _reached(consumer, ends):
+                await asyncio.wait({state.progressed_event()}, timeout=0.1)
+            end = time.perf_counter() - start
+            dlq_after = sum((await consumer.end_offsets(dlq_tps)).values())
+        finally:
+            state.stop = True
+            shower.cancel()
+            reader.cancel()
+            for task in (shower, reader):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            progress.finish()
+    finally:
+        await asyncio.shield(_stop_clients(producer, consumer))
+
+    return RunResult(
+        config=config, run_id=run_id, prefix=prefix, started_at=started_at, scheduled_s=scheduled,
+        sent_at_s=sent_at, is_fraud=is_fraud, scenarios=scenarios, collector=collector, sent=total - state.send_errors,
+        send_errors=state.send_errors, send_end_s=send_end, end_s=end, drained=drained,
+        dlq=dlq_after - dlq_before, labels_sent=state.labels_sent, source_name=source.name,
+        topics={"transactions": topics.transactions, "predictions": topics.predictions,
+                "labels": topics.labels, "dlq": topics.dlq},
+    )
+
+
+class _State:
+    def __init__(self) -> None:
+        self.sent = 0
+        self.send_errors = 0
+        self.labels_sent = 0
+        self.phase = "send"
+        self.stop = False
+        self._progressed: asyncio.Future[None] | None = None
+
+    def progressed_event(self) -> asyncio.Future[None]:
+        """A future resolved the next time the reader matches decisions."""
+        if self._progressed is None or self._progressed.done():
+            self._progressed = asyncio.get_running_loop().create_future()
+        return self._progressed
+
+    def notify(self) -> None:
+        if self._progressed is not None and not self._progressed.done():
+            self._progressed.set_result(None)
+
+
+async def _read(consumer: AIOKafkaConsumer, collector: DecisionCollector, state: _State) -> None:
+    while not state.stop:
+        batches = await consumer.getmany(timeout_ms=100, max_records=20_000)
+        now = time.perf_counter()
+        for records in batches.values():
+            collector.feed([r.value for r in records], now)
+        state.notify()
+
+
+async def _show(progress: Progress, profile: RateProfile, collector: DecisionCollector, state: _State,
+                start: float) -> None:
+    last_t, last_sent = 0.0, 0
+    while True:
+        await asyncio.sleep(progress.interval_s)
+        t = time.perf_counter() - start
+        window = collector.reset_window()
+        p99 = window.get_value_at_percentile(99.0) / 1000.0 if window.get_total_count() else None
+        rate = (state.sent - last_sent) / max(t - last_t, 1e-9)
+        last_t, last_sent = t, state.sent
+        progress.update(format_line(state.phase, t, profile.duration_s, profile.rate_at(min(t, profile.duration_s))
+                                    if state.phase == "send" else 0.0, rate, state.sent, collector.distinct, p99))
+
+
+async def _reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+    for tp, offset in ends.items():
+        if await consumer.position(tp) < offset:
+            return False
+    return True
+
+
+async def _stop_clients(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
+    with contextlib.suppress(Exception):
+        await producer.stop()
+    with contextlib.suppress(Exception):
+        await consumer.stop()
+
