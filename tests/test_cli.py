@@ -1,0 +1,85 @@
+"""The console script: ``--help`` everywhere, one clear line on errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fraudactors import cli
+
+
+def _subcommands() -> dict[str, object]:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    choices: dict[str, object] = getattr(sub, "choices", {}) or {}
+    return choices
+
+
+def _script() -> list[str]:
+    exe = Path(sys.executable).with_name("fraudactors")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("fraudactors")
+    return [found] if found else [sys.executable, "-m", "fraudactors"]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FRAUDACTORS_")}
+
+
+def test_console_script_help_lists_the_commands() -> None:
+    proc = subprocess.run([*_script(), "--help"], capture_output=True, text=True, timeout=60, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: fraudactors" in proc.stdout
+    for name in _subcommands():
+        assert name in proc.stdout
+
+
+def test_demo_is_available() -> None:
+    assert "demo" in _subcommands()
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module = __import__(cli.COMMANDS[command], fromlist=["HELP"])
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: fraudactors {command}" in out
+    assert module.HELP.split()[0] in out
+
+
+def test_demo_help_shows_its_options() -> None:
+    proc = subprocess.run([*_script(), "demo", "--help"], capture_output=True, text=True, timeout=60,
+                          env=_env())
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--rate", "--duration", "--report", "--config"):
+        assert option in proc.stdout
+
+
+def test_version() -> None:
+    proc = subprocess.run([*_script(), "--version"], capture_output=True, text=True, timeout=60, env=_env())
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("fraudactors ")
+
+
+def test_unknown_command_fails() -> None:
+    proc = subprocess.run([*_script(), "no-such-command"], capture_output=True, text=True, timeout=60,
+                          env=_env())
+    assert proc.returncode != 0
+    assert "no-such-command" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["demo", "--rate", "0"], ["demo", "--duration", "-1"],
+                                  ["demo", "--rate", "nan"], ["demo", "--rate", "fast"]])
+def test_demo_rejects_bad_numbers(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code != 0
+    assert argv[1] in capsys.readouterr().err

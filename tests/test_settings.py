@@ -1,0 +1,129 @@
+"""Configuration fails fast, in one line, naming the key; and the layers apply in order."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fraudactors.cli import build_parser
+from fraudactors.errors import ConfigError
+from fraudactors.settings import Settings, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[kafka]\nbogus = 1\n", "kafka.bogus"),
+        ("[nosuchsection]\nx = 1\n", "nosuchsection"),
+        ("[topics]\npartitions = \"many\"\n", "topics.partitions"),
+        ("[topics]\npartitions = 0\n", "topics.partitions"),
+        ("[kafka]\nacks = \"2\"\n", "kafka.acks"),
+        ("[kafka]\nenable_idempotence = \"perhaps\"\n", "kafka.enable_idempotence"),
+        ("[redis]\non_unavailable = \"ignore\"\n", "redis.on_unavailable"),
+        ("[http]\nport = 70000\n", "http.port"),
+        ("[kafka]\nheartbeat_interval_ms = 20000\n", "kafka.heartbeat_interval_ms"),
+        ("[models.variants.A]\nversion = \"v1\"\nweight = -1.0\n", "models.variants.A.weight"),
+        ("[models.variants.C]\nweight = 1.0\n", "models.variants.C.version"),
+        ("[decision]\nis_fraud_decisions = [\"maybe\"]\n", "decision.is_fraud_decisions"),
+    ],
+)
+def test_bad_config_file_names_the_key(tmp_path: Path, toml: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, toml), env={})
+    assert info.value.key == key
+    message = str(info.value)
+    assert key in message
+    assert "\n" not in message
+
+
+def test_invalid_toml_and_missing_file_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[kafka\n"), env={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"FRAUDACTORS_KAFKA__NOPE": "1"}, "kafka.nope"),
+        ({"FRAUDACTORS_NOPE__X": "1"}, "nope"),
+        ({"FRAUDACTORS_TOPICS__PARTITIONS": "twelve"}, "topics.partitions"),
+        ({"FRAUDACTORS_TOPICS__PARTITIONS": "-3"}, "topics.partitions"),
+        ({"FRAUDACTORS_KAFKA": "x"}, "FRAUDACTORS_KAFKA"),
+    ],
+)
+def test_bad_env_override_names_the_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    assert info.value.key == key
+    assert "\n" not in str(info.value)
+
+
+def test_layers_apply_in_order(tmp_path: Path) -> None:
+    path = write(tmp_path, "[topics]\npartitions = 6\ntransactions = \"tx-file\"\n[kafka]\nlinger_ms = 7\n")
+    env = {"FRAUDACTORS_TOPICS__PARTITIONS": "3", "FRAUDACTORS_CONFIG": "/nonexistent-ignored-when-path-given"}
+    s = load_settings(path, env=env, overrides={"kafka": {"linger_ms": 9}})
+    assert s.topics.partitions == 3  # env beats file
+    assert s.topics.transactions == "tx-file"  # file beats defaults
+    assert s.kafka.linger_ms == 9  # code overrides beat env and file
+    assert s.topics.predictions == Settings().topics.predictions  # untouched keys keep defaults
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "[topics]\npartitions = 4\n")
+    assert load_settings(env={"FRAUDACTORS_CONFIG": str(path)}).topics.partitions == 4
+
+
+def test_services_binaries_are_configurable_from_env() -> None:
+    s = load_settings(env={"FRAUDACTORS_SERVICES__TANSU_BIN": "/opt/tansu",
+                           "FRAUDACTORS_SERVICES__REDIS_BIN": "/opt/valkey-server"})
+    assert (s.services.tansu_bin, s.services.redis_bin) == ("/opt/tansu", "/opt/valkey-server")
+
+
+def _commands_with_config() -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    choices: dict[str, object] = getattr(sub, "choices", {}) or {}
+    names = []
+    for name, command in choices.items():
+        options = {opt for action in getattr(command, "_actions", []) for opt in action.option_strings}
+        if "--config" in options:
+            names.append(name)
+    return names
+
+
+def _cli_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FRAUDACTORS_")}
+
+
+def test_demo_accepts_config() -> None:
+    assert "demo" in _commands_with_config()
+
+
+@pytest.mark.parametrize("command", _commands_with_config())
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [("[kafka]\nbogus = 1\n", "kafka.bogus"), ("[topics]\npartitions = \"x\"\n", "topics.partitions")],
+)
+def test_cli_bad_config_prints_one_line_naming_the_key(tmp_path: Path, command: str, toml: str,
+                                                       key: str) -> None:
+    path = write(tmp_path, toml)
+    proc = subprocess.run([sys.executable, "-m", "fraudactors", command, "--config", str(path)],
+                          capture_output=True, text=True, timeout=60, env=_cli_env(), cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert key in lines[0]
+    # Nothing was started: a bad config fails before any service.
+    assert "broker:" not in proc.stdout
