@@ -1,0 +1,154 @@
+"""``fraudactors demo`` as a user runs it: it works, and it never leaves a broker or Redis behind —
+not after a normal run, not after Ctrl-C, SIGTERM or SIGKILL mid-run."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+PID_LINE = re.compile(r"^(broker: tansu|redis:) pid (\d+) on ")
+
+
+def _script() -> list[str]:
+    exe = Path(sys.executable).with_name("fraudactors")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fraudactors"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDACTORS_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"left behind: {[p for p in pids if _alive(p)]}"
+        time.sleep(0.02)
+
+
+class Demo:
+    """A running ``fraudactors demo``; reads its stdout until a line shows up."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.report = tmp_path / "report.json"
+        self.proc = subprocess.Popen(
+            [*_script(), "demo", "--report", str(self.report), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=_env())
+        self.lines: list[str] = []
+        self.service_pids: list[int] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def wait_for_line(self, prefix: str, timeout_s: float = 60.0) -> str:
+        def read() -> str:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self._note(line)
+                if line.strip().startswith(prefix):
+                    return line
+            raise AssertionError(f"demo ended before printing {prefix!r}: {self.lines}")
+
+        return self._pool.submit(read).result(timeout=timeout_s)
+
+    def _note(self, line: str) -> None:
+        self.lines.append(line.rstrip("\n"))
+        match = PID_LINE.match(line.strip())
+        if match:
+            self.service_pids.append(int(match.group(2)))
+
+    def finish(self, timeout_s: float = 90.0) -> tuple[int, str]:
+        out, err = self.proc.communicate(timeout=timeout_s)
+        for line in out.splitlines():
+            self._note(line)
+        return self.proc.returncode, err
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[Callable[..., Demo]]:
+    started: list[Demo] = []
+
+    def start(*args: str) -> Demo:
+        d = Demo(tmp_path, *args)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.close()
+
+
+def test_demo_runs_and_cleans_up(demo: Callable[..., Demo]) -> None:
+    run = demo("--duration", "2", "--rate", "300")
+    code, err = run.finish()
+    assert code == 0, err
+    assert len(run.service_pids) == 2, run.lines
+    _wait_gone(run.service_pids)
+    report = json.loads(run.report.read_text())
+    assert report["sent"] == report["received"] == 600
+    assert report["lost"] == 0 and report["duplicates"] == 0
+    assert report["partitions"] == 12
+    assert report["redis_ok"] is True
+    assert any("stopping embedded services" in line for line in run.lines)
+
+
+@pytest.mark.parametrize(("sig", "expected"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_demo_interrupted_mid_run_leaves_no_service(demo: Callable[..., Demo], sig: int, expected: int) -> None:
+    run = demo("--duration", "60", "--rate", "200")
+    run.wait_for_line("streaming")
+    children = _children_of(run.proc.pid)
+    assert set(run.service_pids) <= set(children)
+    run.proc.send_signal(sig)
+    code, err = run.finish(timeout_s=60)
+    assert code == expected, err
+    assert len(err.strip().splitlines()) == 1, err
+    _wait_gone(children)
+    assert not run.report.exists()  # an interrupted run claims no result
+
+
+def test_demo_killed_mid_run_takes_its_services_along(demo: Callable[..., Demo]) -> None:
+    run = demo("--duration", "60", "--rate", "200")
+    run.wait_for_line("streaming")
+    assert len(run.service_pids) == 2
+    run.proc.kill()
+    run.finish(timeout_s=30)
+    _wait_gone(run.service_pids)
