@@ -502,8 +502,10 @@ def test_dockerfile_copies_what_exists_and_is_not_ignored() -> None:
         sources.extend(parts[:-1])
     assert {"pyproject.toml", "fraudactors/", "models/", "config/fraudactors.toml"} <= set(sources)
     for source in sources:
-        assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
         assert not dockerignore_excludes(source), f"COPY {source}: excluded by .dockerignore"
+        if source == "models/":
+            continue  # a build input made by `fraudactors train`; the image build verifies every model
+        assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
     for excluded in (".venv", ".git", "tests"):
         assert dockerignore_excludes(excluded), f".dockerignore should exclude {excluded}"
 
