@@ -569,6 +569,35 @@ def test_alert_files_agree_and_query_documented_metrics() -> None:
     assert undocumented(queried) == set()
 
 
+GRAFANA_MACROS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+
+
+def as_promql(query: str) -> str:
+    """A dashboard query with Grafana's macros and variables replaced by values Prometheus accepts."""
+    for macro, value in GRAFANA_MACROS.items():
+        query = query.replace(macro, value)
+    return re.sub(r"\$\{?\w+\}?", ".*", query)
+
+
+def test_every_promql_expression_parses() -> None:
+    # Prometheus refuses a whole rule file over one bad expression, and a bad panel shows nothing.
+    promql_parser = pytest.importorskip("promql_parser", reason="promql-parser is not installed (dev extra)")
+    adapter = yaml.safe_load((DEPLOY / "prometheus-adapter" / "values.yaml").read_text(encoding="utf-8"))
+    expressions = [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()]
+    expressions += [("dashboard", as_promql(q)) for q in dashboard_queries() if not q.startswith("label_values(")]
+    expressions += [("adapter", rule["metricsQuery"].replace("<<.Series>>", "fraudactors_consumer_lag")
+                     .replace("<<.LabelMatchers>>", 'namespace="fraudactors"'))
+                    for rule in adapter["rules"]["external"]]
+    assert len(expressions) >= 40
+    errors = []
+    for where, expr in expressions:
+        try:
+            promql_parser.parse(expr)
+        except ValueError as exc:
+            errors.append(f"{where}: {exc}: {expr}")
+    assert errors == []
+
+
 def test_every_alert_is_routable_and_documented() -> None:
     anchors = markdown_anchors(OPERATIONS_MD)
     text = OPERATIONS_MD.read_text(encoding="utf-8")
