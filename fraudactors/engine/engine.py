@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -66,6 +68,7 @@ class Engine:
             ChildSpec("http", self.http.run, start_timeout=10.0, shutdown_timeout=5.0),
             ChildSpec("readiness", self._readiness_loop, restart=Restart.PERMANENT, shutdown_timeout=2.0),
         ]
+        self._specs = [dataclasses.replace(spec, start=self._counted(spec.id, spec.start)) for spec in self._specs]
         self.supervisor = Supervisor("engine", self._specs, strategy=Strategy.ONE_FOR_ONE,
                                      max_restarts=engine.restart_max, window_s=engine.restart_window_s)
         self._task: asyncio.Task[None] | None = None
@@ -73,6 +76,20 @@ class Engine:
         self._was_ready = False
         self._stopping = False
         self._log = get_logger(actor="engine")
+
+    def _counted(self, child_id: str, start: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+        """Wrap a child's start: every call after the first is a restart, counted per actor."""
+        calls = 0
+        counter = self.metrics.actor_restarts
+
+        async def run(task_status: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                counter.labels(child_id).inc()
+            await start(task_status)
+
+        return run
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -147,7 +164,6 @@ class Engine:
 
     async def _readiness_loop(self, task_status: Any) -> None:
         task_status.started()
-        restarts_seen = 0
         while True:
             ready = not self.readiness()
             self.metrics.ready.set(1 if ready else 0)
@@ -160,9 +176,6 @@ class Engine:
             self._was_ready = ready
             for mailbox, depth in (("inference", self.inference.depth),):
                 self.metrics.mailbox_depth.labels(mailbox).set(depth)
-            total = getattr(self.supervisor, "restarts_total", 0)
-            if total > restarts_seen:
-                restarts_seen = total
             await asyncio.sleep(_READINESS_INTERVAL_S)
 
     # ---------------------------------------------------------------- HTTP

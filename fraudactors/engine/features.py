@@ -22,9 +22,8 @@ from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
 
 if TYPE_CHECKING:
-    from fraudactors.features.store import OnlineFeatureStore
-
     from fraudactors.features.schema import Transaction
+    from fraudactors.features.store import OnlineFeatureStore
 
 # Errors that mean "Redis is not there right now" even if the store did not wrap them.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
@@ -119,3 +118,42 @@ class FeatureStoreActor:
             if not self._hold:
                 return store.compute_degraded(txns), True
             await self._up.wait()
+
+    async def peek(self, txns: Sequence[Transaction]) -> tuple[np.ndarray, bool]:
+        """Features from the current online state WITHOUT updating it (for POST /predict).
+
+        Same definition as the stream path (``definition.features_of`` on the stored user and
+        merchant state); degraded (transaction-only) while Redis is unreachable.
+        """
+        from fraudactors.features import store as store_module
+        from fraudactors.features.definition import features_of
+        from fraudactors.features.state_codec import decode_state
+
+        store = self.store
+        assert store is not None, "feature store actor not started"
+        if not self._up.is_set():
+            return store.compute_degraded(txns), True
+        try:
+            client = store._client()  # the store's own connection: same timeouts, no extra pool
+            async with client.pipeline(transaction=False) as pipe:
+                for txn in txns:
+                    pipe.get(store.user_key(txn.user_id))
+                    pipe.hgetall(store.merchant_counts_key(txn.merchant_id))
+                    pipe.hgetall(store.merchant_frauds_key(txn.merchant_id))
+                replies = await pipe.execute()
+        except (*_UNAVAILABLE, *_redis_errors()) as exc:
+            self._mark_down(exc)
+            return store.compute_degraded(txns), True
+        rows = []
+        for i, txn in enumerate(txns):
+            blob, counts, frauds = replies[3 * i: 3 * i + 3]
+            state = decode_state(blob) if blob is not None else None
+            merchant = store_module._merchant_from_hashes(counts, frauds)
+            rows.append(features_of(state, merchant, txn))
+        return np.array(rows, dtype=np.float32), False
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import RedisError
+
+    return (RedisError,)

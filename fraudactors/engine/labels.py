@@ -141,8 +141,10 @@ class LabelConsumer:
                                  client_id=f"{settings.kafka.client_id}-labels",
                                  group_instance_id=(f"{settings.kafka.group_instance_id}.labels"
                                                     if settings.kafka.group_instance_id else None))
-        await consumer.start()
+        # Labels are not on the decision path and not part of readiness: report started at once
+        # and join the group in the background (a group join costs seconds on some brokers).
         task_status.started()
+        await consumer.start()
         errors = _redis_errors()
         retry_s = settings.redis.retry_interval_ms / 1000.0
         try:

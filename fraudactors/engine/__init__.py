@@ -1,0 +1,1 @@
+"""The streaming engine (`fraudactors run`): ingestor -> feature workers -> inference -> publisher."""

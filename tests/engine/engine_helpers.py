@@ -1,0 +1,221 @@
+"""Helpers for the engine's tests: traffic in, decisions out, committed offsets, engine processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import TopicPartition
+
+from fraudactors.services.kafka import make_consumer, make_producer
+from fraudactors.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_TIME = 1_795_000_000.0  # 2026-11-18, event time of the first generated transaction
+
+
+def transactions(n: int, *, start: int = 0, users: int = 400, prefix: str = "t",
+                 seed: int = 7) -> list[tuple[bytes, bytes, str]]:
+    """``n`` valid SPEC §2 transactions as (key, value, transaction_id), in event-time order."""
+    rng = random.Random(seed + start)
+    out = []
+    for i in range(start, start + n):
+        tid = f"{prefix}-{i:07d}"
+        user = f"u-{rng.randrange(users)}"
+        obj = {"transaction_id": tid, "user_id": user, "merchant_id": f"m-{rng.randrange(60)}",
+               "amount": round(rng.lognormvariate(3.5, 1.0), 2), "currency": "USD",
+               "merchant_category": rng.choice(["grocery", "travel", "electronics", "fuel"]),
+               "is_international": rng.random() < 0.1,
+               "timestamp": BASE_TIME + i * 0.5}
+        out.append((user.encode(), orjson.dumps(obj), tid))
+    return out
+
+
+async def produce(settings: Settings, records: Sequence[tuple[bytes | None, bytes]],
+                  topic: str | None = None) -> dict[int, int]:
+    """Send and wait for every record; returns the end offset (last offset + 1) per partition."""
+    producer = make_producer(settings, linger_ms=5)
+    await producer.start()
+    ends: dict[int, int] = {}
+    try:
+        futures = [await producer.send(topic or settings.topics.transactions, value, key=key)
+                   for key, value in records]
+        for fut in futures:
+            meta = await fut
+            ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+    finally:
+        await producer.stop()
+    return ends
+
+
+@dataclass
+class TopicReader:
+    """Reads a topic from the beginning, in the background, into ``records``."""
+
+    settings: Settings
+    topic: str
+    records: list[Any] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        consumer = make_consumer(self.settings, group_id=None, client_id="engine-test-reader")
+        await consumer.start()
+        try:
+            tps = [TopicPartition(self.topic, p) for p in range(self.settings.topics.partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            while True:
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for recs in batch.values():
+                    self.records.extend(recs)
+                if batch:
+                    self._changed.set()
+        finally:
+            await consumer.stop()
+
+    async def wait_for(self, predicate: Callable[[list[Any]], bool], timeout_s: float) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not predicate(self.records):
+                self._changed.clear()
+                await self._changed.wait()
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return [orjson.loads(r.value) for r in self.records]
+
+
+@contextlib.asynccontextmanager
+async def reading(settings: Settings, topic: str) -> AsyncIterator[TopicReader]:
+    reader = TopicReader(settings, topic)
+    task = asyncio.create_task(reader.run())
+    try:
+        yield reader
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def committed(settings: Settings, group_id: str | None = None) -> dict[int, int]:
+    """The group's committed offsets on ``transactions`` (partitions without a commit: absent)."""
+    consumer = make_consumer(settings, group_id=group_id or settings.kafka.group_id,
+                             client_id="engine-test-offsets")
+    await consumer.start()
+    try:
+        out = {}
+        for p in range(settings.topics.partitions):
+            offset = await consumer.committed(TopicPartition(settings.topics.transactions, p))
+            if offset is not None:
+                out[p] = offset
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def wait_committed(settings: Settings, ends: dict[int, int], timeout_s: float) -> dict[int, int]:
+    """Wait until the group committed at least ``ends`` on every partition; returns the last read."""
+    last: dict[int, int] = {}
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            while True:
+                last = await committed(settings)
+                if all(last.get(p, 0) >= end for p, end in ends.items()):
+                    return last
+                await asyncio.sleep(0.2)  # polling the broker's state: there is no event to wait on
+    return last
+
+
+def engine_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment-only configuration of a ``fraudactors run`` subprocess for ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDACTORS_")}
+    k, t, r, e = settings.kafka, settings.topics, settings.redis, settings.engine
+    env.update({
+        "FRAUDACTORS_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
+        "FRAUDACTORS_KAFKA__GROUP_ID": k.group_id,
+        "FRAUDACTORS_KAFKA__CLIENT_ID": k.client_id,
+        "FRAUDACTORS_KAFKA__ENABLE_IDEMPOTENCE": "false",
+        "FRAUDACTORS_KAFKA__SESSION_TIMEOUT_MS": str(k.session_timeout_ms),
+        "FRAUDACTORS_KAFKA__HEARTBEAT_INTERVAL_MS": str(k.heartbeat_interval_ms),
+        "FRAUDACTORS_TOPICS__TRANSACTIONS": t.transactions,
+        "FRAUDACTORS_TOPICS__PREDICTIONS": t.predictions,
+        "FRAUDACTORS_TOPICS__LABELS": t.labels,
+        "FRAUDACTORS_TOPICS__DLQ": t.dlq,
+        "FRAUDACTORS_TOPICS__PARTITIONS": str(t.partitions),
+        "FRAUDACTORS_REDIS__URL": r.url,
+        "FRAUDACTORS_REDIS__KEY_PREFIX": r.key_prefix,
+        "FRAUDACTORS_HTTP__PORT": "0",
+        "FRAUDACTORS_MODELS__DIR": settings.models.dir,
+        "FRAUDACTORS_ENGINE__INFERENCE_MODE": e.inference_mode,
+        "FRAUDACTORS_ENGINE__COMMIT_INTERVAL_MS": str(e.commit_interval_ms),
+        "FRAUDACTORS_LOGGING__FORMAT": "json",
+    })
+    env.update(extra)
+    return env
+
+
+class EngineProcess:
+    """``fraudactors run`` as a child process; its JSON log lines are kept in ``lines``."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[dict[str, Any]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._seen = asyncio.Event()
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fraudactors", "run", env=self._env, cwd=str(REPO),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            try:
+                self.lines.append(orjson.loads(raw))
+            except orjson.JSONDecodeError:
+                self.lines.append({"event": "unparsed", "text": raw.decode(errors="replace")})
+            self._seen.set()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("event") == name]
+
+    async def wait_event(self, name: str, timeout_s: float) -> dict[str, Any]:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                found = self.events(name)
+                if found:
+                    return found[-1]
+                if self.proc is not None and self.proc.returncode is not None:
+                    raise AssertionError(f"engine exited ({self.proc.returncode}) before {name}: "
+                                         f"{self.lines[-5:]}")
+                self._seen.clear()
+                await self._seen.wait()
+
+    async def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(timeout_s):
+            code = await self.proc.wait()
+            if self._reader is not None:
+                await self._reader
+        return code
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
