@@ -1,6 +1,20 @@
 """The actor runtime: bounded mailboxes, supervisors, and a process pool for CPU work."""
 
+from fraudactors.actors.actor import actor_child
 from fraudactors.actors.mailbox import Mailbox, Request, ask
+from fraudactors.actors.supervisor import ChildSpec, Restart, Strategy, Supervisor, run_root
 from fraudactors.actors.taskstatus import IGNORED, TaskStatus
 
-__all__ = ["IGNORED", "Mailbox", "Request", "TaskStatus", "ask"]
+__all__ = [
+    "IGNORED",
+    "ChildSpec",
+    "Mailbox",
+    "Request",
+    "Restart",
+    "Strategy",
+    "Supervisor",
+    "TaskStatus",
+    "actor_child",
+    "ask",
+    "run_root",
+]

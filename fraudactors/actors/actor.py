@@ -1,0 +1,60 @@
+"""An actor as a supervised child: a body that serves a mailbox, and ActorDied for its callers.
+
+``actor_child(id, mailbox, body)`` wraps ``body(task_status)`` into a :class:`ChildSpec` that
+keeps the promise "a caller waiting on an actor that died gets a typed error at once":
+
+- the body raises or is cancelled and the child will be restarted (PERMANENT / TRANSIENT): every
+  unanswered :class:`Request` -- queued or already taken -- fails with ``ActorDied``
+  (``Mailbox.fail_pending``); plain messages stay queued for the next incarnation;
+- the child will not be restarted (TEMPORARY, or TRANSIENT returning normally): the mailbox is
+  failed for good (``Mailbox.fail``) and every sender, getter and caller gets ``ActorDied``.
+
+A final shutdown (the supervisor stops, the budget is spent) cancels the body like a restart
+does, so owners that want the mailbox failed for good call ``mailbox.fail()`` themselves after
+the supervisor returned (or close and drain it first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fraudactors.actors.mailbox import Mailbox
+from fraudactors.actors.supervisor import ChildSpec, Restart
+from fraudactors.actors.taskstatus import TaskStatus
+from fraudactors.logging import get_logger
+
+__all__ = ["actor_child"]
+
+
+def actor_child(
+    id: str,
+    mailbox: Mailbox[Any],
+    body: Callable[[TaskStatus], Awaitable[None]],
+    *,
+    restart: Restart = Restart.PERMANENT,
+    start_timeout: float = 30.0,
+    shutdown_timeout: float = 10.0,
+) -> ChildSpec:
+    async def start(task_status: TaskStatus) -> None:
+        try:
+            await body(task_status)
+        except BaseException as exc:
+            cause = None if isinstance(exc, asyncio.CancelledError) else exc
+            if restart is Restart.TEMPORARY:
+                _fail_for_good(id, mailbox, cause)
+            else:
+                mailbox.fail_pending(cause)
+            raise
+        if restart is not Restart.PERMANENT:
+            _fail_for_good(id, mailbox, None)
+
+    return ChildSpec(id=id, start=start, restart=restart, start_timeout=start_timeout,
+                     shutdown_timeout=shutdown_timeout)
+
+
+def _fail_for_good(actor: str, mailbox: Mailbox[Any], cause: BaseException | None) -> None:
+    leftover = mailbox.fail(cause)
+    if leftover:
+        get_logger(actor=actor).error("actor_mailbox_abandoned", mailbox=mailbox.name, undelivered=len(leftover))

@@ -1,0 +1,464 @@
+"""Supervisor: ordered readiness, restart policies and strategies, budgets that fail upward."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from fraudactors.actors import (
+    ChildSpec,
+    Mailbox,
+    Request,
+    Restart,
+    Strategy,
+    Supervisor,
+    TaskStatus,
+    actor_child,
+    ask,
+    run_root,
+)
+from fraudactors.errors import ActorDied, ActorError, RestartIntensityExceeded, StartupTimeout
+
+
+class Boom(Exception):
+    pass
+
+
+async def wait_until(predicate: Callable[[], bool], limit_s: float = 10.0) -> None:
+    """Wait for a state the code under test reaches on its own (a condition, with a deadline)."""
+    async with asyncio.timeout(limit_s):
+        while not predicate():  # noqa: ASYNC110 (observing supervisor state, no event to wait on)
+            await asyncio.sleep(0.001)
+
+
+class Status:
+    def __init__(self) -> None:
+        self.ready = asyncio.Event()
+
+    def started(self, value: Any = None) -> None:
+        self.ready.set()
+
+
+class Child:
+    """A controllable child. Commands go to the current incarnation: "crash" or "return"."""
+
+    def __init__(self, name: str, journal: list[str], *, ready_from_start: int = 1,
+                 crash_after_ready: bool = False, gate: asyncio.Event | None = None,
+                 restart: Restart = Restart.PERMANENT, start_timeout: float = 30.0,
+                 shutdown_timeout: float = 10.0) -> None:
+        self.name = name
+        self.journal = journal
+        self.ready_from_start = ready_from_start  # incarnations before this one never get ready
+        self.crash_after_ready = crash_after_ready
+        self.gate = gate
+        self.starts = 0
+        self.commands: asyncio.Queue[str] = asyncio.Queue()
+        self.spec = ChildSpec(name, self.run, restart, start_timeout, shutdown_timeout)
+
+    async def run(self, task_status: TaskStatus) -> None:
+        self.starts += 1
+        self.journal.append(f"start:{self.name}")
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.starts < self.ready_from_start:
+                await asyncio.Event().wait()  # never ready
+            task_status.started()
+            self.journal.append(f"ready:{self.name}")
+            if self.crash_after_ready:
+                raise Boom(self.name)
+            command = await self.commands.get()
+        except asyncio.CancelledError:
+            self.journal.append(f"stop:{self.name}")
+            await asyncio.sleep(0)  # cleanup that takes a turn of the loop
+            self.journal.append(f"stopped:{self.name}")
+            raise
+        if command == "crash":
+            raise Boom(self.name)
+
+
+async def started(sup: Supervisor) -> asyncio.Task[None]:
+    status = Status()
+    task = asyncio.create_task(sup.run(status))
+    ready = asyncio.create_task(status.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED, timeout=10)
+    ready.cancel()
+    if task.done():
+        task.result()
+    assert sup.ready
+    return task
+
+
+async def test_children_start_in_order_each_after_the_previous_is_ready() -> None:
+    journal: list[str] = []
+    gate = asyncio.Event()
+    a, b = Child("a", journal, gate=gate), Child("b", journal)
+    sup = Supervisor("root", [a.spec, b.spec])
+    status = Status()
+    run = asyncio.create_task(sup.run(status))
+    await wait_until(lambda: a.starts == 1)
+    await asyncio.sleep(0)
+    assert b.starts == 0 and not status.ready.is_set() and not sup.ready
+    gate.set()
+    await asyncio.wait_for(status.ready.wait(), 10)
+    assert journal == ["start:a", "ready:a", "start:b", "ready:b"]
+    await sup.stop()
+    await run
+
+
+async def test_start_timeout_counts_as_failure_and_the_child_is_retried() -> None:
+    journal: list[str] = []
+    slow = Child("slow", journal, ready_from_start=2, start_timeout=0.05)
+    with capture_logs() as logs:
+        sup = Supervisor("root", [slow.spec], max_restarts=3, backoff_base_s=0)
+        run = await started(sup)
+    assert slow.starts == 2 and sup.restarts_total == 1
+    assert journal[:3] == ["start:slow", "stop:slow", "stopped:slow"]  # cancelled on timeout
+    failed = [e for e in logs if e["event"] == "child_start_failed"]
+    assert len(failed) == 1 and "StartupTimeout" in failed[0]["error"]
+    await sup.stop()
+    await run
+
+
+async def test_child_never_ready_exhausts_budget_with_startup_timeout_cause() -> None:
+    never = Child("never", [], ready_from_start=10**6, start_timeout=0.02)
+    sup = Supervisor("root", [never.spec], max_restarts=1, backoff_base_s=0)
+    with pytest.raises(RestartIntensityExceeded) as info:
+        await sup.run()
+    assert isinstance(info.value.__cause__, StartupTimeout)
+    assert never.starts == 2
+    assert not sup.running
+
+
+async def test_crash_loop_exhausts_budget_stops_siblings_and_fails_upward() -> None:
+    journal: list[str] = []
+    steady = Child("steady", journal)
+    crasher = Child("crasher", journal, crash_after_ready=True)
+    sup = Supervisor("root", [steady.spec, crasher.spec], max_restarts=3, backoff_base_s=0)
+    with pytest.raises(RestartIntensityExceeded) as info:
+        await sup.run()
+    assert isinstance(info.value.__cause__, Boom)
+    assert crasher.starts == 4 and sup.restarts_total == 3
+    assert steady.starts == 1 and journal[-2:] == ["stop:steady", "stopped:steady"]
+
+
+async def test_nested_supervisor_crash_loop_fails_upward_through_the_root() -> None:
+    journal: list[str] = []
+    crasher = Child("crasher", journal, crash_after_ready=True)
+    sibling = Child("sibling", journal)
+    with capture_logs() as logs:
+        inner = Supervisor("inner", [crasher.spec], max_restarts=1, backoff_base_s=0)
+        outer = Supervisor("outer", [sibling.spec, ChildSpec("inner", inner.run)],
+                           max_restarts=1, backoff_base_s=0)
+        code = await run_root(outer)
+    assert code == 1
+    # inner: 1 start + 1 restart, twice (the outer restarted it once, then gave up).
+    assert crasher.starts == 4 and outer.restarts_total == 1
+    assert journal[-2:] == ["stop:sibling", "stopped:sibling"]
+    failed = [e for e in logs if e["event"] == "supervisor_failed"]
+    assert len(failed) == 1
+    assert failed[0]["supervisor"] == "outer" and failed[0]["log_level"] == "error"
+    assert "Boom('crasher')" in failed[0]["cause"]
+
+
+async def test_nested_failure_is_chained_from_the_inner_supervisor() -> None:
+    crasher = Child("crasher", [], crash_after_ready=True)
+    inner = Supervisor("inner", [crasher.spec], max_restarts=0)
+    outer = Supervisor("outer", [ChildSpec("inner", inner.run)], max_restarts=0)
+    with pytest.raises(RestartIntensityExceeded) as info:
+        await outer.run()
+    inner_error = info.value.__cause__
+    assert isinstance(inner_error, RestartIntensityExceeded) and "inner" in str(inner_error)
+    assert isinstance(inner_error.__cause__, Boom)
+
+
+async def test_restart_policies_permanent_transient_temporary() -> None:
+    journal: list[str] = []
+    perm = Child("perm", journal, restart=Restart.PERMANENT)
+    trans_ok = Child("trans_ok", journal, restart=Restart.TRANSIENT)
+    trans_err = Child("trans_err", journal, restart=Restart.TRANSIENT)
+    temp = Child("temp", journal, restart=Restart.TEMPORARY)
+    sup = Supervisor("root", [perm.spec, trans_ok.spec, trans_err.spec, temp.spec],
+                     max_restarts=10, backoff_base_s=0)
+    run = await started(sup)
+
+    perm.commands.put_nowait("return")  # permanent: restarted even after a normal exit
+    await wait_until(lambda: perm.starts == 2 and sup.child_running("perm"))
+
+    trans_ok.commands.put_nowait("return")  # transient, normal exit: done, not restarted
+    await wait_until(lambda: "trans_ok" not in sup.child_ids)
+    assert trans_ok.starts == 1
+
+    trans_err.commands.put_nowait("crash")  # transient, abnormal exit: restarted
+    await wait_until(lambda: trans_err.starts == 2 and sup.child_running("trans_err"))
+
+    temp.commands.put_nowait("crash")  # temporary: never restarted
+    await wait_until(lambda: "temp" not in sup.child_ids)
+    assert temp.starts == 1
+
+    assert sup.child_ids == ("perm", "trans_err") and sup.restarts_total == 2
+    await sup.stop()
+    await run
+
+
+async def test_one_for_one_restarts_only_the_failed_child() -> None:
+    journal: list[str] = []
+    a, b, c = (Child(n, journal) for n in "abc")
+    sup = Supervisor("root", [a.spec, b.spec, c.spec], Strategy.ONE_FOR_ONE, backoff_base_s=0)
+    run = await started(sup)
+    b.commands.put_nowait("crash")
+    await wait_until(lambda: b.starts == 2 and sup.child_running("b"))
+    assert (a.starts, c.starts) == (1, 1)
+    assert "stop:a" not in journal and "stop:c" not in journal
+    await sup.stop()
+    await run
+
+
+async def test_one_for_all_restarts_siblings_in_order_and_drops_temporary_ones() -> None:
+    journal: list[str] = []
+    a, b, c = (Child(n, journal) for n in "abc")
+    d = Child("d", journal, restart=Restart.TEMPORARY)
+    sup = Supervisor("root", [a.spec, b.spec, c.spec, d.spec], Strategy.ONE_FOR_ALL, backoff_base_s=0)
+    run = await started(sup)
+    journal.clear()
+    b.commands.put_nowait("crash")
+    await wait_until(lambda: c.starts == 2 and sup.ready and sup.child_running("c"))
+    assert journal == [
+        "stop:d", "stopped:d", "stop:c", "stopped:c", "stop:a", "stopped:a",  # reverse order
+        "start:a", "ready:a", "start:b", "ready:b", "start:c", "ready:c",  # then in order
+    ]
+    assert sup.child_ids == ("a", "b", "c") and d.starts == 1 and sup.restarts_total == 1
+    await sup.stop()
+    await run
+
+
+async def test_stop_stops_children_in_reverse_order_one_after_the_other() -> None:
+    journal: list[str] = []
+    children = [Child(n, journal) for n in "abc"]
+    sup = Supervisor("root", [ch.spec for ch in children])
+    run = await started(sup)
+    journal.clear()
+    await sup.stop()
+    assert journal == ["stop:c", "stopped:c", "stop:b", "stopped:b", "stop:a", "stopped:a"]
+    assert await run is None
+    assert not sup.running and not sup.ready
+    await sup.stop()  # idempotent
+
+
+async def test_stuck_child_is_abandoned_after_its_shutdown_timeout() -> None:
+    journal: list[str] = []
+    release = asyncio.Event()
+    finished = asyncio.Event()
+
+    async def stubborn(task_status: TaskStatus) -> None:
+        task_status.started()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await release.wait()  # cleanup that hangs
+            finished.set()
+
+    a = Child("a", journal)
+    with capture_logs() as logs:
+        sup = Supervisor("root", [a.spec, ChildSpec("stubborn", stubborn, shutdown_timeout=0.05)])
+        run = await started(sup)
+        await sup.stop()
+    assert journal[-2:] == ["stop:a", "stopped:a"]  # the stop went on past the stuck child
+    assert [e["child"] for e in logs if e["event"] == "child_shutdown_timeout"] == ["stubborn"]
+    release.set()
+    await asyncio.wait_for(finished.wait(), 10)
+    await run
+
+
+async def test_cancelling_run_stops_children_and_propagates_cancellation() -> None:
+    journal: list[str] = []
+    a, b = Child("a", journal), Child("b", journal)
+    sup = Supervisor("root", [a.spec, b.spec])
+    run = await started(sup)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert run.cancelled()
+    assert journal[-4:] == ["stop:b", "stopped:b", "stop:a", "stopped:a"]
+    assert not sup.running
+
+
+async def test_cancelled_during_startup_stops_the_child_being_started() -> None:
+    journal: list[str] = []
+    gate = asyncio.Event()
+    a, b = Child("a", journal), Child("b", journal, gate=gate)
+    sup = Supervisor("root", [a.spec, b.spec])
+    run = asyncio.create_task(sup.run())
+    await wait_until(lambda: b.starts == 1)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert set(journal[-4:]) == {"stop:b", "stopped:b", "stop:a", "stopped:a"}
+    assert journal[-2:] == ["stop:a", "stopped:a"]
+
+
+async def test_stop_during_backoff_does_not_wait_for_it() -> None:
+    crasher = Child("crasher", [], crash_after_ready=False)
+    sup = Supervisor("root", [crasher.spec], backoff_base_s=3600, backoff_max_s=3600)
+    run = await started(sup)
+    crasher.commands.put_nowait("crash")
+    await wait_until(lambda: sup.restarts_total == 1)  # now sleeping an hour before the restart
+    await asyncio.wait_for(sup.stop(), 10)
+    await run
+    assert crasher.starts == 1
+
+
+async def test_dynamic_children_start_restart_and_terminate() -> None:
+    journal: list[str] = []
+    base = Child("base", journal)
+    sup = Supervisor("root", [base.spec], backoff_base_s=0)
+    with pytest.raises(ActorError):
+        await sup.start_child(Child("early", journal).spec)  # not running yet
+    run = await started(sup)
+
+    worker = Child("worker-3", journal)
+    await sup.start_child(worker.spec)
+    assert journal[-1] == "ready:worker-3" and sup.child_ids == ("base", "worker-3")
+    with pytest.raises(ValueError):
+        await sup.start_child(Child("worker-3", journal).spec)
+
+    worker.commands.put_nowait("crash")  # dynamic children are supervised like static ones
+    await wait_until(lambda: worker.starts == 2 and sup.child_running("worker-3"))
+
+    await sup.terminate_child("worker-3")
+    assert journal[-2:] == ["stop:worker-3", "stopped:worker-3"]
+    assert sup.child_ids == ("base",) and worker.starts == 2
+    await sup.terminate_child("worker-3")  # unknown id: no-op
+
+    never = Child("never", journal, ready_from_start=10**6, start_timeout=0.02)
+    with pytest.raises(StartupTimeout):
+        await sup.start_child(never.spec)
+    assert sup.child_ids == ("base",) and sup.restarts_total == 1
+    await sup.stop()
+    await run
+    with pytest.raises(ActorError):
+        await sup.terminate_child("base")
+
+
+async def test_restart_budget_is_a_sliding_window() -> None:
+    now = [1000.0]
+    crasher = Child("crasher", [])
+    sup = Supervisor("root", [crasher.spec], max_restarts=2, window_s=10.0, backoff_base_s=0,
+                     clock=lambda: now[0])
+    run = await started(sup)
+
+    async def crash_and_wait_restart(n: int) -> None:
+        crasher.commands.put_nowait("crash")
+        await wait_until(lambda: crasher.starts == n and sup.child_running("crasher"))
+
+    await crash_and_wait_restart(2)  # restart 1 at t=1000
+    now[0] = 1005.0
+    await crash_and_wait_restart(3)  # restart 2 at t=1005: budget (2 in 10 s) now used up
+    now[0] = 1010.5  # the restart at t=1000 left the window
+    await crash_and_wait_restart(4)
+    crasher.commands.put_nowait("crash")  # third within 10 s (1005, 1010.5, now)
+    with pytest.raises(RestartIntensityExceeded):
+        await run
+    assert sup.restarts_total == 3
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    sup = Supervisor("s", [], backoff_base_s=0.1, backoff_max_s=1.0, seed=7)
+    delays = [sup.backoff_delay(attempt) for attempt in range(1, 11)]
+    for attempt, delay in enumerate(delays, start=1):
+        ceiling = min(1.0, 0.1 * 2 ** (attempt - 1))
+        assert ceiling / 2 <= delay <= ceiling
+    capped = delays[5:]
+    assert len(set(capped)) == len(capped)  # jitter: no two capped delays alike
+
+
+def test_duplicate_child_ids_are_rejected() -> None:
+    a = Child("a", [])
+    with pytest.raises(ValueError, match="duplicate"):
+        Supervisor("s", [a.spec, a.spec])
+
+
+async def test_started_twice_is_an_error_of_the_child() -> None:
+    async def twice(task_status: TaskStatus) -> None:
+        task_status.started()
+        task_status.started()
+
+    sup = Supervisor("s", [ChildSpec("twice", twice)], max_restarts=0)
+    with pytest.raises(RestartIntensityExceeded) as info:
+        await sup.run()
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+async def test_child_returning_before_ready_is_a_start_failure() -> None:
+    async def quits(task_status: TaskStatus) -> None:
+        return None
+
+    sup = Supervisor("s", [ChildSpec("quits", quits, Restart.TRANSIENT)], max_restarts=0)
+    with pytest.raises(RestartIntensityExceeded) as info:
+        await sup.run()
+    assert isinstance(info.value.__cause__, ActorError)
+
+
+async def test_run_root_returns_zero_after_a_clean_stop() -> None:
+    sup = Supervisor("root", [Child("a", []).spec])
+    status = Status()
+    root = asyncio.create_task(run_root(sup, status))
+    await asyncio.wait_for(status.ready.wait(), 10)
+    await sup.stop()
+    assert await root == 0
+
+
+async def test_caller_of_a_crashed_actor_gets_actor_died_and_the_restart_serves_again() -> None:
+    mailbox: Mailbox[Request[str, str]] = Mailbox(8, name="scorer")
+    incarnations = 0
+
+    async def scorer(task_status: TaskStatus) -> None:
+        nonlocal incarnations
+        incarnations += 1
+        task_status.started()
+        while True:
+            request = await mailbox.get()
+            if request.payload == "poison":
+                raise Boom("poison")
+            request.resolve(request.payload.upper())
+
+    sup = Supervisor("root", [actor_child("scorer", mailbox, scorer)], backoff_base_s=0)
+    run = await started(sup)
+    assert await ask(mailbox, "ok") == "OK"
+    with pytest.raises(ActorDied) as info:
+        await asyncio.wait_for(ask(mailbox, "poison"), 10)
+    assert isinstance(info.value.__cause__, Boom)
+    assert await asyncio.wait_for(ask(mailbox, "again"), 10) == "AGAIN"
+    assert incarnations == 2
+    await sup.stop()
+    await run
+
+
+async def test_callers_of_a_temporary_actor_that_died_fail_for_good() -> None:
+    mailbox: Mailbox[Request[str, str]] = Mailbox(8, name="once")
+    took = asyncio.Event()
+
+    async def once(task_status: TaskStatus) -> None:
+        task_status.started()
+        await mailbox.get()
+        took.set()
+        await asyncio.Event().wait()
+
+    sup = Supervisor("root", [actor_child("once", mailbox, once, restart=Restart.TEMPORARY)])
+    run = await started(sup)
+    first = asyncio.create_task(ask(mailbox, "a"))
+    await took.wait()
+    queued = asyncio.create_task(ask(mailbox, "b"))
+    await wait_until(lambda: mailbox.depth == 1)
+    await sup.terminate_child("once")
+    for call in (first, queued):
+        with pytest.raises(ActorDied):
+            await asyncio.wait_for(call, 10)
+    with pytest.raises(ActorDied):
+        await ask(mailbox, "c")
+    await sup.stop()
+    await run
