@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 
 from fraudactors.settings import Settings
-from loadgen.report import check_report, write_outputs
+from loadgen.report import build_report, check_report, write_outputs
 from loadgen.runner import LoadConfig, run_load
 from loadgen.schedule import make_profile
 
@@ -28,3 +28,21 @@ async def test_loadgen_against_a_responder_decides_everything(settings: Settings
     assert (tmp_path / "r.md").read_text().startswith("# Load report")
     for name in ("r-latency.png", "r-throughput.png", "r-distribution.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_a_late_engine_shows_as_latency_and_gaps_as_lost_and_duplicates(settings: Settings, responder) -> None:
+    """The responder holds every batch 300 ms, answers every 7th transaction twice and never
+    answers every 10th: latency counts from the scheduled send, and the report says so."""
+    config = LoadConfig(profile=make_profile("constant", 200, 1.5), drain_timeout_s=5, progress=False)
+    async with responder(settings, hold_s=0.3, duplicate_every=7, drop_every=10) as pipeline:
+        result = await run_load(settings, config)
+    report = build_report(result)
+    check_report(report)
+    assert pipeline.processed == 300
+    assert report["sent"] == 300
+    assert report["lost"] == 30  # every 10th never answered
+    assert report["decided"] == 270
+    assert report["duplicates"] == 42 - 4  # multiples of 7, minus those also multiples of 10
+    assert report["drained"] is False
+    assert report["latency_ms"]["min"] >= 290.0  # nothing can be faster than the hold
+    assert report["latency_ms"]["p50"] >= 290.0

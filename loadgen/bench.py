@@ -1,0 +1,73 @@
+"""``fraudactors bench drain|scaleout|pool``: benchmarks (not tests). They print numbers.
+
+Each starts its own embedded broker and Redis, is bounded in time, and prints a table; ``--json PATH``
+also writes the numbers. Nothing here asserts on a wall-clock time.
+
+- ``drain``: fill ``transactions`` with N records, start the engine, measure how fast it drains them
+  (its maximum throughput); then the null pipeline (consume -> decode -> encode -> produce -> commit,
+  no features, no model) on the same backlog and broker; print both rates and engine / null.
+- ``scaleout``: the same backlog drained by 1 and then by 2 engine processes in one consumer group.
+- ``pool``: ONNX inference through the engine's ProcessPool vs a session in a thread of this process,
+  for batches of 1, 32 and 256 rows: rows/s and per-call latency.
+
+Rates are measured from the moment every process of a trial is ready (partitions assigned) to the
+last decision read, over the decisions read in that window, so start-up is not counted. CPU is
+sampled from /proc for every process (engine with its inference workers, broker, Redis, this one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+HELP = "benchmarks (not tests): drain | scaleout | pool; print numbers (see docs/benchmarks.md)"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, text in (("drain", "engine drain rate on a backlog vs the null pipeline"),
+                       ("scaleout", "1 vs 2 engine processes in one group on the same backlog")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--records", type=int, default=100_000, metavar="N", help="backlog size (default 100000)")
+        p.add_argument("--partitions", type=int, default=None, help="partitions (default: topics.partitions)")
+        p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                       help="give up a trial after this long (default 300)")
+        p.add_argument("--config", default=None, metavar="PATH", help="TOML settings for the engine")
+        p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p = sub.add_parser("pool", help="ProcessPool vs thread for ONNX inference",
+                       description="ONNX inference through the ProcessPool vs a session in a thread")
+    p.add_argument("--rows", default="1,32,256", help="rows per call, comma-separated (default 1,32,256)")
+    p.add_argument("--calls", type=int, default=2000, help="calls per batch size and mode (default 2000)")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="calls in flight for the throughput run (default 8)")
+    p.add_argument("--config", default=None, metavar="PATH", help="TOML settings (models.dir, variants)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import orjson
+
+    from fraudactors.logging import configure_logging
+    from fraudactors.settings import load_settings
+
+    configure_logging("warning", "json", stream=sys.stderr)
+    settings = load_settings(args.config)
+    if args.bench == "pool":
+        from loadgen.bench_pool import pool_bench
+
+        result: dict[str, Any] = asyncio.run(pool_bench(settings, args.rows, args.calls, args.concurrency))
+    else:
+        from loadgen.bench_drain import drain_bench, scaleout_bench
+
+        if args.partitions:
+            settings = settings.replace(topics={"partitions": args.partitions})
+        fn = drain_bench if args.bench == "drain" else scaleout_bench
+        result = asyncio.run(fn(settings, args.records, args.timeout))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    return 0

@@ -1,0 +1,228 @@
+"""Backlog-drain and scale-out benchmarks (see :mod:`loadgen.bench`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka import TopicPartition
+
+from fraudactors.settings import Settings
+from loadgen.generator import make_source
+from loadgen.procs import Child, CpuMeter, engine_child, null_child
+
+
+def say(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    """nproc, CPU model, RAM, Python, commit: what a result was measured on."""
+    info: dict[str, Any] = {"nproc": os.cpu_count(), "python": platform.python_version(),
+                            "platform": platform.platform()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["ram_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    with contextlib.suppress(Exception):
+        import subprocess
+
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    info["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return info
+
+
+async def fill_backlog(settings: Settings, n: int, seed: int = 11) -> float:
+    """Produce ``n`` simulator transactions to ``topics.transactions``; returns the rate achieved."""
+    from fraudactors.services.kafka import make_producer
+
+    source = make_source(f"bench-{secrets.token_hex(3)}-", seed=seed)
+    producer = make_producer(settings, linger_ms=20, max_batch_size=1024 * 1024)
+    await producer.start()
+    t0 = time.perf_counter()
+    try:
+        done = 0
+        while done < n:
+            k = min(5000, n - done)
+            batch = source.take(k, np.zeros(k))
+            futures = [await producer.send(settings.topics.transactions, value=v, key=key)
+                       for key, v in zip(batch.keys, batch.values, strict=True)]
+            await asyncio.gather(*futures)
+            done += k
+    finally:
+        await producer.stop()
+    return n / (time.perf_counter() - t0)
+
+
+class OutputCounter:
+    """Counts the records on an output topic from its beginning, with the time each batch was read."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.count = 0
+        self.first_t: float | None = None
+        self.last_t: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> OutputCounter:
+        from fraudactors.services.kafka import make_consumer
+
+        self._consumer = make_consumer(self.settings, group_id=None, auto_offset_reset="earliest",
+                                       max_poll_records=50_000, fetch_max_wait_ms=50)
+        await self._consumer.start()
+        parts = self._consumer.partitions_for_topic(self.topic)
+        if not parts:
+            await self._consumer.topics()
+            parts = self._consumer.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=100, max_records=50_000)
+            n = sum(len(r) for r in batches.values())
+            if n:
+                now = time.perf_counter()
+                if self.first_t is None:
+                    self.first_t = now
+                self.last_t = now
+                self.count += n
+                self._changed.set()
+
+    async def wait_for(self, n: int, timeout_s: float, alive: Callable[[], bool]) -> bool:
+        deadline = time.perf_counter() + timeout_s
+        while self.count < n:
+            if self._task is not None and self._task.done():
+                self._task.result()
+            if not alive() or time.perf_counter() > deadline:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.5)
+        return True
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._consumer.stop()
+
+
+async def run_trial(name: str, settings: Settings, children: Sequence[Child], n: int, timeout_s: float,
+                    service_pids: dict[str, int | None]) -> dict[str, Any]:
+    """Start ``children`` (they drain the backlog into ``settings.topics.predictions``) and measure."""
+    from fraudactors.services.kafka import create_topics
+
+    await create_topics(settings)
+    async with OutputCounter(settings, settings.topics.predictions) as counter:
+        t_start = time.perf_counter()
+        try:
+            await asyncio.gather(*(c.start() for c in children))
+            t_ready = time.perf_counter()
+            at_ready = counter.count
+            meter = CpuMeter({**{c.name: c.pid for c in children}, **service_pids, "bench": os.getpid()})
+            meter.start()
+            complete = await counter.wait_for(n, timeout_s,
+                                              lambda: all(c.proc is not None and c.proc.returncode is None
+                                                          for c in children))
+            cpu = meter.stop()
+        finally:
+            codes = await asyncio.gather(*(c.stop() for c in children))
+    last = counter.last_t or t_ready
+    window = max(last - t_ready, 1e-9)
+    in_window = counter.count - at_ready
+    result = {
+        "trial": name, "processes": len(children), "records": n, "decided": counter.count, "complete": complete,
+        "startup_s": round(t_ready - t_start, 2), "decided_before_ready": at_ready,
+        "window_s": round(window, 3), "tps": round(in_window / window, 1),
+        "tps_incl_startup": round(counter.count / max(last - t_start, 1e-9), 1),
+        "cpu_cores": cpu, "exit_codes": list(codes),
+    }
+    say(f"  {name}: {result['tps']:,.0f} TPS over {result['window_s']:.1f} s "
+        f"({counter.count:,}/{n:,} decided{'' if complete else ', INCOMPLETE'}; "
+        f"cpu {', '.join(f'{k} {v:.2f}' for k, v in cpu.items())}; exit {list(codes)})")
+    return result
+
+
+def trial_settings(base: Settings, tag: str) -> Settings:
+    """The shared backlog topic; a private output topic, consumer group and Redis key prefix."""
+    return base.replace(
+        kafka={"group_id": f"bench-{tag}"},
+        topics={"predictions": f"{base.topics.predictions}-{tag}", "dlq": f"{base.topics.dlq}-{tag}"},
+        redis={"key_prefix": f"bench-{tag}:"},
+    )
+
+
+async def _with_backlog(settings: Settings, n: int, body: Callable[[Settings, dict[str, int | None], Path],
+                                                                      Any]) -> dict[str, Any]:
+    from fraudactors.services.kafka import create_topics
+    from fraudactors.services.stack import EmbeddedStack
+    from loadgen.models import ensure_models
+
+    info = machine()
+    say(f"machine: {info.get('cpu', '?')} x{info['nproc']}, {info.get('ram_gib', '?')} GiB, "
+        f"commit {info.get('commit')}, {info['date']}")
+    models_dir = ensure_models(settings)
+    settings = settings.replace(models={"dir": str(models_dir)})
+    async with EmbeddedStack(settings) as stack:
+        s = stack.settings
+        await create_topics(s)
+        say(f"filling {s.topics.transactions} with {n:,} transactions over {s.topics.partitions} partitions")
+        fill_tps = await fill_backlog(s, n)
+        say(f"  filled at {fill_tps:,.0f} records/s")
+        with tempfile.TemporaryDirectory(prefix="fraudactors-bench-") as tmp:
+            result: dict[str, Any] = await body(s, stack.pids, Path(tmp))
+    result["machine"] = info
+    result["records"] = n
+    result["partitions"] = settings.topics.partitions
+    return result
+
+
+async def drain_bench(settings: Settings, n: int, timeout_s: float) -> dict[str, Any]:
+    async def body(s: Settings, pids: dict[str, int | None], tmp: Path) -> dict[str, Any]:
+        se = trial_settings(s, "engine")
+        engine = await run_trial("engine", se, [engine_child(se, tmp, "engine")], n, timeout_s, pids)
+        sn = trial_settings(s, "null")
+        null = await run_trial("null", sn, [null_child(sn, tmp, "null")], n, timeout_s, pids)
+        ratio = engine["tps"] / null["tps"] if null["tps"] else 0.0
+        say(f"engine {engine['tps']:,.0f} TPS | null pipeline {null['tps']:,.0f} TPS | "
+            f"engine/null {ratio:.2f}")
+        return {"bench": "drain", "engine": engine, "null": null, "ratio": round(ratio, 3)}
+
+    return await _with_backlog(settings, n, body)
+
+
+async def scaleout_bench(settings: Settings, n: int, timeout_s: float) -> dict[str, Any]:
+    async def body(s: Settings, pids: dict[str, int | None], tmp: Path) -> dict[str, Any]:
+        s1 = trial_settings(s, "one")
+        one = await run_trial("1 engine", s1, [engine_child(s1, tmp, "one-0")], n, timeout_s, pids)
+        s2 = trial_settings(s, "two")
+        two = await run_trial("2 engines", s2, [engine_child(s2, tmp, "two-0"), engine_child(s2, tmp, "two-1")],
+                              n, timeout_s, pids)
+        speedup = two["tps"] / one["tps"] if one["tps"] else 0.0
+        say(f"1 engine {one['tps']:,.0f} TPS | 2 engines {two['tps']:,.0f} TPS | speed-up {speedup:.2f}x")
+        return {"bench": "scaleout", "one": one, "two": two, "speedup": round(speedup, 3)}
+
+    return await _with_backlog(settings, n, body)

@@ -1,0 +1,273 @@
+"""Child processes for the demo and the benchmarks: the engine (``fraudactors run``) and the null
+pipeline, configured from one :class:`Settings`, with readiness, CPU accounting and a clean stop.
+
+The child gets the parent's settings as a TOML file (``--config`` / ``FRAUDACTORS_CONFIG``) and none
+of the parent's ``FRAUDACTORS_*`` environment, so it runs with exactly what the parent computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from fraudactors.errors import FraudActorsError
+from fraudactors.services.process import _make_preexec
+from fraudactors.settings import Settings, as_dict
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class ChildFailed(FraudActorsError):
+    """A child process exited early or did not become ready in time."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def settings_toml(settings: Settings) -> str:
+    """The whole settings object as TOML that :func:`load_settings` reads back to equal settings."""
+    lines: list[str] = []
+
+    def table(name: str, data: Mapping[str, Any]) -> None:
+        scalars = {k: v for k, v in data.items() if not isinstance(v, Mapping)}
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        lines.append("")
+        for k, v in data.items():
+            if isinstance(v, Mapping):
+                table(f"{name}.{k}", v)
+
+    for section, data in as_dict(settings).items():
+        table(section, data)
+    return "\n".join(lines)
+
+
+def child_env(config_path: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDACTORS_")}
+    env["FRAUDACTORS_CONFIG"] = str(config_path)
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` in seconds (from /proc), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (via /proc/<pid>/task/*/children)."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+class CpuMeter:
+    """CPU used by named processes between :meth:`start` and :meth:`stop`; each name counts its
+    process and its descendants, except descendants that are named themselves (so the load
+    generator's own entry does not include the broker it started)."""
+
+    def __init__(self, pids: Mapping[str, int | None]) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid}
+        self._start: dict[str, float] = {}
+        self._t0 = 0.0
+        self.result: dict[str, float] = {}  # name -> cores used on average (1.0 = one full core)
+        self.wall_s = 0.0
+
+    def _sample(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        named = set(self.pids.values())
+        for name, pid in self.pids.items():
+            total = cpu_seconds(pid) or 0.0
+            stack = [pid]
+            while stack:
+                for kid in _children(stack.pop()):
+                    if kid not in named:
+                        total += cpu_seconds(kid) or 0.0
+                        stack.append(kid)
+            out[name] = total
+        return out
+
+    def start(self) -> None:
+        self._start = self._sample()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        end = self._sample()
+        self.wall_s = time.perf_counter() - self._t0
+        self.result = {name: round((end[name] - self._start.get(name, end[name])) / self.wall_s, 3)
+                       for name in end} if self.wall_s > 0 else {}
+        return self.result
+
+
+class Child:
+    """One child process: output to a log file, readiness by a log line or an HTTP 200, SIGTERM stop."""
+
+    def __init__(self, name: str, argv: Sequence[str], settings: Settings, workdir: Path,
+                 ready_line: bytes | None = None, ready_url: tuple[str, int, str] | None = None,
+                 extra_env: Mapping[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.workdir = workdir
+        self.config_path = workdir / f"{name}.toml"
+        self.log_path = workdir / f"{name}.log"
+        self.ready_line = ready_line
+        self.ready_url = ready_url
+        self.settings = settings
+        self.extra_env = dict(extra_env or {})
+        self.proc: asyncio.subprocess.Process | None = None
+        self._log: IO[bytes] | None = None
+        self.returncode: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def start(self, timeout_s: float = 90.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(settings_toml(self.settings), encoding="utf-8")
+        self._log = self.log_path.open("wb")  # closed in stop() / kill()
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=self._log, stderr=asyncio.subprocess.STDOUT,
+            env=child_env(self.config_path, self.extra_env), start_new_session=True,
+            # Killed by the kernel if we die, even by SIGKILL (same guard as the embedded services).
+            preexec_fn=_make_preexec(os.getpid()))
+        try:
+            await self._wait_ready(timeout_s)
+        except BaseException:
+            await asyncio.shield(self.kill())
+            raise
+
+    async def _wait_ready(self, timeout_s: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            while time.monotonic() < deadline:
+                if exited.done():
+                    raise ChildFailed(f"{self.name} exited with code {self.proc.returncode} before it was ready; "
+                                      f"last output: {self.tail()!r}")
+                if await self._is_ready():
+                    return
+                await asyncio.wait({exited}, timeout=0.1)
+            raise ChildFailed(f"{self.name} was not ready within {timeout_s:g} s; last output: {self.tail()!r}")
+        finally:
+            if not exited.done():
+                exited.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await exited
+
+    async def _is_ready(self) -> bool:
+        if self.ready_line is not None and self.ready_line in self.log_path.read_bytes():
+            return True
+        if self.ready_url is not None:
+            host, port, path = self.ready_url
+            return await http_status(host, port, path) == 200
+        return False
+
+    def tail(self, n: int = 600) -> str:
+        try:
+            return self.log_path.read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    async def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, wait up to ``timeout_s``, then SIGKILL. Returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout_s)
+            except TimeoutError:
+                await self.kill()
+        self.returncode = self.proc.returncode
+        self._close_log()
+        return self.returncode if self.returncode is not None else -1
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+        if self.proc is not None:
+            self.returncode = self.proc.returncode
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+async def http_status(host: str, port: int, path: str, timeout_s: float = 2.0) -> int | None:
+    """Status code of a plain HTTP GET, or None when nothing answers."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+        parts = line.split()
+        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def engine_child(settings: Settings, workdir: Path, name: str = "engine") -> Child:
+    """``fraudactors run`` on a free HTTP port; ready when /readyz answers 200."""
+    port = free_port()
+    settings = settings.replace(http={"host": "127.0.0.1", "port": port}, logging={"format": "json"})
+    return Child(name, [sys.executable, "-m", "fraudactors", "run"], settings, workdir,
+                 ready_url=("127.0.0.1", port, "/readyz"))
+
+
+def null_child(settings: Settings, workdir: Path, name: str = "null") -> Child:
+    return Child(name, [sys.executable, "-m", "loadgen.nullpipe"], settings, workdir, ready_line=b"null_ready")

@@ -1,0 +1,138 @@
+"""Matching decisions, latency from the scheduled time, the report's arithmetic and files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from loadgen.collector import DecisionCollector
+from loadgen.progress import Progress, format_line
+from loadgen.report import auc_score, build_report, check_report, format_table, write_outputs
+from loadgen.runner import LoadConfig, RunResult
+from loadgen.schedule import make_profile, scheduled_times
+
+PREFIX = "lg-test-"
+
+
+def decision(i: int, *, prob: float = 0.1, variant: str = "A", degraded: bool = False,
+             prefix: str = PREFIX) -> bytes:
+    return orjson.dumps({"transaction_id": f"{prefix}{i}", "user_id": "c-1", "is_fraud": prob >= 0.5,
+                         "fraud_probability": prob, "decision": "decline" if prob >= 0.5 else "approve",
+                         "variant": variant, "degraded": degraded})
+
+
+def make_result(collector: DecisionCollector, is_fraud: np.ndarray, sent: int, duration: float,
+                rate: float) -> RunResult:
+    profile = make_profile("constant", rate, duration)
+    sched = collector.scheduled_s
+    return RunResult(
+        config=LoadConfig(profile=profile, progress=False), run_id="test", prefix=PREFIX,
+        started_at="2026-11-28T00:00:00+00:00", scheduled_s=sched, sent_at_s=sched.copy(), is_fraud=is_fraud,
+        scenarios=["legit" if not f else "stolen_card" for f in is_fraud], collector=collector, sent=sent,
+        send_errors=0, send_end_s=duration, end_s=duration + 0.5, drained=True, dlq=3, labels_sent=0,
+        source_name="test")
+
+
+def test_latency_counts_from_the_scheduled_send_time() -> None:
+    sched = np.array([0.0, 0.5, 1.0])
+    c = DecisionCollector(PREFIX, sched, start=100.0)
+    # read at run time 2.0 s: the decisions are 2.0, 1.5 and 1.0 s late, however fast the send was
+    c.feed([decision(0), decision(1), decision(2)], now=102.0)
+    np.testing.assert_allclose(c.matches.latency_ms, [2000.0, 1500.0, 1000.0])
+    assert c.histogram.get_max_value() == pytest.approx(2_000_000, rel=1e-3)  # microseconds
+    assert c.histogram.get_min_value() == pytest.approx(1_000_000, rel=1e-3)
+
+
+def test_duplicates_foreign_and_malformed_decisions_are_counted_apart() -> None:
+    sched = np.zeros(4)
+    c = DecisionCollector(PREFIX, sched, start=0.0)
+    c.feed([decision(0), decision(1), decision(0), decision(0), decision(9, prefix="other-"),
+            decision(17), b"not json", b'{"no": "id"}'], now=1.0)
+    assert c.distinct == 2
+    assert c.duplicates == 2
+    assert c.foreign == 2  # another run's id, and an index past the run's end
+    assert c.malformed == 2
+    assert c.matches.counts.tolist() == [3, 1, 0, 0]
+
+
+def test_report_arithmetic_lost_duplicates_accuracy_variants() -> None:
+    n = 10
+    sched = np.arange(n) / 10.0
+    c = DecisionCollector(PREFIX, sched, start=0.0)
+    is_fraud = np.array([True, True, False, False, False, False, False, False, False, False])
+    # 0: fraud caught; 1: fraud missed; 2: false positive; 3..7 fine; 8, 9 never decided; 3 twice
+    values = [decision(0, prob=0.9, variant="B"), decision(1, prob=0.2), decision(2, prob=0.7),
+              *[decision(i, prob=0.05, degraded=(i == 4)) for i in range(3, 8)], decision(3, prob=0.05)]
+    c.feed(values, now=1.5)
+    report = build_report(make_result(c, is_fraud, n, 1.0, 10))
+    check_report(report)
+    assert report["sent"] == 10
+    assert report["decided"] == 8
+    assert report["lost"] == 2
+    assert report["duplicates"] == 1
+    assert report["dlq"] == 3
+    assert report["variants"] == {"A": 7, "B": 1}
+    assert report["degraded"] == 1
+    acc = report["accuracy"]
+    assert acc["detection_rate"] == pytest.approx(0.5)
+    assert acc["false_positive_rate"] == pytest.approx(1 / 6, abs=1e-6)
+    # scores: frauds 0.9, 0.2; legit 0.7, 0.05 x5 -> pairs won: 0.9 beats all 6, 0.2 beats 5 of 6
+    assert acc["auc"] == pytest.approx(11 / 12, abs=1e-6)
+    assert report["latency_ms"]["max"] == pytest.approx(1500.0, rel=1e-3)
+    assert report["achieved_tps"] == pytest.approx(8 / 1.5, abs=0.05)
+    assert report["fraud_by_scenario"] == {"stolen_card": {"sent": 2, "flagged": 1}}
+    assert "lost" in format_table(report)
+
+
+def test_check_report_rejects_bad_arithmetic() -> None:
+    c = DecisionCollector(PREFIX, np.zeros(2), start=0.0)
+    report = build_report(make_result(c, np.zeros(2, dtype=bool), 2, 1.0, 2))
+    check_report(report)
+    report["lost"] = 0
+    with pytest.raises(ValueError, match="lost"):
+        check_report(report)
+
+
+def test_auc_handles_ties_and_single_classes() -> None:
+    assert auc_score(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert auc_score(np.array([1, 0, 0]), np.array([0.9, 0.1, 0.2])) == pytest.approx(1.0)
+    assert auc_score(np.array([0, 0]), np.array([0.1, 0.2])) is None
+
+
+def test_outputs_json_markdown_and_png_charts(tmp_path: Path) -> None:
+    profile = make_profile("constant", 200, 3.0)
+    sched = scheduled_times(profile)
+    c = DecisionCollector(PREFIX, sched, start=0.0)
+    for s in range(4):
+        c.feed([decision(i, prob=(0.9 if i % 50 == 0 else 0.01)) for i in range(s * 200, min((s + 1) * 200, 600))],
+               now=s + 0.9)
+    result = make_result(c, np.arange(600) % 50 == 0, 600, 3.0, 200)
+    report = write_outputs(result, tmp_path / "out" / "run.json")
+    on_disk = orjson.loads((tmp_path / "out" / "run.json").read_bytes())
+    check_report(on_disk)
+    assert on_disk["decided"] == 600 and on_disk["lost"] == 0
+    md = (tmp_path / "out" / "run.md").read_text()
+    assert "| lost | 0 |" in md and "run-latency.png" in md
+    for path in report["charts"]:
+        data = Path(path).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_progress_refreshes_one_line_on_a_terminal_and_prints_lines_otherwise() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, plain = Tty(), io.StringIO()
+    for stream in (tty, plain):
+        p = Progress(stream)
+        p.update(format_line("send", 1.0, 10, 1000, 990, 1000, 950, 4.2))
+        p.update(format_line("send", 2.0, 10, 1000, 1010, 2000, 1990, None))
+        p.finish()
+    assert tty.getvalue().count("\r") == 2 and tty.getvalue().endswith("\n")
+    assert plain.getvalue().count("\n") == 2 and "\r" not in plain.getvalue()
+    assert "p99(window) 4.2ms" in plain.getvalue()
