@@ -4,13 +4,16 @@ docs/operations.md — and, when installed, against hadolint and the Kubernetes 
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
 from collections.abc import Iterator, Mapping
 from functools import cache
@@ -482,6 +485,50 @@ def test_dockerfile_is_multistage_slim_nonroot_and_healthchecked() -> None:
     (healthcheck,) = dockerfile_args("HEALTHCHECK")
     assert "/healthz" in healthcheck and "urllib" in healthcheck and "curl" not in healthcheck
     assert any("pip install" in run and " ." in run for run in dockerfile_args("RUN"))
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(self.status if self.path == "/healthz" else 404)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_image_healthcheck_passes_on_200_and_fails_on_503() -> None:
+    (healthcheck,) = dockerfile_args("HEALTHCHECK")
+    command = json.loads(healthcheck[healthcheck.index("CMD") + 3:])
+    assert command[:2] == ["python", "-c"]
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    env = {"PATH": os.environ.get("PATH", ""), ENV_PREFIX + "CONFIG": str(ROOT / "config" / "fraudactors.toml"),
+           "FRAUDACTORS_HTTP__PORT": str(server.server_address[1])}
+    try:
+        ok = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=60, check=False)
+        assert ok.returncode == 0, ok.stderr
+        _Health.status = 503
+        failing = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=60,
+                                 check=False)
+        assert failing.returncode != 0
+    finally:
+        _Health.status = 200
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_image_build_step_verifies_every_configured_model() -> None:
+    from fraudactors.modeling import registry
+
+    (verify,) = [run for run in dockerfile_args("RUN") if "load_model_info" in run]
+    code = shlex.split(verify)[2]
+    compile(code, "Dockerfile RUN", "exec")
+    assert hasattr(registry, "load_model_info")
+    assert "s.models.variants.values()" in code and "s.models.dir" in code
 
 
 def dockerignore_excludes(path: str) -> bool:
