@@ -1,0 +1,200 @@
+"""The feature definition on small hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from fraudactors.features.definition import (
+    FEATURE_INDEX,
+    FEATURE_NAMES,
+    MAX_EVENTS,
+    MAX_SEEN_MERCHANTS,
+    MERCHANT_RATE_PRIOR,
+    NO_PREVIOUS_TX,
+    MerchantState,
+    UserState,
+    count_merchant_fraud,
+    count_merchant_tx,
+    features_of,
+    transaction_only_features,
+    transition,
+)
+from fraudactors.features.schema import Transaction, format_timestamp
+
+T0 = 1795899600.0  # 2026-11-28T21:00:00Z, a Saturday
+H = 3600.0
+D = 86400.0
+
+
+def txn(t: float, amount: float = 10.0, *, user: str = "u", merchant: str = "m", category: str = "grocery",
+        international: bool = False, tid: str = "t") -> Transaction:
+    return Transaction(tid, user, merchant, amount, "USD", category, international, t, format_timestamp(t))
+
+
+def f(vec: list[float], name: str) -> float:
+    return vec[FEATURE_INDEX[name]]
+
+
+def run(events: list[Transaction], state: UserState | None = None,
+        merchant: MerchantState | None = None) -> tuple[list[list[float]], UserState]:
+    rows = []
+    for e in events:
+        vec, state = transition(state, merchant, e)
+        if merchant is not None:
+            count_merchant_tx(merchant, e.event_time)
+        rows.append(vec)
+    assert state is not None
+    return rows, state
+
+
+def test_feature_names_are_unique_and_vector_matches() -> None:
+    assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
+    vec, _ = transition(None, None, txn(T0))
+    assert len(vec) == len(FEATURE_NAMES)
+    assert all(isinstance(v, float) for v in vec)
+
+
+def test_transaction_only_block() -> None:
+    vec = transaction_only_features(txn(T0 + 2 * H + 5, 99.0, international=True))  # 23:00:05 Saturday
+    assert f(vec, "amount") == 99.0
+    assert f(vec, "log_amount") == pytest.approx(math.log1p(99.0))
+    assert f(vec, "is_international") == 1.0
+    assert f(vec, "hour_of_day") == 23.0
+    assert f(vec, "day_of_week") == 5.0  # Monday = 0
+    assert f(vec, "is_night") == 0.0
+    assert f(transaction_only_features(txn(T0 + 4 * H)), "is_night") == 1.0  # 01:00 Sunday
+    assert f(transaction_only_features(txn(T0 + 4 * H)), "day_of_week") == 6.0
+
+
+def test_first_transaction_equals_degraded_vector() -> None:
+    e = txn(T0, 42.0, international=True)
+    first, _ = transition(None, None, e)
+    assert first == transaction_only_features(e)
+    assert f(first, "tx_count_30d") == 0.0
+    assert f(first, "seconds_since_last_tx") == NO_PREVIOUS_TX
+    assert f(first, "amount_to_avg_30d") == 1.0 and f(first, "amount_zscore_30d") == 0.0
+    assert f(first, "is_new_merchant") == 1.0 and f(first, "is_new_category") == 1.0
+    assert f(first, "is_new_country") == 1.0 and f(first, "intl_changed") == 0.0
+    assert f(first, "merchant_fraud_rate_30d") == 0.0
+    # the state was applied anyway
+    assert transition(None, None, replace(e, is_international=False))[0] == transaction_only_features(
+        replace(e, is_international=False))
+
+
+def test_window_boundaries_are_half_open() -> None:
+    # earlier events at exactly t-1h (excluded from 1h), just inside 1h, 23h59 ago, 7d ago, 29d ago
+    t = T0 + 40 * D
+    history = [t - 29 * D, t - 7 * D, t - (24 * H - 1), t - H, t - H + 0.001]
+    amounts = [1.0, 2.0, 4.0, 8.0, 16.0]
+    events = [txn(ts, a) for ts, a in zip(history, amounts, strict=True)]
+    rows, state = run([*events, txn(t, 100.0)])
+    vec = rows[-1]
+    assert f(vec, "tx_count_10m") == 0.0
+    assert f(vec, "tx_count_1h") == 1.0 and f(vec, "amount_sum_1h") == 16.0
+    assert f(vec, "tx_count_24h") == 3.0 and f(vec, "amount_sum_24h") == 28.0
+    assert f(vec, "tx_count_7d") == 3.0  # exactly 7 days ago is out of (t-7d, t]
+    assert f(vec, "tx_count_30d") == 5.0 and f(vec, "amount_sum_30d") == 31.0
+    avg = 31.0 / 5
+    std = math.sqrt(sum(a * a for a in amounts) / 5 - avg * avg)
+    assert f(vec, "amount_avg_30d") == pytest.approx(avg)
+    assert f(vec, "amount_std_30d") == pytest.approx(std)
+    assert f(vec, "amount_to_avg_30d") == pytest.approx(100.0 / avg)
+    assert f(vec, "amount_zscore_30d") == pytest.approx((100.0 - avg) / std)
+    assert f(vec, "seconds_since_last_tx") == pytest.approx(H - 0.001)
+    # the current transaction is not in its own windows but is in the state
+    assert state.times[-1] == t and len(state.times) == 6
+
+
+def test_zscore_uses_a_std_floor() -> None:
+    rows, _ = run([txn(T0, 50.0), txn(T0 + 60, 50.0), txn(T0 + 120, 80.0)])
+    assert f(rows[-1], "amount_std_30d") == 0.0
+    assert f(rows[-1], "amount_zscore_30d") == pytest.approx(30.0)  # (80-50)/max(0, 1)
+
+
+def test_history_is_pruned_to_30_days_and_capped() -> None:
+    _, state = run([txn(T0, 1.0), txn(T0 + 30 * D, 2.0)])
+    assert state.times == [T0 + 30 * D]  # exactly 30 days older than the newest: out
+    events = [txn(T0 + i, 1.0) for i in range(MAX_EVENTS + 40)]
+    rows, state = run(events)
+    assert len(state.times) == MAX_EVENTS and state.times[0] == T0 + 40
+    assert f(rows[-1], "tx_count_30d") == MAX_EVENTS  # saturates at the cap (offline too)
+
+
+def test_new_merchant_category_country_flags() -> None:
+    rows, _ = run([
+        txn(T0, merchant="a", category="food"),
+        txn(T0 + 1, merchant="a", category="food"),
+        txn(T0 + 2, merchant="b", category="food"),
+        txn(T0 + 3, merchant="c", category="travel", international=True),
+        txn(T0 + 4, merchant="c", category="travel", international=True),
+        txn(T0 + 5, merchant="a", category="food"),
+    ])
+    assert [f(r, "is_new_merchant") for r in rows] == [1, 0, 1, 1, 0, 0]
+    assert [f(r, "is_new_category") for r in rows] == [1, 0, 0, 1, 0, 0]
+    assert [f(r, "is_new_country") for r in rows] == [0, 0, 0, 1, 0, 0]
+    assert [f(r, "intl_changed") for r in rows] == [0, 0, 0, 1, 0, 1]
+
+
+def test_seen_merchants_are_a_bounded_lru() -> None:
+    events = [txn(T0 + i, merchant=f"m{i}") for i in range(MAX_SEEN_MERCHANTS)]
+    events.append(txn(T0 + 100, merchant="m0"))  # refresh m0: m1 is now the oldest
+    events.append(txn(T0 + 101, merchant="new"))  # evicts m1
+    _, state = run(events)
+    assert len(state.merchants) == MAX_SEEN_MERCHANTS
+    assert "m0" in state.merchants and "m1" not in state.merchants
+    assert f(features_of(state, None, txn(T0 + 200, merchant="m1")), "is_new_merchant") == 1.0
+    assert f(features_of(state, None, txn(T0 + 200, merchant="m0")), "is_new_merchant") == 0.0
+
+
+def test_out_of_order_event_only_sees_its_past() -> None:
+    _, state = run([txn(T0, 1.0), txn(T0 + 2 * H, 2.0)])
+    late, state = transition(state, None, txn(T0 + H, 4.0))
+    assert f(late, "tx_count_24h") == 1.0 and f(late, "amount_sum_24h") == 1.0
+    assert f(late, "seconds_since_last_tx") == H
+    assert state.times == [T0, T0 + H, T0 + 2 * H] and state.amounts == [1.0, 4.0, 2.0]
+    nxt, _ = transition(state, None, txn(T0 + 2 * H + 10, 8.0))
+    assert f(nxt, "tx_count_1h") == 1.0 and f(nxt, "amount_sum_1h") == 2.0
+    assert f(nxt, "tx_count_24h") == 3.0 and f(nxt, "amount_sum_24h") == 7.0
+
+
+def test_merchant_counts_use_event_hour_and_day_buckets() -> None:
+    m = MerchantState()
+    day0 = (T0 // D) * D
+    for t in [day0 - 31 * D, day0 - 29 * D, day0 - 6 * D, day0 - H, day0 + 5, day0 + H, day0 + H + 5]:
+        count_merchant_tx(m, t)
+    vec = features_of(None, m, txn(day0 + H + 10))  # hour 1 of day D
+    assert f(vec, "merchant_tx_count_24h") == 4.0  # hours [H-23, H]: day0-1h, day0+5, two in hour 1
+    assert f(vec, "merchant_tx_count_7d") == 5.0  # days [D-6, D]
+    assert f(vec, "merchant_tx_count_30d") == 6.0  # days [D-29, D]: day D-31 is out
+
+
+def test_fraud_labels_count_from_the_hour_after_they_are_reported() -> None:
+    day0 = (T0 // D) * D
+    t = day0 + 10 * H + 30 * 60  # 10:30 on day D
+    m = MerchantState()
+    count_merchant_fraud(m, t - 30 * 60 - 1)  # 09:59:59 today: counts
+    count_merchant_fraud(m, t - 60)  # 10:29 today, same hour: not yet
+    count_merchant_fraud(m, t + 60)  # after the transaction: never
+    count_merchant_fraud(m, day0 - 1)  # yesterday: counts
+    count_merchant_fraud(m, day0 - 7 * D + 5)  # day D-7: in 7d
+    count_merchant_fraud(m, day0 - 8 * D + 5)  # day D-8: only in 30d
+    count_merchant_fraud(m, day0 - 31 * D + 5)  # out of both
+    for _ in range(10):
+        count_merchant_tx(m, day0 - D)
+    vec = features_of(None, m, txn(t))
+    assert f(vec, "merchant_fraud_count_7d") == 3.0
+    assert f(vec, "merchant_fraud_count_30d") == 4.0
+    assert f(vec, "merchant_fraud_rate_7d") == pytest.approx(3.0 / (10 + MERCHANT_RATE_PRIOR))
+    assert f(vec, "merchant_fraud_rate_30d") == pytest.approx(4.0 / (10 + MERCHANT_RATE_PRIOR))
+    # an hour later (11:30) the 10:29 and 10:31 labels count too
+    assert f(features_of(None, m, txn(t + H)), "merchant_fraud_count_7d") == 5.0
+
+
+def test_state_dependent_features_are_deterministic() -> None:
+    events = [txn(T0 + i * 137.0, 5.0 + i, merchant=f"m{i % 3}") for i in range(50)]
+    rows_a, _ = run(events, merchant=MerchantState())
+    rows_b, _ = run(events, merchant=MerchantState())
+    assert rows_a == rows_b
