@@ -3,27 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
 HELP = "open-loop load at a scheduled arrival rate against a running engine; measures end-to-end latency"
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0: {text!r}")
+    return value
+
+
 def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration: float, report: str | None) -> None:
     """The options shared by ``loadgen`` and ``demo``."""
-    parser.add_argument("--rate", type=float, default=rate, metavar="TPS",
+    parser.add_argument("--rate", type=positive_float, default=rate, metavar="TPS",
                         help=f"arrival rate in transactions per second (start rate for step/ramp; default {rate:g})")
-    parser.add_argument("--duration", type=float, default=duration, metavar="S",
+    parser.add_argument("--duration", type=positive_float, default=duration, metavar="S",
                         help=f"how long to send, seconds (default {duration:g})")
     parser.add_argument("--report", default=report, metavar="PATH",
                         help="write the report JSON here, the Markdown next to it (.md) and PNG charts "
                              + (f"(default {report})" if report else "(default: no files, summary only)"))
     parser.add_argument("--profile", choices=("constant", "step", "ramp"), default="constant",
                         help="arrival-rate profile (default constant)")
-    parser.add_argument("--rate-to", type=float, default=None, metavar="TPS",
+    parser.add_argument("--rate-to", type=positive_float, default=None, metavar="TPS",
                         help="final rate for step/ramp (default: --rate)")
     parser.add_argument("--steps", type=int, default=4, help="number of steps for --profile step (default 4)")
-    parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+    parser.add_argument("--drain-timeout", type=positive_float, default=30.0, metavar="S",
                         help="after sending, wait at most this long for outstanding decisions (default 30)")
     parser.add_argument("--event-time", choices=("sim", "send"), default="sim",
                         help="sim: keep the simulator's event times (accuracy is meaningful; default); "
