@@ -54,6 +54,7 @@ def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "heartbeat_interval_ms": k.heartbeat_interval_ms,
         "max_poll_interval_ms": k.max_poll_interval_ms,
         "max_poll_records": k.fetch_max_records,
+        "fetch_max_wait_ms": k.fetch_max_wait_ms,
         "request_timeout_ms": max(k.request_timeout_ms, k.session_timeout_ms + 5000),
     }
     if k.group_instance_id:
