@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name is not None and module_name.startswith(exc.name):
                 continue  # not built yet
             raise
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        # argparse %-formats help strings: a literal "%" in a HELP line must not break --help.
+        command = sub.add_parser(name, help=module.HELP.replace("%", "%%"), description=module.HELP)
         module.configure_parser(command)
         command.set_defaults(_main=module.main)
     return parser
