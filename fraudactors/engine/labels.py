@@ -144,10 +144,10 @@ class LabelConsumer:
         # Labels are not on the decision path and not part of readiness: report started at once
         # and join the group in the background (a group join costs seconds on some brokers).
         task_status.started()
-        await consumer.start()
         errors = _redis_errors()
         retry_s = settings.redis.retry_interval_ms / 1000.0
         try:
+            await consumer.start()
             while True:
                 data = await consumer.getmany(timeout_ms=500, max_records=1000)
                 if not data:
