@@ -52,7 +52,11 @@ class Matches:
 
 
 class DecisionCollector:
-    """Feeds decision records into :class:`Matches` and two HDR histograms (whole run + window)."""
+    """Feeds decision records into :class:`Matches`; the HDR histogram is built once the run is over.
+
+    The hot path (during the run, sharing the CPU with the engine) only parses and stores: latency
+    goes into a numpy array, and :meth:`histogram` records them all afterwards.
+    """
 
     def __init__(self, prefix: str, scheduled_s: np.ndarray, start: float) -> None:
         self.prefix = prefix
@@ -60,14 +64,16 @@ class DecisionCollector:
         self.scheduled_s = scheduled_s
         self.start = start  # time.perf_counter() of the run's t=0
         self.matches = Matches(len(scheduled_s))
-        self.histogram = new_histogram()
-        self.window = new_histogram()  # reset by the progress display
         self.distinct = 0
         self.records = 0
         self.duplicates = 0
         self.foreign = 0
         self.malformed = 0
         self.other_variants: dict[str, int] = {}
+        # latencies (s) since the progress display last looked (kept only while someone looks)
+        self.track_window = True
+        self._window: list[float] = []
+        self._histogram: HdrHistogram | None = None
 
     def feed(self, values: list[bytes | None], now: float | None = None) -> None:
         """Match a batch of decision values read at ``now`` (perf_counter; default: the current time)."""
@@ -76,12 +82,14 @@ class DecisionCollector:
         t_read = now - self.start
         m = self.matches
         plen, prefix, sched = self._plen, self.prefix, self.scheduled_s
-        hist, window = self.histogram, self.window
+        counts, latency_ms, decided_at = m.counts, m.latency_ms, m.decided_at_s
+        window = self._window if self.track_window else None
         total = m.total
+        loads, variant_codes = orjson.loads, VARIANT_CODES
         for value in values:
             self.records += 1
             try:
-                d = orjson.loads(value) if value is not None else None
+                d = loads(value) if value is not None else None
             except orjson.JSONDecodeError:
                 d = None
             if not isinstance(d, dict) or "transaction_id" not in d:
@@ -99,32 +107,49 @@ class DecisionCollector:
             if not 0 <= i < total:
                 self.foreign += 1
                 continue
-            c = m.counts[i]
-            m.counts[i] = c + 1
+            c = counts[i]
+            counts[i] = c + 1
             if c:
                 self.duplicates += 1
                 continue
             self.distinct += 1
             latency_s = t_read - sched[i]
-            m.latency_ms[i] = latency_s * 1000.0
-            m.decided_at_s[i] = t_read
-            us = max(int(latency_s * 1e6), HIST_MIN_US)
-            hist.record_value(us)
-            window.record_value(us)
+            latency_ms[i] = latency_s * 1000.0
+            decided_at[i] = t_read
+            if window is not None:
+                window.append(latency_s)
             prob = d.get("fraud_probability")
             if isinstance(prob, int | float):
                 m.probability[i] = prob
-            m.flagged[i] = d.get("is_fraud") is True
+            if d.get("is_fraud") is True:
+                m.flagged[i] = True
             variant = d.get("variant")
-            code = VARIANT_CODES.get(variant, 0) if isinstance(variant, str) else 0
-            m.variant[i] = code
-            if code == 0:
+            code = variant_codes.get(variant, 0) if isinstance(variant, str) else 0
+            if code:
+                m.variant[i] = code
+            else:
                 key = str(variant)
                 self.other_variants[key] = self.other_variants.get(key, 0) + 1
             if d.get("degraded") is True:
                 m.degraded[i] = True
+        self._histogram = None
 
-    def reset_window(self) -> HdrHistogram:
-        """Swap in a fresh window histogram and return the old one."""
-        old, self.window = self.window, new_histogram()
-        return old
+    def window_p99_ms(self) -> float | None:
+        """p99 latency of the decisions matched since the last call (for the progress line)."""
+        window, self._window = self._window, []
+        if not window:
+            return None
+        return float(np.percentile(np.asarray(window), 99.0)) * 1000.0
+
+    @property
+    def histogram(self) -> HdrHistogram:
+        """Every first decision's latency in microseconds (HDR, 3 significant digits)."""
+        if self._histogram is None:
+            h = new_histogram()
+            lat = self.matches.latency_ms
+            us = np.maximum((lat[np.isfinite(lat)] * 1000.0).astype(np.int64), HIST_MIN_US)
+            values, counts = np.unique(us, return_counts=True)
+            for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+                h.record_value(min(value, HIST_MAX_US), count)
+            self._histogram = h
+        return self._histogram

@@ -88,7 +88,7 @@ class SimSource:
                     label["labeled_at"] = iso(self._last_send_time)
                 labels.append(PendingLabel(self._next + k - 1, str(label["user_id"]).encode(), dumps(label)))
                 continue
-            txn = ev.txn  # a fresh dict per event: ours to rewrite
+            txn = dict(ev.txn)  # the simulator still reads its own (for the label it emits later)
             txn["transaction_id"] = f"{prefix}{self._next + k}"
             if restamp:
                 self._last_send_time = times[k]

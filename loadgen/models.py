@@ -37,8 +37,8 @@ def ensure_models(settings: Settings, say: Callable[[str], None] = print, train_
     say(f"no models for {', '.join(sorted(versions))} in {target}: training them "
         "(fraudactors train --synthetic; takes a while)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDACTORS_")}
-    env["FRAUDACTORS_MODELS__DIR"] = str(target)
-    proc = subprocess.run([sys.executable, "-m", "fraudactors", "train", "--synthetic"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "fraudactors", "train", "--synthetic", "--out", str(target),
+                           "--quiet"], env=env,
                           capture_output=True, text=True, timeout=train_timeout_s, check=False)
     if proc.returncode != 0 or not _complete(target, versions):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -33,6 +33,7 @@ class NullOptions:
     duplicate_every: int = 0
     drop_every: int = 0
     fetch_max_records: int = 5000
+    fetch_max_wait_ms: int = 10
 
 
 class NullPipeline:
@@ -53,7 +54,8 @@ class NullPipeline:
         s, o = self.settings, self.options
         out_topic = o.output_topic or s.topics.predictions
         consumer = make_consumer(s, s.topics.transactions, group_id=o.group_id or f"{s.kafka.group_id}-null",
-                                 auto_offset_reset="earliest", max_poll_records=o.fetch_max_records)
+                                 auto_offset_reset="earliest", max_poll_records=o.fetch_max_records,
+                                 fetch_max_wait_ms=o.fetch_max_wait_ms)
         producer = make_producer(s)
         await consumer.start()
         try:
