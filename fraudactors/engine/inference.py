@@ -125,7 +125,7 @@ class InferenceActor:
         versions = self.router.versions
         await asyncio.to_thread(self._load_thresholds)
         if engine.inference_mode == "process":
-            from fraudactors.actors import ProcessPool
+            from fraudactors.actors.pool import ProcessPool
 
             pool = ProcessPool(engine.inference_workers, init_scorer, (models_dir, versions),
                                max_inflight=engine.max_inflight_batches,

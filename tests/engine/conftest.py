@@ -57,7 +57,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _inference_mode() -> str:
     try:
-        from fraudactors.actors import ProcessPool  # noqa: F401
+        from fraudactors.actors.pool import ProcessPool  # noqa: F401
     except ImportError:
         return "thread"
     return "process"

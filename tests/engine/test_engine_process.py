@@ -1,0 +1,144 @@
+"""``fraudactors run`` as a real process: SIGKILL, SIGTERM, and two replicas sharing a group."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+
+import orjson
+from engine_helpers import EngineProcess, engine_env, produce, reading, transactions, wait_committed
+
+from fraudactors.settings import Settings
+
+
+async def _get(port: int, path: str) -> tuple[int, dict]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), orjson.loads(body)
+
+
+async def _feed(settings: Settings, txns: list[tuple[bytes, bytes, str]], chunk: int = 250) -> dict[int, int]:
+    """Produce in chunks (traffic keeps arriving while the test does things to the engine)."""
+    ends: dict[int, int] = {}
+    for i in range(0, len(txns), chunk):
+        part = await produce(settings, [(k, v) for k, v, _ in txns[i:i + chunk]])
+        for p, end in part.items():
+            ends[p] = max(ends.get(p, 0), end)
+        await asyncio.sleep(0.02)  # pace the load: the engine is meant to be mid-stream
+    return ends
+
+
+def _ids(reader: object) -> Counter[str]:
+    return Counter(orjson.loads(r.value)["transaction_id"] for r in reader.records)  # type: ignore[attr-defined]
+
+
+async def test_sigkill_mid_stream_then_restart_decides_every_transaction(engine_settings: Settings) -> None:
+    s = engine_settings
+    txns = transactions(6000, prefix="k")
+    env = engine_env(s)
+    first = EngineProcess(env)
+    async with reading(s, s.topics.predictions) as reader:
+        await first.start()
+        try:
+            await first.wait_event("engine_ready", timeout_s=60)
+            feeder = asyncio.create_task(_feed(s, txns))
+            await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
+            await first.kill()  # SIGKILL: no drain, no commit, no goodbye
+            await feeder
+        finally:
+            await first.kill()
+        second = EngineProcess(env)
+        await second.start()
+        try:
+            await second.wait_event("engine_ready", timeout_s=60)
+            await reader.wait_for(lambda recs: len(_ids(reader)) >= 6000, timeout_s=90)
+        finally:
+            await second.signal(signal.SIGTERM)
+            assert await second.wait(timeout_s=30) == 0
+    ids = _ids(reader)
+    assert set(ids) == {t for _, _, t in txns}, "every transaction is decided at least once"
+
+
+async def test_sigterm_under_load_exits_zero_and_loses_nothing_without_duplicates(engine_settings: Settings) -> None:
+    s = engine_settings
+    txns = transactions(6000, prefix="s")
+    env = engine_env(s)
+    first = EngineProcess(env)
+    async with reading(s, s.topics.predictions) as reader:
+        await first.start()
+        try:
+            await first.wait_event("engine_ready", timeout_s=60)
+            feeder = asyncio.create_task(_feed(s, txns))
+            await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
+            await first.signal(signal.SIGTERM)
+            code = await first.wait(timeout_s=s.engine.shutdown_timeout_s + 10)
+            assert code == 0, first.lines[-10:]
+            assert first.events("engine_stopped")
+            ends = await feeder
+        finally:
+            await first.kill()
+        second = EngineProcess(env)
+        await second.start()
+        try:
+            await second.wait_event("engine_ready", timeout_s=60)
+            await reader.wait_for(lambda recs: len(_ids(reader)) >= 6000, timeout_s=90)
+            commits = await wait_committed(s, ends, timeout_s=30)
+        finally:
+            await second.signal(signal.SIGTERM)
+            assert await second.wait(timeout_s=30) == 0
+    ids = _ids(reader)
+    assert set(ids) == {t for _, _, t in txns}, "nothing lost"
+    assert max(ids.values()) == 1, f"duplicates: {[t for t, n in ids.items() if n > 1][:10]}"
+    assert commits == ends
+
+
+async def test_two_replicas_split_the_partitions_and_take_over_on_stop(engine_settings: Settings) -> None:
+    s = engine_settings
+    env = engine_env(s)
+    a, b = EngineProcess(env), EngineProcess(env)
+    txns = transactions(6000, prefix="g")
+    async with reading(s, s.topics.predictions) as reader:
+        try:
+            await a.start()
+            port_a = (await a.wait_event("engine_ready", timeout_s=60))["port"]
+            await b.start()
+            port_b = (await b.wait_event("http_listening", timeout_s=60))["port"]
+
+            async def split() -> tuple[list[int], list[int]]:
+                async with asyncio.timeout(60):
+                    while True:
+                        (ca, ra), (cb, rb) = await _get(port_a, "/readyz"), await _get(port_b, "/readyz")
+                        if ca == cb == 200 and len(ra["partitions"]) + len(rb["partitions"]) == 12:
+                            return ra["partitions"], rb["partitions"]
+                        await asyncio.sleep(0.2)  # polling another process's HTTP state
+
+            pa, pb = await split()
+            assert pa and pb and not set(pa) & set(pb) and set(pa) | set(pb) == set(range(12))
+            feeder = asyncio.create_task(_feed(s, txns))
+            await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
+            await b.signal(signal.SIGTERM)
+            assert await b.wait(timeout_s=s.engine.shutdown_timeout_s + 10) == 0
+            await feeder
+
+            async with asyncio.timeout(60):
+                while True:
+                    code, body = await _get(port_a, "/readyz")
+                    if code == 200 and len(body["partitions"]) == 12:
+                        break
+                    await asyncio.sleep(0.2)
+            await reader.wait_for(lambda recs: len(_ids(reader)) >= 6000, timeout_s=90)
+        finally:
+            for proc in (a, b):
+                if proc.proc is not None and proc.proc.returncode is None:
+                    await proc.signal(signal.SIGTERM)
+                    await proc.wait(timeout_s=30)
+            await a.kill()
+            await b.kill()
+    assert set(_ids(reader)) == {t for _, _, t in txns}, "nothing lost across the hand-over"
