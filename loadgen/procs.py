@@ -164,6 +164,11 @@ class Child:
         return self.proc.pid if self.proc else None
 
     async def start(self, timeout_s: float = 90.0) -> None:
+        """Spawn and wait until ready (a failure to become ready kills the child and raises ChildFailed)."""
+        await self.spawn()
+        await self.wait_ready(timeout_s)
+
+    async def spawn(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(settings_toml(self.settings), encoding="utf-8")
         self._log = self.log_path.open("wb")  # closed in stop() / kill()
@@ -172,6 +177,8 @@ class Child:
             env=child_env(self.config_path, self.extra_env), start_new_session=True,
             # Killed by the kernel if we die, even by SIGKILL (same guard as the embedded services).
             preexec_fn=_make_preexec(os.getpid()))
+
+    async def wait_ready(self, timeout_s: float = 90.0) -> None:
         try:
             await self._wait_ready(timeout_s)
         except BaseException:

@@ -133,17 +133,56 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
     return [TopicPartition(topic, p) for p in sorted(parts)]
 
 
-async def run_load(settings: Settings, config: LoadConfig, progress: Progress | None = None) -> RunResult:
+# Generate the whole run before the clock starts (so the simulator does not compete with the engine
+# for CPU during the measurement) up to this many transactions; beyond, generate as it goes.
+PREGENERATE_MAX = 2_000_000
+
+
+@dataclass
+class PreparedLoad:
+    """A run's schedule and (when pre-generated) its serialized transactions, before any I/O."""
+
+    config: LoadConfig
+    run_id: str
+    prefix: str
+    scheduled: np.ndarray
+    source: TransactionSource
+    outbox: _Outbox
+    is_fraud: np.ndarray
+    scenarios: list[str]
+
+
+def prepare_load(config: LoadConfig, pregenerate: bool | None = None) -> PreparedLoad:
+    """Build the schedule and the source; pre-generate every transaction when the event times are the
+    simulator's own (default) and the run is not huge. CPU-bound; no I/O."""
+    run_id = config.run_id or secrets.token_hex(4)
+    prefix = f"lg-{run_id}-"
+    scheduled = scheduled_times(config.profile)
+    total = len(scheduled)
+    factory = config.source_factory or (lambda p: make_source(p, config.seed, config.event_time))
+    source = factory(prefix)
+    is_fraud = np.zeros(total, dtype=bool)
+    scenarios: list[str] = []
+    outbox = _Outbox(source, scheduled, time.time(), is_fraud, scenarios)
+    if pregenerate is None:
+        pregenerate = config.event_time == "sim" and total <= PREGENERATE_MAX
+    if pregenerate:
+        while outbox.prepared_to < total:
+            outbox.prepare(50_000)
+    return PreparedLoad(config, run_id, prefix, scheduled, source, outbox, is_fraud, scenarios)
+
+
+async def run_load(settings: Settings, config: LoadConfig, progress: Progress | None = None,
+                   prepared: PreparedLoad | None = None) -> RunResult:
     """Run the load described by ``config`` against the engine behind ``settings``'s topics."""
     from fraudactors.services.kafka import make_consumer, make_producer
 
     profile = config.profile
-    run_id = config.run_id or secrets.token_hex(4)
-    prefix = f"lg-{run_id}-"
-    scheduled = scheduled_times(profile)
+    if prepared is None:
+        prepared = prepare_load(config)
+    run_id, prefix, scheduled, source = prepared.run_id, prepared.prefix, prepared.scheduled, prepared.source
+    is_fraud, scenarios, outbox = prepared.is_fraud, prepared.scenarios, prepared.outbox
     total = len(scheduled)
-    factory = config.source_factory or (lambda p: make_source(p, config.seed, config.event_time))
-    source = factory(prefix)
     progress = progress or Progress(enabled=config.progress)
     topics = settings.topics
 
@@ -174,13 +213,10 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
             consumer.seek(tp, offset)
         dlq_before = sum((await consumer.end_offsets(dlq_tps)).values())
 
-        is_fraud = np.zeros(total, dtype=bool)
-        scenarios: list[str] = []
         sent_at = np.full(total, np.nan, dtype=np.float64)
         started_at = datetime.now(UTC).isoformat(timespec="seconds")
-        wall_start = time.time()
+        outbox.wall_start = time.time()  # event times of a restamping source count from here
         start = time.perf_counter()
-        outbox = _Outbox(source, scheduled, wall_start, is_fraud, scenarios)
         collector = DecisionCollector(prefix, scheduled, start)
         collector.track_window = progress.enabled
         state = _State()

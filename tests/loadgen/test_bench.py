@@ -17,7 +17,7 @@ async def test_null_pipeline_child_drains_a_backlog_and_exits_cleanly(settings: 
     assert result["complete"] is True
     assert result["decided"] == 1500
     assert result["exit_codes"] == [0]  # SIGTERM: commit and leave
-    assert result["tps"] > 0
+    assert result["basis"] in ("after_ready", "first_to_last_decision") and result["tps"] >= 0
     assert set(result["cpu_cores"]) == {"null", "bench"}
 
 
