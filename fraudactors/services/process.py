@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,7 +35,8 @@ _LOG_TAIL_BYTES = 4000
 
 log = get_logger(component="services")
 
-_live: weakref.WeakSet[ChildProcess] = weakref.WeakSet()
+# Strong references: a child whose owner was dropped without stop() must still be reaped at exit.
+_live: set[ChildProcess] = set()
 _live_lock = threading.Lock()
 
 
