@@ -152,3 +152,14 @@ def test_demo_killed_mid_run_takes_its_services_along(demo: Callable[..., Demo])
     run.proc.kill()
     run.finish(timeout_s=30)
     _wait_gone(run.service_pids)
+
+
+def test_demo_with_a_missing_binary_fails_in_one_line(tmp_path: Path) -> None:
+    env = {**_env(), "FRAUDACTORS_SERVICES__REDIS_BIN": str(tmp_path / "no-such-redis")}
+    proc = subprocess.run([*_script(), "demo", "--duration", "1", "--report", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "services.redis_bin" in lines[0] and "no-such-redis" in lines[0]
+    assert "broker: tansu pid" not in proc.stdout  # nothing was started

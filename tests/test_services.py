@@ -284,6 +284,9 @@ def test_stack_uses_the_configured_binary(tmp_path: Path) -> None:
     chosen = fake_binary(tmp_path, "configured-redis", "exit 0\n")
     settings = load_settings(env={}, overrides={"services": {"redis_bin": str(chosen)}})
     assert EmbeddedStack(settings).redis.binary == str(chosen)
+    missing = load_settings(env={}, overrides={"services": {"tansu_bin": str(tmp_path / "nope")}})
+    with pytest.raises(BinaryNotFound, match=r"services\.tansu_bin"):
+        EmbeddedStack(missing)
 
 
 # ---------------------------------------------------------------------------------------------

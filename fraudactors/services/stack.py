@@ -6,6 +6,7 @@ import asyncio
 from types import TracebackType
 from typing import Self
 
+from fraudactors.services.binaries import resolve_redis, resolve_tansu
 from fraudactors.services.broker import EmbeddedBroker
 from fraudactors.services.redis import EmbeddedRedis
 from fraudactors.settings import Settings
@@ -20,8 +21,9 @@ class EmbeddedStack:
 
     def __init__(self, settings: Settings) -> None:
         timeout = settings.services.start_timeout_s
-        self.broker = EmbeddedBroker(settings.services.tansu_bin or None, start_timeout_s=timeout)
-        self.redis = EmbeddedRedis(settings.services.redis_bin or None, start_timeout_s=timeout)
+        # Resolve both binaries before starting anything: a missing one fails fast, naming the setting.
+        self.broker = EmbeddedBroker(resolve_tansu(settings.services.tansu_bin), start_timeout_s=timeout)
+        self.redis = EmbeddedRedis(resolve_redis(settings.services.redis_bin), start_timeout_s=timeout)
         self._base = settings
         self.settings = settings
 
