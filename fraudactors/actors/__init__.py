@@ -2,6 +2,7 @@
 
 from fraudactors.actors.actor import actor_child
 from fraudactors.actors.mailbox import Mailbox, Request, ask
+from fraudactors.actors.pool import PoolBroken, ProcessPool, RemoteCallError, WorkerInitError
 from fraudactors.actors.supervisor import ChildSpec, Restart, Strategy, Supervisor, run_root
 from fraudactors.actors.taskstatus import IGNORED, TaskStatus
 
@@ -9,11 +10,15 @@ __all__ = [
     "IGNORED",
     "ChildSpec",
     "Mailbox",
+    "PoolBroken",
+    "ProcessPool",
+    "RemoteCallError",
     "Request",
     "Restart",
     "Strategy",
     "Supervisor",
     "TaskStatus",
+    "WorkerInitError",
     "actor_child",
     "ask",
     "run_root",
