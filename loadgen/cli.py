@@ -79,15 +79,25 @@ def finish(result: Any, report_path: str | None) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     import asyncio
 
+    import logging
+
+    from fraudactors.logging import configure_logging
     from fraudactors.settings import load_settings
-    from loadgen.runner import run_load
+    from loadgen.runner import prepare_load, run_load
+
+    configure_logging("warning", "json", stream=sys.stderr)
+    # aiokafka logs every failed connection attempt; the load generator reports failures itself.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
     overrides: dict[str, Any] = {}
     if args.bootstrap_servers:
         overrides["kafka"] = {"bootstrap_servers": args.bootstrap_servers}
     settings = load_settings(args.config, overrides=overrides)
     config = load_config_from_args(args)
-    result = asyncio.run(run_load(settings, config))
+    if not args.no_progress:
+        print(f"fraudactors loadgen: generating {config.profile.total:,} transactions", file=sys.stderr)
+    prepared = prepare_load(config)
+    result = asyncio.run(run_load(settings, config, prepared=prepared))
     report = finish(result, args.report)
     if report["lost"]:
         print(f"fraudactors loadgen: {report['lost']} transactions without a decision after the drain",

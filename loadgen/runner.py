@@ -287,7 +287,9 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
             for task in (shower, reader):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            progress.finish()
+            t_end = time.perf_counter() - start
+            progress.finish(format_line("done", t_end, profile.duration_s, 0.0, state.sent / max(t_end, 1e-9),
+                                        state.sent, collector.distinct, collector.window_p99_ms()))
     finally:
         await asyncio.shield(_stop_clients(producer, consumer))
 
