@@ -78,7 +78,6 @@ def finish(result: Any, report_path: str | None) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     import asyncio
-
     import logging
 
     from fraudactors.logging import configure_logging
