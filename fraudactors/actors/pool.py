@@ -148,7 +148,7 @@ class _Worker:
         self.calls: deque[_Call] = deque()  # sent to this worker, answered in order
         self.alive = True
         self.rx = bytearray()  # bytes read but not yet a whole frame
-        self.tx: memoryview | None = None  # the rest of a frame the socket did not take at once
+        self.tx: deque[memoryview] | None = None  # output the socket did not take yet (in order)
         os.set_blocking(self.fd, False)  # the loop never blocks on a worker (uvloop would do this too)
 
     def next_frame(self) -> bytes | None:
@@ -338,6 +338,9 @@ class ProcessPool:
     def _send_frame(self, worker: _Worker, payload: bytes) -> None:
         size = len(payload)
         header = _LEN.pack(size) if size <= 0x7FFFFFFF else _LEN.pack(-1) + _LEN64.pack(size)
+        if worker.tx is not None:  # earlier output still queued: keep the frames in order
+            worker.tx.append(memoryview(header + payload))
+            return
         try:
             sent = os.writev(worker.fd, [header, payload])
         except BlockingIOError:
@@ -347,22 +350,26 @@ class ProcessPool:
             return
         if sent < len(header) + size:
             assert self._loop is not None
-            worker.tx = memoryview(header + payload)[sent:]
+            worker.tx = deque([memoryview(header + payload)[sent:]])
             self._loop.add_writer(worker.fd, self._on_writable, worker)
 
     def _on_writable(self, worker: _Worker) -> None:
         assert self._loop is not None and worker.tx is not None
-        try:
-            sent = os.write(worker.fd, worker.tx)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._worker_lost(worker, f"send failed: {exc!r}")
-            return
-        worker.tx = worker.tx[sent:]
-        if not worker.tx:
-            worker.tx = None
-            self._loop.remove_writer(worker.fd)
+        tx = worker.tx
+        while tx:
+            try:
+                sent = os.write(worker.fd, tx[0])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._worker_lost(worker, f"send failed: {exc!r}")
+                return
+            if sent < len(tx[0]):
+                tx[0] = tx[0][sent:]
+                return
+            tx.popleft()
+        worker.tx = None
+        self._loop.remove_writer(worker.fd)
 
     def _fail_pending(self, error: Callable[[], BaseException]) -> None:
         while self._pending:

@@ -93,6 +93,15 @@ async def test_calls_run_in_workers_that_ran_the_initializer() -> None:
         await pool.call(os.getpid)
 
 
+async def test_frames_larger_than_the_socket_buffer_stay_intact_when_pipelined() -> None:
+    rng = np.random.default_rng(2)
+    arrays = [rng.random((1024, 1024), dtype=np.float32) for _ in range(4)]  # 4 MB each
+    async with ProcessPool(1, poolfuncs.init_state, (None,), pipeline_depth=2) as pool:
+        echoed = await asyncio.gather(*(pool.call(poolfuncs.echo, a) for a in arrays))
+    for sent, got in zip(arrays, echoed, strict=True):
+        np.testing.assert_array_equal(sent, got)
+
+
 async def test_exception_in_call_is_reraised_with_the_remote_traceback() -> None:
     async with ProcessPool(1, poolfuncs.init_state, (None,)) as pool:
         with pytest.raises(ValueError, match="bad batch") as info:
