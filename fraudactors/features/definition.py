@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from fraudactors.features.schema import Transaction
 
@@ -60,6 +61,7 @@ NO_PREVIOUS_TX = -1.0
 NIGHT_HOURS_END = 6  # 00:00-05:59 UTC is night
 MERCHANT_RATE_PRIOR = 10.0
 ZSCORE_MIN_STD = 1.0
+_ZEROS = repeat(0)
 
 FEATURE_NAMES: tuple[str, ...] = (
     # the transaction alone
@@ -135,6 +137,10 @@ class MerchantState:
     tx_days: dict[int, int] = field(default_factory=dict)
     fraud_hours: dict[int, int] = field(default_factory=dict)
     fraud_days: dict[int, int] = field(default_factory=dict)
+    # The window sums at one event hour, kept current by count_merchant_tx (a merchant sees many
+    # transactions per hour); change the dicts only through the count_* functions.
+    cache_hour: int = -1
+    cache: list[int] = field(default_factory=list)  # c24, c7, c30, frauds today, 7 / 30 past days
 
 
 def hour_of(t: float) -> int:
@@ -149,33 +155,52 @@ def merchant_features(m: MerchantState | None, t: float) -> tuple[float, ...]:
     """The 7 merchant features at event time ``t`` (before this transaction is counted)."""
     if m is None:
         return (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    hour = hour_of(t)
-    day = day_of(t)
-    tx_hours = m.tx_hours
-    tx_days = m.tx_days
-    get_h = tx_hours.get
-    get_d = tx_days.get
-    c24 = sum(get_h(h, 0) for h in range(hour - 23, hour + 1)) if tx_hours else 0
+    hour = int(t // HOUR_S)
+    cached = m.cache_hour
+    if cached != hour:
+        if cached < hour < cached + 24 and hour // 24 == cached // 24:
+            _advance(m, cached, hour)
+        else:
+            _recompute(m, hour)
+    c24, c7, c30, f_today, f7_past, f30_past = m.cache
+    f7 = f_today + f7_past
+    f30 = f_today + f30_past
+    return (float(c24), float(c7), float(c30), float(f7), float(f30),
+            f7 / (c7 + MERCHANT_RATE_PRIOR), f30 / (c30 + MERCHANT_RATE_PRIOR))
+
+
+# The window sums of a merchant are cached for one event hour and kept exact: count_merchant_tx
+# adds to them, count_merchant_fraud drops them, and moving forward within the same day only
+# adds the hours that entered the 24h window and subtracts the ones that left it. A new day or
+# an earlier hour recomputes them. ``sum(map(dict.get, range, repeat(0)))`` loops in C.
+
+def _recompute(m: MerchantState, hour: int) -> None:
+    day = hour // 24
+    c24 = sum(map(m.tx_hours.get, range(hour - 23, hour + 1), _ZEROS)) if m.tx_hours else 0
     c7 = c30 = 0
-    if tx_days:
-        c7 = sum(get_d(d, 0) for d in range(day - 6, day + 1))
-        c30 = c7 + sum(get_d(d, 0) for d in range(day - 29, day - 6))
-    f7 = f30 = 0
-    if m.fraud_days or m.fraud_hours:
+    if m.tx_days:
+        get_d = m.tx_days.get
+        c7 = sum(map(get_d, range(day - 6, day + 1), _ZEROS))
+        c30 = c7 + sum(map(get_d, range(day - 29, day - 6), _ZEROS))
+    f_today = f7_past = f30_past = 0
+    if m.fraud_hours:
+        f_today = sum(map(m.fraud_hours.get, range(day * 24, hour), _ZEROS))
+    if m.fraud_days:
         get_fd = m.fraud_days.get
-        get_fh = m.fraud_hours.get
-        today = sum(get_fh(h, 0) for h in range(day * 24, hour)) if m.fraud_hours else 0
-        f7 = today + sum(get_fd(d, 0) for d in range(day - 7, day))
-        f30 = f7 + sum(get_fd(d, 0) for d in range(day - 30, day - 7))
-    return (
-        float(c24),
-        float(c7),
-        float(c30),
-        float(f7),
-        float(f30),
-        f7 / (c7 + MERCHANT_RATE_PRIOR),
-        f30 / (c30 + MERCHANT_RATE_PRIOR),
-    )
+        f7_past = sum(map(get_fd, range(day - 7, day), _ZEROS))
+        f30_past = f7_past + sum(map(get_fd, range(day - 30, day - 7), _ZEROS))
+    m.cache_hour = hour
+    m.cache = [c24, c7, c30, f_today, f7_past, f30_past]
+
+
+def _advance(m: MerchantState, old: int, new: int) -> None:
+    cache = m.cache
+    get_h = m.tx_hours.get
+    # 24h window [old-23, old] -> [new-23, new]
+    cache[0] += sum(map(get_h, range(old + 1, new + 1), _ZEROS)) - sum(map(get_h, range(old - 23, new - 23), _ZEROS))
+    if m.fraud_hours:  # today's reported hours [day*24, old) -> [day*24, new)
+        cache[3] += sum(map(m.fraud_hours.get, range(old, new), _ZEROS))
+    m.cache_hour = new
 
 
 def count_merchant_tx(m: MerchantState, t: float) -> None:
@@ -184,6 +209,16 @@ def count_merchant_tx(m: MerchantState, t: float) -> None:
     day = day_of(t)
     m.tx_hours[hour] = m.tx_hours.get(hour, 0) + 1
     m.tx_days[day] = m.tx_days.get(day, 0) + 1
+    cached = m.cache_hour
+    if cached >= 0:
+        cache = m.cache
+        if cached - 23 <= hour <= cached:
+            cache[0] += 1
+        cached_day = cached // 24
+        if cached_day - 29 <= day <= cached_day:
+            cache[2] += 1
+            if day >= cached_day - 6:
+                cache[1] += 1
 
 
 def count_merchant_fraud(m: MerchantState, labeled_at: float) -> None:
@@ -192,6 +227,7 @@ def count_merchant_fraud(m: MerchantState, labeled_at: float) -> None:
     day = day_of(labeled_at)
     m.fraud_hours[hour] = m.fraud_hours.get(hour, 0) + 1
     m.fraud_days[day] = m.fraud_days.get(day, 0) + 1
+    m.cache_hour = -1
 
 
 def _time_features(txn: Transaction) -> list[float]:

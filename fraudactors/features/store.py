@@ -1,12 +1,19 @@
 """The online feature store: per-user state and merchant buckets in Redis.
 
-Per micro-batch, :meth:`OnlineFeatureStore.compute` makes exactly two round trips:
+Per micro-batch, :meth:`OnlineFeatureStore.compute` makes exactly two round trips, each one
+server-side script call (one command: redis-py's per-command cost, not Redis, is what limits a
+pipeline of hundreds of small commands on two cores):
 
-1. one read pipeline: the state blob of every distinct user in the batch and, for every
-   distinct merchant, its transaction-count hash and its fraud-label hash;
-2. one write pipeline in ``MULTI``/``EXEC`` (all or nothing): the updated user blobs (``SET ..
-   EX ttl``), the merchant count increments (``HINCRBY`` on event hour/day buckets), expiry, and
-   the removal of buckets that fell out of every window.
+1. a read script: the state blob of every distinct user in the batch and, for every distinct
+   merchant, its window sums at the batch's event hour (summed in Redis from the hour/day buckets:
+   six numbers instead of a hash to parse in Python), or its whole bucket hashes when the batch
+   spans several event hours of that merchant;
+2. a write script, atomic like ``MULTI``/``EXEC``: the updated user blobs (``SET .. EX ttl``),
+   the merchant count increments (``HINCRBY`` on event hour/day buckets), expiry, and, once a
+   hash has grown past its bound, the removal of buckets that fell out of every window.
+
+The scripts touch keys of many users and merchants, so they need a single Redis (or Valkey)
+instance, not a cluster.
 
 In between, the batch is computed sequentially in Python by
 :func:`fraudactors.features.definition.transition` (the same function training uses) with the
@@ -22,7 +29,7 @@ Crash replay: a user's blob records the last applied ``(partition, offset)``. A 
 offset is at or below it (same partition) was already applied (its batch's write committed
 before a crash, but its Kafka offset did not): it is scored from the current state and not
 counted again, neither into the user's state nor into the merchant counts (those were written in
-the same ``MULTI``/``EXEC``). Its feature vector may then differ from the first scoring (the state
+the same atomic write). Its feature vector may then differ from the first scoring (the state
 already holds it); the decision is a repeat the downstream drops by ``transaction_id``.
 
 Exactness under concurrency (one writer per partition, many partitions at once):
@@ -47,12 +54,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from fraudactors.errors import FeatureStoreUnavailable
+from fraudactors.features import scripts
 from fraudactors.features.definition import (
     N_FEATURES,
     MerchantState,
@@ -70,36 +79,31 @@ from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
 
 # Buckets older than these (relative to the newest event of the merchant in the batch) are in no
-# window any more and are deleted. The margins beyond the windows (24h / today, 30d) absorb
-# partitions that lag behind others in event time: the fraud buckets, which must stay exact,
-# keep 8 days of hours (they are sparse: only hours with a reported fraud), the counts 3 days.
-_STALE_COUNT_HOURS = 72
-_STALE_COUNT_DAYS = 33
-_STALE_FRAUD_HOURS = 8 * 24
-_STALE_FRAUD_DAYS = 40
-
-_APPLY_LABEL = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  if ARGV[4] == '1' then
-    redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-    redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-    redis.call('EXPIRE', KEYS[2], ARGV[1])
-  end
-  return 1
-end
-return 0
-"""
+# window any more and are deleted once a hash holds more than its bound of fields. The margins
+# beyond the windows (24h / today, 30d) absorb partitions that lag behind others in event time:
+# the fraud buckets, which must stay exact, keep 8 days of hours (they are sparse: only hours
+# with a reported fraud); the counts keep 26 hours.
+_KEEP_COUNT_HOURS = 26
+_KEEP_COUNT_DAYS = 33
+_MAX_COUNT_FIELDS = 96
+_KEEP_FRAUD_HOURS = 8 * 24
+_KEEP_FRAUD_DAYS = 40
+_MAX_FRAUD_FIELDS = 320
+# Redis runs one script at a time: big label batches are split to keep each call short.
+_MAX_LABELS_PER_CALL = 1000
 
 _IO_ERRORS = (RedisError, OSError, TimeoutError)
 
 
-def _merchant_from_hashes(counts: dict[bytes, bytes], frauds: dict[bytes, bytes]) -> MerchantState:
+def _merchant_from_flat(counts: list[bytes], frauds: list[bytes]) -> MerchantState:
+    """Full bucket state from two HGETALL replies (flat field/value lists)."""
     m = MerchantState()
-    for target_h, target_d, data in ((m.tx_hours, m.tx_days, counts), (m.fraud_hours, m.fraud_days, frauds)):
-        for key, value in data.items():
+    for target_h, target_d, flat in ((m.tx_hours, m.tx_days, counts), (m.fraud_hours, m.fraud_days, frauds)):
+        for i in range(0, len(flat) - 1, 2):
+            key = flat[i]
             try:
                 bucket = int(key[1:])
-                n = int(value)
+                n = int(flat[i + 1])
             except ValueError:
                 continue
             if key[:1] == b"h":
@@ -109,19 +113,12 @@ def _merchant_from_hashes(counts: dict[bytes, bytes], frauds: dict[bytes, bytes]
     return m
 
 
-def _stale_fields(data: dict[bytes, bytes], newest: float, keep_hours: int, keep_days: int) -> list[bytes]:
-    oldest_hour = hour_of(newest) - keep_hours
-    oldest_day = day_of(newest) - keep_days
-    stale = []
-    for key in data:
-        try:
-            bucket = int(key[1:])
-        except ValueError:
-            stale.append(key)
-            continue
-        if (key[:1] == b"h" and bucket < oldest_hour) or (key[:1] == b"d" and bucket < oldest_day):
-            stale.append(key)
-    return stale
+def _merchant_from_sums(hour: int, sums: list[int]) -> MerchantState:
+    """Bucket state holding only the window sums at ``hour`` (every use stays in that hour)."""
+    m = MerchantState()
+    m.cache_hour = hour
+    m.cache = [int(v) for v in sums]
+    return m
 
 
 class OnlineFeatureStore:
@@ -134,7 +131,9 @@ class OnlineFeatureStore:
         self._ttl = cfg.ttl_s
         self._timeout_s = cfg.socket_timeout_ms / 1000.0
         self._redis: aioredis.Redis | None = None
-        self._apply_label: Any = None
+        self._read_batch: Any = None
+        self._write_batch: Any = None
+        self._apply_labels: Any = None
         self._log = get_logger(component="feature_store")
         self.corrupt_states_total = 0
 
@@ -154,7 +153,9 @@ class OnlineFeatureStore:
                 decode_responses=False,
                 health_check_interval=0,
             )
-            self._apply_label = self._redis.register_script(_APPLY_LABEL)
+            self._read_batch = self._redis.register_script(scripts.READ_BATCH)
+            self._write_batch = self._redis.register_script(scripts.WRITE_BATCH)
+            self._apply_labels = self._redis.register_script(scripts.APPLY_LABELS)
         try:
             await self._redis.ping()
         except _IO_ERRORS as exc:
@@ -201,18 +202,20 @@ class OnlineFeatureStore:
             raise ValueError(f"{len(txns)} transactions but {len(offsets)} offsets")
         if not txns:
             return np.empty((0, N_FEATURES), dtype=np.float32)
-        client = self._client()
+        self._client()
         users = list(dict.fromkeys(t.user_id for t in txns))
-        merchants = list(dict.fromkeys(t.merchant_id for t in txns))
-
+        # one reference event hour per merchant, or -1 when its transactions span several
+        ref_hour: dict[str, int] = {}
+        for txn in txns:
+            hour = hour_of(txn.event_time)
+            if ref_hour.setdefault(txn.merchant_id, hour) != hour:
+                ref_hour[txn.merchant_id] = -1
+        keys = [self.user_key(u) for u in users]
+        for merchant_id in ref_hour:
+            keys.append(self.merchant_counts_key(merchant_id))
+            keys.append(self.merchant_frauds_key(merchant_id))
         try:
-            async with client.pipeline(transaction=False) as pipe:
-                for user_id in users:
-                    pipe.get(self.user_key(user_id))
-                for merchant_id in merchants:
-                    pipe.hgetall(self.merchant_counts_key(merchant_id))
-                    pipe.hgetall(self.merchant_frauds_key(merchant_id))
-                replies = await pipe.execute()
+            replies = await self._read_batch(keys=keys, args=[len(users), orjson.dumps(list(ref_hour.values()))])
         except _IO_ERRORS as exc:
             raise FeatureStoreUnavailable(f"redis read failed: {type(exc).__name__}: {exc}") from exc
 
@@ -220,15 +223,20 @@ class OnlineFeatureStore:
         for user_id, blob in zip(users, replies, strict=False):
             states[user_id] = self._decode(user_id, blob)
         views: dict[str, MerchantState] = {}
-        raw_hashes: dict[str, tuple[dict[bytes, bytes], dict[bytes, bytes]]] = {}
-        base = len(users)
-        for i, merchant_id in enumerate(merchants):
-            counts, frauds = replies[base + 2 * i], replies[base + 2 * i + 1]
-            raw_hashes[merchant_id] = (counts, frauds)
-            views[merchant_id] = _merchant_from_hashes(counts, frauds)
+        sizes: dict[str, tuple[int, int]] = {}
+        i = len(users)
+        for merchant_id, hour in ref_hour.items():
+            first, second = replies[i], replies[i + 1]
+            i += 2
+            if hour >= 0:
+                views[merchant_id] = _merchant_from_sums(hour, first)
+                sizes[merchant_id] = (int(second[0]), int(second[1]))
+            else:
+                views[merchant_id] = _merchant_from_flat(first, second)
+                sizes[merchant_id] = (len(first) // 2, len(second) // 2)
 
         rows: list[list[float]] = []
-        dirty: set[str] = set()
+        dirty: dict[str, None] = {}  # users with an applied transaction, in first-seen order
         increments: dict[str, dict[str, int]] = {}
         newest: dict[str, float] = {}
         for txn, offset in zip(txns, offsets, strict=True):
@@ -241,7 +249,7 @@ class OnlineFeatureStore:
             state.partition = partition
             state.offset = offset
             states[txn.user_id] = state
-            dirty.add(txn.user_id)
+            dirty[txn.user_id] = None
             rows.append(features)
             t = txn.event_time
             count_merchant_tx(view, t)
@@ -252,30 +260,33 @@ class OnlineFeatureStore:
                 newest[txn.merchant_id] = t
 
         if dirty:
-            try:
-                async with client.pipeline(transaction=True) as pipe:
-                    ttl = self._ttl
-                    for user_id in dirty:
-                        state = states[user_id]
-                        assert state is not None
-                        pipe.set(self.user_key(user_id), encode_state(state), ex=ttl)
-                    for merchant_id, inc in increments.items():
-                        key = self.merchant_counts_key(merchant_id)
-                        for field, n in inc.items():
-                            pipe.hincrby(key, field, n)
-                        pipe.expire(key, ttl)
-                        counts, frauds = raw_hashes[merchant_id]
-                        t = newest[merchant_id]
-                        stale = _stale_fields(counts, t, _STALE_COUNT_HOURS, _STALE_COUNT_DAYS)
-                        if stale:
-                            pipe.hdel(key, *stale)
-                        stale = _stale_fields(frauds, t, _STALE_FRAUD_HOURS, _STALE_FRAUD_DAYS)
-                        if stale:
-                            pipe.hdel(self.merchant_frauds_key(merchant_id), *stale)
-                    await pipe.execute()
-            except _IO_ERRORS as exc:
-                raise FeatureStoreUnavailable(f"redis write failed: {type(exc).__name__}: {exc}") from exc
+            await self._write([(u, states[u]) for u in dirty], increments, newest, sizes)
         return np.array(rows, dtype=np.float32)
+
+    async def _write(self, users: list[tuple[str, UserState | None]], increments: dict[str, dict[str, int]],
+                     newest: dict[str, float], sizes: dict[str, tuple[int, int]]) -> None:
+        """The batch's one atomic write (see ``scripts.WRITE_BATCH`` for the argument layout)."""
+        keys = [self.user_key(user_id) for user_id, _ in users]
+        plan: list[list[Any]] = []
+        for merchant_id, inc in increments.items():
+            keys.append(self.merchant_counts_key(merchant_id))
+            keys.append(self.merchant_frauds_key(merchant_id))
+            n_counts, n_frauds = sizes[merchant_id]
+            hour = hour_of(newest[merchant_id])
+            day = hour // 24
+            plan.append([[x for item in inc.items() for x in item],
+                         1 if n_counts + len(inc) > _MAX_COUNT_FIELDS else 0,
+                         hour - _KEEP_COUNT_HOURS, day - _KEEP_COUNT_DAYS,
+                         1 if n_frauds > _MAX_FRAUD_FIELDS else 0,
+                         hour - _KEEP_FRAUD_HOURS, day - _KEEP_FRAUD_DAYS])
+        args: list[Any] = [self._ttl, len(users), orjson.dumps(plan)]
+        for _, state in users:
+            assert state is not None
+            args.append(encode_state(state))
+        try:
+            await self._write_batch(keys=keys, args=args)
+        except _IO_ERRORS as exc:
+            raise FeatureStoreUnavailable(f"redis write failed: {type(exc).__name__}: {exc}") from exc
 
     def compute_degraded(self, txns: Sequence[Transaction]) -> np.ndarray:
         """Transaction-only features (Redis down): see ``definition.transaction_only_features``."""
@@ -283,25 +294,29 @@ class OnlineFeatureStore:
             return np.empty((0, N_FEATURES), dtype=np.float32)
         return np.array([transaction_only_features(t) for t in txns], dtype=np.float32)
 
-    async def apply_labels(self, labels: Sequence[Label]) -> None:
-        """Record fraud labels into the merchant buckets, in one pipeline; idempotent per
-        ``transaction_id`` (the first label applied for a transaction wins)."""
+    async def apply_labels(self, labels: Sequence[Label]) -> int:
+        """Record fraud labels into the merchant buckets in one script call (per 1,000 labels);
+        idempotent per ``transaction_id`` (the first label applied for a transaction wins).
+        Returns how many labels were new."""
         if not labels:
-            return
-        client = self._client()
-        ttl = str(self._ttl)
-        try:
-            async with client.pipeline(transaction=False) as pipe:
-                for label in labels:
-                    at = label.labeled_at
-                    await self._apply_label(
-                        keys=[self.label_key(label.transaction_id), self.merchant_frauds_key(label.merchant_id)],
-                        args=[ttl, f"d{day_of(at)}", f"h{hour_of(at)}", "1" if label.is_fraud else "0"],
-                        client=pipe,
-                    )
-                await pipe.execute()
-        except _IO_ERRORS as exc:
-            raise FeatureStoreUnavailable(f"redis label write failed: {type(exc).__name__}: {exc}") from exc
+            return 0
+        self._client()
+        applied = 0
+        for start in range(0, len(labels), _MAX_LABELS_PER_CALL):
+            keys: list[str] = []
+            args: list[Any] = [self._ttl]
+            for label in labels[start:start + _MAX_LABELS_PER_CALL]:
+                at = label.labeled_at
+                keys.append(self.label_key(label.transaction_id))
+                keys.append(self.merchant_frauds_key(label.merchant_id))
+                args.append(f"d{day_of(at)}")
+                args.append(f"h{hour_of(at)}")
+                args.append(1 if label.is_fraud else 0)
+            try:
+                applied += int(await self._apply_labels(keys=keys, args=args))
+            except _IO_ERRORS as exc:
+                raise FeatureStoreUnavailable(f"redis label write failed: {type(exc).__name__}: {exc}") from exc
+        return applied
 
     async def user_state(self, user_id: str) -> UserState | None:
         """The stored state of one user (for tests and debugging)."""

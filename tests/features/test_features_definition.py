@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import replace
 
 import pytest
@@ -19,6 +20,7 @@ from fraudactors.features.definition import (
     count_merchant_fraud,
     count_merchant_tx,
     features_of,
+    merchant_features,
     transaction_only_features,
     transition,
 )
@@ -198,3 +200,19 @@ def test_state_dependent_features_are_deterministic() -> None:
     rows_a, _ = run(events, merchant=MerchantState())
     rows_b, _ = run(events, merchant=MerchantState())
     assert rows_a == rows_b
+
+
+def test_merchant_window_cache_equals_a_fresh_computation() -> None:
+    rng = random.Random(1)
+    m = MerchantState()
+    t = T0
+    for _ in range(3000):
+        t += rng.expovariate(1 / 900.0)
+        late = t - rng.uniform(0, 40 * D) if rng.random() < 0.1 else t  # out-of-order events too
+        if rng.random() < 0.05:
+            count_merchant_fraud(m, late)
+        cached = merchant_features(m, late)
+        fresh = merchant_features(MerchantState(m.tx_hours.copy(), m.tx_days.copy(), m.fraud_hours.copy(),
+                                                m.fraud_days.copy()), late)
+        assert cached == fresh
+        count_merchant_tx(m, late)

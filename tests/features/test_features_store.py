@@ -166,7 +166,8 @@ async def test_parity_interleaved_partitions(store: OnlineFeatureStore) -> None:
     assert 0 < col["is_new_merchant"].mean() < 1 and 0 < col["intl_changed"].mean() < 1
 
 
-async def test_parity_single_partition_includes_merchant_counts(store: OnlineFeatureStore) -> None:
+async def test_parity_single_partition_includes_merchant_counts(store: OnlineFeatureStore,
+                                                                store_settings: Settings) -> None:
     txns, labels = generate(seed=23, n=5000, days=40.0)
     offline = offline_features(txns, labels)
     rng = random.Random(3)
@@ -180,6 +181,14 @@ async def test_parity_single_partition_includes_merchant_counts(store: OnlineFea
         start = end
     assert_parity(online, offline)
     assert offline[:, FEATURE_INDEX["merchant_tx_count_30d"]].max() > 300
+    # 40 days of hourly buckets were written; the merchant hashes stay bounded
+    client = aioredis.Redis.from_url(store_settings.redis.url)
+    try:
+        sizes = [await client.hlen(key) async for key in client.scan_iter(
+            match=store.merchant_counts_key("*"))]
+    finally:
+        await client.aclose()
+    assert len(sizes) > 10 and max(sizes) <= 100
 
 
 async def test_same_user_twice_in_a_batch_sees_itself(store: OnlineFeatureStore) -> None:
