@@ -22,6 +22,7 @@ from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
 
 if TYPE_CHECKING:
+    from fraudactors.features.definition import MerchantState
     from fraudactors.features.schema import Transaction
     from fraudactors.features.store import OnlineFeatureStore
 
@@ -34,6 +35,7 @@ class FeatureStoreActor:
         self._settings = settings
         self._metrics = metrics
         self.store: OnlineFeatureStore | None = None
+        self._reader: Any = None  # a small read-only client for POST /predict
         self._up = asyncio.Event()
         self._down = asyncio.Event()
         self._hold = settings.redis.on_unavailable == "hold"
@@ -78,6 +80,11 @@ class FeatureStoreActor:
         except _UNAVAILABLE as exc:
             self._mark_down(exc)
         self.store = store
+        import redis.asyncio as aioredis
+
+        timeout = max(self._settings.redis.socket_timeout_ms / 1000.0, 0.5)
+        self._reader = aioredis.Redis.from_url(self._settings.redis.url, socket_timeout=timeout,
+                                               socket_connect_timeout=timeout)
         task_status.started()
         try:
             while True:
@@ -88,7 +95,10 @@ class FeatureStoreActor:
         finally:
             self._up.clear()
             self._metrics.feature_store_up.set(0)
+            reader, self._reader = self._reader, None
             await asyncio.shield(store.close())
+            if reader is not None:
+                await asyncio.shield(reader.aclose())
 
     async def _ping(self, store: OnlineFeatureStore) -> bool:
         try:
@@ -122,35 +132,48 @@ class FeatureStoreActor:
     async def peek(self, txns: Sequence[Transaction]) -> tuple[np.ndarray, bool]:
         """Features from the current online state WITHOUT updating it (for POST /predict).
 
-        Same definition as the stream path (``definition.features_of`` on the stored user and
-        merchant state); degraded (transaction-only) while Redis is unreachable.
+        The same definition as the stream path (``definition.features_of`` on the stored user
+        state and the merchant buckets, read with the store's documented key layout); degraded
+        (transaction-only) while Redis is unreachable.
         """
-        from fraudactors.features import store as store_module
         from fraudactors.features.definition import features_of
-        from fraudactors.features.state_codec import decode_state
 
         store = self.store
+        reader = self._reader
         assert store is not None, "feature store actor not started"
-        if not self._up.is_set():
+        if not self._up.is_set() or reader is None:
             return store.compute_degraded(txns), True
+        rows = []
         try:
-            client = store._client()  # the store's own connection: same timeouts, no extra pool
-            async with client.pipeline(transaction=False) as pipe:
-                for txn in txns:
-                    pipe.get(store.user_key(txn.user_id))
+            for txn in txns:
+                state = await store.user_state(txn.user_id)
+                async with reader.pipeline(transaction=False) as pipe:
                     pipe.hgetall(store.merchant_counts_key(txn.merchant_id))
                     pipe.hgetall(store.merchant_frauds_key(txn.merchant_id))
-                replies = await pipe.execute()
+                    counts, frauds = await pipe.execute()
+                rows.append(features_of(state, _merchant_state(counts, frauds), txn))
         except (*_UNAVAILABLE, *_redis_errors()) as exc:
             self._mark_down(exc)
             return store.compute_degraded(txns), True
-        rows = []
-        for i, txn in enumerate(txns):
-            blob, counts, frauds = replies[3 * i: 3 * i + 3]
-            state = decode_state(blob) if blob is not None else None
-            merchant = store_module._merchant_from_hashes(counts, frauds)
-            rows.append(features_of(state, merchant, txn))
         return np.array(rows, dtype=np.float32), False
+
+
+def _merchant_state(counts: dict[bytes, bytes], frauds: dict[bytes, bytes]) -> MerchantState:
+    """A merchant's buckets from its two hashes (fields ``h<hour>`` / ``d<day>`` -> count)."""
+    from fraudactors.features.definition import MerchantState
+
+    m = MerchantState()
+    for hours, days, data in ((m.tx_hours, m.tx_days, counts), (m.fraud_hours, m.fraud_days, frauds)):
+        for field, value in data.items():
+            try:
+                bucket, n = int(field[1:]), int(value)
+            except ValueError:
+                continue
+            if field[:1] == b"h":
+                hours[bucket] = n
+            elif field[:1] == b"d":
+                days[bucket] = n
+    return m
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.offsets import OffsetTracker
 from fraudactors.engine.publisher import Publisher
 from fraudactors.engine.worker import FeatureWorker, Item
-from fraudactors.errors import ActorError
+from fraudactors.errors import ActorError, RestartIntensityExceeded
 from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
 
@@ -103,6 +104,8 @@ class Ingestor:
         self.stalled_reason: str | None = None
         self.running = False
         self.worker_restarts = 0
+        self._restart_times: deque[float] = deque()
+        self._fatal: BaseException | None = None
 
     # ---------------------------------------------------------------- observation
     @property
@@ -147,7 +150,7 @@ class Ingestor:
             async with asyncio.TaskGroup() as tg:
                 poll = tg.create_task(self._poll_loop(consumer))
                 tg.create_task(self._housekeeping(consumer, poll))
-        except* ConsumerStalled as group:
+        except* (ConsumerStalled, RestartIntensityExceeded) as group:
             raise group.exceptions[0] from None
         finally:
             self.running = False
@@ -219,6 +222,8 @@ class Ingestor:
             metrics.mailbox_depth.labels(f"features-{p}").set(s.mailbox.depth)
 
     def _watchdog(self, now: float) -> None:
+        if self._fatal is not None:
+            raise self._fatal
         limit = self._settings.engine.watchdog_s
         if self._stopping:
             return
@@ -303,6 +308,20 @@ class Ingestor:
         # ended. Records taken but not handed off are fetched again; nothing is skipped.
         self.worker_restarts += 1
         state.restarts += 1
+        engine = self._settings.engine
+        now = time.monotonic()
+        times = self._restart_times
+        times.append(now)
+        while times and times[0] < now - engine.restart_window_s:
+            times.popleft()
+        if len(times) > engine.restart_max:
+            # Out of budget: fail the ingestor upward (its supervisor decides), do not loop.
+            self._fatal = RestartIntensityExceeded(
+                f"feature workers crashed {len(times)} times within {engine.restart_window_s}s; "
+                f"last: partition {state.tp.partition}: {exc!r}")
+            self._log.error("feature_worker_crashed", partition=state.tp.partition, error=repr(exc),
+                            restarts=state.restarts, giving_up=True)
+            return
         self._metrics.actor_restarts.labels(f"features-{state.tp.partition}").inc()
         self._log.error("feature_worker_crashed", partition=state.tp.partition, error=repr(exc),
                         restarts=state.restarts)

@@ -28,6 +28,16 @@ if TYPE_CHECKING:
 
 _FLUSH_S = 0.2
 _MAX_BUFFER = 200_000
+_CHUNK = 2000
+# SET key value EX ttl for every (key, value) pair: one command for a whole chunk, because
+# packing thousands of separate SET commands costs the event loop more than the round trip.
+_SET_MANY = """
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[i + 1], 'EX', ttl)
+end
+return #KEYS
+"""
 _UNAVAILABLE = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
 
 
@@ -54,6 +64,7 @@ class OutcomeRecorder:
         self._buffer: deque[tuple[str, bytes]] = deque(maxlen=_MAX_BUFFER)
         self.dropped = 0
         self._redis: Any = None
+        self._set_many: Any = None
         self._log = get_logger(actor="outcomes")
 
     def key(self, transaction_id: str) -> str:
@@ -94,6 +105,7 @@ class OutcomeRecorder:
         client = aioredis.Redis.from_url(self._settings.redis.url, socket_timeout=max(timeout, 1.0),
                                          socket_connect_timeout=max(timeout, 1.0))
         self._redis = client
+        self._set_many = client.register_script(_SET_MANY)
         task_status.started()
         try:
             while True:
@@ -107,15 +119,17 @@ class OutcomeRecorder:
             await asyncio.shield(client.aclose())
 
     async def flush(self) -> None:
-        if self._redis is None or not self._buffer:
-            return
-        batch = list(self._buffer)
-        pipe = self._redis.pipeline(transaction=False)
-        for tid, value in batch:
-            pipe.set(self.key(tid), value, ex=self._ttl)
-        await pipe.execute()
-        for _ in range(len(batch)):
-            self._buffer.popleft()
+        buffer = self._buffer
+        while self._redis is not None and buffer:
+            chunk = [buffer.popleft() for _ in range(min(len(buffer), _CHUNK))]
+            prefix = self._prefix
+            try:
+                await self._set_many(keys=[prefix + tid for tid, _ in chunk],
+                                     args=[self._ttl, *(value for _, value in chunk)])
+            except BaseException:
+                room = _MAX_BUFFER - len(buffer)
+                buffer.extendleft(reversed(chunk[len(chunk) - room:] if room < len(chunk) else chunk))
+                raise
 
 
 class LabelConsumer:

@@ -150,7 +150,11 @@ class FeatureWorker:
         ack = await self._publisher.send_many(messages)
         self.tracker.register(items[-1][0].offset + 1, ack)
         metrics.stage_latency.labels("publish").observe(time.perf_counter() - t2)
-        metrics.stage_latency.labels("batch").observe(time.perf_counter() - t0)
+        if not ack.done():
+            # end_to_end: the batch's oldest arrival at the ingestor -> acknowledged by the broker
+            first_arrival = items[0][1]
+            e2e = metrics.stage_latency.labels("end_to_end")
+            ack.add_done_callback(lambda _f: e2e.observe(time.monotonic() - first_arrival))
         self.batches += 1
         self.last_progress = time.monotonic()
 
