@@ -67,10 +67,10 @@ def write_charts(result: RunResult, base: Path) -> dict[str, str]:
     out["Latency percentiles over time"] = path.name
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.plot(x, series["sent"], label="sent / s")
-    ax.plot(x, series["decided"], label="decided / s")
+    ax.plot(x, series["sent"], label="sent / s", drawstyle="steps-post")
+    ax.plot(x, series["decided"], label="decided / s", drawstyle="steps-post")
     rates = [result.config.profile.rate_at(float(t) + 0.5) for t in x]
-    ax.plot(x, rates, label="target / s", linestyle="--", alpha=0.6)
+    ax.plot(x, rates, label="target / s", linestyle="--", alpha=0.6, drawstyle="steps-post")
     ax.set_xlabel("run time (s)")
     ax.set_ylabel("transactions per second")
     ax.set_title("Throughput")

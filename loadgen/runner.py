@@ -280,6 +280,7 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
                 await asyncio.wait({state.progressed_event()}, timeout=0.1)
             end = time.perf_counter() - start
             dlq_after = sum((await consumer.end_offsets(dlq_tps)).values())
+            state.phase = "done"
         finally:
             state.stop = True
             shower.cancel()
@@ -288,7 +289,8 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             t_end = time.perf_counter() - start
-            progress.finish(format_line("done", t_end, profile.duration_s, 0.0, state.sent / max(t_end, 1e-9),
+            phase = "done" if state.phase == "done" else "stopped"
+            progress.finish(format_line(phase, t_end, profile.duration_s, 0.0, state.sent / max(t_end, 1e-9),
                                         state.sent, collector.distinct, collector.window_p99_ms()))
     finally:
         await asyncio.shield(_stop_clients(producer, consumer))
