@@ -1,0 +1,184 @@
+"""Offline evaluation on held-out weeks, and ``fraudactors evaluate``.
+
+Metrics (overall and per fraud scenario): AUC ROC, average precision, detection rate (recall) at
+false-positive rate <= ``max_fpr`` (best threshold on the held-out ROC), the precision there, and
+the realized FPR / detection rate / precision at the model's own review and decline thresholds
+(chosen at training time on an earlier calibration week, so these are honest out-of-time numbers).
+
+``fraudactors evaluate`` re-creates each model's held-out weeks from its metadata (the simulator's
+seed and size, or ``--data FILE`` for a model trained on a file), scores them with the committed
+ONNX files through the same registry and scorer the engine uses, and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HELP = "evaluate committed models on their held-out weeks (AUC, AP, detection rate at FPR <= 2%, per scenario)"
+MAX_FPR = 0.02
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < y.size else None
+
+
+def _ap(y: np.ndarray, s: np.ndarray) -> float | None:
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(y, s)) if 0 < y.sum() < y.size else None
+
+
+def threshold_for_fpr(neg_scores: np.ndarray, max_fpr: float) -> float:
+    """The lowest threshold (``score >= t`` flags) whose FPR on ``neg_scores`` is <= ``max_fpr``.
+
+    Thresholds are float32 values (the ONNX model outputs float32), so comparing a float32 score
+    promoted to float64 against the threshold gives the same answer as in float32.
+    """
+    neg = np.sort(np.asarray(neg_scores, dtype=np.float32))[::-1]
+    if neg.size == 0:
+        return 0.5
+    k = int(np.floor(max_fpr * neg.size + 1e-9))  # at most k legit may score >= t
+    if k >= neg.size:
+        return 0.0
+    # Just above the (k+1)-th highest legit score: the k above it are the only ones flagged.
+    return float(np.nextafter(neg[k], np.float32(np.inf)))
+
+
+def at_threshold(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float | None]:
+    flagged = s >= threshold
+    pos, neg = y.sum(), (~y).sum()
+    tp = int((flagged & y).sum())
+    fp = int((flagged & ~y).sum())
+    return {
+        "threshold": threshold,
+        "detection_rate": tp / pos if pos else None,
+        "fpr": fp / neg if neg else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+    }
+
+
+def evaluate_scores(y: np.ndarray, scores: np.ndarray, scenario: np.ndarray,
+                    thresholds: Mapping[str, float] | None = None, max_fpr: float = MAX_FPR) -> dict[str, Any]:
+    """Overall and per-scenario metrics of ``scores`` (higher = more likely fraud)."""
+    y = np.asarray(y, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    legit = ~y
+    best = threshold_for_fpr(s[legit], max_fpr)
+    out: dict[str, Any] = {
+        "transactions": int(y.size),
+        "frauds": int(y.sum()),
+        "auc": _auc(y, s),
+        "average_precision": _ap(y, s),
+        "max_fpr": max_fpr,
+        "at_max_fpr": at_threshold(y, s, best),
+        "at_thresholds": {name: at_threshold(y, s, t) for name, t in (thresholds or {}).items()},
+        "per_scenario": {},
+    }
+    for name in sorted({str(x) for x in np.unique(scenario[y])}):
+        sel = (scenario == name) & y
+        mask = sel | legit  # this scenario's frauds against all legitimate transactions
+        ys, ss = y[mask], s[mask]
+        out["per_scenario"][name] = {
+            "frauds": int(sel.sum()),
+            "auc": _auc(ys, ss),
+            "average_precision": _ap(ys, ss),
+            "detection_rate_at_max_fpr": float((s[sel] >= best).mean()),
+            "at_thresholds": {k: float((s[sel] >= t).mean()) for k, t in (thresholds or {}).items()},
+        }
+    return out
+
+
+# ---------------------------------------------------------------------- tables
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Overall table then per-scenario table, one row per model version."""
+    lines = [
+        "| model | test tx | frauds | AUC ROC | avg precision | detection @ FPR<=2% | precision there "
+        "| review thr: detection / FPR / precision | decline thr: detection / FPR / precision |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for version, r in results.items():
+        m = r["metrics"]
+        ops = []
+        for name in ("review", "decline"):
+            op = m["at_thresholds"].get(name)
+            ops.append("-" if op is None else
+                       f"{_pct(op['detection_rate'])} / {_pct(op['fpr'])} / {_pct(op['precision'])}")
+        lines.append(
+            f"| {version} ({r.get('algo', '?')}) | {m['transactions']:,} | {m['frauds']:,} | {_f(m['auc'], 4)} "
+            f"| {_f(m['average_precision'])} | {_pct(m['at_max_fpr']['detection_rate'])} "
+            f"| {_pct(m['at_max_fpr']['precision'])} | {ops[0]} | {ops[1]} |")
+    scenarios = sorted({s for r in results.values() for s in r["metrics"]["per_scenario"]})
+    lines += ["", "Per scenario (that scenario's frauds against all legitimate transactions; detection at the "
+              "overall FPR<=2% threshold):", "",
+              "| model | scenario | frauds | AUC ROC | avg precision | detection @ FPR<=2% | detection @ review thr |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for version, r in results.items():
+        for name in scenarios:
+            p = r["metrics"]["per_scenario"].get(name)
+            if p is None:
+                continue
+            lines.append(f"| {version} | {name} | {p['frauds']:,} | {_f(p['auc'], 4)} | {_f(p['average_precision'])} "
+                         f"| {_pct(p['detection_rate_at_max_fpr'])} | {_pct(p['at_thresholds'].get('review'))} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="models", metavar="DIR", help="models directory (default: models)")
+    p.add_argument("--versions", default="v1,v2", help="comma-separated model versions (default: v1,v2)")
+    p.add_argument("--data", metavar="FILE",
+                   help="the CSV/Parquet file the models were trained on (default: the simulator, from metadata)")
+    p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def main(args: argparse.Namespace) -> int:
+    from fraudactors.errors import ModelError
+    from fraudactors.modeling.pipeline import held_out_set
+    from fraudactors.modeling.registry import load_model_info
+    from fraudactors.modeling.scorer import Scorer
+
+    versions = [v.strip() for v in args.versions.split(",") if v.strip()]
+    infos = [load_model_info(args.models, v) for v in versions]
+    scorer = Scorer(infos)
+    cache: dict[str, Any] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for info in infos:
+        training = info.metadata.get("training")
+        if not isinstance(training, dict):
+            raise ModelError(f"model {info.version}: metadata.json has no 'training' section to rebuild the test set")
+        key = json.dumps({k: training.get(k) for k in ("data", "split")}, sort_keys=True)
+        if key not in cache:
+            cache[key] = held_out_set(training, data_path=args.data, show_progress=not args.quiet)
+        X, y, scenario = cache[key]
+        probs = scorer.predict_proba(info.version, X)
+        thresholds = {"review": info.review_threshold, "decline": info.decline_threshold}
+        results[info.version] = {"algo": info.metadata.get("algo"),
+                                 "metrics": evaluate_scores(y, probs, scenario, thresholds)}
+    print(markdown_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return 0

@@ -1,0 +1,346 @@
+"""The training pipeline: data -> point-in-time features -> time split -> fit -> ONNX -> metadata.
+
+Time split (days counted back from the last transaction)::
+
+    | warm-up | fit weeks ............ | calibration | gap | test (held out) |
+                                                          ^ cut-off: the model is "trained" here
+
+- warm-up: transactions only build feature state (windows up to 30 days start empty);
+- fit: the model learns from these, with the labels known at the cut-off (a fraud reported after
+  the cut-off, or never, counts as legitimate: the model cannot know better on that day);
+- calibration: the review / decline thresholds are chosen here for their target false-positive
+  rates, on the ONNX model's own probabilities;
+- gap: the label delay; nothing from it is used;
+- test: never seen; all reported metrics are computed here, against ground truth.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fraudactors.errors import ModelError
+from fraudactors.modeling.data import DataError, Dataset, load_table, synthetic_dataset
+from fraudactors.modeling.progress import Progress, step
+
+DAY_S = 86400.0
+DEFAULT_ALGO = {"v1": "rf", "v2": "hgb"}
+ALGOS = ("rf", "hgb")
+ONNX_INPUT = "features"
+ONNX_OUTPUT = "probabilities"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    warmup_days: float = 7.0
+    calib_days: float = 7.0
+    gap_days: float = 7.0
+    test_days: float = 14.0
+
+
+@dataclass(frozen=True)
+class Split:
+    fit: np.ndarray
+    calib: np.ndarray
+    test: np.ndarray
+    cutoff: float
+    periods: dict[str, list[str]]
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def time_split(times: np.ndarray, cfg: SplitConfig) -> Split:
+    """Index arrays of the fit / calibration / test periods of event-time-sorted ``times``."""
+    if times.size == 0:
+        raise DataError("no transactions to split")
+    t0, t1 = float(times[0]), float(times[-1])
+    test_start = t1 - cfg.test_days * DAY_S
+    calib_end = test_start - cfg.gap_days * DAY_S
+    calib_start = calib_end - cfg.calib_days * DAY_S
+    fit_start = t0 + cfg.warmup_days * DAY_S
+    need = cfg.warmup_days + cfg.calib_days + cfg.gap_days + cfg.test_days
+    if fit_start >= calib_start:
+        raise DataError(f"the data spans {(t1 - t0) / DAY_S:.1f} days; the time split needs more than "
+                        f"warm-up + calibration + gap + test = {need:g} days "
+                        "(shorten them with --warmup-days/--calib-days/--gap-days/--test-days)")
+    idx = np.arange(times.size)
+    fit = idx[(times >= fit_start) & (times < calib_start)]
+    calib = idx[(times >= calib_start) & (times < calib_end)]
+    test = idx[times >= test_start]
+    periods = {"fit": [_iso(fit_start), _iso(calib_start)], "calibration": [_iso(calib_start), _iso(calib_end)],
+               "gap": [_iso(calib_end), _iso(test_start)], "test": [_iso(test_start), _iso(t1)]}
+    return Split(fit=fit, calib=calib, test=test, cutoff=test_start, periods=periods)
+
+
+# ---------------------------------------------------------------------- data and features
+
+
+def load_dataset(spec: Mapping[str, Any], data_path: str | None = None, show_progress: bool = True) -> Dataset:
+    """The dataset a ``training.data`` spec describes (``data_path`` overrides a file's path)."""
+    p = Progress("generating transactions" if spec["kind"] == "synthetic" else "reading data",
+                 enabled=show_progress)
+    if spec["kind"] == "synthetic":
+        ds = synthetic_dataset(int(spec["seed"]), float(spec["days"]), int(spec["users"]), int(spec["merchants"]),
+                               progress=p)
+    elif spec["kind"] == "file":
+        path = data_path or spec.get("path")
+        if not path:
+            raise DataError("this model was trained on a file: pass it with --data FILE")
+        ds = load_table(path, spec.get("mapping") or {}, float(spec.get("label_delay_days", 7.0)), progress=p)
+    else:
+        raise ModelError(f"unknown training data kind {spec['kind']!r}")
+    p.update(len(ds))
+    p.done()
+    return ds
+
+
+def compute_features(ds: Dataset, show_progress: bool = True) -> np.ndarray:
+    from fraudactors.features.offline import offline_features
+
+    p = Progress("point-in-time features", total=len(ds), enabled=show_progress)
+    X = offline_features(ds.transactions, ds.labels(), progress=p)
+    p.done()
+    return X
+
+
+def known_labels(ds: Dataset, cutoff: float) -> np.ndarray:
+    """Ground truth as known at ``cutoff``: fraud reported at or before it."""
+    return ds.is_fraud & (ds.labeled_at <= cutoff)
+
+
+def held_out_set(training: Mapping[str, Any], data_path: str | None = None,
+                 show_progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rebuild ``(X, is_fraud, scenario)`` of a model's test weeks from its ``training`` metadata."""
+    ds = load_dataset(training["data"], data_path, show_progress)
+    X = compute_features(ds, show_progress)
+    split = time_split(ds.event_time, SplitConfig(**training["split"]))
+    return X[split.test], ds.is_fraud[split.test], ds.scenario[split.test]
+
+
+# ---------------------------------------------------------------------- models
+
+
+def make_model(algo: str, seed: int) -> Any:
+    if algo == "rf":
+        from sklearn.ensemble import RandomForestClassifier
+
+        # Modest on purpose: the engine runs it at thousands of rows/s on a shared 2-core box.
+        return RandomForestClassifier(n_estimators=60, max_depth=12, min_samples_leaf=20, max_features="sqrt",
+                                      class_weight="balanced_subsample", n_jobs=2, random_state=seed)
+    if algo == "hgb":
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        return HistGradientBoostingClassifier(max_iter=300, learning_rate=0.08, max_leaf_nodes=31,
+                                              min_samples_leaf=40, l2_regularization=1.0, early_stopping=True,
+                                              validation_fraction=0.1, n_iter_no_change=25, random_state=seed)
+    raise ModelError(f"unknown algorithm {algo!r} (choose from {', '.join(ALGOS)})")
+
+
+@contextmanager
+def _skl2onnx_leaf_missing_fix() -> Iterator[None]:
+    """skl2onnx 1.20 passes ``False`` (a bool) as ``nodes_missing_value_tracks_true`` of
+    HistGradientBoosting leaves, which onnx rejects ("Expected an int, got a boolean"). Coerce it to
+    an int for the duration of one conversion (no-op for versions that already do)."""
+    from skl2onnx.common import tree_ensemble
+
+    original = tree_ensemble.add_node
+
+    def add_node(*args: Any, **kwargs: Any) -> Any:
+        if "nodes_missing_value_tracks_true" in kwargs:
+            kwargs["nodes_missing_value_tracks_true"] = int(kwargs["nodes_missing_value_tracks_true"])
+        return original(*args, **kwargs)
+
+    tree_ensemble.add_node = add_node
+    try:
+        yield
+    finally:
+        tree_ensemble.add_node = original
+
+
+def to_onnx_bytes(model: Any, n_features: int, name: str) -> bytes:
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    with _skl2onnx_leaf_missing_fix():
+        onx = convert_sklearn(model, name=name, initial_types=[(ONNX_INPUT, FloatTensorType([None, n_features]))],
+                              options={id(model): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3})
+    return bytes(onx.SerializeToString())
+
+
+def onnx_proba(session: Any, X: np.ndarray, batch: int = 65536) -> np.ndarray:
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    parts = [session.run([ONNX_OUTPUT], {ONNX_INPUT: X[i:i + batch]})[0][:, 1] for i in range(0, X.shape[0], batch)]
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+
+
+def _timed(fn: Callable[[], object], repeat: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def measure_inference(session: Any, attribution: Any, X: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
+    """Single-thread latency on this machine (shared: numbers are indicative)."""
+    batch = np.ascontiguousarray(X[:256], dtype=np.float32)
+    row = np.ascontiguousarray(X[:1], dtype=np.float32)
+    per_batch = _timed(lambda: session.run([ONNX_OUTPUT], {ONNX_INPUT: batch}), 50)
+    per_row = _timed(lambda: session.run([ONNX_OUTPUT], {ONNX_INPUT: row}), 300)
+    reasons = _timed(lambda: attribution.reasons(batch, names, 3), 20)
+    return {
+        "batch_rows": int(batch.shape[0]),
+        "onnx_ms_per_batch": round(per_batch * 1e3, 3),
+        "onnx_us_per_row_in_batch": round(per_batch / max(batch.shape[0], 1) * 1e6, 2),
+        "onnx_us_single_row_call": round(per_row * 1e6, 2),
+        "reasons_ms_per_batch": round(reasons * 1e3, 3),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import skl2onnx
+    import sklearn
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+            "skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _json_params(model: Any) -> dict[str, Any]:
+    return {k: v for k, v in model.get_params().items() if v is None or isinstance(v, bool | int | float | str)}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """Everything the versions trained in one run share."""
+
+    ds: Dataset
+    X: np.ndarray
+    split: Split
+    data_spec: dict[str, Any]
+    split_cfg: SplitConfig
+    seed: int
+    review_fpr: float
+    decline_fpr: float
+    command: str
+    show_progress: bool = True
+
+
+def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Path) -> dict[str, Any]:
+    """Fit, convert, calibrate, evaluate and write ``out_dir/version``; returns the metadata."""
+    import json
+
+    from fraudactors.features.definition import FEATURE_NAMES
+    from fraudactors.modeling.attribution import build_attribution
+    from fraudactors.modeling.evaluate import evaluate_scores, threshold_for_fpr
+    from fraudactors.modeling.registry import ATTRIBUTION_FILE, METADATA_FILE, MODEL_FILE, sha256_bytes
+    from fraudactors.modeling.scorer import make_session
+
+    ds, X, split = ctx.ds, ctx.X, ctx.split
+    y_known = known_labels(ds, split.cutoff)
+    y_fit = y_known[split.fit]
+    if y_fit.sum() == 0 or y_fit.all():
+        raise DataError(f"the fit period holds {int(y_fit.sum())} reported frauds out of {y_fit.size} "
+                        "transactions; training needs both classes")
+    s = step(f"fitting {version} ({algo})", ctx.show_progress)
+    model = make_model(algo, ctx.seed)
+    model.fit(X[split.fit], y_fit)
+    s.done(f"on {split.fit.size:,} rows")
+
+    s = step(f"converting {version} to ONNX", ctx.show_progress)
+    onnx_bytes = to_onnx_bytes(model, X.shape[1], f"fraudactors_{version}")
+    session = make_session(onnx_bytes)
+    parity_rows = X[split.test[: 20000]]
+    onnx_diff = float(np.abs(onnx_proba(session, parity_rows) - model.predict_proba(parity_rows)[:, 1]).max()) \
+        if parity_rows.size else 0.0
+    attribution = build_attribution(model, X.shape[1])
+    s.done()
+
+    s = step(f"evaluating {version} on the held-out weeks", ctx.show_progress)
+    p_calib = onnx_proba(session, X[split.calib])
+    calib_legit = ~y_known[split.calib]
+    thresholds = {"review": threshold_for_fpr(p_calib[calib_legit], ctx.review_fpr),
+                  "decline": threshold_for_fpr(p_calib[calib_legit], ctx.decline_fpr)}
+    p_test = onnx_proba(session, X[split.test])
+    test_metrics = evaluate_scores(ds.is_fraud[split.test], p_test, ds.scenario[split.test], thresholds)
+    calib_metrics = evaluate_scores(y_known[split.calib], p_calib, ds.scenario[split.calib], thresholds)
+    calib_metrics.pop("per_scenario", None)
+    timings = measure_inference(session, attribution, X[split.test], FEATURE_NAMES)
+    s.done()
+
+    directory = Path(out_dir) / version
+    directory.mkdir(parents=True, exist_ok=True)
+    attribution_path = directory / ATTRIBUTION_FILE
+    tmp_attr = directory / f".{ATTRIBUTION_FILE}.tmp-{os.getpid()}"
+    attribution.save(tmp_attr)
+    attr_bytes = tmp_attr.read_bytes()
+    os.replace(tmp_attr, attribution_path)
+    _write_atomic(directory / MODEL_FILE, onnx_bytes)
+    unreported = ds.is_fraud[split.fit] & ~y_fit
+    metadata: dict[str, Any] = {
+        "version": version,
+        "algo": algo,
+        "model_type": type(model).__name__,
+        "params": _json_params(model),
+        "n_iter": int(getattr(model, "n_iter_", 0)) or None,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seed": ctx.seed,
+        "command": ctx.command,
+        "feature_names": list(FEATURE_NAMES),
+        "thresholds": {
+            "review": thresholds["review"], "decline": thresholds["decline"],
+            "review_target_fpr": ctx.review_fpr, "decline_target_fpr": ctx.decline_fpr,
+            "chosen_on": "calibration period, ONNX probabilities, labels known at the cut-off; flag when p >= threshold",
+        },
+        "sha256": sha256_bytes(onnx_bytes),
+        "onnx": {"file": MODEL_FILE, "input": ONNX_INPUT, "output": ONNX_OUTPUT, "bytes": len(onnx_bytes),
+                 "opset": {"": 17, "ai.onnx.ml": 3}, "max_abs_diff_vs_sklearn": onnx_diff},
+        "attribution": {"file": ATTRIBUTION_FILE, "sha256": sha256_bytes(attr_bytes),
+                        "method": "Saabas tree path contributions (exact decomposition of the tree output)",
+                        "space": attribution.space, "trees": int(attribution.roots.size),
+                        "nodes": int(attribution.feature.size), "max_depth": attribution.depth},
+        "metrics": {"test": test_metrics, "calibration": calib_metrics},
+        "training": {
+            "data": ctx.data_spec,
+            "split": asdict(ctx.split_cfg),
+            "periods": split.periods,
+            "cutoff": _iso(split.cutoff),
+            "rows": {"fit": int(split.fit.size), "calibration": int(split.calib.size), "test": int(split.test.size)},
+            "fit_frauds_reported_by_cutoff": int(y_fit.sum()),
+            "fit_frauds_unreported_at_cutoff": int(unreported.sum()),
+        },
+        "data_summary": ds.summary(),
+        "inference": timings,
+        "libraries": library_versions(),
+    }
+    text = json.dumps(metadata, indent=2, sort_keys=False, allow_nan=False, default=_json_default) + "\n"
+    _write_atomic(directory / METADATA_FILE, text.encode("utf-8"))
+    return metadata
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

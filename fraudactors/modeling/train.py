@@ -1,0 +1,114 @@
+"""``fraudactors train``: build v1 (random forest) and v2 (histogram gradient boosting) as ONNX.
+
+    fraudactors train --synthetic                      # both models from the built-in simulator
+    fraudactors train --data tx.csv --map amt=amount   # from your file (CSV, or Parquet with pyarrow)
+    fraudactors train --synthetic --version v3 --algo hgb
+
+See :mod:`fraudactors.modeling.pipeline` for the time split and what lands in ``models/<version>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+HELP = "train fraud models (--synthetic or --data FILE) into models/<version>/ as ONNX + metadata"
+
+DEFAULT_SEED = 7
+DEFAULT_DAYS = 63.0
+DEFAULT_USERS = 5000
+DEFAULT_MERCHANTS = 1000
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", action="store_true", help="train on the built-in transaction simulator")
+    src.add_argument("--data", metavar="FILE",
+                     help="CSV or Parquet file: SPEC transaction fields + is_fraud (+ optional labeled_at, scenario)")
+    sim = p.add_argument_group("simulator (--synthetic)")
+    sim.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"simulator and model seed (default {DEFAULT_SEED})")
+    sim.add_argument("--days", type=float, default=DEFAULT_DAYS, help=f"simulated days (default {DEFAULT_DAYS:g})")
+    sim.add_argument("--users", type=int, default=DEFAULT_USERS, help=f"simulated users (default {DEFAULT_USERS})")
+    sim.add_argument("--merchants", type=int, default=DEFAULT_MERCHANTS,
+                     help=f"simulated merchants (default {DEFAULT_MERCHANTS})")
+    data = p.add_argument_group("file (--data)")
+    data.add_argument("--map", metavar="SRC=DST,...", help="rename file columns, e.g. amt=amount,ts=timestamp")
+    data.add_argument("--label-delay-days", type=float, default=7.0,
+                      help="when labeled_at is absent, a fraud counts as reported this long after it (default 7)")
+    split = p.add_argument_group("time split (days, counted back from the last transaction)")
+    split.add_argument("--warmup-days", type=float, default=7.0, help="feature warm-up, not trained on (default 7)")
+    split.add_argument("--calib-days", type=float, default=7.0, help="threshold calibration period (default 7)")
+    split.add_argument("--gap-days", type=float, default=7.0, help="label-delay gap before the test period (default 7)")
+    split.add_argument("--test-days", type=float, default=14.0, help="held-out test period (default 14)")
+    out = p.add_argument_group("models")
+    out.add_argument("--out", default="models", metavar="DIR", help="models directory (default: models)")
+    out.add_argument("--version", help="train only this version (default: v1 and v2)")
+    out.add_argument("--algo", choices=("rf", "hgb"), help="rf = random forest, hgb = histogram gradient boosting "
+                     "(default: rf for v1, hgb for v2; required for other versions)")
+    out.add_argument("--review-fpr", type=float, default=0.02, help="target FPR of the review threshold (default 0.02)")
+    out.add_argument("--decline-fpr", type=float, default=0.005,
+                     help="target FPR of the decline threshold (default 0.005)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def main(args: argparse.Namespace) -> int:
+    from fraudactors.errors import ConfigError
+    from fraudactors.modeling.data import parse_mapping
+    from fraudactors.modeling.evaluate import markdown_table
+    from fraudactors.modeling.pipeline import (
+        DEFAULT_ALGO,
+        SplitConfig,
+        TrainContext,
+        compute_features,
+        load_dataset,
+        time_split,
+        train_version,
+    )
+
+    if args.version:
+        algo = args.algo or DEFAULT_ALGO.get(args.version)
+        if algo is None:
+            raise ConfigError("--algo", f"required for version {args.version!r} (rf or hgb)")
+        jobs = [(args.version, algo)]
+    else:
+        if args.algo:
+            raise ConfigError("--algo", "only with --version (the default trains v1=rf and v2=hgb)")
+        jobs = list(DEFAULT_ALGO.items())
+    for name in ("review_fpr", "decline_fpr"):
+        if not 0.0 < getattr(args, name) < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')}", "must be between 0 and 1")
+    if args.decline_fpr > args.review_fpr:
+        raise ConfigError("--decline-fpr", "must not exceed --review-fpr (decline is the stricter threshold)")
+    for name in ("warmup_days", "calib_days", "gap_days", "test_days", "label_delay_days"):
+        if getattr(args, name) < 0 or (name in ("calib_days", "test_days") and getattr(args, name) == 0):
+            raise ConfigError(f"--{name.replace('_', '-')}", "must be positive")
+    if args.synthetic:
+        if args.days <= 0 or args.users < 1:
+            raise ConfigError("--days/--users", "must be positive")
+        spec = {"kind": "synthetic", "seed": args.seed, "days": args.days, "users": args.users,
+                "merchants": args.merchants}
+    else:
+        spec = {"kind": "file", "path": args.data, "mapping": parse_mapping(args.map),
+                "label_delay_days": args.label_delay_days}
+    show = not args.quiet
+    ds = load_dataset(spec, show_progress=show)
+    split_cfg = SplitConfig(args.warmup_days, args.calib_days, args.gap_days, args.test_days)
+    split = time_split(ds.event_time, split_cfg)  # fail fast, before the features
+    X = compute_features(ds, show)
+    ctx = TrainContext(ds=ds, X=X, split=split, data_spec=spec, split_cfg=split_cfg, seed=args.seed,
+                       review_fpr=args.review_fpr, decline_fpr=args.decline_fpr,
+                       command="fraudactors train " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["train"]
+                                                                 else sys.argv[1:]),
+                       show_progress=show)
+    results = {}
+    for version, algo in jobs:
+        meta = train_version(ctx, version, algo, args.out)
+        results[version] = {"algo": algo, "metrics": meta["metrics"]["test"]}
+        inf = meta["inference"]
+        print(f"{version}: wrote {args.out}/{version}/ (sha256 {meta['sha256'][:12]}..., "
+              f"{meta['onnx']['bytes'] / 1e6:.2f} MB; ONNX {inf['onnx_ms_per_batch']} ms per batch of "
+              f"{inf['batch_rows']}, {inf['onnx_us_single_row_call']} us single row; reasons "
+              f"{inf['reasons_ms_per_batch']} ms per batch)", file=sys.stderr)
+    print(markdown_table(results))
+    return 0
