@@ -219,3 +219,10 @@ class EngineProcess:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> None:
+    """Wait for a condition on an engine's own state, which has no event to wait on."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110 - observing state that signals nothing
+            await asyncio.sleep(interval_s)
