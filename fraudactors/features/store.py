@@ -202,6 +202,55 @@ class OnlineFeatureStore:
             raise ValueError(f"{len(txns)} transactions but {len(offsets)} offsets")
         if not txns:
             return np.empty((0, N_FEATURES), dtype=np.float32)
+        states, views, sizes = await self._read(txns)
+        rows: list[list[float]] = []
+        dirty: dict[str, None] = {}  # users with an applied transaction, in first-seen order
+        increments: dict[str, dict[str, int]] = {}
+        newest: dict[str, float] = {}
+        for txn, offset in zip(txns, offsets, strict=True):
+            state = states[txn.user_id]
+            view = views[txn.merchant_id]
+            if state is not None and state.partition == partition and offset <= state.offset:
+                rows.append(features_of(state, view, txn))  # already applied before a crash
+                continue
+            features, state = transition(state, view, txn)
+            state.partition = partition
+            state.offset = offset
+            states[txn.user_id] = state
+            dirty[txn.user_id] = None
+            rows.append(features)
+            t = txn.event_time
+            count_merchant_tx(view, t)
+            inc = increments.setdefault(txn.merchant_id, {})
+            for field in (f"h{hour_of(t)}", f"d{day_of(t)}"):
+                inc[field] = inc.get(field, 0) + 1
+            if t > newest.get(txn.merchant_id, -1.0):
+                newest[txn.merchant_id] = t
+
+        if dirty:
+            await self._write([(u, states[u]) for u in dirty], increments, newest, sizes)
+        return np.array(rows, dtype=np.float32)
+
+    async def peek(self, txns: Sequence[Transaction]) -> np.ndarray:
+        """The features :meth:`compute` would give, from one read and no write (POST /predict).
+
+        Nothing is stored: neither the user state nor the merchant counts change. Within the
+        call, later transactions see earlier ones as in a batch.
+        """
+        if not txns:
+            return np.empty((0, N_FEATURES), dtype=np.float32)
+        states, views, _ = await self._read(txns)
+        rows: list[list[float]] = []
+        for txn in txns:
+            view = views[txn.merchant_id]
+            features, states[txn.user_id] = transition(states[txn.user_id], view, txn)
+            count_merchant_tx(view, txn.event_time)
+            rows.append(features)
+        return np.array(rows, dtype=np.float32)
+
+    async def _read(self, txns: Sequence[Transaction]) -> tuple[
+            dict[str, UserState | None], dict[str, MerchantState], dict[str, tuple[int, int]]]:
+        """The batch's one read: user states, merchant views and merchant hash sizes."""
         self._client()
         users = list(dict.fromkeys(t.user_id for t in txns))
         # one reference event hour per merchant, or -1 when its transactions span several
@@ -234,34 +283,7 @@ class OnlineFeatureStore:
             else:
                 views[merchant_id] = _merchant_from_flat(first, second)
                 sizes[merchant_id] = (len(first) // 2, len(second) // 2)
-
-        rows: list[list[float]] = []
-        dirty: dict[str, None] = {}  # users with an applied transaction, in first-seen order
-        increments: dict[str, dict[str, int]] = {}
-        newest: dict[str, float] = {}
-        for txn, offset in zip(txns, offsets, strict=True):
-            state = states[txn.user_id]
-            view = views[txn.merchant_id]
-            if state is not None and state.partition == partition and offset <= state.offset:
-                rows.append(features_of(state, view, txn))  # already applied before a crash
-                continue
-            features, state = transition(state, view, txn)
-            state.partition = partition
-            state.offset = offset
-            states[txn.user_id] = state
-            dirty[txn.user_id] = None
-            rows.append(features)
-            t = txn.event_time
-            count_merchant_tx(view, t)
-            inc = increments.setdefault(txn.merchant_id, {})
-            for field in (f"h{hour_of(t)}", f"d{day_of(t)}"):
-                inc[field] = inc.get(field, 0) + 1
-            if t > newest.get(txn.merchant_id, -1.0):
-                newest[txn.merchant_id] = t
-
-        if dirty:
-            await self._write([(u, states[u]) for u in dirty], increments, newest, sizes)
-        return np.array(rows, dtype=np.float32)
+        return states, views, sizes
 
     async def _write(self, users: list[tuple[str, UserState | None]], increments: dict[str, dict[str, int]],
                      newest: dict[str, float], sizes: dict[str, tuple[int, int]]) -> None:

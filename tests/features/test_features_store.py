@@ -302,3 +302,16 @@ async def test_open_fails_fast_when_redis_is_unreachable(store_settings: Setting
         await s.open()
     assert not await s.ping()
     await s.close()
+
+
+async def test_peek_scores_like_compute_and_writes_nothing(store: OnlineFeatureStore,
+                                                           store_settings: Settings) -> None:
+    txns, labels = generate(seed=31, n=900, n_users=12, n_merchants=6, days=4.0)
+    await store.apply_labels(labels)
+    await store.compute(txns[:800], 1, range(800))
+    before = await _snapshot(store, store_settings)
+    peeked = await store.peek(txns[800:])
+    assert await _snapshot(store, store_settings) == before
+    computed = await store.compute(txns[800:], 1, range(800, 900))
+    assert np.array_equal(peeked, computed)
+    assert store.compute_degraded(txns[:1]).shape == (await store.peek(txns[:1])).shape
