@@ -315,7 +315,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(key, f"must be a table, got {value!r}")
         # A plain dict (picklable, so settings can cross into pool workers); never mutated.
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
