@@ -32,7 +32,11 @@ class EmbeddedStack:
         return {"broker": self.broker.pid, "redis": self.redis.pid}
 
     async def start(self) -> Self:
-        results = await asyncio.gather(self.broker.start(), self.redis.start(), return_exceptions=True)
+        try:
+            results = await asyncio.gather(self.broker.start(), self.redis.start(), return_exceptions=True)
+        except BaseException:  # cancelled while starting: one may already be up
+            await self.stop()
+            raise
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await self.stop()
