@@ -57,6 +57,11 @@ class ChildSpec:
     start_timeout: float = 30.0
     shutdown_timeout: float = 10.0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "restart", Restart(self.restart))  # "transient" works too
+        if self.start_timeout <= 0 or self.shutdown_timeout <= 0:
+            raise ValueError(f"child {self.id!r}: start_timeout and shutdown_timeout must be > 0")
+
 
 class _ChildStatus:
     __slots__ = ("_ready",)

@@ -112,7 +112,7 @@ async def test_children_start_in_order_each_after_the_previous_is_ready() -> Non
 
 async def test_start_timeout_counts_as_failure_and_the_child_is_retried() -> None:
     journal: list[str] = []
-    slow = Child("slow", journal, ready_from_start=2, start_timeout=0.05)
+    slow = Child("slow", journal, ready_from_start=2, start_timeout=0.5)
     with capture_logs() as logs:
         sup = Supervisor("root", [slow.spec], max_restarts=3, backoff_base_s=0)
         run = await started(sup)
@@ -374,6 +374,17 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
         assert ceiling / 2 <= delay <= ceiling
     capped = delays[5:]
     assert len(set(capped)) == len(capped)  # jitter: no two capped delays alike
+
+
+def test_child_spec_accepts_policy_names_and_rejects_bad_timeouts() -> None:
+    async def noop(task_status: TaskStatus) -> None:
+        task_status.started()
+
+    assert ChildSpec("c", noop, "transient").restart is Restart.TRANSIENT  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        ChildSpec("c", noop, "sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        ChildSpec("c", noop, start_timeout=0)
 
 
 def test_duplicate_child_ids_are_rejected() -> None:
