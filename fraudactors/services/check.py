@@ -87,8 +87,9 @@ async def services_check(settings: Settings, *, rate: float, duration_s: float,
                 say(f"streaming {total} transactions into {topic} at {rate:g}/s over {len(tps)} partitions")
                 stream = _Stream(total, rate)
                 started = time.perf_counter()
-                await asyncio.gather(stream.send(producer, topic, run),
-                                     stream.receive(consumer, run, say, started))
+                async with asyncio.TaskGroup() as tasks:  # one failing cancels the other
+                    tasks.create_task(stream.send(producer, topic, run))
+                    tasks.create_task(stream.receive(consumer, run, say, started))
                 elapsed = time.perf_counter() - started
             finally:
                 await consumer.stop()

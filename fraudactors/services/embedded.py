@@ -88,9 +88,9 @@ class EmbeddedService:
         helper thread with its own event loop."""
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             self._spawn()
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-ready")
             try:
-                with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-ready") as pool:
-                    pool.submit(asyncio.run, self._wait_ready()).result()
+                pool.submit(asyncio.run, self._wait_ready()).result()
                 self._fixed_port = self.port  # a restart comes back on the same address
                 return self
             except _ExitedEarly as exc:
@@ -98,8 +98,11 @@ class EmbeddedService:
                 if self._fixed_port is not None or attempt == _PORT_ATTEMPTS:
                     raise ServiceError(str(exc)) from None
             except BaseException:
+                # Ctrl-C included: kill the child now; the check then ends on its own (child gone).
                 self._discard_sync()
                 raise
+            finally:
+                pool.shutdown(wait=False)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def stop(self) -> None:
