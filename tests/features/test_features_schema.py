@@ -221,6 +221,10 @@ def test_fuzz_random_bytes(value: bytes) -> None:
 def test_fuzz_json_objects(obj: dict[str, object]) -> None:
     value = orjson.dumps(obj)
     try:
+        parse_label(orjson.dumps({**obj, "is_fraud": obj.get("is_international"), "labeled_at": obj.get("timestamp")}))
+    except InvalidRecord:
+        pass
+    try:
         txn = parse_transaction(value)
     except InvalidRecord as exc:
         assert exc.reason and "\n" not in exc.reason
