@@ -150,7 +150,7 @@ async def test_stop_escalates_to_sigkill_for_a_child_that_ignores_sigterm(tmp_pa
 
 async def test_a_service_that_never_answers_times_out_with_its_log(tmp_path: Path) -> None:
     silent = fake_binary(tmp_path, "silent-server", "echo 'booting the fake server'\nexec sleep 60\n")
-    service = EmbeddedRedis(str(silent), start_timeout_s=0.5)
+    service = EmbeddedRedis(str(silent), start_timeout_s=1.0)
     with pytest.raises(ServiceError) as info:
         await service.start()
     message = str(info.value)
