@@ -13,6 +13,10 @@ one finishes; a worker that dies fails all the calls it held, each with ``Worker
 The parent never blocks on a pipe: its end is non-blocking, framed like
 ``multiprocessing.Connection`` (the worker side uses a plain blocking ``Connection``).
 
+A caller that gives up (cancelled, or its ``asyncio.timeout`` expired) leaves the worker busy
+until the function returns; with ``kill_on_cancel=True`` the worker is killed instead (the only
+way to stop CPU work) and replaced -- the other call it held fails with ``WorkerDied``.
+
 If a replacement cannot start (its initializer fails or times out) the pool is broken
 (:class:`PoolBroken`, not retriable): the owner should fail and let its supervisor restart it.
 
@@ -125,12 +129,13 @@ def _rebuild_error(payload: tuple[BaseException | None, str, str], pid: int | No
 
 # ---------------------------------------------------------------------------- parent side
 class _Call:
-    __slots__ = ("fut", "id", "payload")
+    __slots__ = ("fut", "id", "payload", "worker")
 
     def __init__(self, call_id: int, payload: bytes, fut: asyncio.Future[Any]) -> None:
         self.id = call_id
         self.payload = payload
         self.fut = fut
+        self.worker: _Worker | None = None  # set once sent
 
 
 class _Worker:
@@ -185,6 +190,7 @@ class ProcessPool:
         name: str = "pool",
         mp_context: str | None = None,
         pipeline_depth: int = 2,
+        kill_on_cancel: bool = False,
     ) -> None:
         if workers < 1 or max_inflight < 1 or pipeline_depth < 1:
             raise ValueError("workers, max_inflight and pipeline_depth must be >= 1")
@@ -196,6 +202,7 @@ class ProcessPool:
         self.max_inflight = max_inflight
         self.ready_timeout = ready_timeout
         self.pipeline_depth = pipeline_depth
+        self.kill_on_cancel = kill_on_cancel
         self.name = name
         self._ctx = multiprocessing.get_context(mp_context)
         self._initializer = initializer
@@ -307,9 +314,15 @@ class ProcessPool:
             self._check_usable()
             assert self._loop is not None
             fut: asyncio.Future[R] = self._loop.create_future()
-            self._pending.append(_Call(call_id, payload, fut))
+            call = _Call(call_id, payload, fut)
+            self._pending.append(call)
             self._dispatch()
-            return await fut
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                if self.kill_on_cancel and call.worker is not None and call.worker.alive:
+                    self._kill(call.worker, "its call was abandoned (kill_on_cancel)")
+                raise
 
     def _check_usable(self) -> None:
         if self._state == "running":
@@ -331,6 +344,7 @@ class ProcessPool:
             if call.fut.done():
                 continue  # the caller gave up before a worker was free
             worker.calls.append(call)
+            call.worker = worker
             self._send_frame(worker, call.payload)
             if worker.alive:
                 self.calls_total += 1
@@ -498,6 +512,11 @@ class ProcessPool:
             task = self._loop.create_task(self._replace(), name=f"{self.name}.replace")
             self._replacements.add(task)
             task.add_done_callback(self._replacements.discard)
+
+    def _kill(self, worker: _Worker, reason: str) -> None:
+        """Stop a worker whose CPU work nobody waits for any more; it is replaced like any dead one."""
+        self._log.warning("worker_killed", pid=worker.pid, reason=reason)
+        self._worker_lost(worker, reason)  # at once: no further call goes to it; kills the process
 
     def _release_fd(self, worker: _Worker) -> None:
         assert self._loop is not None

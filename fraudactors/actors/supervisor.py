@@ -140,6 +140,7 @@ class Supervisor:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.restarts_total = 0
+        self.restarts_by_child: dict[str, int] = {}  # by the id of the child whose exit caused it
         self._static = tuple(children)
         self._clock = clock
         self._rng = random.Random(seed)
@@ -364,6 +365,7 @@ class Supervisor:
             ) from error
         self._restarts.append(now)
         self.restarts_total += 1
+        self.restarts_by_child[child.spec.id] = self.restarts_by_child.get(child.spec.id, 0) + 1
 
     def backoff_delay(self, attempt: int) -> float:
         """Exponential backoff with equal jitter: in [d/2, d], d = min(max, base * 2**(attempt-1))."""

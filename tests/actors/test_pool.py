@@ -180,6 +180,17 @@ async def test_cancelled_caller_does_not_wedge_the_worker(gate: Gate) -> None:
         assert pool.worker_deaths_total == 0
 
 
+async def test_abandoned_call_kills_its_worker_when_asked(gate: Gate) -> None:
+    async with ProcessPool(1, poolfuncs.init_state, ("v",), kill_on_cancel=True) as pool:
+        call = asyncio.create_task(pool.call(poolfuncs.block, gate.path))
+        pid, _handle = await gate.running()
+        call.cancel()  # the caller gives up on a stuck call (e.g. its asyncio.timeout expired)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        new_pid = await pool.call(os.getpid)  # served by the replacement
+        assert new_pid != pid and pool.worker_deaths_total == 1 and pool.worker_restarts_total == 1
+
+
 async def test_initializer_failure_fails_start_and_leaves_no_worker() -> None:
     pool = ProcessPool(2, poolfuncs.fail_init, ("no model file",), name="badinit")
     with pytest.raises(WorkerInitError, match="no model file") as info:

@@ -201,6 +201,7 @@ async def test_restart_policies_permanent_transient_temporary() -> None:
     assert temp.starts == 1
 
     assert sup.child_ids == ("perm", "trans_err") and sup.restarts_total == 2
+    assert sup.restarts_by_child == {"perm": 1, "trans_err": 1}
     await sup.stop()
     await run
 
