@@ -1,12 +1,17 @@
 """``fraudactors demo``: everything on one machine with nothing installed but the package.
 
-Starts an embedded Kafka-protocol broker (Tansu) and an embedded Redis-protocol server on free
-loopback ports, runs the workload in :func:`run_demo` against them, prints a summary, writes the
-report and stops both services — on success, on error and on Ctrl-C / SIGTERM alike.
+1. starts an embedded Kafka-protocol broker (Tansu) and an embedded Redis-protocol server on free
+   loopback ports and creates the four topics;
+2. makes sure the models exist (the committed ``models/``; otherwise ``fraudactors train --synthetic``);
+3. starts the engine as a ``fraudactors run`` child process and waits until ``/readyz`` answers 200;
+4. runs the open-loop load generator in this process (``--rate``, ``--duration``, ``--profile`` ...),
+   with a live progress line, then prints a summary table and writes the report JSON (SPEC §5),
+   a Markdown summary and PNG charts next to ``--report``;
+5. stops the engine with SIGTERM (it must exit 0) and stops both services.
 
-The workload today is the services check: create the topics (``topics.partitions`` partitions),
-stream synthetic transactions through the broker at ``--rate`` for ``--duration`` seconds and read
-every one back, and write and read Redis. The engine plugs in by replacing :func:`run_demo`.
+Services and engine are stopped on success, on error and on Ctrl-C / SIGTERM alike (exit 130 /
+143, one line on stderr, no report); the children also die with us if we are killed (SIGKILL).
+Human progress goes to stdout; the structured logs of this process go to stderr (warnings only).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import asyncio
 import os
 import signal
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,30 +35,17 @@ HELP = "run the whole system locally: embedded broker and Redis, engine, load ge
 
 # Exit codes: 130 after Ctrl-C (the CLI maps KeyboardInterrupt), 143 after SIGTERM.
 EXIT_TERMINATED = 128 + signal.SIGTERM
+DEFAULT_REPORT = "reports/demo-report.json"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rate", type=_positive(float), default=1000.0, metavar="TPS",
-                        help="transactions per second to send (default: %(default)s)")
-    parser.add_argument("--duration", type=_positive(float), default=30.0, metavar="S",
-                        help="seconds to send for (default: %(default)s)")
-    parser.add_argument("--report", default="demo-report.json", metavar="PATH",
-                        help="where to write the JSON report (default: %(default)s)")
+    from loadgen.cli import add_load_arguments
+
+    add_load_arguments(parser, rate=1000.0, duration=30.0, report=DEFAULT_REPORT)
     parser.add_argument("--config", default=None, metavar="PATH",
                         help="TOML config file (defaults apply to every key it leaves out)")
-
-
-def _positive(kind: type[float]) -> Any:
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0: {text!r}")
-        return value
-
-    return parse
+    parser.add_argument("--engine-timeout", type=float, default=120.0, metavar="S",
+                        help="how long the engine may take to become ready (default 120)")
 
 
 def say(*parts: object) -> None:
@@ -65,6 +59,7 @@ class DemoResult:
 
     report: dict[str, Any] = field(default_factory=dict)
     ok: bool = True
+    problems: list[str] = field(default_factory=list)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -77,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
 
     async def guarded() -> int:
         # Ctrl-C: asyncio.Runner cancels this task and raises KeyboardInterrupt afterwards (exit 130).
-        # SIGTERM: the same cancellation, so the services are stopped on the way out (exit 143).
+        # SIGTERM: the same cancellation, so the engine and services are stopped on the way out (exit 143).
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
@@ -113,34 +108,101 @@ def _loop_factory() -> Any:
 
 async def _main(args: argparse.Namespace, settings: Settings) -> int:
     from fraudactors.services.stack import EmbeddedStack
+    from loadgen.models import ensure_models
 
+    models_dir = ensure_models(settings, say=say)
+    settings = settings.replace(models={"dir": str(models_dir)})
     say(f"fraudactors demo: starting embedded broker and Redis (rate {args.rate:g}/s, "
-        f"duration {args.duration:g}s)")
+        f"duration {args.duration:g}s, models {models_dir})")
     async with EmbeddedStack(settings) as stack:
         say(f"broker: tansu pid {stack.broker.pid} on {stack.broker.bootstrap_servers}")
         say(f"redis: pid {stack.redis.pid} on {stack.redis.url}")
-        result = await run_demo(args, stack)
-        say("stopping embedded services")
-    path = write_report(args.report, result.report)
-    say(f"report written to {path}")
+        try:
+            result = await run_demo(args, stack)
+        finally:
+            say("stopping embedded services")
+    for problem in result.problems:
+        print(f"fraudactors demo: {problem}", file=sys.stderr)
     return 0 if result.ok else 1
 
 
-def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> Path:
-    import orjson
-
-    target = Path(path)
-    if target.parent != Path(""):
-        target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
-    tmp.replace(target)
-    return target
-
-
 async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult:
-    """The workload between start and stop of the embedded services (the engine replaces this)."""
-    from fraudactors.services.check import services_check
+    """Topics, engine child, load run, report files, engine stop (between the services' start and stop)."""
+    from fraudactors.services.kafka import create_topics
+    from loadgen.cli import load_config_from_args
+    from loadgen.procs import engine_child
+    from loadgen.progress import Progress
+    from loadgen.report import format_table, write_outputs
+    from loadgen.runner import prepare_load, run_load
 
-    check = await services_check(stack.settings, rate=args.rate, duration_s=args.duration, say=say)
-    return DemoResult(report=check.report, ok=check.ok)
+    settings = stack.settings
+    created = await create_topics(settings)
+    say(f"topics: {', '.join(_topics(settings))} ({settings.topics.partitions} partitions each; "
+        f"created {len(created)})")
+    redis_ok = await _redis_ping(settings)
+    with tempfile.TemporaryDirectory(prefix="fraudactors-demo-") as workdir:
+        engine = engine_child(settings, Path(workdir))
+        t0 = time.perf_counter()
+        say("engine: starting fraudactors run")
+        try:
+            await engine.spawn()
+            # The transactions are generated while the engine starts (it is another process).
+            config = load_config_from_args(args)
+            prepared = prepare_load(config)
+            await engine.wait_ready(timeout_s=args.engine_timeout)
+            say(f"engine: pid {engine.pid} ready in {time.perf_counter() - t0:.1f}s "
+                f"(http://127.0.0.1:{engine.settings.http.port}/metrics)")
+            say(f"streaming {config.profile.total:,} transactions into {settings.topics.transactions} "
+                f"({config.profile.name}, {args.rate:g}/s"
+                + (f" -> {config.profile.segments[-1].rate_to:g}/s" if config.profile.name != "constant" else "")
+                + f", {args.duration:g}s), reading decisions from {settings.topics.predictions}")
+            result = await run_load(settings, config, Progress(sys.stdout, enabled=config.progress), prepared)
+        except BaseException:
+            engine_log = engine.tail(2000)
+            await asyncio.shield(engine.stop())
+            if engine.returncode not in (0, None) and engine_log:
+                say(f"engine output (last lines):\n{engine_log}")
+            raise
+        say("engine: stopping (SIGTERM)")
+        code = await engine.stop()
+        engine_log = engine.tail(2000)
+    report = write_outputs(result, args.report)
+    # Extra keys: what the demo itself checked.
+    report.update({"partitions": settings.topics.partitions, "received": report["decided"], "redis_ok": redis_ok,
+                   "engine_exit_code": code})
+    _rewrite(args.report, report)
+    say(format_table(report))
+    say(f"report written to {args.report} (+ {report['markdown']}, charts: "
+        f"{', '.join(Path(c).name for c in report['charts'])})")
+    problems = []
+    if code != 0:
+        problems.append(f"the engine exited with code {code} after SIGTERM; its last output: "
+                        f"{engine_log.strip().splitlines()[-1:] or ['-']}")
+    if report["lost"]:
+        problems.append(f"{report['lost']} of {report['sent']} transactions got no decision within the drain timeout")
+    if not redis_ok:
+        problems.append("the embedded Redis did not answer PING")
+    return DemoResult(report=report, ok=not problems, problems=problems)
+
+
+def _topics(settings: Settings) -> list[str]:
+    t = settings.topics
+    return [t.transactions, t.predictions, t.labels, t.dlq]
+
+
+async def _redis_ping(settings: Settings) -> bool:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(settings.redis.url)
+    try:
+        return bool(await client.ping())
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
+
+
+def _rewrite(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
+    from loadgen.report import write_json
+
+    write_json(report, Path(path))

@@ -195,12 +195,11 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
     try:
         await consumer.start()
         await producer.start()
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
-        with contextlib.suppress(Exception):
-            await producer.stop()
-        raise LoadgenError(f"cannot connect to Kafka at {settings.kafka.bootstrap_servers}: {exc!r}") from exc
+    except BaseException as exc:
+        await asyncio.shield(_stop_clients(producer, consumer))
+        if isinstance(exc, Exception):
+            raise LoadgenError(f"cannot connect to Kafka at {settings.kafka.bootstrap_servers}: {exc!r}") from exc
+        raise
 
     try:
         pred_tps = await _partitions(consumer, topics.predictions)
