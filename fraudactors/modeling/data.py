@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,20 +132,22 @@ def parse_mapping(text: str | None) -> dict[str, str]:
     return mapping
 
 
-def _rows_csv(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
-    fh = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed by the generator
-    reader = csv.DictReader(fh)
-    try:
-        header = reader.fieldnames
-    except (UnicodeDecodeError, csv.Error) as exc:
-        fh.close()
-        raise DataError(f"{path}: not a readable CSV file: {exc}") from None
-    if not header:
-        fh.close()
-        raise DataError(f"{path}: the file is empty (expected a header line and rows)")
+@contextmanager
+def _open_table(path: Path) -> Iterator[tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]]:
+    """``(header, rows)`` where rows yield ``(line number, {column: value})``; the file closes on exit."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        yield _parquet(path)
+        return
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        try:
+            header = reader.fieldnames
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{path}: not a readable CSV file: {exc}") from None
+        if not header:
+            raise DataError(f"{path}: the file is empty (expected a header line and rows)")
 
-    def rows() -> Iterator[tuple[int, dict[str, Any]]]:
-        with fh:
+        def rows() -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 for row in reader:
                     if None in row:
@@ -153,10 +156,10 @@ def _rows_csv(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]
             except (UnicodeDecodeError, csv.Error) as exc:
                 raise DataError(f"{path} line {reader.line_num}: not readable CSV: {exc}") from None
 
-    return [h.strip() for h in header], rows()
+        yield [h.strip() for h in header], rows()
 
 
-def _rows_parquet(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
+def _parquet(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -219,15 +222,16 @@ def _empty(value: Any) -> bool:
 
 def load_table(path: str | Path, mapping: Mapping[str, str] | None = None, label_delay_days: float = 7.0,
                progress: Callable[[int], None] | None = None) -> Dataset:
-    """Read a CSV (``.csv``, ``.txt``, ``.gz`` is not supported) or Parquet (``.parquet``, ``.pq``) file."""
+    """Read a CSV file (any other suffix) or a Parquet file (``.parquet``, ``.pq``; needs pyarrow)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    if path.suffix.lower() in (".parquet", ".pq"):
-        header, rows = _rows_parquet(path)
-    else:
-        header, rows = _rows_csv(path)
-    mapping = dict(mapping or {})
+    with _open_table(path) as (header, rows):
+        return _read(path, header, rows, dict(mapping or {}), label_delay_days, progress)
+
+
+def _read(path: Path, header: list[str], rows: Iterator[tuple[int, dict[str, Any]]], mapping: dict[str, str],
+          label_delay_days: float, progress: Callable[[int], None] | None) -> Dataset:
     unknown_src = [s for s in mapping if s not in header]
     if unknown_src:
         raise DataError(f"{path}: --map names column(s) not in the file: {', '.join(unknown_src)} "

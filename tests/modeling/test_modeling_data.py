@@ -1,0 +1,143 @@
+"""`fraudactors train --data FILE`: a user's CSV trains; bad files fail with one clear line."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fraudactors.cli import main as cli_main
+from fraudactors.modeling.data import DataError, load_table, parse_mapping
+from fraudactors.modeling.registry import load_model_info
+from fraudactors.sim import Simulator
+
+SPLIT = ["--warmup-days", "3", "--calib-days", "5", "--gap-days", "3", "--test-days", "7", "--quiet"]
+HEADER = ["transaction_id", "user_id", "merchant_id", "amount", "currency", "merchant_category",
+          "is_international", "timestamp", "is_fraud"]
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _sim_rows(days: float = 30, users: int = 400) -> list[list[object]]:
+    rows = []
+    for ev in Simulator(seed=8, n_users=users, n_merchants=300, days=days).stream():
+        t = ev.txn
+        rows.append([t["transaction_id"], t["user_id"], t["merchant_id"], t["amount"], t["currency"],
+                     t["merchant_category"], "true" if t["is_international"] else "false", t["timestamp"],
+                     int(ev.is_fraud)])
+    return rows
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli_main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_train_on_a_users_csv_with_column_mapping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    header = ["txn", *HEADER[1:3], "amt", *HEADER[4:8], "fraud"]
+    data = _write_csv(tmp_path / "tx.csv", header, _sim_rows())
+    out = tmp_path / "models"
+    code, err = _run(["train", "--data", str(data), "--map", "txn=transaction_id,amt=amount,fraud=is_fraud",
+                      "--out", str(out), *SPLIT], capsys)
+    assert code == 0, err
+    for version in ("v1", "v2"):
+        info = load_model_info(out, version)
+        training = info.metadata["training"]
+        assert training["data"]["kind"] == "file"
+        assert training["data"]["mapping"] == {"txn": "transaction_id", "amt": "amount", "fraud": "is_fraud"}
+        assert info.metadata["metrics"]["test"]["frauds"] > 0
+        assert info.metadata["metrics"]["test"]["auc"] > 0.6
+    # No labeled_at column: frauds count as reported 7 days later (the default).
+    ds = load_table(data, parse_mapping("txn=transaction_id,amt=amount,fraud=is_fraud"))
+    frauds = ds.is_fraud.nonzero()[0]
+    assert ((ds.labeled_at[frauds] - ds.event_time[frauds]) == 7 * 86400).all()
+
+
+def test_labeled_at_and_epoch_timestamps_are_read(tmp_path: Path) -> None:
+    rows = [["t1", "c1", "m1", 10.5, "USD", "grocery", "0", 1790812800, "1", "2026-10-03T00:00:00+00:00"],
+            ["t2", "c1", "m1", "7", "", "", "", "2026-10-01T01:00:00", "0", ""]]
+    data = _write_csv(tmp_path / "t.csv", [*HEADER, "labeled_at"], rows)
+    ds = load_table(data)
+    assert len(ds) == 2 and ds.is_fraud.tolist() == [True, False]
+    assert ds.labeled_at[0] == 1790812800 + 2 * 86400
+    assert ds.transactions[1].merchant_category == "unknown" and ds.transactions[1].amount == 7.0
+    assert [label.transaction_id for label in ds.labels()] == ["t1"]
+
+
+@pytest.mark.parametrize(("header", "rows", "message"), [
+    (HEADER[:-1], [["t1", "c1", "m1", 1.0, "USD", "grocery", "false", "2026-10-01T00:00:00Z"]],
+     "missing column(s): is_fraud"),
+    (HEADER, [["t1", "c1", "m1", 1.0, "USD", "grocery", "false", "2026-10-01T00:00:00Z", "0"],
+              ["t2", "c1", "m1", "abc", "USD", "grocery", "false", "2026-10-01T00:00:00Z", "0"]],
+     "line 3: column amount: 'abc' is not a number"),
+    (HEADER, [["t1", "c1", "m1", 1.0, "USD", "grocery", "maybe", "2026-10-01T00:00:00Z", "0"]],
+     "line 2: column is_international: 'maybe' is not a boolean"),
+    (HEADER, [["t1", "c1", "m1", 1.0, "USD", "grocery", "false", "yesterday", "0"]],
+     "line 2: timestamp is not ISO-8601: 'yesterday'"),
+    (HEADER, [["t1", "c1", "m1", -3, "USD", "grocery", "false", "2026-10-01T00:00:00Z", "0"]],
+     "line 2: amount must be > 0"),
+    (HEADER, [], "no rows (only a header)"),
+])
+def test_bad_files_fail_with_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            header: list[str], rows: list[list[object]], message: str) -> None:
+    data = _write_csv(tmp_path / "bad.csv", header, rows)
+    code, err = _run(["train", "--data", str(data), "--out", str(tmp_path / "m"), *SPLIT], capsys)
+    assert code != 0
+    assert err.count("\n") == 1 and err.startswith("fraudactors train: ")
+    assert message in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_empty_file_and_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    code, err = _run(["train", "--data", str(empty), "--quiet"], capsys)
+    assert code != 0 and err.count("\n") == 1 and "the file is empty" in err
+    code, err = _run(["train", "--data", str(tmp_path / "nope.csv"), "--quiet"], capsys)
+    assert code != 0 and err.count("\n") == 1 and "no such file" in err
+
+
+def test_a_too_short_history_says_what_to_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _write_csv(tmp_path / "short.csv", HEADER, _sim_rows(days=4, users=50))
+    code, err = _run(["train", "--data", str(data), "--quiet"], capsys)
+    assert code != 0 and err.count("\n") == 1
+    assert "the time split needs more than" in err and "--test-days" in err
+
+
+def test_bad_column_mapping(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="expected src=dst"):
+        parse_mapping("amount")
+    with pytest.raises(DataError, match="not a known column"):
+        parse_mapping("a=amountt")
+    data = _write_csv(tmp_path / "t.csv", HEADER, [])
+    with pytest.raises(DataError, match="not in the file: amt"):
+        load_table(data, {"amt": "amount"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is not None, reason="pyarrow is installed")
+def test_parquet_without_pyarrow_says_so(tmp_path: Path) -> None:
+    data = tmp_path / "t.parquet"
+    data.write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="reading Parquet needs pyarrow, which is not installed"):
+        load_table(data)
+
+
+def test_the_console_script_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    data = _write_csv(tmp_path / "bad.csv", HEADER[:-1], [])
+    proc = subprocess.run([sys.executable, "-m", "fraudactors", "train", "--data", str(data)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0
+    assert "missing column(s): is_fraud" in proc.stderr
+    assert json.dumps(proc.stdout) == '""'

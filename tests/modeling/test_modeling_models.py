@@ -1,0 +1,185 @@
+"""Trained models: loadable through registry + Scorer, ONNX == scikit-learn, integrity, reasons, reproducible."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fraudactors.cli import main as cli_main
+from fraudactors.errors import ModelError, ModelIntegrityError
+from fraudactors.features.definition import FEATURE_NAMES
+from fraudactors.modeling.attribution import TreeAttribution, build_attribution
+from fraudactors.modeling.evaluate import threshold_for_fpr
+from fraudactors.modeling.pipeline import (
+    SplitConfig,
+    compute_features,
+    fit_model,
+    held_out_set,
+    known_labels,
+    load_dataset,
+    onnx_proba,
+    single_threaded_openmp,
+    time_split,
+    to_onnx_bytes,
+)
+from fraudactors.modeling.registry import load_model_info
+from fraudactors.modeling.scorer import Scorer, make_session
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(X_fit, y_fit, X_test, y_test) of a small simulated month."""
+    ds = load_dataset({"kind": "synthetic", "seed": 4, "days": 24, "users": 400, "merchants": 300},
+                      show_progress=False)
+    X = compute_features(ds, show_progress=False)
+    split = time_split(ds.event_time, SplitConfig(warmup_days=3, calib_days=3, gap_days=2, test_days=6))
+    y = known_labels(ds, split.cutoff)
+    return X[split.fit], y[split.fit], X[split.test], ds.is_fraud[split.test]
+
+
+def test_trained_models_load_through_registry_and_score(tiny_models: Path) -> None:
+    infos = [load_model_info(tiny_models, v) for v in ("v1", "v2")]
+    for info in infos:
+        assert info.feature_names == FEATURE_NAMES
+        assert 0.0 < info.review_threshold <= info.decline_threshold <= 1.0
+        assert info.model_path.stat().st_size < 5_000_000
+        meta = info.metadata
+        assert meta["metrics"]["test"]["auc"] > 0.7
+        assert meta["onnx"]["max_abs_diff_vs_sklearn"] < 1e-4
+        assert meta["thresholds"]["review_target_fpr"] == 0.02
+        assert {"scikit-learn", "onnxruntime", "skl2onnx"} <= set(meta["libraries"])
+    assert infos[0].metadata["model_type"] == "RandomForestClassifier"
+    assert infos[1].metadata["model_type"] == "HistGradientBoostingClassifier"
+    scorer = Scorer(infos)
+    X, y, _ = held_out_set(infos[0].metadata["training"], show_progress=False)
+    for info in infos:
+        probs, reasons = scorer.score(info.version, X[:500])
+        assert probs.shape == (500,) and ((probs >= 0) & (probs <= 1)).all()
+        assert len(reasons) == 500
+        assert all(len(r) <= 3 and set(r) <= set(FEATURE_NAMES) for r in reasons)
+        assert any(reasons)
+        # The held-out rows are the ones the metadata's metrics were computed on.
+        full = scorer.predict_proba(info.version, X)
+        assert full.size == info.metadata["metrics"]["test"]["transactions"]
+        assert int(y.sum()) == info.metadata["metrics"]["test"]["frauds"]
+
+
+@pytest.mark.parametrize("algo", ["rf", "hgb"])
+def test_onnx_probabilities_equal_sklearn_on_held_out_rows(algo: str, tiny_data: tuple[np.ndarray, ...]) -> None:
+    X_fit, y_fit, X_test, _ = tiny_data
+    model = fit_model(algo, 1, X_fit, y_fit)
+    session = make_session(to_onnx_bytes(model, X_fit.shape[1], f"test_{algo}"))
+    onnx = onnx_proba(session, X_test)
+    with single_threaded_openmp():
+        sk = model.predict_proba(X_test)[:, 1]
+    assert onnx.shape == sk.shape
+    np.testing.assert_allclose(onnx, sk, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["rf", "hgb"])
+def test_path_contributions_decompose_the_model_output(algo: str, tiny_data: tuple[np.ndarray, ...],
+                                                       tmp_path: Path) -> None:
+    X_fit, y_fit, X_test, _ = tiny_data
+    model = fit_model(algo, 1, X_fit, y_fit)
+    build_attribution(model, X_fit.shape[1]).save(tmp_path / "a.npz")
+    attribution = TreeAttribution.load(tmp_path / "a.npz")
+    rows = X_test[:300]
+    with single_threaded_openmp():
+        expected = model.predict_proba(rows)[:, 1] if algo == "rf" else model.decision_function(rows)
+    np.testing.assert_allclose(attribution.output(rows), expected, rtol=0, atol=1e-9)
+    contrib = attribution.contributions(rows)
+    reasons = attribution.reasons(rows, FEATURE_NAMES, 3)
+    index = {n: i for i, n in enumerate(FEATURE_NAMES)}
+    for c, r in zip(contrib, reasons, strict=True):
+        assert len(r) <= 3
+        values = [c[index[name]] for name in r]
+        assert all(v > 0 for v in values)
+        assert values == sorted(values, reverse=True)
+        positive = np.sort(c[c > 0])[::-1]
+        assert len(r) == min(3, positive.size)
+        if r:
+            assert values[0] == positive[0]
+
+
+def test_a_modified_model_file_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_models / "v1", tmp_path / "v1")
+    load_model_info(tmp_path, "v1")  # intact: fine
+    model = tmp_path / "v1" / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match=r"model v1: .*model\.onnx has sha256 .* metadata\.json records"):
+        load_model_info(tmp_path, "v1")
+
+
+def test_a_model_changed_after_verification_is_refused_by_the_scorer(tiny_models: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_models / "v2", tmp_path / "v2")
+    info = load_model_info(tmp_path, "v2")
+    model = tmp_path / "v2" / "model.onnx"
+    model.write_bytes(model.read_bytes() + b"\0")
+    with pytest.raises(ModelIntegrityError):
+        Scorer([info])
+
+
+def test_a_modified_attribution_file_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_models / "v1", tmp_path / "v1")
+    (tmp_path / "v1" / "attribution.npz").write_bytes(b"not the trained file")
+    with pytest.raises(ModelIntegrityError, match=r"attribution\.npz"):
+        load_model_info(tmp_path, "v1")
+
+
+def test_models_with_other_features_or_missing_files_are_refused(tiny_models: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_models / "v1", tmp_path / "v1")
+    with pytest.raises(ModelError, match="other features"):
+        load_model_info(tmp_path, "v1", expected_features=(*FEATURE_NAMES, "extra_feature"))
+    meta_path = tmp_path / "v1" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["feature_names"] = list(reversed(meta["feature_names"]))
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="different order"):
+        load_model_info(tmp_path, "v1")
+    with pytest.raises(ModelError, match="model v9 not found"):
+        load_model_info(tmp_path, "v9")
+    with pytest.raises(ModelError, match="not loaded"):
+        Scorer([]).score("v1", np.zeros((1, len(FEATURE_NAMES)), dtype=np.float32))
+
+
+def test_same_command_same_models(tiny_models: Path, tiny_args: list[str], tmp_path: Path) -> None:
+    assert cli_main(["train", *tiny_args, "--out", str(tmp_path)]) == 0
+    for version in ("v1", "v2"):
+        a = json.loads((tiny_models / version / "metadata.json").read_text())
+        b = json.loads((tmp_path / version / "metadata.json").read_text())
+        assert a["sha256"] == b["sha256"]
+        assert a["attribution"]["sha256"] == b["attribution"]["sha256"]
+        assert a["metrics"] == b["metrics"]
+        assert a["thresholds"] == b["thresholds"]
+
+
+def test_evaluate_reproduces_the_training_metrics(tiny_models: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval.json"
+    assert cli_main(["evaluate", "--models", str(tiny_models), "--json", str(out), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "| v1 (rf) |" in table and "| v2 (hgb) |" in table
+    results = json.loads(out.read_text())
+    for version in ("v1", "v2"):
+        trained = json.loads((tiny_models / version / "metadata.json").read_text())["metrics"]["test"]
+        assert results[version]["metrics"] == trained
+
+
+def test_threshold_for_fpr_keeps_the_false_positive_rate_under_target() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 50, 1000, 12345):
+        neg = rng.random(n).astype(np.float32)
+        neg[: n // 3] = neg[0]  # ties
+        for target in (0.001, 0.02, 0.1, 0.5):
+            t = threshold_for_fpr(neg, target)
+            flagged = (neg.astype(np.float64) >= t).sum()
+            assert flagged <= np.floor(target * n + 1e-9)
+            lower = neg[neg < t]
+            if lower.size:  # the next lower legit score would flag too many
+                assert (neg >= lower.max()).sum() > np.floor(target * n + 1e-9)
