@@ -63,7 +63,9 @@ class Engine:
             ChildSpec("publisher", self.publisher.run, start_timeout=start_timeout,
                       shutdown_timeout=stop_timeout),
             ChildSpec("outcomes", self.outcomes.run, start_timeout=start_timeout, shutdown_timeout=5.0),
-            ChildSpec("ingestor", self.ingestor.run, start_timeout=start_timeout, shutdown_timeout=stop_timeout),
+            # transient: it returns normally only when the engine stops; a stall or crash restarts it
+            ChildSpec("ingestor", self.ingestor.run, restart=Restart.TRANSIENT, start_timeout=start_timeout,
+                      shutdown_timeout=stop_timeout),
             ChildSpec("labels", self.labels.run, start_timeout=start_timeout, shutdown_timeout=5.0),
             ChildSpec("http", self.http.run, start_timeout=10.0, shutdown_timeout=5.0),
             ChildSpec("readiness", self._readiness_loop, restart=Restart.PERMANENT, shutdown_timeout=2.0),
@@ -148,8 +150,10 @@ class Engine:
     def readiness(self) -> dict[str, Any]:
         problems: dict[str, Any] = {}
         ing = self.ingestor
-        if not ing.running:
-            problems["consumer"] = ing.stalled_reason or "not running"
+        if ing.stalled_reason is not None:
+            problems["consumer"] = f"stalled, restarting: {ing.stalled_reason}"
+        elif not ing.running:
+            problems["consumer"] = "not running"
         elif not ing.assigned:
             problems["partitions"] = "no partitions assigned"
         if not self.inference.ready:

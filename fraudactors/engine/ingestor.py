@@ -59,6 +59,7 @@ class _Partition:
     task: asyncio.Task[None] | None = None
     overflow: list[Item] = field(default_factory=list)
     paused: bool = False
+    closing: bool = False  # revoked or shutting down: no more records go in
     first_offset: int | None = None
     progress_mark: int = -1
     progress_at: float = field(default_factory=time.monotonic)
@@ -141,7 +142,7 @@ class Ingestor:
         await consumer.start()
         self._consumer = consumer
         self.running = True
-        self.stalled_reason = None
+        self.stalled_reason = None  # a fresh consumer: the stall (if any) is over
         self.last_poll = time.monotonic()
         self._log.info("ingestor_started", group_id=settings.kafka.group_id,
                        topic=settings.topics.transactions)
@@ -170,7 +171,7 @@ class Ingestor:
             self.last_poll = now
             for tp, records in data.items():
                 state = self._parts.get(tp.partition)
-                if state is None or not records:
+                if state is None or state.closing or not records:
                     continue  # revoked while fetched: the new owner reads them again
                 consumed.labels(str(tp.partition)).inc(len(records))
                 self._dispatch(consumer, state, [(r, now) for r in records])
@@ -191,7 +192,7 @@ class Ingestor:
 
     def _resume_drained(self, consumer: AIOKafkaConsumer) -> None:
         for state in self._parts.values():
-            if not state.paused:
+            if not state.paused or state.closing:
                 continue
             mailbox = state.mailbox
             if mailbox.depth > mailbox.maxsize // 2:
@@ -299,7 +300,8 @@ class Ingestor:
         task.add_done_callback(functools.partial(self._worker_exited, state))
 
     def _worker_exited(self, state: _Partition, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or self._parts.get(state.tp.partition) is not state or state.task is not task:
+        if (task.cancelled() or state.closing or self._parts.get(state.tp.partition) is not state
+                or state.task is not task):
             return
         exc = task.exception()
         if exc is None:
@@ -360,6 +362,7 @@ class Ingestor:
         timeout = self._settings.engine.shutdown_timeout_s / 2
         tasks = []
         for s in states:
+            s.closing = True
             s.overflow.clear()
             if s.task is not None and not s.task.done():
                 s.task.cancel()
