@@ -36,12 +36,14 @@ HELP = "run the whole system locally: embedded broker and Redis, engine, load ge
 # Exit codes: 130 after Ctrl-C (the CLI maps KeyboardInterrupt), 143 after SIGTERM.
 EXIT_TERMINATED = 128 + signal.SIGTERM
 DEFAULT_REPORT = "reports/demo-report.json"
+# Transactions of history sent (unmeasured) before the run, so users are not all brand new.
+DEFAULT_WARMUP = 50_000
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from loadgen.cli import add_load_arguments
 
-    add_load_arguments(parser, rate=1000.0, duration=30.0, report=DEFAULT_REPORT)
+    add_load_arguments(parser, rate=1000.0, duration=30.0, report=DEFAULT_REPORT, warmup=DEFAULT_WARMUP)
     parser.add_argument("--config", default=None, metavar="PATH",
                         help="TOML config file (defaults apply to every key it leaves out)")
     parser.add_argument("--engine-timeout", type=float, default=120.0, metavar="S",

@@ -24,7 +24,8 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration: float, report: str | None) -> None:
+def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration: float, report: str | None,
+                       warmup: int = 0) -> None:
     """The options shared by ``loadgen`` and ``demo``."""
     parser.add_argument("--rate", type=positive_float, default=rate, metavar="TPS",
                         help=f"arrival rate in transactions per second (start rate for step/ramp; default {rate:g})")
@@ -43,6 +44,9 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration
     parser.add_argument("--event-time", choices=("sim", "send"), default="sim",
                         help="sim: keep the simulator's event times (accuracy is meaningful; default); "
                              "send: restamp with the scheduled send time")
+    parser.add_argument("--warmup", type=int, default=warmup, metavar="N",
+                        help=f"first send N transactions of history as fast as possible and wait for their "
+                             f"decisions, unmeasured, so users have a past (default {warmup})")
     parser.add_argument("--no-labels", action="store_true", help="do not send the delayed fraud labels")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"simulator seed (default {DEFAULT_SEED}: a world the default models never trained on)")
@@ -61,7 +65,7 @@ def load_config_from_args(args: argparse.Namespace) -> Any:
     from loadgen.schedule import make_profile
 
     profile = make_profile(args.profile, args.rate, args.duration, args.rate_to, args.steps)
-    return LoadConfig(profile=profile, drain_timeout_s=args.drain_timeout, seed=args.seed,
+    return LoadConfig(profile=profile, drain_timeout_s=args.drain_timeout, seed=args.seed, warmup=args.warmup,
                       event_time=args.event_time, send_labels=not args.no_labels, progress=not args.no_progress)
 
 

@@ -52,6 +52,11 @@ class TransactionSource(Protocol):
         """The next ``n`` transactions; ``send_times`` are their scheduled send times (epoch s)."""
         ...
 
+    def begin_run(self, prefix: str) -> None:
+        """What was taken so far was warm-up (its ids, and its later labels, keep their prefix); from
+        now on ids are ``prefix`` + index from 0."""
+        ...
+
 
 class SimSource:
     """:class:`fraudactors.sim.Simulator` (endless, seeded) adapted to the load generator."""
@@ -66,7 +71,21 @@ class SimSource:
                                    id_prefix=_SIM_PREFIX)
         self._events: Iterator[SimEvent | LabelEvent] = self.simulator.events()
         self._next = 0  # run index of the next transaction
+        self._offset = 0  # simulator transactions taken before the run (warm-up)
+        self._warmup_prefix = prefix
         self._last_send_time = 0.0
+
+    def begin_run(self, prefix: str) -> None:
+        if prefix == self.prefix:
+            raise ValueError("the run's prefix must differ from the warm-up's")
+        self._offset += self._next
+        self._next = 0
+        self._warmup_prefix, self.prefix = self.prefix, prefix
+
+    def _id(self, sim_index: int) -> str:
+        if sim_index < self._offset:
+            return f"{self._warmup_prefix}{sim_index}"
+        return f"{self.prefix}{sim_index - self._offset}"
 
     def take(self, n: int, send_times: np.ndarray) -> TxnBatch:
         keys: list[bytes] = []
@@ -83,7 +102,7 @@ class SimSource:
             if isinstance(ev, LabelEvent):
                 label = dict(ev.label)
                 sim_id = str(label["transaction_id"])
-                label["transaction_id"] = f"{prefix}{int(sim_id[len(_SIM_PREFIX):]) - 1}"
+                label["transaction_id"] = self._id(int(sim_id[len(_SIM_PREFIX):]) - 1)
                 if restamp:
                     label["labeled_at"] = iso(self._last_send_time)
                 labels.append(PendingLabel(self._next + k - 1, str(label["user_id"]).encode(), dumps(label)))

@@ -117,6 +117,7 @@ def build_report(result: RunResult) -> dict[str, Any]:
         "fraud_by_scenario": _scenario_counts(result),
         "labels_sent": result.labels_sent,
         "source": result.source_name,
+        "warmup": result.warmup,
         "topics": dict(result.topics),
     }
     return report

@@ -25,7 +25,7 @@ from aiokafka.partitioner import murmur2
 from fraudactors.errors import FraudActorsError
 from fraudactors.settings import Settings
 from loadgen.collector import DecisionCollector
-from loadgen.generator import EventTimeMode, PendingLabel, TransactionSource, make_source
+from loadgen.generator import EventTimeMode, PendingLabel, TransactionSource, TxnBatch, make_source
 from loadgen.progress import Progress, format_line
 from loadgen.schedule import RateProfile, scheduled_times
 
@@ -43,6 +43,9 @@ class LoadConfig:
     event_time: EventTimeMode = "sim"
     send_labels: bool = True
     run_id: str = ""
+    # Transactions sent (as fast as possible) and decided before the measured run; not in the report's counts.
+    warmup: int = 0
+    warmup_timeout_s: float = 120.0
     linger_ms: int = 5
     progress: bool = True
     # Builds the source from the run's id prefix (tests plug in their own); default: the simulator.
@@ -69,6 +72,7 @@ class RunResult:
     labels_sent: int
     source_name: str
     topics: dict[str, str] = field(default_factory=dict)
+    warmup: dict[str, Any] | None = None
 
 
 class _Outbox:
@@ -150,6 +154,7 @@ class PreparedLoad:
     outbox: _Outbox
     is_fraud: np.ndarray
     scenarios: list[str]
+    warmup: TxnBatch | None = None
 
 
 def prepare_load(config: LoadConfig, pregenerate: bool | None = None) -> PreparedLoad:
@@ -160,7 +165,15 @@ def prepare_load(config: LoadConfig, pregenerate: bool | None = None) -> Prepare
     scheduled = scheduled_times(config.profile)
     total = len(scheduled)
     factory = config.source_factory or (lambda p: make_source(p, config.seed, config.event_time))
-    source = factory(prefix)
+    warmup: TxnBatch | None = None
+    if config.warmup > 0:
+        # History first: the same simulated world, sent before the clock starts and not measured,
+        # so the measured transactions meet users and merchants the feature store already knows.
+        source = factory(f"lgw-{run_id}-")
+        warmup = source.take(config.warmup, np.full(config.warmup, time.time()))
+        source.begin_run(prefix)
+    else:
+        source = factory(prefix)
     is_fraud = np.zeros(total, dtype=bool)
     scenarios: list[str] = []
     outbox = _Outbox(source, scheduled, time.time(), is_fraud, scenarios)
@@ -169,7 +182,7 @@ def prepare_load(config: LoadConfig, pregenerate: bool | None = None) -> Prepare
     if pregenerate:
         while outbox.prepared_to < total:
             outbox.prepare(50_000)
-    return PreparedLoad(config, run_id, prefix, scheduled, source, outbox, is_fraud, scenarios)
+    return PreparedLoad(config, run_id, prefix, scheduled, source, outbox, is_fraud, scenarios, warmup)
 
 
 async def run_load(settings: Settings, config: LoadConfig, progress: Progress | None = None,
@@ -210,15 +223,17 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
         consumer.assign(pred_tps)
         for tp, offset in (await consumer.end_offsets(pred_tps)).items():
             consumer.seek(tp, offset)
-        dlq_before = sum((await consumer.end_offsets(dlq_tps)).values())
 
         sent_at = np.full(total, np.nan, dtype=np.float64)
+        state = _State()
+        warm_stats = await _warm_up(producer, consumer, topics.transactions, topics.labels, prepared, n_partitions,
+                                    config, progress) if prepared.warmup is not None else None
+        dlq_before = sum((await consumer.end_offsets(dlq_tps)).values())
         started_at = datetime.now(UTC).isoformat(timespec="seconds")
         outbox.wall_start = time.time()  # event times of a restamping source count from here
         start = time.perf_counter()
         collector = DecisionCollector(prefix, scheduled, start)
         collector.track_window = progress.enabled
-        state = _State()
 
         def delivered(fut: asyncio.Future[Any]) -> None:
             if fut.cancelled() or fut.exception() is not None:
@@ -298,7 +313,7 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
         config=config, run_id=run_id, prefix=prefix, started_at=started_at, scheduled_s=scheduled,
         sent_at_s=sent_at, is_fraud=is_fraud, scenarios=scenarios, collector=collector, sent=total - state.send_errors,
         send_errors=state.send_errors, send_end_s=send_end, end_s=end, drained=drained,
-        dlq=dlq_after - dlq_before, labels_sent=state.labels_sent, source_name=source.name,
+        dlq=dlq_after - dlq_before, labels_sent=state.labels_sent, source_name=source.name, warmup=warm_stats,
         topics={"transactions": topics.transactions, "predictions": topics.predictions,
                 "labels": topics.labels, "dlq": topics.dlq},
     )
@@ -344,6 +359,42 @@ async def _show(progress: Progress, profile: RateProfile, collector: DecisionCol
         last_t, last_sent = t, state.sent
         progress.update(format_line(state.phase, t, profile.duration_s, profile.rate_at(min(t, profile.duration_s))
                                     if state.phase == "send" else 0.0, rate, state.sent, collector.distinct, p99))
+
+
+async def _warm_up(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, topic: str, labels_topic: str,
+                   prepared: PreparedLoad, n_partitions: int, config: LoadConfig,
+                   progress: Progress) -> dict[str, Any]:
+    """Send the warm-up batch at once, then read decisions until all are in (or the timeout)."""
+    batch = prepared.warmup
+    assert batch is not None
+    n = len(batch)
+    collector = DecisionCollector(f"lgw-{prepared.run_id}-", np.zeros(n), time.perf_counter())
+    collector.track_window = False
+    progress.update(f"[warmup] sending {n:,} transactions of history (not measured)")
+    t0 = time.perf_counter()
+    futures = []
+    for key, value in zip(batch.keys, batch.values, strict=True):
+        futures.append(await producer.send(topic, value=value, key=key,
+                                           partition=(murmur2(key) & 0x7FFFFFFF) % n_partitions))
+    if config.send_labels:
+        for label in batch.labels:
+            futures.append(await producer.send(labels_topic, value=label.value, key=label.key))
+    await asyncio.gather(*futures)
+    deadline = time.perf_counter() + config.warmup_timeout_s
+    last_note = time.perf_counter()
+    while collector.distinct < n and time.perf_counter() < deadline:
+        batches = await consumer.getmany(timeout_ms=100, max_records=20_000)
+        for records in batches.values():
+            collector.feed([r.value for r in records])
+        if time.perf_counter() - last_note >= progress.interval_s:
+            last_note = time.perf_counter()
+            progress.update(f"[warmup] {collector.distinct:,}/{n:,} decided")
+    seconds = time.perf_counter() - t0
+    progress.update(f"[warmup] {collector.distinct:,}/{n:,} decided in {seconds:.1f}s "
+                    f"({collector.distinct / max(seconds, 1e-9):,.0f}/s); measured run starts")
+    progress.finish()
+    return {"sent": n, "decided": collector.distinct, "seconds": round(seconds, 3),
+            "complete": collector.distinct >= n}
 
 
 async def _reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:

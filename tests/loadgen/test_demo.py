@@ -43,7 +43,7 @@ def test_demo_runs_engine_and_load_and_writes_the_report(tmp_path: Path, models_
     env["PYTHONUNBUFFERED"] = "1"
     report_path = tmp_path / "reports" / "demo.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "fraudactors", "demo", "--rate", "200", "--duration", "5",
+        [sys.executable, "-m", "fraudactors", "demo", "--rate", "200", "--duration", "5", "--warmup", "2000",
          "--report", str(report_path), *_models_config(tmp_path, models_dir)],
         capture_output=True, text=True, timeout=110, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -54,6 +54,7 @@ def test_demo_runs_engine_and_load_and_writes_the_report(tmp_path: Path, models_
     assert report["dlq"] == 0
     assert report["variants"]["A"] + report["variants"]["B"] == 1000
     assert report["engine_exit_code"] == 0
+    assert report["warmup"]["decided"] == 2000  # history first, then the measured run
     assert report["latency_ms"]["p50"] > 0
     assert report_path.with_suffix(".md").is_file()
     assert [Path(c).name for c in report["charts"]] == ["demo-latency.png", "demo-throughput.png",

@@ -46,3 +46,16 @@ async def test_a_late_engine_shows_as_latency_and_gaps_as_lost_and_duplicates(se
     assert report["drained"] is False
     assert report["latency_ms"]["min"] >= 290.0  # nothing can be faster than the hold
     assert report["latency_ms"]["p50"] >= 290.0
+
+
+async def test_warmup_is_decided_first_and_left_out_of_the_report(settings: Settings, responder) -> None:
+    config = LoadConfig(profile=make_profile("constant", 200, 1.0), warmup=300, drain_timeout_s=30, progress=False)
+    async with responder(settings) as pipeline:
+        result = await run_load(settings, config)
+    report = build_report(result)
+    check_report(report)
+    assert pipeline.processed == 500
+    assert report["warmup"] == {"sent": 300, "decided": 300, "seconds": report["warmup"]["seconds"],
+                                "complete": True}
+    assert report["sent"] == report["decided"] == 200 and report["lost"] == 0
+    assert report["foreign_decisions"] == 0
