@@ -32,8 +32,8 @@ class NullOptions:
     hold_s: float = 0.0
     duplicate_every: int = 0
     drop_every: int = 0
-    fetch_max_records: int = 5000
-    fetch_max_wait_ms: int = 10
+    fetch_max_records: int = 0  # 0: kafka.fetch_max_records, as the engine fetches
+    fetch_max_wait_ms: int = 0  # 0: kafka.fetch_max_wait_ms
 
 
 class NullPipeline:
@@ -53,26 +53,27 @@ class NullPipeline:
 
         s, o = self.settings, self.options
         out_topic = o.output_topic or s.topics.predictions
+        fetch = o.fetch_max_records or s.kafka.fetch_max_records
         consumer = make_consumer(s, s.topics.transactions, group_id=o.group_id or f"{s.kafka.group_id}-null",
-                                 auto_offset_reset="earliest", max_poll_records=o.fetch_max_records,
-                                 fetch_max_wait_ms=o.fetch_max_wait_ms)
+                                 auto_offset_reset="earliest", max_poll_records=fetch,
+                                 fetch_max_wait_ms=o.fetch_max_wait_ms or s.kafka.fetch_max_wait_ms)
         producer = make_producer(s)
         await consumer.start()
         try:
             await producer.start()
             try:
-                await self._loop(consumer, producer, out_topic)
+                await self._loop(consumer, producer, out_topic, fetch)
             finally:
                 await asyncio.shield(producer.stop())
         finally:
             await asyncio.shield(consumer.stop())
 
-    async def _loop(self, consumer: Any, producer: Any, out_topic: str) -> None:
+    async def _loop(self, consumer: Any, producer: Any, out_topic: str, fetch_max: int) -> None:
         o = self.options
         stop_wait = asyncio.ensure_future(self._stop.wait())
         try:
             while not self._stop.is_set():
-                fetch = asyncio.ensure_future(consumer.getmany(timeout_ms=200, max_records=o.fetch_max_records))
+                fetch = asyncio.ensure_future(consumer.getmany(timeout_ms=200, max_records=fetch_max))
                 await asyncio.wait({fetch, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
                     fetch.cancel()

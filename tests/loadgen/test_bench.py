@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from fraudactors.settings import Settings
 from loadgen.bench_drain import fill_backlog, machine, run_trial, trial_settings
@@ -40,3 +45,41 @@ def test_cpu_meter_reads_proc_and_machine_names_the_box() -> None:
     assert set(cores) == {"me"} and cores["me"] >= 0
     info = machine()
     assert info["nproc"] >= 1 and "date" in info
+
+
+def _bench(args: list[str], tmp_path: Path, models_dir: Path) -> tuple[str, dict]:
+    config = tmp_path / "bench.toml"
+    config.write_text(f'[models]\ndir = "{models_dir}"\n')
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDACTORS_")}
+    proc = subprocess.run([sys.executable, "-m", "fraudactors", "bench", *args, "--config", str(config),
+                           "--json", str(out)], capture_output=True, text=True, timeout=110, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_drain_bench_smoke_prints_engine_null_and_ratio(tmp_path: Path, models_dir: Path) -> None:
+    out, result = _bench(["drain", "--records", "3000", "--timeout", "60"], tmp_path, models_dir)
+    assert "engine/null" in out
+    assert result["engine"]["complete"] and result["null"]["complete"]
+    assert result["engine"]["decided"] == 3000 == result["null"]["decided"]
+    assert result["engine"]["exit_codes"] == [0] and result["null"]["exit_codes"] == [0]
+    assert result["machine"]["nproc"] >= 1 and "ratio" in result
+
+
+@pytest.mark.slow
+def test_scaleout_bench_smoke_runs_one_then_two_engines(tmp_path: Path, models_dir: Path) -> None:
+    out, result = _bench(["scaleout", "--records", "3000", "--timeout", "60"], tmp_path, models_dir)
+    assert "speed-up" in out
+    assert result["one"]["processes"] == 1 and result["two"]["processes"] == 2
+    assert result["one"]["complete"] and result["two"]["complete"]
+    assert result["two"]["exit_codes"] == [0, 0]
+
+
+def test_pool_bench_smoke_compares_process_and_thread(tmp_path: Path, models_dir: Path) -> None:
+    out, result = _bench(["pool", "--rows", "1,16", "--calls", "30", "--concurrency", "4"], tmp_path, models_dir)
+    assert "process" in out and "thread" in out
+    for mode in ("process", "thread"):
+        assert [r["rows"] for r in result[mode]] == [1, 16]
+        assert all(r["rows_per_s_sequential"] > 0 and r["latency_ms_p99"] >= r["latency_ms_p50"] for r in result[mode])
