@@ -43,9 +43,11 @@ Exactness under concurrency (one writer per partition, many partitions at once):
   because other partitions increment the same merchant buckets between our read and write; they
   equal the offline values when one writer processes a merchant's transactions in time order.
 
-Redis errors and timeouts raise :class:`FeatureStoreUnavailable` (retriable); nothing is
-written by a batch that failed. The client does not retry on its own, so a lost ``EXEC`` reply is
-never applied twice.
+Redis errors and timeouts raise :class:`FeatureStoreUnavailable` (retriable). The write is one
+atomic script, so a batch is applied wholly or not at all; the client never re-sends on its own
+(a write whose reply was lost may have been applied: calling ``compute`` again with the same
+offsets is safe, the replay check skips what was applied). Records scored in degraded mode
+instead are not added to any state.
 """
 
 from __future__ import annotations
