@@ -198,10 +198,24 @@ class OnlineFeatureStore:
 
     # -- the batch path ------------------------------------------------------------------------
 
-    async def compute(self, txns: Sequence[Transaction], partition: int, offsets: Sequence[int]) -> np.ndarray:
-        """float32 ``(len(txns), N_FEATURES)``; one read and one write round trip; state updated."""
+    async def compute(self, txns: Sequence[Transaction], partition: int | Sequence[int],
+                      offsets: Sequence[int]) -> np.ndarray:
+        """float32 ``(len(txns), N_FEATURES)``; one read and one write round trip; state updated.
+
+        ``partition`` is the source partition of every record, or one partition per record: a
+        batch may mix partitions (a user lives in one partition, so each user's records keep
+        their order), which lets a caller amortise the two round trips over more records when
+        each partition alone is slow. ``offsets`` are the records' offsets in their partitions.
+        """
         if len(offsets) != len(txns):
             raise ValueError(f"{len(txns)} transactions but {len(offsets)} offsets")
+        partitions: Sequence[int]
+        if isinstance(partition, int):
+            partitions = [partition] * len(txns)
+        else:
+            partitions = partition
+            if len(partitions) != len(txns):
+                raise ValueError(f"{len(txns)} transactions but {len(partitions)} partitions")
         if not txns:
             return np.empty((0, N_FEATURES), dtype=np.float32)
         states, views, sizes = await self._read(txns)
@@ -209,7 +223,7 @@ class OnlineFeatureStore:
         dirty: dict[str, None] = {}  # users with an applied transaction, in first-seen order
         increments: dict[str, dict[str, int]] = {}
         newest: dict[str, float] = {}
-        for txn, offset in zip(txns, offsets, strict=True):
+        for txn, partition, offset in zip(txns, partitions, offsets, strict=True):
             state = states[txn.user_id]
             view = views[txn.merchant_id]
             if state is not None and state.partition == partition and offset <= state.offset:
