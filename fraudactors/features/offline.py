@@ -3,7 +3,9 @@
 Same code path as the online store: the per-user state transition, the merchant buckets and the
 label rule all come from :mod:`fraudactors.features.definition`. Transactions are processed in
 event-time order (a stable sort, so ties keep their input order), which is the order a single
-writer sees them live; rows come back in the input order.
+writer sees them live; rows come back in the input order. The one place serving can differ is a
+live event that arrives after later events of the same user (see ``definition``: its windows
+still only count earlier events, but its novelty flags see merchants used "after" it).
 
 Labels: a fraud label counts for a transaction only once reported, from the start of the hour
 after its ``labeled_at`` (``definition.merchant_features`` applies that rule from the buckets, so
