@@ -180,7 +180,9 @@ class Engine:
             self._was_ready = ready
             for mailbox, depth in (("inference", self.inference.depth),):
                 self.metrics.mailbox_depth.labels(mailbox).set(depth)
+            t = time.perf_counter()
             await asyncio.sleep(_READINESS_INTERVAL_S)
+            self.metrics.loop_lag.observe(max(0.0, time.perf_counter() - t - _READINESS_INTERVAL_S))
 
     # ---------------------------------------------------------------- HTTP
     async def handle(self, method: str, path: str, body: bytes) -> Response:

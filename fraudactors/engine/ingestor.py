@@ -164,11 +164,15 @@ class Ingestor:
     async def _poll_loop(self, consumer: AIOKafkaConsumer) -> None:
         max_records = self._settings.kafka.fetch_max_records
         consumed = self._metrics.records_consumed
+        fetch_delay = self._metrics.fetch_delay
         while not self._stopping:
             self._resume_drained(consumer)
             data = await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=max_records)
             now = time.monotonic()
             self.last_poll = now
+            if data:
+                oldest = min(records[0].timestamp for records in data.values() if records)
+                fetch_delay.observe(max(0.0, time.time() - oldest / 1000.0))
             for tp, records in data.items():
                 state = self._parts.get(tp.partition)
                 if state is None or state.closing or not records:

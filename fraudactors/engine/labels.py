@@ -167,14 +167,19 @@ class LabelConsumer:
                 if not data:
                     continue
                 labels: list[Label] = []
+                invalid = 0
+                example: tuple[str, int, int] | None = None
                 for records in data.values():
                     for record in records:
                         try:
                             labels.append(parse_label(record.value))
                         except InvalidRecord as exc:
-                            self.invalid += 1
-                            self._log.warning("label_invalid", reason=exc.reason, partition=record.partition,
-                                              offset=record.offset)
+                            invalid += 1
+                            example = example or (exc.reason, record.partition, record.offset)
+                if example is not None:  # one line per batch, not per record
+                    self.invalid += invalid
+                    self._log.warning("labels_invalid", count=invalid, reason=example[0],
+                                      partition=example[1], offset=example[2])
                 while True:
                     try:
                         await self._apply(labels)

@@ -68,6 +68,14 @@ class EngineMetrics:
             "fraudactors_feature_store_up", "1 while the online feature store is reachable.", registry=r)
         self.publish_retries = Counter(
             "fraudactors_publish_retries", "Producer sends retried after a failure.", ["topic"], registry=r)
+        self.fetch_delay = Histogram(
+            "fraudactors_fetch_delay_seconds",
+            "Record timestamp (producer time) to its arrival at the ingestor, oldest record per fetch.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.loop_lag = Histogram(
+            "fraudactors_event_loop_lag_seconds",
+            "How late the event loop ran a timer (CPU saturation or a blocking call).",
+            buckets=_LATENCY_BUCKETS, registry=r)
         self.commits = Counter("fraudactors_commits", "Offset commits.", registry=r)
 
     def render(self) -> bytes:
