@@ -52,8 +52,13 @@ from fraudactors.features.schema import Transaction
 
 HOUR_S = 3600
 DAY_S = 86400
-WINDOWS_S = (600, HOUR_S, DAY_S, 7 * DAY_S, 30 * DAY_S)  # 10m, 1h, 24h, 7d, 30d
-HISTORY_S = 30 * DAY_S
+# user windows: 10m, 1h, 24h, 7d, 30d (the longest is also how much history a user keeps)
+W_10M = 600.0
+W_1H = 3600.0
+W_24H = 86400.0
+W_7D = 7 * 86400.0
+W_30D = 30 * 86400.0
+HISTORY_S = W_30D
 MAX_EVENTS = 256
 MAX_SEEN_MERCHANTS = 64
 MAX_SEEN_CATEGORIES = 32
@@ -258,11 +263,11 @@ def user_features(state: UserState | None, txn: Transaction) -> list[float]:
     times = state.times
     amounts = state.amounts
     end = bisect_right(times, t)
-    s10m = bisect_right(times, t - 600.0, 0, end)
-    s1h = bisect_right(times, t - 3600.0, 0, end)
-    s24h = bisect_right(times, t - 86400.0, 0, end)
-    s7d = bisect_right(times, t - 604800.0, 0, end)
-    s30d = bisect_right(times, t - 2592000.0, 0, end)
+    s10m = bisect_right(times, t - W_10M, 0, end)
+    s1h = bisect_right(times, t - W_1H, 0, end)
+    s24h = bisect_right(times, t - W_24H, 0, end)
+    s7d = bisect_right(times, t - W_7D, 0, end)
+    s30d = bisect_right(times, t - W_30D, 0, end)
     n30 = end - s30d
     window = amounts[s30d:end]
     sum30 = sum(window)
