@@ -132,7 +132,7 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
     """Topics, engine child, load run, report files, engine stop (between the services' start and stop)."""
     from fraudactors.services.kafka import create_topics
     from loadgen.cli import load_config_from_args
-    from loadgen.procs import engine_child
+    from loadgen.procs import CpuMeter, engine_child
     from loadgen.progress import Progress
     from loadgen.report import format_table, write_outputs
     from loadgen.runner import prepare_load, run_load
@@ -158,7 +158,12 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
                 f"({config.profile.name}, {args.rate:g}/s"
                 + (f" -> {config.profile.segments[-1].rate_to:g}/s" if config.profile.name != "constant" else "")
                 + f", {args.duration:g}s), reading decisions from {settings.topics.predictions}")
-            result = await run_load(settings, config, Progress(sys.stdout, enabled=config.progress), prepared)
+            # CPU of every process over the send window (engine with its inference workers, broker,
+            # Redis, this process) - not over the warm-up, which runs the engine flat out.
+            meter = CpuMeter({"engine": engine.pid, **stack.pids, "loadgen": os.getpid()})
+            result = await run_load(settings, config, Progress(sys.stdout, enabled=config.progress), prepared,
+                                    on_clock_start=meter.start, on_send_end=meter.stop)
+            cpu = meter.result
         except BaseException:
             engine_log = engine.tail(2000)
             await asyncio.shield(engine.stop())
@@ -171,9 +176,13 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
     report = write_outputs(result, args.report)
     # Extra keys: what the demo itself checked.
     report.update({"partitions": settings.topics.partitions, "received": report["decided"], "redis_ok": redis_ok,
-                   "engine_exit_code": code})
+                   "engine_exit_code": code, "cpu_cores": cpu, "cpu_wait_cores": meter.waiting,
+                   "loadavg": _loadavg()})
     _rewrite(args.report, report)
     say(format_table(report))
+    say("cpu over the send window, cores used (waiting for a cpu): "
+        + ", ".join(f"{k} {v:.2f} ({meter.waiting.get(k, 0.0):.2f})" for k, v in cpu.items())
+        + f"; load average {report['loadavg']}")
     say(f"report written to {args.report} (+ {report['markdown']}, charts: "
         f"{', '.join(Path(c).name for c in report['charts'])})")
     problems = []
@@ -185,6 +194,13 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
     if not redis_ok:
         problems.append("the embedded Redis did not answer PING")
     return DemoResult(report=report, ok=not problems, problems=problems)
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
 
 
 def _topics(settings: Settings) -> list[str]:

@@ -45,6 +45,8 @@ def machine() -> dict[str, Any]:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip() or None
     info["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with contextlib.suppress(OSError, ValueError):
+        info["loadavg"] = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     return info
 
 
@@ -150,6 +152,7 @@ async def run_trial(name: str, settings: Settings, children: Sequence[Child], n:
                                               lambda: all(c.proc is not None and c.proc.returncode is None
                                                           for c in children))
             cpu = meter.stop()
+            waiting = meter.waiting
         finally:
             codes = await asyncio.gather(*(c.stop() for c in children))
     last = counter.last_t or t_ready
@@ -169,11 +172,12 @@ async def run_trial(name: str, settings: Settings, children: Sequence[Child], n:
         "basis": "after_ready" if use_ready else "first_to_last_decision",
         "tps_after_ready": round(tps_after_ready, 1), "window_s": round(window, 3),
         "tps_first_to_last": round(tps_from_first, 1), "first_to_last_s": round(last - first, 3),
-        "cpu_cores": cpu, "exit_codes": list(codes),
+        "cpu_cores": cpu, "cpu_wait_cores": waiting, "exit_codes": list(codes),
     }
     say(f"  {name}: {result['tps']:,.0f} TPS ({result['basis']}) "
         f"({counter.count:,}/{n:,} decided{'' if complete else ', INCOMPLETE'}; "
-        f"cpu {', '.join(f'{k} {v:.2f}' for k, v in cpu.items())}; exit {list(codes)})")
+        f"cpu used (waiting) {', '.join(f'{k} {v:.2f} ({waiting.get(k, 0.0):.2f})' for k, v in cpu.items())}; "
+        f"exit {list(codes)})")
     return result
 
 
@@ -194,7 +198,7 @@ async def _with_backlog(settings: Settings, n: int, body: Callable[[Settings, di
 
     info = machine()
     say(f"machine: {info.get('cpu', '?')} x{info['nproc']}, {info.get('ram_gib', '?')} GiB, "
-        f"commit {info.get('commit')}, {info['date']}")
+        f"commit {info.get('commit')}, {info['date']}, load average {info.get('loadavg')}")
     models_dir = ensure_models(settings)
     settings = settings.replace(models={"dir": str(models_dir)})
     async with EmbeddedStack(settings) as stack:

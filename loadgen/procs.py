@@ -86,6 +86,22 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def run_delay_seconds(pid: int) -> float:
+    """Time ``pid`` (all its threads) spent runnable but waiting for a CPU (/proc/<pid>/schedstat)."""
+    total = 0.0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def _children(pid: int) -> list[int]:
     """Direct children of ``pid`` (via /proc/<pid>/task/*/children)."""
     out: list[int] = []
@@ -105,27 +121,35 @@ def _children(pid: int) -> list[int]:
 class CpuMeter:
     """CPU used by named processes between :meth:`start` and :meth:`stop`; each name counts its
     process and its descendants, except descendants that are named themselves (so the load
-    generator's own entry does not include the broker it started)."""
+    generator's own entry does not include the broker it started).
+
+    ``result``: cores used on average (1.0 = one full core). ``waiting``: cores' worth of time the
+    processes were runnable but had no CPU (scheduler run-queue delay) - high means the machine, not
+    the process, is the limit.
+    """
 
     def __init__(self, pids: Mapping[str, int | None]) -> None:
         self.pids = {name: pid for name, pid in pids.items() if pid}
-        self._start: dict[str, float] = {}
+        self._start: dict[str, tuple[float, float]] = {}
         self._t0 = 0.0
-        self.result: dict[str, float] = {}  # name -> cores used on average (1.0 = one full core)
+        self.result: dict[str, float] = {}
+        self.waiting: dict[str, float] = {}
         self.wall_s = 0.0
 
-    def _sample(self) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def _sample(self) -> dict[str, tuple[float, float]]:
+        out: dict[str, tuple[float, float]] = {}
         named = set(self.pids.values())
         for name, pid in self.pids.items():
-            total = cpu_seconds(pid) or 0.0
+            cpu = cpu_seconds(pid) or 0.0
+            wait = run_delay_seconds(pid)
             stack = [pid]
             while stack:
                 for kid in _children(stack.pop()):
                     if kid not in named:
-                        total += cpu_seconds(kid) or 0.0
+                        cpu += cpu_seconds(kid) or 0.0
+                        wait += run_delay_seconds(kid)
                         stack.append(kid)
-            out[name] = total
+            out[name] = (cpu, wait)
         return out
 
     def start(self) -> None:
@@ -135,8 +159,11 @@ class CpuMeter:
     def stop(self) -> dict[str, float]:
         end = self._sample()
         self.wall_s = time.perf_counter() - self._t0
-        self.result = {name: round((end[name] - self._start.get(name, end[name])) / self.wall_s, 3)
-                       for name in end} if self.wall_s > 0 else {}
+        if self.wall_s <= 0:
+            return {}
+        base = {name: self._start.get(name, value) for name, value in end.items()}
+        self.result = {name: round((end[name][0] - base[name][0]) / self.wall_s, 3) for name in end}
+        self.waiting = {name: round((end[name][1] - base[name][1]) / self.wall_s, 3) for name in end}
         return self.result
 
 

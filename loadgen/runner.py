@@ -186,8 +186,13 @@ def prepare_load(config: LoadConfig, pregenerate: bool | None = None) -> Prepare
 
 
 async def run_load(settings: Settings, config: LoadConfig, progress: Progress | None = None,
-                   prepared: PreparedLoad | None = None) -> RunResult:
-    """Run the load described by ``config`` against the engine behind ``settings``'s topics."""
+                   prepared: PreparedLoad | None = None, on_clock_start: Callable[[], object] | None = None,
+                   on_send_end: Callable[[], object] | None = None) -> RunResult:
+    """Run the load described by ``config`` against the engine behind ``settings``'s topics.
+
+    ``on_clock_start`` is called when the measured run starts (after any warm-up), ``on_send_end``
+    when the last transaction is sent (before the drain): e.g. to sample CPU over the send window.
+    """
     from fraudactors.services.kafka import make_consumer, make_producer
 
     profile = config.profile
@@ -231,6 +236,8 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
         dlq_before = sum((await consumer.end_offsets(dlq_tps)).values())
         started_at = datetime.now(UTC).isoformat(timespec="seconds")
         outbox.wall_start = time.time()  # event times of a restamping source count from here
+        if on_clock_start is not None:
+            on_clock_start()
         start = time.perf_counter()
         collector = DecisionCollector(prefix, scheduled, start)
         collector.track_window = progress.enabled
@@ -279,6 +286,8 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
                     await asyncio.sleep(min(max(scheduled[i] - now, 0.0), 0.005))
             await producer.flush()
             send_end = time.perf_counter() - start
+            if on_send_end is not None:
+                on_send_end()
             state.phase = "drain"
             sent_ok = total - state.send_errors
             deadline = time.perf_counter() + config.drain_timeout_s
