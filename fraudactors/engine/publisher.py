@@ -24,6 +24,7 @@ from fraudactors.settings import Settings
 Message = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]
 
 _BACKOFF_START_S = 0.05
+_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 _BACKOFF_MAX_S = 2.0
 
 
@@ -37,6 +38,9 @@ def build_producer(settings: Settings) -> AIOKafkaProducer:
         linger_ms=k.linger_ms,
         max_batch_size=k.max_batch_size,
         request_timeout_ms=k.request_timeout_ms,
+        # A dead letter carries the original value, which may be up to the input limit (1 MiB)
+        # plus headers; the broker's own limit still applies (see Publisher._confirm).
+        max_request_size=_MAX_REQUEST_BYTES,
     )
 
 
@@ -126,7 +130,7 @@ class Publisher:
                     except KafkaError as e:
                         exc = e
                 if exc is not None:
-                    failed.append(message)
+                    failed.append(self._fallback(message, exc))
                     error = exc
             if not failed:
                 return
@@ -138,6 +142,18 @@ class Publisher:
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
             messages = failed
             futures = await self._send(messages)
+
+    def _fallback(self, message: Message, exc: BaseException) -> Message:
+        """What to send again after ``exc``: the same message, except a dead letter that can never
+        be accepted as is (too large for the broker): it goes again without its value, saying so,
+        so one poison record cannot stall its partition."""
+        topic, key, value, headers = message
+        retriable = getattr(exc, "retriable", True)
+        if retriable or topic != self._settings.topics.dlq or value is None:
+            return message
+        self._log.error("dead_letter_value_omitted", error=repr(exc), bytes=len(value))
+        omitted = ("value_omitted", f"{len(value)} bytes not accepted by the broker: {exc!r}"[:500].encode())
+        return (topic, key, None, [*(headers or []), omitted])
 
     async def flush(self) -> None:
         """Wait until every batch handed off so far is acknowledged (or failed for good)."""

@@ -186,3 +186,29 @@ async def test_http_readyz_predict_and_metrics(engine_settings: Settings, fresh_
                      "fraudactors_fraud_probability_bucket", "fraudactors_ready 1.0",
                      "fraudactors_inference_batch_size_bucket", "fraudactors_feature_store_up 1.0"):
             assert name in text, name
+
+
+async def test_a_value_over_one_mebibyte_goes_to_the_dlq_without_stalling_its_partition(
+        engine_settings: Settings) -> None:
+    s = engine_settings
+    huge = b'{"transaction_id": "' + b"x" * (1024 * 1024 + 100) + b'"}'
+    from fraudactors.services.kafka import make_producer
+
+    producer = make_producer(s, max_request_size=4 * 1024 * 1024)
+    await producer.start()
+    try:
+        await producer.send_and_wait(s.topics.transactions, huge, key=b"u-huge", partition=0)
+    finally:
+        await producer.stop()
+    after = transactions(50, prefix="after")
+    async with running(s) as engine, reading(s, s.topics.predictions) as decided, \
+            reading(s, s.topics.dlq) as dead:
+        await produce(s, [(k, v) for k, v, _ in after])
+        await dead.wait_for(lambda recs: len(recs) >= 1, timeout_s=30)
+        await decided.wait_for(lambda recs: len(recs) >= 50, timeout_s=30)
+        assert engine.ingestor.worker_restarts == 0
+    record = dead.records[0]
+    headers = dict(record.headers)
+    assert b"too large" in headers["error"]
+    # The original bytes when the broker takes them; otherwise the record says it omitted them.
+    assert record.value == huge or "value_omitted" in headers
