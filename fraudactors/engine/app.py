@@ -39,8 +39,9 @@ async def serve(settings: object) -> int:
     try:
         await engine.start()
     except Exception as exc:
-        log.error("engine_failed", error=repr(exc), stage="start")
-        print(f"fraudactors run: engine failed to start: {exc}", file=sys.stderr)
+        cause = _root_cause(exc)
+        log.error("engine_failed", error=str(exc), cause=repr(cause), stage="start")
+        print(f"fraudactors run: engine failed to start: {cause}", file=sys.stderr)
         return 1
     task = engine.done
     assert task is not None
@@ -49,8 +50,9 @@ async def serve(settings: object) -> int:
     if task.done():
         stopper.cancel()
         failure = task.exception() if not task.cancelled() else None
-        log.error("engine_failed", error=repr(failure), stage="run")
-        print(f"fraudactors run: engine failed: {failure!r}", file=sys.stderr)
+        cause = _root_cause(failure) if failure is not None else None
+        log.error("engine_failed", error=str(failure), cause=repr(cause), stage="run")
+        print(f"fraudactors run: engine failed: {cause or failure}", file=sys.stderr)
         return 1
     log.info("signal_received")
     try:
@@ -60,6 +62,15 @@ async def serve(settings: object) -> int:
         print(f"fraudactors run: unclean shutdown: {exc!r}", file=sys.stderr)
         return 1
     return 0
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause (a supervisor's restart-budget error wraps the real failure)."""
+    seen = set()
+    while exc.__cause__ is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return exc
 
 
 def main(args: argparse.Namespace) -> int:

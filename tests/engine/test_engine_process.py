@@ -142,3 +142,17 @@ async def test_two_replicas_split_the_partitions_and_take_over_on_stop(engine_se
             await a.kill()
             await b.kill()
     assert set(_ids(reader)) == {t for _, _, t in txns}, "nothing lost across the hand-over"
+
+
+async def test_run_with_missing_models_exits_non_zero_with_one_clear_line(engine_settings: Settings,
+                                                                          tmp_path: object) -> None:
+    env = engine_env(engine_settings, FRAUDACTORS_MODELS__DIR=str(tmp_path))
+    proc = EngineProcess(env)
+    await proc.start()
+    code = await proc.wait(timeout_s=60)
+    assert code == 1
+    failed = proc.events("engine_failed")
+    assert failed and "not found" in failed[-1]["cause"]
+    unparsed = [line["text"] for line in proc.lines if line.get("event") == "unparsed"]
+    assert any(text.startswith("fraudactors run: engine failed to start: model v1 not found")
+               for text in unparsed), unparsed
