@@ -49,6 +49,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     out.add_argument("--review-fpr", type=float, default=0.02, help="target FPR of the review threshold (default 0.02)")
     out.add_argument("--decline-fpr", type=float, default=0.005,
                      help="target FPR of the decline threshold (default 0.005)")
+    out.add_argument("--legit-sample", type=float, default=0.2,
+                     help="fraction of legitimate fit rows trained on (all frauds are; default 0.2)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -78,6 +80,8 @@ def main(args: argparse.Namespace) -> int:
     for name in ("review_fpr", "decline_fpr"):
         if not 0.0 < getattr(args, name) < 1.0:
             raise ConfigError(f"--{name.replace('_', '-')}", "must be between 0 and 1")
+    if not 0.0 < args.legit_sample <= 1.0:
+        raise ConfigError("--legit-sample", "must be in (0, 1]")
     if args.decline_fpr > args.review_fpr:
         raise ConfigError("--decline-fpr", "must not exceed --review-fpr (decline is the stricter threshold)")
     for name in ("warmup_days", "calib_days", "gap_days", "test_days", "label_delay_days"):
@@ -97,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
     split = time_split(ds.event_time, split_cfg)  # fail fast, before the features
     X = compute_features(ds, show)
     ctx = TrainContext(ds=ds, X=X, split=split, data_spec=spec, split_cfg=split_cfg, seed=args.seed,
-                       review_fpr=args.review_fpr, decline_fpr=args.decline_fpr,
+                       review_fpr=args.review_fpr, decline_fpr=args.decline_fpr, legit_fraction=args.legit_sample,
                        command="fraudactors train " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["train"]
                                                                  else sys.argv[1:]),
                        show_progress=show)
