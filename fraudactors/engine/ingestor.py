@@ -105,6 +105,7 @@ class Ingestor:
         self.stalled_reason: str | None = None
         self.running = False
         self.worker_restarts = 0
+        self.pauses = 0
         self._restart_times: deque[float] = deque()
         self._fatal: BaseException | None = None
 
@@ -112,6 +113,11 @@ class Ingestor:
     @property
     def assigned(self) -> list[int]:
         return sorted(self._parts)
+
+    @property
+    def paused(self) -> list[int]:
+        """Partitions paused right now because their worker's mailbox is full."""
+        return sorted(p for p, s in self._parts.items() if s.paused)
 
     def mailbox_depths(self) -> dict[int, int]:
         return {p: s.mailbox.depth + len(s.overflow) for p, s in self._parts.items()}
@@ -192,6 +198,7 @@ class Ingestor:
             if not state.paused:
                 consumer.pause(state.tp)
                 state.paused = True
+                self.pauses += 1
                 self._metrics.partition_paused.labels(str(state.tp.partition)).set(1)
 
     def _resume_drained(self, consumer: AIOKafkaConsumer) -> None:

@@ -51,8 +51,10 @@ async def test_watchdog_restarts_a_consumer_that_stops_fetching(engine_settings:
         await engine.stop()
 
 
-async def test_labels_are_matched_to_decisions_per_variant(engine_settings: Settings) -> None:
-    s = engine_settings
+async def test_labels_are_matched_to_decisions_per_variant_shadow_included(engine_settings: Settings) -> None:
+    variants = {"A": {"version": "v1", "weight": 0.9}, "B": {"version": "v2", "weight": 0.1},
+                "S": {"version": "v2", "weight": 0.0, "shadow": True}}
+    s = engine_settings.replace(models={"dir": engine_settings.models.dir, "variants": variants})
     engine = Engine(s)
     await engine.start()
     try:
@@ -79,9 +81,55 @@ async def test_labels_are_matched_to_decisions_per_variant(engine_settings: Sett
             outcome = ("tp" if fraud else "fp") if d["is_fraud"] else ("fn" if fraud else "tn")
             expected[(d["variant"], outcome)] = expected.get((d["variant"], outcome), 0) + 1
         metrics = engine.metrics.render().decode()
+        assert 'fraudactors_fraud_probability_count{variant="S"} 300.0' in metrics, "the shadow scored all"
+        assert all(d["variant"] in ("A", "B") for d in decisions.values()), "a shadow never decides"
+        shadow = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                     if line.startswith("fraudactors_label_outcomes_total{") and 'variant="S"' in line)
+        assert shadow == 100.0, "every label is matched to the shadow's would-be decision too"
         for (variant, outcome), n in expected.items():
             line = f'fraudactors_label_outcomes_total{{outcome="{outcome}",variant="{variant}"}} {float(n)}'
             assert line in metrics, (line, [m for m in metrics.splitlines() if "label_outcomes" in m])
         assert engine.labels.invalid == 1
     finally:
         await engine.stop()
+
+
+async def test_full_mailboxes_pause_and_resume_partitions_without_loss(engine_settings: Settings) -> None:
+    s = engine_settings.replace(engine={"mailbox_size": 16, "batch_max": 8})
+    txns = transactions(3000, prefix="bp")
+    async with reading(s, s.topics.predictions) as reader:
+        engine = Engine(s)
+        await engine.start()
+        try:
+            await engine.wait_ready(timeout_s=60)
+            await produce(s, [(k, v) for k, v, _ in txns])
+            await reader.wait_for(lambda recs: len(recs) >= 3000, timeout_s=90)
+            assert engine.ingestor.pauses > 0, "a 16-slot mailbox must have filled"
+            await wait_until(lambda: not engine.ingestor.paused, timeout_s=10)
+        finally:
+            await engine.stop()
+    ids = [orjson.loads(r.value)["transaction_id"] for r in reader.records]
+    assert sorted(ids) == sorted(t for _, _, t in txns), "every record once, none lost while paused"
+
+
+async def test_hold_policy_waits_for_redis_instead_of_degrading(engine_settings: Settings,
+                                                                fresh_redis: Any) -> None:
+    s = engine_settings.replace(redis={"url": fresh_redis.url, "on_unavailable": "hold",
+                                       "retry_interval_ms": 100})
+    async with reading(s, s.topics.predictions) as reader:
+        engine = Engine(s)
+        await engine.start()
+        try:
+            await engine.wait_ready(timeout_s=60)
+            await asyncio.to_thread(fresh_redis.stop)
+            txns = transactions(300, prefix="hold")
+            await produce(s, [(k, v) for k, v, _ in txns])
+            await wait_until(lambda: engine.features.holding, timeout_s=30)
+            assert "feature_store" in engine.readiness()
+            await asyncio.to_thread(fresh_redis.start)
+            await reader.wait_for(lambda recs: len(recs) >= 300, timeout_s=60)
+        finally:
+            await engine.stop()
+    decisions = reader.decisions()
+    assert {d["transaction_id"] for d in decisions} == {t for _, _, t in txns}
+    assert not any(d["degraded"] for d in decisions), "hold never decides without the online features"
