@@ -50,9 +50,9 @@ async def serve(settings: object) -> int:
     if task.done():
         stopper.cancel()
         failure = task.exception() if not task.cancelled() else None
-        cause = _root_cause(failure) if failure is not None else None
-        log.error("engine_failed", error=str(failure), cause=repr(cause), stage="run")
-        print(f"fraudactors run: engine failed: {cause or failure}", file=sys.stderr)
+        root = _root_cause(failure) if failure is not None else None
+        log.error("engine_failed", error=str(failure), cause=repr(root), stage="run")
+        print(f"fraudactors run: engine failed: {root or 'stopped unexpectedly'}", file=sys.stderr)
         return 1
     log.info("signal_received")
     try:
