@@ -115,8 +115,18 @@ class OutcomeRecorder:
                 except errors as exc:
                     self._log.debug("outcomes_flush_failed", error=repr(exc), buffered=len(self._buffer))
         finally:
+            await asyncio.shield(self._final_flush(client, errors))
+
+    async def _final_flush(self, client: Any, errors: tuple[type[BaseException], ...]) -> None:
+        catch: tuple[type[BaseException], ...] = (TimeoutError, *errors)
+        try:
+            async with asyncio.timeout(2.0):
+                await self.flush()
+        except catch as exc:
+            self._log.warning("outcomes_lost_on_stop", buffered=len(self._buffer), error=repr(exc))
+        finally:
             self._redis = None
-            await asyncio.shield(client.aclose())
+            await client.aclose()
 
     async def flush(self) -> None:
         buffer = self._buffer
