@@ -61,7 +61,9 @@ class _Partition:
     paused: bool = False
     closing: bool = False  # revoked or shutting down: no more records go in
     first_offset: int | None = None
-    progress_mark: int = -1
+    fetched_end: int = -1   # next offset after the last record routed to the worker
+    position: int = -1      # the consumer's position, refreshed by housekeeping
+    progress_mark: tuple[int, int] = (-1, -1)
     progress_at: float = field(default_factory=time.monotonic)
     restarts: int = 0
 
@@ -123,7 +125,8 @@ class Ingestor:
         return {p: s.mailbox.depth + len(s.overflow) for p, s in self._parts.items()}
 
     def lag(self) -> dict[int, int]:
-        """High watermark minus the next offset not yet finished, per owned partition."""
+        """Records behind, per owned partition: not yet fetched (high watermark - position) plus
+        fetched but not finished (routed to the worker, not yet acknowledged by the broker)."""
         consumer = self._consumer
         out: dict[int, int] = {}
         if consumer is None:
@@ -132,9 +135,10 @@ class Ingestor:
             high = consumer.highwater(s.tp)
             if high is None:
                 continue
+            unfetched = max(0, high - s.position) if s.position >= 0 else 0
             done = s.tracker.done_end
-            base = done if done >= 0 else (s.first_offset if s.first_offset is not None else high)
-            out[p] = max(0, high - base)
+            base = done if done >= 0 else (s.first_offset if s.first_offset is not None else s.fetched_end)
+            out[p] = unfetched + max(0, s.fetched_end - base)
         return out
 
     # ---------------------------------------------------------------- lifecycle
@@ -189,6 +193,7 @@ class Ingestor:
     def _dispatch(self, consumer: AIOKafkaConsumer, state: _Partition, items: list[Item]) -> None:
         if state.first_offset is None:
             state.first_offset = items[0][0].offset
+        state.fetched_end = items[-1][0].offset + 1
         if state.overflow:
             state.overflow.extend(items)
             return
@@ -223,8 +228,18 @@ class Ingestor:
         while not poll.done():
             await asyncio.sleep(interval)
             await self.commit(consumer)
+            await self._refresh_positions(consumer)
             self._update_gauges()
             self._watchdog(time.monotonic())
+
+    async def _refresh_positions(self, consumer: AIOKafkaConsumer) -> None:
+        # position() is immediate for a partition being fetched; it can wait while an offset is
+        # being reset, so the whole refresh is bounded (a stale position only delays the gauges).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                for state in list(self._parts.values()):
+                    with contextlib.suppress(KafkaError):
+                        state.position = await consumer.position(state.tp)
 
     def _update_gauges(self) -> None:
         metrics = self._metrics
@@ -245,9 +260,9 @@ class Ingestor:
             return  # partitions wait for Redis on purpose (hold policy)
         lag = self.lag()
         for p, s in self._parts.items():
-            done = s.tracker.done_end
-            if done != s.progress_mark or lag.get(p, 0) == 0:
-                s.progress_mark = done
+            mark = (s.position, s.tracker.done_end)  # fetching or finishing: either is progress
+            if mark != s.progress_mark or lag.get(p, 0) == 0:
+                s.progress_mark = mark
                 s.progress_at = now
             elif now - s.progress_at > limit:
                 self._stall(f"partition {p} made no progress for {now - s.progress_at:.1f}s "
@@ -352,6 +367,7 @@ class Ingestor:
             position = state.first_offset if state.first_offset is not None else -1
         if consumer is not None and position >= 0:
             consumer.seek(state.tp, position)
+            state.fetched_end = position
         if state.paused and consumer is not None:
             consumer.resume(state.tp)
             state.paused = False
