@@ -36,16 +36,25 @@ async def serve(settings: object) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     engine = Engine(settings)
+    stopper = asyncio.ensure_future(stop.wait())
+    starting = asyncio.ensure_future(engine.start())
+    await asyncio.wait([stopper, starting], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # a signal while starting: stop what has started, then exit cleanly
+        log.info("signal_received", while_starting=True)
+        await engine.stop()
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return 0
     try:
-        await engine.start()
+        starting.result()
     except Exception as exc:
+        stopper.cancel()
         cause = _root_cause(exc)
         log.error("engine_failed", error=str(exc), cause=repr(cause), stage="start")
         print(f"fraudactors run: engine failed to start: {cause}", file=sys.stderr)
         return 1
     task = engine.done
     assert task is not None
-    stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([stopper, task], return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         stopper.cancel()
