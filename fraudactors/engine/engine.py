@@ -178,7 +178,7 @@ class Engine:
                 self._ready.clear()
                 self._log.warning("engine_not_ready", problems=self.readiness())
             self._was_ready = ready
-            for mailbox, depth in (("inference", self.inference.depth),):
+            for mailbox, depth in (("inference", self.inference.depth), ("publisher", self.publisher.pending)):
                 self.metrics.mailbox_depth.labels(mailbox).set(depth)
             t = time.perf_counter()
             await asyncio.sleep(_READINESS_INTERVAL_S)

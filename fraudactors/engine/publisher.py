@@ -54,6 +54,7 @@ class Publisher:
         self._ready = asyncio.Event()
         self._stopping = False
         self._confirmations: set[asyncio.Task[None]] = set()
+        self.pending = 0  # records handed to the producer, not yet acknowledged
         self._log = get_logger(actor="publisher")
 
     @property
@@ -100,8 +101,14 @@ class Publisher:
         futures = await self._send(messages)
         task = loop.create_task(self._confirm(messages, futures))
         self._confirmations.add(task)
-        task.add_done_callback(self._confirmations.discard)
+        n = len(messages)
+        self.pending += n
+        task.add_done_callback(lambda t: self._confirmed(t, n))
         return task
+
+    def _confirmed(self, task: asyncio.Task[None], n: int) -> None:
+        self._confirmations.discard(task)
+        self.pending -= n
 
     async def _send(self, messages: Sequence[Message]) -> list[asyncio.Future[Any] | BaseException]:
         producer = await self._current()
