@@ -19,6 +19,7 @@ together for a whole batch with numpy: ``depth`` vectorized steps over ``(batch,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,20 +78,28 @@ class TreeAttribution:
         """The model output the contributions decompose (probability or log-odds)."""
         return self.bias + self.contributions(X).sum(axis=1)
 
-    def reasons(self, X: np.ndarray, names: tuple[str, ...] | list[str], max_reasons: int = 3) -> list[list[str]]:
+    def reasons(self, X: np.ndarray, names: Sequence[str], max_reasons: int = 3) -> list[list[str]]:
         """Up to ``max_reasons`` feature names per row, largest positive contribution first."""
-        contrib = self.contributions(X)
-        n = contrib.shape[0]
-        if n == 0 or max_reasons <= 0:
-            return [[] for _ in range(n)]
-        k = min(max_reasons, contrib.shape[1])
-        top = np.argpartition(-contrib, k - 1, axis=1)[:, :k]
-        vals = np.take_along_axis(contrib, top, axis=1)
-        order = np.argsort(-vals, axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)
-        vals = np.take_along_axis(vals, order, axis=1)
-        return [[names[j] for j, v in zip(t, c, strict=True) if v > 0.0]
-                for t, c in zip(top.tolist(), vals.tolist(), strict=True)]
+        return top_reasons(self.contributions(X), names, max_reasons)
+
+    def leaf_contributions(self) -> dict[int, dict[int, float]]:
+        """For every leaf (global index): the per-feature contributions of the path that ends there.
+
+        A row's contributions are the sum over trees of the vector of the leaf it reaches, which is
+        what :mod:`.attribution_onnx` hands to onnxruntime."""
+        out: dict[int, dict[int, float]] = {}
+        stack: list[tuple[int, dict[int, float]]] = [(int(r), {}) for r in self.roots]
+        while stack:
+            node, path = stack.pop()
+            f = int(self.feature[node])
+            if f < 0:
+                out[node] = path
+                continue
+            for child in (int(self.left[node]), int(self.left[node]) + 1):
+                contrib = dict(path)
+                contrib[f] = contrib.get(f, 0.0) + float(self.delta[child])
+                stack.append((child, contrib))
+        return out
 
     # ------------------------------------------------------------------ persistence
 
@@ -115,6 +124,21 @@ class TreeAttribution:
                 )
         except (OSError, KeyError, ValueError) as exc:
             raise ModelError(f"cannot read attribution file {path}: {exc}") from exc
+
+
+def top_reasons(contrib: np.ndarray, names: Sequence[str], max_reasons: int = 3) -> list[list[str]]:
+    """Per row of ``contrib`` (n, F): up to ``max_reasons`` names with positive contribution, largest first."""
+    n = contrib.shape[0]
+    if n == 0 or max_reasons <= 0:
+        return [[] for _ in range(n)]
+    k = min(max_reasons, contrib.shape[1])
+    top = np.argpartition(-contrib, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(contrib, top, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    return [[names[j] for j, v in zip(t, c, strict=True) if v > 0.0]
+            for t, c in zip(top.tolist(), vals.tolist(), strict=True)]
 
 
 # ---------------------------------------------------------------------- building

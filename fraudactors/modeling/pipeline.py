@@ -224,13 +224,16 @@ def _timed(fn: Callable[[], object], repeat: int) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-def measure_inference(session: Any, attribution: Any, X: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
+def measure_inference(session: Any, reasons_session: Any, X: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
     """Single-thread latency on this machine (shared: numbers are indicative)."""
+    from fraudactors.modeling.attribution import top_reasons
+    from fraudactors.modeling.attribution_onnx import INPUT, OUTPUT
+
     batch = np.ascontiguousarray(X[:256], dtype=np.float32)
     row = np.ascontiguousarray(X[:1], dtype=np.float32)
     per_batch = _timed(lambda: session.run([ONNX_OUTPUT], {ONNX_INPUT: batch}), 50)
     per_row = _timed(lambda: session.run([ONNX_OUTPUT], {ONNX_INPUT: row}), 300)
-    reasons = _timed(lambda: attribution.reasons(batch, names, 3), 20)
+    reasons = _timed(lambda: top_reasons(reasons_session.run([OUTPUT], {INPUT: batch})[0], names, 3), 50)
     return {
         "batch_rows": int(batch.shape[0]),
         "onnx_ms_per_batch": round(per_batch * 1e3, 3),
@@ -283,6 +286,7 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
 
     from fraudactors.features.definition import FEATURE_NAMES
     from fraudactors.modeling.attribution import build_attribution
+    from fraudactors.modeling.attribution_onnx import attribution_onnx_bytes
     from fraudactors.modeling.evaluate import evaluate_scores, threshold_for_fpr
     from fraudactors.modeling.registry import ATTRIBUTION_FILE, METADATA_FILE, MODEL_FILE, sha256_bytes
     from fraudactors.modeling.scorer import make_session
@@ -305,6 +309,8 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
         sk_rows = model.predict_proba(parity_rows)[:, 1]
     onnx_diff = float(np.abs(onnx_proba(session, parity_rows) - sk_rows).max()) if parity_rows.size else 0.0
     attribution = build_attribution(model, X.shape[1])
+    attr_bytes = attribution_onnx_bytes(attribution, f"fraudactors_{version}_reasons")
+    reasons_session = make_session(attr_bytes)
     s.done()
 
     s = step(f"evaluating {version} on the held-out weeks", ctx.show_progress)
@@ -316,16 +322,12 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
     test_metrics = evaluate_scores(ds.is_fraud[split.test], p_test, ds.scenario[split.test], thresholds)
     calib_metrics = evaluate_scores(y_known[split.calib], p_calib, ds.scenario[split.calib], thresholds)
     calib_metrics.pop("per_scenario", None)
-    timings = measure_inference(session, attribution, X[split.test], FEATURE_NAMES)
+    timings = measure_inference(session, reasons_session, X[split.test], FEATURE_NAMES)
     s.done()
 
     directory = Path(out_dir) / version
     directory.mkdir(parents=True, exist_ok=True)
-    attribution_path = directory / ATTRIBUTION_FILE
-    tmp_attr = directory / f".{ATTRIBUTION_FILE}.tmp-{os.getpid()}"
-    attribution.save(tmp_attr)
-    attr_bytes = tmp_attr.read_bytes()
-    os.replace(tmp_attr, attribution_path)
+    _write_atomic(directory / ATTRIBUTION_FILE, attr_bytes)
     _write_atomic(directory / MODEL_FILE, onnx_bytes)
     unreported = ds.is_fraud[split.fit] & ~y_fit
     metadata: dict[str, Any] = {
@@ -347,8 +349,10 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
         "onnx": {"file": MODEL_FILE, "input": ONNX_INPUT, "output": ONNX_OUTPUT, "bytes": len(onnx_bytes),
                  "opset": {"": 17, "ai.onnx.ml": 3}, "max_abs_diff_vs_sklearn": onnx_diff},
         "attribution": {"file": ATTRIBUTION_FILE, "sha256": sha256_bytes(attr_bytes),
-                        "method": "Saabas tree path contributions (exact decomposition of the tree output)",
-                        "space": attribution.space, "trees": int(attribution.roots.size),
+                        "method": "Saabas tree path contributions (exact decomposition of the tree output), "
+                                  "as an ONNX TreeEnsembleRegressor with one target per feature",
+                        "input": "features", "output": "contributions", "space": attribution.space,
+                        "bias": attribution.bias, "trees": int(attribution.roots.size),
                         "nodes": int(attribution.feature.size), "max_depth": attribution.depth},
         "metrics": {"test": test_metrics, "calibration": calib_metrics},
         "training": {

@@ -1,4 +1,4 @@
-"""Model registry: ``models/<version>/`` holds ``model.onnx``, ``metadata.json`` and ``attribution.npz``.
+"""Model registry: ``models/<version>/`` holds ``model.onnx``, ``metadata.json`` and ``attribution.onnx``.
 
 :func:`load_model_info` reads the metadata and refuses a model whose files do not match the sha256
 recorded at training time (:class:`ModelIntegrityError`) or whose features are not the ones the
@@ -19,7 +19,7 @@ from fraudactors.errors import ModelError, ModelIntegrityError
 
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
-ATTRIBUTION_FILE = "attribution.npz"
+ATTRIBUTION_FILE = "attribution.onnx"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from fraudactors.cli import main as cli_main
 from fraudactors.errors import ModelError, ModelIntegrityError
 from fraudactors.features.definition import FEATURE_NAMES
 from fraudactors.modeling.attribution import TreeAttribution, build_attribution
+from fraudactors.modeling.attribution_onnx import attribution_onnx_bytes, float32_floor
 from fraudactors.modeling.evaluate import threshold_for_fpr
 from fraudactors.modeling.pipeline import (
     SplitConfig,
@@ -62,6 +63,13 @@ def test_trained_models_load_through_registry_and_score(tiny_models: Path) -> No
         assert len(reasons) == 500
         assert all(len(r) <= 3 and set(r) <= set(FEATURE_NAMES) for r in reasons)
         assert any(reasons)
+        contrib = scorer.contributions(info.version, X[:500])
+        assert contrib is not None
+        index = {n: i for i, n in enumerate(FEATURE_NAMES)}
+        for c, r in zip(contrib, reasons, strict=True):
+            values = [c[index[name]] for name in r]
+            assert all(v > 0 for v in values) and values == sorted(values, reverse=True)
+            assert len(r) == min(3, int((c > 0).sum()))
         # The held-out rows are the ones the metadata's metrics were computed on.
         full = scorer.predict_proba(info.version, X)
         assert full.size == info.metadata["metrics"]["test"]["transactions"]
@@ -87,7 +95,7 @@ def test_path_contributions_decompose_the_model_output(algo: str, tiny_data: tup
     model = fit_model(algo, 1, X_fit, y_fit)
     build_attribution(model, X_fit.shape[1]).save(tmp_path / "a.npz")
     attribution = TreeAttribution.load(tmp_path / "a.npz")
-    rows = X_test[:300]
+    rows = np.ascontiguousarray(X_test[:300])
     with single_threaded_openmp():
         expected = model.predict_proba(rows)[:, 1] if algo == "rf" else model.decision_function(rows)
     np.testing.assert_allclose(attribution.output(rows), expected, rtol=0, atol=1e-9)
@@ -103,6 +111,9 @@ def test_path_contributions_decompose_the_model_output(algo: str, tiny_data: tup
         assert len(r) == min(3, positive.size)
         if r:
             assert values[0] == positive[0]
+    # The ONNX form onnxruntime runs in the engine computes the same contributions.
+    session = make_session(attribution_onnx_bytes(attribution))
+    np.testing.assert_allclose(session.run(None, {"features": rows})[0], contrib, rtol=0, atol=1e-5)
 
 
 def test_a_modified_model_file_is_refused(tiny_models: Path, tmp_path: Path) -> None:
@@ -127,8 +138,8 @@ def test_a_model_changed_after_verification_is_refused_by_the_scorer(tiny_models
 
 def test_a_modified_attribution_file_is_refused(tiny_models: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_models / "v1", tmp_path / "v1")
-    (tmp_path / "v1" / "attribution.npz").write_bytes(b"not the trained file")
-    with pytest.raises(ModelIntegrityError, match=r"attribution\.npz"):
+    (tmp_path / "v1" / "attribution.onnx").write_bytes(b"not the trained file")
+    with pytest.raises(ModelIntegrityError, match=r"attribution\.onnx"):
         load_model_info(tmp_path, "v1")
 
 
@@ -183,3 +194,14 @@ def test_threshold_for_fpr_keeps_the_false_positive_rate_under_target() -> None:
             lower = neg[neg < t]
             if lower.size:  # the next lower legit score would flag too many
                 assert (neg >= lower.max()).sum() > np.floor(target * n + 1e-9)
+
+
+def test_float32_floor_keeps_float64_comparisons() -> None:
+    rng = np.random.default_rng(1)
+    thresholds = rng.normal(size=2000) * 10.0 ** rng.integers(-3, 6, size=2000)
+    t32 = float32_floor(thresholds)
+    assert (t32.astype(np.float64) <= thresholds).all()
+    x = np.concatenate([t32, np.nextafter(t32, np.float32(np.inf)), np.nextafter(t32, np.float32(-np.inf))])
+    thr = np.tile(thresholds, 3)
+    t = np.tile(t32, 3)
+    assert ((x.astype(np.float64) <= thr) == (x <= t)).all()
