@@ -76,7 +76,7 @@ def generate_malformed(n: int) -> list[bytes]:
     """``n`` malformed values of many kinds, every one refused by ``parse_transaction``."""
     found: list[bytes] = []
 
-    @hsettings(max_examples=n * 3, database=None, derandomize=True, deadline=None,
+    @hsettings(max_examples=n + n // 5, database=None, derandomize=True, deadline=None,
                phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(malformed)
     def collect(value: bytes) -> None:
