@@ -9,6 +9,8 @@
         ...
 
 The same arguments always give the same stream (``stream()`` restarts from the seed on each call).
+``transaction_id`` is ``id_prefix`` followed by a 9-digit counter starting at 1, in stream order
+(the load generator relies on this to map labels back to its own ids).
 ``days=None`` streams forever, one simulated day at a time, at well over 10k transactions/s.
 
 Time and the load generator: the world runs on its own clock (``event_time``), which starts at
