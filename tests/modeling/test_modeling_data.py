@@ -58,6 +58,13 @@ def test_train_on_a_users_csv_with_column_mapping(tmp_path: Path, capsys: pytest
         assert training["data"]["mapping"] == {"txn": "transaction_id", "amt": "amount", "fraud": "is_fraud"}
         assert info.metadata["metrics"]["test"]["frauds"] > 0
         assert info.metadata["metrics"]["test"]["auc"] > 0.6
+    # `evaluate` rebuilds the held-out weeks from the same file and the mapping in the metadata.
+    report = tmp_path / "eval.json"
+    code, err = _run(["evaluate", "--models", str(out), "--data", str(data), "--json", str(report), "--quiet"],
+                     capsys)
+    assert code == 0, err
+    results = json.loads(report.read_text())
+    assert results["v1"]["metrics"] == load_model_info(out, "v1").metadata["metrics"]["test"]
     # No labeled_at column: frauds count as reported 7 days later (the default).
     ds = load_table(data, parse_mapping("txn=transaction_id,amt=amount,fraud=is_fraud"))
     frauds = ds.is_fraud.nonzero()[0]
@@ -65,10 +72,11 @@ def test_train_on_a_users_csv_with_column_mapping(tmp_path: Path, capsys: pytest
 
 
 def test_labeled_at_and_epoch_timestamps_are_read(tmp_path: Path) -> None:
-    rows = [["t1", "c1", "m1", 10.5, "USD", "grocery", "0", 1790812800, "1", "2026-10-03T00:00:00+00:00"],
-            ["t2", "c1", "m1", "7", "", "", "", "2026-10-01T01:00:00", "0", ""]]
-    data = _write_csv(tmp_path / "t.csv", [*HEADER, "labeled_at"], rows)
+    rows = [["t1", "c1", "m1", 10.5, "USD", "grocery", "0", 1790812800, "1", "2026-10-03T00:00:00+00:00", "atm"],
+            ["t2", "c1", "m1", "7", "", "", "", "2026-10-01T01:00:00", "0", "", ""]]
+    data = _write_csv(tmp_path / "t.csv", [*HEADER, "labeled_at", "scenario"], rows)
     ds = load_table(data)
+    assert ds.scenario.tolist() == ["atm", "unknown"]
     assert len(ds) == 2 and ds.is_fraud.tolist() == [True, False]
     assert ds.labeled_at[0] == 1790812800 + 2 * 86400
     assert ds.transactions[1].merchant_category == "unknown" and ds.transactions[1].amount == 7.0
