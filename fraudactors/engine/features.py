@@ -1,7 +1,8 @@
 """The feature-store actor: the online store plus its health, shared by every feature worker.
 
-While Redis answers, workers get the full online features (one round trip per batch). When it
-stops answering, the policy decides: ``degrade`` scores from the transaction alone and marks the
+While Redis answers, workers get the full online features (one round trip per batch). A failing
+call is retried until Redis has failed for ``retry_interval_ms`` (a slow reply under load is not an
+outage); then it is down and the policy decides: ``degrade`` scores from the transaction alone and marks the
 decision degraded (no Redis call per batch while it is down, so latency stays flat); ``hold``
 waits and retries, so the mailbox fills and the ingestor pauses the partition. In both cases a
 probe pings Redis every ``retry_interval_ms`` and normal mode comes back by itself.
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 # Errors that mean "Redis is not there right now" even if the store did not wrap them.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
+_RETRY_PAUSE_S = 0.02
 
 
 class FeatureStoreActor:
@@ -40,6 +42,7 @@ class FeatureStoreActor:
         self._down = asyncio.Event()
         self._hold = settings.redis.on_unavailable == "hold"
         self._retry_s = settings.redis.retry_interval_ms / 1000.0
+        self._failing_since: float | None = None  # first failure of the current run of failures
         self._log = get_logger(actor="feature_store")
         metrics.feature_store_up.set(0)
 
@@ -53,6 +56,7 @@ class FeatureStoreActor:
         return self._hold and not self._up.is_set()
 
     def _mark_up(self) -> None:
+        self._failing_since = None
         if not self._up.is_set():
             self._log.info("feature_store_up")
         self._up.set()
@@ -115,14 +119,24 @@ class FeatureStoreActor:
         """Features for a batch and whether they are degraded. Other errors propagate (bad input)."""
         store = self.store
         assert store is not None, "feature store actor not started"
+        t0 = time.perf_counter()
         while True:
             if self._up.is_set():
-                t0 = time.perf_counter()
                 try:
                     X = await store.compute(txns, partition, offsets)
                 except _UNAVAILABLE as exc:
+                    # One slow reply (a busy event loop, a GC pause in Redis) is not an outage:
+                    # retry until Redis has failed for retry_interval_ms, then call it down.
+                    # A retried batch is safe: the store skips (partition, offset) already applied.
+                    now = time.monotonic()
+                    if self._failing_since is None:
+                        self._failing_since = now
+                    if now - self._failing_since < self._retry_s:
+                        await asyncio.sleep(_RETRY_PAUSE_S)
+                        continue
                     self._mark_down(exc)
                 else:
+                    self._failing_since = None
                     self._metrics.stage_latency.labels("features").observe(time.perf_counter() - t0)
                     return X, False
             if not self._hold:
