@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -173,11 +174,15 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
         say("engine: stopping (SIGTERM)")
         code = await engine.stop()
         engine_log = engine.tail(2000)
+        # The engine's own log (JSON lines) is kept next to the report, for what the numbers do not say.
+        engine_log_path = Path(args.report).with_name(Path(args.report).stem + "-engine.log")
+        engine_log_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(engine.log_path, engine_log_path)
     report = write_outputs(result, args.report)
     # Extra keys: what the demo itself checked.
     report.update({"partitions": settings.topics.partitions, "received": report["decided"], "redis_ok": redis_ok,
                    "engine_exit_code": code, "cpu_cores": cpu, "cpu_wait_cores": meter.waiting,
-                   "loadavg": _loadavg()})
+                   "loadavg": _loadavg(), "engine_log": str(engine_log_path)})
     _rewrite(args.report, report)
     say(format_table(report))
     say("cpu over the send window, cores used (waiting for a cpu): "

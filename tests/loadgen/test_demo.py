@@ -57,6 +57,7 @@ def test_demo_runs_engine_and_load_and_writes_the_report(tmp_path: Path, models_
     assert report["warmup"]["decided"] == 2000  # history first, then the measured run
     assert report["latency_ms"]["p50"] > 0
     assert report_path.with_suffix(".md").is_file()
+    assert b"engine_ready" in Path(report["engine_log"]).read_bytes()
     assert [Path(c).name for c in report["charts"]] == ["demo-latency.png", "demo-throughput.png",
                                                        "demo-distribution.png"]
     lines = proc.stdout.splitlines()
