@@ -217,15 +217,18 @@ def onnx_proba(session: Any, X: np.ndarray, batch: int = 65536) -> np.ndarray:
 
 
 def _timed(fn: Callable[[], object], repeat: int) -> float:
+    """Median seconds per call (robust to the other work on a shared machine)."""
     fn()
-    start = time.perf_counter()
+    times = []
     for _ in range(repeat):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeat
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def measure_inference(session: Any, reasons_session: Any, X: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
-    """Single-thread latency on this machine (shared: numbers are indicative)."""
+    """Single-thread latency on this machine, median of repeated calls (shared box: indicative)."""
     from fraudactors.modeling.attribution import top_reasons
     from fraudactors.modeling.attribution_onnx import INPUT, OUTPUT
 

@@ -54,6 +54,22 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The explicit command line that reproduces this run (every option that shapes the models)."""
+    if args.synthetic:
+        parts = ["--synthetic", "--seed", str(args.seed), "--days", f"{args.days:g}", "--users", str(args.users),
+                 "--merchants", str(args.merchants)]
+    else:
+        parts = ["--data", args.data, "--label-delay-days", f"{args.label_delay_days:g}", "--seed", str(args.seed)]
+        if args.map:
+            parts += ["--map", args.map]
+    for name in ("warmup_days", "calib_days", "gap_days", "test_days", "review_fpr", "decline_fpr", "legit_sample"):
+        parts += [f"--{name.replace('_', '-')}", f"{getattr(args, name):g}"]
+    if args.version:
+        parts += ["--version", args.version] + (["--algo", args.algo] if args.algo else [])
+    return "fraudactors train " + shlex.join(parts)
+
+
 def main(args: argparse.Namespace) -> int:
     from fraudactors.errors import ConfigError
     from fraudactors.modeling.data import parse_mapping
@@ -102,8 +118,7 @@ def main(args: argparse.Namespace) -> int:
     X = compute_features(ds, show)
     ctx = TrainContext(ds=ds, X=X, split=split, data_spec=spec, split_cfg=split_cfg, seed=args.seed,
                        review_fpr=args.review_fpr, decline_fpr=args.decline_fpr, legit_fraction=args.legit_sample,
-                       command="fraudactors train " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["train"]
-                                                                 else sys.argv[1:]),
+                       command=_command(args),
                        show_progress=show)
     results = {}
     for version, algo in jobs:
