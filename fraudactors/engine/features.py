@@ -1,8 +1,9 @@
 """The feature-store actor: the online store plus its health, shared by every feature worker.
 
-While Redis answers, workers get the full online features (one round trip per batch). A failing
-call is retried until Redis has failed for ``retry_interval_ms`` (a slow reply under load is not an
-outage); then it is down and the policy decides: ``degrade`` scores from the transaction alone and marks the
+While Redis answers, workers get the full online features (one round trip per batch). A call
+that timed out while Redis still answers a PING (a busy event loop or a busy Redis: load, not an
+outage) is retried; any other failure is retried until Redis has failed for ``retry_interval_ms``.
+Then it is down and the policy decides: ``degrade`` scores from the transaction alone and marks the
 decision degraded (no Redis call per batch while it is down, so latency stays flat); ``hold``
 waits and retries, so the mailbox fills and the ingestor pauses the partition. In both cases a
 probe pings Redis every ``retry_interval_ms`` and normal mode comes back by itself.
@@ -30,6 +31,20 @@ if TYPE_CHECKING:
 # Errors that mean "Redis is not there right now" even if the store did not wrap them.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
 _RETRY_PAUSE_S = 0.02
+_ALIVE_CACHE_S = 0.1
+_LENIENT_TIMEOUT_S = 2.0
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """A reply that came too late, as opposed to a refused or broken connection."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TimeoutError | RedisTimeout):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 class FeatureStoreActor:
@@ -43,6 +58,8 @@ class FeatureStoreActor:
         self._hold = settings.redis.on_unavailable == "hold"
         self._retry_s = settings.redis.retry_interval_ms / 1000.0
         self._failing_since: float | None = None  # first failure of the current run of failures
+        self._alive_probe: asyncio.Future[bool] | None = None
+        self._alive_at = 0.0
         self._log = get_logger(actor="feature_store")
         metrics.feature_store_up.set(0)
 
@@ -86,9 +103,11 @@ class FeatureStoreActor:
         self.store = store
         import redis.asyncio as aioredis
 
-        timeout = max(self._settings.redis.socket_timeout_ms / 1000.0, 0.5)
+        # A second, lenient client: POST /predict reads, and the liveness probe that tells a slow
+        # Redis from an unreachable one.
+        timeout = max(self._settings.redis.socket_timeout_ms / 1000.0, _LENIENT_TIMEOUT_S)
         self._reader = aioredis.Redis.from_url(self._settings.redis.url, socket_timeout=timeout,
-                                               socket_connect_timeout=timeout)
+                                               socket_connect_timeout=min(timeout, 1.0))
         task_status.started()
         try:
             while True:
@@ -125,9 +144,15 @@ class FeatureStoreActor:
                 try:
                     X = await store.compute(txns, partition, offsets)
                 except _UNAVAILABLE as exc:
-                    # One slow reply (a busy event loop, a GC pause in Redis) is not an outage:
-                    # retry until Redis has failed for retry_interval_ms, then call it down.
                     # A retried batch is safe: the store skips (partition, offset) already applied.
+                    if _is_timeout(exc) and await self._alive():
+                        # Redis answers, just not within socket_timeout_ms (a busy event loop or
+                        # a busy Redis): that is load, not an outage -- retry, do not degrade.
+                        self._metrics.feature_store_slow.inc()
+                        await asyncio.sleep(_RETRY_PAUSE_S)
+                        continue
+                    # Errors that are not slowness: retry until Redis has failed for
+                    # retry_interval_ms, then call it down.
                     now = time.monotonic()
                     if self._failing_since is None:
                         self._failing_since = now
@@ -142,6 +167,23 @@ class FeatureStoreActor:
             if not self._hold:
                 return store.compute_degraded(txns), True
             await self._up.wait()
+
+    async def _alive(self) -> bool:
+        """Does Redis answer a PING within a lenient timeout? One probe shared by all workers."""
+        probe = self._alive_probe
+        if probe is None or (probe.done() and time.monotonic() - self._alive_at > _ALIVE_CACHE_S):
+            probe = self._alive_probe = asyncio.ensure_future(self._ping_lenient())
+            self._alive_at = time.monotonic()
+        return await asyncio.shield(probe)
+
+    async def _ping_lenient(self) -> bool:
+        reader = self._reader
+        if reader is None:
+            return False
+        try:
+            return bool(await reader.ping())
+        except (*_UNAVAILABLE, *_redis_errors()):
+            return False
 
     async def peek(self, txns: Sequence[Transaction]) -> tuple[np.ndarray, bool]:
         """Features from the current online state WITHOUT updating it (for POST /predict).

@@ -76,6 +76,10 @@ class EngineMetrics:
             "fraudactors_event_loop_lag_seconds",
             "How late the event loop ran a timer (CPU saturation or a blocking call).",
             buckets=_LATENCY_BUCKETS, registry=r)
+        self.feature_store_slow = Counter(
+            "fraudactors_feature_store_slow",
+            "Feature batches retried because Redis answered too late while still alive (load, not outage).",
+            registry=r)
         self.commits = Counter("fraudactors_commits", "Offset commits.", registry=r)
 
     def render(self) -> bytes:
