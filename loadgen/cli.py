@@ -47,6 +47,9 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration
     parser.add_argument("--warmup", type=int, default=warmup, metavar="N",
                         help=f"first send N transactions of history as fast as possible and wait for their "
                              f"decisions, unmeasured, so users have a past (default {warmup})")
+    parser.add_argument("--send-tick-ms", type=positive_float, default=10.0, metavar="MS",
+                        help="the sender sends what fell due every MS milliseconds, one batch per partition "
+                             "(counted in the latency; longer = fewer broker requests; default 10)")
     parser.add_argument("--no-labels", action="store_true", help="do not send the delayed fraud labels")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"simulator seed (default {DEFAULT_SEED}: a world the default models never trained on)")
@@ -66,7 +69,8 @@ def load_config_from_args(args: argparse.Namespace) -> Any:
 
     profile = make_profile(args.profile, args.rate, args.duration, args.rate_to, args.steps)
     return LoadConfig(profile=profile, drain_timeout_s=args.drain_timeout, seed=args.seed, warmup=args.warmup,
-                      event_time=args.event_time, send_labels=not args.no_labels, progress=not args.no_progress)
+                      event_time=args.event_time, send_tick_s=args.send_tick_ms / 1000.0,
+                      send_labels=not args.no_labels, progress=not args.no_progress)
 
 
 def finish(result: Any, report_path: str | None) -> dict[str, Any]:

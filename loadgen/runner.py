@@ -34,6 +34,13 @@ class LoadgenError(FraudActorsError):
     """The load run cannot start or cannot talk to Kafka."""
 
 
+# The sender wakes at most this often (default; ``LoadConfig.send_tick_s``) and sends what fell due
+# as one batch per partition: a record waits up to one tick in the load generator (counted in its
+# latency, which runs from the schedule). Longer ticks mean fewer, bigger produce requests, which is
+# what an in-memory Tansu broker pays for (see docs/benchmarks.md).
+SEND_TICK_S = 0.01
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     profile: RateProfile
@@ -47,6 +54,7 @@ class LoadConfig:
     warmup: int = 0
     warmup_timeout_s: float = 120.0
     linger_ms: int = 0  # the sender batches per partition itself (see SEND_TICK_S)
+    send_tick_s: float = SEND_TICK_S
     progress: bool = True
     # Builds the source from the run's id prefix (tests plug in their own); default: the simulator.
     source_factory: Callable[[str], TransactionSource] | None = None
@@ -136,10 +144,6 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
         raise LoadgenError(f"topic {topic!r} does not exist on the broker")
     return [TopicPartition(topic, p) for p in sorted(parts)]
 
-
-# The sender wakes at most this often and sends what fell due as one batch per partition: a record
-# waits up to one tick in the load generator (counted in its latency, which runs from the schedule).
-SEND_TICK_S = 0.005
 
 # Generate the whole run before the clock starts (so the simulator does not compete with the engine
 # for CPU during the measurement) up to this many transactions; beyond, generate as it goes.
@@ -251,6 +255,7 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
                 state.send_errors += 1
 
         partition_of: dict[bytes, int] = {}  # key -> partition, as the producer's default partitioner
+        tick = config.send_tick_s
         block = int(min(4096, max(64, profile.peak_rate * 0.05)))
         lookahead = int(max(block * 2, profile.peak_rate * 0.25))
         outbox.prepare(lookahead)
@@ -278,11 +283,11 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
                             fut.add_done_callback(delivered)
                             state.labels_sent += 1
                     # Send in ticks: what fell due meanwhile goes out as one batch per partition.
-                    await asyncio.sleep(SEND_TICK_S)
+                    await asyncio.sleep(tick)
                 elif outbox.prepared_to - i < lookahead and outbox.prepared_to < total:
                     outbox.prepare(block)
                 else:
-                    await asyncio.sleep(min(max(scheduled[i] - now, SEND_TICK_S), 0.005))
+                    await asyncio.sleep(max(scheduled[i] - now, tick))
             await producer.flush()
             send_end = time.perf_counter() - start
             if on_send_end is not None:
