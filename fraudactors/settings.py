@@ -114,6 +114,9 @@ class EngineSettings:
     watchdog_s: float = 30.0
     restart_max: int = 5
     restart_window_s: float = 60.0
+    # Audit/debug: add the scored feature vector ("features": {name: value}) to every decision.
+    # Off by default, so a decision is exactly the SPEC §3 object.
+    emit_features: bool = False
 
     def validate(self) -> None:
         _require(self.batch_max >= 1, "engine.batch_max", "must be >= 1")

@@ -89,9 +89,14 @@ def encode_decision(
     event_time: str,
     decided_at: str,
     latency_ms: float,
+    features: Mapping[str, float] | None = None,
 ) -> bytes:
-    """The SPEC §3 decision as JSON bytes (field order as in the spec)."""
-    return orjson.dumps({
+    """The SPEC §3 decision as JSON bytes (field order as in the spec).
+
+    ``features`` (only with ``engine.emit_features``): the vector the decision was scored with,
+    added as one extra key ``"features"`` after the SPEC fields.
+    """
+    obj = {
         "transaction_id": transaction_id,
         "user_id": user_id,
         "is_fraud": is_fraud,
@@ -104,4 +109,7 @@ def encode_decision(
         "event_time": event_time,
         "decided_at": decided_at,
         "latency_ms": round(latency_ms, 3),
-    })
+    }
+    if features is not None:
+        obj["features"] = features
+    return orjson.dumps(obj)

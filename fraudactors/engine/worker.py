@@ -65,6 +65,7 @@ class FeatureWorker:
         publisher: Publisher,
         on_decided: Callable[[Sequence[Transaction], Sequence[Scored]], None] | None = None,
     ) -> None:
+        from fraudactors.features.definition import FEATURE_NAMES
         from fraudactors.features.schema import parse_transaction
 
         self.partition = partition
@@ -77,6 +78,8 @@ class FeatureWorker:
         self._publisher = publisher
         self._on_decided = on_decided
         self._parse = parse_transaction
+        # engine.emit_features: the names to label each decision's feature vector with (audit).
+        self._feature_names: tuple[str, ...] | None = FEATURE_NAMES if settings.engine.emit_features else None
         self._log = get_logger(actor="feature_worker", partition=partition)
         self.batches = 0
         self.last_progress = time.monotonic()
@@ -134,7 +137,8 @@ class FeatureWorker:
             txns, records, arrivals, X, degraded = await self._features_for(txns, records, arrivals, dead)
             if txns:
                 scored = await self._inference.score(X, [t.transaction_id for t in txns])
-                messages = self._decisions(txns, records, arrivals, scored, degraded)
+                messages = self._decisions(txns, records, arrivals, scored, degraded,
+                                           X if self._feature_names is not None else None)
                 if self._on_decided is not None:
                     self._on_decided(txns, scored)
         if dead:
@@ -208,15 +212,20 @@ class FeatureWorker:
         arrivals: Sequence[float],
         scored: Sequence[Scored],
         degraded: bool,
+        X: Any = None,
     ) -> list[Message]:
+        """The decision messages; with ``X`` (``engine.emit_features``) each also carries the
+        float32 vector it was scored with (``tolist`` gives the exact float32 values as floats)."""
         metrics = self._metrics
+        names = self._feature_names
+        rows: Sequence[list[float] | None] = [None] * len(txns) if X is None else X.tolist()
         topic = self._settings.topics.predictions
         decided_at = utc_now_iso()
         now = time.monotonic()
         hist = metrics.decision_latency
         out: list[Message] = []
         counts: dict[tuple[str, str, str], int] = {}
-        for txn, arrival, s in zip(txns, arrivals, scored, strict=True):
+        for txn, arrival, s, row in zip(txns, arrivals, scored, rows, strict=True):
             latency_s = now - arrival
             hist.observe(latency_s)
             key = (s.variant, s.model_version, s.decision)
@@ -225,7 +234,8 @@ class FeatureWorker:
                 transaction_id=txn.transaction_id, user_id=txn.user_id, is_fraud=s.is_fraud,
                 fraud_probability=s.probability, decision=s.decision, model_version=s.model_version,
                 variant=s.variant, reasons=s.reasons, degraded=degraded, event_time=txn.timestamp,
-                decided_at=decided_at, latency_ms=latency_s * 1000.0)
+                decided_at=decided_at, latency_ms=latency_s * 1000.0,
+                features=None if row is None or names is None else dict(zip(names, row, strict=True)))
             out.append((topic, txn.user_id.encode(), value, None))
         for (variant, version, decision), count in counts.items():
             metrics.decisions.labels(variant, version, decision).inc(count)
