@@ -7,6 +7,12 @@ Then it is down and the policy decides: ``degrade`` scores from the transaction 
 decision degraded (no Redis call per batch while it is down, so latency stays flat); ``hold``
 waits and retries, so the mailbox fills and the ingestor pauses the partition. In both cases a
 probe pings Redis every ``retry_interval_ms`` and normal mode comes back by itself.
+
+Batches from all partitions are coalesced: workers ``ask`` the actor through its mailbox, and the
+actor serves everything queued (from any partition) with ONE store call -- two Redis round trips
+for the lot. While one call is in flight the next requests queue up, so under load the batches
+grow by themselves (each user lives in one partition, and a worker has at most one batch in
+flight, so mixing partitions keeps every user's records in order).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fraudactors.actors import Mailbox, Request, ask
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.errors import FeatureStoreUnavailable
 from fraudactors.logging import get_logger
@@ -33,6 +40,12 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (FeatureStoreUnavailable, Connec
 _RETRY_PAUSE_S = 0.02
 _ALIVE_CACHE_S = 0.1
 _LENIENT_TIMEOUT_S = 2.0
+# Requests served by one store call at most (one per partition is the usual upper bound).
+_COALESCE_MAX = 64
+
+# (transactions, partition of each, offset of each) -> (features, degraded)
+_Batch = tuple["Sequence[Transaction]", list[int], "Sequence[int]"]
+_FeatureRequest = Request[_Batch, tuple[np.ndarray, bool]]
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -61,6 +74,7 @@ class FeatureStoreActor:
         self._alive_probe: asyncio.Future[bool] | None = None
         self._alive_at = 0.0
         self._log = get_logger(actor="feature_store")
+        self.mailbox: Mailbox[_FeatureRequest] = Mailbox(_COALESCE_MAX * 2, "feature_store")
         metrics.feature_store_up.set(0)
 
     @property
@@ -108,20 +122,55 @@ class FeatureStoreActor:
         timeout = max(self._settings.redis.socket_timeout_ms / 1000.0, _LENIENT_TIMEOUT_S)
         self._reader = aioredis.Redis.from_url(self._settings.redis.url, socket_timeout=timeout,
                                                socket_connect_timeout=min(timeout, 1.0))
+        if self.mailbox.failed:  # a restart after a crash: the old mailbox failed its callers
+            self.mailbox = Mailbox(self.mailbox.maxsize, self.mailbox.name)
         task_status.started()
         try:
-            while True:
-                await self._down.wait()
-                await asyncio.sleep(self._retry_s)
-                if await self._ping(store):
-                    self._mark_up()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._serve(store))
+                tasks.create_task(self._probe(store))
         finally:
+            self.mailbox.fail(FeatureStoreUnavailable("feature store actor stopped"))
             self._up.clear()
             self._metrics.feature_store_up.set(0)
             reader, self._reader = self._reader, None
             await asyncio.shield(store.close())
             if reader is not None:
                 await asyncio.shield(reader.aclose())
+
+    async def _probe(self, store: OnlineFeatureStore) -> None:
+        while True:
+            await self._down.wait()
+            await asyncio.sleep(self._retry_s)
+            if await self._ping(store):
+                self._mark_up()
+
+    async def _serve(self, store: OnlineFeatureStore) -> None:
+        """Everything queued, from every partition, in one store call; results split back."""
+        while True:
+            requests = [r for r in await self.mailbox.get_batch(_COALESCE_MAX, 0.0) if not r.abandoned]
+            if not requests:
+                continue
+            txns: list[Transaction] = []
+            partitions: list[int] = []
+            offsets: list[int] = []
+            for req in requests:
+                batch_txns, batch_partitions, batch_offsets = req.payload
+                txns.extend(batch_txns)
+                partitions.extend(batch_partitions)
+                offsets.extend(batch_offsets)
+            try:
+                X, degraded = await self._compute_merged(store, txns, partitions, offsets)
+            except Exception as exc:  # bad input or a bug: each caller gets it, the actor lives on
+                for req in requests:
+                    req.reject(exc)
+                continue
+            self._metrics.feature_batch_size.observe(len(txns))
+            start = 0
+            for req in requests:
+                end = start + len(req.payload[0])
+                req.resolve((X[start:end], degraded))
+                start = end
 
     async def _ping(self, store: OnlineFeatureStore) -> bool:
         try:
@@ -135,9 +184,17 @@ class FeatureStoreActor:
 
     async def compute(self, txns: Sequence[Transaction], partition: int,
                       offsets: Sequence[int]) -> tuple[np.ndarray, bool]:
-        """Features for a batch and whether they are degraded. Other errors propagate (bad input)."""
-        store = self.store
-        assert store is not None, "feature store actor not started"
+        """Features for a batch and whether they are degraded. Other errors propagate (bad input).
+
+        Coalesced with the other partitions' batches into one store call (see the module doc).
+        """
+        assert self.store is not None, "feature store actor not started"
+        if not txns:
+            return self.store.compute_degraded(txns), False
+        return await ask(self.mailbox, (txns, [partition] * len(txns), offsets))
+
+    async def _compute_merged(self, store: OnlineFeatureStore, txns: Sequence[Transaction],
+                              partition: list[int], offsets: Sequence[int]) -> tuple[np.ndarray, bool]:
         t0 = time.perf_counter()
         while True:
             if self._up.is_set():

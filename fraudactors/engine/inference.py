@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fraudactors.actors import Mailbox, Request, ask
 from fraudactors.engine.decision import Router, Thresholds, Variant
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.errors import ActorDied, ModelError, WorkerDied
@@ -72,11 +73,34 @@ class Scored:
     shadows: tuple[tuple[str, bool], ...] = ()
 
 
-@dataclass(slots=True)
-class _Request:
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """One worker's micro-batch: its feature rows and the variant each row is routed to."""
+
     X: np.ndarray
     deciding: list[Variant]
-    future: asyncio.Future[list[Scored]]
+
+
+_Request = Request[_Rows, list[Scored]]
+
+
+def _chunks(requests: list[_Request], max_rows: int) -> list[list[_Request]]:
+    """Group requests into calls of at most ``max_rows`` rows (a larger request goes alone)."""
+    out: list[list[_Request]] = []
+    current: list[_Request] = []
+    rows = 0
+    for req in requests:
+        if req.abandoned:
+            continue
+        n = len(req.payload.deciding)
+        if current and rows + n > max_rows:
+            out.append(current)
+            current, rows = [], 0
+        current.append(req)
+        rows += n
+    if current:
+        out.append(current)
+    return out
 
 
 class InferenceActor:
@@ -87,7 +111,7 @@ class InferenceActor:
         self._metrics = metrics
         self.router = Router(settings.models.variants)
         self._thresholds: dict[str, Thresholds] = {}
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=max(64, settings.engine.mailbox_size // 8))
+        self.mailbox: Mailbox[_Request] = Mailbox(max(64, settings.engine.mailbox_size // 8), "inference")
         self._inflight = asyncio.Semaphore(settings.engine.max_inflight_batches)
         self._pool: Any = None
         self._thread: ThreadPoolExecutor | None = None
@@ -103,7 +127,7 @@ class InferenceActor:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return self.mailbox.depth
 
     def _load_thresholds(self) -> None:
         from fraudactors.modeling.registry import load_model_info
@@ -123,6 +147,8 @@ class InferenceActor:
         engine = self._settings.engine
         models_dir = str(Path(self._settings.models.dir))
         versions = self.router.versions
+        if self.mailbox.failed:  # a restart after a crash: the old mailbox failed its callers
+            self.mailbox = Mailbox(self.mailbox.maxsize, self.mailbox.name)
         await asyncio.to_thread(self._load_thresholds)
         if engine.inference_mode == "process":
             from fraudactors.actors.pool import ProcessPool
@@ -148,10 +174,8 @@ class InferenceActor:
     async def _close(self) -> None:
         for task in list(self._calls):
             task.cancel()
-        while not self._queue.empty():
-            req = self._queue.get_nowait()
-            if not req.future.done():
-                req.future.set_exception(ActorDied("inference actor stopped"))
+        # Every caller still waiting (queued, or blocked on a full mailbox) gets ActorDied now.
+        self.mailbox.fail(ActorDied("inference actor stopped"))
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -164,39 +188,19 @@ class InferenceActor:
         if not self._ready.is_set():
             await self._ready.wait()
         route = self.router.route
-        request = _Request(X, [route(t) for t in transaction_ids], asyncio.get_running_loop().create_future())
-        await self._queue.put(request)
-        return await request.future
+        return await ask(self.mailbox, _Rows(X, [route(t) for t in transaction_ids]))
 
     async def _flush_loop(self) -> None:
+        """Coalesce the workers' requests: flush on ``batch_max`` requests or after the linger."""
         engine = self._settings.engine
-        batch_max = engine.batch_max
-        linger = engine.batch_linger_ms / 1000.0
-        queue = self._queue
         loop = asyncio.get_running_loop()
         while True:
-            first = await queue.get()
-            batch = [first]
-            rows = len(first.deciding)
-            deadline = loop.time() + linger
-            while rows < batch_max:
-                if queue.empty():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        async with asyncio.timeout(remaining):
-                            item = await queue.get()
-                    except TimeoutError:
-                        break
-                else:
-                    item = queue.get_nowait()
-                batch.append(item)
-                rows += len(item.deciding)
-            await self._inflight.acquire()
-            task = loop.create_task(self._call(batch))
-            self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
+            requests = await self.mailbox.get_batch(engine.batch_max, engine.batch_linger_ms / 1000.0)
+            for batch in _chunks(requests, engine.batch_max):
+                await self._inflight.acquire()
+                task = loop.create_task(self._call(batch))
+                self._calls.add(task)
+                task.add_done_callback(self._calls.discard)
 
     async def _call(self, batch: list[_Request]) -> None:
         try:
@@ -204,20 +208,18 @@ class InferenceActor:
                 results = await self._score_batch(batch)
             except BaseException as exc:
                 for req in batch:
-                    if not req.future.done():
-                        req.future.set_exception(exc if isinstance(exc, Exception) else ActorDied(repr(exc)))
+                    req.reject(exc if isinstance(exc, Exception) else ActorDied(repr(exc)))
                 if not isinstance(exc, Exception):
                     raise
                 return
             for req, result in zip(batch, results, strict=True):
-                if not req.future.done():
-                    req.future.set_result(result)
+                req.resolve(result)
         finally:
             self._inflight.release()
 
     async def _score_batch(self, batch: list[_Request]) -> list[list[Scored]]:
-        X = np.concatenate([r.X for r in batch]) if len(batch) > 1 else batch[0].X
-        deciding = [v for r in batch for v in r.deciding]
+        X = np.concatenate([r.payload.X for r in batch]) if len(batch) > 1 else batch[0].payload.X
+        deciding = [v for r in batch for v in r.payload.deciding]
         n = len(deciding)
         self._metrics.inference_batch_size.observe(n)
         # Group row indices per model version: deciding rows, plus every row for each shadow.
@@ -274,7 +276,7 @@ class InferenceActor:
         out: list[list[Scored]] = []
         start = 0
         for req in batch:
-            end = start + len(req.deciding)
+            end = start + len(req.payload.deciding)
             out.append(scored[start:end])
             start = end
         return out

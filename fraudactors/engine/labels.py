@@ -163,6 +163,9 @@ class LabelConsumer:
         consumer = make_consumer(settings, settings.topics.labels,
                                  group_id=f"{settings.kafka.group_id}.labels",
                                  client_id=f"{settings.kafka.client_id}-labels",
+                                 # Labels arrive days late; a long poll costs the broker nothing
+                                 # while the topic is idle (the decision path keeps its short one).
+                                 fetch_max_wait_ms=max(settings.kafka.fetch_max_wait_ms, 500),
                                  group_instance_id=(f"{settings.kafka.group_instance_id}.labels"
                                                     if settings.kafka.group_instance_id else None))
         # Labels are not on the decision path and not part of readiness: report started at once

@@ -64,6 +64,9 @@ class EngineMetrics:
         self.inference_batch_size = Histogram(
             "fraudactors_inference_batch_size", "Rows per coalesced inference call.",
             buckets=_BATCH_BUCKETS, registry=r)
+        self.feature_batch_size = Histogram(
+            "fraudactors_feature_batch_size", "Records per coalesced feature-store call (all partitions).",
+            buckets=_BATCH_BUCKETS, registry=r)
         self.feature_store_up = Gauge(
             "fraudactors_feature_store_up", "1 while the online feature store is reachable.", registry=r)
         self.publish_retries = Counter(
