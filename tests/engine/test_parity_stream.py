@@ -122,6 +122,8 @@ async def stream_through_engine(s: Settings, data: Dataset) -> list[dict[str, An
         await produce(s, data.labels, topic=s.topics.labels)
         await wait_until(lambda: engine.labels.applied >= len(data.labels), timeout_s=60, interval_s=0.1)
         assert engine.labels.applied == len(data.labels) and engine.labels.invalid == 0
+        print(f"parity: {len(data.labels)} fraud labels applied by the engine's label consumer, "
+              f"then {n} transactions over {s.topics.partitions} partition(s)")
         await produce(s, data.transactions)
         await reader.wait_for(lambda recs: len(recs) >= n, timeout_s=100)
         assert engine.ingestor.worker_restarts == 0
