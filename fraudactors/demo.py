@@ -49,6 +49,25 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="TOML config file (defaults apply to every key it leaves out)")
     parser.add_argument("--engine-timeout", type=float, default=120.0, metavar="S",
                         help="how long the engine may take to become ready (default 120)")
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                        help="level of the demo's own structured logs on stderr (default warning)")
+
+
+# The embedded Tansu broker's CPU cost grows with the number of produce and fetch requests, not
+# records, and every fetch waits out fetch_max_wait_ms (docs/tansu.md). On this broker, fewer and
+# bigger requests buy more than they cost: measured at 5,000 TPS on 2 cores (docs/benchmarks.md),
+# linger 2 ms / fetch wait 10 ms / send tick 10 ms gave p99 10 s as the broker starved the engine;
+# 20 / 20 / 20 gave p99 ~0.3 s. Applied only to keys the user's config leaves at their defaults.
+EMBEDDED_BROKER_KAFKA = {"linger_ms": 20, "fetch_max_wait_ms": 20}
+
+
+def _tuned_for_embedded_broker(settings: Settings) -> Settings:
+    from fraudactors.settings import KafkaSettings
+
+    defaults = KafkaSettings()
+    kafka = {key: value for key, value in EMBEDDED_BROKER_KAFKA.items()
+             if getattr(settings.kafka, key) == getattr(defaults, key)}
+    return settings.replace(kafka=kafka) if kafka else settings
 
 
 def say(*parts: object) -> None:
@@ -69,8 +88,8 @@ def main(args: argparse.Namespace) -> int:
     from fraudactors.logging import configure_logging
     from fraudactors.settings import load_settings
 
-    settings = load_settings(args.config)  # ConfigError -> one line on stderr, exit 2 (cli.py)
-    configure_logging(os.environ.get("FRAUDACTORS_DEMO_LOG_LEVEL", "warning"), "json", stream=sys.stderr)
+    settings = _tuned_for_embedded_broker(load_settings(args.config))  # ConfigError -> one line, exit 2
+    configure_logging(args.log_level, "json", stream=sys.stderr)
     terminated = False
 
     async def guarded() -> int:

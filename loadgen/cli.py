@@ -47,9 +47,9 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration
     parser.add_argument("--warmup", type=int, default=warmup, metavar="N",
                         help=f"first send N transactions of history as fast as possible and wait for their "
                              f"decisions, unmeasured, so users have a past (default {warmup})")
-    parser.add_argument("--send-tick-ms", type=positive_float, default=10.0, metavar="MS",
+    parser.add_argument("--send-tick-ms", type=positive_float, default=20.0, metavar="MS",
                         help="the sender sends what fell due every MS milliseconds, one batch per partition "
-                             "(counted in the latency; longer = fewer broker requests; default 10)")
+                             "(counted in the latency; longer = fewer broker requests; default 20)")
     parser.add_argument("--no-labels", action="store_true", help="do not send the delayed fraud labels")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"simulator seed (default {DEFAULT_SEED}: a world the default models never trained on)")

@@ -214,7 +214,7 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
 
     consumer = make_consumer(settings, group_id=None, client_id=f"loadgen-{run_id}",
                              max_poll_records=20_000, fetch_max_bytes=64 * 1024 * 1024,
-                             max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_wait_ms=10,
+                             max_partition_fetch_bytes=8 * 1024 * 1024,
                              auto_offset_reset="earliest")
     producer = make_producer(settings, client_id=f"loadgen-{run_id}", linger_ms=config.linger_ms,
                              max_batch_size=max(settings.kafka.max_batch_size, 256 * 1024))
