@@ -28,6 +28,7 @@ from fraudactors.engine.ingestor import Ingestor
 from fraudactors.engine.labels import LabelConsumer, OutcomeRecorder
 from fraudactors.engine.metrics import CONTENT_TYPE, EngineMetrics
 from fraudactors.engine.publisher import Publisher
+from fraudactors.engine.worker import Stages
 from fraudactors.errors import FraudActorsError, InvalidRecord, StartupTimeout
 from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
@@ -50,8 +51,8 @@ class Engine:
         self.inference = InferenceActor(settings, m)
         self.publisher = Publisher(settings, m)
         self.outcomes = OutcomeRecorder(settings, m)
-        self.ingestor = Ingestor(settings, m, features=self.features, inference=self.inference,
-                                 publisher=self.publisher, on_decided=self.outcomes.record)
+        self.ingestor = Ingestor(settings, m, Stages(self.features, self.inference, self.publisher,
+                                                     on_decided=self.outcomes.record))
         self.labels = LabelConsumer(settings, m, self.features, self.outcomes)
         self.http = HttpServer(settings.http.host, settings.http.port, self.handle)
         engine = settings.engine

@@ -31,7 +31,6 @@ from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
 
 if TYPE_CHECKING:
-    from fraudactors.features.definition import MerchantState
     from fraudactors.features.schema import Transaction
     from fraudactors.features.store import OnlineFeatureStore
 
@@ -65,7 +64,7 @@ class FeatureStoreActor:
         self._settings = settings
         self._metrics = metrics
         self.store: OnlineFeatureStore | None = None
-        self._reader: Any = None  # a small read-only client for POST /predict
+        self._reader: Any = None  # a lenient client: tells a slow Redis from an unreachable one
         self._up = asyncio.Event()
         self._down = asyncio.Event()
         self._hold = settings.redis.on_unavailable == "hold"
@@ -117,8 +116,8 @@ class FeatureStoreActor:
         self.store = store
         import redis.asyncio as aioredis
 
-        # A second, lenient client: POST /predict reads, and the liveness probe that tells a slow
-        # Redis from an unreachable one.
+        # A second, lenient client for the liveness probe that tells a slow Redis from an
+        # unreachable one.
         timeout = max(self._settings.redis.socket_timeout_ms / 1000.0, _LENIENT_TIMEOUT_S)
         self._reader = aioredis.Redis.from_url(self._settings.redis.url, socket_timeout=timeout,
                                                socket_connect_timeout=min(timeout, 1.0))
@@ -245,48 +244,18 @@ class FeatureStoreActor:
     async def peek(self, txns: Sequence[Transaction]) -> tuple[np.ndarray, bool]:
         """Features from the current online state WITHOUT updating it (for POST /predict).
 
-        The same definition as the stream path (``definition.features_of`` on the stored user
-        state and the merchant buckets, read with the store's documented key layout); degraded
-        (transaction-only) while Redis is unreachable.
+        The same definition and the same store as the stream path (one read, no write);
+        transaction-only (degraded) while Redis is unreachable. A failed read degrades this
+        request only: the stream path decides about the store's health.
         """
-        from fraudactors.features.definition import features_of
-
         store = self.store
-        reader = self._reader
         assert store is not None, "feature store actor not started"
-        if not self._up.is_set() or reader is None:
-            return store.compute_degraded(txns), True
-        rows = []
-        try:
-            for txn in txns:
-                state = await store.user_state(txn.user_id)
-                async with reader.pipeline(transaction=False) as pipe:
-                    pipe.hgetall(store.merchant_counts_key(txn.merchant_id))
-                    pipe.hgetall(store.merchant_frauds_key(txn.merchant_id))
-                    counts, frauds = await pipe.execute()
-                rows.append(features_of(state, _merchant_state(counts, frauds), txn))
-        except (*_UNAVAILABLE, *_redis_errors()) as exc:
-            self._mark_down(exc)
-            return store.compute_degraded(txns), True
-        return np.array(rows, dtype=np.float32), False
-
-
-def _merchant_state(counts: dict[bytes, bytes], frauds: dict[bytes, bytes]) -> MerchantState:
-    """A merchant's buckets from its two hashes (fields ``h<hour>`` / ``d<day>`` -> count)."""
-    from fraudactors.features.definition import MerchantState
-
-    m = MerchantState()
-    for hours, days, data in ((m.tx_hours, m.tx_days, counts), (m.fraud_hours, m.fraud_days, frauds)):
-        for field, value in data.items():
+        if self._up.is_set():
             try:
-                bucket, n = int(field[1:]), int(value)
-            except ValueError:
-                continue
-            if field[:1] == b"h":
-                hours[bucket] = n
-            elif field[:1] == b"d":
-                days[bucket] = n
-    return m
+                return await store.peek(txns), False
+            except (*_UNAVAILABLE, *_redis_errors()) as exc:
+                self._log.warning("predict_features_degraded", error=repr(exc))
+        return store.compute_degraded(txns), True
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,18 +28,15 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from fraudactors.actors import Mailbox
-from fraudactors.engine.features import FeatureStoreActor
-from fraudactors.engine.inference import InferenceActor, Scored
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.offsets import OffsetTracker
-from fraudactors.engine.publisher import Publisher
-from fraudactors.engine.worker import FeatureWorker, Item
+from fraudactors.engine.worker import FeatureWorker, Item, Stages
 from fraudactors.errors import ActorError, RestartIntensityExceeded
 from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
 
 if TYPE_CHECKING:
-    from fraudactors.features.schema import Transaction
+    pass
 
 _POLL_TIMEOUT_MS = 100
 
@@ -86,18 +83,13 @@ class Ingestor:
         self,
         settings: Settings,
         metrics: EngineMetrics,
-        *,
-        features: FeatureStoreActor,
-        inference: InferenceActor,
-        publisher: Publisher,
-        on_decided: Callable[[Sequence[Transaction], Sequence[Scored]], None] | None = None,
+        stages: Stages,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._features = features
-        self._inference = inference
-        self._publisher = publisher
-        self._on_decided = on_decided
+        self._stages = stages
+        self._features = stages.features
+        self._publisher = stages.publisher
         self._consumer: AIOKafkaConsumer | None = None
         self._parts: dict[int, _Partition] = {}
         self._stopping = False
@@ -318,8 +310,7 @@ class Ingestor:
     def _start_worker(self, state: _Partition) -> None:
         worker = FeatureWorker(
             state.tp.partition, state.mailbox, state.tracker, settings=self._settings,
-            metrics=self._metrics, features=self._features, inference=self._inference,
-            publisher=self._publisher, on_decided=self._on_decided)
+            metrics=self._metrics, stages=self._stages)
         state.worker = worker
         task = asyncio.get_running_loop().create_task(_run_worker(worker), name=f"features-{state.tp.partition}")
         state.task = task

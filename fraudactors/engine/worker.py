@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiokafka.structs import ConsumerRecord
@@ -49,6 +50,17 @@ def dlq_message(settings: Settings, record: ConsumerRecord[bytes, bytes], reason
     return (settings.topics.dlq, record.key, record.value, headers)
 
 
+@dataclass(frozen=True, slots=True)
+class Stages:
+    """The engine-wide actors every partition's records pass through, in order."""
+
+    features: FeatureStoreActor
+    inference: InferenceActor
+    publisher: Publisher
+    # Called with each decided batch (online accuracy: remember what each variant said).
+    on_decided: Callable[[Sequence[Transaction], Sequence[Scored]], None] | None = None
+
+
 class FeatureWorker:
     """Processes the records of one partition from its mailbox."""
 
@@ -60,10 +72,7 @@ class FeatureWorker:
         *,
         settings: Settings,
         metrics: EngineMetrics,
-        features: FeatureStoreActor,
-        inference: InferenceActor,
-        publisher: Publisher,
-        on_decided: Callable[[Sequence[Transaction], Sequence[Scored]], None] | None = None,
+        stages: Stages,
     ) -> None:
         from fraudactors.features.definition import FEATURE_NAMES
         from fraudactors.features.schema import parse_transaction
@@ -73,10 +82,10 @@ class FeatureWorker:
         self.tracker = tracker
         self._settings = settings
         self._metrics = metrics
-        self._features = features
-        self._inference = inference
-        self._publisher = publisher
-        self._on_decided = on_decided
+        self._features = stages.features
+        self._inference = stages.inference
+        self._publisher = stages.publisher
+        self._on_decided = stages.on_decided
         self._parse = parse_transaction
         # engine.emit_features: the names to label each decision's feature vector with (audit).
         self._feature_names: tuple[str, ...] | None = FEATURE_NAMES if settings.engine.emit_features else None
