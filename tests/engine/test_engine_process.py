@@ -7,7 +7,15 @@ import signal
 from collections import Counter
 
 import orjson
-from engine_helpers import EngineProcess, engine_env, produce, reading, transactions, wait_committed
+from engine_helpers import (
+    EngineProcess,
+    TopicReader,
+    engine_env,
+    produce,
+    reading,
+    transactions,
+    wait_committed,
+)
 
 from fraudactors.settings import Settings
 
@@ -39,17 +47,24 @@ def _ids(reader: object) -> Counter[str]:
     return Counter(orjson.loads(r.value)["transaction_id"] for r in reader.records)  # type: ignore[attr-defined]
 
 
+async def _mid_stream(engine: EngineProcess, settings: Settings, txns: list[tuple[bytes, bytes, str]],
+                      reader: TopicReader) -> asyncio.Task[dict[int, int]]:
+    """Start ``engine``, feed it ``txns`` and return the still-running feeder once 1500 decisions are out."""
+    await engine.start()
+    await engine.wait_event("engine_ready", timeout_s=60)
+    feeder = asyncio.create_task(_feed(settings, txns))
+    await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
+    return feeder
+
+
 async def test_sigkill_mid_stream_then_restart_decides_every_transaction(engine_settings: Settings) -> None:
     s = engine_settings
     txns = transactions(6000, prefix="k")
     env = engine_env(s)
     first = EngineProcess(env)
     async with reading(s, s.topics.predictions) as reader:
-        await first.start()
         try:
-            await first.wait_event("engine_ready", timeout_s=60)
-            feeder = asyncio.create_task(_feed(s, txns))
-            await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
+            feeder = await _mid_stream(first, s, txns, reader)
             await first.kill()  # SIGKILL: no drain, no commit, no goodbye
             await feeder
         finally:
@@ -72,11 +87,8 @@ async def test_sigterm_under_load_exits_zero_and_loses_nothing_without_duplicate
     env = engine_env(s)
     first = EngineProcess(env)
     async with reading(s, s.topics.predictions) as reader:
-        await first.start()
         try:
-            await first.wait_event("engine_ready", timeout_s=60)
-            feeder = asyncio.create_task(_feed(s, txns))
-            await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
+            feeder = await _mid_stream(first, s, txns, reader)
             await first.signal(signal.SIGTERM)
             code = await first.wait(timeout_s=s.engine.shutdown_timeout_s + 10)
             assert code == 0, first.lines[-10:]
