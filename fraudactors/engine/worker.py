@@ -186,8 +186,6 @@ class FeatureWorker:
         except InvalidRecord:
             pass
         except Exception as exc:
-            if isinstance(exc, asyncio.CancelledError):  # pragma: no cover - not an Exception in 3.11
-                raise
             self._log.warning("features_batch_failed", error=repr(exc), batch=len(txns))
         import numpy as np
 
