@@ -87,8 +87,10 @@ class DemoResult:
 def main(args: argparse.Namespace) -> int:
     from fraudactors.logging import configure_logging
     from fraudactors.settings import load_settings
+    from loadgen.report import ensure_report_dir
 
     settings = _tuned_for_embedded_broker(load_settings(args.config))  # ConfigError -> one line, exit 2
+    ensure_report_dir(args.report)  # a bad --report fails now, not after the run
     configure_logging(args.log_level, "json", stream=sys.stderr)
     terminated = False
 

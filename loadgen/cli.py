@@ -90,6 +90,7 @@ def main(args: argparse.Namespace) -> int:
 
     from fraudactors.logging import configure_logging
     from fraudactors.settings import load_settings
+    from loadgen.report import ensure_report_dir
     from loadgen.runner import prepare_load, run_load
 
     configure_logging("warning", "json", stream=sys.stderr)
@@ -101,6 +102,8 @@ def main(args: argparse.Namespace) -> int:
         overrides["kafka"] = {"bootstrap_servers": args.bootstrap_servers}
     settings = load_settings(args.config, overrides=overrides)
     config = load_config_from_args(args)
+    if args.report:
+        ensure_report_dir(args.report)
     if not args.no_progress:
         print(f"fraudactors loadgen: generating {config.profile.total:,} transactions", file=sys.stderr)
     prepared = prepare_load(config)

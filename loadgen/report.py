@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 import orjson
 
 from loadgen.collector import VARIANT_CODES
-from loadgen.runner import RunResult
+from loadgen.runner import LoadgenError, RunResult
 
 REPORT_KEYS = ("target_tps", "duration_s", "sent", "decided", "lost", "duplicates", "dlq", "achieved_tps",
                "latency_ms", "accuracy", "variants", "degraded")
@@ -225,6 +226,18 @@ def render_markdown(report: dict[str, Any], charts: dict[str, str] | None = None
             lines += [f"![{title}]({name})", ""]
     return "\n".join(lines).rstrip() + "\n"
 
+
+
+def ensure_report_dir(path: str | Path) -> None:
+    """Create the directory ``path`` goes in and check it is writable, before a run rather than after
+    it: a bad ``--report`` fails fast with one clear line (``LoadgenError``), not a traceback at the end."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LoadgenError(f"cannot create the report directory {str(parent)!r}: {exc.strerror or exc}") from exc
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LoadgenError(f"the report directory {str(parent)!r} is not writable")
 
 
 def write_outputs(result: RunResult, path: str | Path) -> dict[str, Any]:
