@@ -342,14 +342,3 @@ async def test_group_consumer_reads_and_commits(settings: Settings) -> None:
         assert await consumer.committed(tp) == record.offset + 1
     finally:
         await consumer.stop()
-
-
-async def test_services_check_streams_every_record_back(settings: Settings) -> None:
-    from fraudactors.services.check import services_check
-
-    lines: list[str] = []
-    result = await services_check(settings, rate=400, duration_s=0.5, say=lambda *a: lines.append(" ".join(map(str, a))))
-    assert result.ok, lines
-    assert result.report["sent"] == result.report["received"] == 200
-    assert result.report["lost"] == 0 and result.report["duplicates"] == 0
-    assert result.report["redis_ok"] is True
