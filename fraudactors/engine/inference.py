@@ -117,7 +117,9 @@ class InferenceActor:
         self._thread: ThreadPoolExecutor | None = None
         self._local_scorer: Any = None
         self._ready = asyncio.Event()
-        self._calls: set[asyncio.Task[None]] = set()
+        # Calls in flight and the requests each one answers (a call cancelled before it started
+        # never runs: its requests are failed from here on close).
+        self._calls: dict[asyncio.Task[None], list[_Request]] = {}
         self._log = get_logger(actor="inference", mode=settings.engine.inference_mode)
         self.feature_names: tuple[str, ...] = ()
 
@@ -172,8 +174,10 @@ class InferenceActor:
             await asyncio.shield(self._close())
 
     async def _close(self) -> None:
-        for task in list(self._calls):
+        for task, batch in list(self._calls.items()):
             task.cancel()
+            for req in batch:
+                req.reject(ActorDied("inference actor stopped"))
         # Every caller still waiting (queued, or blocked on a full mailbox) gets ActorDied now.
         self.mailbox.fail(ActorDied("inference actor stopped"))
         if self._pool is not None:
@@ -199,8 +203,11 @@ class InferenceActor:
             for batch in _chunks(requests, engine.batch_max):
                 await self._inflight.acquire()
                 task = loop.create_task(self._call(batch))
-                self._calls.add(task)
-                task.add_done_callback(self._calls.discard)
+                self._calls[task] = batch
+                task.add_done_callback(self._forget_call)
+
+    def _forget_call(self, task: asyncio.Task[None]) -> None:
+        self._calls.pop(task, None)
 
     async def _call(self, batch: list[_Request]) -> None:
         try:

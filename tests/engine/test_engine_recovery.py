@@ -43,9 +43,12 @@ async def test_watchdog_restarts_a_consumer_that_stops_fetching(engine_settings:
             released.set()
             await reader.wait_for(lambda recs: {orjson.loads(r.value)["transaction_id"] for r in recs}
                                   >= {t for _, _, t in txns}, timeout_s=60)
+            # The records fetched just before the stall may all be decided by the old workers while
+            # the supervisor is still backing off: wait for the restart itself, then for readiness.
+            restarted = 'fraudactors_actor_restarts_total{actor="ingestor"}'
+            await wait_until(lambda: restarted in engine.metrics.render().decode(), timeout_s=30)
             await engine.wait_ready(timeout_s=30)
-        metrics = engine.metrics.render().decode()
-        assert 'fraudactors_actor_restarts_total{actor="ingestor"}' in metrics
+        assert 'fraudactors_actor_restarts_total{actor="ingestor"}' in engine.metrics.render().decode()
     finally:
         released.set()
         await engine.stop()
