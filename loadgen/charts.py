@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,11 +61,7 @@ def write_charts(result: RunResult, base: Path) -> dict[str, str]:
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    path = Path(f"{stem}-latency.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    out["Latency percentiles over time"] = path.name
+    out["Latency percentiles over time"] = _save(plt, fig, stem, "latency")
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.plot(x, series["sent"], label="sent / s", drawstyle="steps-post")
@@ -76,11 +73,7 @@ def write_charts(result: RunResult, base: Path) -> dict[str, str]:
     ax.set_title("Throughput")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    path = Path(f"{stem}-throughput.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    out["Throughput over time"] = path.name
+    out["Throughput over time"] = _save(plt, fig, stem, "throughput")
 
     m = result.collector.matches
     lat = m.latency_ms[np.isfinite(m.latency_ms)]
@@ -97,9 +90,14 @@ def write_charts(result: RunResult, base: Path) -> dict[str, str]:
     ax.set_xlabel("end-to-end latency (ms, log scale)")
     ax.set_ylabel("decisions")
     ax.set_title("Latency distribution")
-    path = Path(f"{stem}-distribution.png")
+    out["Latency distribution"] = _save(plt, fig, stem, "distribution")
+    return out
+
+
+def _save(plt: Any, fig: Any, stem: str | Path, kind: str) -> str:
+    """Write ``<stem>-<kind>.png``, close the figure, return the file's name."""
+    path = Path(f"{stem}-{kind}.png")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    out["Latency distribution"] = path.name
-    return out
+    return path.name
