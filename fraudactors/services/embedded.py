@@ -76,7 +76,8 @@ class EmbeddedService:
                 await self._discard()
                 if self._fixed_port is not None or attempt == _PORT_ATTEMPTS:
                     raise ServiceError(str(exc)) from None
-                log.warning("service_port_retry", service=self.name, port=self.port, attempt=attempt)
+                # Expected now and then (another process took the free port first): info, not a warning.
+                log.info("service_port_retry", service=self.name, port=self.port, attempt=attempt)
             except BaseException:
                 await self._discard()
                 raise
