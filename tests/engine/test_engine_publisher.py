@@ -42,3 +42,53 @@ async def test_batch_future_resolves_after_every_record_is_acknowledged(settings
         assert seen == {f"v{i}".encode() for i in range(300)}
     finally:
         await consumer.stop()
+
+
+async def test_records_land_on_the_keyed_partition_and_oversized_ones_still_go(settings: Settings) -> None:
+    """Batches per partition put each record where a keyed send() would; a record larger than a
+    whole batch takes the producer's own path; headers survive."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    publisher = Publisher(settings, EngineMetrics())
+    task = asyncio.create_task(publisher.run(IGNORED))
+    topic = settings.topics.predictions
+    big = b"x" * (settings.kafka.max_batch_size + 1000)
+    messages = [(topic, f"user-{i}".encode(), f"v{i}".encode(), [("h", str(i).encode())]) for i in range(200)]
+    messages.insert(50, (topic, b"user-big", big, None))
+    try:
+        ack = await publisher.send_many(messages)
+        async with asyncio.timeout(30):
+            await ack
+        assert publisher.pending == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    partitions = list(range(settings.topics.partitions))
+    expected = {key: DefaultPartitioner()(key, partitions, partitions) for _, key, _, _ in messages}
+    consumer = make_consumer(settings, group_id=None, max_partition_fetch_bytes=4 * 1024 * 1024)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        seen: dict[bytes, tuple[int, bytes, list[tuple[str, bytes]]]] = {}
+        offsets: dict[bytes, int] = {}
+        async with asyncio.timeout(30):
+            while len(seen) < len(messages):
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for r in records:
+                        assert r.key is not None and r.value is not None
+                        seen[r.key] = (r.partition, r.value, list(r.headers))
+                        offsets[r.key] = r.offset
+    finally:
+        await consumer.stop()
+    assert {key: part for key, (part, _, _) in seen.items()} == expected
+    assert seen[b"user-big"][1] == big
+    assert seen[b"user-7"][1:] == (b"v7", [("h", b"7")])
+    # a partition's records keep the order they were given in
+    by_partition: dict[int, list[bytes]] = {}
+    for _, key, _, _ in messages:
+        by_partition.setdefault(expected[key], []).append(key)
+    for keys in by_partition.values():
+        assert [offsets[k] for k in keys] == sorted(offsets[k] for k in keys)
