@@ -1,4 +1,4 @@
-"""The feature worker: one per assigned partition, one micro-batch at a time, in offset order.
+"""The feature worker: one per assigned partition, micro-batches in offset order.
 
 parse -> features (one store round trip) -> inference -> hand to the publisher -> register the
 batch's acknowledgement with the partition's :class:`OffsetTracker`. A record that cannot be
@@ -6,6 +6,14 @@ parsed (or whose features cannot be computed) goes to the dead-letter topic with
 and bytes and a reason; it never crashes the worker and never blocks the partition. The worker
 does not wait for the broker's acknowledgement before taking the next batch: partitions pipeline,
 and the tracker keeps commits honest.
+
+Two stages per partition, overlapped: while batch k is scored and handed to the publisher
+(the *tail*: inference -> publish -> register), batch k+1 is parsed and its features computed.
+Features stay strictly one batch at a time and in offset order (each batch's state write lands
+before the next batch reads, bad-input fallbacks included); tails run in order (each waits for
+the one before it to hand off), so decisions and offsets are registered in offset order. At most
+``_MAX_TAILS`` tails are in flight; a failed tail fails the worker, and the ingestor rewinds to
+the end of the last batch handed off.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ if TYPE_CHECKING:
 Item = tuple[ConsumerRecord[bytes, bytes], float]
 
 _MAX_ERROR_HEADER = 500
+# Batches scored/handed off concurrently with the next batch's features (see the module doc).
+_MAX_TAILS = 2
 
 
 def dlq_message(settings: Settings, record: ConsumerRecord[bytes, bytes], reason: str, stage: str) -> Message:
@@ -48,6 +58,19 @@ def dlq_message(settings: Settings, record: ConsumerRecord[bytes, bytes], reason
         ("source_offset", str(record.offset).encode()),
     ]
     return (settings.topics.dlq, record.key, record.value, headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A micro-batch after stage one: what is left to score, and its dead letters so far."""
+
+    items: Sequence[Item]
+    txns: list[Transaction]
+    records: list[ConsumerRecord[bytes, bytes]]
+    arrivals: list[float]
+    X: Any
+    degraded: bool
+    dead: list[Message]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,31 +117,59 @@ class FeatureWorker:
         self.last_progress = time.monotonic()
 
     async def run(self, task_status: Any) -> None:
-        """Supervised child. Cancellation lets the batch in hand finish (bounded), then stops."""
+        """Supervised child. Cancellation lets the batches in hand finish (bounded), then stops."""
         batch_max = self._settings.engine.batch_max
         linger = self._settings.engine.batch_linger_ms / 1000.0
         grace = self._settings.engine.shutdown_timeout_s / 2
+        tails: list[asyncio.Task[None]] = []
+        prepared: asyncio.Task[_Prepared] | None = None
         task_status.started()
-        while True:
-            try:
-                items = await self.mailbox.get_batch(batch_max, linger)
-            except MailboxClosed:
-                return
-            if not items:
-                continue
-            task = asyncio.ensure_future(self.process(items))
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                # Finish the batch in hand so its decisions and offsets stay consistent.
+        try:
+            while True:
+                for tail in [t for t in tails if t.done()]:
+                    tails.remove(tail)
+                    tail.result()  # a failed tail fails the worker (the ingestor rewinds it)
+                if len(tails) >= _MAX_TAILS:
+                    await asyncio.wait(tails[:1])
+                    continue
                 try:
-                    await asyncio.wait_for(task, grace)
-                except (TimeoutError, asyncio.CancelledError):
-                    pass
-                raise
+                    items = await self.mailbox.get_batch(batch_max, linger)
+                except MailboxClosed:
+                    break
+                if not items:
+                    continue
+                prepared = asyncio.ensure_future(self._prepare(items))
+                await asyncio.shield(prepared)
+                tails.append(self._tail(prepared.result(), tails))
+                prepared = None
+            await asyncio.gather(*tails)
+        except asyncio.CancelledError:
+            # Finish the batches in hand so their decisions and offsets stay consistent.
+            try:
+                await asyncio.wait_for(self._drain(prepared, tails), grace)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            except Exception as exc:
+                self._log.warning("worker_stop_batch_failed", error=repr(exc))
+            raise
+        finally:
+            # After a failure the later tails can only fail (each waits for the one before it);
+            # they have handed nothing off, so they are simply cancelled.
+            for tail in tails:
+                tail.cancel()
 
-    async def process(self, items: Sequence[Item]) -> None:
-        settings = self._settings
+    def _tail(self, batch: _Prepared, tails: list[asyncio.Task[None]]) -> asyncio.Task[None]:
+        return asyncio.ensure_future(self._finish(batch, tails[-1] if tails else None))
+
+    async def _drain(self, prepared: asyncio.Task[_Prepared] | None, tails: list[asyncio.Task[None]]) -> None:
+        """On stop: the batch being prepared gets its tail too, then every tail ends."""
+        if prepared is not None:
+            await asyncio.shield(prepared)
+            tails.append(self._tail(prepared.result(), tails))
+        await asyncio.gather(*tails)
+
+    async def _prepare(self, items: Sequence[Item]) -> _Prepared:
+        """Stage one: parse and features (strictly one batch at a time per partition)."""
         metrics = self._metrics
         t0 = time.perf_counter()
         parse = self._parse
@@ -130,26 +181,41 @@ class FeatureWorker:
             try:
                 txn = parse(record.value)
             except InvalidRecord as exc:
-                dead.append(dlq_message(settings, record, exc.reason, exc.stage or "parse"))
+                dead.append(dlq_message(self._settings, record, exc.reason, exc.stage or "parse"))
                 continue
             except Exception as exc:  # a parser bug must not stop the partition
-                dead.append(dlq_message(settings, record, f"unexpected parse error: {exc!r}", "parse"))
+                dead.append(dlq_message(self._settings, record, f"unexpected parse error: {exc!r}", "parse"))
                 continue
             records.append(record)
             arrivals.append(arrival)
             txns.append(txn)
-        t1 = time.perf_counter()
-        metrics.stage_latency.labels("parse").observe(t1 - t0)
-
-        messages: list[Message] = []
+        metrics.stage_latency.labels("parse").observe(time.perf_counter() - t0)
+        X: Any = None
+        degraded = False
         if txns:
             txns, records, arrivals, X, degraded = await self._features_for(txns, records, arrivals, dead)
+        return _Prepared(items, txns, records, arrivals, X, degraded, dead)
+
+    async def _finish(self, batch: _Prepared, previous: asyncio.Task[None] | None) -> None:
+        """Stage two: score, then -- after the previous batch's tail -- hand off and register."""
+        metrics = self._metrics
+        txns, records, arrivals, dead = batch.txns, batch.records, batch.arrivals, batch.dead
+        scored: Sequence[Scored] = ()
+        try:
             if txns:
-                scored = await self._inference.score(X, [t.transaction_id for t in txns])
-                messages = self._decisions(txns, records, arrivals, scored, degraded,
-                                           X if self._feature_names is not None else None)
-                if self._on_decided is not None:
-                    self._on_decided(txns, scored)
+                scored = await self._inference.score(batch.X, [t.transaction_id for t in txns])
+        except BaseException:
+            if previous is not None:  # fail only after the batches before this one are handed off
+                await asyncio.gather(previous, return_exceptions=True)
+            raise
+        if previous is not None:
+            await previous
+        messages: list[Message] = []
+        if txns:
+            messages = self._decisions(txns, records, arrivals, scored, batch.degraded,
+                                       batch.X if self._feature_names is not None else None)
+            if self._on_decided is not None:
+                self._on_decided(txns, scored)
         if dead:
             messages.extend(dead)
             counts: dict[str, int] = {}
@@ -160,6 +226,7 @@ class FeatureWorker:
             for stage, count in counts.items():
                 metrics.dlq.labels(stage).inc(count)
         t2 = time.perf_counter()
+        items = batch.items
         ack = await self._publisher.send_many(messages)
         self.tracker.register(items[-1][0].offset + 1, ack)
         metrics.stage_latency.labels("publish").observe(time.perf_counter() - t2)
