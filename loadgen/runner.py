@@ -243,6 +243,9 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
                                     config, progress) if prepared.warmup is not None else None
         dlq_before = sum((await consumer.end_offsets(dlq_tps)).values())
         started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        from fraudactors import heap
+
+        heap.settle()  # the simulated world and the schedule are built: keep collections off them
         outbox.wall_start = time.time()  # event times of a restamping source count from here
         if on_clock_start is not None:
             on_clock_start()

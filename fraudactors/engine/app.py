@@ -55,6 +55,9 @@ async def serve(settings: object) -> int:
         return 1
     task = engine.done
     assert task is not None
+    from fraudactors import heap
+
+    heap.settle()  # start-up is over: later collections skip everything it built
     await asyncio.wait([stopper, task], return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         stopper.cancel()

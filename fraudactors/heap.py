@@ -1,0 +1,28 @@
+"""Garbage-collector settings for the long-running processes (engine, load generator).
+
+CPython's cyclic collector stops the process while it scans; a full (generation 2) pass walks
+every tracked object, and a process that has imported onnxruntime, numpy, aiokafka and redis and
+built its actors holds hundreds of thousands of them, none of which will ever be garbage. Measured
+in a 5,000 TPS demo: the engine paused up to 30 ms per full pass (32 passes in 95 s) and the load
+generator, holding the simulated world, 60-70 ms -- pauses that land directly in P99.
+
+:func:`settle` is called once start-up is over: one last collection, then ``gc.freeze()`` moves
+every surviving object to the permanent generation (never scanned again), so later passes only
+walk what the running service allocated since; and young collections run every
+``GEN0_THRESHOLD`` allocations instead of 700, so a micro-batch's short-lived containers are
+mostly freed by reference counting before a pass ever sees them. Cycles are still collected.
+"""
+
+from __future__ import annotations
+
+import gc
+
+GEN0_THRESHOLD = 10_000
+
+
+def settle() -> None:
+    """Freeze what start-up built and collect young objects less often (see the module doc)."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
