@@ -1,0 +1,123 @@
+"""The feature worker's two overlapped stages: ordering and failure, with stages we control.
+
+The stages here are stand-ins with controllable timing (the real actors are exercised end to end
+by the other engine tests); the mailbox, the worker and the offset tracker are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from fraudactors.actors import IGNORED, Mailbox
+from fraudactors.engine.inference import Scored
+from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.engine.offsets import OffsetTracker
+from fraudactors.engine.worker import FeatureWorker, Item, Stages
+from fraudactors.features.definition import N_FEATURES
+from fraudactors.features.schema import Transaction
+from fraudactors.settings import Settings
+
+
+def _item(offset: int) -> Item:
+    value = orjson.dumps({"transaction_id": f"t-{offset}", "user_id": "u-1", "amount": 10.0,
+                          "timestamp": 1_795_000_000 + offset})
+    record = ConsumerRecord("transactions", 0, offset, 0, 0, b"u-1", value, None, 0, len(value), ())
+    return record, 0.0
+
+
+class _Features:
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    async def compute(self, txns: Sequence[Transaction], partition: int,
+                      offsets: Sequence[int]) -> tuple[np.ndarray, bool]:
+        self.calls.append(list(offsets))
+        return np.zeros((len(txns), N_FEATURES), dtype=np.float32), False
+
+
+class _Inference:
+    """The first call waits for ``release`` (or raises ``fail``); later calls answer at once."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.release = asyncio.Event()
+        self.fail = fail
+        self.calls = 0
+
+    async def score(self, X: np.ndarray, ids: Sequence[str]) -> list[Scored]:
+        self.calls += 1
+        if self.calls == 1:
+            await self.release.wait()
+            if self.fail is not None:
+                raise self.fail
+        return [Scored("A", "v1", 0.1, "approve", False, []) for _ in ids]
+
+
+class _Publisher:
+    def __init__(self) -> None:
+        self.sent: list[list[str]] = []
+
+    async def send_many(self, messages: Sequence[Any]) -> asyncio.Future[None]:
+        self.sent.append([orjson.loads(value)["transaction_id"] for _, _, value, _ in messages])
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def _worker(settings: Settings, inference: _Inference) -> tuple[FeatureWorker, _Features, _Publisher]:
+    features, publisher = _Features(), _Publisher()
+    stages = Stages(features=features, inference=inference, publisher=publisher)  # type: ignore[arg-type]
+    worker = FeatureWorker(0, Mailbox(1000, "p0"), OffsetTracker(0), settings=settings,
+                           metrics=EngineMetrics(), stages=stages)
+    return worker, features, publisher
+
+
+async def _until(cond: Any) -> None:
+    async with asyncio.timeout(10):
+        while not cond():  # noqa: ASYNC110 (observing the worker, no event to wait on)
+            await asyncio.sleep(0.005)
+
+
+async def test_next_batch_computes_features_while_the_previous_one_is_scored(settings: Settings) -> None:
+    inference = _Inference()
+    worker, features, publisher = _worker(settings, inference)
+    task = asyncio.create_task(worker.run(IGNORED))
+    try:
+        await worker.mailbox.put(_item(0))
+        await _until(lambda: inference.calls == 1)  # batch [0] is being scored, and waits
+        for offset in (1, 2):
+            await worker.mailbox.put(_item(offset))
+        await _until(lambda: len(features.calls) == 2)
+        # batch [1, 2] has its features and was scored, but is not handed off before batch [0]
+        await _until(lambda: inference.calls == 2)
+        await asyncio.sleep(0.05)
+        assert publisher.sent == []
+        assert worker.tracker.registered_end == -1
+        inference.release.set()
+        await _until(lambda: worker.tracker.registered_end == 3)
+        assert publisher.sent == [["t-0"], ["t-1", "t-2"]]
+        assert features.calls == [[0], [1, 2]]
+    finally:
+        worker.mailbox.close()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_failed_batch_fails_the_worker_and_nothing_after_it_is_handed_off(settings: Settings) -> None:
+    inference = _Inference(fail=RuntimeError("scoring broke"))
+    worker, _, publisher = _worker(settings, inference)
+    task = asyncio.create_task(worker.run(IGNORED))
+    await worker.mailbox.put(_item(0))
+    await _until(lambda: inference.calls == 1)
+    await worker.mailbox.put(_item(1))
+    await _until(lambda: inference.calls == 2)  # batch [1] scored, waiting for batch [0]
+    inference.release.set()
+    with pytest.raises(RuntimeError, match="scoring broke"):
+        await asyncio.wait_for(task, 10)
+    assert publisher.sent == []
+    assert worker.tracker.registered_end == -1  # the ingestor rewinds to here: both are fetched again
