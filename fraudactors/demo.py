@@ -41,24 +41,27 @@ DEFAULT_REPORT = "reports/demo-report.json"
 DEFAULT_WARMUP = 50_000
 
 
+# The embedded Tansu broker stores every record batch as an object and lists all of a partition's
+# stored batches on each fetch (docs/tansu.md): its CPU grows with the number of batches produced
+# so far, and every fetch waits out fetch_max_wait_ms. On this broker, fewer and bigger batches buy
+# more than they cost: measured at 5,000 TPS for 60 s on 2 cores (docs/benchmarks.md), fetch wait /
+# send tick 20 / 20 ms gave p99 0.57 s and 30 / 30 ms 0.33 s. Applied only to keys the user's config
+# leaves at their defaults (and --send-tick-ms only when not given).
+EMBEDDED_BROKER_KAFKA = {"linger_ms": 20, "fetch_max_wait_ms": 30}
+EMBEDDED_BROKER_SEND_TICK_MS = 30.0
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from loadgen.cli import add_load_arguments
 
-    add_load_arguments(parser, rate=1000.0, duration=30.0, report=DEFAULT_REPORT, warmup=DEFAULT_WARMUP)
+    add_load_arguments(parser, rate=1000.0, duration=30.0, report=DEFAULT_REPORT, warmup=DEFAULT_WARMUP,
+                       send_tick_ms=EMBEDDED_BROKER_SEND_TICK_MS)
     parser.add_argument("--config", default=None, metavar="PATH",
                         help="TOML config file (defaults apply to every key it leaves out)")
     parser.add_argument("--engine-timeout", type=float, default=120.0, metavar="S",
                         help="how long the engine may take to become ready (default 120)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                         help="level of the demo's own structured logs on stderr (default warning)")
-
-
-# The embedded Tansu broker's CPU cost grows with the number of produce and fetch requests, not
-# records, and every fetch waits out fetch_max_wait_ms (docs/tansu.md). On this broker, fewer and
-# bigger requests buy more than they cost: measured at 5,000 TPS on 2 cores (docs/benchmarks.md),
-# linger 2 ms / fetch wait 10 ms / send tick 10 ms gave p99 10 s as the broker starved the engine;
-# 20 / 20 / 20 gave p99 ~0.3 s. Applied only to keys the user's config leaves at their defaults.
-EMBEDDED_BROKER_KAFKA = {"linger_ms": 20, "fetch_max_wait_ms": 20}
 
 
 def _tuned_for_embedded_broker(settings: Settings) -> Settings:

@@ -25,7 +25,7 @@ def positive_float(text: str) -> float:
 
 
 def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration: float, report: str | None,
-                       warmup: int = 0) -> None:
+                       warmup: int = 0, send_tick_ms: float = 20.0) -> None:
     """The options shared by ``loadgen`` and ``demo``."""
     parser.add_argument("--rate", type=positive_float, default=rate, metavar="TPS",
                         help=f"arrival rate in transactions per second (start rate for step/ramp; default {rate:g})")
@@ -47,9 +47,9 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration
     parser.add_argument("--warmup", type=int, default=warmup, metavar="N",
                         help=f"first send N transactions of history as fast as possible and wait for their "
                              f"decisions, unmeasured, so users have a past (default {warmup})")
-    parser.add_argument("--send-tick-ms", type=positive_float, default=20.0, metavar="MS",
+    parser.add_argument("--send-tick-ms", type=positive_float, default=send_tick_ms, metavar="MS",
                         help="the sender sends what fell due every MS milliseconds, one batch per partition "
-                             "(counted in the latency; longer = fewer broker requests; default 20)")
+                             f"(counted in the latency; longer = fewer broker requests; default {send_tick_ms:g})")
     parser.add_argument("--no-labels", action="store_true", help="do not send the delayed fraud labels")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"simulator seed (default {DEFAULT_SEED}: a world the default models never trained on)")
