@@ -1,7 +1,8 @@
 """Probe the embedded Tansu broker with aiokafka: which Kafka features work, and how fast.
 
 Not a test (it asserts nothing about time); it prints what it finds, one JSON object per probe.
-Results are written up in docs/tansu.md. Run: ``.venv/bin/python scripts/probe_tansu.py [--quick]``.
+Results are written up in docs/tansu.md. Run: ``.venv/bin/python scripts/probe_tansu.py [--quick]``
+(``--only sustain`` for the steady-load probe alone).
 """
 
 from __future__ import annotations
@@ -369,6 +370,69 @@ async def probe_throughput(bootstrap: str, n: int) -> None:
              records_per_s=round(got / secs))
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def probe_sustain(duration_s: float) -> None:
+    """Steady 5,000 records/s over 12 partitions for ``duration_s``, one batch per partition per
+    tick, read by one consumer: broker CPU and produce-to-consume latency per 5 s window.
+
+    Each configuration gets a fresh broker: Tansu's cost grows with the batches stored so far."""
+    rate = 5000
+    for tick_ms, wait_ms in ((20, 20), (20, 100), (100, 20)):
+        async with EmbeddedBroker() as broker:
+            bootstrap = broker.bootstrap_servers
+            assert broker.pid is not None
+            topic = await make_topic(bootstrap)
+            p = producer(bootstrap, linger_ms=0, max_batch_size=1 << 20)
+            c = consumer(bootstrap, topic, group_id=None, fetch_max_wait_ms=wait_ms)
+            await p.start()
+            await c.start()
+            latencies: list[float] = []
+
+            async def read(c: Any, latencies: list[float]) -> None:
+                while True:
+                    fetched = await c.getmany(timeout_ms=1000, max_records=100_000)
+                    now = time.time()
+                    for msgs in fetched.values():
+                        latencies.extend(now - m.timestamp / 1000 for m in msgs)
+
+            reader = asyncio.create_task(read(c, latencies))
+            t0 = window_t = time.time()
+            window_cpu = _cpu_seconds(broker.pid)
+            sent = 0
+            while time.time() - t0 < duration_s:
+                due = int((time.time() - t0) * rate)
+                stamp = int(time.time() * 1000)
+                batches: dict[int, Any] = {}
+                while sent < due:
+                    batch = batches.get(sent % PARTITIONS)
+                    if batch is None:
+                        batch = batches[sent % PARTITIONS] = p.create_batch()
+                    batch.append(key=None, value=VALUE, timestamp=stamp)
+                    sent += 1
+                for partition, batch in batches.items():
+                    await p.send_batch(batch, topic, partition=partition)
+                await asyncio.sleep(tick_ms / 1000)
+                if time.time() - window_t >= 5:
+                    cpu, now = _cpu_seconds(broker.pid), time.time()
+                    lat = sorted(latencies)
+                    latencies.clear()
+                    emit("sustained_5k", tick_ms=tick_ms, fetch_max_wait_ms=wait_ms, t_s=round(now - t0),
+                         batches_stored=round((now - t0) * 1000 / tick_ms) * PARTITIONS,
+                         broker_cores=round((cpu - window_cpu) / (now - window_t), 3),
+                         p50_ms=round(1000 * lat[len(lat) // 2], 1) if lat else None,
+                         p99_ms=round(1000 * lat[int(len(lat) * 0.99)], 1) if lat else None)
+                    window_t, window_cpu = now, cpu
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            await c.stop()
+            await p.stop()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -390,6 +454,8 @@ async def main() -> None:
                 emit(name, failed=repr(exc)[:400])
         if not args.only or "throughput" in args.only:
             await probe_throughput(bootstrap, 20000 if args.quick else 100000)
+    if not args.only or "sustain" in args.only:
+        await probe_sustain(15 if args.quick else 60)
 
 
 if __name__ == "__main__":
