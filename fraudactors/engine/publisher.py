@@ -5,17 +5,21 @@ one future that resolves when the broker acknowledged every record of the batch.
 send fails is sent again with backoff until it is acknowledged or the engine stops: a decision is
 never dropped silently. The feature worker gives that future to its :class:`OffsetTracker`.
 
-A micro-batch goes out as one closed record batch per (topic, partition), built with
-``create_batch()`` and handed over with ``send_batch()``: no ``linger_ms`` wait (the engine has
-already batched), about a tenth of the client CPU of one ``send()`` per record, and one stored
-batch per partition per micro-batch on the broker (brokers pay per batch as well as per byte).
-The partition is the producer's own default partitioner on the key, so a decision lands where a
-keyed ``send()`` would put it. A record too large for an empty batch falls back to ``send()``.
+Records are batched per (topic, partition) by the publisher itself, with ``create_batch()`` /
+``send_batch()`` (about a tenth of the client CPU of one ``send()`` per record): a partition's
+open batch collects the records of every micro-batch handed over within ``kafka.linger_ms`` of
+its first record (or until it is full), then is sealed and sent; sealed batches of a partition
+are sent strictly in order by one sender task per partition. ``linger_ms = 0`` seals at the end
+of each ``send_many``. The linger bounds how many batches a partition gets per second whatever
+the load -- brokers pay per batch (Tansu far more than Kafka, docs/tansu.md). The partition is the
+producer's default partitioner on the key, so a record lands where a keyed ``send()`` would put
+it. A record too large for an empty batch falls back to ``send()``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +56,31 @@ def build_producer(settings: Settings) -> AIOKafkaProducer:
     )
 
 
+_TP = tuple[str, int]
+
+
+class _Batch:
+    """An open, then sealed, record batch of one partition and the future of its delivery."""
+
+    __slots__ = ("builder", "delivered", "timer")
+
+    def __init__(self, builder: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.builder = builder
+        self.delivered: asyncio.Future[Any] = loop.create_future()
+        self.timer: asyncio.TimerHandle | None = None
+
+
+def _settle(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.set_exception(KafkaError("batch delivery cancelled"))
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
+
+
 class Publisher:
     """Sends decisions and dead letters; survives restarts of its producer."""
 
@@ -64,6 +93,10 @@ class Publisher:
         self._confirmations: set[asyncio.Task[None]] = set()
         self.pending = 0  # records handed to the producer, not yet acknowledged
         self._partitioner = DefaultPartitioner()
+        self._linger_s = settings.kafka.linger_ms / 1000.0
+        self._open: dict[_TP, _Batch] = {}  # per partition: the batch records are added to
+        self._sealed: dict[_TP, deque[_Batch]] = {}  # per partition: sealed, waiting to be sent
+        self._senders: dict[_TP, asyncio.Task[None]] = {}
         self._log = get_logger(actor="publisher")
 
     @property
@@ -86,6 +119,9 @@ class Publisher:
 
     async def _close(self, producer: AIOKafkaProducer) -> None:
         try:
+            for tp in list(self._open):
+                self._seal(tp)
+            await asyncio.gather(*self._senders.values(), return_exceptions=True)
             await producer.flush()
         finally:
             await producer.stop()
@@ -122,58 +158,86 @@ class Publisher:
     async def _send(self, messages: Sequence[Message]) -> list[asyncio.Future[Any] | BaseException]:
         """One delivery future (or the error) per message, in order; see the module doc."""
         producer = await self._current()
-        out: list[asyncio.Future[Any] | BaseException | None] = [None] * len(messages)
-        groups: dict[tuple[str, int], list[int]] = {}
+        out: list[asyncio.Future[Any] | BaseException] = []
         partitions: dict[str, list[int]] = {}
         partitioner = self._partitioner
-        for i, (topic, key, _, _) in enumerate(messages):
+        touched: set[_TP] = set()
+        for topic, key, value, headers in messages:
             all_partitions = partitions.get(topic)
             if all_partitions is None:
                 try:
                     all_partitions = partitions[topic] = sorted(await producer.partitions_for(topic))
                 except KafkaError as exc:
-                    out[i] = exc
+                    out.append(exc)
                     continue
-            partition = partitioner(key, all_partitions, all_partitions)
-            groups.setdefault((topic, partition), []).append(i)
-        for (topic, partition), indices in groups.items():
-            await self._send_group(producer, topic, partition, messages, indices, out)
-        assert all(fut is not None for fut in out)
-        return out  # type: ignore[return-value]
+            tp = (topic, partitioner(key, all_partitions, all_partitions))
+            touched.add(tp)
+            batch = self._open.get(tp) or self._open_batch(producer, tp)
+            if batch.builder.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
+                empty = batch.builder.record_count() == 0
+                if not empty:  # full: seal it (sent in order) and start the next one
+                    self._seal(tp)
+                    batch = self._open_batch(producer, tp)
+                if empty or batch.builder.append(key=key, value=value, timestamp=None,
+                                                 headers=headers or []) is None:
+                    # larger than an empty batch: the producer's own path (max_request_size applies)
+                    self._discard(tp)
+                    try:
+                        out.append(await producer.send(topic, value, key=key, partition=tp[1], headers=headers))
+                    except KafkaError as exc:
+                        out.append(exc)
+                    continue
+            out.append(batch.delivered)
+        if self._linger_s <= 0:
+            for tp in touched:
+                self._seal(tp)
+        return out
 
-    async def _send_group(self, producer: AIOKafkaProducer, topic: str, partition: int,
-                          messages: Sequence[Message], indices: list[int],
-                          out: list[asyncio.Future[Any] | BaseException | None]) -> None:
-        """The messages of one partition as few closed batches as fit ``max_batch_size``."""
-        batch = producer.create_batch()
-        members: list[int] = []
+    def _open_batch(self, producer: AIOKafkaProducer, tp: _TP) -> _Batch:
+        loop = asyncio.get_running_loop()
+        batch = self._open[tp] = _Batch(producer.create_batch(), loop)
+        if self._linger_s > 0:
+            batch.timer = loop.call_later(self._linger_s, self._seal, tp)
+        return batch
 
-        async def submit() -> None:
-            batch.close()
+    def _discard(self, tp: _TP) -> None:
+        """Drop the open batch of ``tp`` if it holds nothing."""
+        batch = self._open.get(tp)
+        if batch is not None and batch.builder.record_count() == 0:
+            del self._open[tp]
+            if batch.timer is not None:
+                batch.timer.cancel()
+            batch.delivered.cancel()
+
+    def _seal(self, tp: _TP) -> None:
+        """Close the open batch of ``tp`` and queue it for its partition's sender."""
+        batch = self._open.pop(tp, None)
+        if batch is None:
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
+        batch.builder.close()
+        self._sealed.setdefault(tp, deque()).append(batch)
+        sender = self._senders.get(tp)
+        if sender is None or sender.done():
+            self._senders[tp] = asyncio.get_running_loop().create_task(self._send_sealed(tp))
+
+    async def _send_sealed(self, tp: _TP) -> None:
+        """Hand a partition's sealed batches to the producer, strictly in the order sealed."""
+        queue = self._sealed[tp]
+        topic, partition = tp
+        while queue:
+            batch = queue[0]
             try:
-                fut: asyncio.Future[Any] | BaseException = await producer.send_batch(batch, topic, partition=partition)
-            except KafkaError as exc:
-                fut = exc
-            for j in members:
-                out[j] = fut
-
-        for i in indices:
-            _, key, value, headers = messages[i]
-            if batch.append(key=key, value=value, timestamp=None, headers=headers or []) is not None:
-                members.append(i)
+                producer = await self._current()
+                fut = await producer.send_batch(batch.builder, topic, partition=partition)
+            except (KafkaError, ActorDied) as exc:
+                queue.popleft()
+                if not batch.delivered.done():
+                    batch.delivered.set_exception(exc)
                 continue
-            if members:  # full: send it and start the next one
-                await submit()
-                batch, members = producer.create_batch(), []
-                if batch.append(key=key, value=value, timestamp=None, headers=headers or []) is not None:
-                    members.append(i)
-                    continue
-            try:  # larger than an empty batch: the producer's own path (max_request_size applies)
-                out[i] = await producer.send(topic, value, key=key, partition=partition, headers=headers)
-            except KafkaError as exc:
-                out[i] = exc
-        if members:
-            await submit()
+            queue.popleft()
+            fut.add_done_callback(lambda f, target=batch.delivered: _settle(f, target))
 
     async def _confirm(self, messages: Sequence[Message],
                        futures: list[asyncio.Future[Any] | BaseException]) -> None:

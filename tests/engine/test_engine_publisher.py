@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiokafka import TopicPartition
 
 from fraudactors.actors import IGNORED
@@ -44,11 +45,14 @@ async def test_batch_future_resolves_after_every_record_is_acknowledged(settings
         await consumer.stop()
 
 
-async def test_records_land_on_the_keyed_partition_and_oversized_ones_still_go(settings: Settings) -> None:
+@pytest.mark.parametrize("linger_ms", [0, 2, 50])
+async def test_records_land_on_the_keyed_partition_and_oversized_ones_still_go(settings: Settings,
+                                                                               linger_ms: int) -> None:
     """Batches per partition put each record where a keyed send() would; a record larger than a
-    whole batch takes the producer's own path; headers survive."""
+    whole batch takes the producer's own path; headers survive; a partition's order is kept."""
     from aiokafka.partitioner import DefaultPartitioner
 
+    settings = settings.replace(kafka={"linger_ms": linger_ms})
     publisher = Publisher(settings, EngineMetrics())
     task = asyncio.create_task(publisher.run(IGNORED))
     topic = settings.topics.predictions
@@ -92,3 +96,37 @@ async def test_records_land_on_the_keyed_partition_and_oversized_ones_still_go(s
         by_partition.setdefault(expected[key], []).append(key)
     for keys in by_partition.values():
         assert [offsets[k] for k in keys] == sorted(offsets[k] for k in keys)
+
+
+async def test_micro_batches_within_the_linger_share_one_batch_per_partition(settings: Settings) -> None:
+    """Records handed over within linger_ms of a partition's first one go out as one batch: the
+    number of batches a partition gets per second is bounded whatever the load."""
+    settings = settings.replace(kafka={"linger_ms": 200})
+    publisher = Publisher(settings, EngineMetrics())
+    task = asyncio.create_task(publisher.run(IGNORED))
+    topic = settings.topics.predictions
+    try:
+        acks = [await publisher.send_many([(topic, b"same-user", f"v{i}".encode(), None)]) for i in range(5)]
+        assert len(publisher._open) == 1
+        (batch,) = publisher._open.values()
+        assert batch.builder.record_count() == 5
+        assert not any(ack.done() for ack in acks)
+        async with asyncio.timeout(30):
+            await asyncio.gather(*acks)
+        assert publisher._open == {}
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_open_batches_are_sent_when_the_publisher_stops(settings: Settings) -> None:
+    settings = settings.replace(kafka={"linger_ms": 60_000})
+    publisher = Publisher(settings, EngineMetrics())
+    task = asyncio.create_task(publisher.run(IGNORED))
+    topic = settings.topics.predictions
+    ack = await publisher.send_many([(topic, f"u{i}".encode(), b"v", None) for i in range(20)])
+    assert not ack.done()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    async with asyncio.timeout(30):
+        await ack
