@@ -34,6 +34,7 @@ class Matches:
     total: int
     counts: np.ndarray = field(init=False)  # decisions read per transaction
     latency_ms: np.ndarray = field(init=False)  # first decision's latency; NaN while undecided
+    engine_ms: np.ndarray = field(init=False)  # the engine's own latency_ms in that decision (SPEC §3)
     decided_at_s: np.ndarray = field(init=False)  # when the first decision was read (run clock)
     probability: np.ndarray = field(init=False)
     flagged: np.ndarray = field(init=False)  # decision's is_fraud
@@ -44,6 +45,7 @@ class Matches:
         n = self.total
         self.counts = np.zeros(n, dtype=np.uint16)
         self.latency_ms = np.full(n, np.nan, dtype=np.float64)
+        self.engine_ms = np.full(n, np.nan, dtype=np.float64)
         self.decided_at_s = np.full(n, np.nan, dtype=np.float64)
         self.probability = np.full(n, np.nan, dtype=np.float64)
         self.flagged = np.zeros(n, dtype=bool)
@@ -121,6 +123,9 @@ class DecisionCollector:
             prob = d.get("fraud_probability")
             if isinstance(prob, int | float):
                 m.probability[i] = prob
+            engine_ms = d.get("latency_ms")
+            if isinstance(engine_ms, int | float):
+                m.engine_ms[i] = engine_ms
             if d.get("is_fraud") is True:
                 m.flagged[i] = True
             variant = d.get("variant")

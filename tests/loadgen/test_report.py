@@ -19,10 +19,13 @@ PREFIX = "lg-test-"
 
 
 def decision(i: int, *, prob: float = 0.1, variant: str = "A", degraded: bool = False,
-             prefix: str = PREFIX) -> bytes:
-    return orjson.dumps({"transaction_id": f"{prefix}{i}", "user_id": "c-1", "is_fraud": prob >= 0.5,
-                         "fraud_probability": prob, "decision": "decline" if prob >= 0.5 else "approve",
-                         "variant": variant, "degraded": degraded})
+             prefix: str = PREFIX, engine_ms: float | None = None) -> bytes:
+    d = {"transaction_id": f"{prefix}{i}", "user_id": "c-1", "is_fraud": prob >= 0.5,
+         "fraud_probability": prob, "decision": "decline" if prob >= 0.5 else "approve",
+         "variant": variant, "degraded": degraded}
+    if engine_ms is not None:
+        d["latency_ms"] = engine_ms
+    return orjson.dumps(d)
 
 
 def make_result(collector: DecisionCollector, is_fraud: np.ndarray, sent: int, duration: float,
@@ -86,6 +89,22 @@ def test_report_arithmetic_lost_duplicates_accuracy_variants() -> None:
     assert report["achieved_tps"] == pytest.approx(8 / 1.5, abs=0.05)
     assert report["fraud_by_scenario"] == {"stolen_card": {"sent": 2, "flagged": 1}}
     assert "lost" in format_table(report)
+
+
+def test_engine_latency_comes_from_the_first_decision_of_each_transaction() -> None:
+    n = 100
+    c = DecisionCollector(PREFIX, np.zeros(n), start=0.0)
+    c.feed([decision(i, engine_ms=float(i + 1)) for i in range(n)], now=1.0)
+    c.feed([decision(0, engine_ms=5000.0)], now=2.0)  # a repeat does not count
+    report = build_report(make_result(c, np.zeros(n, dtype=bool), n, 1.0, n))
+    eng = report["engine_latency_ms"]
+    assert eng["max"] == 100.0
+    assert eng["p50"] == pytest.approx(50.5)
+    assert eng["p99"] == pytest.approx(99.01)
+    assert "engine latency p50 / p99" in format_table(report)
+    no_field = DecisionCollector(PREFIX, np.zeros(2), start=0.0)
+    no_field.feed([decision(0), decision(1)], now=1.0)
+    assert build_report(make_result(no_field, np.zeros(2, dtype=bool), 2, 1.0, 2))["engine_latency_ms"] == {}
 
 
 def test_check_report_rejects_bad_arithmetic() -> None:
