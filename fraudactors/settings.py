@@ -23,6 +23,12 @@ from fraudactors.errors import ConfigError
 
 ENV_PREFIX = "FRAUDACTORS_"
 
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+# Keys whose values never reach a log line or an error message (as_dict shows REDACTED instead).
+SECRET_KEYS = frozenset({"kafka.sasl_password"})
+REDACTED = "***"
+
 
 @dataclass(frozen=True, slots=True)
 class KafkaSettings:
@@ -46,6 +52,18 @@ class KafkaSettings:
     fetch_max_wait_ms: int = 10
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     request_timeout_ms: int = 30000
+    # Security (docs/operations.md, "Kafka TLS and SASL"): PLAINTEXT, SSL, SASL_PLAINTEXT or
+    # SASL_SSL. SASL_* needs a mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512), a user name and a
+    # password; give the password as FRAUDACTORS_KAFKA__SASL_PASSWORD (a Secret), not in a file.
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    # SSL / SASL_SSL: PEM files. No cafile: the system's trusted CAs. certfile (+ keyfile, unless
+    # the key is in the certfile): a client certificate for mutual TLS.
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
 
     def validate(self) -> None:
         _require(bool(self.bootstrap_servers.strip()), "kafka.bootstrap_servers", "must not be empty")
@@ -57,6 +75,30 @@ class KafkaSettings:
             "kafka.heartbeat_interval_ms",
             "must be below kafka.session_timeout_ms",
         )
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        protocol = self.security_protocol
+        _require(protocol in KAFKA_SECURITY_PROTOCOLS, "kafka.security_protocol",
+                 f"must be one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}, got {protocol!r}")
+        _require(self.sasl_mechanism in ("", *KAFKA_SASL_MECHANISMS), "kafka.sasl_mechanism",
+                 f"must be one of {', '.join(KAFKA_SASL_MECHANISMS)} (or empty), got {self.sasl_mechanism!r}")
+        if protocol.startswith("SASL_"):
+            for key in ("sasl_mechanism", "sasl_username", "sasl_password"):
+                _require(bool(getattr(self, key)), f"kafka.{key}",
+                         f"is required when kafka.security_protocol is {protocol}")
+        else:
+            # Set in a file but never used: most likely the protocol was forgotten. The password
+            # alone is let through, so an optional Secret may be mounted before the switch.
+            for key in ("sasl_mechanism", "sasl_username"):
+                _require(not getattr(self, key), f"kafka.{key}",
+                         f"is set but kafka.security_protocol is {protocol} (SASL needs SASL_PLAINTEXT or SASL_SSL)")
+        if protocol not in ("SSL", "SASL_SSL"):
+            for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                _require(not getattr(self, key), f"kafka.{key}",
+                         f"is set but kafka.security_protocol is {protocol} (TLS needs SSL or SASL_SSL)")
+        _require(not self.ssl_keyfile or bool(self.ssl_certfile), "kafka.ssl_keyfile",
+                 "needs kafka.ssl_certfile (the client certificate it belongs to)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,17 +288,21 @@ def _require(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(key, problem)
 
 
-def _as_dict(obj: Any) -> Any:
+def _as_dict(obj: Any, redact: bool = False, prefix: str = "") -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
-        return {k: _as_dict(v) for k, v in obj.items()}
+        return {k: _as_dict(v, redact, f"{prefix}.{k}" if prefix else k) for k, v in obj.items()}
+    if redact and prefix in SECRET_KEYS and obj:
+        return REDACTED
     return obj
 
 
-def as_dict(settings: Settings) -> dict[str, Any]:
-    """Plain data, for logging the effective configuration."""
-    result: dict[str, Any] = _as_dict(settings)
+def as_dict(settings: Settings, *, secrets: bool = False) -> dict[str, Any]:
+    """Plain data, for logging the effective configuration: secrets (SECRET_KEYS) that are set
+    show as ``"***"``. ``secrets=True`` keeps them, for a copy of the settings that a child
+    process reads back."""
+    result: dict[str, Any] = _as_dict(settings, redact=not secrets)
     return result
 
 
@@ -335,7 +381,12 @@ def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
         full = f"{prefix}.{key}" if prefix else key
         if key not in known:
             raise ConfigError(full, "unknown key")
-        kwargs[key] = _coerce(value, hints[key], full)
+        try:
+            kwargs[key] = _coerce(value, hints[key], full)
+        except ConfigError:
+            if full in SECRET_KEYS:  # the message would quote the value
+                raise ConfigError(full, "must be a string") from None
+            raise
     try:
         return cls(**kwargs)
     except TypeError as exc:

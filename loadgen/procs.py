@@ -49,7 +49,8 @@ def _toml_value(value: Any) -> str:
 
 
 def settings_toml(settings: Settings) -> str:
-    """The whole settings object as TOML that :func:`load_settings` reads back to equal settings."""
+    """The whole settings object as TOML that :func:`load_settings` reads back to equal settings
+    (secrets included: it is the child's config file, not a log line)."""
     lines: list[str] = []
 
     def table(name: str, data: Mapping[str, Any]) -> None:
@@ -61,7 +62,7 @@ def settings_toml(settings: Settings) -> str:
             if isinstance(v, Mapping):
                 table(f"{name}.{k}", v)
 
-    for section, data in as_dict(settings).items():
+    for section, data in as_dict(settings, secrets=True).items():
         table(section, data)
     return "\n".join(lines)
 

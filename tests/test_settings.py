@@ -11,7 +11,7 @@ import pytest
 
 from fraudactors.cli import build_parser
 from fraudactors.errors import ConfigError
-from fraudactors.settings import Settings, load_settings
+from fraudactors.settings import Settings, as_dict, load_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -127,3 +127,105 @@ def test_cli_bad_config_prints_one_line_naming_the_key(tmp_path: Path, command: 
     assert key in lines[0]
     # Nothing was started: a bad config fails before any service.
     assert "broker:" not in proc.stdout
+
+
+# -- Kafka TLS / SASL ------------------------------------------------------------------------------
+SASL = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "engine",
+        "sasl_password": "hunter2-not-in-logs"}
+
+
+@pytest.mark.parametrize(
+    ("kafka", "key"),
+    [
+        ({"security_protocol": "TLS"}, "kafka.security_protocol"),
+        ({"security_protocol": "sasl_ssl"}, "kafka.security_protocol"),
+        ({**SASL, "sasl_mechanism": "GSSAPI"}, "kafka.sasl_mechanism"),
+        ({**SASL, "sasl_mechanism": ""}, "kafka.sasl_mechanism"),
+        ({**SASL, "sasl_username": ""}, "kafka.sasl_username"),
+        ({**SASL, "sasl_password": ""}, "kafka.sasl_password"),
+        ({**SASL, "security_protocol": "SASL_PLAINTEXT", "ssl_cafile": "/ca.pem"}, "kafka.ssl_cafile"),
+        ({"sasl_mechanism": "PLAIN"}, "kafka.sasl_mechanism"),
+        ({"security_protocol": "SSL", "sasl_username": "engine"}, "kafka.sasl_username"),
+        ({"ssl_cafile": "/ca.pem"}, "kafka.ssl_cafile"),
+        ({"ssl_certfile": "/client.pem"}, "kafka.ssl_certfile"),
+        ({"security_protocol": "SSL", "ssl_keyfile": "/client.key"}, "kafka.ssl_keyfile"),
+    ],
+)
+def test_bad_kafka_security_settings_name_the_key(kafka: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={}, overrides={"kafka": kafka})
+    assert info.value.key == key
+    assert "\n" not in str(info.value)
+    assert SASL["sasl_password"] not in str(info.value)
+
+
+def test_kafka_security_settings_that_load() -> None:
+    assert load_settings(env={}).kafka.security_protocol == "PLAINTEXT"
+    s = load_settings(env={}, overrides={"kafka": {"security_protocol": "SSL", "ssl_cafile": "/ca.pem",
+                                                   "ssl_certfile": "/c.pem", "ssl_keyfile": "/c.key"}})
+    assert (s.kafka.ssl_cafile, s.kafka.ssl_certfile, s.kafka.ssl_keyfile) == ("/ca.pem", "/c.pem", "/c.key")
+    # The password alone (an optional secret mounted before the switch to SASL) is not an error.
+    assert load_settings(env={"FRAUDACTORS_KAFKA__SASL_PASSWORD": "x"}).kafka.sasl_password == "x"
+
+
+def test_sasl_password_from_the_environment_is_never_shown(tmp_path: Path) -> None:
+    secret = SASL["sasl_password"]
+    path = write(tmp_path, "[kafka]\nsecurity_protocol = \"SASL_PLAINTEXT\"\nsasl_mechanism = \"PLAIN\"\n"
+                           "sasl_username = \"engine\"\n")
+    s = load_settings(path, env={"FRAUDACTORS_KAFKA__SASL_PASSWORD": secret})
+    assert s.kafka.sasl_password == secret
+    shown = as_dict(s)
+    assert shown["kafka"]["sasl_password"] == "***"
+    assert shown["kafka"]["sasl_username"] == "engine"
+    assert secret not in repr(shown) and secret not in repr(s)
+    assert as_dict(s, secrets=True)["kafka"]["sasl_password"] == secret
+    assert as_dict(load_settings(env={}))["kafka"]["sasl_password"] == ""  # unset shows as unset
+    # A password of the wrong type is reported without its value.
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, "[kafka]\nsasl_password = 918273645\n"), env={})
+    assert info.value.key == "kafka.sasl_password" and "918273645" not in str(info.value)
+
+
+async def test_the_engine_start_log_redacts_the_sasl_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from structlog.testing import capture_logs
+
+    import fraudactors.engine.engine as engine_module
+    from fraudactors.engine import app
+
+    class NoEngine:
+        def __init__(self, settings: Settings) -> None:
+            pass
+
+        async def start(self) -> None:
+            raise RuntimeError("not starting in this test")
+
+    monkeypatch.setattr(engine_module, "Engine", NoEngine)
+    settings = load_settings(env={}, overrides={"kafka": {**SASL, "security_protocol": "SASL_PLAINTEXT"}})
+    with capture_logs() as logs:
+        assert await app.serve(settings) == 1
+    starting = next(entry for entry in logs if entry["event"] == "engine_starting")
+    assert starting["settings"]["kafka"]["sasl_password"] == "***"
+    assert SASL["sasl_password"] not in repr(logs)
+
+
+def test_both_toml_files_list_every_key_with_its_default() -> None:
+    """fraudactors/defaults.toml (packaged) and config/fraudactors.toml (the documented copy the
+    image ships) are the same file, and list every settings key with the dataclass default."""
+    import dataclasses
+    import tomllib
+
+    from fraudactors.settings import default_config_text
+
+    root = Path(__file__).resolve().parent.parent
+    packaged = tomllib.loads(default_config_text())
+    assert tomllib.loads((root / "config" / "fraudactors.toml").read_text(encoding="utf-8")) == packaged
+    defaults = as_dict(Settings(), secrets=True)
+    for section in dataclasses.fields(Settings):
+        if section.name == "models":
+            continue  # variants are a table of tables, checked through the loaded settings below
+        data = defaults[section.name]
+        assert set(packaged[section.name]) == set(data), section.name
+        for key, value in data.items():
+            expected = list(value) if isinstance(value, tuple) else value
+            assert packaged[section.name][key] == expected, f"{section.name}.{key}"
+    assert load_settings(env={}) == Settings()
