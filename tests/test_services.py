@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import shutil
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -18,15 +20,18 @@ import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from fraudactors.errors import BinaryNotFound, ServiceError
+from fraudactors.engine.publisher import build_producer
+from fraudactors.errors import BinaryNotFound, ConfigError, ServiceError
 from fraudactors.services import binaries
 from fraudactors.services.broker import EmbeddedBroker, round_trip
 from fraudactors.services.kafka import (
     consumer_config,
     create_topics,
+    make_admin,
     make_consumer,
     make_producer,
     producer_config,
+    security_config,
     topic_names,
 )
 from fraudactors.services.process import ChildProcess, free_port
@@ -342,3 +347,99 @@ async def test_group_consumer_reads_and_commits(settings: Settings) -> None:
         assert await consumer.committed(tp) == record.offset + 1
     finally:
         await consumer.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Kafka TLS / SASL settings reach every client
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A self-signed CA/server certificate for 127.0.0.1 and a client certificate, both PEM."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl CLI is not installed (needed to make test certificates)")
+    directory = tmp_path_factory.mktemp("tls")
+    files = {}
+    for name, cn in (("server", "127.0.0.1"), ("client", "fraudactors-test-client")):
+        cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={cn}",
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                       check=True, capture_output=True, timeout=60)
+        files[f"{name}_cert"], files[f"{name}_key"] = str(cert), str(key)
+    return files
+
+
+def secured(**kafka: str) -> Settings:
+    return load_settings(env={}, overrides={"kafka": kafka})
+
+
+SASL_USER = {"sasl_mechanism": "SCRAM-SHA-256", "sasl_username": "engine", "sasl_password": "pw-123"}
+
+
+def test_plaintext_passes_no_security_arguments() -> None:
+    assert security_config(load_settings(env={})) == {"security_protocol": "PLAINTEXT"}
+
+
+def test_sasl_plaintext_maps_mechanism_and_credentials() -> None:
+    config = security_config(secured(security_protocol="SASL_PLAINTEXT", **SASL_USER))
+    assert config == {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-256",
+                      "sasl_plain_username": "engine", "sasl_plain_password": "pw-123"}
+
+
+def test_ssl_verifies_the_broker_against_the_cafile(tls_files: dict[str, str]) -> None:
+    config = security_config(secured(security_protocol="SSL", ssl_cafile=tls_files["server_cert"]))
+    assert set(config) == {"security_protocol", "ssl_context"} and config["security_protocol"] == "SSL"
+    context = config["ssl_context"]
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "127.0.0.1"),),)]
+    # No cafile: the system's trusted CAs.
+    assert isinstance(security_config(secured(security_protocol="SSL"))["ssl_context"], ssl.SSLContext)
+
+
+def test_sasl_ssl_maps_tls_and_sasl_with_a_client_certificate(tls_files: dict[str, str]) -> None:
+    config = security_config(secured(security_protocol="SASL_SSL", ssl_cafile=tls_files["server_cert"],
+                                     ssl_certfile=tls_files["client_cert"], ssl_keyfile=tls_files["client_key"],
+                                     **SASL_USER))
+    assert config["security_protocol"] == "SASL_SSL"
+    assert (config["sasl_mechanism"], config["sasl_plain_username"], config["sasl_plain_password"]) == (
+        "SCRAM-SHA-256", "engine", "pw-123")
+    assert isinstance(config["ssl_context"], ssl.SSLContext)
+
+
+def test_unusable_tls_files_are_config_errors_naming_the_key(tls_files: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        security_config(secured(security_protocol="SSL", ssl_cafile=str(tmp_path / "missing.pem")))
+    assert info.value.key == "kafka.ssl_cafile" and "cannot read" in str(info.value)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError) as info:
+        security_config(secured(security_protocol="SSL", ssl_cafile=str(garbage)))
+    assert info.value.key == "kafka.ssl_cafile"
+    with pytest.raises(ConfigError) as info:  # a certificate with somebody else's key
+        security_config(secured(security_protocol="SSL", ssl_certfile=tls_files["client_cert"],
+                                ssl_keyfile=tls_files["server_key"]))
+    assert info.value.key == "kafka.ssl_certfile" and "\n" not in str(info.value)
+
+
+async def test_every_client_the_engine_builds_gets_the_security_settings(tls_files: dict[str, str]) -> None:
+    s = secured(security_protocol="SASL_SSL", ssl_cafile=tls_files["server_cert"], **SASL_USER)
+    producer_kw, consumer_kw = producer_config(s), consumer_config(s, group_id=None)
+    for config in (producer_kw, consumer_kw):
+        assert (config["security_protocol"], config["sasl_plain_password"]) == ("SASL_SSL", "pw-123")
+        assert isinstance(config["ssl_context"], ssl.SSLContext)
+    producers, consumer, admin = [make_producer(s), build_producer(s)], make_consumer(s), make_admin(s)
+    try:
+        # Never started: the clients only hold the arguments they would connect with.
+        for client in [p.client for p in producers] + [consumer._client, admin._client]:
+            assert client._security_protocol == "SASL_SSL"
+            assert isinstance(client._ssl_context, ssl.SSLContext)
+            assert (client._sasl_mechanism, client._sasl_plain_username, client._sasl_plain_password) == (
+                "SCRAM-SHA-256", "engine", "pw-123")
+    finally:
+        for p in producers:
+            await p.stop()
+        await consumer.stop()
+        await admin.close()

@@ -41,6 +41,8 @@ _BACKOFF_MAX_S = 2.0
 
 
 def build_producer(settings: Settings) -> AIOKafkaProducer:
+    from fraudactors.services.kafka import security_config
+
     k = settings.kafka
     return AIOKafkaProducer(
         bootstrap_servers=k.bootstrap_servers,
@@ -53,6 +55,7 @@ def build_producer(settings: Settings) -> AIOKafkaProducer:
         # A dead letter carries the original value, which may be up to the input limit (1 MiB)
         # plus headers; the broker's own limit still applies (see Publisher._confirm).
         max_request_size=_MAX_REQUEST_BYTES,
+        **security_config(settings),
     )
 
 
