@@ -96,6 +96,10 @@ def pod_env(container: Mapping[str, Any], pod_name: str = "fraudactors-engine-0"
         if "value" in var:
             env[var["name"]] = str(var["value"])
             continue
+        if "secretKeyRef" in var["valueFrom"]:
+            # Secrets are not in the repository: an optional one is absent, like a missing Secret.
+            assert var["valueFrom"]["secretKeyRef"].get("optional") is True, f"{var['name']}: a required Secret"
+            continue
         field = var["valueFrom"]["fieldRef"]["fieldPath"]
         assert field == "metadata.name", f"{var['name']}: unexpected fieldRef {field}"
         env[var["name"]] = pod_name
@@ -328,6 +332,16 @@ def test_the_pod_environment_loads_and_sets_the_static_member_id() -> None:
     env = {var["name"]: var for var in engine_container()["env"]}
     assert env["FRAUDACTORS_KAFKA__GROUP_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env[ENV_PREFIX + "CONFIG"]["value"] == f"{CONFIG_MOUNT_DIR}/{configmap_toml().name}"
+
+
+def test_the_kafka_sasl_password_comes_from_an_optional_secret() -> None:
+    env = {var["name"]: var for var in engine_container()["env"]}
+    ref = env[ENV_PREFIX + "KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is True and ref["name"] and ref["key"]
+    assert "sasl_password" not in configmap_toml().read_text(encoding="utf-8"), "secrets stay out of the ConfigMap"
+    # With the Secret present and the protocol still PLAINTEXT the pod starts (the password is unused).
+    settings = load_settings(configmap_toml(), env={ENV_PREFIX + "KAFKA__SASL_PASSWORD": "from-the-secret"})
+    assert settings.kafka.security_protocol == "PLAINTEXT"
 
 
 def test_the_image_environment_loads_with_the_default_config() -> None:
