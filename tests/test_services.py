@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaConnectionError
 
 from fraudactors.engine.publisher import build_producer
 from fraudactors.errors import BinaryNotFound, ConfigError, ServiceError
@@ -34,7 +35,7 @@ from fraudactors.services.kafka import (
     security_config,
     topic_names,
 )
-from fraudactors.services.process import ChildProcess, free_port
+from fraudactors.services.process import ChildProcess, free_port, port_open
 from fraudactors.services.redis import EmbeddedRedis
 from fraudactors.services.stack import EmbeddedStack
 from fraudactors.settings import Settings, load_settings
@@ -443,3 +444,68 @@ async def test_every_client_the_engine_builds_gets_the_security_settings(tls_fil
             await p.stop()
         await consumer.stop()
         await admin.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_clients_produce_and_consume_over_tls(tls_files: dict[str, str]) -> None:
+    """A real TLS round trip with the settings' ssl_context. Tansu 0.6 ignores its --cert/--key
+    (the listener stays plaintext), so a TLS-terminating proxy in this test fronts a private Tansu
+    that advertises the proxy's address: every client connection is TLS, verified against the cafile."""
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tls_files["server_cert"], tls_files["server_key"])
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        broker_r, broker_w = await asyncio.open_connection("127.0.0.1", broker_port)
+        await asyncio.gather(_pipe(client_r, broker_w), _pipe(broker_r, client_w))
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_tls)
+    proxy_port = proxy.sockets[0].getsockname()[1]
+    broker_port = free_port()
+    tansu = await asyncio.create_subprocess_exec(
+        binaries.resolve_tansu(), "broker", "--listener-url", f"tcp://127.0.0.1:{broker_port}",
+        "--advertised-listener-url", f"tcp://127.0.0.1:{proxy_port}", "--storage-engine", "memory://tansu/",
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_until(lambda: port_open("127.0.0.1", broker_port), 10, "the private Tansu")
+        settings = secured(bootstrap_servers=f"127.0.0.1:{proxy_port}", enable_idempotence=False,
+                           security_protocol="SSL", ssl_cafile=tls_files["server_cert"],
+                           request_timeout_ms=5000)
+        topic = f"tls-{uuid.uuid4().hex[:8]}"
+        assert await create_topics(settings, names=[topic]) == [topic]
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            meta = await producer.send_and_wait(topic, b"over tls", key=b"k", partition=0)
+        finally:
+            await producer.stop()
+        consumer = make_consumer(settings, group_id=None)
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            consumer.seek(tp, meta.offset)
+            batch = await consumer.getmany(tp, timeout_ms=5000, max_records=1)
+            assert [r.value for r in batch.get(tp, [])] == [b"over tls"]
+        finally:
+            await consumer.stop()
+        # The same broker refuses a client that does not trust the certificate.
+        untrusting = make_producer(secured(bootstrap_servers=f"127.0.0.1:{proxy_port}", enable_idempotence=False,
+                                           security_protocol="SSL", request_timeout_ms=2000))
+        with pytest.raises(KafkaConnectionError):  # the certificate is not trusted: no connection
+            await untrusting.start()
+        await untrusting.stop()
+    finally:
+        proxy.close()
+        if tansu.returncode is None:
+            tansu.kill()
+        await tansu.wait()
