@@ -123,6 +123,7 @@ class FeatureWorker:
         grace = self._settings.engine.shutdown_timeout_s / 2
         tails: list[asyncio.Task[None]] = []
         prepared: asyncio.Task[_Prepared] | None = None
+        getter: asyncio.Task[list[Item]] | None = None
         task_status.started()
         try:
             while True:
@@ -132,10 +133,19 @@ class FeatureWorker:
                 if len(tails) >= _MAX_TAILS:
                     await asyncio.wait(tails[:1])
                     continue
+                if getter is None:
+                    getter = asyncio.ensure_future(self.mailbox.get_batch(batch_max, linger))
+                if tails and not getter.done():
+                    # wait for records, but notice a tail that fails meanwhile (quiet partition)
+                    await asyncio.wait([getter, *tails], return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        continue
                 try:
-                    items = await self.mailbox.get_batch(batch_max, linger)
+                    items = getter.result() if getter.done() else await getter
                 except MailboxClosed:
                     break
+                finally:
+                    getter = None
                 if not items:
                     continue
                 prepared = asyncio.ensure_future(self._prepare(items))
@@ -144,6 +154,11 @@ class FeatureWorker:
                 prepared = None
             await asyncio.gather(*tails)
         except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling() == 0:
+                # Nobody is stopping this worker: a batch was cancelled from inside (a stage gave
+                # up). That is a crash, not a stop -- the ingestor rewinds and restarts the worker.
+                raise RuntimeError("a batch was cancelled inside the feature worker") from None
             # Finish the batches in hand so their decisions and offsets stay consistent.
             try:
                 await asyncio.wait_for(self._drain(prepared, tails), grace)
@@ -154,9 +169,12 @@ class FeatureWorker:
             raise
         finally:
             # After a failure the later tails can only fail (each waits for the one before it);
-            # they have handed nothing off, so they are simply cancelled.
+            # they have handed nothing off, so they are simply cancelled. A pending get_batch
+            # leaves its records in the mailbox when cancelled.
             for tail in tails:
                 tail.cancel()
+            if getter is not None:
+                getter.cancel()
 
     def _tail(self, batch: _Prepared, tails: list[asyncio.Task[None]]) -> asyncio.Task[None]:
         return asyncio.ensure_future(self._finish(batch, tails[-1] if tails else None))

@@ -121,3 +121,35 @@ async def test_a_failed_batch_fails_the_worker_and_nothing_after_it_is_handed_of
         await asyncio.wait_for(task, 10)
     assert publisher.sent == []
     assert worker.tracker.registered_end == -1  # the ingestor rewinds to here: both are fetched again
+
+
+async def test_a_batch_cancelled_from_inside_is_a_crash_not_a_stop(settings: Settings) -> None:
+    """A stage that ends in CancelledError without anyone stopping the worker fails it with an
+    error (the ingestor restarts a failed worker; a cancelled one it would take for stopped)."""
+    inference = _Inference(fail=asyncio.CancelledError())
+    worker, _, publisher = _worker(settings, inference)
+    task = asyncio.create_task(worker.run(IGNORED))
+    await worker.mailbox.put(_item(0))
+    await _until(lambda: inference.calls == 1)
+    inference.release.set()
+    with pytest.raises(RuntimeError, match="cancelled inside"):
+        await asyncio.wait_for(task, 10)
+    assert not task.cancelled()
+    assert publisher.sent == []
+
+
+async def test_stopping_the_worker_finishes_the_batches_in_hand(settings: Settings) -> None:
+    inference = _Inference()
+    worker, _, publisher = _worker(settings, inference)
+    task = asyncio.create_task(worker.run(IGNORED))
+    await worker.mailbox.put(_item(0))
+    await _until(lambda: inference.calls == 1)
+    await worker.mailbox.put(_item(1))
+    await _until(lambda: inference.calls == 2)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    inference.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert publisher.sent == [["t-0"], ["t-1"]]
+    assert worker.tracker.registered_end == 2
