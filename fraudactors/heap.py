@@ -6,9 +6,10 @@ built its actors holds hundreds of thousands of them, none of which will ever be
 in a 5,000 TPS demo: the engine paused up to 30 ms per full pass (32 passes in 95 s) and the load
 generator, holding the simulated world, 60-70 ms -- pauses that land directly in P99.
 
-:func:`settle` is called once start-up is over: one last collection, then ``gc.freeze()`` moves
-every surviving object to the permanent generation (never scanned again), so later passes only
-walk what the running service allocated since; and young collections run every
+:func:`settle` is called once start-up is over (the engine; each process-pool worker after its
+initializer; the load generator before its clock starts): one last collection, then
+``gc.freeze()`` moves every surviving object to the permanent generation (never scanned again), so
+later passes only walk what the running service allocated since; and young collections run every
 ``GEN0_THRESHOLD`` allocations instead of 700, so a micro-batch's short-lived containers are
 mostly freed by reference counting before a pass ever sees them. Cycles are still collected.
 """

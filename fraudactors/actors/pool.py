@@ -85,6 +85,9 @@ def _serve(conn: Connection, initializer: Callable[..., Any] | None, initargs: t
     except BaseException as exc:
         _send(conn, _INIT_ERROR, 0, _error_payload(exc))
         return
+    from fraudactors import heap
+
+    heap.settle()  # what the initializer loaded (models, sessions) is never scanned by the GC again
     _send(conn, _READY, 0, os.getpid())
     while True:
         frame = conn.recv_bytes()

@@ -20,6 +20,13 @@ def read_state() -> Any:
     return STATE
 
 
+def gc_settings() -> tuple[int, int]:
+    """(objects frozen out of the collector's reach, generation-0 threshold) in this process."""
+    import gc
+
+    return gc.get_freeze_count(), gc.get_threshold()[0]
+
+
 def fail_init(message: str) -> None:
     raise RuntimeError(message)
 

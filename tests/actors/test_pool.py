@@ -93,6 +93,16 @@ async def test_calls_run_in_workers_that_ran_the_initializer() -> None:
         await pool.call(os.getpid)
 
 
+async def test_workers_freeze_what_the_initializer_built() -> None:
+    """heap.settle() after the initializer: the loaded state is out of every later GC pass."""
+    from fraudactors import heap
+
+    async with ProcessPool(1, poolfuncs.init_state, ("model-v1",)) as pool:
+        frozen, gen0 = await pool.call(poolfuncs.gc_settings)
+    assert frozen > 1000
+    assert gen0 == heap.GEN0_THRESHOLD
+
+
 async def test_frames_larger_than_the_socket_buffer_stay_intact_when_pipelined() -> None:
     rng = np.random.default_rng(2)
     arrays = [rng.random((1024, 1024), dtype=np.float32) for _ in range(4)]  # 4 MB each
