@@ -41,22 +41,12 @@ _BACKOFF_MAX_S = 2.0
 
 
 def build_producer(settings: Settings) -> AIOKafkaProducer:
-    from fraudactors.services.kafka import security_config
+    from fraudactors.services.kafka import make_producer
 
-    k = settings.kafka
-    return AIOKafkaProducer(
-        bootstrap_servers=k.bootstrap_servers,
-        client_id=f"{k.client_id}-producer",
-        acks="all" if k.acks == "all" else int(k.acks),
-        enable_idempotence=k.enable_idempotence,
-        linger_ms=k.linger_ms,
-        max_batch_size=k.max_batch_size,
-        request_timeout_ms=k.request_timeout_ms,
-        # A dead letter carries the original value, which may be up to the input limit (1 MiB)
-        # plus headers; the broker's own limit still applies (see Publisher._confirm).
-        max_request_size=_MAX_REQUEST_BYTES,
-        **security_config(settings),
-    )
+    # A dead letter carries the original value, which may be up to the input limit (1 MiB) plus
+    # headers; the broker's own limit still applies (see Publisher._fallback).
+    return make_producer(settings, client_id=f"{settings.kafka.client_id}-producer",
+                         max_request_size=_MAX_REQUEST_BYTES)
 
 
 _TP = tuple[str, int]
