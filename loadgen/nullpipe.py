@@ -28,10 +28,11 @@ class NullOptions:
     group_id: str | None = None  # default: settings.kafka.group_id + "-null"
     output_topic: str | None = None  # default: settings.topics.predictions
     # Test knobs: hold every fetched batch this long before answering; answer every n-th twice;
-    # never answer every n-th (0 = off).
+    # never answer every n-th; dead-letter every n-th (its bytes to the DLQ topic; 0 = off).
     hold_s: float = 0.0
     duplicate_every: int = 0
     drop_every: int = 0
+    dead_letter_every: int = 0
     fetch_max_records: int = 0  # 0: kafka.fetch_max_records, as the engine fetches
     fetch_max_wait_ms: int = 0  # 0: kafka.fetch_max_wait_ms
 
@@ -93,6 +94,10 @@ class NullPipeline:
                         self.processed += 1
                         n = self.processed
                         if o.drop_every and n % o.drop_every == 0:
+                            continue
+                        if o.dead_letter_every and n % o.dead_letter_every == 0:
+                            futures.append(await producer.send(self.settings.topics.dlq, value=record.value,
+                                                               key=record.key))
                             continue
                         out = decide(record.value, record.timestamp)
                         if out is None:

@@ -241,7 +241,15 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
         state = _State()
         warm_stats = await _warm_up(producer, consumer, topics.transactions, topics.labels, prepared, n_partitions,
                                     config, progress) if prepared.warmup is not None else None
-        dlq_before = sum((await consumer.end_offsets(dlq_tps)).values())
+        # Read the DLQ from here on too, counting only this run's transactions: other traffic on
+        # the topic is not ours, and an end-offset difference would count it (and, on Tansu, is
+        # wrong for multi-record batches; a start a little early is harmless with the filter).
+        positions = {tp: await consumer.position(tp) for tp in pred_tps}
+        consumer.assign([*pred_tps, *dlq_tps])
+        for tp, offset in positions.items():
+            consumer.seek(tp, offset)
+        for tp, offset in (await consumer.end_offsets(dlq_tps)).items():
+            consumer.seek(tp, offset)
         started_at = datetime.now(UTC).isoformat(timespec="seconds")
         from fraudactors import heap
 
@@ -263,7 +271,8 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
         lookahead = int(max(block * 2, profile.peak_rate * 0.25))
         outbox.prepare(lookahead)
 
-        reader = asyncio.create_task(_read(consumer, collector, state), name="loadgen-reader")
+        reader = asyncio.create_task(_read(consumer, collector, state, topics.dlq, prefix.encode()),
+                                     name="loadgen-reader")
         shower = asyncio.create_task(_show(progress, profile, collector, state, start), name="loadgen-progress")
         try:
             i = 0
@@ -309,7 +318,6 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
             while time.perf_counter() < catch_up and not reader.done() and not await _reached(consumer, ends):
                 await asyncio.wait({state.progressed_event()}, timeout=0.1)
             end = time.perf_counter() - start
-            dlq_after = sum((await consumer.end_offsets(dlq_tps)).values())
             state.phase = "done"
         finally:
             state.stop = True
@@ -329,7 +337,7 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
         config=config, run_id=run_id, prefix=prefix, started_at=started_at, scheduled_s=scheduled,
         sent_at_s=sent_at, is_fraud=is_fraud, scenarios=scenarios, collector=collector, sent=total - state.send_errors,
         send_errors=state.send_errors, send_end_s=send_end, end_s=end, drained=drained,
-        dlq=dlq_after - dlq_before, labels_sent=state.labels_sent, source_name=source.name, warmup=warm_stats,
+        dlq=state.dlq, labels_sent=state.labels_sent, source_name=source.name, warmup=warm_stats,
         topics={"transactions": topics.transactions, "predictions": topics.predictions,
                 "labels": topics.labels, "dlq": topics.dlq},
     )
@@ -340,6 +348,7 @@ class _State:
         self.sent = 0
         self.send_errors = 0
         self.labels_sent = 0
+        self.dlq = 0  # this run's transactions seen on the dead-letter topic
         self.phase = "send"
         self.stop = False
         self._progressed: asyncio.Future[None] | None = None
@@ -355,12 +364,16 @@ class _State:
             self._progressed.set_result(None)
 
 
-async def _read(consumer: AIOKafkaConsumer, collector: DecisionCollector, state: _State) -> None:
+async def _read(consumer: AIOKafkaConsumer, collector: DecisionCollector, state: _State, dlq_topic: str,
+                prefix: bytes) -> None:
     while not state.stop:
         batches = await consumer.getmany(timeout_ms=100, max_records=20_000)
         now = time.perf_counter()
-        for records in batches.values():
-            collector.feed([r.value for r in records], now)
+        for tp, records in batches.items():
+            if tp.topic == dlq_topic:
+                state.dlq += sum(1 for r in records if r.value is not None and prefix in r.value)
+            else:
+                collector.feed([r.value for r in records], now)
         state.notify()
 
 

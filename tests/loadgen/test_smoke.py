@@ -48,6 +48,37 @@ async def test_a_late_engine_shows_as_latency_and_gaps_as_lost_and_duplicates(se
     assert report["latency_ms"]["p50"] >= 290.0
 
 
+async def test_dlq_counts_this_runs_dead_letters_only(settings: Settings, responder) -> None:
+    """Every 10th transaction is dead-lettered; records of other traffic on the DLQ meanwhile
+    (here: 25 foreign transactions) are not this run's and are not counted."""
+    import asyncio
+
+    from fraudactors.services.kafka import make_producer
+
+    async def foreign_traffic() -> None:
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            await asyncio.sleep(0.5)
+            for i in range(25):
+                value = orjson.dumps({"transaction_id": f"someone-else-{i}", "user_id": "c-1", "amount": 1})
+                await producer.send(settings.topics.dlq, value=value, key=b"c-1")
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    config = LoadConfig(profile=make_profile("constant", 200, 1.5), drain_timeout_s=5, progress=False)
+    async with responder(settings, dead_letter_every=10):
+        other = asyncio.create_task(foreign_traffic())
+        result = await run_load(settings, config)
+        await other
+    report = build_report(result)
+    check_report(report)
+    assert report["sent"] == 300
+    assert report["dlq"] == 30
+    assert report["lost"] == 30 and report["decided"] == 270
+
+
 async def test_warmup_is_decided_first_and_left_out_of_the_report(settings: Settings, responder) -> None:
     config = LoadConfig(profile=make_profile("constant", 200, 1.0), warmup=300, drain_timeout_s=30, progress=False)
     async with responder(settings) as pipeline:
