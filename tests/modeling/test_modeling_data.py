@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -133,12 +132,48 @@ def test_bad_column_mapping(tmp_path: Path) -> None:
         load_table(data, {"amt": "amount"})
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is not None, reason="pyarrow is installed")
-def test_parquet_without_pyarrow_says_so(tmp_path: Path) -> None:
+def test_parquet_without_pyarrow_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pyarrow is an optional extra: without it, importing it fails (None in sys.modules does that)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     data = tmp_path / "t.parquet"
     data.write_bytes(b"PAR1")
     with pytest.raises(DataError, match="reading Parquet needs pyarrow, which is not installed"):
         load_table(data)
+
+
+def test_parquet_with_typed_columns_reads_like_the_same_csv(tmp_path: Path) -> None:
+    """A Parquet file as a data team writes one (timestamps, booleans and floats typed) gives the
+    same dataset as the CSV of the same rows; a broken file is one clear error."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from datetime import datetime
+
+    rows = _sim_rows(days=3, users=60)
+    csv_data = load_table(_write_csv(tmp_path / "t.csv", HEADER, rows))
+    columns = list(zip(*rows, strict=True))
+    table = pa.table({
+        "transaction_id": list(columns[0]), "user_id": list(columns[1]), "merchant_id": list(columns[2]),
+        "amount": pa.array([float(v) for v in columns[3]], pa.float64()),
+        "currency": list(columns[4]), "merchant_category": list(columns[5]),
+        "is_international": pa.array([v == "true" for v in columns[6]], pa.bool_()),
+        "timestamp": pa.array([datetime.fromisoformat(str(v)) for v in columns[7]], pa.timestamp("ms", tz="UTC")),
+        "is_fraud": pa.array([bool(v) for v in columns[8]], pa.bool_()),
+    })
+    pq.write_table(table, tmp_path / "t.parquet")
+    parquet_data = load_table(tmp_path / "t.parquet")
+    assert len(parquet_data.transactions) == len(csv_data.transactions) == len(rows)
+    for a, b in zip(parquet_data.transactions, csv_data.transactions, strict=True):
+        assert (a.transaction_id, a.user_id, a.merchant_id, a.amount, a.is_international) == \
+            (b.transaction_id, b.user_id, b.merchant_id, b.amount, b.is_international)
+        assert a.event_time == pytest.approx(b.event_time, abs=1e-3)
+    assert parquet_data.is_fraud.tolist() == csv_data.is_fraud.tolist()
+    assert parquet_data.is_fraud.any()
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_table(broken)
 
 
 def test_the_console_script_exits_non_zero_with_one_line(tmp_path: Path) -> None:
