@@ -166,13 +166,13 @@ class Publisher:
             tp = (topic, partitioner(key, all_partitions, all_partitions))
             touched.add(tp)
             batch = self._open.get(tp) or self._open_batch(producer, tp)
-            if batch.builder.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
+            record = {"key": key, "value": value, "timestamp": None, "headers": headers or []}
+            if batch.builder.append(**record) is None:
                 empty = batch.builder.record_count() == 0
                 if not empty:  # full: seal it (sent in order) and start the next one
                     self._seal(tp)
                     batch = self._open_batch(producer, tp)
-                if empty or batch.builder.append(key=key, value=value, timestamp=None,
-                                                 headers=headers or []) is None:
+                if empty or batch.builder.append(**record) is None:
                     # larger than an empty batch: the producer's own path (max_request_size applies)
                     self._discard(tp)
                     try:

@@ -141,7 +141,7 @@ class FeatureWorker:
                     if not getter.done():
                         continue
                 try:
-                    items = getter.result() if getter.done() else await getter
+                    items = await getter
                 except MailboxClosed:
                     break
                 finally:
