@@ -54,6 +54,17 @@ class FeatureStoreUnavailable(FraudActorsError):
     retriable = True
 
 
+class FeatureStoreRejected(FraudActorsError):
+    """Redis answered, but refused the request (out of memory, a key of the wrong type, a script
+    error): retrying the same request gets the same answer. Not an outage."""
+
+    retriable = False
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class ActorError(FraudActorsError):
     """Base for failures of the actor runtime."""
 

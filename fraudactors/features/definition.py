@@ -12,7 +12,14 @@ User state (:class:`UserState`)
     30 days saturates identically in training and serving); bounded LRU seen-sets of merchants
     (``MAX_SEEN_MERCHANTS``) and categories (``MAX_SEEN_CATEGORIES``); whether the user was ever
     seen abroad; the previous transaction's ``is_international``; and the last applied
-    ``(partition, offset)`` so a replayed record is not counted twice.
+    ``(partition, epoch, offset)`` so a replayed record is not counted twice and a former owner of
+    the partition cannot overwrite the current one's state.
+
+Late records
+    A transaction older than the user's history (event time before the newest stored event minus
+    ``HISTORY_S``) is scored from the current state -- its user windows are evaluated at the
+    newest stored event, as if it arrived right after it -- and leaves the state unchanged: a
+    record from last month can neither erase the history nor make the user look new.
 
 User windows
     A window of length ``w`` for a transaction at time ``t`` holds the user's *earlier* events
@@ -130,8 +137,9 @@ class UserState:
     categories: dict[str, None] = field(default_factory=dict)
     seen_international: bool = False
     last_international: bool | None = None  # of the last applied transaction (arrival order)
-    partition: int = -1  # last applied (partition, offset); -1 = none
+    partition: int = -1  # last applied (partition, epoch, offset); -1 = none
     offset: int = -1
+    epoch: int = 0  # the partition owner's fencing epoch that wrote this state
 
 
 @dataclass(slots=True)
@@ -248,10 +256,19 @@ def _time_features(txn: Transaction) -> list[float]:
     ]
 
 
-def user_features(state: UserState | None, txn: Transaction) -> list[float]:
-    """Transaction + user features (everything but the merchant block); reads ``state`` only."""
+def is_late(state: UserState | None, t: float) -> bool:
+    """Is an event at ``t`` older than everything the user's history still covers?"""
+    return state is not None and bool(state.times) and t < state.times[-1] - HISTORY_S
+
+
+def user_features(state: UserState | None, txn: Transaction, at: float | None = None) -> list[float]:
+    """Transaction + user features (everything but the merchant block); reads ``state`` only.
+
+    ``at`` moves the user windows to another reference time (a late record, see the module doc);
+    the transaction's own time features stay at its event time.
+    """
     out = _time_features(txn)
-    t = txn.event_time
+    t = txn.event_time if at is None else at
     amount = txn.amount
     if state is None or not state.times:
         new_merchant = 1.0 if state is None or txn.merchant_id not in state.merchants else 0.0
@@ -340,10 +357,15 @@ def transition(
     """``(feature vector, updated state)`` for one transaction.
 
     The vector is computed from the state *before* the transaction; the returned state includes
-    it. ``state`` is updated in place and returned (a fresh one when ``None``): the caller gives
+    it (a late record leaves it as it was: see the module doc). ``state`` is updated in place and returned (a fresh one when ``None``): the caller gives
     up the old value. ``merchant`` is only read; count the transaction into it with
     :func:`count_merchant_tx` if the caller keeps merchant state.
     """
+    if is_late(state, txn.event_time):
+        assert state is not None
+        features = user_features(state, txn, state.times[-1])
+        features += merchant_features(merchant, txn.event_time)
+        return features, state
     features = user_features(state, txn)
     features += merchant_features(merchant, txn.event_time)
     if state is None:
@@ -353,8 +375,9 @@ def transition(
 
 
 def features_of(state: UserState | None, merchant: MerchantState | None, txn: Transaction) -> list[float]:
-    """The feature vector only, state untouched (used for records already applied)."""
-    features = user_features(state, txn)
+    """The feature vector only, state untouched."""
+    at = state.times[-1] if state is not None and is_late(state, txn.event_time) else None
+    features = user_features(state, txn, at)
     features += merchant_features(merchant, txn.event_time)
     return features
 

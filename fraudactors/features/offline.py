@@ -9,8 +9,11 @@ still only count earlier events, but its novelty flags see merchants used "after
 
 Labels: a fraud label counts for a transaction only once reported, from the start of the hour
 after its ``labeled_at`` (``definition.merchant_features`` applies that rule from the buckets, so
-all labels can be loaded up front). Duplicate labels for one ``transaction_id`` count once, the
-first one given wins (as the online store's ``SET NX`` does); non-fraud labels count nothing.
+all labels can be loaded up front). For one ``transaction_id`` the label with the latest
+``labeled_at`` stands (ties: the first given), as in the online store; a standing fraud verdict
+counts at the ``labeled_at`` of the report that first said fraud since the last "not fraud".
+Online, a verdict flipped to "not fraud" counted as fraud until the flip was applied; here only
+the standing verdict counts (the one place labels make the two differ).
 """
 
 from __future__ import annotations
@@ -35,18 +38,25 @@ _CHUNK = 4096
 
 
 def merchant_states_from_labels(labels: Iterable[Label]) -> dict[str, MerchantState]:
-    """Merchant fraud buckets from labels: dedupe by transaction_id (first wins), frauds only."""
-    merchants: dict[str, MerchantState] = {}
-    seen: set[str] = set()
-    for label in labels:
-        if label.transaction_id in seen:
+    """Merchant fraud buckets from the standing label of each transaction (module doc)."""
+    # transaction_id -> (labeled_at ms of the latest label, is_fraud, counted report time, merchant)
+    standing: dict[str, tuple[int, bool, float, str]] = {}
+    for label in sorted(labels, key=lambda x: round(x.labeled_at * 1000)):
+        at = round(label.labeled_at * 1000)
+        old = standing.get(label.transaction_id)
+        if old is not None and at <= old[0]:
             continue
-        seen.add(label.transaction_id)
-        if label.is_fraud:
-            m = merchants.get(label.merchant_id)
+        if old is not None and old[1] == label.is_fraud:
+            standing[label.transaction_id] = (at, old[1], old[2], old[3])
+        else:
+            standing[label.transaction_id] = (at, label.is_fraud, label.labeled_at, label.merchant_id)
+    merchants: dict[str, MerchantState] = {}
+    for _, is_fraud, reported, merchant_id in standing.values():
+        if is_fraud:
+            m = merchants.get(merchant_id)
             if m is None:
-                m = merchants[label.merchant_id] = MerchantState()
-            count_merchant_fraud(m, label.labeled_at)
+                m = merchants[merchant_id] = MerchantState()
+            count_merchant_fraud(m, reported)
     return merchants
 
 

@@ -1,32 +1,53 @@
-"""The Lua scripts of the online store: one call per read, per write, per label batch.
+"""The Lua scripts of the online store (key layout: ``keys.py``).
 
-Hash fields are buckets named ``h<hour>`` / ``d<day>`` (integers since the epoch). The window
-arithmetic in ``READ_BATCH`` mirrors ``definition._recompute`` exactly (the parity tests
-compare the two); keep them in step.
+Hash fields of the merchant hashes are buckets named ``h<hour>`` / ``d<day>`` (integers since
+the epoch) and, in the counts hash, ``o<partition>``: the highest offset of that partition
+already counted (what makes the counts idempotent under replay and under a fenced-off writer).
+The window arithmetic in ``READ_BATCH`` mirrors ``definition._recompute`` exactly (the parity
+tests compare the two); keep them in step.
+
+Every script that writes starts with ``#!lua`` (no ``allow-oom`` flag), so a server out of
+memory refuses it before it runs instead of failing at its first write, and each one checks
+the types of its keys and arguments before its first write: an error leaves nothing half
+applied. The scripts return ``INVALID ...`` errors for bad input, which the store reports as
+deterministic (not an outage).
 """
 
 from __future__ import annotations
 
-# KEYS: the user keys, then (counts key, frauds key) per merchant.
-# ARGV: number of user keys, then a JSON array of one reference hour per merchant: >= 0 when all
-# the batch's transactions of that merchant fall in that event hour, -1 otherwise.
-# (Arguments are few and packed: redis-py's per-argument encoding is the cost on this path.)
-# Returns the user blobs (nil when absent) and, per merchant, either
+# Shared by the writing scripts: fail before any write when a key has the wrong type.
+_CHECK_TYPES = """
+local function check_type(key, want)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= want then
+    return redis.error_reply('INVALID WRONGTYPE ' .. key .. ' is a ' .. t .. ', expected ' .. want)
+  end
+  return nil
+end
+"""
+
+# KEYS: the user keys, then (counts key, frauds key) per merchant, then one replay-log key per
+# partition of the batch.
+# ARGV: number of user keys, number of merchants, a JSON array of one reference hour per merchant
+# (>= 0 when all the batch's transactions of that merchant fall in that event hour, -1
+# otherwise), a JSON array of [lowest, highest] offset of the batch per replay-log key.
+# Returns the user blobs (false when absent), then per merchant either
 #   {c24, c7, c30, frauds today before the hour, frauds 7 past days, frauds 30 past days} and
 #   {number of count fields, number of fraud fields}       (reference hour given), or
-#   the counts hash and the frauds hash as flat field/value lists                (-1).
+#   the counts hash and the frauds hash as flat field/value lists                (-1),
+# then per replay-log key the logged members with a score (offset) in the batch's range.
 READ_BATCH = """
 local n_users = tonumber(ARGV[1])
+local n_merchants = tonumber(ARGV[2])
 local out = {}
 for i = 1, n_users do
   out[i] = redis.call('GET', KEYS[i])
 end
-local hours = cjson.decode(ARGV[2])
-local j = 0
-for k = n_users + 1, #KEYS, 2 do
+local hours = cjson.decode(ARGV[3])
+for j = 1, n_merchants do
+  local k = n_users + 2 * j - 1
   local c = redis.call('HGETALL', KEYS[k])
   local f = redis.call('HGETALL', KEYS[k + 1])
-  j = j + 1
   local hour = hours[j]
   if hour < 0 then
     out[k] = c
@@ -64,29 +85,125 @@ for k = n_users + 1, #KEYS, 2 do
     out[k + 1] = {#c / 2, #f / 2}
   end
 end
+local ranges = cjson.decode(ARGV[4])
+local base = n_users + 2 * n_merchants
+for r = 1, #ranges do
+  out[base + r] = redis.call('ZRANGEBYSCORE', KEYS[base + r], ranges[r][1], ranges[r][2])
+end
 return out
 """
 
-# KEYS: the user keys, then (counts key, frauds key) per merchant.
-# ARGV: ttl, number of users, a JSON plan with one entry per merchant
-#   [[field, increment, field, increment, ...], prune counts (0/1), oldest hour, oldest day,
-#    prune frauds (0/1), oldest hour, oldest day],
-# then the user blobs. Runs atomically: either the whole batch is applied or none of it.
-WRITE_BATCH = """
-local ttl = ARGV[1]
+# KEYS: the user keys, then (counts key, frauds key) per merchant, then one replay-log key per
+# partition of the batch.
+# ARGV: ttl, number of users, number of merchants, a JSON plan, then the user blobs, then the
+# replay-log members (in the order of the plan's records). The plan:
+#   "u": per user [partition, epoch] of the writer;
+#   "m": per merchant [[partition, offset, hour, day, ...] in offset order per partition,
+#        prune counts (0/1), oldest hour, oldest day, prune frauds (0/1), oldest hour, oldest day];
+#   "r": per replay-log key [committed floor (-1: none), [user index, offset, ...]].
+# Fencing: a user blob whose stored partition equals the writer's and whose stored epoch is
+# newer than the writer's belongs to a newer owner: it is not overwritten, and the records of
+# that user are not logged. Merchant counts take a record only when its offset is above the
+# high-water offset of its partition in that merchant's hash.
+# Returns {users written, users refused as stale, merchant records counted}.
+WRITE_BATCH = "#!lua\n" + _CHECK_TYPES + """
+local ttl = tonumber(ARGV[1])
 local n_users = tonumber(ARGV[2])
-local plan = cjson.decode(ARGV[3])
-for i = 1, n_users do
-  redis.call('SET', KEYS[i], ARGV[3 + i], 'EX', ttl)
+local n_merchants = tonumber(ARGV[3])
+local ok, plan = pcall(cjson.decode, ARGV[4])
+if not ttl or not n_users or not n_merchants or not ok or type(plan) ~= 'table' then
+  return redis.error_reply('INVALID arguments')
 end
+local users, merchants, logs = plan['u'], plan['m'], plan['r']
+if type(users) ~= 'table' or #users ~= n_users or type(merchants) ~= 'table' or #merchants ~= n_merchants
+    or type(logs) ~= 'table' or #KEYS ~= n_users + 2 * n_merchants + #logs then
+  return redis.error_reply('INVALID plan does not match the keys')
+end
+local n_members = 0
+for r = 1, #logs do
+  if type(logs[r]) ~= 'table' or type(logs[r][2]) ~= 'table' or #logs[r][2] % 2 ~= 0 then
+    return redis.error_reply('INVALID replay plan')
+  end
+  n_members = n_members + #logs[r][2] / 2
+end
+if #ARGV ~= 4 + n_users + n_members then
+  return redis.error_reply('INVALID argument count')
+end
+for i = 1, n_users do
+  local err = check_type(KEYS[i], 'string')
+  if err then return err end
+  local blob = ARGV[4 + i]
+  if #blob < 21 or string.byte(blob, 1) ~= 2 then
+    return redis.error_reply('INVALID state blob for ' .. KEYS[i])
+  end
+end
+for j = 1, n_merchants do
+  local k = n_users + 2 * j - 1
+  local err = check_type(KEYS[k], 'hash') or check_type(KEYS[k + 1], 'hash')
+  if err then return err end
+  local p = merchants[j]
+  if type(p) ~= 'table' or type(p[1]) ~= 'table' or #p[1] % 4 ~= 0 or #p ~= 7 then
+    return redis.error_reply('INVALID merchant plan for ' .. KEYS[k])
+  end
+end
+for r = 1, #logs do
+  local err = check_type(KEYS[n_users + 2 * n_merchants + r], 'zset')
+  if err then return err end
+end
+
+-- validated: from here on every command writes keys of the right type
+local refused = {}
+local written, stale = 0, 0
+for i = 1, n_users do
+  local old = redis.call('GET', KEYS[i])
+  local mine = users[i]
+  if old and #old >= 11 then
+    local version = string.byte(old, 1)
+    local part, epoch = -1, 0
+    if version == 2 then
+      local _, _, _, p, e = struct.unpack('<BBbi4I4', old)
+      part, epoch = p, e
+    elseif version == 1 then
+      local _, _, _, p = struct.unpack('<BBbi4', old)
+      part = p
+    end
+    if part == mine[1] and epoch > mine[2] then refused[i] = true end
+  end
+  if refused[i] then
+    stale = stale + 1
+  else
+    redis.call('SET', KEYS[i], ARGV[4 + i], 'EX', ttl)
+    written = written + 1
+  end
+end
+
+local base = n_users + 2 * n_merchants
+local member = 4 + n_users
+for r = 1, #logs do
+  local key = KEYS[base + r]
+  local floor, records = logs[r][1], logs[r][2]
+  local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  local highest = top[2] and tonumber(top[2]) or -1
+  for x = 1, #records, 2 do
+    member = member + 1
+    if not refused[records[x]] then
+      local offset = records[x + 1]
+      if offset <= highest then redis.call('ZREMRANGEBYSCORE', key, offset, offset) end
+      redis.call('ZADD', key, offset, ARGV[member])
+    end
+  end
+  if floor >= 0 then redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. floor) end
+  redis.call('EXPIRE', key, ttl)
+end
+
 local function prune(key, oldest_hour, oldest_day)
   local fields = redis.call('HKEYS', key)
   local dead = {}
   for _, field in ipairs(fields) do
     local kind = string.byte(field, 1)
     local n = tonumber(string.sub(field, 2))
-    if n == nil or (kind == 104 and n < oldest_hour) or (kind == 100 and n < oldest_day)
-        or (kind ~= 104 and kind ~= 100) then
+    if kind ~= 111 and (n == nil or (kind == 104 and n < oldest_hour) or (kind == 100 and n < oldest_day)
+        or (kind ~= 104 and kind ~= 100)) then
       dead[#dead + 1] = field
     end
   end
@@ -94,35 +211,139 @@ local function prune(key, oldest_hour, oldest_day)
     redis.call('HDEL', key, unpack(dead, i, math.min(i + 499, #dead)))
   end
 end
-for j, p in ipairs(plan) do
+local counted = 0
+for j = 1, n_merchants do
   local counts = KEYS[n_users + 2 * j - 1]
   local frauds = KEYS[n_users + 2 * j]
-  local inc = p[1]
-  for x = 1, #inc, 2 do
-    redis.call('HINCRBY', counts, inc[x], inc[x + 1])
+  local p = merchants[j]
+  local entries = p[1]
+  local high = {}
+  for x = 1, #entries, 4 do
+    local part, offset = entries[x], entries[x + 1]
+    local mark = high[part]
+    if mark == nil then
+      mark = tonumber(redis.call('HGET', counts, 'o' .. part)) or -1
+    end
+    if offset > mark then
+      redis.call('HINCRBY', counts, 'h' .. entries[x + 2], 1)
+      redis.call('HINCRBY', counts, 'd' .. entries[x + 3], 1)
+      counted = counted + 1
+      mark = offset
+    end
+    high[part] = mark
+  end
+  for part, mark in pairs(high) do
+    if mark >= 0 then redis.call('HSET', counts, 'o' .. part, mark) end
   end
   redis.call('EXPIRE', counts, ttl)
   if p[2] == 1 then prune(counts, p[3], p[4]) end
   if p[5] == 1 then prune(frauds, p[6], p[7]) end
 end
-return n_users
+return {written, stale, counted}
 """
 
-# KEYS: (applied marker, frauds key) per label. ARGV: ttl, then (day field, hour field, is_fraud)
-# per label. A label applies once per transaction_id (SET NX); returns how many were new.
-APPLY_LABELS = """
-local ttl = ARGV[1]
-local applied = 0
+# KEYS: (label key, frauds key) per label.
+# ARGV: ttl, then (labeled_at in milliseconds, is_fraud 0/1, hour field, day field) per label.
+# The label with the latest labeled_at stands for its transaction. A label key holds
+# "labeled_at_ms|is_fraud|hour field|day field" (the fields of the counted fraud report).
+# A new fraud label counts in its own hour/day buckets; a later label with the same verdict
+# changes nothing; a later "not fraud" takes the counted report back out of its buckets; a
+# later "fraud" after a "not fraud" counts in its own buckets. An older or equal labeled_at
+# changes nothing. Returns one status per label: 0 nothing changed, 1 new, 2 verdict flipped,
+# 3 confirmed (same verdict, later).
+APPLY_LABELS = "#!lua\n" + _CHECK_TYPES + """
+local ttl = tonumber(ARGV[1])
+if not ttl or #KEYS % 2 ~= 0 or #ARGV ~= 1 + 2 * #KEYS then
+  return redis.error_reply('INVALID arguments')
+end
 for i = 1, #KEYS / 2 do
-  local a = 2 + (i - 1) * 3
-  if redis.call('SET', KEYS[2 * i - 1], '1', 'NX', 'EX', ttl) then
-    applied = applied + 1
-    if ARGV[a + 2] == '1' then
-      redis.call('HINCRBY', KEYS[2 * i], ARGV[a], 1)
-      redis.call('HINCRBY', KEYS[2 * i], ARGV[a + 1], 1)
-      redis.call('EXPIRE', KEYS[2 * i], ttl)
-    end
+  local a = 2 + (i - 1) * 4
+  local err = check_type(KEYS[2 * i - 1], 'string') or check_type(KEYS[2 * i], 'hash')
+  if err then return err end
+  if not tonumber(ARGV[a]) or (ARGV[a + 1] ~= '0' and ARGV[a + 1] ~= '1') then
+    return redis.error_reply('INVALID label arguments')
   end
 end
-return applied
+local status = {}
+for i = 1, #KEYS / 2 do
+  local a = 2 + (i - 1) * 4
+  local mark, frauds = KEYS[2 * i - 1], KEYS[2 * i]
+  local at, fraud, hour, day = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local old = redis.call('GET', mark)
+  local result = 0
+  if not old then
+    result = 1
+  else
+    local old_at, old_fraud, old_hour, old_day = string.match(old, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+    old_at = tonumber(old_at) or 0
+    if at <= old_at then
+      result = 0
+    elseif fraud == old_fraud then
+      result = 3
+      hour, day = old_hour, old_day
+    else
+      result = 2
+      if old_fraud == '1' then
+        for _, field in ipairs({old_hour, old_day}) do
+          local v = tonumber(redis.call('HGET', frauds, field))
+          if v and v > 1 then
+            redis.call('HINCRBY', frauds, field, -1)
+          elseif v then
+            redis.call('HDEL', frauds, field)
+          end
+        end
+      end
+    end
+  end
+  if result == 1 or result == 2 then
+    if fraud == '1' then
+      redis.call('HINCRBY', frauds, hour, 1)
+      redis.call('HINCRBY', frauds, day, 1)
+      redis.call('EXPIRE', frauds, ttl)
+    end
+  end
+  if result ~= 0 then
+    if fraud ~= '1' then hour, day = '', '' end
+    redis.call('SET', mark, ARGV[a] .. '|' .. fraud .. '|' .. hour .. '|' .. day, 'EX', ttl)
+  end
+  status[i] = result
+end
+return status
+"""
+
+# KEYS: one outcome list per decision (the user's). ARGV: ttl, the list cap, then one entry
+# "<transaction_id>\\t<variant>=<0|1>,..." per key. Each list keeps the user's newest entries.
+RECORD_OUTCOMES = "#!lua\n" + _CHECK_TYPES + """
+local ttl, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+if not ttl or not cap or #ARGV ~= 2 + #KEYS then return redis.error_reply('INVALID arguments') end
+for i, key in ipairs(KEYS) do
+  local err = check_type(key, 'list')
+  if err then return err end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('LPUSH', key, ARGV[i + 2])
+  redis.call('LTRIM', key, 0, cap - 1)
+  redis.call('EXPIRE', key, ttl)
+end
+return #KEYS
+"""
+
+# KEYS: the outcome list of each label's user. ARGV: the transaction_id of each label.
+# Returns, per label, the entry's flags ("<variant>=<0|1>,...") or false when not remembered.
+LOOKUP_OUTCOMES = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local found = false
+  if redis.call('TYPE', key)['ok'] == 'list' then
+    local prefix = ARGV[i] .. '\\t'
+    for _, entry in ipairs(redis.call('LRANGE', key, 0, -1)) do
+      if string.sub(entry, 1, #prefix) == prefix then
+        found = string.sub(entry, #prefix + 1)
+        break
+      end
+    end
+  end
+  out[i] = found
+end
+return out
 """

@@ -1,57 +1,53 @@
-"""The online feature store: per-user state and merchant buckets in Redis.
+"""The online feature store: per-user state and merchant buckets in Redis (layout: ``keys.py``).
 
 Per micro-batch, :meth:`OnlineFeatureStore.compute` makes exactly two round trips, each one
 server-side script call (one command: redis-py's per-command cost, not Redis, is what limits a
 pipeline of hundreds of small commands on two cores):
 
-1. a read script: the state blob of every distinct user in the batch and, for every distinct
-   merchant, its window sums at the batch's event hour (summed in Redis from the hour/day buckets:
-   six numbers instead of a hash to parse in Python), or its whole bucket hashes when the batch
-   spans several event hours of that merchant;
-2. a write script, atomic like ``MULTI``/``EXEC``: the updated user blobs (``SET .. EX ttl``),
-   the merchant count increments (``HINCRBY`` on event hour/day buckets), expiry, and, once a
-   hash has grown past its bound, the removal of buckets that fell out of every window.
+1. a read script: the state blob of every distinct user in the batch; for every distinct
+   merchant, its window sums at the batch's event hour (or its whole bucket hashes when the
+   batch spans several event hours of that merchant); and the replay-log entries of the batch's
+   offset range in each partition;
+2. a write script: the updated user blobs (``SET .. EX ttl``, fenced), the replay-log entries of
+   the records applied, the merchant count increments (idempotent per ``(partition, offset)``),
+   expiry, and the removal of buckets that fell out of every window.
 
-The scripts touch keys of many users and merchants, so they need a single Redis (or Valkey)
-instance, not a cluster.
+In between, the batch is computed in Python by :func:`fraudactors.features.definition.transition`
+(the same function training uses) with the states in memory, so two transactions of one user in
+a batch see each other. Docs/architecture.md ("State and its invariants") lists the invariants;
+in short:
 
-In between, the batch is computed sequentially in Python by
-:func:`fraudactors.features.definition.transition` (the same function training uses) with the
-states in memory, so two transactions of one user in a batch see each other.
+- **Replay exactness.** A user's blob records the last applied ``(partition, offset)``; a record
+  at or below it was applied before (its write landed, its Kafka offset was not committed). It
+  is not counted again, and its feature vector is the one it was first scored with, read back
+  from the partition's replay log (``{p<n>}:rl``: the vectors of the records applied since the
+  last commit, trimmed to the committed offset on every write).
+- **Fencing.** Each owner of a partition claims it (:meth:`claim`: ``INCR`` of the partition's
+  epoch) and every blob it writes carries that epoch. The write script keeps a blob whose
+  partition is the writer's but whose epoch is newer: a former owner still in flight cannot
+  overwrite the new owner's state (counted in ``stale_refused_total``). Merchant counts keep the
+  highest offset counted per partition, so each record is counted once whoever writes it.
+- **Event time.** Nothing here reads the wall clock; pruning follows the batch's event times.
+  A record older than a user's 30-day history is scored from the current state and changes
+  nothing (``definition``: late records).
+- **Atomic and validated.** The write is one script that checks every key's type and every
+  argument before its first write, and is refused up front by a server out of memory.
 
-Keys (all under ``settings.redis.key_prefix``, all with ``settings.redis.ttl_s``):
-``u:{user_id}`` user state blob (:mod:`state_codec`), ``mc:{merchant_id}`` hash of transaction
-counts (``h<hour>``/``d<day>`` since the epoch, by event time), ``mf:{merchant_id}`` hash of fraud
-label counts (``h<hour>``/``d<day>`` of ``labeled_at``), ``lb:{transaction_id}`` marks a label as
-applied.
+Exactness under concurrency (one writer per partition, many partitions at once): every user
+feature and the merchant fraud counts are exact; ``merchant_tx_count_24h/7d/30d`` and the fraud
+rates that divide by them are eventually consistent (other partitions increment the same merchant
+between our read and write), and equal the offline values when one writer processes a
+merchant's transactions in time order.
 
-Crash replay: a user's blob records the last applied ``(partition, offset)``. A record whose
-offset is at or below it (same partition) was already applied (its batch's write committed
-before a crash, but its Kafka offset did not): it is scored from the current state and not
-counted again, neither into the user's state nor into the merchant counts (those were written in
-the same atomic write). Its feature vector may then differ from the first scoring (the state
-already holds it); the decision is a repeat the downstream drops by ``transaction_id``.
-
-Exactness under concurrency (one writer per partition, many partitions at once):
-
-- exact: every user feature (one partition owns a user) and the merchant fraud counts
-  ``merchant_fraud_count_7d/30d`` (labels are applied idempotently, counted from the hour after
-  ``labeled_at``), given the labels were applied before the transaction is scored and no
-  partition lags more than 7 days of event time behind another one writing the same merchant
-  (older fraud hour buckets are pruned);
-- eventually consistent: ``merchant_tx_count_24h/7d/30d`` and the fraud rates that divide by them,
-  because other partitions increment the same merchant buckets between our read and write; they
-  equal the offline values when one writer processes a merchant's transactions in time order.
-
-Redis errors and timeouts raise :class:`FeatureStoreUnavailable` (retriable). The write is one
-atomic script, so a batch is applied wholly or not at all; the client never re-sends on its own
-(a write whose reply was lost may have been applied: calling ``compute`` again with the same
-offsets is safe, the replay check skips what was applied). Records scored in degraded mode
-instead are not added to any state.
+Errors: Redis unreachable, timing out or failing over raises :class:`FeatureStoreUnavailable`
+(retriable); Redis refusing the request (OOM, wrong type, a script error, invalid input) raises
+:class:`FeatureStoreRejected` (deterministic: the same request fails the same way). The client
+never re-sends on its own; calling ``compute`` again with the same offsets is safe.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,9 +56,9 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from fraudactors.errors import FeatureStoreUnavailable
+from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.features import scripts
 from fraudactors.features.definition import (
     N_FEATURES,
@@ -72,9 +68,11 @@ from fraudactors.features.definition import (
     day_of,
     features_of,
     hour_of,
+    is_late,
     transaction_only_features,
     transition,
 )
+from fraudactors.features.keys import KeyLayout
 from fraudactors.features.schema import Label, Transaction
 from fraudactors.features.state_codec import StateDecodeError, decode_state, encode_state
 from fraudactors.logging import get_logger
@@ -95,6 +93,25 @@ _MAX_FRAUD_FIELDS = 320
 _MAX_LABELS_PER_CALL = 1000
 
 _IO_ERRORS = (RedisError, OSError, TimeoutError)
+# Replies that mean "not now" rather than "never": a busy, loading or failing-over server.
+_TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK")
+_OFFSET = struct.Struct(">q")
+_VECTOR_BYTES = 4 * N_FEATURES
+
+
+def store_error(exc: BaseException, what: str) -> FeatureStoreUnavailable | FeatureStoreRejected:
+    """The store's error for a Redis failure: unavailable (retry later) or rejected (deterministic)."""
+    if isinstance(exc, ResponseError):
+        message = str(exc)
+        if not message.startswith(_TRANSIENT_REPLIES):
+            head = message.split(" ", 1)[0]
+            kind = {"OOM": "oom", "WRONGTYPE": "wrongtype", "INVALID": "invalid",
+                    "NOSCRIPT": "script"}.get(head, "script")
+            if head == "INVALID" and "WRONGTYPE" in message:
+                kind = "wrongtype"
+            return FeatureStoreRejected(f"redis refused the {what}: {message}", kind)
+    return FeatureStoreUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}")
+
 
 
 def _merchant_from_flat(counts: list[bytes], frauds: list[bytes]) -> MerchantState:
@@ -124,20 +141,26 @@ def _merchant_from_sums(hour: int, sums: list[int]) -> MerchantState:
 
 
 class OnlineFeatureStore:
-    """Redis-backed online features; see the module doc for keys, round trips and exactness."""
+    """Redis-backed online features; see the module doc for keys, round trips and invariants."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         cfg = settings.redis
-        self._prefix = cfg.key_prefix
+        self.keys = KeyLayout(cfg.key_prefix)
         self._ttl = cfg.ttl_s
         self._timeout_s = cfg.socket_timeout_ms / 1000.0
         self._redis: aioredis.Redis | None = None
         self._read_batch: Any = None
         self._write_batch: Any = None
         self._apply_labels: Any = None
+        self._epochs: dict[int, int] = {}     # partition -> the epoch this owner claimed
+        self._committed: dict[int, int] = {}  # partition -> committed offset (replay-log floor)
         self._log = get_logger(component="feature_store")
         self.corrupt_states_total = 0
+        self.replays_total = 0
+        self.replays_inexact_total = 0  # replayed records whose first vector was not in the log
+        self.stale_refused_total = 0    # user writes refused because a newer owner wrote them
+        self.late_total = 0             # records older than the user's history (state unchanged)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -182,30 +205,48 @@ class OnlineFeatureStore:
             raise FeatureStoreUnavailable("feature store is not open")
         return self._redis
 
-    # -- keys ----------------------------------------------------------------------------------
+    # -- ownership -----------------------------------------------------------------------------
 
-    def user_key(self, user_id: str) -> str:
-        return f"{self._prefix}u:{user_id}"
+    async def claim(self, partition: int) -> int:
+        """Become the owner of ``partition``: a new fencing epoch, newer than every earlier owner's.
 
-    def merchant_counts_key(self, merchant_id: str) -> str:
-        return f"{self._prefix}mc:{merchant_id}"
+        Every later write of this store for the partition carries it; a former owner's writes
+        are refused where this owner has written.
+        """
+        try:
+            epoch = int(await self._client().incr(self.keys.epoch(partition)))
+        except _IO_ERRORS as exc:
+            raise store_error(exc, "claim") from exc
+        self._epochs[partition] = epoch
+        return epoch
 
-    def merchant_frauds_key(self, merchant_id: str) -> str:
-        return f"{self._prefix}mf:{merchant_id}"
+    def epoch(self, partition: int) -> int | None:
+        """The epoch claimed for ``partition``, or None when it was not claimed (yet)."""
+        return self._epochs.get(partition)
 
-    def label_key(self, transaction_id: str) -> str:
-        return f"{self._prefix}lb:{transaction_id}"
+    def release(self, partition: int) -> None:
+        """No longer the owner of ``partition`` (revoked)."""
+        self._epochs.pop(partition, None)
+        self._committed.pop(partition, None)
+
+    def note_committed(self, partition: int, offset: int) -> None:
+        """``offset`` is committed in Kafka: records below it are never delivered again, so the
+        next write trims their replay-log entries."""
+        if offset > self._committed.get(partition, -1):
+            self._committed[partition] = offset
 
     # -- the batch path ------------------------------------------------------------------------
 
     async def compute(self, txns: Sequence[Transaction], partition: int | Sequence[int],
-                      offsets: Sequence[int]) -> np.ndarray:
+                      offsets: Sequence[int], *, log: bool = True) -> np.ndarray:
         """float32 ``(len(txns), N_FEATURES)``; one read and one write round trip; state updated.
 
         ``partition`` is the source partition of every record, or one partition per record: a
         batch may mix partitions (a user lives in one partition, so each user's records keep
         their order), which lets a caller amortise the two round trips over more records when
         each partition alone is slow. ``offsets`` are the records' offsets in their partitions.
+        With ``log=False`` the vectors are not kept for replay (state applied after the fact,
+        e.g. records decided in degraded mode).
         """
         if len(offsets) != len(txns):
             raise ValueError(f"{len(txns)} transactions but {len(offsets)} offsets")
@@ -218,34 +259,57 @@ class OnlineFeatureStore:
                 raise ValueError(f"{len(txns)} transactions but {len(partitions)} partitions")
         if not txns:
             return np.empty((0, N_FEATURES), dtype=np.float32)
-        states, views, sizes = await self._read(txns)
-        rows: list[list[float]] = []
+        ranges: dict[int, list[int]] = {}
+        for p, offset in zip(partitions, offsets, strict=True):
+            span = ranges.get(p)
+            if span is None:
+                ranges[p] = [offset, offset]
+            elif offset < span[0]:
+                span[0] = offset
+            elif offset > span[1]:
+                span[1] = offset
+        states, views, sizes, logged = await self._read(txns, ranges)
+        epochs = self._epochs
+        rows: list[Any] = []
         dirty: dict[str, None] = {}  # users with an applied transaction, in first-seen order
-        increments: dict[str, dict[str, int]] = {}
+        applied: list[tuple[int, str, int, int]] = []  # (row, user, partition, offset) to log
+        counted: dict[str, list[Any]] = {}  # merchant -> [partition, offset, hour, day, ...]
         newest: dict[str, float] = {}
-        for txn, partition, offset in zip(txns, partitions, offsets, strict=True):
+        for i, (txn, p, offset) in enumerate(zip(txns, partitions, offsets, strict=True)):
             state = states[txn.user_id]
             view = views[txn.merchant_id]
-            if state is not None and state.partition == partition and offset <= state.offset:
-                rows.append(features_of(state, view, txn))  # already applied before a crash
+            if state is not None and state.partition == p and offset <= state.offset:
+                self.replays_total += 1  # applied before a crash: its first vector, not a new one
+                first = logged.get((p, offset))
+                if first is None:
+                    self.replays_inexact_total += 1
+                    rows.append(features_of(state, view, txn))
+                else:
+                    rows.append(first)
                 continue
+            t = txn.event_time
+            late = is_late(state, t)
             features, state = transition(state, view, txn)
-            state.partition = partition
+            state.partition = p
             state.offset = offset
+            state.epoch = epochs.get(p, 0)
             states[txn.user_id] = state
             dirty[txn.user_id] = None
             rows.append(features)
-            t = txn.event_time
+            if log:
+                applied.append((i, txn.user_id, p, offset))
+            if late:
+                self.late_total += 1
+                continue
             count_merchant_tx(view, t)
-            inc = increments.setdefault(txn.merchant_id, {})
-            for field in (f"h{hour_of(t)}", f"d{day_of(t)}"):
-                inc[field] = inc.get(field, 0) + 1
+            counted.setdefault(txn.merchant_id, []).extend((p, offset, hour_of(t), day_of(t)))
             if t > newest.get(txn.merchant_id, -1.0):
                 newest[txn.merchant_id] = t
 
+        X = np.array(rows, dtype=np.float32)
         if dirty:
-            await self._write([(u, states[u]) for u in dirty], increments, newest, sizes)
-        return np.array(rows, dtype=np.float32)
+            await self._write(list(dirty), states, counted, newest, sizes, applied, X)
+        return X
 
     async def peek(self, txns: Sequence[Transaction]) -> np.ndarray:
         """The features :meth:`compute` would give, from one read and no write (POST /predict).
@@ -255,19 +319,24 @@ class OnlineFeatureStore:
         """
         if not txns:
             return np.empty((0, N_FEATURES), dtype=np.float32)
-        states, views, _ = await self._read(txns)
+        states, views, _, _ = await self._read(txns, {})
         rows: list[list[float]] = []
         for txn in txns:
             view = views[txn.merchant_id]
+            late = is_late(states[txn.user_id], txn.event_time)
             features, states[txn.user_id] = transition(states[txn.user_id], view, txn)
-            count_merchant_tx(view, txn.event_time)
+            if not late:
+                count_merchant_tx(view, txn.event_time)
             rows.append(features)
         return np.array(rows, dtype=np.float32)
 
-    async def _read(self, txns: Sequence[Transaction]) -> tuple[
-            dict[str, UserState | None], dict[str, MerchantState], dict[str, tuple[int, int]]]:
-        """The batch's one read: user states, merchant views and merchant hash sizes."""
+    async def _read(self, txns: Sequence[Transaction], ranges: dict[int, list[int]]) -> tuple[
+            dict[str, UserState | None], dict[str, MerchantState], dict[str, tuple[int, int]],
+            dict[tuple[int, int], np.ndarray]]:
+        """The batch's one read: user states, merchant views, merchant hash sizes and the
+        replay-log vectors in the batch's offset ranges."""
         self._client()
+        keys_of = self.keys
         users = list(dict.fromkeys(t.user_id for t in txns))
         # one reference event hour per merchant, or -1 when its transactions span several
         ref_hour: dict[str, int] = {}
@@ -275,18 +344,21 @@ class OnlineFeatureStore:
             hour = hour_of(txn.event_time)
             if ref_hour.setdefault(txn.merchant_id, hour) != hour:
                 ref_hour[txn.merchant_id] = -1
-        keys = [self.user_key(u) for u in users]
+        keys = [keys_of.user(u) for u in users]
         for merchant_id in ref_hour:
-            keys.append(self.merchant_counts_key(merchant_id))
-            keys.append(self.merchant_frauds_key(merchant_id))
+            keys.append(keys_of.merchant_counts(merchant_id))
+            keys.append(keys_of.merchant_frauds(merchant_id))
+        keys.extend(keys_of.replay_log(p) for p in ranges)
+        args = [len(users), len(ref_hour), orjson.dumps(list(ref_hour.values())),
+                orjson.dumps(list(ranges.values()))]
         try:
-            replies = await self._read_batch(keys=keys, args=[len(users), orjson.dumps(list(ref_hour.values()))])
+            replies = await self._read_batch(keys=keys, args=args)
         except _IO_ERRORS as exc:
-            raise FeatureStoreUnavailable(f"redis read failed: {type(exc).__name__}: {exc}") from exc
+            raise store_error(exc, "read") from exc
 
         states: dict[str, UserState | None] = {}
         for user_id, blob in zip(users, replies, strict=False):
-            states[user_id] = self._decode(user_id, blob)
+            states[user_id] = self._decode(user_id, blob or None)
         views: dict[str, MerchantState] = {}
         sizes: dict[str, tuple[int, int]] = {}
         i = len(users)
@@ -299,32 +371,63 @@ class OnlineFeatureStore:
             else:
                 views[merchant_id] = _merchant_from_flat(first, second)
                 sizes[merchant_id] = (len(first) // 2, len(second) // 2)
-        return states, views, sizes
+        logged: dict[tuple[int, int], np.ndarray] = {}
+        for p, members in zip(ranges, replies[i:], strict=True):
+            for member in members:
+                if len(member) == 8 + _VECTOR_BYTES:
+                    offset = _OFFSET.unpack_from(member)[0]
+                    logged[(p, offset)] = np.frombuffer(member, dtype=np.float32, offset=8)
+        return states, views, sizes, logged
 
-    async def _write(self, users: list[tuple[str, UserState | None]], increments: dict[str, dict[str, int]],
-                     newest: dict[str, float], sizes: dict[str, tuple[int, int]]) -> None:
-        """The batch's one atomic write (see ``scripts.WRITE_BATCH`` for the argument layout)."""
-        keys = [self.user_key(user_id) for user_id, _ in users]
-        plan: list[list[Any]] = []
-        for merchant_id, inc in increments.items():
-            keys.append(self.merchant_counts_key(merchant_id))
-            keys.append(self.merchant_frauds_key(merchant_id))
+    async def _write(self, users: list[str], states: dict[str, UserState | None],
+                     counted: dict[str, list[Any]], newest: dict[str, float],
+                     sizes: dict[str, tuple[int, int]], applied: list[tuple[int, str, int, int]],
+                     X: np.ndarray) -> None:
+        """The batch's one write (see ``scripts.WRITE_BATCH`` for the argument layout)."""
+        keys_of = self.keys
+        keys = [keys_of.user(user_id) for user_id in users]
+        index = {user_id: n for n, user_id in enumerate(users, start=1)}
+        plan_users: list[list[int]] = []
+        blobs: list[bytes] = []
+        for user_id in users:
+            state = states[user_id]
+            assert state is not None
+            plan_users.append([state.partition, state.epoch])
+            blobs.append(encode_state(state))
+        plan_merchants: list[list[Any]] = []
+        for merchant_id, entries in counted.items():
+            keys.append(keys_of.merchant_counts(merchant_id))
+            keys.append(keys_of.merchant_frauds(merchant_id))
             n_counts, n_frauds = sizes[merchant_id]
             hour = hour_of(newest[merchant_id])
             day = hour // 24
-            plan.append([[x for item in inc.items() for x in item],
-                         1 if n_counts + len(inc) > _MAX_COUNT_FIELDS else 0,
-                         hour - _KEEP_COUNT_HOURS, day - _KEEP_COUNT_DAYS,
-                         1 if n_frauds > _MAX_FRAUD_FIELDS else 0,
-                         hour - _KEEP_FRAUD_HOURS, day - _KEEP_FRAUD_DAYS])
-        args: list[Any] = [self._ttl, len(users), orjson.dumps(plan)]
-        for _, state in users:
-            assert state is not None
-            args.append(encode_state(state))
+            plan_merchants.append([entries,
+                                   1 if n_counts + len(entries) // 4 > _MAX_COUNT_FIELDS else 0,
+                                   hour - _KEEP_COUNT_HOURS, day - _KEEP_COUNT_DAYS,
+                                   1 if n_frauds > _MAX_FRAUD_FIELDS else 0,
+                                   hour - _KEEP_FRAUD_HOURS, day - _KEEP_FRAUD_DAYS])
+        by_partition: dict[int, list[tuple[int, str, int]]] = {}
+        for row, user_id, p, offset in applied:
+            by_partition.setdefault(p, []).append((row, user_id, offset))
+        plan_logs: list[list[Any]] = []
+        members: list[bytes] = []
+        for p, records in by_partition.items():
+            keys.append(keys_of.replay_log(p))
+            flat: list[int] = []
+            for row, user_id, offset in records:
+                flat.append(index[user_id])
+                flat.append(offset)
+                members.append(_OFFSET.pack(offset) + X[row].tobytes())
+            plan_logs.append([self._committed.get(p, -1), flat])
+        plan = {"u": plan_users, "m": plan_merchants, "r": plan_logs}
+        args: list[Any] = [self._ttl, len(users), len(counted), orjson.dumps(plan), *blobs, *members]
         try:
-            await self._write_batch(keys=keys, args=args)
+            written, stale, _ = await self._write_batch(keys=keys, args=args)
         except _IO_ERRORS as exc:
-            raise FeatureStoreUnavailable(f"redis write failed: {type(exc).__name__}: {exc}") from exc
+            raise store_error(exc, "write") from exc
+        if stale:
+            self.stale_refused_total += int(stale)
+            self._log.warning("stale_writer_refused", users=int(stale), written=int(written))
 
     def compute_degraded(self, txns: Sequence[Transaction]) -> np.ndarray:
         """Transaction-only features (Redis down): see ``definition.transaction_only_features``."""
@@ -332,36 +435,38 @@ class OnlineFeatureStore:
             return np.empty((0, N_FEATURES), dtype=np.float32)
         return np.array([transaction_only_features(t) for t in txns], dtype=np.float32)
 
-    async def apply_labels(self, labels: Sequence[Label]) -> int:
-        """Record fraud labels into the merchant buckets in one script call (per 1,000 labels);
-        idempotent per ``transaction_id`` (the first label applied for a transaction wins).
-        Returns how many labels were new."""
+    async def apply_labels(self, labels: Sequence[Label]) -> list[int]:
+        """Record labels into the merchant fraud buckets, one script call per 1,000 labels.
+
+        For each transaction the label with the latest ``labeled_at`` stands (a chargeback after
+        a "not fraud" review flips it; an older or repeated label changes nothing). Returns one
+        status per label: 0 nothing changed, 1 new, 2 verdict flipped, 3 confirmed.
+        """
         if not labels:
-            return 0
+            return []
         self._client()
-        applied = 0
+        keys_of = self.keys
+        statuses: list[int] = []
         for start in range(0, len(labels), _MAX_LABELS_PER_CALL):
             keys: list[str] = []
             args: list[Any] = [self._ttl]
             for label in labels[start:start + _MAX_LABELS_PER_CALL]:
                 at = label.labeled_at
-                keys.append(self.label_key(label.transaction_id))
-                keys.append(self.merchant_frauds_key(label.merchant_id))
-                args.append(f"d{day_of(at)}")
-                args.append(f"h{hour_of(at)}")
-                args.append(1 if label.is_fraud else 0)
+                keys.append(keys_of.label(label.merchant_id, label.transaction_id))
+                keys.append(keys_of.merchant_frauds(label.merchant_id))
+                args.extend((round(at * 1000), 1 if label.is_fraud else 0, f"h{hour_of(at)}", f"d{day_of(at)}"))
             try:
-                applied += int(await self._apply_labels(keys=keys, args=args))
+                statuses.extend(int(x) for x in await self._apply_labels(keys=keys, args=args))
             except _IO_ERRORS as exc:
-                raise FeatureStoreUnavailable(f"redis label write failed: {type(exc).__name__}: {exc}") from exc
-        return applied
+                raise store_error(exc, "label write") from exc
+        return statuses
 
     async def user_state(self, user_id: str) -> UserState | None:
         """The stored state of one user (for tests and debugging)."""
         try:
-            blob = await self._client().get(self.user_key(user_id))
+            blob = await self._client().get(self.keys.user(user_id))
         except _IO_ERRORS as exc:
-            raise FeatureStoreUnavailable(f"redis read failed: {exc}") from exc
+            raise store_error(exc, "read") from exc
         return self._decode(user_id, blob if isinstance(blob, bytes) else None)
 
     def _decode(self, user_id: str, blob: bytes | None) -> UserState | None:
