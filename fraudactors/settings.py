@@ -129,12 +129,17 @@ class RedisSettings:
     on_unavailable: Literal["degrade", "hold"] = "degrade"
     # How often a degraded worker probes Redis to come back by itself.
     retry_interval_ms: int = 500
+    # Degraded-mode decisions kept to be applied to the state once Redis is back.
+    backlog_max: int = 200_000
 
     def validate(self) -> None:
         _require(self.url.startswith(("redis://", "rediss://", "unix://")), "redis.url",
                  "must start with redis://, rediss:// or unix://")
         _require(self.ttl_s > 0, "redis.ttl_s", "must be > 0")
         _require(self.socket_timeout_ms > 0, "redis.socket_timeout_ms", "must be > 0")
+        _require(self.backlog_max >= 0, "redis.backlog_max", "must be >= 0")
+        _require("{" not in self.key_prefix and "}" not in self.key_prefix, "redis.key_prefix",
+                 "must not contain '{' or '}' (the keys' hash tags)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +159,8 @@ class EngineSettings:
     start_timeout_s: float = 60.0
     # A consumer that made no progress with records waiting for this long is restarted.
     watchdog_s: float = 30.0
+    # Records dated further ahead of the partition's event time and of the clock are dead letters.
+    max_future_skew_s: float = 300.0
     restart_max: int = 5
     restart_window_s: float = 60.0
     # Audit/debug: add the scored feature vector ("features": {name: value}) to every decision.
@@ -168,6 +175,7 @@ class EngineSettings:
         _require(self.max_inflight_batches >= 1, "engine.max_inflight_batches", "must be >= 1")
         _require(self.shutdown_timeout_s > 0, "engine.shutdown_timeout_s", "must be > 0")
         _require(self.restart_max >= 0, "engine.restart_max", "must be >= 0")
+        _require(self.max_future_skew_s >= 0, "engine.max_future_skew_s", "must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)

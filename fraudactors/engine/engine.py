@@ -53,7 +53,7 @@ class Engine:
         self.outcomes = OutcomeRecorder(settings, m)
         self.ingestor = Ingestor(settings, m, Stages(self.features, self.inference, self.publisher,
                                                      on_decided=self.outcomes.record))
-        self.labels = LabelConsumer(settings, m, self.features, self.outcomes)
+        self.labels = LabelConsumer(settings, m, self.features, self.outcomes, self.publisher)
         self.http = HttpServer(settings.http.host, settings.http.port, self.handle)
         engine = settings.engine
         start_timeout = engine.start_timeout_s

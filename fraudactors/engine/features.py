@@ -1,12 +1,26 @@
 """The feature-store actor: the online store plus its health, shared by every feature worker.
 
 While Redis answers, workers get the full online features (one round trip per batch). A call
-that timed out while Redis still answers a PING (a busy event loop or a busy Redis: load, not an
-outage) is retried; any other failure is retried until Redis has failed for ``retry_interval_ms``.
-Then it is down and the policy decides: ``degrade`` scores from the transaction alone and marks the
-decision degraded (no Redis call per batch while it is down, so latency stays flat); ``hold``
-waits and retries, so the mailbox fills and the ingestor pauses the partition. In both cases a
-probe pings Redis every ``retry_interval_ms`` and normal mode comes back by itself.
+that timed out is followed by one PING with the same timeout: if Redis answers (a busy event
+loop or a busy Redis: load, not an outage) the batch is retried, else Redis is down -- so a hung
+Redis is detected within twice ``socket_timeout_ms``. A refused or broken connection is retried
+for at most ``socket_timeout_ms``. Then the policy decides: ``degrade`` scores from the
+transaction alone and marks the decision degraded (no Redis call per batch while it is down, so
+latency stays flat); ``hold`` waits and retries, so the mailbox fills and the ingestor pauses the
+partition. In both cases a probe pings Redis every ``retry_interval_ms`` and normal mode comes
+back by itself. Transactions decided in degraded mode are kept (up to ``redis.backlog_max``) and
+applied to the state, in offset order, before anything newer once Redis is back.
+
+Redis refusing a request (:class:`FeatureStoreRejected`: out of memory, a key of the wrong type,
+a script error) is not an outage: the store stays up, the requests of the coalesced call are
+retried one by one so only the one at fault is affected, and that one is scored in degraded mode
+without entering the state (one ``feature_store_rejected`` log line per kind and minute, the
+``fraudactors_feature_store_errors_total{kind}`` and ``fraudactors_state_skipped_total`` metrics,
+and an alert).
+
+Ownership: the ingestor claims a partition on assignment (a new fencing epoch, see
+``features.store``) and releases it on revoke; a claim that fails while Redis is down is made
+before the partition's next write.
 
 Batches from all partitions are coalesced: workers ``ask`` the actor through its mailbox, and the
 actor serves everything queued (from any partition) with ONE store call -- two Redis round trips
@@ -19,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +41,7 @@ import numpy as np
 
 from fraudactors.actors import Mailbox, Request, ask
 from fraudactors.engine.metrics import EngineMetrics
-from fraudactors.errors import FeatureStoreUnavailable
+from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
 
@@ -38,7 +53,9 @@ if TYPE_CHECKING:
 _UNAVAILABLE: tuple[type[BaseException], ...] = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
 _RETRY_PAUSE_S = 0.02
 _ALIVE_CACHE_S = 0.1
-_LENIENT_TIMEOUT_S = 2.0
+_REJECTED_LOG_EVERY_S = 60.0
+# Degraded-mode transactions applied per store call when Redis is back.
+_BACKLOG_CHUNK = 2000
 # Requests served by one store call at most (one per partition is the usual upper bound).
 _COALESCE_MAX = 64
 
@@ -64,15 +81,24 @@ class FeatureStoreActor:
         self._settings = settings
         self._metrics = metrics
         self.store: OnlineFeatureStore | None = None
-        self._reader: Any = None  # a lenient client: tells a slow Redis from an unreachable one
+        self._reader: Any = None  # a second client: tells a slow Redis from a hung or gone one
         self._up = asyncio.Event()
         self._down = asyncio.Event()
         self._hold = settings.redis.on_unavailable == "hold"
         self._retry_s = settings.redis.retry_interval_ms / 1000.0
+        self._timeout_s = settings.redis.socket_timeout_ms / 1000.0
         self._failing_since: float | None = None  # first failure of the current run of failures
         self._alive_probe: asyncio.Future[bool] | None = None
         self._alive_at = 0.0
         self._log = get_logger(actor="feature_store")
+        # ownership: partitions assigned here whose claim is still to be made (Redis was down)
+        self._owned: set[int] = set()
+        self._unclaimed: set[int] = set()
+        # degraded-mode decisions to apply to the state once Redis is back, in arrival order
+        self._backlog: deque[tuple[Transaction, int, int]] = deque()
+        self._backlog_max = settings.redis.backlog_max
+        self._rejected_logged: dict[str, float] = {}
+        self._synced: dict[str, int] = {}
         self.mailbox: Mailbox[_FeatureRequest] = Mailbox(_COALESCE_MAX * 2, "feature_store")
         metrics.feature_store_up.set(0)
 
@@ -118,9 +144,8 @@ class FeatureStoreActor:
 
         # A second, lenient client for the liveness probe that tells a slow Redis from an
         # unreachable one.
-        timeout = max(self._settings.redis.socket_timeout_ms / 1000.0, _LENIENT_TIMEOUT_S)
-        self._reader = aioredis.Redis.from_url(self._settings.redis.url, socket_timeout=timeout,
-                                               socket_connect_timeout=min(timeout, 1.0))
+        self._reader = aioredis.Redis.from_url(self._settings.redis.url, socket_timeout=self._timeout_s,
+                                               socket_connect_timeout=self._timeout_s)
         if self.mailbox.failed:  # a restart after a crash: the old mailbox failed its callers
             self.mailbox = Mailbox(self.mailbox.maxsize, self.mailbox.name)
         task_status.started()
@@ -150,26 +175,138 @@ class FeatureStoreActor:
             requests = [r for r in await self.mailbox.get_batch(_COALESCE_MAX, 0.0) if not r.abandoned]
             if not requests:
                 continue
-            txns: list[Transaction] = []
-            partitions: list[int] = []
-            offsets: list[int] = []
-            for req in requests:
-                batch_txns, batch_partitions, batch_offsets = req.payload
-                txns.extend(batch_txns)
-                partitions.extend(batch_partitions)
-                offsets.extend(batch_offsets)
             try:
-                X, degraded = await self._compute_merged(store, txns, partitions, offsets)
+                results = await self._serve_requests(store, requests)
             except Exception as exc:  # bad input or a bug: each caller gets it, the actor lives on
                 for req in requests:
                     req.reject(exc)
                 continue
-            self._metrics.feature_batch_size.observe(len(txns))
-            start = 0
+            finally:
+                self._sync_metrics(store)
+            for req, result in zip(requests, results, strict=True):
+                req.resolve(result)
+
+    async def _serve_requests(self, store: OnlineFeatureStore,
+                              requests: list[_FeatureRequest]) -> list[tuple[np.ndarray, bool]]:
+        """One store call for all; if Redis refuses it, one call per request, so a request Redis
+        refuses (a bad key, say) is scored degraded alone and the others are not."""
+        txns: list[Transaction] = []
+        partitions: list[int] = []
+        offsets: list[int] = []
+        for req in requests:
+            batch_txns, batch_partitions, batch_offsets = req.payload
+            txns.extend(batch_txns)
+            partitions.extend(batch_partitions)
+            offsets.extend(batch_offsets)
+        try:
+            X, degraded = await self._compute_merged(store, txns, partitions, offsets)
+        except FeatureStoreRejected as exc:
+            if len(requests) == 1:
+                return [self._refused(store, txns, exc)]
+            results: list[tuple[np.ndarray, bool]] = []
             for req in requests:
-                end = start + len(req.payload[0])
-                req.resolve((X[start:end], degraded))
-                start = end
+                batch_txns, batch_partitions, batch_offsets = req.payload
+                try:
+                    results.append(await self._compute_merged(store, batch_txns, batch_partitions,
+                                                              batch_offsets))
+                except FeatureStoreRejected as one:
+                    results.append(self._refused(store, batch_txns, one))
+            return results
+        self._metrics.feature_batch_size.observe(len(txns))
+        out: list[tuple[np.ndarray, bool]] = []
+        start = 0
+        for req in requests:
+            end = start + len(req.payload[0])
+            out.append((X[start:end], degraded))
+            start = end
+        return out
+
+    def _refused(self, store: OnlineFeatureStore, txns: Sequence[Transaction],
+                 exc: FeatureStoreRejected) -> tuple[np.ndarray, bool]:
+        """Redis refused this batch: degraded features, not applied to the state, said once a minute."""
+        now = time.monotonic()
+        if now - self._rejected_logged.get(exc.kind, -_REJECTED_LOG_EVERY_S) >= _REJECTED_LOG_EVERY_S:
+            self._rejected_logged[exc.kind] = now
+            self._log.error("feature_store_rejected", kind=exc.kind, error=str(exc), records=len(txns))
+        self._metrics.feature_store_errors.labels(exc.kind).inc()
+        self._metrics.state_skipped.labels(exc.kind).inc(len(txns))
+        return store.compute_degraded(txns), True
+
+    def _sync_metrics(self, store: OnlineFeatureStore) -> None:
+        """Carry the store's own counters over to the engine's metrics."""
+        m = self._metrics
+        for name, counter in (("stale", m.stale_writes), ("late", m.late_records),
+                              ("exact", m.replays.labels("true")), ("inexact", m.replays.labels("false"))):
+            value = {"stale": store.stale_refused_total, "late": store.late_total,
+                     "exact": store.replays_total - store.replays_inexact_total,
+                     "inexact": store.replays_inexact_total}[name]
+            if value > self._synced.get(name, 0):
+                counter.inc(value - self._synced.get(name, 0))
+                self._synced[name] = value
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    async def claim(self, partition: int) -> None:
+        """The partition is ours (assigned): a new fencing epoch now, or before its next write."""
+        self._owned.add(partition)
+        self._unclaimed.add(partition)
+        store = self.store
+        if store is not None and self._up.is_set():
+            errors: tuple[type[BaseException], ...] = (*_UNAVAILABLE, *_redis_errors(), FeatureStoreRejected)
+            try:
+                await self._claim(store, partition)
+            except errors as exc:
+                self._log.warning("partition_claim_deferred", partition=partition, error=repr(exc))
+
+    async def _claim(self, store: OnlineFeatureStore, partition: int) -> None:
+        epoch = await store.claim(partition)
+        self._unclaimed.discard(partition)
+        self._log.info("partition_claimed", partition=partition, epoch=epoch)
+
+    def release(self, partition: int) -> None:
+        """The partition is no longer ours (revoked): its backlog is the new owner's loss, counted."""
+        self._owned.discard(partition)
+        self._unclaimed.discard(partition)
+        if self.store is not None:
+            self.store.release(partition)
+        if any(p == partition for _, p, _ in self._backlog):
+            kept = deque(item for item in self._backlog if item[1] != partition)
+            self._metrics.state_skipped.labels("revoked").inc(len(self._backlog) - len(kept))
+            self._backlog = kept
+            self._metrics.state_backlog.set(len(kept))
+
+    def note_committed(self, partition: int, offset: int) -> None:
+        if self.store is not None:
+            self.store.note_committed(partition, offset)
+
+    def _remember_degraded(self, txns: Sequence[Transaction], partitions: Sequence[int],
+                           offsets: Sequence[int]) -> None:
+        backlog = self._backlog
+        room = self._backlog_max - len(backlog)
+        items = [(t, p, o) for t, p, o in zip(txns, partitions, offsets, strict=True) if p in self._owned]
+        if len(items) > room:
+            self._metrics.state_skipped.labels("backlog_full").inc(len(items) - max(room, 0))
+            items = items[:max(room, 0)]
+        backlog.extend(items)
+        self._metrics.state_backlog.set(len(backlog))
+
+    async def _apply_backlog(self, store: OnlineFeatureStore) -> None:
+        """Degraded-mode transactions enter the state before anything newer (raises as compute)."""
+        backlog = self._backlog
+        while backlog:
+            chunk = [backlog[i] for i in range(min(_BACKLOG_CHUNK, len(backlog)))]
+            try:
+                await store.compute([t for t, _, _ in chunk], [p for _, p, _ in chunk],
+                                    [o for _, _, o in chunk], log=False)
+            except FeatureStoreRejected as exc:
+                self._metrics.state_skipped.labels(exc.kind).inc(len(chunk))
+                self._log.error("state_backlog_rejected", kind=exc.kind, error=str(exc), records=len(chunk))
+            else:
+                self._metrics.state_backlog_applied.inc(len(chunk))
+            for _ in chunk:
+                backlog.popleft()
+            self._metrics.state_backlog.set(len(backlog))
+        self._log.info("state_backlog_applied")
 
     async def _ping(self, store: OnlineFeatureStore) -> bool:
         try:
@@ -193,34 +330,41 @@ class FeatureStoreActor:
         return await ask(self.mailbox, (txns, [partition] * len(txns), offsets))
 
     async def _compute_merged(self, store: OnlineFeatureStore, txns: Sequence[Transaction],
-                              partition: list[int], offsets: Sequence[int]) -> tuple[np.ndarray, bool]:
+                              partition: Sequence[int], offsets: Sequence[int]) -> tuple[np.ndarray, bool]:
         t0 = time.perf_counter()
         while True:
             if self._up.is_set():
                 try:
+                    for p in self._unclaimed.intersection(partition):
+                        await self._claim(store, p)
+                    if self._backlog:
+                        await self._apply_backlog(store)
                     X = await store.compute(txns, partition, offsets)
                 except _UNAVAILABLE as exc:
                     # A retried batch is safe: the store skips (partition, offset) already applied.
-                    if _is_timeout(exc) and await self._alive():
-                        # Redis answers, just not within socket_timeout_ms (a busy event loop or
-                        # a busy Redis): that is load, not an outage -- retry, do not degrade.
-                        self._metrics.feature_store_slow.inc()
-                        await asyncio.sleep(_RETRY_PAUSE_S)
-                        continue
-                    # Errors that are not slowness: retry until Redis has failed for
-                    # retry_interval_ms, then call it down.
-                    now = time.monotonic()
-                    if self._failing_since is None:
-                        self._failing_since = now
-                    if now - self._failing_since < self._retry_s:
-                        await asyncio.sleep(_RETRY_PAUSE_S)
-                        continue
-                    self._mark_down(exc)
+                    if _is_timeout(exc):
+                        if await self._alive():
+                            # Redis answers a PING, just not our batch within socket_timeout_ms (a
+                            # busy event loop or a busy Redis): that is load, not an outage -- retry.
+                            self._metrics.feature_store_slow.inc()
+                            await asyncio.sleep(_RETRY_PAUSE_S)
+                            continue
+                        self._mark_down(exc)  # hung: no answer to the batch nor to a PING
+                    else:
+                        # Refused or broken connections: retry for at most socket_timeout_ms.
+                        now = time.monotonic()
+                        if self._failing_since is None:
+                            self._failing_since = now
+                        if now - self._failing_since < self._timeout_s:
+                            await asyncio.sleep(_RETRY_PAUSE_S)
+                            continue
+                        self._mark_down(exc)
                 else:
                     self._failing_since = None
                     self._metrics.stage_latency.labels("features").observe(time.perf_counter() - t0)
                     return X, False
             if not self._hold:
+                self._remember_degraded(txns, partition, offsets)
                 return store.compute_degraded(txns), True
             await self._up.wait()
 

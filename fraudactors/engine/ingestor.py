@@ -294,6 +294,7 @@ class Ingestor:
             state = self._parts.get(tp.partition)
             if state is not None:
                 state.tracker.mark_committed(offset)
+            self._features.note_committed(tp.partition, offset)
 
     # ---------------------------------------------------------------- rebalance
     async def assign(self, tps: list[TopicPartition]) -> None:
@@ -302,6 +303,9 @@ class Ingestor:
         for tp in tps:
             if tp.topic != topic or tp.partition in self._parts:
                 continue
+            # a new fencing epoch before the first write: a former owner still in flight cannot
+            # overwrite what this one writes
+            await self._features.claim(tp.partition)
             state = _Partition(tp, Mailbox(size, f"features-{tp.partition}"), OffsetTracker(tp.partition))
             self._parts[tp.partition] = state
             self._start_worker(state)
@@ -373,6 +377,7 @@ class Ingestor:
         await self.commit(partitions=[s.tp.partition for s in states])
         for s in states:
             self._forget(s)
+            self._features.release(s.tp.partition)
         self._log.info("partitions_revoked", partitions=sorted(s.tp.partition for s in states))
 
     async def _finish(self, states: list[_Partition]) -> None:

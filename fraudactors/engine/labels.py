@@ -1,10 +1,18 @@
 """Delayed labels: feed the store's label-driven features and measure each variant online.
 
-:class:`OutcomeRecorder` remembers, for every decision, what each variant (deciding and shadow)
-said -- one Redis pipeline per flush, keys with a TTL -- so that a label arriving days later can
-be matched. :class:`LabelConsumer` reads ``labels`` in its own consumer group
-(``<group_id>.labels``), applies them to the store (``apply_labels``, idempotent), matches them to
-the remembered decisions (``fraudactors_label_outcomes_total{variant,outcome}``) and commits.
+:class:`OutcomeRecorder` remembers what each variant (deciding and shadow) said about a user's
+latest decisions, so that a label arriving days later can be matched: one capped list per user
+(``<prefix>{u<shard>}:o:<user_id>``, the user's newest ``OUTCOMES_PER_USER`` decisions, with the
+state's TTL), written by one script call per flush. Its memory grows with active users, never
+with decisions; a label for a decision that has left its user's list (the user made more than
+``OUTCOMES_PER_USER`` payments since, or the list expired) is counted as unmatched.
+
+:class:`LabelConsumer` reads ``labels`` in its own consumer group (``<group_id>.labels``),
+applies them to the store (``apply_labels``: the latest ``labeled_at`` stands, a repeat changes
+nothing), counts each new or changed verdict against what each variant said
+(``fraudactors_label_outcomes_total{variant,outcome}``; a flipped verdict also in
+``fraudactors_label_flips_total``), sends malformed labels to the dead-letter topic with
+``stage=labels``, and commits once those dead letters are acknowledged.
 """
 
 from __future__ import annotations
@@ -19,7 +27,11 @@ from aiokafka.errors import KafkaError
 from fraudactors.engine.features import FeatureStoreActor
 from fraudactors.engine.inference import Scored
 from fraudactors.engine.metrics import EngineMetrics
-from fraudactors.errors import FeatureStoreUnavailable, InvalidRecord
+from fraudactors.engine.publisher import Publisher
+from fraudactors.engine.worker import dlq_message
+from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable, InvalidRecord
+from fraudactors.features import scripts
+from fraudactors.features.keys import KeyLayout
 from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
 
@@ -29,15 +41,7 @@ if TYPE_CHECKING:
 _FLUSH_S = 0.2
 _MAX_BUFFER = 200_000
 _CHUNK = 2000
-# SET key value EX ttl for every (key, value) pair: one command for a whole chunk, because
-# packing thousands of separate SET commands costs the event loop more than the round trip.
-_SET_MANY = """
-local ttl = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  redis.call('SET', key, ARGV[i + 1], 'EX', ttl)
-end
-return #KEYS
-"""
+OUTCOMES_PER_USER = 64
 _UNAVAILABLE = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
 
 
@@ -54,21 +58,19 @@ def outcome(predicted_fraud: bool, labelled_fraud: bool) -> str:
 
 
 class OutcomeRecorder:
-    """Remembers each decision per variant, buffered and written in one pipeline per flush."""
+    """Remembers each decision per variant in its user's capped list, one script call per flush."""
 
     def __init__(self, settings: Settings, metrics: EngineMetrics) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._prefix = f"{settings.redis.key_prefix}decision:"
+        self.keys = KeyLayout(settings.redis.key_prefix)
         self._ttl = settings.redis.ttl_s
         self._buffer: deque[tuple[str, bytes]] = deque(maxlen=_MAX_BUFFER)
         self.dropped = 0
         self._redis: Any = None
-        self._set_many: Any = None
+        self._record: Any = None
+        self._lookup: Any = None
         self._log = get_logger(actor="outcomes")
-
-    def key(self, transaction_id: str) -> str:
-        return self._prefix + transaction_id
 
     def record(self, txns: Sequence[Transaction], scored: Sequence[Scored]) -> None:
         """Called by the feature workers, synchronously, once per batch."""
@@ -79,15 +81,17 @@ class OutcomeRecorder:
         for txn, s in zip(txns, scored, strict=True):
             parts = [f"{s.variant}={int(s.is_fraud)}"]
             parts.extend(f"{name}={int(flag)}" for name, flag in s.shadows)
-            buffer.append((txn.transaction_id, ",".join(parts).encode()))
+            buffer.append((txn.user_id, f"{txn.transaction_id}\t{','.join(parts)}".encode()))
 
-    async def lookup(self, transaction_ids: Sequence[str]) -> list[dict[str, bool] | None]:
-        if self._redis is None or not transaction_ids:
-            return [None] * len(transaction_ids)
-        values = await self._redis.mget([self.key(t) for t in transaction_ids])
+    async def lookup(self, labels: Sequence[Label]) -> list[dict[str, bool] | None]:
+        """What each variant said about each label's transaction (None: not remembered)."""
+        if self._redis is None or not labels:
+            return [None] * len(labels)
+        keys = [self.keys.outcomes(label.user_id) for label in labels]
+        values = await self._lookup(keys=keys, args=[label.transaction_id for label in labels])
         out: list[dict[str, bool] | None] = []
         for raw in values:
-            if raw is None:
+            if not raw:
                 out.append(None)
                 continue
             entry: dict[str, bool] = {}
@@ -105,7 +109,8 @@ class OutcomeRecorder:
         client = aioredis.Redis.from_url(self._settings.redis.url, socket_timeout=max(timeout, 1.0),
                                          socket_connect_timeout=max(timeout, 1.0))
         self._redis = client
-        self._set_many = client.register_script(_SET_MANY)
+        self._record = client.register_script(scripts.RECORD_OUTCOMES)
+        self._lookup = client.register_script(scripts.LOOKUP_OUTCOMES)
         task_status.started()
         try:
             while True:
@@ -130,12 +135,12 @@ class OutcomeRecorder:
 
     async def flush(self) -> None:
         buffer = self._buffer
+        keys_of = self.keys
         while self._redis is not None and buffer:
             chunk = [buffer.popleft() for _ in range(min(len(buffer), _CHUNK))]
-            prefix = self._prefix
             try:
-                await self._set_many(keys=[prefix + tid for tid, _ in chunk],
-                                     args=[self._ttl, *(value for _, value in chunk)])
+                await self._record(keys=[keys_of.outcomes(user_id) for user_id, _ in chunk],
+                                   args=[self._ttl, OUTCOMES_PER_USER, *(value for _, value in chunk)])
             except BaseException:
                 room = _MAX_BUFFER - len(buffer)
                 buffer.extendleft(reversed(chunk[len(chunk) - room:] if room < len(chunk) else chunk))
@@ -146,11 +151,12 @@ class LabelConsumer:
     """Supervised child: labels -> store.apply_labels + online accuracy per variant -> commit."""
 
     def __init__(self, settings: Settings, metrics: EngineMetrics, features: FeatureStoreActor,
-                 outcomes: OutcomeRecorder) -> None:
+                 outcomes: OutcomeRecorder, publisher: Publisher) -> None:
         self._settings = settings
         self._metrics = metrics
         self._features = features
         self._outcomes = outcomes
+        self._publisher = publisher
         self._log = get_logger(actor="labels")
         self.applied = 0
         self.invalid = 0
@@ -180,26 +186,36 @@ class LabelConsumer:
                 if not data:
                     continue
                 labels: list[Label] = []
-                invalid = 0
-                example: tuple[str, int, int] | None = None
+                sources: list[Any] = []
+                dead: list[Any] = []
                 for records in data.values():
                     for record in records:
                         try:
                             labels.append(parse_label(record.value))
+                            sources.append(record)
                         except InvalidRecord as exc:
-                            invalid += 1
-                            example = example or (exc.reason, record.partition, record.offset)
-                if example is not None:  # one line per batch, not per record
-                    self.invalid += invalid
-                    self._log.warning("labels_invalid", count=invalid, reason=example[0],
-                                      partition=example[1], offset=example[2])
+                            dead.append(dlq_message(settings, record, exc.reason, "labels"))
+                if dead:  # one line per batch, not per record
+                    self.invalid += len(dead)
+                    self._metrics.dlq.labels("labels").inc(len(dead))
+                    self._log.warning("labels_invalid", count=len(dead))
                 while True:
                     try:
                         await self._apply(labels)
                         break
+                    except FeatureStoreRejected as exc:
+                        # Redis refuses these labels whatever we do: dead letters, not a stall.
+                        self._log.error("labels_rejected", kind=exc.kind, error=str(exc), labels=len(labels))
+                        self._metrics.feature_store_errors.labels(exc.kind).inc()
+                        self._metrics.dlq.labels("labels").inc(len(labels))
+                        dead.extend(dlq_message(settings, record, f"feature store refused the label: {exc}",
+                                                "labels") for record in sources)
+                        break
                     except errors as exc:
                         self._log.warning("labels_retry", error=repr(exc), labels=len(labels))
                         await asyncio.sleep(retry_s)
+                if dead:  # committed only once the broker has the dead letters
+                    await (await self._publisher.send_many(dead))
                 offsets = {tp: records[-1].offset + 1 for tp, records in data.items() if records}
                 try:
                     await consumer.commit(offsets)
@@ -213,11 +229,13 @@ class LabelConsumer:
             return
         store = self._features.store
         assert store is not None
-        await store.apply_labels(labels)
-        known = await self._outcomes.lookup([label.transaction_id for label in labels])
+        statuses = await store.apply_labels(labels)
+        changed = [(label, status) for label, status in zip(labels, statuses, strict=True) if status in (1, 2)]
+        known = await self._outcomes.lookup([label for label, _ in changed])
         counts: dict[tuple[str, str], int] = {}
-        unmatched = 0
-        for label, entry in zip(labels, known, strict=True):
+        unmatched = flips = 0
+        for (label, status), entry in zip(changed, known, strict=True):
+            flips += status == 2
             if entry is None:
                 unmatched += 1
                 continue
@@ -228,4 +246,6 @@ class LabelConsumer:
             self._metrics.label_outcomes.labels(variant, result).inc(count)
         if unmatched:
             self._metrics.labels_unmatched.inc(unmatched)
+        if flips:
+            self._metrics.label_flips.inc(flips)
         self.applied += len(labels)

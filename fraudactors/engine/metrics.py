@@ -60,6 +60,10 @@ class EngineMetrics:
         self.labels_unmatched = Counter(
             "fraudactors_labels_unmatched", "Labels whose decision is unknown (expired or never seen).",
             registry=r)
+        self.label_flips = Counter(
+            "fraudactors_label_flips",
+            "Labels that overturned the standing verdict of their transaction (latest labeled_at wins).",
+            registry=r)
         self.ready = Gauge("fraudactors_ready", "1 when the engine is ready (see /readyz).", registry=r)
         self.inference_batch_size = Histogram(
             "fraudactors_inference_batch_size", "Rows per coalesced inference call.",
@@ -84,6 +88,37 @@ class EngineMetrics:
             "Feature batches retried because Redis answered too late while still alive (load, not outage).",
             registry=r)
         self.commits = Counter("fraudactors_commits", "Offset commits.", registry=r)
+        # the state path (docs/architecture.md, "State and its invariants")
+        self.feature_store_errors = Counter(
+            "fraudactors_feature_store_errors",
+            "Requests Redis refused deterministically (oom, wrongtype, script, invalid): not an outage.",
+            ["kind"], registry=r)
+        self.state_skipped = Counter(
+            "fraudactors_state_skipped",
+            "Decided transactions that never entered the online state, by reason.",
+            ["reason"], registry=r)
+        self.state_backlog = Gauge(
+            "fraudactors_state_backlog",
+            "Transactions decided in degraded mode waiting to be applied to the online state.", registry=r)
+        self.state_backlog_applied = Counter(
+            "fraudactors_state_backlog_applied",
+            "Degraded-mode transactions applied to the online state after Redis came back.", registry=r)
+        self.stale_writes = Counter(
+            "fraudactors_stale_writes",
+            "User-state writes refused because a newer owner of the partition had written them (fencing).",
+            registry=r)
+        self.replays = Counter(
+            "fraudactors_replayed_records",
+            "Records delivered again after their state write (scored with their first vector: exact).",
+            ["exact"], registry=r)
+        self.late_records = Counter(
+            "fraudactors_late_records",
+            "Records older than their user's 30-day history: scored from the current state, not applied.",
+            registry=r)
+        self.future_records = Counter(
+            "fraudactors_future_records",
+            "Records dated too far ahead of the partition's event time and the clock (dead-lettered).",
+            registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

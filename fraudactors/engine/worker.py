@@ -110,6 +110,9 @@ class FeatureWorker:
         self._publisher = stages.publisher
         self._on_decided = stages.on_decided
         self._parse = parse_transaction
+        # event-time guard: the newest event time accepted on this partition
+        self._watermark = float("-inf")
+        self._skew = settings.engine.max_future_skew_s
         # engine.emit_features: the names to label each decision's feature vector with (audit).
         self._feature_names: tuple[str, ...] | None = FEATURE_NAMES if settings.engine.emit_features else None
         self._log = get_logger(actor="feature_worker", partition=partition)
@@ -195,6 +198,7 @@ class FeatureWorker:
         arrivals: list[float] = []
         txns: list[Transaction] = []
         dead: list[Message] = []
+        horizon = max(self._watermark, time.time()) + self._skew
         for record, arrival in items:
             try:
                 txn = parse(record.value)
@@ -204,6 +208,12 @@ class FeatureWorker:
             except Exception as exc:  # a parser bug must not stop the partition
                 dead.append(dlq_message(self._settings, record, f"unexpected parse error: {exc!r}", "parse"))
                 continue
+            reason = self._misplaced(record, txn, horizon)
+            if reason is not None:
+                dead.append(dlq_message(self._settings, record, reason, "validate"))
+                continue
+            if txn.event_time > self._watermark:
+                self._watermark = txn.event_time
             records.append(record)
             arrivals.append(arrival)
             txns.append(txn)
@@ -213,6 +223,23 @@ class FeatureWorker:
         if txns:
             txns, records, arrivals, X, degraded = await self._features_for(txns, records, arrivals, dead)
         return _Prepared(items, txns, records, arrivals, X, degraded, dead)
+
+    def _misplaced(self, record: ConsumerRecord[bytes, bytes], txn: Transaction, horizon: float) -> str | None:
+        """Why a well-formed transaction cannot enter this partition's state, if it cannot.
+
+        Its key must be its ``user_id`` (one partition owns a user: a record keyed otherwise
+        could be applied by two owners at once), and its time may not lie more than
+        ``engine.max_future_skew_s`` ahead of both the partition's event time and the clock
+        (a record from 2099 would move its user's and merchant's pruning horizon).
+        """
+        if record.key != txn.user_id.encode():
+            key = "none" if record.key is None else repr(record.key[:80])
+            return f"record key {key} is not the transaction's user_id (transactions are keyed by user_id)"
+        if txn.event_time > horizon:
+            self._metrics.future_records.inc()
+            return (f"timestamp {txn.timestamp} is more than {self._skew:g}s ahead of the partition's "
+                    f"event time and of the clock")
+        return None
 
     async def _finish(self, batch: _Prepared, previous: asyncio.Task[None] | None) -> None:
         """Stage two: score, then -- after the previous batch's tail -- hand off and register."""
