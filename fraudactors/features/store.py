@@ -56,7 +56,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.features import scripts
@@ -109,6 +109,8 @@ def store_error(exc: BaseException, what: str) -> FeatureStoreUnavailable | Feat
                     "NOSCRIPT": "script"}.get(head, "script")
             if head == "INVALID" and "WRONGTYPE" in message:
                 kind = "wrongtype"
+            if isinstance(exc, OutOfMemoryError):  # redis-py strips the "OOM" of the reply
+                kind = "oom"
             return FeatureStoreRejected(f"redis refused the {what}: {message}", kind)
     return FeatureStoreUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}")
 

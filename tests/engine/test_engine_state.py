@@ -1,0 +1,163 @@
+"""State integrity through the running engine: event-time guard, keys, exact replays, a hung Redis.
+
+docs/architecture.md ("State and its invariants") names the invariant each test holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import orjson
+from engine_helpers import (
+    BASE_TIME,
+    EngineProcess,
+    engine_env,
+    produce,
+    reading,
+    transactions,
+    wait_until,
+)
+
+from fraudactors.engine.engine import Engine
+from fraudactors.features.definition import FEATURE_INDEX, FEATURE_NAMES
+from fraudactors.features.offline import offline_features
+from fraudactors.features.schema import parse_transaction
+from fraudactors.settings import Settings
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Engine]:
+    engine = Engine(settings)
+    await engine.start()
+    try:
+        await engine.wait_ready(timeout_s=60)
+        yield engine
+    finally:
+        await engine.stop()
+
+
+def txn_record(tid: str, user: str, merchant: str, t: float, amount: float = 25.0,
+               key: bytes | None = None) -> tuple[bytes | None, bytes]:
+    obj = {"transaction_id": tid, "user_id": user, "merchant_id": merchant, "amount": amount,
+           "merchant_category": "grocery", "timestamp": t}
+    return (user.encode() if key is None else key), orjson.dumps(obj)
+
+
+def vectors(decisions: list[dict[str, Any]], ids: list[str]) -> np.ndarray:
+    by_id = {d["transaction_id"]: d for d in decisions}
+    return np.array([[by_id[t]["features"][n] for n in FEATURE_NAMES] for t in ids], dtype=np.float32)
+
+
+async def test_a_record_from_2099_and_a_miskeyed_record_are_dead_letters_and_change_no_state(
+        engine_settings: Settings) -> None:
+    """One future-dated record followed by 100 normal ones gives exactly the features of the same
+    stream without it -- the user's windows and the merchant's buckets survive it."""
+    s = engine_settings.replace(engine={"emit_features": True})
+    normal = [txn_record(f"n{i}", "u-time", "m-time", BASE_TIME + i * 300.0, 10.0 + i) for i in range(101)]
+    records = [normal[0], txn_record("future", "u-time", "m-time", 4_070_908_800.0),  # 2099-01-01
+               txn_record("miskeyed", "u-time", "m-time", BASE_TIME + 10.0, key=b"someone-else"),
+               *normal[1:]]
+    async with running(s), reading(s, s.topics.predictions) as decided, reading(s, s.topics.dlq) as dead:
+        await produce(s, records)
+        await decided.wait_for(lambda recs: len(recs) >= 101, timeout_s=60)
+        await dead.wait_for(lambda recs: len(recs) >= 2, timeout_s=30)
+    ids = [f"n{i}" for i in range(101)]
+    decisions = decided.decisions()
+    assert sorted(d["transaction_id"] for d in decisions) == sorted(ids)
+    offline = offline_features([parse_transaction(v) for _, v in normal])
+    assert np.array_equal(vectors(decisions, ids), offline), "exactly the stream without the two"
+    assert offline[-1, FEATURE_INDEX["tx_count_24h"]] > 0 and offline[-1, FEATURE_INDEX["merchant_tx_count_24h"]] > 0
+    errors = {orjson.loads(r.value)["transaction_id"]: dict(r.headers) for r in dead.records}
+    assert errors["future"]["stage"] == b"validate" and b"ahead of the partition" in errors["future"]["error"]
+    assert errors["miskeyed"]["stage"] == b"validate" and b"user_id" in errors["miskeyed"]["error"]
+
+
+async def test_a_record_replayed_after_its_state_write_gets_exactly_its_first_decision(
+        engine_settings: Settings) -> None:
+    """kill -9 after the state writes landed but before any offset commit: the restarted engine
+    decides every record again, each with the features and probability of its first decision."""
+    s = engine_settings
+    txns = transactions(1500, prefix="r", users=60)
+    env = engine_env(s, FRAUDACTORS_ENGINE__EMIT_FEATURES="true")
+    first = EngineProcess({**env, "FRAUDACTORS_ENGINE__COMMIT_INTERVAL_MS": "3600000"})  # never commits
+    async with reading(s, s.topics.predictions) as reader:
+        await first.start()
+        try:
+            await first.wait_event("engine_ready", timeout_s=60)
+            await produce(s, [(k, v) for k, v, _ in txns])
+            await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
+        finally:
+            await first.kill()  # SIGKILL: nothing committed
+        before = {d["transaction_id"]: d for d in reader.decisions()}
+        assert len(before) == 1500
+        second = EngineProcess(env)
+        await second.start()
+        try:
+            await second.wait_event("engine_ready", timeout_s=60)
+            await reader.wait_for(lambda recs: len(recs) >= 3000, timeout_s=90)
+        finally:
+            await second.signal(signal.SIGTERM)
+            assert await second.wait(timeout_s=30) == 0
+    repeats = reader.decisions()[1500:]
+    assert sorted(d["transaction_id"] for d in repeats) == sorted(before), "resumed from offset 0"
+    volatile = {"decided_at", "latency_ms"}
+    for again in repeats:
+        first_decision = before[again["transaction_id"]]
+        same = {k: v for k, v in again.items() if k not in volatile}
+        assert same == {k: v for k, v in first_decision.items() if k not in volatile}, again["transaction_id"]
+
+
+async def test_a_hung_redis_degrades_within_twice_the_socket_timeout_and_its_decisions_enter_the_state(
+        engine_settings: Settings, fresh_redis: Any) -> None:
+    """SIGSTOP of Redis (a hang, not a refused connection) mid-stream: decisions go on degraded
+    after at most ~2x socket_timeout_ms; after SIGCONT the degraded transactions are applied to the
+    state before the user's next one is scored, which counts them."""
+    timeout_ms = 400
+    s = engine_settings.replace(redis={"url": fresh_redis.url, "socket_timeout_ms": timeout_ms,
+                                       "retry_interval_ms": 200},
+                                engine={"emit_features": True})
+    t0 = BASE_TIME + 5000.0
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        await produce(s, [txn_record("warm", "u-hang", "m-hang", t0)])
+        await reader.wait_for(lambda recs: len(recs) >= 1, timeout_s=30)
+        os.kill(fresh_redis.pid, signal.SIGSTOP)
+        try:
+            await produce(s, [txn_record(f"h{i}", "u-hang", "m-hang", t0 + 10 + i) for i in range(30)])
+            await reader.wait_for(lambda recs: len(recs) >= 31, timeout_s=30)
+        finally:
+            os.kill(fresh_redis.pid, signal.SIGCONT)
+        frozen = reader.decisions()[1:]
+        assert all(d["degraded"] for d in frozen)
+        # the engine's own time for the first degraded batch: one timed-out call plus one PING
+        # (2x the socket timeout), with slack for batching on a shared 2-core machine
+        assert min(d["latency_ms"] for d in frozen) < 2 * timeout_ms + 600
+        await wait_until(lambda: engine.features.up, timeout_s=30)
+        await produce(s, [txn_record("after", "u-hang", "m-hang", t0 + 100)])
+        await reader.wait_for(lambda recs: len(recs) >= 32, timeout_s=30)
+        text = engine.metrics.render().decode()
+    after = reader.decisions()[-1]
+    assert after["transaction_id"] == "after" and not after["degraded"]
+    assert after["features"]["tx_count_10m"] == 31.0, "the 30 degraded transactions entered the state"
+    assert after["features"]["merchant_tx_count_24h"] == 31.0
+    assert "fraudactors_state_backlog_applied_total 30.0" in text
+
+
+async def test_malformed_labels_are_dead_letters_with_stage_labels(engine_settings: Settings) -> None:
+    s = engine_settings
+    async with running(s) as engine, reading(s, s.topics.dlq) as dead:
+        good = orjson.dumps({"transaction_id": "t1", "user_id": "u1", "merchant_id": "m1",
+                             "is_fraud": True, "labeled_at": "2026-11-20T10:00:00+00:00"})
+        await produce(s, [(b"u1", b"{not json"), (b"u1", good)], topic=s.topics.labels)
+        await dead.wait_for(lambda recs: len(recs) >= 1, timeout_s=60)
+        await wait_until(lambda: engine.labels.applied >= 1, timeout_s=30)
+        text = engine.metrics.render().decode()
+    record = dead.records[0]
+    headers = dict(record.headers)
+    assert record.value == b"{not json" and headers["stage"] == b"labels"
+    assert headers["source_topic"] == s.topics.labels.encode()
+    assert 'fraudactors_dlq_total{stage="labels"} 1.0' in text

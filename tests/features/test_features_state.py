@@ -1,0 +1,252 @@
+"""State integrity of the online store: fencing, late records, labels, refusals, bounded keys.
+
+Each test names a fault a 24/7 deployment meets and the promise the store keeps under it
+(docs/architecture.md, "State and its invariants").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from test_features_store import DAY, T0, assert_parity, generate
+
+from fraudactors.engine.features import FeatureStoreActor
+from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.errors import FeatureStoreRejected
+from fraudactors.features.definition import FEATURE_INDEX, HISTORY_S
+from fraudactors.features.offline import offline_features
+from fraudactors.features.schema import Label, Transaction, format_timestamp
+from fraudactors.features.store import OnlineFeatureStore
+from fraudactors.services.redis import EmbeddedRedis
+from fraudactors.settings import Settings, load_settings
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def store_settings(redis_server: EmbeddedRedis) -> Settings:
+    return load_settings(env={}, overrides={
+        "redis": {"url": redis_server.url, "key_prefix": f"fa-state-{uuid.uuid4().hex[:12]}:",
+                  "socket_timeout_ms": 2000}})
+
+
+@pytest.fixture
+async def store(store_settings: Settings) -> AsyncIterator[OnlineFeatureStore]:
+    s = OnlineFeatureStore(store_settings)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def client(store_settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(store_settings.redis.url)
+    try:
+        yield c
+    finally:
+        await c.aclose()
+
+
+def txn(tid: str, user: str, merchant: str, t: float, amount: float = 20.0) -> Transaction:
+    return Transaction(tid, user, merchant, amount, "USD", "food", False, t, format_timestamp(t))
+
+
+async def snapshot(client: aioredis.Redis, prefix: str) -> dict[bytes, object]:
+    data: dict[bytes, object] = {}
+    async for key in client.scan_iter(match=prefix + "*"):
+        kind = await client.type(key)
+        if kind == b"hash":
+            data[key] = await client.hgetall(key)
+        elif kind == b"zset":
+            data[key] = await client.zrange(key, 0, -1, withscores=True)
+        elif kind == b"list":
+            data[key] = await client.lrange(key, 0, -1)
+        else:
+            data[key] = await client.get(key)
+    return data
+
+
+async def test_a_former_owner_whose_write_lands_late_cannot_overwrite_or_double_count(
+        store_settings: Settings) -> None:
+    """Rebalance while a batch's write is in flight: the new owner claims the partition and
+    processes the same records (uncommitted) and more; the former owner's delayed write then
+    lands. Every feature still equals the offline computation and no merchant count is doubled."""
+    txns, labels = generate(seed=11, n=1200, n_users=25, n_merchants=6, days=4.0)
+    txns = txns[:1200]
+    old, new = OnlineFeatureStore(store_settings), OnlineFeatureStore(store_settings)
+    await old.open()
+    await new.open()
+    try:
+        await old.apply_labels(labels)
+        assert await old.claim(0) == 1
+        first = await old.compute(txns[:300], 0, range(300))
+        # the former owner reads its next batch; its write is held until after the rebalance
+        release = asyncio.Event()
+        held = old._write
+
+        async def delayed_write(*args: object, **kwargs: object) -> None:
+            await release.wait()
+            await held(*args, **kwargs)  # type: ignore[arg-type]
+
+        old._write = delayed_write  # type: ignore[method-assign]
+        stale = asyncio.create_task(old.compute(txns[300:700], 0, range(300, 700)))
+        await asyncio.sleep(0)
+        assert await new.claim(0) == 2  # the rebalance: a newer epoch
+        second = await new.compute(txns[300:700], 0, range(300, 700))  # uncommitted: read again
+        third = await new.compute(txns[700:900], 0, range(700, 900))
+        release.set()
+        await stale  # the former owner's write lands now
+        assert old.stale_refused_total > 0, "the stale writer was refused"
+        fourth = await new.compute(txns[900:], 0, range(900, 1200))
+    finally:
+        await old.close()
+        await new.close()
+    online = np.concatenate([first, second, third, fourth])
+    assert_parity(online, offline_features(txns, labels))
+
+
+async def test_a_replay_after_a_fenced_write_is_scored_with_the_new_owners_vectors(
+        store: OnlineFeatureStore, store_settings: Settings) -> None:
+    txns, _ = generate(seed=12, n=700, n_users=20, n_merchants=5, days=2.0)
+    txns = txns[:600]
+    await store.claim(3)
+    a = await store.compute(txns, 3, range(600))
+    again = await store.compute(txns[100:400], 3, range(100, 400))  # the new owner's crash replay
+    assert np.array_equal(again, a[100:400])
+    assert store.replays_inexact_total == 0
+
+
+async def test_a_record_older_than_the_history_does_not_reset_the_user(store: OnlineFeatureStore) -> None:
+    stream = [txn(f"s{i}", "u", f"m{i % 3}", T0 + 35 * DAY + i * 3600.0, 10.0 + i) for i in range(40)]
+    before = await store.compute(stream[:20], 0, range(20))
+    state = await store.user_state("u")
+    assert state is not None
+    late = txn("late", "u", "m0", T0 + 35 * DAY - HISTORY_S - 10 * DAY, 999.0)  # 40 days before
+    scored = await store.compute([late], 0, [20])
+    assert store.late_total == 1
+    after = await store.user_state("u")
+    assert after is not None and after.times == state.times and after.amounts == state.amounts
+    # scored from the current state, not as a brand-new user
+    assert scored[0, FEATURE_INDEX["tx_count_30d"]] == 20.0
+    assert scored[0, FEATURE_INDEX["is_new_merchant"]] == 0.0
+    # and the rest of the stream is exactly the stream without it
+    rest = await store.compute(stream[20:], 0, range(21, 41))
+    assert np.array_equal(np.concatenate([before, rest]), offline_features(stream))
+
+
+async def test_the_latest_label_stands_and_a_repeat_changes_nothing(store: OnlineFeatureStore) -> None:
+    t = T0 + 20 * DAY
+    probe = txn("probe", "u", "m", t)
+
+    async def frauds() -> float:
+        return float((await store.peek([probe]))[0, FEATURE_INDEX["merchant_fraud_count_7d"]])
+
+    assert await store.apply_labels([Label("x", "u", "m", False, t - 3 * DAY)]) == [1]
+    assert await frauds() == 0.0
+    assert await store.apply_labels([Label("x", "u", "m", True, t - 2 * DAY)]) == [2]  # chargeback
+    assert await frauds() == 1.0
+    assert await store.apply_labels([Label("x", "u", "m", True, t - 2 * DAY)]) == [0]  # repeated
+    assert await store.apply_labels([Label("x", "u", "m", False, t - 4 * DAY)]) == [0]  # older
+    assert await store.apply_labels([Label("x", "u", "m", True, t - DAY)]) == [3]  # confirmed
+    assert await frauds() == 1.0
+    assert await store.apply_labels([Label("x", "u", "m", False, t - DAY / 2)]) == [2]  # overturned
+    assert await frauds() == 0.0
+    # offline agrees on the standing verdict
+    labels = [Label("y", "u", "m", False, t - 3 * DAY), Label("y", "u", "m", True, t - 2 * DAY),
+              Label("y", "u", "m", True, t - 2 * DAY)]
+    assert offline_features([probe], labels)[0, FEATURE_INDEX["merchant_fraud_count_7d"]] == 1.0
+
+
+async def test_a_key_of_the_wrong_type_refuses_the_whole_write_before_any_of_it(
+        store: OnlineFeatureStore, store_settings: Settings, client: aioredis.Redis) -> None:
+    good = [txn(f"g{i}", f"ok{i}", "m1", T0 + i) for i in range(5)]
+    await store.compute(good, 0, range(5))
+    prefix = store_settings.redis.key_prefix
+    before = await snapshot(client, prefix)
+    await client.hset(store.keys.merchant_counts("broken"), mapping={"x": 1})
+    await client.delete(store.keys.merchant_counts("broken"))
+    await client.set(store.keys.merchant_counts("broken"), b"not a hash")
+    batch = [*(txn(f"n{i}", f"ok{i}", "m1", T0 + 100 + i) for i in range(5)), txn("b", "v", "broken", T0 + 200)]
+    with pytest.raises(FeatureStoreRejected) as info:
+        await store.compute(batch, 0, range(5, 11))
+    assert info.value.kind == "wrongtype" and not info.value.retriable
+    after = await snapshot(client, prefix)
+    del after[store.keys.merchant_counts("broken").encode()]
+    assert after == before, "nothing of the refused batch was written"
+
+
+async def test_a_server_out_of_memory_refuses_the_write_up_front(
+        store: OnlineFeatureStore, store_settings: Settings, client: aioredis.Redis) -> None:
+    await store.compute([txn("a", "u", "m", T0)], 0, [0])
+    before = await snapshot(client, store_settings.redis.key_prefix)
+    await client.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(FeatureStoreRejected) as info:
+            await store.compute([txn("b", "u", "m", T0 + 60), txn("c", "w", "m2", T0 + 61)], 0, [1, 2])
+        assert info.value.kind == "oom", str(info.value)
+    finally:
+        await client.config_set("maxmemory", "0")
+    assert await snapshot(client, store_settings.redis.key_prefix) == before
+
+
+async def test_a_refused_request_is_degraded_alone_and_the_store_stays_up(
+        store_settings: Settings, client: aioredis.Redis) -> None:
+    metrics = EngineMetrics()
+    actor = FeatureStoreActor(store_settings, metrics)
+    ready = Started()
+    task = asyncio.create_task(actor.run(ready))
+    try:
+        await asyncio.wait_for(ready.event.wait(), 30)
+        assert actor.store is not None and actor.up
+        await client.set(actor.store.keys.user("poisoned"), b"\x07garbage")
+        await client.delete(actor.store.keys.user("poisoned"))
+        await client.rpush(actor.store.keys.user("poisoned"), b"a list")
+        bad = [txn("b1", "poisoned", "m", T0)]
+        good = [txn("g1", "fine", "m", T0), txn("g2", "fine", "m", T0 + 1)]
+        (_, degraded_bad), (x_good, degraded_good) = await asyncio.gather(
+            actor.compute(bad, 1, [0]), actor.compute(good, 2, [0, 1]))
+        assert degraded_bad and not degraded_good
+        assert x_good[1, FEATURE_INDEX["tx_count_1h"]] == 1.0
+        assert actor.up, "a refusal is not an outage"
+        text = metrics.render().decode()
+        assert 'fraudactors_feature_store_errors_total{kind="wrongtype"} 1.0' in text
+        assert 'fraudactors_state_skipped_total{reason="wrongtype"} 1.0' in text
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_keys_grow_with_users_and_merchants_not_with_decisions(
+        store: OnlineFeatureStore, store_settings: Settings, client: aioredis.Redis) -> None:
+    users, merchants = 30, 8
+    stream = [txn(f"t{i}", f"u{i % users}", f"m{i % merchants}", T0 + i * 60.0) for i in range(3000)]
+    await store.claim(0)
+    for start in range(0, 1500, 100):
+        await store.compute(stream[start:start + 100], 0, range(start, start + 100))
+        store.note_committed(0, start)
+    keys_half = len([k async for k in client.scan_iter(match=store_settings.redis.key_prefix + "*")])
+    for start in range(1500, 3000, 100):
+        await store.compute(stream[start:start + 100], 0, range(start, start + 100))
+        store.note_committed(0, start)
+    keys_all = len([k async for k in client.scan_iter(match=store_settings.redis.key_prefix + "*")])
+    # users + 2 hashes per merchant (counts; frauds only once labelled) + epoch + replay log
+    assert keys_all == keys_half <= users + 2 * merchants + 2
+    # the replay log holds only what is not committed yet
+    assert await client.zcard(store.keys.replay_log(0)) <= 200
+
+
+class Started:
+    """A task status whose ``started()`` sets an event."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def started(self, value: object = None) -> None:
+        self.event.set()
