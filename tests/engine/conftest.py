@@ -11,19 +11,12 @@ import pytest
 from fraudactors.settings import Settings
 
 
-def _inference_mode() -> str:
-    try:
-        from fraudactors.actors.pool import ProcessPool  # noqa: F401
-    except ImportError:
-        return "thread"
-    return "process"
-
-
 @pytest.fixture
 def engine_settings(settings: Settings, models_dir: Path) -> Iterator[Settings]:
-    """The shared ``settings`` plus models, quick group timeouts and the default inference mode."""
+    """The shared ``settings`` plus the committed models, quick group timeouts and the default
+    inference mode (the process pool)."""
     yield settings.replace(
         models={"dir": str(models_dir)},
-        engine={"inference_mode": _inference_mode(), "commit_interval_ms": 200, "shutdown_timeout_s": 15.0},
+        engine={"commit_interval_ms": 200, "shutdown_timeout_s": 15.0},
         kafka={"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
     )
