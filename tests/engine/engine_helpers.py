@@ -155,6 +155,16 @@ async def wait_committed(settings: Settings, ends: dict[int, int], timeout_s: fl
     return last
 
 
+async def wait_until_committed_some(settings: Settings, timeout_s: float) -> dict[int, int]:
+    """Wait until the group has committed past offset 0 on some partition; returns the commits."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            last = await committed(settings)
+            if any(last.values()):
+                return last
+            await asyncio.sleep(0.2)  # polling the broker's state: there is no event to wait on
+
+
 def engine_env(settings: Settings, **extra: str) -> dict[str, str]:
     """Environment-only configuration of a ``fraudactors run`` subprocess for ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDACTORS_")}
