@@ -35,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and module_name.startswith(exc.name):
-                continue  # not built yet
+        except ImportError as exc:
+            # Every command ships with the package: one that cannot be imported is a broken install
+            # or a bug, never a command to leave out of --help.
+            exc.add_note(f"fraudactors: the {name!r} command ({module_name}) cannot be imported")
             raise
         # argparse %-formats help strings: a literal "%" in a HELP line must not break --help.
         command = sub.add_parser(name, help=module.HELP.replace("%", "%%"), description=module.HELP)

@@ -159,7 +159,7 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
     from loadgen.cli import load_config_from_args
     from loadgen.procs import CpuMeter, engine_child
     from loadgen.progress import Progress
-    from loadgen.report import format_table, write_outputs
+    from loadgen.report import format_table, lost_line, write_outputs
     from loadgen.runner import prepare_load, run_load
 
     settings = stack.settings
@@ -219,7 +219,7 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
         problems.append(f"the engine exited with code {code} after SIGTERM; its last output: "
                         f"{engine_log.strip().splitlines()[-1:] or ['-']}")
     if report["lost"]:
-        problems.append(f"{report['lost']} of {report['sent']} transactions got no decision within the drain timeout")
+        problems.append(lost_line(report))
     if not redis_ok:
         problems.append("the embedded Redis did not answer PING")
     return DemoResult(report=report, ok=not problems, problems=problems)

@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
 
     from fraudactors.logging import configure_logging
     from fraudactors.settings import load_settings
-    from loadgen.report import ensure_report_dir
+    from loadgen.report import ensure_report_dir, lost_line
     from loadgen.runner import prepare_load, run_load
 
     configure_logging("warning", "json", stream=sys.stderr)
@@ -110,7 +110,6 @@ def main(args: argparse.Namespace) -> int:
     result = asyncio.run(run_load(settings, config, prepared=prepared))
     report = finish(result, args.report)
     if report["lost"]:
-        print(f"fraudactors loadgen: {report['lost']} transactions without a decision after the drain",
-              file=sys.stderr)
+        print(f"fraudactors loadgen: {lost_line(report)}", file=sys.stderr)
         return 1
     return 0

@@ -110,7 +110,9 @@ def build_report(result: RunResult) -> dict[str, Any]:
                     "rate_to": _num(profile.segments[-1].rate_to), "steps": len(profile.segments),
                     "peak_tps": _num(profile.peak_rate), "mean_tps": round(profile.mean_rate, 1)},
         "send_tps": round(result.sent / send_window, 1) if send_window > 0 else 0.0,
+        # Sent transactions the broker did not acknowledge (they may still have been delivered).
         "send_errors": result.send_errors,
+        "label_send_errors": result.label_send_errors,
         "drained": result.drained,
         "drain_s": round(result.end_s - result.send_end_s, 3),
         "decision_records": c.records,
@@ -171,6 +173,16 @@ def check_report(report: dict[str, Any]) -> None:
             raise ValueError(f"report variants misses {key!r}")
     if report["lost"] != report["sent"] - report["decided"]:
         raise ValueError("report lost != sent - decided")
+    if report["lost"] < 0:
+        raise ValueError(f"report lost is negative ({report['lost']}): more transactions decided than sent")
+
+
+def lost_line(report: dict[str, Any]) -> str:
+    """One line on the transactions without a decision, for the exit message of a run that lost some."""
+    line = f"{report['lost']:,} of {report['sent']:,} transactions got no decision within the drain timeout"
+    if report.get("send_errors"):
+        line += f" ({report['send_errors']:,} of the sends were not acknowledged by the broker)"
+    return line
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

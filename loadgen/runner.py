@@ -71,7 +71,10 @@ class RunResult:
     is_fraud: np.ndarray
     scenarios: list[str]
     collector: DecisionCollector
+    # Transactions handed to the producer, each exactly once (the report's "sent").
     sent: int
+    # Of those, how many the broker did not acknowledge. Not the same as not delivered: a request
+    # that timed out in the client may still be appended by the broker (e.g. one that froze).
     send_errors: int
     send_end_s: float
     end_s: float
@@ -81,6 +84,7 @@ class RunResult:
     source_name: str
     topics: dict[str, str] = field(default_factory=dict)
     warmup: dict[str, Any] | None = None
+    label_send_errors: int = 0
 
 
 class _Outbox:
@@ -261,9 +265,9 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
         collector = DecisionCollector(prefix, scheduled, start)
         collector.track_window = progress.enabled
 
-        def delivered(fut: asyncio.Future[Any]) -> None:
+        def label_delivered(fut: asyncio.Future[Any]) -> None:
             if fut.cancelled() or fut.exception() is not None:
-                state.send_errors += 1
+                state.label_send_errors += 1
 
         partition_of: dict[bytes, int] = {}  # key -> partition, as the producer's default partitioner
         tick = config.send_tick_s
@@ -288,11 +292,10 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
                                         state)
                     sent_at[i:hi] = time.perf_counter() - start
                     i = hi
-                    state.sent = i
                     if config.send_labels:
                         for label in outbox.labels_due(i):
                             fut = await producer.send(topics.labels, value=label.value, key=label.key)
-                            fut.add_done_callback(delivered)
+                            fut.add_done_callback(label_delivered)
                             state.labels_sent += 1
                     # Send in ticks: what fell due meanwhile goes out as one batch per partition.
                     await asyncio.sleep(tick)
@@ -305,13 +308,14 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
             if on_send_end is not None:
                 on_send_end()
             state.phase = "drain"
-            sent_ok = total - state.send_errors
+            # Wait for every transaction sent, acknowledged or not: an unacknowledged one may
+            # still have reached the broker, so it is neither subtracted nor waited for apart.
             deadline = time.perf_counter() + config.drain_timeout_s
-            while collector.distinct < sent_ok and time.perf_counter() < deadline:
+            while collector.distinct < state.sent and time.perf_counter() < deadline:
                 if reader.done():
                     reader.result()
                 await asyncio.wait({state.progressed_event()}, timeout=0.1)
-            drained = collector.distinct >= sent_ok
+            drained = collector.distinct >= state.sent
             # Catch up to the end of the topic once more so duplicates already written are counted.
             ends = await consumer.end_offsets(pred_tps)
             catch_up = time.perf_counter() + 5.0
@@ -335,19 +339,21 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
 
     return RunResult(
         config=config, run_id=run_id, prefix=prefix, started_at=started_at, scheduled_s=scheduled,
-        sent_at_s=sent_at, is_fraud=is_fraud, scenarios=scenarios, collector=collector, sent=total - state.send_errors,
+        sent_at_s=sent_at, is_fraud=is_fraud, scenarios=scenarios, collector=collector, sent=state.sent,
         send_errors=state.send_errors, send_end_s=send_end, end_s=end, drained=drained,
         dlq=state.dlq, labels_sent=state.labels_sent, source_name=source.name, warmup=warm_stats,
         topics={"transactions": topics.transactions, "predictions": topics.predictions,
                 "labels": topics.labels, "dlq": topics.dlq},
+        label_send_errors=state.label_send_errors,
     )
 
 
 class _State:
     def __init__(self) -> None:
-        self.sent = 0
-        self.send_errors = 0
+        self.sent = 0  # transactions handed to the producer
+        self.send_errors = 0  # of those, not acknowledged by the broker (delivery unknown)
         self.labels_sent = 0
+        self.label_send_errors = 0
         self.dlq = 0  # this run's transactions seen on the dead-letter topic
         self.phase = "send"
         self.stop = False
@@ -421,6 +427,7 @@ async def _hand_over(producer: AIOKafkaProducer, batch: Any, topic: str, partiti
                      state: _State) -> None:
     batch.close()
     fut = await producer.send_batch(batch, topic, partition=partition)
+    state.sent += count
 
     def done(f: asyncio.Future[Any]) -> None:
         if f.cancelled() or f.exception() is not None:

@@ -13,6 +13,8 @@
   work from sync tests, and may also be awaited (``await fresh_redis.stop()``) from async ones.
   Point settings at it with ``settings.replace(redis={"url": fresh_redis.url})``.
 - ``run_sync(coro)``: run a coroutine to completion in a helper thread (for sync fixtures).
+- ``models_dir`` (session): the committed ``models/``, loaded as the engine loads them; a test that
+  needs them fails with the reason when they do not load (nothing is trained in their place).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import asyncio
 import concurrent.futures
 import uuid
 from collections.abc import Coroutine, Generator, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from committed_models import committed_models
 
 from fraudactors.services.broker import EmbeddedBroker
 from fraudactors.services.kafka import create_topics, delete_topics
@@ -57,6 +61,11 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         yield service
     finally:
         service.stop_sync()
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return committed_models()
 
 
 def make_test_settings(bootstrap_servers: str, redis_url: str, **overrides: Any) -> Settings:

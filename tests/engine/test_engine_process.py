@@ -10,11 +10,13 @@ import orjson
 from engine_helpers import (
     EngineProcess,
     TopicReader,
+    committed,
     engine_env,
     produce,
     reading,
     transactions,
     wait_committed,
+    wait_until_committed_some,
 )
 
 from fraudactors.settings import Settings
@@ -57,19 +59,26 @@ async def _mid_stream(engine: EngineProcess, settings: Settings, txns: list[tupl
     return feeder
 
 
-async def test_sigkill_mid_stream_then_restart_decides_every_transaction(engine_settings: Settings) -> None:
+async def test_sigkill_mid_stream_then_restart_resumes_from_the_last_commit(engine_settings: Settings) -> None:
+    """The restarted engine decides exactly the records at or after the group's last commit (so
+    nothing is lost, and it did not replay the topic): duplicates are the first engine's decisions
+    that were not committed yet, nothing below a committed offset."""
     s = engine_settings
     txns = transactions(6000, prefix="k")
     env = engine_env(s)
     first = EngineProcess(env)
-    async with reading(s, s.topics.predictions) as reader:
+    async with reading(s, s.topics.predictions) as reader, reading(s, s.topics.transactions) as sent:
         try:
             feeder = await _mid_stream(first, s, txns, reader)
+            await wait_until_committed_some(s, timeout_s=30)  # else resuming and replaying look alike
             await first.kill()  # SIGKILL: no drain, no commit, no goodbye
             await feeder
         finally:
             await first.kill()
-        second = EngineProcess(env)
+        last_commit = await committed(s)  # nobody in the group is alive to move it
+        await sent.wait_for(lambda recs: len(recs) >= len(txns), timeout_s=30)
+        # The second engine's decisions carry the feature vector: that tells them apart.
+        second = EngineProcess({**env, "FRAUDACTORS_ENGINE__EMIT_FEATURES": "true"})
         await second.start()
         try:
             await second.wait_event("engine_ready", timeout_s=60)
@@ -79,6 +88,14 @@ async def test_sigkill_mid_stream_then_restart_decides_every_transaction(engine_
             assert await second.wait(timeout_s=30) == 0
     ids = _ids(reader)
     assert set(ids) == {t for _, _, t in txns}, "every transaction is decided at least once"
+    where = {orjson.loads(r.value)["transaction_id"]: (r.partition, r.offset) for r in sent.records}
+    uncommitted = {t for t, (p, offset) in where.items() if offset >= last_commit.get(p, 0)}
+    assert 0 < len(uncommitted) < len(txns), last_commit
+    by_second = {d["transaction_id"] for d in reader.decisions() if "features" in d}
+    assert by_second == uncommitted, "the restarted engine starts at each partition's committed offset"
+    duplicated = {t for t, n in ids.items() if n > 1}
+    assert duplicated <= uncommitted, "a transaction below a committed offset was decided again"
+    assert sum(ids.values()) - len(ids) <= len(uncommitted)
 
 
 async def test_sigterm_under_load_exits_zero_and_loses_nothing_without_duplicates(engine_settings: Settings) -> None:

@@ -8,10 +8,21 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import orjson
-from engine_helpers import produce, reading, transactions, wait_committed
+import pytest
+from engine_helpers import (
+    metric_labels,
+    metric_samples,
+    metric_sum,
+    produce,
+    reading,
+    transactions,
+    wait_committed,
+    wait_until,
+)
 from malformed import generate_malformed
 
 from fraudactors.engine.engine import Engine
+from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.settings import Settings
 
 
@@ -126,7 +137,10 @@ async def test_redis_outage_degrades_decisions_then_recovers_by_itself(engine_se
         metrics = engine.metrics.render().decode()
     decided = {orjson.loads(r.value)["transaction_id"] for r in reader.records}
     assert decided == set(sent)
-    assert "fraudactors_degraded_total" in metrics
+    # The counter says how many decisions went out degraded: those read from the topic, and some.
+    degraded = sum(1 for d in reader.decisions() if d["degraded"])
+    assert degraded > 0
+    assert metric_sum(metric_samples(metrics), "fraudactors_degraded_total") == degraded
 
 
 async def _http(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
@@ -177,15 +191,44 @@ async def test_http_readyz_predict_and_metrics(engine_settings: Settings, fresh_
             await produce(s, [(k, v) for k, v, _ in transactions(100)])
             await reader.wait_for(lambda recs: len(recs) >= 100, timeout_s=30)
         await engine.wait_ready(timeout_s=30)  # a stale Redis connection may have flapped it once
+
+        def lag_gauges_caught_up() -> bool:  # they refresh every commit interval
+            lag = metric_samples(engine.metrics.render()).get("fraudactors_consumer_lag", {})
+            return len(lag) == s.topics.partitions and not any(lag.values())
+        await wait_until(lag_gauges_caught_up, timeout_s=30)
         status, body = await _http(port, "GET", "/metrics")
         assert status == 200
-        text = body.decode()
-        for name in ("fraudactors_records_consumed_total", "fraudactors_decisions_total",
-                     "fraudactors_stage_latency_seconds_bucket", "fraudactors_decision_latency_seconds_bucket",
-                     "fraudactors_mailbox_depth", "fraudactors_consumer_lag", "fraudactors_partition_paused",
-                     "fraudactors_fraud_probability_bucket", "fraudactors_ready 1.0",
-                     "fraudactors_inference_batch_size_bucket", "fraudactors_feature_store_up 1.0"):
-            assert name in text, name
+        check_metrics_after_streaming_100(body, s.topics.partitions, {d["variant"] for d in reader.decisions()})
+
+
+def check_metrics_after_streaming_100(text: bytes, partitions: int, variants: set[str]) -> None:
+    """Values only the traffic of the test above makes (100 records streamed, 2 POST /predict, Redis
+    up): a fresh registry has zeros, or no labelled series at all."""
+    m = metric_samples(text)
+    assert metric_sum(m, "fraudactors_records_consumed_total") == 100
+    assert metric_sum(m, "fraudactors_decisions_total") == 100
+    assert metric_labels(m, "fraudactors_decisions_total", "variant") == variants
+    assert metric_sum(m, "fraudactors_decision_latency_seconds_count") == 100
+    assert metric_sum(m, "fraudactors_decision_latency_seconds_bucket", le="+Inf") == 100
+    # Scored rows: the 100 streamed and the two POST /predict calls above.
+    assert metric_sum(m, "fraudactors_fraud_probability_count") == 102
+    assert metric_sum(m, "fraudactors_inference_batch_size_sum") == 102
+    for stage in ("parse", "features", "inference", "publish"):
+        assert metric_sum(m, "fraudactors_stage_latency_seconds_count", stage=stage) > 0, stage
+    assigned = {str(p) for p in range(partitions)}
+    assert metric_labels(m, "fraudactors_consumer_lag", "partition") == assigned
+    assert metric_sum(m, "fraudactors_consumer_lag") == 0
+    assert metric_labels(m, "fraudactors_mailbox_depth", "mailbox") >= {"inference", "publisher",
+                                                                         *(f"features-{p}" for p in assigned)}
+    assert metric_sum(m, "fraudactors_ready") == 1.0
+    assert metric_sum(m, "fraudactors_feature_store_up") == 1.0
+
+
+def test_the_metrics_check_fails_on_a_fresh_registry() -> None:
+    """The check above cannot pass on what a new engine exports before any traffic."""
+    fresh = EngineMetrics().render()
+    with pytest.raises(AssertionError):
+        check_metrics_after_streaming_100(fresh, 12, {"A", "B"})
 
 
 async def test_a_value_over_one_mebibyte_goes_to_the_dlq_without_stalling_its_partition(

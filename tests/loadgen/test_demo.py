@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fraudactors.settings import load_settings
-from loadgen.models import REPO_MODELS, ensure_models
+from loadgen.models import ensure_models
 from loadgen.report import check_report
 
 PID_LINE = re.compile(r"^(?:broker: tansu|redis:|engine:) pid (\d+) ")
@@ -28,23 +28,15 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _models_config(tmp_path: Path, models_dir: Path) -> list[str]:
-    """``--config`` pointing at the engine tests' models unless the repository has its own."""
-    if models_dir == REPO_MODELS:
-        return []
-    config = tmp_path / "models.toml"
-    config.write_text(f'[models]\ndir = "{models_dir}"\n')
-    return ["--config", str(config)]
-
-
 @pytest.mark.slow
-def test_demo_runs_engine_and_load_and_writes_the_report(tmp_path: Path, models_dir: Path) -> None:
+@pytest.mark.usefixtures("models_dir")  # the demo finds the checkout's models/; they must load
+def test_demo_runs_engine_and_load_and_writes_the_report(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDACTORS_")}
     env["PYTHONUNBUFFERED"] = "1"
     report_path = tmp_path / "reports" / "demo.json"
     proc = subprocess.run(
         [sys.executable, "-m", "fraudactors", "demo", "--rate", "200", "--duration", "5", "--warmup", "2000",
-         "--report", str(report_path), *_models_config(tmp_path, models_dir)],
+         "--report", str(report_path)],
         capture_output=True, text=True, timeout=110, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(report_path.read_text())

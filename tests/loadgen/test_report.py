@@ -11,7 +11,7 @@ import pytest
 
 from loadgen.collector import DecisionCollector
 from loadgen.progress import Progress, format_line
-from loadgen.report import auc_score, build_report, check_report, format_table, write_outputs
+from loadgen.report import auc_score, build_report, check_report, format_table, lost_line, write_outputs
 from loadgen.runner import LoadConfig, RunResult
 from loadgen.schedule import make_profile, scheduled_times
 
@@ -114,6 +114,23 @@ def test_check_report_rejects_bad_arithmetic() -> None:
     report["lost"] = 0
     with pytest.raises(ValueError, match="lost"):
         check_report(report)
+    report.update(sent=1, decided=2, lost=-1)  # what counting unacknowledged sends as unsent gave
+    with pytest.raises(ValueError, match="negative"):
+        check_report(report)
+
+
+def test_the_lost_line_names_unacknowledged_sends_without_subtracting_them() -> None:
+    c = DecisionCollector(PREFIX, np.zeros(3), start=0.0)
+    c.feed([decision(0)], now=1.0)
+    result = make_result(c, np.zeros(3, dtype=bool), 3, 1.0, 3)
+    result.send_errors = 1  # e.g. transaction 1's request timed out; it may still have been delivered
+    report = build_report(result)
+    check_report(report)
+    assert (report["sent"], report["decided"], report["lost"], report["send_errors"]) == (3, 1, 2, 1)
+    assert lost_line(report) == ("2 of 3 transactions got no decision within the drain timeout "
+                                 "(1 of the sends were not acknowledged by the broker)")
+    result.send_errors = 0
+    assert lost_line(build_report(result)) == "2 of 3 transactions got no decision within the drain timeout"
 
 
 def test_auc_handles_ties_and_single_classes() -> None:
