@@ -1,4 +1,4 @@
-"""``fraudactors bench drain|scaleout|pool``: benchmarks (not tests). They print numbers.
+"""``fraudactors bench drain|scaleout|pool|state``: benchmarks (not tests). They print numbers.
 
 Each starts its own embedded broker and Redis, is bounded in time, and prints a table; ``--json PATH``
 also writes the numbers. Nothing here asserts on a wall-clock time.
@@ -9,6 +9,8 @@ also writes the numbers. Nothing here asserts on a wall-clock time.
 - ``scaleout``: the same backlog drained by 1 and then by 2 engine processes in one consumer group.
 - ``pool``: ONNX inference through the engine's ProcessPool vs a session in a thread of this process,
   for batches of 1, 32 and 256 rows: rows/s and per-call latency.
+- ``state``: N then 2N simulated transactions over a fixed population through the state path into
+  an embedded Redis: ``used_memory`` and keys per active user and merchant (``bench_state.py``).
 
 Rates are measured from the moment every process of a trial is ready (partitions assigned) to the
 last decision read, over the decisions read in that window, so start-up is not counted. CPU is
@@ -21,7 +23,7 @@ import argparse
 import sys
 from typing import Any
 
-HELP = "benchmarks (not tests): drain | scaleout | pool; print numbers (see docs/benchmarks.md)"
+HELP = "benchmarks (not tests): drain | scaleout | pool | state; print numbers (see docs/benchmarks.md)"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +45,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="calls in flight for the throughput run (default 8)")
     p.add_argument("--config", default=None, metavar="PATH", help="TOML settings (models.dir, variants)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    text = "Redis memory after N and 2N transactions over a fixed population (bounded state)"
+    p = sub.add_parser("state", help=text, description=text)
+    p.add_argument("--records", type=int, default=120_000, metavar="N",
+                   help="transactions at the first checkpoint; the second is 2N (default 120000)")
+    p.add_argument("--users", type=int, default=1000, help="simulated users (default 1000)")
+    p.add_argument("--merchants", type=int, default=200, help="simulated merchants (default 200)")
+    p.add_argument("--partitions", type=int, default=12, help="partitions (default 12)")
+    p.add_argument("--seed", type=int, default=7, help="simulator seed (default 7)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -54,6 +65,16 @@ def main(args: argparse.Namespace) -> int:
     from fraudactors.settings import load_settings
 
     configure_logging("warning", "json", stream=sys.stderr)
+    if args.bench == "state":
+        from loadgen.bench_state import print_state, state_bench
+
+        result_state = asyncio.run(state_bench(args.records, args.users, args.merchants, args.partitions, args.seed))
+        print_state(result_state)
+        if args.json:
+            from pathlib import Path
+
+            Path(args.json).write_bytes(orjson.dumps(result_state, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
     settings = load_settings(args.config)
     if args.bench == "pool":
         from loadgen.bench_pool import pool_bench

@@ -12,7 +12,7 @@ one hash slot):
 | ``<prefix>{p<partition>}:rl`` | replay log: the feature vectors of records not yet committed | partition |
 | ``<prefix>{m:<merchant_id>}:c`` | merchant transaction counts by event hour/day + per-partition high-water offsets | merchant |
 | ``<prefix>{m:<merchant_id>}:f`` | merchant fraud-label counts by ``labeled_at`` hour/day | merchant |
-| ``<prefix>{m:<merchant_id>}:l:<transaction_id>`` | the label standing for a transaction | merchant |
+| ``<prefix>{m:<merchant_id>}:lb`` | hash: the label standing for each of the merchant's transactions (``l<transaction_id>``), pruned by ``labeled_at`` | merchant |
 
 A user's shard is ``crc32(user_id) % STATE_SHARDS``: it depends on the user alone (not on the
 Kafka partition), so repartitioning the topic keeps every user's history, and
@@ -62,5 +62,5 @@ class KeyLayout:
     def merchant_frauds(self, merchant_id: str) -> str:
         return f"{self.prefix}{{m:{merchant_id}}}:f"
 
-    def label(self, merchant_id: str, transaction_id: str) -> str:
-        return f"{self.prefix}{{m:{merchant_id}}}:l:{transaction_id}"
+    def label_marks(self, merchant_id: str) -> str:
+        return f"{self.prefix}{{m:{merchant_id}}}:lb"

@@ -242,34 +242,42 @@ end
 return {written, stale, counted}
 """
 
-# KEYS: (label key, frauds key) per label.
-# ARGV: ttl, then (labeled_at in milliseconds, is_fraud 0/1, hour field, day field) per label.
-# The label with the latest labeled_at stands for its transaction. A label key holds
-# "labeled_at_ms|is_fraud|hour field|day field" (the fields of the counted fraud report).
-# A new fraud label counts in its own hour/day buckets; a later label with the same verdict
-# changes nothing; a later "not fraud" takes the counted report back out of its buckets; a
-# later "fraud" after a "not fraud" counts in its own buckets. An older or equal labeled_at
-# changes nothing. Returns one status per label: 0 nothing changed, 1 new, 2 verdict flipped,
-# 3 confirmed (same verdict, later).
+# KEYS: (label-marks hash, frauds hash) per label (both of the label's merchant).
+# ARGV: ttl, how long (ms of labeled_at) a mark is kept, then (transaction_id, labeled_at in ms,
+# is_fraud 0/1, hour field, day field) per label.
+# The label with the latest labeled_at stands for its transaction. Its mark, field
+# "l<transaction_id>" of the merchant's marks hash, holds "labeled_at_ms|is_fraud|hour|day" (the
+# buckets of the counted fraud report). A new fraud label counts in its own hour/day buckets; a
+# later label with the same verdict changes nothing; a later "not fraud" takes the counted
+# report back out of its buckets; a later "fraud" after a "not fraud" counts in its own buckets.
+# An older or equal labeled_at changes nothing. Marks whose labeled_at is more than the keep
+# time before the newest label of the call are pruned (event time: they are past every window)
+# whenever the hash reaches a multiple of 64 fields. Returns one status per label: 0 nothing
+# changed, 1 new, 2 verdict flipped, 3 confirmed (same verdict, later).
 APPLY_LABELS = "#!lua\n" + _CHECK_TYPES + """
-local ttl = tonumber(ARGV[1])
-if not ttl or #KEYS % 2 ~= 0 or #ARGV ~= 1 + 2 * #KEYS then
+local ttl, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+if not ttl or not keep or #KEYS % 2 ~= 0 or #ARGV ~= 2 + 5 * #KEYS / 2 then
   return redis.error_reply('INVALID arguments')
 end
+local newest = 0
 for i = 1, #KEYS / 2 do
-  local a = 2 + (i - 1) * 4
-  local err = check_type(KEYS[2 * i - 1], 'string') or check_type(KEYS[2 * i], 'hash')
+  local a = 3 + (i - 1) * 5
+  local err = check_type(KEYS[2 * i - 1], 'hash') or check_type(KEYS[2 * i], 'hash')
   if err then return err end
-  if not tonumber(ARGV[a]) or (ARGV[a + 1] ~= '0' and ARGV[a + 1] ~= '1') then
+  local at = tonumber(ARGV[a + 1])
+  if not at or (ARGV[a + 2] ~= '0' and ARGV[a + 2] ~= '1') then
     return redis.error_reply('INVALID label arguments')
   end
+  if at > newest then newest = at end
 end
 local status = {}
+local grown = {}
 for i = 1, #KEYS / 2 do
-  local a = 2 + (i - 1) * 4
-  local mark, frauds = KEYS[2 * i - 1], KEYS[2 * i]
-  local at, fraud, hour, day = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local old = redis.call('GET', mark)
+  local a = 3 + (i - 1) * 5
+  local marks, frauds = KEYS[2 * i - 1], KEYS[2 * i]
+  local field = 'l' .. ARGV[a]
+  local at, fraud, hour, day = tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local old = redis.call('HGET', marks, field)
   local result = 0
   if not old then
     result = 1
@@ -284,29 +292,43 @@ for i = 1, #KEYS / 2 do
     else
       result = 2
       if old_fraud == '1' then
-        for _, field in ipairs({old_hour, old_day}) do
-          local v = tonumber(redis.call('HGET', frauds, field))
+        for _, bucket in ipairs({old_hour, old_day}) do
+          local v = tonumber(redis.call('HGET', frauds, bucket))
           if v and v > 1 then
-            redis.call('HINCRBY', frauds, field, -1)
+            redis.call('HINCRBY', frauds, bucket, -1)
           elseif v then
-            redis.call('HDEL', frauds, field)
+            redis.call('HDEL', frauds, bucket)
           end
         end
       end
     end
   end
-  if result == 1 or result == 2 then
-    if fraud == '1' then
-      redis.call('HINCRBY', frauds, hour, 1)
-      redis.call('HINCRBY', frauds, day, 1)
-      redis.call('EXPIRE', frauds, ttl)
-    end
+  if (result == 1 or result == 2) and fraud == '1' then
+    redis.call('HINCRBY', frauds, hour, 1)
+    redis.call('HINCRBY', frauds, day, 1)
+    redis.call('EXPIRE', frauds, ttl)
   end
   if result ~= 0 then
     if fraud ~= '1' then hour, day = '', '' end
-    redis.call('SET', mark, ARGV[a] .. '|' .. fraud .. '|' .. hour .. '|' .. day, 'EX', ttl)
+    redis.call('HSET', marks, field, ARGV[a + 1] .. '|' .. fraud .. '|' .. hour .. '|' .. day)
+    redis.call('EXPIRE', marks, ttl)
+    if result == 1 then grown[marks] = true end
   end
   status[i] = result
+end
+local oldest = newest - keep
+for marks in pairs(grown) do
+  if redis.call('HLEN', marks) % 64 == 0 then
+    local flat = redis.call('HGETALL', marks)
+    local dead = {}
+    for x = 1, #flat, 2 do
+      local at = tonumber(string.match(flat[x + 1], '^([^|]*)'))
+      if not at or at < oldest then dead[#dead + 1] = flat[x] end
+    end
+    for x = 1, #dead, 500 do
+      redis.call('HDEL', marks, unpack(dead, x, math.min(x + 499, #dead)))
+    end
+  end
 end
 return status
 """

@@ -89,6 +89,9 @@ _MAX_COUNT_FIELDS = 96
 _KEEP_FRAUD_HOURS = 8 * 24
 _KEEP_FRAUD_DAYS = 40
 _MAX_FRAUD_FIELDS = 320
+# A transaction's standing label is kept this long (labeled_at, event time) after the newest label
+# of its merchant: past the 30-day windows, a later verdict cannot change any feature.
+_KEEP_LABEL_MS = 45 * 86400 * 1000
 # Redis runs one script at a time: big label batches are split to keep each call short.
 _MAX_LABELS_PER_CALL = 1000
 
@@ -451,12 +454,13 @@ class OnlineFeatureStore:
         statuses: list[int] = []
         for start in range(0, len(labels), _MAX_LABELS_PER_CALL):
             keys: list[str] = []
-            args: list[Any] = [self._ttl]
+            args: list[Any] = [self._ttl, _KEEP_LABEL_MS]
             for label in labels[start:start + _MAX_LABELS_PER_CALL]:
                 at = label.labeled_at
-                keys.append(keys_of.label(label.merchant_id, label.transaction_id))
+                keys.append(keys_of.label_marks(label.merchant_id))
                 keys.append(keys_of.merchant_frauds(label.merchant_id))
-                args.extend((round(at * 1000), 1 if label.is_fraud else 0, f"h{hour_of(at)}", f"d{day_of(at)}"))
+                args.extend((label.transaction_id, round(at * 1000), 1 if label.is_fraud else 0,
+                             f"h{hour_of(at)}", f"d{day_of(at)}"))
             try:
                 statuses.extend(int(x) for x in await self._apply_labels(keys=keys, args=args))
             except _IO_ERRORS as exc:
