@@ -73,6 +73,7 @@ NO_PREVIOUS_TX = -1.0
 NIGHT_HOURS_END = 6  # 00:00-05:59 UTC is night
 MERCHANT_RATE_PRIOR = 10.0
 ZSCORE_MIN_STD = 1.0
+MIN_AVERAGE = 0.01
 _ZEROS = repeat(0)
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -292,7 +293,9 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         avg = sum30 / n30
         var = sum([a * a for a in window]) / n30 - avg * avg
         std = math.sqrt(var) if var > 0.0 else 0.0
-        ratio = amount / avg
+        # amount 0 is a card-verification authorisation: a user whose 30 days are all verifications
+        # has an average of 0, and the ratio is taken against one cent instead
+        ratio = amount / avg if avg > 0.0 else (1.0 if amount == 0.0 else amount / MIN_AVERAGE)
         zscore = (amount - avg) / (std if std > ZSCORE_MIN_STD else ZSCORE_MIN_STD)
     else:
         avg = std = zscore = 0.0

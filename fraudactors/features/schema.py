@@ -147,8 +147,8 @@ def _amount(obj: dict[str, Any]) -> float:
         raise InvalidRecord(f"amount must be a number, got {_type_name(value)}")
     if not math.isfinite(amount):
         raise InvalidRecord("amount must be finite")
-    if amount <= 0.0:
-        raise InvalidRecord("amount must be > 0")
+    if amount < 0.0:
+        raise InvalidRecord("amount must be >= 0")
     if amount > MAX_AMOUNT:
         raise InvalidRecord(f"amount must be <= {MAX_AMOUNT:.0e}")
     return amount

@@ -216,3 +216,19 @@ def test_merchant_window_cache_equals_a_fresh_computation() -> None:
                                                 m.fraud_days.copy()), late)
         assert cached == fresh
         count_merchant_tx(m, late)
+
+
+def test_a_user_whose_history_is_all_zero_amount_verifications_gets_a_finite_ratio() -> None:
+    from fraudactors.features.definition import FEATURE_INDEX, transition
+    from fraudactors.features.schema import Transaction, format_timestamp
+
+    t0 = 1_790_000_000.0
+    state = None
+    rows = []
+    for i, amount in enumerate([0.0, 0.0, 0.0, 25.0]):
+        t = t0 + 60 * i
+        row, state = transition(state, None, Transaction(f"z{i}", "u", "m", amount, "USD", "food", False, t,
+                                                         format_timestamp(t)))
+        rows.append(row)
+    ratio = FEATURE_INDEX["amount_to_avg_30d"]
+    assert rows[1][ratio] == 1.0 and rows[3][ratio] == 2500.0

@@ -109,7 +109,7 @@ def test_column_errors_are_clear() -> None:
         transactions_from_columns({k: v for k, v in good.items() if k != "timestamp"})
     with pytest.raises(InvalidRecord, match="different lengths"):
         transactions_from_columns({**good, "amount": [1.0]})
-    with pytest.raises(InvalidRecord, match="row 1: amount must be > 0"):
+    with pytest.raises(InvalidRecord, match="row 1: amount must be >= 0"):
         transactions_from_columns({**good, "amount": [1.0, -2.0]})
     with pytest.raises(InvalidRecord, match="row 0: is_international must be a boolean"):
         transactions_from_columns({**good, "is_international": ["no", "yes"]})

@@ -116,8 +116,8 @@ BAD_FIELDS: list[tuple[dict[str, object], str]] = [
     ({**FULL, "amount": "57.2"}, "amount must be a number, got string"),
     ({**FULL, "amount": True}, "amount must be a number, got boolean"),
     ({**FULL, "amount": None}, "amount must be a number, got null"),
-    ({**FULL, "amount": 0}, "amount must be > 0"),
-    ({**FULL, "amount": -3.5}, "amount must be > 0"),
+    ({**FULL, "amount": -0.01}, "amount must be >= 0"),
+    ({**FULL, "amount": -3.5}, "amount must be >= 0"),
     ({**FULL, "amount": 1e9 + 1}, "amount must be <= 1e\\+09"),
     ({**FULL, "timestamp": "yesterday"}, "timestamp is not ISO-8601"),
     ({**FULL, "timestamp": "2026-13-01T00:00:00Z"}, "timestamp is not ISO-8601"),
@@ -249,3 +249,8 @@ def test_fuzz_any_json(obj: object) -> None:
         transaction_from_obj(obj)
     except InvalidRecord:
         pass
+
+
+def test_a_zero_amount_is_a_card_verification_and_valid() -> None:
+    txn = parse_transaction(orjson.dumps({**FULL, "amount": 0}))
+    assert txn.amount == 0.0
