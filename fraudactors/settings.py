@@ -131,6 +131,10 @@ class RedisSettings:
     retry_interval_ms: int = 500
     # Degraded-mode decisions kept to be applied to the state once Redis is back.
     backlog_max: int = 200_000
+    # A Redis Cluster (or Valkey cluster): `url` is one of its nodes (scheme, password, TLS as for
+    # one instance), `cluster_nodes` more startup nodes ("host:port") in case that one is down.
+    cluster: bool = False
+    cluster_nodes: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _require(self.url.startswith(("redis://", "rediss://", "unix://")), "redis.url",
@@ -138,6 +142,12 @@ class RedisSettings:
         _require(self.ttl_s > 0, "redis.ttl_s", "must be > 0")
         _require(self.socket_timeout_ms > 0, "redis.socket_timeout_ms", "must be > 0")
         _require(self.backlog_max >= 0, "redis.backlog_max", "must be >= 0")
+        for node in self.cluster_nodes:
+            host, _, port = node.rpartition(":")
+            _require(bool(host) and port.isdigit(), "redis.cluster_nodes", f"'{node}' is not host:port")
+        _require(self.cluster or not self.cluster_nodes, "redis.cluster_nodes", "needs redis.cluster = true")
+        _require(not (self.cluster and self.url.startswith("unix://")), "redis.cluster",
+                 "a cluster is reached over TCP (redis:// or rediss://), not a unix socket")
         _require("{" not in self.key_prefix and "}" not in self.key_prefix, "redis.key_prefix",
                  "must not contain '{' or '}' (the keys' hash tags)")
 

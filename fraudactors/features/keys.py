@@ -8,16 +8,19 @@ one hash slot):
 |---|---|---|
 | ``<prefix>{u<shard>}:<user_id>`` | the user's state blob (``state_codec``) | user shard |
 | ``<prefix>{u<shard>}:o:<user_id>`` | what each variant said about the user's last decisions | user shard |
+| ``<prefix>{u<shard>}:rl:<partition>`` | replay log: feature vectors of the shard's records not yet committed | user shard |
 | ``<prefix>{p<partition>}:ep`` | the partition's fencing epoch (``INCR`` on every claim) | partition |
-| ``<prefix>{p<partition>}:rl`` | replay log: the feature vectors of records not yet committed | partition |
-| ``<prefix>{m:<merchant_id>}:c`` | merchant transaction counts by event hour/day + per-partition high-water offsets | merchant |
-| ``<prefix>{m:<merchant_id>}:f`` | merchant fraud-label counts by ``labeled_at`` hour/day | merchant |
-| ``<prefix>{m:<merchant_id>}:lb`` | hash: the label standing for each of the merchant's transactions (``l<transaction_id>``), pruned by ``labeled_at`` | merchant |
+| ``<prefix>{m<shard>}:c:<merchant_id>`` | merchant transaction counts by event hour/day + per-partition high-water offsets | merchant shard |
+| ``<prefix>{m<shard>}:f:<merchant_id>`` | merchant fraud-label counts by ``labeled_at`` hour/day | merchant shard |
+| ``<prefix>{m<shard>}:lb:<merchant_id>`` | hash: the label standing for each of the merchant's transactions (``l<transaction_id>``), pruned by ``labeled_at`` | merchant shard |
 
-A user's shard is ``crc32(user_id) % STATE_SHARDS``: it depends on the user alone (not on the
-Kafka partition), so repartitioning the topic keeps every user's history, and
-``POST /predict`` and the label consumer find a user's state without knowing partitions.
-``STATE_SHARDS`` is part of the layout: changing it orphans the state.
+A shard is ``crc32(id) % STATE_SHARDS`` of the user or merchant: it depends on the entity alone
+(not on the Kafka partition), so repartitioning the topic keeps every history, and
+``POST /predict`` and the label consumer find a user's state without knowing partitions. What a
+write must change atomically -- a user's blob and its replay-log entry, a merchant's counts --
+shares a shard's slot, so on a cluster one batch is at most ``2 * STATE_SHARDS`` script calls,
+sent as one pipeline per node. ``STATE_SHARDS`` is part of the layout: changing it orphans the
+state.
 
 Nothing is keyed by decision: memory grows with users, merchants, labels and the uncommitted
 records of each partition, never with the number of decisions.
@@ -30,8 +33,11 @@ import zlib
 STATE_SHARDS = 64
 
 
-def user_shard(user_id: str) -> int:
-    return zlib.crc32(user_id.encode("utf-8")) % STATE_SHARDS
+def shard(entity_id: str) -> int:
+    return zlib.crc32(entity_id.encode("utf-8")) % STATE_SHARDS
+
+
+user_shard = shard
 
 
 class KeyLayout:
@@ -45,22 +51,30 @@ class KeyLayout:
         self.prefix = prefix
 
     def user(self, user_id: str) -> str:
-        return f"{self.prefix}{{u{user_shard(user_id)}}}:{user_id}"
+        return f"{self.prefix}{{u{shard(user_id)}}}:{user_id}"
 
     def outcomes(self, user_id: str) -> str:
-        return f"{self.prefix}{{u{user_shard(user_id)}}}:o:{user_id}"
+        return f"{self.prefix}{{u{shard(user_id)}}}:o:{user_id}"
+
+    def replay_log(self, user_shard: int, partition: int) -> str:
+        return f"{self.prefix}{{u{user_shard}}}:rl:{partition}"
 
     def epoch(self, partition: int) -> str:
         return f"{self.prefix}{{p{partition}}}:ep"
 
-    def replay_log(self, partition: int) -> str:
-        return f"{self.prefix}{{p{partition}}}:rl"
-
     def merchant_counts(self, merchant_id: str) -> str:
-        return f"{self.prefix}{{m:{merchant_id}}}:c"
+        return f"{self.prefix}{{m{shard(merchant_id)}}}:c:{merchant_id}"
 
     def merchant_frauds(self, merchant_id: str) -> str:
-        return f"{self.prefix}{{m:{merchant_id}}}:f"
+        return f"{self.prefix}{{m{shard(merchant_id)}}}:f:{merchant_id}"
 
     def label_marks(self, merchant_id: str) -> str:
-        return f"{self.prefix}{{m:{merchant_id}}}:lb"
+        return f"{self.prefix}{{m{shard(merchant_id)}}}:lb:{merchant_id}"
+
+    @staticmethod
+    def user_tag(user_id: str) -> str:
+        return f"u{shard(user_id)}"
+
+    @staticmethod
+    def merchant_tag(merchant_id: str) -> str:
+        return f"m{shard(merchant_id)}"

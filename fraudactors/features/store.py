@@ -49,13 +49,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
@@ -72,7 +70,8 @@ from fraudactors.features.definition import (
     transaction_only_features,
     transition,
 )
-from fraudactors.features.keys import KeyLayout
+from fraudactors.features.keys import KeyLayout, shard
+from fraudactors.features.redis_client import ScriptRunner, make_client
 from fraudactors.features.schema import Label, Transaction
 from fraudactors.features.state_codec import StateDecodeError, decode_state, encode_state
 from fraudactors.logging import get_logger
@@ -145,6 +144,31 @@ def _merchant_from_sums(hour: int, sums: list[int]) -> MerchantState:
     return m
 
 
+@dataclass(slots=True)
+class _Read:
+    """What one read call covers (everything on one instance; one hash slot on a cluster)."""
+
+    users: list[str] = field(default_factory=list)
+    merchants: list[str] = field(default_factory=list)
+    hours: list[int] = field(default_factory=list)
+    logs: list[tuple[int, int]] = field(default_factory=list)  # (user shard, partition)
+    ranges: list[list[int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Write:
+    """What one write call covers; ``logs`` maps (user shard, partition) to [user index, offset, ...]."""
+
+    users: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)  # user -> 1-based index in the call
+    plan_users: list[list[int]] = field(default_factory=list)
+    blobs: list[bytes] = field(default_factory=list)
+    merchants: list[str] = field(default_factory=list)
+    plan_merchants: list[list[Any]] = field(default_factory=list)
+    logs: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    members: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)  # per log, in its order
+
+
 class OnlineFeatureStore:
     """Redis-backed online features; see the module doc for keys, round trips and invariants."""
 
@@ -154,10 +178,9 @@ class OnlineFeatureStore:
         self.keys = KeyLayout(cfg.key_prefix)
         self._ttl = cfg.ttl_s
         self._timeout_s = cfg.socket_timeout_ms / 1000.0
-        self._redis: aioredis.Redis | None = None
-        self._read_batch: Any = None
-        self._write_batch: Any = None
-        self._apply_labels: Any = None
+        self._cluster = cfg.cluster
+        self._redis: Any = None
+        self._scripts: Any = None
         self._epochs: dict[int, int] = {}     # partition -> the epoch this owner claimed
         self._committed: dict[int, int] = {}  # partition -> committed offset (replay-log floor)
         self._log = get_logger(component="feature_store")
@@ -175,19 +198,13 @@ class OnlineFeatureStore:
         The client stays usable after a failed open: later calls reconnect by themselves.
         """
         if self._redis is None:
-            self._redis = aioredis.Redis.from_url(
-                self._settings.redis.url,
-                socket_timeout=self._timeout_s,
-                socket_connect_timeout=self._timeout_s,
-                retry=Retry(NoBackoff(), 0),
-                decode_responses=False,
-                health_check_interval=0,
-            )
-            self._read_batch = self._redis.register_script(scripts.READ_BATCH)
-            self._write_batch = self._redis.register_script(scripts.WRITE_BATCH)
-            self._apply_labels = self._redis.register_script(scripts.APPLY_LABELS)
+            self._redis = make_client(self._settings, self._timeout_s)
+            self._scripts = ScriptRunner(self._redis, self._cluster, {
+                "read": scripts.READ_BATCH, "write": scripts.WRITE_BATCH, "labels": scripts.APPLY_LABELS})
         try:
             await self._redis.ping()
+            if self._cluster:
+                await self._scripts.load()
         except _IO_ERRORS as exc:
             raise FeatureStoreUnavailable(f"redis unreachable: {exc}") from exc
 
@@ -205,10 +222,20 @@ class OnlineFeatureStore:
         except _IO_ERRORS:
             return False
 
-    def _client(self) -> aioredis.Redis:
+    def _client(self) -> Any:
         if self._redis is None:
             raise FeatureStoreUnavailable("feature store is not open")
         return self._redis
+
+    def _tag(self, tag: str) -> str:
+        """The group a key goes into: its hash tag on a cluster, one group on one instance."""
+        return tag if self._cluster else ""
+
+    async def _run(self, script: str, calls: list[tuple[list[str], list[Any]]], what: str) -> list[Any]:
+        try:
+            return await self._scripts.run(script, calls)
+        except _IO_ERRORS as exc:
+            raise store_error(exc, what) from exc
 
     # -- ownership -----------------------------------------------------------------------------
 
@@ -264,11 +291,12 @@ class OnlineFeatureStore:
                 raise ValueError(f"{len(txns)} transactions but {len(partitions)} partitions")
         if not txns:
             return np.empty((0, N_FEATURES), dtype=np.float32)
-        ranges: dict[int, list[int]] = {}
-        for p, offset in zip(partitions, offsets, strict=True):
-            span = ranges.get(p)
+        ranges: dict[tuple[int, int], list[int]] = {}  # (user shard, partition) -> [lowest, highest]
+        for txn, p, offset in zip(txns, partitions, offsets, strict=True):
+            where = (shard(txn.user_id), p)
+            span = ranges.get(where)
             if span is None:
-                ranges[p] = [offset, offset]
+                ranges[where] = [offset, offset]
             elif offset < span[0]:
                 span[0] = offset
             elif offset > span[1]:
@@ -283,6 +311,7 @@ class OnlineFeatureStore:
         for i, (txn, p, offset) in enumerate(zip(txns, partitions, offsets, strict=True)):
             state = states[txn.user_id]
             view = views[txn.merchant_id]
+            t = txn.event_time
             if state is not None and state.partition == p and offset <= state.offset:
                 self.replays_total += 1  # applied before a crash: its first vector, not a new one
                 first = logged.get((p, offset))
@@ -291,8 +320,12 @@ class OnlineFeatureStore:
                     rows.append(features_of(state, view, txn))
                 else:
                     rows.append(first)
+                if not is_late(state, t):
+                    # counted again only where its first write did not reach the merchant (a
+                    # cluster node that failed mid-batch): the high-water offset decides
+                    counted.setdefault(txn.merchant_id, []).extend((p, offset, hour_of(t), day_of(t)))
+                    newest[txn.merchant_id] = max(newest.get(txn.merchant_id, -1.0), t)
                 continue
-            t = txn.event_time
             late = is_late(state, t)
             features, state = transition(state, view, txn)
             state.partition = p
@@ -335,104 +368,123 @@ class OnlineFeatureStore:
             rows.append(features)
         return np.array(rows, dtype=np.float32)
 
-    async def _read(self, txns: Sequence[Transaction], ranges: dict[int, list[int]]) -> tuple[
+    async def _read(self, txns: Sequence[Transaction], ranges: dict[tuple[int, int], list[int]]) -> tuple[
             dict[str, UserState | None], dict[str, MerchantState], dict[str, tuple[int, int]],
             dict[tuple[int, int], np.ndarray]]:
         """The batch's one read: user states, merchant views, merchant hash sizes and the
-        replay-log vectors in the batch's offset ranges."""
+        replay-log vectors in the batch's offset ranges (one call, or one per slot on a cluster)."""
         self._client()
         keys_of = self.keys
-        users = list(dict.fromkeys(t.user_id for t in txns))
         # one reference event hour per merchant, or -1 when its transactions span several
         ref_hour: dict[str, int] = {}
         for txn in txns:
             hour = hour_of(txn.event_time)
             if ref_hour.setdefault(txn.merchant_id, hour) != hour:
                 ref_hour[txn.merchant_id] = -1
-        keys = [keys_of.user(u) for u in users]
-        for merchant_id in ref_hour:
-            keys.append(keys_of.merchant_counts(merchant_id))
-            keys.append(keys_of.merchant_frauds(merchant_id))
-        keys.extend(keys_of.replay_log(p) for p in ranges)
-        args = [len(users), len(ref_hour), orjson.dumps(list(ref_hour.values())),
-                orjson.dumps(list(ranges.values()))]
-        try:
-            replies = await self._read_batch(keys=keys, args=args)
-        except _IO_ERRORS as exc:
-            raise store_error(exc, "read") from exc
+        groups: dict[str, _Read] = {}
+        for user_id in dict.fromkeys(t.user_id for t in txns):
+            groups.setdefault(self._tag(keys_of.user_tag(user_id)), _Read()).users.append(user_id)
+        for merchant_id, hour in ref_hour.items():
+            group = groups.setdefault(self._tag(keys_of.merchant_tag(merchant_id)), _Read())
+            group.merchants.append(merchant_id)
+            group.hours.append(hour)
+        for (user_shard, p), span in ranges.items():
+            group = groups.setdefault(self._tag(f"u{user_shard}"), _Read())
+            group.logs.append((user_shard, p))
+            group.ranges.append(span)
+        calls: list[tuple[list[str], list[Any]]] = []
+        for group in groups.values():
+            keys = [keys_of.user(u) for u in group.users]
+            for merchant_id in group.merchants:
+                keys.append(keys_of.merchant_counts(merchant_id))
+                keys.append(keys_of.merchant_frauds(merchant_id))
+            keys.extend(keys_of.replay_log(user_shard, p) for user_shard, p in group.logs)
+            calls.append((keys, [len(group.users), len(group.merchants), orjson.dumps(group.hours),
+                                 orjson.dumps(group.ranges)]))
+        replies_per_call = await self._run("read", calls, "read")
 
         states: dict[str, UserState | None] = {}
-        for user_id, blob in zip(users, replies, strict=False):
-            states[user_id] = self._decode(user_id, blob or None)
         views: dict[str, MerchantState] = {}
         sizes: dict[str, tuple[int, int]] = {}
-        i = len(users)
-        for merchant_id, hour in ref_hour.items():
-            first, second = replies[i], replies[i + 1]
-            i += 2
-            if hour >= 0:
-                views[merchant_id] = _merchant_from_sums(hour, first)
-                sizes[merchant_id] = (int(second[0]), int(second[1]))
-            else:
-                views[merchant_id] = _merchant_from_flat(first, second)
-                sizes[merchant_id] = (len(first) // 2, len(second) // 2)
         logged: dict[tuple[int, int], np.ndarray] = {}
-        for p, members in zip(ranges, replies[i:], strict=True):
-            for member in members:
-                if len(member) == 8 + _VECTOR_BYTES:
-                    offset = _OFFSET.unpack_from(member)[0]
-                    logged[(p, offset)] = np.frombuffer(member, dtype=np.float32, offset=8)
+        for group, replies in zip(groups.values(), replies_per_call, strict=True):
+            for user_id, blob in zip(group.users, replies, strict=False):
+                states[user_id] = self._decode(user_id, blob or None)
+            i = len(group.users)
+            for merchant_id, hour in zip(group.merchants, group.hours, strict=True):
+                first, second = replies[i], replies[i + 1]
+                i += 2
+                if hour >= 0:
+                    views[merchant_id] = _merchant_from_sums(hour, first)
+                    sizes[merchant_id] = (int(second[0]), int(second[1]))
+                else:
+                    views[merchant_id] = _merchant_from_flat(first, second)
+                    sizes[merchant_id] = (len(first) // 2, len(second) // 2)
+            for (_, p), members in zip(group.logs, replies[i:], strict=True):
+                for member in members:
+                    if len(member) == 8 + _VECTOR_BYTES:
+                        offset = _OFFSET.unpack_from(member)[0]
+                        logged[(p, offset)] = np.frombuffer(member, dtype=np.float32, offset=8)
         return states, views, sizes, logged
 
     async def _write(self, users: list[str], states: dict[str, UserState | None],
                      counted: dict[str, list[Any]], newest: dict[str, float],
                      sizes: dict[str, tuple[int, int]], applied: list[tuple[int, str, int, int]],
                      X: np.ndarray) -> None:
-        """The batch's one write (see ``scripts.WRITE_BATCH`` for the argument layout)."""
+        """The batch's one write (see ``scripts.WRITE_BATCH`` for the argument layout): one call,
+        or one per slot on a cluster, each applied wholly or not at all."""
         keys_of = self.keys
-        keys = [keys_of.user(user_id) for user_id in users]
-        index = {user_id: n for n, user_id in enumerate(users, start=1)}
-        plan_users: list[list[int]] = []
-        blobs: list[bytes] = []
+        groups: dict[str, _Write] = {}
         for user_id in users:
             state = states[user_id]
             assert state is not None
-            plan_users.append([state.partition, state.epoch])
-            blobs.append(encode_state(state))
-        plan_merchants: list[list[Any]] = []
+            group = groups.setdefault(self._tag(keys_of.user_tag(user_id)), _Write())
+            group.index[user_id] = len(group.users) + 1
+            group.users.append(user_id)
+            group.plan_users.append([state.partition, state.epoch])
+            group.blobs.append(encode_state(state))
         for merchant_id, entries in counted.items():
-            keys.append(keys_of.merchant_counts(merchant_id))
-            keys.append(keys_of.merchant_frauds(merchant_id))
             n_counts, n_frauds = sizes[merchant_id]
             hour = hour_of(newest[merchant_id])
             day = hour // 24
-            plan_merchants.append([entries,
-                                   1 if n_counts + len(entries) // 4 > _MAX_COUNT_FIELDS else 0,
-                                   hour - _KEEP_COUNT_HOURS, day - _KEEP_COUNT_DAYS,
-                                   1 if n_frauds > _MAX_FRAUD_FIELDS else 0,
-                                   hour - _KEEP_FRAUD_HOURS, day - _KEEP_FRAUD_DAYS])
-        by_partition: dict[int, list[tuple[int, str, int]]] = {}
+            group = groups.setdefault(self._tag(keys_of.merchant_tag(merchant_id)), _Write())
+            group.merchants.append(merchant_id)
+            group.plan_merchants.append([entries,
+                                         1 if n_counts + len(entries) // 4 > _MAX_COUNT_FIELDS else 0,
+                                         hour - _KEEP_COUNT_HOURS, day - _KEEP_COUNT_DAYS,
+                                         1 if n_frauds > _MAX_FRAUD_FIELDS else 0,
+                                         hour - _KEEP_FRAUD_HOURS, day - _KEEP_FRAUD_DAYS])
         for row, user_id, p, offset in applied:
-            by_partition.setdefault(p, []).append((row, user_id, offset))
-        plan_logs: list[list[Any]] = []
-        members: list[bytes] = []
-        for p, records in by_partition.items():
-            keys.append(keys_of.replay_log(p))
-            flat: list[int] = []
-            for row, user_id, offset in records:
-                flat.append(index[user_id])
-                flat.append(offset)
-                members.append(_OFFSET.pack(offset) + X[row].tobytes())
-            plan_logs.append([self._committed.get(p, -1), flat])
-        plan = {"u": plan_users, "m": plan_merchants, "r": plan_logs}
-        args: list[Any] = [self._ttl, len(users), len(counted), orjson.dumps(plan), *blobs, *members]
-        try:
-            written, stale, _ = await self._write_batch(keys=keys, args=args)
-        except _IO_ERRORS as exc:
-            raise store_error(exc, "write") from exc
+            user_shard = shard(user_id)
+            group = groups.setdefault(self._tag(f"u{user_shard}"), _Write())
+            log = group.logs.get((user_shard, p))
+            if log is None:
+                log = group.logs[(user_shard, p)] = []
+                group.members[(user_shard, p)] = []
+            log.extend((group.index[user_id], offset))
+            group.members[(user_shard, p)].append(_OFFSET.pack(offset) + X[row].tobytes())
+        calls: list[tuple[list[str], list[Any]]] = []
+        for group in groups.values():
+            keys = [keys_of.user(u) for u in group.users]
+            for merchant_id in group.merchants:
+                keys.append(keys_of.merchant_counts(merchant_id))
+                keys.append(keys_of.merchant_frauds(merchant_id))
+            plan_logs = []
+            members: list[bytes] = []
+            for (user_shard, p), flat in group.logs.items():
+                keys.append(keys_of.replay_log(user_shard, p))
+                plan_logs.append([self._committed.get(p, -1), flat])
+                members.extend(group.members[(user_shard, p)])
+            plan = {"u": group.plan_users, "m": group.plan_merchants, "r": plan_logs}
+            calls.append((keys, [self._ttl, len(group.users), len(group.merchants), orjson.dumps(plan),
+                                 *group.blobs, *members]))
+        stale = written = 0
+        for reply in await self._run("write", calls, "write"):
+            written += int(reply[0])
+            stale += int(reply[1])
         if stale:
-            self.stale_refused_total += int(stale)
-            self._log.warning("stale_writer_refused", users=int(stale), written=int(written))
+            self.stale_refused_total += stale
+            self._log.warning("stale_writer_refused", users=stale, written=written)
 
     def compute_degraded(self, txns: Sequence[Transaction]) -> np.ndarray:
         """Transaction-only features (Redis down): see ``definition.transaction_only_features``."""
@@ -441,7 +493,8 @@ class OnlineFeatureStore:
         return np.array([transaction_only_features(t) for t in txns], dtype=np.float32)
 
     async def apply_labels(self, labels: Sequence[Label]) -> list[int]:
-        """Record labels into the merchant fraud buckets, one script call per 1,000 labels.
+        """Record labels into the merchant fraud buckets, one script call per 1,000 labels (per
+        merchant shard on a cluster).
 
         For each transaction the label with the latest ``labeled_at`` stands (a chargeback after
         a "not fraud" review flips it; an older or repeated label changes nothing). Returns one
@@ -451,20 +504,29 @@ class OnlineFeatureStore:
             return []
         self._client()
         keys_of = self.keys
-        statuses: list[int] = []
-        for start in range(0, len(labels), _MAX_LABELS_PER_CALL):
-            keys: list[str] = []
-            args: list[Any] = [self._ttl, _KEEP_LABEL_MS]
-            for label in labels[start:start + _MAX_LABELS_PER_CALL]:
-                at = label.labeled_at
-                keys.append(keys_of.label_marks(label.merchant_id))
-                keys.append(keys_of.merchant_frauds(label.merchant_id))
-                args.extend((label.transaction_id, round(at * 1000), 1 if label.is_fraud else 0,
-                             f"h{hour_of(at)}", f"d{day_of(at)}"))
-            try:
-                statuses.extend(int(x) for x in await self._apply_labels(keys=keys, args=args))
-            except _IO_ERRORS as exc:
-                raise store_error(exc, "label write") from exc
+        groups: dict[str, list[int]] = {}
+        for i, label in enumerate(labels):
+            groups.setdefault(self._tag(keys_of.merchant_tag(label.merchant_id)), []).append(i)
+        calls: list[tuple[list[str], list[Any]]] = []
+        order: list[list[int]] = []
+        for indexes in groups.values():
+            for start in range(0, len(indexes), _MAX_LABELS_PER_CALL):
+                chunk = indexes[start:start + _MAX_LABELS_PER_CALL]
+                keys: list[str] = []
+                args: list[Any] = [self._ttl, _KEEP_LABEL_MS]
+                for i in chunk:
+                    label = labels[i]
+                    at = label.labeled_at
+                    keys.append(keys_of.label_marks(label.merchant_id))
+                    keys.append(keys_of.merchant_frauds(label.merchant_id))
+                    args.extend((label.transaction_id, round(at * 1000), 1 if label.is_fraud else 0,
+                                 f"h{hour_of(at)}", f"d{day_of(at)}"))
+                calls.append((keys, args))
+                order.append(chunk)
+        statuses = [0] * len(labels)
+        for chunk, reply in zip(order, await self._run("labels", calls, "label write"), strict=True):
+            for i, status in zip(chunk, reply, strict=True):
+                statuses[i] = int(status)
         return statuses
 
     async def user_state(self, user_id: str) -> UserState | None:

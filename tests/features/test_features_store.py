@@ -186,7 +186,7 @@ async def test_parity_single_partition_includes_merchant_counts(store: OnlineFea
     client = aioredis.Redis.from_url(store_settings.redis.url)
     try:
         sizes = [await client.hlen(key) async for key in client.scan_iter(
-            match=store.keys.merchant_counts("*"))]
+            match=store.keys.prefix + "{m*}:c:*")]
     finally:
         await client.aclose()
     assert len(sizes) > 10 and max(sizes) <= 100
