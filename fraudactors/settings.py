@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fraudactors.errors import ConfigError
+from fraudactors.redact import REDACTED, redact_url, url_passwords
 
 ENV_PREFIX = "FRAUDACTORS_"
 
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-# Keys whose values never reach a log line or an error message (as_dict shows REDACTED instead).
+# Keys whose values never reach a log line or an error message (as_dict shows REDACTED instead);
+# the password in any URL-valued setting (redis://:pw@host) is masked the same way.
 SECRET_KEYS = frozenset({"kafka.sasl_password", "http.predict_token"})
-REDACTED = "***"
 # RFC 6750 b64token: what may follow "Bearer " in an Authorization header.
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _MIN_TOKEN_LENGTH = 16
@@ -317,15 +318,33 @@ def _as_dict(obj: Any, redact: bool = False, prefix: str = "") -> Any:
         return {k: _as_dict(v, redact, f"{prefix}.{k}" if prefix else k) for k, v in obj.items()}
     if redact and prefix in SECRET_KEYS and obj:
         return REDACTED
+    if redact and isinstance(obj, str):
+        return redact_url(obj)
     return obj
 
 
 def as_dict(settings: Settings, *, secrets: bool = False) -> dict[str, Any]:
     """Plain data, for logging the effective configuration: secrets (SECRET_KEYS) that are set
-    show as ``"***"``. ``secrets=True`` keeps them, for a copy of the settings that a child
-    process reads back."""
+    show as ``"***"``, and so does the password of any URL (``redis://:***@host``).
+    ``secrets=True`` keeps them, for a copy of the settings that a child process reads back."""
     result: dict[str, Any] = _as_dict(settings, redact=not secrets)
     return result
+
+
+def secret_values(settings: Settings) -> frozenset[str]:
+    """Every secret the settings hold (SECRET_KEYS that are set, URL passwords), for
+    :func:`fraudactors.redact.redact` to take out of text the settings never formatted."""
+    found: set[str] = set()
+
+    def walk(obj: Any, prefix: str) -> None:
+        if isinstance(obj, Mapping):
+            for key, value in obj.items():
+                walk(value, f"{prefix}.{key}" if prefix else key)
+        elif isinstance(obj, str) and obj:
+            found.update({obj} if prefix in SECRET_KEYS else url_passwords(obj))
+
+    walk(as_dict(settings, secrets=True), "")
+    return frozenset(found)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -31,7 +31,8 @@ from fraudactors.engine.publisher import Publisher
 from fraudactors.engine.worker import Stages
 from fraudactors.errors import FraudActorsError, InvalidRecord, StartupTimeout
 from fraudactors.logging import get_logger
-from fraudactors.settings import Settings
+from fraudactors.redact import redact
+from fraudactors.settings import Settings, secret_values
 
 _JSON = "application/json"
 _READINESS_INTERVAL_S = 0.1
@@ -55,6 +56,7 @@ class Engine:
                                                      on_decided=self.outcomes.record))
         self.labels = LabelConsumer(settings, m, self.features, self.outcomes)
         self.http = HttpServer(settings.http, self.metrics.registry, self)
+        self._secrets = secret_values(settings)
         engine = settings.engine
         start_timeout = engine.start_timeout_s
         stop_timeout = engine.shutdown_timeout_s
@@ -191,7 +193,7 @@ class Engine:
         return (200 if alive else 503), _JSON, orjson.dumps({"status": "alive" if alive else "dead"})
 
     def readyz(self) -> Response:
-        problems = self.readiness()
+        problems = {name: redact(str(why), self._secrets) for name, why in self.readiness().items()}
         if problems:
             return 503, _JSON, orjson.dumps({"ready": False, "not_ready": problems})
         return 200, _JSON, orjson.dumps({"ready": True, "partitions": self.ingestor.assigned})
@@ -219,7 +221,7 @@ class Engine:
             X, degraded = await self.features.peek([txn])
             scored = (await self.inference.score(X, [txn.transaction_id]))[0]
         except FraudActorsError as exc:
-            return 503, _JSON, orjson.dumps({"error": str(exc)})
+            return 503, _JSON, orjson.dumps({"error": redact(str(exc), self._secrets)})
         return 200, _JSON, encode_decision(
             transaction_id=txn.transaction_id, user_id=txn.user_id, is_fraud=scored.is_fraud,
             fraud_probability=scored.probability, decision=scored.decision,
