@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import orjson
 import structlog
+
+from fraudactors.redact import redact
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -20,8 +23,41 @@ def _orjson_dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default).decode()
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
-    """Configure structlog once for the process (idempotent)."""
+def _scrub(value: Any, secrets: frozenset[str]) -> Any:
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {k: _scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v, secrets) for v in value]
+    if isinstance(value, BaseException):  # rendered as its repr, which may quote a URL
+        return redact(repr(value), secrets)
+    return value
+
+
+class _Redactor:
+    """A structlog processor: URL passwords and the given secrets out of every value."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = frozenset(secrets)
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
+        return {key: _scrub(value, self._secrets) for key, value in event.items()}
+
+
+class _RedactingFormatter(logging.Formatter):
+    def __init__(self, fmt: str, secrets: Iterable[str]) -> None:
+        super().__init__(fmt)
+        self._secrets = frozenset(secrets)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self._secrets)
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None,
+                      secrets: Iterable[str] = ()) -> None:
+    """Configure structlog once for the process (idempotent). Every line, the standard library's
+    too, has URL passwords and ``secrets`` (see ``settings.secret_values``) replaced by ``***``."""
     stream = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
@@ -37,6 +73,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            _Redactor(secrets),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
@@ -44,8 +81,9 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         cache_logger_on_first_use=False,
     )
     # Route the standard library (aiokafka, asyncio) through the same level.
-    logging.basicConfig(level=max(_LEVELS.get(level, logging.INFO), logging.WARNING), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter("%(levelname)s %(name)s: %(message)s", secrets))
+    logging.basicConfig(level=max(_LEVELS.get(level, logging.INFO), logging.WARNING), handlers=[handler])
 
 
 def get_logger(**context: Any) -> Any:

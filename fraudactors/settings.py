@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -20,14 +21,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fraudactors.errors import ConfigError
+from fraudactors.redact import REDACTED, redact_url, url_passwords
 
 ENV_PREFIX = "FRAUDACTORS_"
 
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-# Keys whose values never reach a log line or an error message (as_dict shows REDACTED instead).
-SECRET_KEYS = frozenset({"kafka.sasl_password"})
-REDACTED = "***"
+# Keys whose values never reach a log line or an error message (as_dict shows REDACTED instead);
+# the password in any URL-valued setting (redis://:pw@host) is masked the same way.
+SECRET_KEYS = frozenset({"kafka.sasl_password", "http.predict_token"})
+# RFC 6750 b64token: what may follow "Bearer " in an Authorization header.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_MIN_TOKEN_LENGTH = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,9 +250,27 @@ class DecisionSettings:
 class HttpSettings:
     host: str = "127.0.0.1"
     port: int = 8000
+    # A request's line and headers must have arrived this long after the connection opened (or
+    # after the first byte following the previous response); then the connection is closed.
+    header_timeout_s: float = 10.0
+    # POST /predict: the body must have arrived this long after its headers (408 otherwise).
+    body_timeout_s: float = 10.0
+    # Open connections at most; one more is answered 503 and closed.
+    max_connections: int = 256
+    # When set, POST /predict needs "Authorization: Bearer <token>" (401 otherwise); the probes
+    # and /metrics stay open. Give it as FRAUDACTORS_HTTP__PREDICT_TOKEN (a Secret), not in a file.
+    predict_token: str = field(default="", repr=False)
 
     def validate(self) -> None:
         _require(0 <= self.port <= 65535, "http.port", "must be in [0, 65535]")
+        _require(self.header_timeout_s > 0, "http.header_timeout_s", "must be > 0")
+        _require(self.body_timeout_s > 0, "http.body_timeout_s", "must be > 0")
+        _require(self.max_connections >= 1, "http.max_connections", "must be >= 1")
+        if self.predict_token:
+            _require(len(self.predict_token) >= _MIN_TOKEN_LENGTH, "http.predict_token",
+                     f"must be at least {_MIN_TOKEN_LENGTH} characters (or empty: no token)")
+            _require(_BEARER_TOKEN.fullmatch(self.predict_token) is not None, "http.predict_token",
+                     "may hold only letters, digits and -._~+/ (then trailing =), as a bearer token does")
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,15 +336,33 @@ def _as_dict(obj: Any, redact: bool = False, prefix: str = "") -> Any:
         return {k: _as_dict(v, redact, f"{prefix}.{k}" if prefix else k) for k, v in obj.items()}
     if redact and prefix in SECRET_KEYS and obj:
         return REDACTED
+    if redact and isinstance(obj, str):
+        return redact_url(obj)
     return obj
 
 
 def as_dict(settings: Settings, *, secrets: bool = False) -> dict[str, Any]:
     """Plain data, for logging the effective configuration: secrets (SECRET_KEYS) that are set
-    show as ``"***"``. ``secrets=True`` keeps them, for a copy of the settings that a child
-    process reads back."""
+    show as ``"***"``, and so does the password of any URL (``redis://:***@host``).
+    ``secrets=True`` keeps them, for a copy of the settings that a child process reads back."""
     result: dict[str, Any] = _as_dict(settings, redact=not secrets)
     return result
+
+
+def secret_values(settings: Settings) -> frozenset[str]:
+    """Every secret the settings hold (SECRET_KEYS that are set, URL passwords), for
+    :func:`fraudactors.redact.redact` to take out of text the settings never formatted."""
+    found: set[str] = set()
+
+    def walk(obj: Any, prefix: str) -> None:
+        if isinstance(obj, Mapping):
+            for key, value in obj.items():
+                walk(value, f"{prefix}.{key}" if prefix else key)
+        elif isinstance(obj, str) and obj:
+            found.update({obj} if prefix in SECRET_KEYS else url_passwords(obj))
+
+    walk(as_dict(settings, secrets=True), "")
+    return frozenset(found)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -259,7 +259,7 @@ def test_k8s_objects_have_the_required_fields() -> None:
         assert "namespace" not in obj["metadata"], f"{name}: the namespace comes from kustomization.yaml"
         kinds.add(obj["kind"])
     required = {"Namespace", "ServiceAccount", "Service", "StatefulSet", "PodDisruptionBudget",
-                "HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule"}
+                "HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule", "NetworkPolicy"}
     assert required <= kinds, f"missing kinds: {required - kinds}"
     assert kustomization()["namespace"] == k8s_object("Namespace")["metadata"]["name"]
 
@@ -359,6 +359,18 @@ def test_the_kafka_sasl_password_comes_from_an_optional_secret() -> None:
     assert settings.kafka.security_protocol == "PLAINTEXT"
 
 
+def test_the_predict_token_comes_from_an_optional_secret() -> None:
+    env = {var["name"]: var for var in engine_container()["env"]}
+    ref = env[ENV_PREFIX + "HTTP__PREDICT_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is True and ref["name"] and ref["key"]
+    assert ref["name"] != env[ENV_PREFIX + "KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]
+    assert env[ENV_PREFIX + "REDIS__URL"]["valueFrom"]["secretKeyRef"]["optional"] is True, "a URL with its password"
+    assert "predict_token" not in configmap_toml().read_text(encoding="utf-8"), "secrets stay out of the ConfigMap"
+    assert k8s_settings().http.predict_token == "", "without the Secret /predict takes no token"
+    token = "from-the-secret-0123456789"
+    assert load_settings(configmap_toml(), env={ENV_PREFIX + "HTTP__PREDICT_TOKEN": token}).http.predict_token == token
+
+
 def test_the_image_environment_loads_with_the_default_config() -> None:
     env = dockerfile_env()
     assert env.get("PYTHONUNBUFFERED") == "1"
@@ -434,6 +446,24 @@ def test_statefulset_is_wired_to_its_services_and_config() -> None:
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in engine_container()["volumeMounts"]}
     assert volumes[mounts[CONFIG_MOUNT_DIR]]["configMap"]["name"] == kustomization()["configMapGenerator"][0]["name"]
+
+
+def test_networkpolicy_admits_only_prometheus_and_predict_clients_to_the_http_port() -> None:
+    policy = k8s_object("NetworkPolicy")["spec"]
+    pod_labels = statefulset()["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"], "egress (Kafka, Redis) is not this policy's business"
+    named = {p["name"]: p["containerPort"] for p in engine_container()["ports"]}
+    for rule in policy["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every source"
+        for peer in rule["from"]:
+            assert set(peer) == {"namespaceSelector", "podSelector"}, f"too wide a peer: {peer}"
+            assert peer["namespaceSelector"]["matchLabels"] and peer["podSelector"]["matchLabels"]
+        assert [(named.get(p["port"], p["port"]), p["protocol"]) for p in rule["ports"]] == [
+            (k8s_settings().http.port, "TCP")]
+    peers = [peer for rule in policy["ingress"] for peer in rule["from"]]
+    assert any(p["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "prometheus" for p in peers)
+    assert len(peers) == 2, "Prometheus and the payment system, nobody else"
 
 
 def test_engine_runs_locked_down() -> None:

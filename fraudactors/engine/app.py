@@ -26,9 +26,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 async def serve(settings: object) -> int:
     from fraudactors.engine.engine import Engine
     from fraudactors.logging import get_logger
-    from fraudactors.settings import Settings, as_dict
+    from fraudactors.redact import redact
+    from fraudactors.settings import Settings, as_dict, secret_values
 
     assert isinstance(settings, Settings)
+    secrets = secret_values(settings)
     log = get_logger(actor="app")
     log.info("engine_starting", settings=as_dict(settings))
     loop = asyncio.get_running_loop()
@@ -51,7 +53,7 @@ async def serve(settings: object) -> int:
         stopper.cancel()
         cause = _root_cause(exc)
         log.error("engine_failed", error=str(exc), cause=repr(cause), stage="start")
-        print(f"fraudactors run: engine failed to start: {cause}", file=sys.stderr)
+        print(redact(f"fraudactors run: engine failed to start: {cause}", secrets), file=sys.stderr)
         return 1
     task = engine.done
     assert task is not None
@@ -64,14 +66,14 @@ async def serve(settings: object) -> int:
         failure = task.exception() if not task.cancelled() else None
         root = _root_cause(failure) if failure is not None else None
         log.error("engine_failed", error=str(failure), cause=repr(root), stage="run")
-        print(f"fraudactors run: engine failed: {root or 'stopped unexpectedly'}", file=sys.stderr)
+        print(redact(f"fraudactors run: engine failed: {root or 'stopped unexpectedly'}", secrets), file=sys.stderr)
         return 1
     log.info("signal_received")
     try:
         await engine.stop()
     except Exception as exc:
         log.error("engine_failed", error=repr(exc), stage="stop")
-        print(f"fraudactors run: unclean shutdown: {exc!r}", file=sys.stderr)
+        print(redact(f"fraudactors run: unclean shutdown: {exc!r}", secrets), file=sys.stderr)
         return 1
     return 0
 
@@ -87,10 +89,10 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def main(args: argparse.Namespace) -> int:
     from fraudactors.logging import configure_logging
-    from fraudactors.settings import load_settings
+    from fraudactors.settings import load_settings, secret_values
 
     settings = load_settings(args.config)
-    configure_logging(settings.logging.level, settings.logging.format)
+    configure_logging(settings.logging.level, settings.logging.format, secrets=secret_values(settings))
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows

@@ -26,12 +26,13 @@ from fraudactors.engine.http import HttpServer, Response
 from fraudactors.engine.inference import InferenceActor
 from fraudactors.engine.ingestor import Ingestor
 from fraudactors.engine.labels import LabelConsumer, OutcomeRecorder
-from fraudactors.engine.metrics import CONTENT_TYPE, EngineMetrics
+from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.publisher import Publisher
 from fraudactors.engine.worker import Stages
 from fraudactors.errors import FraudActorsError, InvalidRecord, StartupTimeout
 from fraudactors.logging import get_logger
-from fraudactors.settings import Settings
+from fraudactors.redact import redact
+from fraudactors.settings import Settings, secret_values
 
 _JSON = "application/json"
 _READINESS_INTERVAL_S = 0.1
@@ -54,7 +55,8 @@ class Engine:
         self.ingestor = Ingestor(settings, m, Stages(self.features, self.inference, self.publisher,
                                                      on_decided=self.outcomes.record))
         self.labels = LabelConsumer(settings, m, self.features, self.outcomes, self.publisher)
-        self.http = HttpServer(settings.http.host, settings.http.port, self.handle)
+        self.http = HttpServer(settings.http, self.metrics.registry, self)
+        self._secrets = secret_values(settings)
         engine = settings.engine
         start_timeout = engine.start_timeout_s
         stop_timeout = engine.shutdown_timeout_s
@@ -185,23 +187,16 @@ class Engine:
             await asyncio.sleep(_READINESS_INTERVAL_S)
             self.metrics.loop_lag.observe(max(0.0, time.perf_counter() - t - _READINESS_INTERVAL_S))
 
-    # ---------------------------------------------------------------- HTTP
-    async def handle(self, method: str, path: str, body: bytes) -> Response:
-        if path == "/metrics":
-            return 200, CONTENT_TYPE, self.metrics.render()
-        if path == "/healthz":
-            alive = self._task is not None and not self._task.done()
-            return (200 if alive else 503), _JSON, orjson.dumps({"status": "alive" if alive else "dead"})
-        if path == "/readyz":
-            problems = self.readiness()
-            if problems:
-                return 503, _JSON, orjson.dumps({"ready": False, "not_ready": problems})
-            return 200, _JSON, orjson.dumps({"ready": True, "partitions": self.ingestor.assigned})
-        if path == "/predict":
-            if method != "POST":
-                return 405, _JSON, b'{"error":"use POST"}'
-            return await self.predict(body)
-        return 404, _JSON, b'{"error":"not found"}'
+    # ---------------------------------------------------------------- HTTP (engine/http.py serves these)
+    def healthz(self) -> Response:
+        alive = self._task is not None and not self._task.done()
+        return (200 if alive else 503), _JSON, orjson.dumps({"status": "alive" if alive else "dead"})
+
+    def readyz(self) -> Response:
+        problems = {name: redact(str(why), self._secrets) for name, why in self.readiness().items()}
+        if problems:
+            return 503, _JSON, orjson.dumps({"ready": False, "not_ready": problems})
+        return 200, _JSON, orjson.dumps({"ready": True, "partitions": self.ingestor.assigned})
 
     async def predict(self, body: bytes) -> Response:
         """SPEC §6: one transaction in, one decision out, same features, models and routing.
@@ -226,7 +221,7 @@ class Engine:
             X, degraded = await self.features.peek([txn])
             scored = (await self.inference.score(X, [txn.transaction_id]))[0]
         except FraudActorsError as exc:
-            return 503, _JSON, orjson.dumps({"error": str(exc)})
+            return 503, _JSON, orjson.dumps({"error": redact(str(exc), self._secrets)})
         return 200, _JSON, encode_decision(
             transaction_id=txn.transaction_id, user_id=txn.user_id, is_fraud=scored.is_fraud,
             fraud_probability=scored.probability, decision=scored.decision,

@@ -1,124 +1,241 @@
-"""A small asyncio HTTP/1.1 server (keep-alive) for /metrics, /healthz, /readyz and POST /predict.
+"""The engine's HTTP endpoint on aiohttp.web: /metrics, /healthz, /readyz and POST /predict.
 
-Four routes do not justify a web framework dependency; this is enough for Prometheus scrapes,
-Kubernetes probes and a synchronous scoring call. Bodies are bounded (SPEC §2: 1 MiB).
+aiohttp parses and bounds each header line; it has no deadline for a request's head other than
+its keep-alive timeout, no cap on connections, and answers an oversized header line 400.
+:class:`_Connection` (aiohttp's protocol for one connection) adds those three. Bodies are bounded (SPEC §6: 413 over 1 MiB) and must
+arrive within ``http.body_timeout_s``; POST /predict takes a bearer token when one is configured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from typing import Any
+import hashlib
+import hmac
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from prometheus_client import CollectorRegistry, generate_latest
 
 from fraudactors.logging import get_logger
+from fraudactors.settings import HttpSettings
 
-MAX_BODY = 1024 * 1024 + 4096
-_MAX_HEADER_LINES = 100
-_IDLE_TIMEOUT_S = 75.0
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            413: "Payload Too Large", 422: "Unprocessable Entity", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+MAX_BODY = 1024 * 1024
+# generate_latest's text format: what prometheus_client's own handlers answer a scraper that
+# does not ask for a newer one.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_JSON = "application/json"
+_IDLE_TIMEOUT_S = 75.0  # a kept-alive connection with no new request
+_LINGER_S = 1.0  # after an early answer (401, 408, 413), how long the unread rest of a body is drained
+_SHUTDOWN_S = 2.0  # requests in flight when the server stops
 
 Response = tuple[int, str, bytes]  # status, content type, body
-Handler = Callable[[str, str, bytes], Awaitable[Response]]  # method, path, body
+
+
+class Endpoints(Protocol):
+    """What the engine answers; this module speaks HTTP for it."""
+
+    def healthz(self) -> Response: ...
+
+    def readyz(self) -> Response: ...
+
+    async def predict(self, body: bytes) -> Response: ...
 
 
 class HttpServer:
-    """Serves ``handler`` on one port; :attr:`port` is the bound port (``port=0`` picks a free one)."""
+    """Serves ``endpoints`` and ``registry``; :attr:`port` is the bound port (``port=0`` picks a
+    free one, kept across restarts)."""
 
-    def __init__(self, host: str, port: int, handler: Handler) -> None:
-        self._host = host
-        self._port = port
-        self._handler = handler
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
-        self.port = port
+    def __init__(self, settings: HttpSettings, registry: CollectorRegistry, endpoints: Endpoints) -> None:
+        self.settings = settings
+        self.port = settings.port
+        self._registry = registry
+        self._endpoints = endpoints
+        token = settings.predict_token
+        self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
+        self._open: set[_Connection] = set()
         self._log = get_logger(actor="http")
 
+    @property
+    def connections(self) -> int:
+        return len(self._open)
+
     async def run(self, task_status: Any) -> None:
-        server = await asyncio.start_server(self._serve, self._host, self._port, limit=MAX_BODY)
-        self._server = server
-        self.port = server.sockets[0].getsockname()[1]
-        self._log.info("http_listening", host=self._host, port=self.port)
-        task_status.started()
+        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_post("/predict", self._predict)
+        runner = web.AppRunner(app, shutdown_timeout=_SHUTDOWN_S)
+        await runner.setup()
+        server = runner.server
+        assert server is not None
+        listener: asyncio.Server | None = None
         try:
-            await asyncio.Event().wait()
+            loop = asyncio.get_running_loop()
+            listener = await loop.create_server(lambda: _Connection(self, server, loop),
+                                                self.settings.host, self.port)
+            self.port = listener.sockets[0].getsockname()[1]
+            self._log.info("http_listening", host=self.settings.host, port=self.port,
+                           predict_token=self._token_digest is not None)
+            task_status.started()
+            await asyncio.Future()
         finally:
-            server.close()
-            for task in list(self._connections):
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.shield(server.wait_closed())
-            self._server = None
+            await asyncio.shield(self._close(runner, listener))
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        try:
-            while True:
-                keep_alive = await self._one(reader, writer)
-                if not keep_alive:
-                    break
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            if task is not None:
-                self._connections.discard(task)
-            writer.close()
+    async def _close(self, runner: web.AppRunner, listener: asyncio.Server | None) -> None:
+        if listener is not None:
+            listener.close()
+        await runner.cleanup()
+        if listener is not None:
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await listener.wait_closed()
 
-    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        async with asyncio.timeout(_IDLE_TIMEOUT_S):
-            line = await reader.readline()
-        if not line:
-            return False
+    # ---------------------------------------------------------------- routes
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        connection = request.protocol
+        assert isinstance(connection, _Connection)
+        connection.head_received()
         try:
-            method, target, version = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-        except ValueError:
-            await _write(writer, (400, "text/plain", b"bad request line\n"), False)
-            return False
-        headers: dict[str, str] = {}
-        for _ in range(_MAX_HEADER_LINES):
-            raw = await reader.readline()
-            if raw in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = raw.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        else:
-            await _write(writer, (400, "text/plain", b"too many headers\n"), False)
-            return False
-        connection = headers.get("connection", "").lower()
-        keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-        try:
-            length = int(headers.get("content-length", "0") or 0)
-        except ValueError:
-            await _write(writer, (400, "text/plain", b"bad content-length\n"), False)
-            return False
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            await _write(writer, (400, "text/plain", b"chunked bodies are not supported\n"), False)
-            return False
-        if length < 0 or length > MAX_BODY:
-            await _write(writer, (413, "application/json", b'{"error":"body too large"}'), False)
-            return False
-        body = await reader.readexactly(length) if length else b""
-        path = target.split("?", 1)[0]
-        try:
-            response = await self._handler(method.upper(), path, body)
+            response: web.StreamResponse = await handler(request)
+            return response
+        except web.HTTPMethodNotAllowed as exc:
+            return _json(405, {"error": f"use {', '.join(sorted(exc.allowed_methods))}"},
+                         headers={"Allow": exc.headers["Allow"]})
+        except web.HTTPException as exc:  # the router's 404
+            return _json(exc.status, {"error": exc.reason.lower()})
+        except ConnectionError:
+            raise
         except Exception as exc:  # the handler's bug must not kill the server
-            self._log.exception("http_handler_failed", path=path)
-            response = (500, "application/json", b'{"error":"internal error: %s"}' % type(exc).__name__.encode())
-        await _write(writer, response, keep_alive)
-        return keep_alive
+            self._log.exception("http_handler_failed", path=request.path)
+            return _json(500, {"error": f"internal error: {type(exc).__name__}"})
+        finally:
+            connection.response_done()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self._registry), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return _response(self._endpoints.healthz())
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        return _response(self._endpoints.readyz())
+
+    async def _predict(self, request: web.Request) -> web.StreamResponse:
+        if self._token_digest is not None and not self._authorized(request):
+            challenge = 'Bearer realm="fraudactors"'
+            if "Authorization" in request.headers:
+                challenge += ', error="invalid_token"'
+            return _json(401, {"error": "a valid bearer token is required"},
+                         headers={"WWW-Authenticate": challenge})
+        if (request.content_length or 0) > MAX_BODY:
+            return _closing(_json(413, {"error": f"body over {MAX_BODY} bytes"}))
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                body = await request.read()
+        except TimeoutError:
+            return _closing(_json(408, {"error": f"body not received within {self.settings.body_timeout_s:g} s"}))
+        except web.HTTPRequestEntityTooLarge:  # chunked: no Content-Length to refuse it by
+            return _closing(_json(413, {"error": f"body over {MAX_BODY} bytes"}))
+        return _response(await self._endpoints.predict(body))
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        assert self._token_digest is not None
+        # Digests of equal length: the comparison time says nothing about the token, not even its length.
+        return scheme.lower() == "bearer" and hmac.compare_digest(digest, self._token_digest)
 
 
-async def _write(writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> None:
+class _Connection(web.RequestHandler):
+    """aiohttp's protocol for one connection, plus the connection cap, a deadline for each
+    request head (from connect, or from the first byte after a response, to the handler), and
+    431 for a header line over aiohttp's limit (8190 bytes)."""
+
+    __slots__ = ("_admitted", "_deadline", "_idle", "_owner")
+
+    def __init__(self, owner: HttpServer, server: web.Server, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(server, loop=loop, keepalive_timeout=_IDLE_TIMEOUT_S, lingering_time=_LINGER_S,
+                         access_log=None)  # type: ignore[arg-type]  # None: no access log (aiohttp checks)
+        self._owner = owner
+        self._admitted = False
+        self._idle = True
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        owner = self._owner
+        if len(owner._open) >= owner.settings.max_connections:
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(_raw(503, "Service Unavailable", "too many connections"))
+            transport.close()
+            return
+        self._admitted = True
+        owner._open.add(self)
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._admitted:
+            return
+        if self._idle and self._deadline is None:
+            self._arm()
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._admitted:
+            return
+        self._disarm()
+        self._owner._open.discard(self)
+        super().connection_lost(exc)
+
+    def head_received(self) -> None:
+        self._idle = False
+        self._disarm()
+
+    def response_done(self) -> None:
+        self._idle = True
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, LineTooLong):
+            return _closing(_json(431, {"error": "request header line too large"}))
+        return super().handle_error(request, status, exc, message)
+
+    def _arm(self) -> None:
+        timeout = self._owner.settings.header_timeout_s
+        self._deadline = asyncio.get_running_loop().call_later(timeout, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._deadline = None
+        if self.transport is not None:
+            self.transport.write(_raw(408, "Request Timeout", "request head not received in time"))
+        self.force_close()
+
+
+def _json(status: int, obj: object, headers: Any = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(obj), content_type=_JSON, headers=headers)
+
+
+def _closing(response: web.Response) -> web.Response:
+    response.force_close()
+    return response
+
+
+def _response(response: Response) -> web.Response:
     status, content_type, body = response
-    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-            f"Content-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
-    writer.write(head.encode("latin-1") + body)
-    await writer.drain()
+    return web.Response(status=status, body=body, headers={"Content-Type": content_type})
+
+
+def _raw(status: int, reason: str, error: str) -> bytes:
+    """A whole response written before aiohttp has a request to answer."""
+    body = orjson.dumps({"error": error})
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {_JSON}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode() + body

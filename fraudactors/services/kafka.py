@@ -20,6 +20,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
 from fraudactors.errors import ConfigError, ServiceError
+from fraudactors.redact import redact_url
 from fraudactors.settings import KafkaSettings, Settings
 
 
@@ -136,8 +137,8 @@ async def create_topics(settings: Settings, bootstrap_servers: str | None = None
     try:
         await admin.start()
     except Exception as exc:
-        raise ServiceError(f"cannot reach Kafka at {bootstrap_servers or settings.kafka.bootstrap_servers} "
-                           f"to create topics: {exc!r}") from exc
+        where = redact_url(bootstrap_servers or settings.kafka.bootstrap_servers)
+        raise ServiceError(f"cannot reach Kafka at {where} to create topics: {redact_url(repr(exc))}") from exc
     created: list[str] = []
     try:
         existing = set(await admin.list_topics())

@@ -1,0 +1,235 @@
+"""The HTTP endpoint on a real loopback socket: slow clients, the connection cap, size limits and
+the bearer token of POST /predict. The engine behind it is a stub; test_engine_stream.py drives
+the same routes through a real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from engine_helpers import wait_until
+from prometheus_client import CollectorRegistry, Counter
+
+from fraudactors.engine.http import MAX_BODY, METRICS_CONTENT_TYPE, HttpServer, Response
+from fraudactors.settings import load_settings
+
+TOKEN = "payments-0123456789abcdef"
+# Far above every timeout set in these tests: how long "the server closes it" may take.
+GENEROUS_S = 10.0
+_JSON = "application/json"
+
+
+class StubEngine:
+    def healthz(self) -> Response:
+        return 200, _JSON, b'{"status":"alive"}'
+
+    def readyz(self) -> Response:
+        return 503, _JSON, b'{"ready":false}'
+
+    async def predict(self, body: bytes) -> Response:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return 422, _JSON, b'{"error":"body is not JSON"}'
+        return 200, _JSON, orjson.dumps({"scored": obj})
+
+
+@contextlib.asynccontextmanager
+async def serving(**http: Any) -> AsyncIterator[HttpServer]:
+    settings = load_settings(env={}, overrides={"http": {"port": 0, **http}})
+    registry = CollectorRegistry()
+    Counter("fraudactors_test_requests", "Requests of this test.", registry=registry).inc()
+    server = HttpServer(settings.http, registry, StubEngine())
+    started = asyncio.get_running_loop().create_future()
+
+    class Status:
+        def started(self, value: Any = None) -> None:
+            started.set_result(value)
+
+    task = asyncio.create_task(server.run(Status()))
+    await asyncio.wait([started, task], timeout=GENEROUS_S, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    try:
+        yield server
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def request(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: test"]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    async with asyncio.timeout(GENEROUS_S):
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        status_line, *lines = head.strip().split("\r\n")
+        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split(" ")[1]), headers, body
+
+
+async def exchange(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        return await read_response(reader)
+    finally:
+        writer.close()
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sent before it closed the connection (fails if it keeps it open)."""
+    async with asyncio.timeout(GENEROUS_S):
+        return await reader.read()
+
+
+# -- slow clients ------------------------------------------------------------------------------------
+async def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout() -> None:
+    async with serving(header_timeout_s=0.3) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            sent = await closed_by_server(reader)
+        finally:
+            writer.close()
+    assert sent.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_a_client_trickling_its_headers_is_cut_off_at_the_header_timeout() -> None:
+    head = request("GET", "/healthz", X_Padding="p" * 400)[:-2]  # never the blank line
+    async with serving(header_timeout_s=0.3) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+        async def trickle() -> None:  # the slow client itself: a byte every 20 ms, 8 s in all
+            for byte in head:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.02)
+
+        trickler = asyncio.create_task(trickle())
+        try:
+            sent = await closed_by_server(reader)
+            assert not trickler.done(), "the client was still sending its headers"
+        finally:
+            trickler.cancel()
+            await asyncio.gather(trickler, return_exceptions=True)
+            writer.close()
+    assert sent.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_a_client_that_promises_a_body_and_never_sends_it_gets_408_and_is_closed() -> None:
+    async with serving(body_timeout_s=0.3) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 200\r\n\r\n{\"transaction")
+            sent = await closed_by_server(reader)
+        finally:
+            writer.close()
+    assert sent.startswith(b"HTTP/1.1 408 ")
+    assert b"body not received" in sent
+
+
+async def test_a_kept_alive_connection_may_idle_longer_than_the_header_timeout() -> None:
+    async with serving(header_timeout_s=0.2) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(request("GET", "/healthz"))
+            assert (await read_response(reader))[0] == 200
+            await asyncio.sleep(1.0)  # idle well past the header timeout: nothing to wait for but time
+            writer.write(request("GET", "/healthz"))
+            assert (await read_response(reader))[0] == 200
+        finally:
+            writer.close()
+
+
+# -- the connection cap ------------------------------------------------------------------------------
+async def test_one_connection_over_the_cap_gets_503_and_a_freed_slot_is_reused() -> None:
+    async with serving(max_connections=2) as server:
+        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+        try:
+            for reader, writer in held:  # both admitted, and kept alive
+                writer.write(request("GET", "/healthz"))
+                assert (await read_response(reader))[0] == 200
+            assert server.connections == 2
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                sent = await closed_by_server(reader)
+            finally:
+                writer.close()
+            assert sent.startswith(b"HTTP/1.1 503 ")
+            held[0][1].close()
+            await wait_until(lambda: server.connections == 1, timeout_s=GENEROUS_S)
+            assert (await exchange(server.port, request("GET", "/healthz")))[0] == 200
+        finally:
+            for _, writer in held:
+                writer.close()
+
+
+# -- sizes -------------------------------------------------------------------------------------------
+async def test_an_oversized_header_line_gets_431() -> None:
+    async with serving() as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(request("GET", "/healthz", X_Big="b" * 20_000))
+            status, _, body = await read_response(reader)
+            assert status == 431, body
+            assert await closed_by_server(reader) == b""
+        finally:
+            writer.close()
+        assert (await exchange(server.port, request("GET", "/healthz", X_Big="b" * 8_000)))[0] == 200
+
+
+async def test_a_body_over_one_mebibyte_gets_413_and_one_of_exactly_one_mebibyte_does_not() -> None:
+    async with serving() as server:
+        status, _, body = await exchange(server.port, request("POST", "/predict", b"x" * (MAX_BODY + 1)))
+        assert status == 413, body
+        chunked = (b"POST /predict HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + b"%x\r\n" % (MAX_BODY + 1) + b"x" * (MAX_BODY + 1) + b"\r\n0\r\n\r\n")
+        status, _, body = await exchange(server.port, chunked)
+        assert status == 413, body
+        status, _, body = await exchange(server.port, request("POST", "/predict", b"x" * MAX_BODY))
+        assert status == 422, body
+
+
+# -- routes and the token ----------------------------------------------------------------------------
+async def test_routes_answer_as_before_and_metrics_are_the_registry_in_text_format() -> None:
+    async with serving() as server:
+        status, headers, body = await exchange(server.port, request("GET", "/metrics"))
+        assert status == 200
+        assert headers["content-type"] == METRICS_CONTENT_TYPE
+        assert "fraudactors_test_requests_total 1.0" in body.decode()
+        assert (await exchange(server.port, request("GET", "/healthz")))[0] == 200
+        assert (await exchange(server.port, request("GET", "/readyz")))[0] == 503
+        status, _, body = await exchange(server.port, request("POST", "/predict", b'{"amount": 1}'))
+        assert (status, orjson.loads(body)) == (200, {"scored": {"amount": 1}})
+        assert (await exchange(server.port, request("POST", "/predict", b"not json")))[0] == 422
+        status, headers, body = await exchange(server.port, request("GET", "/predict"))
+        assert (status, headers["allow"]) == (405, "POST") and orjson.loads(body)["error"]
+        status, _, body = await exchange(server.port, request("GET", "/nowhere"))
+        assert status == 404 and orjson.loads(body)["error"]
+
+
+async def test_predict_needs_the_bearer_token_when_one_is_configured_and_the_probes_do_not() -> None:
+    body = b'{"amount": 1}'
+    async with serving(predict_token=TOKEN) as server:
+        status, headers, _ = await exchange(server.port, request("POST", "/predict", body))
+        assert status == 401
+        assert headers["www-authenticate"].startswith("Bearer ")
+        for wrong in ("Bearer " + TOKEN[:-1], "Bearer " + TOKEN + "x", "Basic " + TOKEN, TOKEN):
+            status, headers, _ = await exchange(server.port, request("POST", "/predict", body, Authorization=wrong))
+            assert status == 401, wrong
+            assert 'error="invalid_token"' in headers["www-authenticate"]
+        status, _, answer = await exchange(server.port,
+                                           request("POST", "/predict", body, Authorization=f"Bearer {TOKEN}"))
+        assert (status, orjson.loads(answer)) == (200, {"scored": {"amount": 1}})
+        for path, expected in (("/healthz", 200), ("/readyz", 503), ("/metrics", 200)):
+            assert (await exchange(server.port, request("GET", path)))[0] == expected, path
