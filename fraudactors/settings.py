@@ -150,6 +150,8 @@ class EngineSettings:
     inference_timeout_s: float = 10.0
     max_inflight_batches: int = 8
     commit_interval_ms: int = 500
+    # A commit the broker does not answer within this is given up and retried at the next interval.
+    commit_timeout_s: float = 5.0
     shutdown_timeout_s: float = 20.0
     start_timeout_s: float = 60.0
     # A consumer that made no progress with records waiting for this long is restarted.
@@ -166,6 +168,8 @@ class EngineSettings:
         _require(self.mailbox_size >= 1, "engine.mailbox_size", "must be >= 1")
         _require(self.inference_workers >= 1, "engine.inference_workers", "must be >= 1")
         _require(self.max_inflight_batches >= 1, "engine.max_inflight_batches", "must be >= 1")
+        _require(self.commit_interval_ms > 0, "engine.commit_interval_ms", "must be > 0")
+        _require(self.commit_timeout_s > 0, "engine.commit_timeout_s", "must be > 0")
         _require(self.shutdown_timeout_s > 0, "engine.shutdown_timeout_s", "must be > 0")
         _require(self.restart_max >= 0, "engine.restart_max", "must be >= 0")
 

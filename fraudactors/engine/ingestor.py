@@ -10,7 +10,9 @@
   restarts the ingestor with a fresh consumer and a fresh worker supervisor.
 - Rebalance: on revoke, the revoked partitions' workers finish the batch in hand, the broker
   acknowledges what was handed off, the finished prefix is committed, then they are forgotten.
-- Commits every ``commit_interval_ms`` (only acknowledged prefixes), on revoke and on shutdown.
+- Commits every ``commit_interval_ms`` (only acknowledged prefixes), on revoke and on shutdown; each
+  within ``engine.commit_timeout_s`` (a commit that times out is retried at the next interval, so
+  housekeeping never freezes while the broker does).
 - Watchdog: a poll loop that stops returning, or a partition with records waiting whose finished
   offset does not move for ``watchdog_s``, raises :class:`ConsumerStalled`; the supervisor restarts
   the ingestor (a new consumer), and /readyz says so meanwhile.
@@ -81,6 +83,7 @@ class Ingestor:
         self.running = False
         self.worker_restarts = 0
         self.pauses = 0
+        self.housekeeping_passes = 0
         self._workers: Supervisor | None = None  # the feature workers' supervisor, one per run
 
     # ---------------------------------------------------------------- observation
@@ -183,6 +186,7 @@ class Ingestor:
             await self.commit(consumer)
             await self._refresh_positions(consumer)
             self._update_gauges()
+            self.housekeeping_passes += 1
             self._watchdog(time.monotonic())
 
     async def _refresh_positions(self, consumer: AIOKafkaConsumer) -> None:
@@ -243,9 +247,17 @@ class Ingestor:
                 offsets[state.tp] = offset
         if not offsets:
             return
+        timeout = self._settings.engine.commit_timeout_s
         try:
-            await consumer.commit(offsets)
+            async with asyncio.timeout(timeout):
+                await consumer.commit(offsets)
+        except TimeoutError:
+            # The broker did not answer in time: these offsets are committed at the next try.
+            self._metrics.commit_failures.labels("timeout").inc()
+            self._log.warning("commit_timed_out", timeout_s=timeout, partitions=sorted(tp.partition for tp in offsets))
+            return
         except KafkaError as exc:
+            self._metrics.commit_failures.labels("error").inc()
             self._log.warning("commit_failed", error=repr(exc), partitions=sorted(tp.partition for tp in offsets))
             return
         self._metrics.commits.inc()

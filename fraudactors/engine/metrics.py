@@ -84,6 +84,9 @@ class EngineMetrics:
             "Feature batches retried because Redis answered too late while still alive (load, not outage).",
             registry=r)
         self.commits = Counter("fraudactors_commits", "Offset commits.", registry=r)
+        self.commit_failures = Counter(
+            "fraudactors_commit_failures", "Offset commits given up: timeout (engine.commit_timeout_s) or error.",
+            ["reason"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
