@@ -15,7 +15,8 @@
   housekeeping never freezes while the broker does).
 - Watchdog: a poll loop that stops returning, or a partition with records waiting whose finished
   offset does not move for ``watchdog_s``, raises :class:`ConsumerStalled`; the supervisor restarts
-  the ingestor (a new consumer), and /readyz says so meanwhile.
+  the ingestor (a new consumer), and /readyz says so meanwhile. Partitions waiting on purpose (for
+  Redis under the hold policy, for the broker while the publisher is held back) are not stalled.
 """
 
 from __future__ import annotations
@@ -211,12 +212,13 @@ class Ingestor:
             return
         if now - self.last_poll > limit:
             self._stall(f"poll loop made no call for {now - self.last_poll:.1f}s")
-        if self._features.holding:
-            return  # partitions wait for Redis on purpose (hold policy)
+        # Partitions that wait on purpose -- for Redis (hold policy), for the broker (a full publish
+        # window, sends being retried) -- are not stalled: a new consumer would not help them.
+        waiting = self._features.holding or self._publisher.held_back
         lag = self.lag()
         for p, s in self._parts.items():
             mark = (s.position, s.tracker.done_end)  # fetching or finishing: either is progress
-            if mark != s.progress_mark or lag.get(p, 0) == 0:
+            if waiting or mark != s.progress_mark or lag.get(p, 0) == 0:
                 s.progress_mark = mark
                 s.progress_at = now
             elif now - s.progress_at > limit:

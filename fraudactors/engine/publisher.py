@@ -104,6 +104,7 @@ class Publisher:
         self._in_flight: dict[_TP, int] = {}
         self._waiters: deque[tuple[asyncio.Future[None], dict[_TP, int]]] = deque()
         self.window_peak = 0  # the most records ever in flight on one partition
+        self._retrying = 0  # batches whose sends failed and are being retried
         self._partitioner = DefaultPartitioner()
         self._linger_s = settings.kafka.linger_ms / 1000.0
         self._open: dict[_TP, _Batch] = {}  # per partition: the batch records are added to
@@ -119,6 +120,12 @@ class Publisher:
     def waiting(self) -> int:
         """Senders waiting for room in the window (the workers held back right now)."""
         return len(self._waiters)
+
+    @property
+    def held_back(self) -> bool:
+        """True while the broker holds the pipeline back: senders wait for room in the window, or
+        sends that failed are being retried."""
+        return bool(self._waiters) or self._retrying > 0
 
     def window(self) -> dict[_TP, int]:
         """Records in flight per output (topic, partition)."""
@@ -354,31 +361,39 @@ class Publisher:
     async def _confirm(self, messages: Sequence[Message],
                        futures: list[asyncio.Future[Any] | BaseException]) -> None:
         backoff = _BACKOFF_START_S
-        while True:
-            failed: list[Message] = []
-            error: BaseException | None = None
-            for message, fut in zip(messages, futures, strict=True):
-                if isinstance(fut, BaseException):
-                    exc: BaseException | None = fut
-                else:
-                    try:
-                        await fut
-                        exc = None
-                    except KafkaError as e:
-                        exc = e
-                if exc is not None:
-                    failed.append(self._fallback(message, exc))
-                    error = exc
-            if not failed:
-                return
-            if self._stopping:
-                raise ActorDied(f"publisher stopped with {len(failed)} unacknowledged records")
-            self._metrics.publish_retries.labels(failed[0][0]).inc(len(failed))
-            self._log.warning("publish_retry", records=len(failed), error=repr(error), backoff_s=backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
-            messages = failed
-            futures = await self._send(messages)
+        retrying = False
+        try:
+            while True:
+                failed: list[Message] = []
+                error: BaseException | None = None
+                for message, fut in zip(messages, futures, strict=True):
+                    if isinstance(fut, BaseException):
+                        exc: BaseException | None = fut
+                    else:
+                        try:
+                            await fut
+                            exc = None
+                        except KafkaError as e:
+                            exc = e
+                    if exc is not None:
+                        failed.append(self._fallback(message, exc))
+                        error = exc
+                if not failed:
+                    return
+                if self._stopping:
+                    raise ActorDied(f"publisher stopped with {len(failed)} unacknowledged records")
+                if not retrying:
+                    retrying = True
+                    self._retrying += 1
+                self._metrics.publish_retries.labels(failed[0][0]).inc(len(failed))
+                self._log.warning("publish_retry", records=len(failed), error=repr(error), backoff_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                messages = failed
+                futures = await self._send(messages)
+        finally:
+            if retrying:
+                self._retrying -= 1
 
     def _fallback(self, message: Message, exc: BaseException) -> Message:
         """What to send again after ``exc``: the same message, except a dead letter that can never

@@ -72,13 +72,14 @@ async def test_a_frozen_broker_loses_nothing_bounds_the_publish_window_and_house
     """SIGSTOP of the broker for longer than the request timeout while a backlog is processed:
     the publisher's window stops the workers (backpressure to the Kafka edge, never more than
     ``engine.publish_window`` records unacknowledged per output partition), commits time out
-    instead of freezing housekeeping (the lag gauges and the watchdog keep running), and after
-    SIGCONT every transaction is decided and committed."""
+    instead of freezing housekeeping (the lag gauges and the watchdog keep running), the watchdog
+    does not take partitions held back by the broker for a stalled consumer, and after SIGCONT
+    every transaction is decided and committed."""
     window, batch = 64, 16
     s = engine_settings.replace(
         kafka={"bootstrap_servers": fresh_broker.bootstrap_servers, "request_timeout_ms": 2000},
         engine={"publish_window": window, "batch_max": batch, "mailbox_size": 32,
-                "commit_timeout_s": 0.5, "commit_interval_ms": 200})
+                "commit_timeout_s": 0.5, "commit_interval_ms": 200, "watchdog_s": 2.0})
     await create_topics(s)
     txns = transactions(6000, prefix="frozen")
     partitions = s.topics.partitions
@@ -131,7 +132,8 @@ async def test_a_frozen_broker_loses_nothing_bounds_the_publish_window_and_house
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
         assert registry.get_sample_value("fraudactors_commit_failures_total", {"reason": "timeout"})
-        assert engine.supervisor.restarts_total == 0
+        assert engine.supervisor.restarts_total == 0, "no consumer restart for the broker's outage"
+        assert ingestor.stalls == 0
     assert seen["pending"] <= limit_total, seen
     assert 0 < seen["window"] <= window, seen
     assert publisher.window_peak <= window
