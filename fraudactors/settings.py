@@ -169,7 +169,12 @@ class EngineSettings:
     inference_mode: Literal["process", "thread"] = "process"
     inference_timeout_s: float = 10.0
     max_inflight_batches: int = 8
+    # Records per output partition handed to the producer and not yet acknowledged; a full window
+    # makes the workers wait (their mailboxes fill, the ingestor pauses partitions). >= batch_max.
+    publish_window: int = 4096
     commit_interval_ms: int = 500
+    # A commit the broker does not answer within this is given up and retried at the next interval.
+    commit_timeout_s: float = 5.0
     shutdown_timeout_s: float = 20.0
     start_timeout_s: float = 60.0
     # A consumer that made no progress with records waiting for this long is restarted.
@@ -188,6 +193,10 @@ class EngineSettings:
         _require(self.mailbox_size >= 1, "engine.mailbox_size", "must be >= 1")
         _require(self.inference_workers >= 1, "engine.inference_workers", "must be >= 1")
         _require(self.max_inflight_batches >= 1, "engine.max_inflight_batches", "must be >= 1")
+        _require(self.publish_window >= self.batch_max, "engine.publish_window",
+                 f"must be >= engine.batch_max ({self.batch_max}): a micro-batch must fit in it")
+        _require(self.commit_interval_ms > 0, "engine.commit_interval_ms", "must be > 0")
+        _require(self.commit_timeout_s > 0, "engine.commit_timeout_s", "must be > 0")
         _require(self.shutdown_timeout_s > 0, "engine.shutdown_timeout_s", "must be > 0")
         _require(self.restart_max >= 0, "engine.restart_max", "must be >= 0")
         _require(self.max_future_skew_s >= 0, "engine.max_future_skew_s", "must be >= 0")

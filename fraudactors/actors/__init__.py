@@ -4,7 +4,7 @@ from fraudactors.actors.actor import actor_child
 from fraudactors.actors.mailbox import Mailbox, Request, ask
 from fraudactors.actors.pool import PoolBroken, ProcessPool, RemoteCallError, WorkerInitError
 from fraudactors.actors.supervisor import ChildSpec, Restart, Strategy, Supervisor, run_root
-from fraudactors.actors.taskstatus import IGNORED, TaskStatus
+from fraudactors.actors.taskstatus import IGNORED, TaskStatus, start_task
 
 __all__ = [
     "IGNORED",
@@ -22,4 +22,5 @@ __all__ = [
     "actor_child",
     "ask",
     "run_root",
+    "start_task",
 ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -94,7 +94,7 @@ class _Exit:
 
 @dataclass(eq=False)
 class _Command:
-    kind: str  # "start" | "terminate"
+    kind: str  # "start" (arg: a ChildSpec) | "terminate" (arg: a tuple of ids)
     arg: Any
     reply: asyncio.Future[None]
 
@@ -220,7 +220,12 @@ class Supervisor:
 
     async def terminate_child(self, child_id: str) -> None:
         """Stop a child (cancel, wait up to its shutdown_timeout) and forget it. Unknown id: no-op."""
-        await self._submit("terminate", child_id)
+        await self._submit("terminate", (child_id,))
+
+    async def terminate_children(self, child_ids: Iterable[str]) -> None:
+        """Stop several children at once -- concurrently, each within its shutdown_timeout -- and
+        forget them (peers that drain in parallel, e.g. one worker per partition). Unknown ids: no-op."""
+        await self._submit("terminate", tuple(child_ids))
 
     # ------------------------------------------------------------------ internals
     @property
@@ -299,11 +304,12 @@ class Supervisor:
                 self._children.remove(child)
                 _fail(reply, error)
         else:
-            found = self._find(command.arg)
-            if found is not None:
-                self._children.remove(found)
-                await self._stop_child(found)
-                self._log.info("child_terminated", child=found.spec.id)
+            found = [c for c in map(self._find, command.arg) if c is not None]
+            for child in found:
+                self._children.remove(child)
+            await asyncio.gather(*(self._stop_child(child) for child in found))
+            for child in found:
+                self._log.info("child_terminated", child=child.spec.id)
             _resolve(reply)
 
     async def _handle_exit(self, child: _Child, reason: str, error: BaseException | None) -> None:

@@ -6,7 +6,7 @@ Children, in start order (each reports ready before the next starts; they stop i
 
 The root strategy is one-for-one: the actors hold no state the others depend on across a restart
 (a worker waiting on the publisher or the inference actor waits for its restart), so a crash of
-one does not tear down the others. The ingestor owns the per-partition feature workers.
+one does not tear down the others. The ingestor owns the per-partition feature workers (a supervisor of their own).
 """
 
 from __future__ import annotations
@@ -132,7 +132,12 @@ class Engine:
                 raise StartupTimeout("engine stopped before it was ready")
 
     async def stop(self) -> None:
-        """Graceful: stop fetching, finish and publish what is in flight, commit, leave the group."""
+        """Graceful: stop fetching, finish and publish what is in flight, commit, leave the group.
+
+        The children stop in reverse start order: the ingestor (workers drained, acknowledgements
+        awaited, offsets committed) before the publisher, whose shutdown flushes what is still
+        unacknowledged within a deadline and then stops retrying (``Publisher.flush``/``stop``).
+        """
         if self._stopping:
             return
         self._stopping = True

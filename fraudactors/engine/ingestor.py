@@ -1,16 +1,22 @@
 """The ingestor: one consumer-group member on ``transactions``, routing records to feature workers.
 
 - ``getmany`` batches; each record goes to the mailbox of the worker that owns its partition.
-- A full mailbox pauses its partition (the rest of the fetched records wait in a small per-partition
-  overflow) and the partition resumes once the mailbox is half empty. The poll loop never stops, so
-  the member keeps heartbeating and is never evicted for exceeding ``max_poll_interval_ms``.
+- A full mailbox pauses its partition (see :mod:`fraudactors.engine.partition`). The poll loop never
+  stops, so the member keeps heartbeating and is never evicted for exceeding ``max_poll_interval_ms``.
+- The feature workers are children of the ingestor's own supervisor (``features``, one-for-one,
+  ``engine.restart_max`` within ``engine.restart_window_s``): one per assigned partition, started on
+  assign and terminated on revoke. A restart rewinds the partition to the end of the last batch
+  handed off. A spent budget fails the supervisor, and with it the ingestor, upward; the root
+  restarts the ingestor with a fresh consumer and a fresh worker supervisor.
 - Rebalance: on revoke, the revoked partitions' workers finish the batch in hand, the broker
-  acknowledges what was handed off, the finished prefix is committed, then the workers stop; on
-  assign, a mailbox, an offset tracker and a worker are created per partition.
-- Commits every ``commit_interval_ms`` (only acknowledged prefixes), on revoke and on shutdown.
+  acknowledges what was handed off, the finished prefix is committed, then they are forgotten.
+- Commits every ``commit_interval_ms`` (only acknowledged prefixes), on revoke and on shutdown; each
+  within ``engine.commit_timeout_s`` (a commit that times out is retried at the next interval, so
+  housekeeping never freezes while the broker does).
 - Watchdog: a poll loop that stops returning, or a partition with records waiting whose finished
   offset does not move for ``watchdog_s``, raises :class:`ConsumerStalled`; the supervisor restarts
-  the ingestor (a new consumer), and /readyz says so meanwhile.
+  the ingestor (a new consumer), and /readyz says so meanwhile. Partitions waiting on purpose (for
+  Redis under the hold policy, for the broker while the publisher is held back) are not stalled.
 """
 
 from __future__ import annotations
@@ -19,24 +25,20 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from fraudactors.actors import Mailbox
+from fraudactors.actors import ChildSpec, Mailbox, Restart, Strategy, Supervisor, TaskStatus, start_task
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.offsets import OffsetTracker
-from fraudactors.engine.worker import FeatureWorker, Item, Stages
+from fraudactors.engine.partition import Partition
+from fraudactors.engine.worker import FeatureWorker, Stages
 from fraudactors.errors import ActorError, RestartIntensityExceeded
 from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
-
-if TYPE_CHECKING:
-    pass
 
 _POLL_TIMEOUT_MS = 100
 
@@ -45,24 +47,6 @@ class ConsumerStalled(ActorError):
     """The consumer stopped making progress while records were waiting; restart it."""
 
     retriable = True
-
-
-@dataclass(eq=False)
-class _Partition:
-    tp: TopicPartition
-    mailbox: Mailbox[Item]
-    tracker: OffsetTracker
-    worker: FeatureWorker | None = None
-    task: asyncio.Task[None] | None = None
-    overflow: list[Item] = field(default_factory=list)
-    paused: bool = False
-    closing: bool = False  # revoked or shutting down: no more records go in
-    first_offset: int | None = None
-    fetched_end: int = -1   # next offset after the last record routed to the worker
-    position: int = -1      # the consumer's position, refreshed by housekeeping
-    progress_mark: tuple[int, int] = (-1, -1)
-    progress_at: float = field(default_factory=time.monotonic)
-    restarts: int = 0
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -91,7 +75,7 @@ class Ingestor:
         self._features = stages.features
         self._publisher = stages.publisher
         self._consumer: AIOKafkaConsumer | None = None
-        self._parts: dict[int, _Partition] = {}
+        self._parts: dict[int, Partition] = {}
         self._stopping = False
         self._log = get_logger(actor="ingestor")
         self.last_poll = time.monotonic()
@@ -100,8 +84,8 @@ class Ingestor:
         self.running = False
         self.worker_restarts = 0
         self.pauses = 0
-        self._restart_times: deque[float] = deque()
-        self._fatal: BaseException | None = None
+        self.housekeeping_passes = 0
+        self._workers: Supervisor | None = None  # the feature workers' supervisor, one per run
 
     # ---------------------------------------------------------------- observation
     @property
@@ -138,26 +122,33 @@ class Ingestor:
         from fraudactors.services.kafka import make_consumer
 
         settings = self._settings
+        engine = settings.engine
         self._stopping = False
         consumer = make_consumer(settings)
-        consumer.subscribe([settings.topics.transactions], listener=_Listener(self))
-        await consumer.start()
-        self._consumer = consumer
-        self.running = True
-        self.stalled_reason = None  # a fresh consumer: the stall (if any) is over
-        self.last_poll = time.monotonic()
-        self._log.info("ingestor_started", group_id=settings.kafka.group_id,
-                       topic=settings.topics.transactions)
-        task_status.started()
+        workers = self._workers = Supervisor(
+            "features", (), Strategy.ONE_FOR_ONE, max_restarts=engine.restart_max,
+            window_s=engine.restart_window_s)
+        supervising = await start_task(workers.run, name="features-supervisor")
         try:
+            consumer.subscribe([settings.topics.transactions], listener=_Listener(self))
+            self._consumer = consumer  # before start: the first assignment may come during it
+            await consumer.start()
+            self.running = True
+            self.stalled_reason = None  # a fresh consumer: the stall (if any) is over
+            self.last_poll = time.monotonic()
+            self._log.info("ingestor_started", group_id=settings.kafka.group_id,
+                           topic=settings.topics.transactions)
+            task_status.started()
             async with asyncio.TaskGroup() as tg:
                 poll = tg.create_task(self._poll_loop(consumer))
                 tg.create_task(self._housekeeping(consumer, poll))
+                tg.create_task(_fail_with(supervising, poll))
         except* (ConsumerStalled, RestartIntensityExceeded) as group:
-            raise group.exceptions[0] from None
+            error = group.exceptions[0]
+            raise error from error.__cause__
         finally:
             self.running = False
-            await asyncio.shield(self._shutdown(consumer))
+            await asyncio.shield(self._shutdown(consumer, supervising))
 
     def stop_fetching(self) -> None:
         """Graceful shutdown, step one: no more fetches; in-flight work carries on."""
@@ -168,7 +159,7 @@ class Ingestor:
         consumed = self._metrics.records_consumed
         fetch_delay = self._metrics.fetch_delay
         while not self._stopping:
-            self._resume_drained(consumer)
+            self._resume_drained()
             data = await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=max_records)
             now = time.monotonic()
             self.last_poll = now
@@ -177,41 +168,15 @@ class Ingestor:
                 fetch_delay.observe(max(0.0, time.time() - oldest / 1000.0))
             for tp, records in data.items():
                 state = self._parts.get(tp.partition)
-                if state is None or state.closing or not records:
-                    continue  # revoked while fetched: the new owner reads them again
+                if state is None or state.closing or state.halted or not records:
+                    continue  # revoked while fetched (the new owner reads them again) or rewinding
                 consumed.labels(str(tp.partition)).inc(len(records))
-                self._dispatch(consumer, state, [(r, now) for r in records])
+                if state.route([(r, now) for r in records]):
+                    self.pauses += 1
 
-    def _dispatch(self, consumer: AIOKafkaConsumer, state: _Partition, items: list[Item]) -> None:
-        if state.first_offset is None:
-            state.first_offset = items[0][0].offset
-        state.fetched_end = items[-1][0].offset + 1
-        if state.overflow:
-            state.overflow.extend(items)
-            return
-        taken = state.mailbox.try_put_many(items)
-        if taken < len(items):
-            state.overflow = items[taken:]
-            if not state.paused:
-                consumer.pause(state.tp)
-                state.paused = True
-                self.pauses += 1
-                self._metrics.partition_paused.labels(str(state.tp.partition)).set(1)
-
-    def _resume_drained(self, consumer: AIOKafkaConsumer) -> None:
+    def _resume_drained(self) -> None:
         for state in self._parts.values():
-            if not state.paused or state.closing:
-                continue
-            mailbox = state.mailbox
-            if mailbox.depth > mailbox.maxsize // 2:
-                continue
-            if state.overflow:
-                taken = mailbox.try_put_many(state.overflow)
-                del state.overflow[:taken]
-            if not state.overflow:
-                consumer.resume(state.tp)
-                state.paused = False
-                self._metrics.partition_paused.labels(str(state.tp.partition)).set(0)
+            state.resume_if_drained()
 
     async def _housekeeping(self, consumer: AIOKafkaConsumer, poll: asyncio.Task[None]) -> None:
         """Periodic commits, gauges and the watchdog."""
@@ -222,6 +187,7 @@ class Ingestor:
             await self.commit(consumer)
             await self._refresh_positions(consumer)
             self._update_gauges()
+            self.housekeeping_passes += 1
             self._watchdog(time.monotonic())
 
     async def _refresh_positions(self, consumer: AIOKafkaConsumer) -> None:
@@ -237,23 +203,22 @@ class Ingestor:
         metrics = self._metrics
         for p, lag in self.lag().items():
             metrics.consumer_lag.labels(str(p)).set(lag)
-        for p, s in self._parts.items():
-            metrics.mailbox_depth.labels(f"features-{p}").set(s.mailbox.depth)
+        for s in self._parts.values():
+            metrics.mailbox_depth.labels(s.child_id).set(s.mailbox.depth)
 
     def _watchdog(self, now: float) -> None:
-        if self._fatal is not None:
-            raise self._fatal
         limit = self._settings.engine.watchdog_s
         if self._stopping:
             return
         if now - self.last_poll > limit:
             self._stall(f"poll loop made no call for {now - self.last_poll:.1f}s")
-        if self._features.holding:
-            return  # partitions wait for Redis on purpose (hold policy)
+        # Partitions that wait on purpose -- for Redis (hold policy), for the broker (a full publish
+        # window, sends being retried) -- are not stalled: a new consumer would not help them.
+        waiting = self._features.holding or self._publisher.held_back
         lag = self.lag()
         for p, s in self._parts.items():
             mark = (s.position, s.tracker.done_end)  # fetching or finishing: either is progress
-            if mark != s.progress_mark or lag.get(p, 0) == 0:
+            if waiting or mark != s.progress_mark or lag.get(p, 0) == 0:
                 s.progress_mark = mark
                 s.progress_at = now
             elif now - s.progress_at > limit:
@@ -284,9 +249,17 @@ class Ingestor:
                 offsets[state.tp] = offset
         if not offsets:
             return
+        timeout = self._settings.engine.commit_timeout_s
         try:
-            await consumer.commit(offsets)
+            async with asyncio.timeout(timeout):
+                await consumer.commit(offsets)
+        except TimeoutError:
+            # The broker did not answer in time: these offsets are committed at the next try.
+            self._metrics.commit_failures.labels("timeout").inc()
+            self._log.warning("commit_timed_out", timeout_s=timeout, partitions=sorted(tp.partition for tp in offsets))
+            return
         except KafkaError as exc:
+            self._metrics.commit_failures.labels("error").inc()
             self._log.warning("commit_failed", error=repr(exc), partitions=sorted(tp.partition for tp in offsets))
             return
         self._metrics.commits.inc()
@@ -300,73 +273,47 @@ class Ingestor:
     async def assign(self, tps: list[TopicPartition]) -> None:
         topic = self._settings.topics.transactions
         size = self._settings.engine.mailbox_size
+        consumer = self._consumer
+        assert consumer is not None
         for tp in tps:
             if tp.topic != topic or tp.partition in self._parts:
                 continue
             # a new fencing epoch before the first write: a former owner still in flight cannot
             # overwrite what this one writes
             await self._features.claim(tp.partition)
-            state = _Partition(tp, Mailbox(size, f"features-{tp.partition}"), OffsetTracker(tp.partition))
+            state = Partition(tp, consumer, self._metrics, Mailbox(size, f"features-{tp.partition}"),
+                              OffsetTracker(tp.partition))
             self._parts[tp.partition] = state
-            self._start_worker(state)
+            await self._start_worker(state)
         self._log.info("partitions_assigned", partitions=sorted(tp.partition for tp in tps))
 
-    def _start_worker(self, state: _Partition) -> None:
-        worker = FeatureWorker(
-            state.tp.partition, state.mailbox, state.tracker, settings=self._settings,
-            metrics=self._metrics, stages=self._stages)
-        state.worker = worker
-        task = asyncio.get_running_loop().create_task(_run_worker(worker), name=f"features-{state.tp.partition}")
-        state.task = task
-        task.add_done_callback(functools.partial(self._worker_exited, state))
+    async def _start_worker(self, state: Partition) -> None:
+        assert self._workers is not None
+        grace = self._settings.engine.shutdown_timeout_s / 2  # the worker's own drain (FeatureWorker.run)
+        await self._workers.start_child(ChildSpec(
+            state.child_id, functools.partial(self._run_worker, state), restart=Restart.TRANSIENT,
+            shutdown_timeout=grace + 1.0))
 
-    def _worker_exited(self, state: _Partition, task: asyncio.Task[None]) -> None:
-        if (task.cancelled() or state.closing or self._parts.get(state.tp.partition) is not state
-                or state.task is not task):
-            return
-        exc = task.exception()
-        if exc is None:
-            return
-        # A worker crashed (a bug, not a bad record): restart it where its last handed-off batch
-        # ended. Records taken but not handed off are fetched again; nothing is skipped.
-        self.worker_restarts += 1
-        state.restarts += 1
-        engine = self._settings.engine
-        now = time.monotonic()
-        times = self._restart_times
-        times.append(now)
-        while times and times[0] < now - engine.restart_window_s:
-            times.popleft()
-        if len(times) > engine.restart_max:
-            # Out of budget: fail the ingestor upward (its supervisor decides), do not loop.
-            self._fatal = RestartIntensityExceeded(
-                f"feature workers crashed {len(times)} times within {engine.restart_window_s}s; "
-                f"last: partition {state.tp.partition}: {exc!r}")
-            self._log.error("feature_worker_crashed", partition=state.tp.partition, error=repr(exc),
-                            restarts=state.restarts, giving_up=True)
-            return
-        self._metrics.actor_restarts.labels(f"features-{state.tp.partition}").inc()
-        self._log.error("feature_worker_crashed", partition=state.tp.partition, error=repr(exc),
-                        restarts=state.restarts)
-        self._rewind(state)
-        self._start_worker(state)
+    async def _run_worker(self, state: Partition, task_status: TaskStatus) -> None:
+        """The partition's supervised child: a fresh worker per start; a restart rewinds first.
 
-    def _rewind(self, state: _Partition) -> None:
-        consumer = self._consumer
-        old = state.mailbox
-        state.mailbox = Mailbox(old.maxsize, old.name)
-        old.close()
-        state.overflow.clear()
-        position = state.tracker.registered_end
-        if position < 0:
-            position = state.first_offset if state.first_offset is not None else -1
-        if consumer is not None and position >= 0:
-            consumer.seek(state.tp, position)
-            state.fetched_end = position
-        if state.paused and consumer is not None:
-            consumer.resume(state.tp)
-            state.paused = False
-            self._metrics.partition_paused.labels(str(state.tp.partition)).set(0)
+        A crash (a bug, a failed stage -- never a bad record) halts the partition until the
+        supervisor restarts the worker; the worker returns normally once its mailbox is closed.
+        """
+        if state.starts:
+            position = state.rewind()
+            self.worker_restarts += 1
+            self._metrics.actor_restarts.labels(state.child_id).inc()
+            self._log.warning("feature_worker_restarted", partition=state.number, start=state.starts + 1,
+                              position=position)
+        state.starts += 1
+        worker = FeatureWorker(state.number, state.mailbox, state.tracker, settings=self._settings,
+                               metrics=self._metrics, stages=self._stages)
+        try:
+            await worker.run(task_status)
+        except Exception:
+            state.halt()
+            raise
 
     async def revoke(self, tps: list[TopicPartition]) -> None:
         states = [self._parts[tp.partition] for tp in tps if tp.partition in self._parts
@@ -380,38 +327,33 @@ class Ingestor:
             self._features.release(s.tp.partition)
         self._log.info("partitions_revoked", partitions=sorted(s.tp.partition for s in states))
 
-    async def _finish(self, states: list[_Partition]) -> None:
-        """Stop the workers after the batch in hand, then wait for the broker's acknowledgements."""
-        timeout = self._settings.engine.shutdown_timeout_s / 2
-        tasks = []
+    async def _finish(self, states: list[Partition]) -> None:
+        """Stop the workers after the batch in hand (all at once), then wait for the broker's
+        acknowledgements of what they handed off."""
         for s in states:
             s.closing = True
             s.overflow.clear()
-            if s.task is not None and not s.task.done():
-                s.task.cancel()
-                tasks.append(s.task)
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+        workers = self._workers
+        if workers is not None and workers.running:
+            with contextlib.suppress(ActorError):  # the supervisor stopped meanwhile: so did they
+                await workers.terminate_children([s.child_id for s in states])
         for s in states:
             s.mailbox.close()
+        timeout = self._settings.engine.shutdown_timeout_s / 2
         acked = await asyncio.gather(*(s.tracker.wait_acked(timeout) for s in states))
         for s, ok in zip(states, acked, strict=True):
             if not ok:
                 self._log.warning("partition_unacknowledged", partition=s.tp.partition,
                                   in_flight=s.tracker.in_flight)
 
-    def _forget(self, state: _Partition) -> None:
+    def _forget(self, state: Partition) -> None:
         p = state.tp.partition
         if self._parts.get(p) is state:
             del self._parts[p]
-        label = str(p)
-        for gauge, value in ((self._metrics.consumer_lag, label), (self._metrics.partition_paused, label),
-                             (self._metrics.mailbox_depth, f"features-{p}")):
-            with contextlib.suppress(KeyError):
-                gauge.remove(value)
+        state.forget_metrics()
 
-    async def _shutdown(self, consumer: AIOKafkaConsumer) -> None:
-        """Stop fetching, finish in-flight batches, commit, leave the group."""
+    async def _shutdown(self, consumer: AIOKafkaConsumer, supervising: asyncio.Task[None]) -> None:
+        """Stop fetching, finish in-flight batches, commit, stop the workers' supervisor, leave the group."""
         self._stopping = True
         states = list(self._parts.values())
         try:
@@ -424,11 +366,16 @@ class Ingestor:
             for s in states:
                 self._forget(s)
             self._consumer = None
+            if self._workers is not None:
+                await self._workers.stop()
+            await asyncio.gather(supervising, return_exceptions=True)
             await consumer.stop()
             self._log.info("ingestor_stopped")
 
 
-async def _run_worker(worker: FeatureWorker) -> None:
-    from fraudactors.actors import IGNORED
-
-    await worker.run(IGNORED)
+async def _fail_with(supervising: asyncio.Task[None], poll: asyncio.Task[None]) -> None:
+    """While polling, the workers' supervisor ending (out of budget) ends the ingestor with its error."""
+    await asyncio.wait([supervising, poll], return_when=asyncio.FIRST_COMPLETED)
+    if supervising.done() and not poll.done():
+        supervising.result()
+        raise ActorError("the feature workers' supervisor stopped")

@@ -117,6 +117,13 @@ class EngineMetrics:
             "fraudactors_future_records",
             "Records dated too far ahead of the partition's event time and the clock (dead-lettered).",
             registry=r)
+        self.commit_failures = Counter(
+            "fraudactors_commit_failures", "Offset commits given up: timeout (engine.commit_timeout_s) or error.",
+            ["reason"], registry=r)
+        self.publish_window = Gauge(
+            "fraudactors_publish_window",
+            "Records handed to the producer and not yet acknowledged, per output partition "
+            "(at most engine.publish_window).", ["topic", "partition"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,12 +14,26 @@ of each ``send_many``. The linger bounds how many batches a partition gets per s
 the load -- brokers pay per batch (Tansu far more than Kafka, docs/tansu.md). The partition is the
 producer's default partitioner on the key, so a record lands where a keyed ``send()`` would put
 it. A record too large for an empty batch falls back to ``send()``.
+
+In flight is bounded: at most ``engine.publish_window`` records per output partition are handed
+to the producer and not yet acknowledged (retries included: a record keeps its slot until it is
+acknowledged). ``send_many`` waits while a partition it writes to has no room -- the worker waits,
+its mailbox fills and the ingestor pauses its input partition, so a broker that refuses or does
+not answer writes holds the pipeline back at the Kafka edge instead of growing memory at the
+ingest rate. The depth per partition is ``fraudactors_publish_window``. Waiting senders are let in
+in order, each as soon as every partition it writes to has room.
+
+Stopping (the publisher child shut down, after the ingestor committed): the open batches are sealed
+and sent, :meth:`Publisher.flush` waits up to a quarter of ``engine.shutdown_timeout_s`` for the
+acknowledgements, then :meth:`Publisher.stop` ends the retries and what is still unacknowledged
+fails (its offsets stay uncommitted: the next owner reads those records again).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import contextlib
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +99,12 @@ class Publisher:
         self._stopping = False
         self._confirmations: set[asyncio.Task[None]] = set()
         self.pending = 0  # records handed to the producer, not yet acknowledged
+        # The window: records in flight per output partition, and the senders waiting for room.
+        self._window_limit = settings.engine.publish_window
+        self._in_flight: dict[_TP, int] = {}
+        self._waiters: deque[tuple[asyncio.Future[None], dict[_TP, int]]] = deque()
+        self.window_peak = 0  # the most records ever in flight on one partition
+        self._retrying = 0  # batches whose sends failed and are being retried
         self._partitioner = DefaultPartitioner()
         self._linger_s = settings.kafka.linger_ms / 1000.0
         self._open: dict[_TP, _Batch] = {}  # per partition: the batch records are added to
@@ -96,8 +116,24 @@ class Publisher:
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    @property
+    def waiting(self) -> int:
+        """Senders waiting for room in the window (the workers held back right now)."""
+        return len(self._waiters)
+
+    @property
+    def held_back(self) -> bool:
+        """True while the broker holds the pipeline back: senders wait for room in the window, or
+        sends that failed are being retried."""
+        return bool(self._waiters) or self._retrying > 0
+
+    def window(self) -> dict[_TP, int]:
+        """Records in flight per output (topic, partition)."""
+        return {tp: n for tp, n in self._in_flight.items() if n}
+
     async def run(self, task_status: Any) -> None:
         """Supervised child: start the producer, report ready, serve until cancelled."""
+        self._stopping = False
         producer = build_producer(self._settings)
         await producer.start()
         self._producer = producer
@@ -111,11 +147,19 @@ class Publisher:
             await asyncio.shield(self._close(producer))
 
     async def _close(self, producer: AIOKafkaProducer) -> None:
+        """Send what is open, wait (bounded) for the acknowledgements, then stop retrying."""
         try:
             for tp in list(self._open):
                 self._seal(tp)
-            await asyncio.gather(*self._senders.values(), return_exceptions=True)
-            await producer.flush()
+            drained = await self.flush(timeout_s=self._settings.engine.shutdown_timeout_s / 4)
+            if not drained:
+                self._log.warning("publisher_unacknowledged", records=self.pending)
+            self.stop()
+            for task in [*self._senders.values(), *self._confirmations]:
+                task.cancel()
+            await asyncio.gather(*self._senders.values(), *self._confirmations, return_exceptions=True)
+            if drained:
+                await producer.flush()
         finally:
             await producer.stop()
             if self._producer is producer:
@@ -130,32 +174,100 @@ class Publisher:
         return self._producer
 
     async def send_many(self, messages: Sequence[Message]) -> asyncio.Future[None]:
-        """Hand a batch to the producer; the returned future resolves once all are acknowledged."""
+        """Hand a batch to the producer once the window has room for it; the returned future
+        resolves once all are acknowledged. Raises ActorDied when the publisher stopped."""
         loop = asyncio.get_running_loop()
         if not messages:
             done: asyncio.Future[None] = loop.create_future()
             done.set_result(None)
             return done
-        futures = await self._send(messages)
+        routes = await self._route(messages)
+        # Slots per output partition (a record whose partition is unknown yet: partition -1).
+        slots = dict(Counter(tp if isinstance(tp, tuple) else (message[0], -1)
+                             for message, tp in zip(messages, routes, strict=True)))
+        await self._admit(slots)
+        try:
+            futures = await self._send(messages, routes)
+        except BaseException:
+            self._release(slots)
+            raise
         task = loop.create_task(self._confirm(messages, futures))
         self._confirmations.add(task)
         n = len(messages)
         self.pending += n
-        task.add_done_callback(lambda t: self._confirmed(t, n))
+        task.add_done_callback(lambda t: self._confirmed(t, n, slots))
         return task
 
-    def _confirmed(self, task: asyncio.Task[None], n: int) -> None:
+    def _confirmed(self, task: asyncio.Task[None], n: int, slots: dict[_TP, int]) -> None:
         self._confirmations.discard(task)
         self.pending -= n
+        self._release(slots)
 
-    async def _send(self, messages: Sequence[Message]) -> list[asyncio.Future[Any] | BaseException]:
-        """One delivery future (or the error) per message, in order; see the module doc."""
+    # ---------------------------------------------------------------- the window
+    def _fits(self, slots: dict[_TP, int]) -> bool:
+        limit, in_flight = self._window_limit, self._in_flight
+        return all(in_flight.get(tp, 0) + n <= limit for tp, n in slots.items())
+
+    async def _admit(self, slots: dict[_TP, int]) -> None:
+        """Take the slots; wait (behind earlier waiters) while a partition has no room."""
+        if self._stopping:
+            raise ActorDied("publisher stopped")
+        if self._fits(slots) and not any(tp in waiting for _, waiting in self._waiters for tp in slots):
+            self._take(slots)  # room, and nobody waits for these partitions: no overtaking
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (fut, slots)
+        self._waiters.append(entry)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._release(slots)  # granted just as we gave up
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+                self._grant()
+            raise
+
+    def _take(self, slots: dict[_TP, int]) -> None:
+        in_flight, gauge = self._in_flight, self._metrics.publish_window
+        for tp, n in slots.items():
+            depth = in_flight[tp] = in_flight.get(tp, 0) + n
+            gauge.labels(tp[0], str(tp[1])).set(depth)
+            self.window_peak = max(self.window_peak, depth)
+
+    def _release(self, slots: dict[_TP, int]) -> None:
+        in_flight, gauge = self._in_flight, self._metrics.publish_window
+        for tp, n in slots.items():
+            depth = in_flight[tp] = in_flight[tp] - n
+            gauge.labels(tp[0], str(tp[1])).set(depth)
+        self._grant()
+
+    def _grant(self) -> None:
+        """Let in the waiting senders that fit now, in the order they came: first come, first
+        served per partition (one that does not fit holds back later ones for its partitions)."""
+        waiting: deque[tuple[asyncio.Future[None], dict[_TP, int]]] = deque()
+        blocked: set[_TP] = set()
+        for fut, slots in self._waiters:
+            if fut.done():
+                continue
+            if blocked.isdisjoint(slots) and self._fits(slots):
+                self._take(slots)
+                fut.set_result(None)
+            else:
+                blocked.update(slots)
+                waiting.append((fut, slots))
+        self._waiters = waiting
+
+    # ---------------------------------------------------------------- sending
+    async def _route(self, messages: Sequence[Message]) -> list[_TP | BaseException]:
+        """The output (topic, partition) of each message -- the producer's partitioner on its key --
+        or the error that kept it from being known."""
         producer = await self._current()
-        out: list[asyncio.Future[Any] | BaseException] = []
         partitions: dict[str, list[int]] = {}
         partitioner = self._partitioner
-        touched: set[_TP] = set()
-        for topic, key, value, headers in messages:
+        out: list[_TP | BaseException] = []
+        for topic, key, _, _ in messages:
             all_partitions = partitions.get(topic)
             if all_partitions is None:
                 try:
@@ -163,7 +275,21 @@ class Publisher:
                 except KafkaError as exc:
                     out.append(exc)
                     continue
-            tp = (topic, partitioner(key, all_partitions, all_partitions))
+            out.append((topic, partitioner(key, all_partitions, all_partitions)))
+        return out
+
+    async def _send(self, messages: Sequence[Message], routes: Sequence[_TP | BaseException] | None = None
+                    ) -> list[asyncio.Future[Any] | BaseException]:
+        """One delivery future (or the error) per message, in order; see the module doc."""
+        if routes is None:
+            routes = await self._route(messages)
+        producer = await self._current()
+        out: list[asyncio.Future[Any] | BaseException] = []
+        touched: set[_TP] = set()
+        for (topic, key, value, headers), tp in zip(messages, routes, strict=True):
+            if not isinstance(tp, tuple):
+                out.append(tp)
+                continue
             touched.add(tp)
             batch = self._open.get(tp) or self._open_batch(producer, tp)
             record = {"key": key, "value": value, "timestamp": None, "headers": headers or []}
@@ -235,31 +361,39 @@ class Publisher:
     async def _confirm(self, messages: Sequence[Message],
                        futures: list[asyncio.Future[Any] | BaseException]) -> None:
         backoff = _BACKOFF_START_S
-        while True:
-            failed: list[Message] = []
-            error: BaseException | None = None
-            for message, fut in zip(messages, futures, strict=True):
-                if isinstance(fut, BaseException):
-                    exc: BaseException | None = fut
-                else:
-                    try:
-                        await fut
-                        exc = None
-                    except KafkaError as e:
-                        exc = e
-                if exc is not None:
-                    failed.append(self._fallback(message, exc))
-                    error = exc
-            if not failed:
-                return
-            if self._stopping:
-                raise ActorDied(f"publisher stopped with {len(failed)} unacknowledged records")
-            self._metrics.publish_retries.labels(failed[0][0]).inc(len(failed))
-            self._log.warning("publish_retry", records=len(failed), error=repr(error), backoff_s=backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
-            messages = failed
-            futures = await self._send(messages)
+        retrying = False
+        try:
+            while True:
+                failed: list[Message] = []
+                error: BaseException | None = None
+                for message, fut in zip(messages, futures, strict=True):
+                    if isinstance(fut, BaseException):
+                        exc: BaseException | None = fut
+                    else:
+                        try:
+                            await fut
+                            exc = None
+                        except KafkaError as e:
+                            exc = e
+                    if exc is not None:
+                        failed.append(self._fallback(message, exc))
+                        error = exc
+                if not failed:
+                    return
+                if self._stopping:
+                    raise ActorDied(f"publisher stopped with {len(failed)} unacknowledged records")
+                if not retrying:
+                    retrying = True
+                    self._retrying += 1
+                self._metrics.publish_retries.labels(failed[0][0]).inc(len(failed))
+                self._log.warning("publish_retry", records=len(failed), error=repr(error), backoff_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                messages = failed
+                futures = await self._send(messages)
+        finally:
+            if retrying:
+                self._retrying -= 1
 
     def _fallback(self, message: Message, exc: BaseException) -> Message:
         """What to send again after ``exc``: the same message, except a dead letter that can never
@@ -273,11 +407,19 @@ class Publisher:
         omitted = ("value_omitted", f"{len(value)} bytes not accepted by the broker: {exc!r}"[:500].encode())
         return (topic, key, None, [*(headers or []), omitted])
 
-    async def flush(self) -> None:
-        """Wait until every batch handed off so far is acknowledged (or failed for good)."""
-        if self._confirmations:
-            await asyncio.gather(*list(self._confirmations), return_exceptions=True)
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every batch handed off so far is acknowledged (or failed for good); False
+        when some are still pending after ``timeout_s``."""
+        pending = list(self._confirmations)
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+        return all(task.done() for task in pending)
 
     def stop(self) -> None:
-        """Stop retrying: pending confirmations fail instead of retrying forever."""
+        """Stop retrying: pending confirmations fail instead of retrying forever, and senders
+        waiting for room in the window get ActorDied."""
         self._stopping = True
+        for fut, _ in self._waiters:
+            if not fut.done():
+                fut.set_exception(ActorDied("publisher stopped"))
+        self._waiters.clear()

@@ -1,9 +1,11 @@
 """The feature worker: one per assigned partition, micro-batches in offset order.
 
 parse -> features (one store round trip) -> inference -> hand to the publisher -> register the
-batch's acknowledgement with the partition's :class:`OffsetTracker`. A record that cannot be
-parsed (or whose features cannot be computed) goes to the dead-letter topic with its original key
-and bytes and a reason; it never crashes the worker and never blocks the partition. The worker
+batch's acknowledgement with the partition's :class:`OffsetTracker`. A record that is bad input
+(:class:`InvalidRecord` from parsing or from the features) goes to the dead-letter topic with its
+original key and bytes and a reason; it never crashes the worker and never blocks the partition.
+Any other failure of a stage crashes the worker: its supervisor restarts it, and the partition is
+read again from the end of the last batch handed off. The worker
 does not wait for the broker's acknowledgement before taking the next batch: partitions pipeline,
 and the tracker keeps commits honest.
 
@@ -12,8 +14,8 @@ Two stages per partition, overlapped: while batch k is scored and handed to the 
 Features stay strictly one batch at a time and in offset order (each batch's state write lands
 before the next batch reads, bad-input fallbacks included); tails run in order (each waits for
 the one before it to hand off), so decisions and offsets are registered in offset order. At most
-``_MAX_TAILS`` tails are in flight; a failed tail fails the worker, and the ingestor rewinds to
-the end of the last batch handed off.
+``_MAX_TAILS`` tails are in flight; a failed tail fails the worker (nothing after it is handed
+off).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class FeatureWorker:
             while True:
                 for tail in [t for t in tails if t.done()]:
                     tails.remove(tail)
-                    tail.result()  # a failed tail fails the worker (the ingestor rewinds it)
+                    tail.result()  # a failed tail fails the worker (its supervisor restarts it)
                 if len(tails) >= _MAX_TAILS:
                     await asyncio.wait(tails[:1])
                     continue
@@ -160,7 +162,7 @@ class FeatureWorker:
             me = asyncio.current_task()
             if me is not None and me.cancelling() == 0:
                 # Nobody is stopping this worker: a batch was cancelled from inside (a stage gave
-                # up). That is a crash, not a stop -- the ingestor rewinds and restarts the worker.
+                # up). That is a crash, not a stop -- its supervisor restarts the worker.
                 raise RuntimeError("a batch was cancelled inside the feature worker") from None
             # Finish the batches in hand so their decisions and offsets stay consistent.
             try:
@@ -290,15 +292,19 @@ class FeatureWorker:
         arrivals: list[float],
         dead: list[Message],
     ) -> tuple[list[Transaction], list[ConsumerRecord[bytes, bytes]], list[float], Any, bool]:
-        """Features for the batch; if the batch fails on bad input, isolate the record(s) at fault."""
+        """Features for the batch; if the batch fails on bad input, isolate the record(s) at fault.
+
+        Only :class:`InvalidRecord` is bad input. Any other error (the store, the actor, a bug) is
+        the worker's failure: it propagates, the worker crashes and its supervisor restarts it
+        from the end of the last batch handed off -- a valid transaction is never dead-lettered
+        because the machinery failed.
+        """
         partition = self.partition
         try:
             X, degraded = await self._features.compute(txns, partition, [r.offset for r in records])
             return txns, records, arrivals, X, degraded
         except InvalidRecord:
             pass
-        except Exception as exc:
-            self._log.warning("features_batch_failed", error=repr(exc), batch=len(txns))
         import numpy as np
 
         keep_t: list[Transaction] = []
@@ -311,10 +317,6 @@ class FeatureWorker:
                 X1, deg = await self._features.compute([txn], partition, [record.offset])
             except InvalidRecord as exc:
                 dead.append(dlq_message(self._settings, record, exc.reason, "features"))
-                continue
-            except Exception as exc:
-                dead.append(dlq_message(self._settings, record, f"feature computation failed: {exc!r}",
-                                        "features"))
                 continue
             keep_t.append(txn)
             keep_r.append(record)

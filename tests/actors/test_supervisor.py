@@ -345,6 +345,39 @@ async def test_dynamic_children_start_restart_and_terminate() -> None:
         await sup.terminate_child("base")
 
 
+async def test_terminate_children_stops_them_concurrently_and_forgets_them() -> None:
+    """Peers stopped together drain in parallel: each one's cleanup here needs the other's to
+    have begun, which one-after-the-other would never allow (within their shutdown timeout)."""
+    stopping = {"a": asyncio.Event(), "b": asyncio.Event()}
+    journal: list[str] = []
+
+    def peer(name: str, other: str) -> ChildSpec:
+        async def run(task_status: TaskStatus) -> None:
+            task_status.started()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                stopping[name].set()
+                await stopping[other].wait()
+                journal.append(f"stopped:{name}")
+                raise
+
+        return ChildSpec(name, run, shutdown_timeout=5.0)
+
+    sup = Supervisor("root", [])
+    run = await started(sup)
+    await sup.start_child(peer("a", "b"))
+    await sup.start_child(peer("b", "a"))
+    await sup.start_child(Child("c", journal).spec)
+    with capture_logs() as logs:
+        await asyncio.wait_for(sup.terminate_children(["a", "b", "unknown"]), 3.0)
+    assert sorted(journal) == ["ready:c", "start:c", "stopped:a", "stopped:b"]
+    assert sup.child_ids == ("c",) and sup.restarts_total == 0
+    assert not [e for e in logs if e["event"] == "child_shutdown_timeout"]
+    await sup.stop()
+    await run
+
+
 async def test_restart_budget_is_a_sliding_window() -> None:
     now = [1000.0]
     crasher = Child("crasher", [])

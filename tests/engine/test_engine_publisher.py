@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
@@ -130,3 +131,119 @@ async def test_open_batches_are_sent_when_the_publisher_stops(settings: Settings
     await asyncio.gather(task, return_exceptions=True)
     async with asyncio.timeout(30):
         await ack
+
+
+def _key_on_another_partition(settings: Settings, key: bytes) -> bytes:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    partitions = list(range(settings.topics.partitions))
+    partitioner = DefaultPartitioner()
+    home = partitioner(key, partitions, partitions)
+    return next(k for k in (f"other-{i}".encode() for i in range(1000))
+                if partitioner(k, partitions, partitions) != home)
+
+
+async def test_a_full_window_makes_the_sender_wait_until_acknowledgements_free_it(settings: Settings) -> None:
+    """At most engine.publish_window records per output partition are unacknowledged: a sender
+    that would exceed it waits (the worker is held back), other partitions are not held back,
+    and the acknowledgements let it in."""
+    settings = settings.replace(kafka={"linger_ms": 60_000}, engine={"batch_max": 4, "publish_window": 8})
+    metrics = EngineMetrics()
+    publisher = Publisher(settings, metrics)
+    task = asyncio.create_task(publisher.run(IGNORED))
+    topic = settings.topics.predictions
+
+    def records(key: bytes, n: int) -> list[tuple[str, bytes, bytes, None]]:
+        return [(topic, key, f"v{i}".encode(), None) for i in range(n)]
+
+    try:
+        first = await publisher.send_many(records(b"same-user", 8))
+        ((tp, depth),) = publisher.window().items()
+        assert depth == 8
+        assert metrics.registry.get_sample_value(
+            "fraudactors_publish_window", {"topic": topic, "partition": str(tp[1])}) == 8
+        held = asyncio.create_task(publisher.send_many(records(b"same-user", 1)))
+        async with asyncio.timeout(10):
+            while publisher.waiting == 0:  # noqa: ASYNC110 (the sender's state, no event to wait on)
+                await asyncio.sleep(0.001)
+        other = await asyncio.wait_for(
+            publisher.send_many(records(_key_on_another_partition(settings, b"same-user"), 1)), 5)
+        assert not held.done() and not first.done()
+        publisher._seal(tp)  # send the open batch now rather than after the linger
+        async with asyncio.timeout(30):
+            await first
+            second = await held
+        assert publisher.window()[tp] == 1 and publisher.waiting == 0
+        assert publisher.window_peak == 8
+        publisher._seal(tp)
+        publisher._seal(("", -1))  # unknown partitions: a no-op
+        for key in list(publisher._open):
+            publisher._seal(key)
+        async with asyncio.timeout(30):
+            await asyncio.gather(second, other)
+        assert publisher.window() == {} and publisher.pending == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_dead_letter_the_broker_refuses_as_too_large_is_sent_without_its_value(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead letter the broker can never accept as is (over its message.max.bytes) goes again
+    without its value, saying so in a header, so one poison record cannot stall its partition;
+    the records around it are delivered as they are.
+
+    The embedded broker has no size limit, so its refusal is the one stand-in here: batches over
+    1 MiB fail as Kafka's default message.max.bytes would fail them (MESSAGE_SIZE_TOO_LARGE)."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    limit = 1024 * 1024
+    real_send_batch = AIOKafkaProducer.send_batch
+
+    async def send_batch(self: AIOKafkaProducer, batch: Any, topic: str, *, partition: int) -> Any:
+        if batch.size() > limit:
+            refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            refused.set_exception(MessageSizeTooLargeError())
+            return refused
+        return await real_send_batch(self, batch, topic, partition=partition)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send_batch", send_batch)
+    settings = settings.replace(kafka={"linger_ms": 0})
+    metrics = EngineMetrics()
+    publisher = Publisher(settings, metrics)
+    task = asyncio.create_task(publisher.run(IGNORED))
+    dlq, predictions = settings.topics.dlq, settings.topics.predictions
+    huge = b"x" * (limit + 100)
+    headers = [("error", b"value too large"), ("stage", b"parse")]
+    try:
+        ack = await publisher.send_many([(dlq, b"u-huge", huge, headers), (dlq, b"u-huge", b"small", None),
+                                         (predictions, b"u-1", b"decided", None)])
+        async with asyncio.timeout(30):
+            await ack
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert metrics.registry.get_sample_value("fraudactors_publish_retries_total", {"topic": dlq}) == 1
+
+    consumer = make_consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in (dlq, predictions) for p in range(settings.topics.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        found: dict[str, list[Any]] = {dlq: [], predictions: []}
+        async with asyncio.timeout(30):
+            while len(found[dlq]) < 2 or not found[predictions]:
+                for tp, recs in (await consumer.getmany(timeout_ms=500)).items():
+                    found[tp.topic].extend(recs)
+    finally:
+        await consumer.stop()
+    (small,) = [r for r in found[dlq] if r.value == b"small"]
+    (dead,) = [r for r in found[dlq] if r is not small]
+    assert dead.key == b"u-huge" and dead.value is None
+    assert small.value == b"small" and "value_omitted" not in dict(small.headers)
+    got = dict(dead.headers)
+    assert got["error"] == b"value too large" and got["stage"] == b"parse", "the original headers stay"
+    assert got["value_omitted"].startswith(str(len(huge)).encode() + b" bytes not accepted")
+    assert [r.value for r in found[predictions]] == [b"decided"]

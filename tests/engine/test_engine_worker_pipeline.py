@@ -153,3 +153,27 @@ async def test_stopping_the_worker_finishes_the_batches_in_hand(settings: Settin
         await asyncio.wait_for(task, 10)
     assert publisher.sent == [["t-0"], ["t-1"]]
     assert worker.tracker.registered_end == 2
+
+
+class _FailingFeatures(_Features):
+    async def compute(self, txns: Sequence[Transaction], partition: int,
+                      offsets: Sequence[int]) -> tuple[np.ndarray, bool]:
+        self.calls.append(list(offsets))
+        raise RuntimeError("feature store broke")
+
+
+async def test_a_failing_feature_store_crashes_the_worker_and_dead_letters_nothing(settings: Settings) -> None:
+    """Only InvalidRecord is bad input: any other failure of the features is the worker's own,
+    so the worker fails (to be restarted from its last handed-off batch) and nothing is sent."""
+    features, publisher = _FailingFeatures(), _Publisher()
+    stages = Stages(features=features, inference=_Inference(), publisher=publisher)  # type: ignore[arg-type]
+    worker = FeatureWorker(0, Mailbox(1000, "p0"), OffsetTracker(0), settings=settings,
+                           metrics=EngineMetrics(), stages=stages)
+    task = asyncio.create_task(worker.run(IGNORED))
+    for offset in (0, 1):
+        await worker.mailbox.put(_item(offset))
+    with pytest.raises(RuntimeError, match="feature store broke"):
+        await asyncio.wait_for(task, 10)
+    assert features.calls == [[0, 1]], "no per-record retry"
+    assert publisher.sent == []
+    assert worker.tracker.registered_end == -1

@@ -1,0 +1,125 @@
+"""One assigned partition, on the ingestor's side: its mailbox, offset tracker and flow control.
+
+The ingestor routes fetched records into the partition's mailbox. When the mailbox is full the rest
+of a fetch waits in a small overflow and the partition is paused at the consumer -- backpressure at
+the Kafka edge, never a buffer without end -- until the mailbox is half empty again.
+
+The partition's :class:`FeatureWorker` is a child of the ingestor's worker supervisor. A crashed
+worker halts its partition (no fetching while the supervisor backs off); the restart rewinds it: a
+fresh mailbox, the consumer seeked to the end of the last batch handed to the publisher. Records
+taken but not handed off are fetched again; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import IllegalStateError
+
+from fraudactors.actors import Mailbox
+from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.engine.offsets import OffsetTracker
+from fraudactors.engine.worker import Item
+
+
+@dataclass(eq=False)
+class Partition:
+    tp: TopicPartition
+    consumer: AIOKafkaConsumer
+    metrics: EngineMetrics
+    mailbox: Mailbox[Item]
+    tracker: OffsetTracker
+    overflow: list[Item] = field(default_factory=list)
+    paused: bool = False    # by backpressure (its mailbox is full)
+    halted: bool = False    # its worker crashed; the restart rewinds it
+    closing: bool = False   # revoked or shutting down: no more records go in
+    first_offset: int | None = None
+    fetched_end: int = -1   # next offset after the last record routed to the worker
+    position: int = -1      # the consumer's position, refreshed by housekeeping
+    progress_mark: tuple[int, int] = (-1, -1)
+    progress_at: float = field(default_factory=time.monotonic)
+    starts: int = 0         # of its worker
+
+    @property
+    def number(self) -> int:
+        return self.tp.partition
+
+    @property
+    def child_id(self) -> str:
+        """The worker's id under the supervisor, its mailbox's name and its metrics label."""
+        return f"features-{self.tp.partition}"
+
+    def route(self, items: list[Item]) -> bool:
+        """Into the mailbox what fits, the rest into the overflow; True when this paused the partition."""
+        if self.closing or self.halted:
+            return False  # fetched again by the next owner / after the rewind
+        if self.first_offset is None:
+            self.first_offset = items[0][0].offset
+        self.fetched_end = items[-1][0].offset + 1
+        if self.overflow:
+            self.overflow.extend(items)
+            return False
+        taken = self.mailbox.try_put_many(items)
+        if taken == len(items):
+            return False
+        self.overflow = items[taken:]
+        if self.paused:
+            return False
+        self.consumer.pause(self.tp)
+        self._set_paused(True)
+        return True
+
+    def resume_if_drained(self) -> None:
+        """Resume a paused partition once its mailbox is half empty and the overflow went in."""
+        if not self.paused or self.closing or self.halted:
+            return
+        mailbox = self.mailbox
+        if mailbox.depth > mailbox.maxsize // 2:
+            return
+        if self.overflow:
+            taken = mailbox.try_put_many(self.overflow)
+            del self.overflow[:taken]
+        if not self.overflow:
+            self.consumer.resume(self.tp)
+            self._set_paused(False)
+
+    def halt(self) -> None:
+        """The worker crashed: stop fetching the partition until its restart rewinds it."""
+        self.halted = True
+        self.overflow.clear()
+        with contextlib.suppress(IllegalStateError):  # no longer assigned
+            self.consumer.pause(self.tp)
+
+    def rewind(self) -> int:
+        """Before a restarted worker runs: a fresh mailbox, and the consumer back at the end of the
+        last batch handed off (or the first record routed). Returns that position (-1: none)."""
+        old = self.mailbox
+        self.mailbox = Mailbox(old.maxsize, old.name)
+        old.close()
+        self.overflow.clear()
+        position = self.tracker.registered_end
+        if position < 0:
+            position = self.first_offset if self.first_offset is not None else -1
+        with contextlib.suppress(IllegalStateError):
+            if position >= 0:
+                self.consumer.seek(self.tp, position)
+                self.fetched_end = position
+            self.consumer.resume(self.tp)
+        self.halted = False
+        if self.paused:
+            self._set_paused(False)
+        return position
+
+    def forget_metrics(self) -> None:
+        label = str(self.tp.partition)
+        m = self.metrics
+        for gauge, value in ((m.consumer_lag, label), (m.partition_paused, label), (m.mailbox_depth, self.child_id)):
+            with contextlib.suppress(KeyError):
+                gauge.remove(value)
+
+    def _set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self.metrics.partition_paused.labels(str(self.tp.partition)).set(1 if paused else 0)
