@@ -35,11 +35,8 @@ async def state_bench(records: int, users: int, merchants: int, partitions: int,
         store = OnlineFeatureStore(settings)
         await store.open()
         recorder = OutcomeRecorder(settings, EngineMetrics())
+        outcomes_client = recorder.connect()
         client = store._client()
-        recorder._redis = client
-        import fraudactors.features.scripts as scripts
-
-        recorder._record = client.register_script(scripts.RECORD_OUTCOMES)
         baseline = int((await client.info("memory"))["used_memory"])
         for p in range(partitions):
             await store.claim(p)
@@ -100,6 +97,7 @@ async def state_bench(records: int, users: int, merchants: int, partitions: int,
                 if done == checkpoints[-1]:
                     break
         await store.close()
+        await outcomes_client.aclose()
     first, second = rows
     growth = (second["used_memory"] - first["used_memory"]) / first["used_memory"]
     return {"records": records, "users": users, "merchants": merchants, "partitions": partitions,

@@ -140,12 +140,10 @@ class FeatureStoreActor:
         except _UNAVAILABLE as exc:
             self._mark_down(exc)
         self.store = store
-        import redis.asyncio as aioredis
+        from fraudactors.features.redis_client import make_client
 
-        # A second, lenient client for the liveness probe that tells a slow Redis from an
-        # unreachable one.
-        self._reader = aioredis.Redis.from_url(self._settings.redis.url, socket_timeout=self._timeout_s,
-                                               socket_connect_timeout=self._timeout_s)
+        # A second client for the PING that tells a slow Redis from a hung or gone one.
+        self._reader = make_client(self._settings, self._timeout_s)
         if self.mailbox.failed:  # a restart after a crash: the old mailbox failed its callers
             self.mailbox = Mailbox(self.mailbox.maxsize, self.mailbox.name)
         task_status.started()

@@ -68,8 +68,7 @@ class OutcomeRecorder:
         self._buffer: deque[tuple[str, bytes]] = deque(maxlen=_MAX_BUFFER)
         self.dropped = 0
         self._redis: Any = None
-        self._record: Any = None
-        self._lookup: Any = None
+        self._scripts: Any = None
         self._log = get_logger(actor="outcomes")
 
     def record(self, txns: Sequence[Transaction], scored: Sequence[Scored]) -> None:
@@ -83,12 +82,26 @@ class OutcomeRecorder:
             parts.extend(f"{name}={int(flag)}" for name, flag in s.shadows)
             buffer.append((txn.user_id, f"{txn.transaction_id}\t{','.join(parts)}".encode()))
 
+    def _grouped(self, user_ids: Sequence[str]) -> list[list[int]]:
+        """Indexes grouped by hash slot on a cluster (one group on one instance)."""
+        if not self._settings.redis.cluster:
+            return [list(range(len(user_ids)))] if user_ids else []
+        groups: dict[str, list[int]] = {}
+        for i, user_id in enumerate(user_ids):
+            groups.setdefault(self.keys.user_tag(user_id), []).append(i)
+        return list(groups.values())
+
     async def lookup(self, labels: Sequence[Label]) -> list[dict[str, bool] | None]:
         """What each variant said about each label's transaction (None: not remembered)."""
-        if self._redis is None or not labels:
+        if self._scripts is None or not labels:
             return [None] * len(labels)
-        keys = [self.keys.outcomes(label.user_id) for label in labels]
-        values = await self._lookup(keys=keys, args=[label.transaction_id for label in labels])
+        groups = self._grouped([label.user_id for label in labels])
+        calls = [([self.keys.outcomes(labels[i].user_id) for i in group],
+                  [labels[i].transaction_id for i in group]) for group in groups]
+        values: list[Any] = [None] * len(labels)
+        for group, reply in zip(groups, await self._scripts.run("lookup", calls), strict=True):
+            for i, raw in zip(group, reply, strict=True):
+                values[i] = raw
         out: list[dict[str, bool] | None] = []
         for raw in values:
             if not raw:
@@ -101,16 +114,20 @@ class OutcomeRecorder:
             out.append(entry)
         return out
 
-    async def run(self, task_status: Any) -> None:
-        import redis.asyncio as aioredis
+    def connect(self) -> Any:
+        """Open the client (lazily connected) and the scripts; returns the client."""
+        from fraudactors.features.redis_client import ScriptRunner, make_client
 
-        errors = _redis_errors()
-        timeout = self._settings.redis.socket_timeout_ms / 1000.0
-        client = aioredis.Redis.from_url(self._settings.redis.url, socket_timeout=max(timeout, 1.0),
-                                         socket_connect_timeout=max(timeout, 1.0))
+        timeout = max(self._settings.redis.socket_timeout_ms / 1000.0, 1.0)
+        client = make_client(self._settings, timeout, retry=True)
         self._redis = client
-        self._record = client.register_script(scripts.RECORD_OUTCOMES)
-        self._lookup = client.register_script(scripts.LOOKUP_OUTCOMES)
+        self._scripts = ScriptRunner(client, self._settings.redis.cluster, {
+            "record": scripts.RECORD_OUTCOMES, "lookup": scripts.LOOKUP_OUTCOMES}, self._settings, timeout)
+        return client
+
+    async def run(self, task_status: Any) -> None:
+        errors = _redis_errors()
+        client = self.connect()
         task_status.started()
         try:
             while True:
@@ -131,16 +148,21 @@ class OutcomeRecorder:
             self._log.warning("outcomes_lost_on_stop", buffered=len(self._buffer), error=repr(exc))
         finally:
             self._redis = None
+            runner, self._scripts = self._scripts, None
+            if runner is not None:
+                await runner.close()
             await client.aclose()
 
     async def flush(self) -> None:
         buffer = self._buffer
         keys_of = self.keys
-        while self._redis is not None and buffer:
+        while self._scripts is not None and buffer:
             chunk = [buffer.popleft() for _ in range(min(len(buffer), _CHUNK))]
+            groups = self._grouped([user_id for user_id, _ in chunk])
+            calls = [([keys_of.outcomes(chunk[i][0]) for i in group],
+                      [self._ttl, OUTCOMES_PER_USER, *(chunk[i][1] for i in group)]) for group in groups]
             try:
-                await self._record(keys=[keys_of.outcomes(user_id) for user_id, _ in chunk],
-                                   args=[self._ttl, OUTCOMES_PER_USER, *(value for _, value in chunk)])
+                await self._scripts.run("record", calls)
             except BaseException:
                 room = _MAX_BUFFER - len(buffer)
                 buffer.extendleft(reversed(chunk[len(chunk) - room:] if room < len(chunk) else chunk))

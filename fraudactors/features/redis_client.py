@@ -8,12 +8,15 @@ nodes from ``redis.url`` (and ``redis.cluster_nodes`` if that one is down), foll
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AskError, MovedError, NoScriptError, TryAgainError
 
 from fraudactors.settings import Settings
 
@@ -38,23 +41,30 @@ def make_client(settings: Settings, timeout_s: float, *, retry: bool = False) ->
 
 
 class ScriptRunner:
-    """Runs Lua scripts by name: one call per hash-slot group, all groups in one round trip per node.
+    """Runs Lua scripts by name, one call per hash-slot group, in one round trip per node.
 
-    On one instance the groups are merged by the caller into a single call (a script may touch
-    keys of any slot there); on a cluster each call's keys share a slot, and the calls go out as a
-    pipeline, one round trip per node. Replies come back in call order; a script missing on a
-    node (a new node, a restart) is loaded on every node and the calls sent once more.
+    On one instance the caller merges its groups into a single call (a script may touch keys of
+    any slot there). On a cluster every call's keys share a slot: the calls are grouped by the
+    master that owns the slot and each group goes out as one pipeline on a connection to that
+    master (redis-py's cluster pipeline refuses EVALSHA), all masters at once. A call answered
+    with MOVED, ASK or TRYAGAIN (a slot moving) is sent again through the cluster client, which
+    follows the redirection and refreshes its slot map; a script missing on a node (a restart)
+    is loaded on every node and the call sent again. Replies come back in call order.
     """
 
-    def __init__(self, client: Any, cluster: bool, scripts: dict[str, str]) -> None:
+    def __init__(self, client: Any, cluster: bool, scripts: dict[str, str], settings: Settings | None = None,
+                 timeout_s: float = 1.0) -> None:
         import hashlib
 
         self._client = client
         self.cluster = cluster
+        self._settings = settings
+        self._timeout_s = timeout_s
         self._texts = scripts
         self._shas = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in scripts.items()}
         self._registered = {name: client.register_script(text) for name, text in scripts.items()} \
             if not cluster else {}
+        self._nodes: dict[str, Any] = {}  # node name -> a plain client to that node
 
     async def load(self) -> None:
         for text in self._texts.values():
@@ -63,22 +73,52 @@ class ScriptRunner:
             else:
                 await self._client.script_load(text)
 
+    async def close(self) -> None:
+        nodes, self._nodes = self._nodes, {}
+        for client in nodes.values():
+            await client.aclose()
+
     async def run(self, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         if not self.cluster:
             script = self._registered[name]
             return [await script(keys=keys, args=args) for keys, args in calls]
-        from redis.exceptions import NoScriptError
+        sha = self._shas[name]
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i, (keys, _) in enumerate(calls):
+            node = self._client.get_node_from_key(keys[0])
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        replies: list[Any] = [None] * len(calls)
 
-        for attempt in (0, 1):
-            pipe = self._client.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.evalsha(self._shas[name], len(keys), *keys, *args)
-            replies = await pipe.execute(raise_on_error=False)
-            failed = [r for r in replies if isinstance(r, Exception)]
-            if not failed:
-                return list(replies)
-            if attempt == 0 and any(isinstance(r, NoScriptError) or "NOSCRIPT" in str(r) for r in failed):
-                await self.load()
+        async def send(node: Any, indexes: list[int]) -> None:
+            pipe = self._node_client(node).pipeline(transaction=False)
+            for i in indexes:
+                keys, args = calls[i]
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            for i, reply in zip(indexes, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+
+        await asyncio.gather(*(send(node, indexes) for node, indexes in groups.values()))
+        loaded = False
+        for i, reply in enumerate(replies):
+            if not isinstance(reply, Exception):
                 continue
-            raise failed[0]
-        raise AssertionError("unreachable")  # pragma: no cover
+            if isinstance(reply, NoScriptError) and not loaded:
+                await self.load()
+                loaded = True
+            elif not isinstance(reply, NoScriptError | MovedError | AskError | TryAgainError):
+                raise reply
+            keys, args = calls[i]
+            replies[i] = await self._client.evalsha(sha, len(keys), *keys, *args)
+        return replies
+
+    def _node_client(self, node: Any) -> Any:
+        client = self._nodes.get(node.name)
+        if client is None:
+            assert self._settings is not None
+            url = urlsplit(self._settings.redis.url)
+            netloc = url.netloc.rsplit("@", 1)[0] + "@" if "@" in url.netloc else ""
+            address = urlunsplit((url.scheme, f"{netloc}{node.host}:{node.port}", "", "", ""))
+            client = self._nodes[node.name] = aioredis.Redis.from_url(
+                address, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s,
+                retry=Retry(NoBackoff(), 0), decode_responses=False, health_check_interval=0)
+        return client

@@ -200,7 +200,8 @@ class OnlineFeatureStore:
         if self._redis is None:
             self._redis = make_client(self._settings, self._timeout_s)
             self._scripts = ScriptRunner(self._redis, self._cluster, {
-                "read": scripts.READ_BATCH, "write": scripts.WRITE_BATCH, "labels": scripts.APPLY_LABELS})
+                "read": scripts.READ_BATCH, "write": scripts.WRITE_BATCH, "labels": scripts.APPLY_LABELS},
+                self._settings, self._timeout_s)
         try:
             await self._redis.ping()
             if self._cluster:
@@ -211,6 +212,7 @@ class OnlineFeatureStore:
     async def close(self) -> None:
         if self._redis is not None:
             client, self._redis = self._redis, None
+            await self._scripts.close()
             await client.aclose()
 
     async def ping(self) -> bool:
