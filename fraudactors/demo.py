@@ -60,6 +60,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="TOML config file (defaults apply to every key it leaves out)")
     parser.add_argument("--engine-timeout", type=float, default=120.0, metavar="S",
                         help="how long the engine may take to become ready (default 120)")
+    parser.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                        help="run the feature store on an embedded N-master Redis Cluster (default: one instance)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                         help="level of the demo's own structured logs on stderr (default warning)")
 
@@ -141,9 +143,9 @@ async def _main(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.replace(models={"dir": str(models_dir)})
     say(f"fraudactors demo: starting embedded broker and Redis (rate {args.rate:g}/s, "
         f"duration {args.duration:g}s, models {models_dir})")
-    async with EmbeddedStack(settings) as stack:
+    async with EmbeddedStack(settings, redis_cluster=args.redis_cluster) as stack:
         say(f"broker: tansu pid {stack.broker.pid} on {stack.broker.bootstrap_servers}")
-        say(f"redis: pid {stack.redis.pid} on {stack.redis.url}")
+        say(f"redis: {stack.describe_redis()}")
         try:
             result = await run_demo(args, stack)
         finally:
@@ -238,9 +240,9 @@ def _topics(settings: Settings) -> list[str]:
 
 
 async def _redis_ping(settings: Settings) -> bool:
-    import redis.asyncio as aioredis
+    from fraudactors.features.redis_client import make_client
 
-    client = aioredis.from_url(settings.redis.url)
+    client = make_client(settings, 5.0)
     try:
         return bool(await client.ping())
     except Exception:

@@ -83,6 +83,7 @@ class ScriptRunner:
             script = self._registered[name]
             return [await script(keys=keys, args=args) for keys, args in calls]
         sha = self._shas[name]
+        await self._client.initialize()  # the slot map (a no-op once known)
         groups: dict[str, tuple[Any, list[int]]] = {}
         for i, (keys, _) in enumerate(calls):
             node = self._client.get_node_from_key(keys[0])

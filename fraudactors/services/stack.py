@@ -9,6 +9,7 @@ from typing import Self
 from fraudactors.services.binaries import resolve_redis, resolve_tansu
 from fraudactors.services.broker import EmbeddedBroker
 from fraudactors.services.redis import EmbeddedRedis
+from fraudactors.services.redis_cluster import EmbeddedRedisCluster
 from fraudactors.settings import Settings
 
 
@@ -19,17 +20,29 @@ class EmbeddedStack:
     ``enable_idempotence`` off (Tansu rejects InitProducerId).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, redis_cluster: int = 0) -> None:
         timeout = settings.services.start_timeout_s
         # Resolve both binaries before starting anything: a missing one fails fast, naming the setting.
         self.broker = EmbeddedBroker(resolve_tansu(settings.services.tansu_bin), start_timeout_s=timeout)
-        self.redis = EmbeddedRedis(resolve_redis(settings.services.redis_bin), start_timeout_s=timeout)
+        self.redis: EmbeddedRedis | EmbeddedRedisCluster
+        if redis_cluster:
+            self.redis = EmbeddedRedisCluster(redis_cluster, resolve_redis(settings.services.redis_bin),
+                                              start_timeout_s=timeout)
+        else:
+            self.redis = EmbeddedRedis(resolve_redis(settings.services.redis_bin), start_timeout_s=timeout)
         self._base = settings
         self.settings = settings
 
     @property
     def pids(self) -> dict[str, int | None]:
+        if isinstance(self.redis, EmbeddedRedisCluster):
+            return {"broker": self.broker.pid, **{f"redis-{i}": pid for i, pid in enumerate(self.redis.pids)}}
         return {"broker": self.broker.pid, "redis": self.redis.pid}
+
+    def describe_redis(self) -> str:
+        if isinstance(self.redis, EmbeddedRedisCluster):
+            return f"{self.redis.masters}-master cluster, pids {self.redis.pids}, {', '.join(self.redis.startup_nodes)}"
+        return f"pid {self.redis.pid} on {self.redis.url}"
 
     async def start(self) -> Self:
         try:
@@ -43,7 +56,8 @@ class EmbeddedStack:
             raise errors[0]
         self.settings = self._base.replace(
             kafka={"bootstrap_servers": self.broker.bootstrap_servers, "enable_idempotence": False},
-            redis={"url": self.redis.url},
+            redis=({"url": self.redis.url, "cluster": True, "cluster_nodes": self.redis.startup_nodes}
+                   if isinstance(self.redis, EmbeddedRedisCluster) else {"url": self.redis.url}),
         )
         return self
 
