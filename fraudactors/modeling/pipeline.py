@@ -31,6 +31,7 @@ import numpy as np
 
 from fraudactors.errors import ModelError
 from fraudactors.modeling.data import DataError, Dataset, load_table, synthetic_dataset
+from fraudactors.modeling.metrics import evaluate_scores, threshold_for_fpr
 from fraudactors.modeling.progress import Progress, step
 
 DAY_S = 86400.0
@@ -290,7 +291,6 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
     from fraudactors.features.definition import FEATURE_NAMES
     from fraudactors.modeling.attribution import build_attribution
     from fraudactors.modeling.attribution_onnx import attribution_onnx_bytes
-    from fraudactors.modeling.evaluate import evaluate_scores, threshold_for_fpr
     from fraudactors.modeling.registry import ATTRIBUTION_FILE, METADATA_FILE, MODEL_FILE, sha256_bytes
     from fraudactors.modeling.scorer import make_session
 

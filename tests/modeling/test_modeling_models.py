@@ -14,7 +14,7 @@ from fraudactors.errors import ModelError, ModelIntegrityError
 from fraudactors.features.definition import FEATURE_NAMES
 from fraudactors.modeling.attribution import TreeAttribution, build_attribution
 from fraudactors.modeling.attribution_onnx import attribution_onnx_bytes, float32_floor
-from fraudactors.modeling.evaluate import threshold_for_fpr
+from fraudactors.modeling.metrics import threshold_for_fpr
 from fraudactors.modeling.pipeline import (
     SplitConfig,
     compute_features,
