@@ -241,6 +241,12 @@ class DecisionSettings:
     # is_fraud = decision in is_fraud_decisions
     is_fraud_decisions: tuple[str, ...] = ("review", "decline")
     max_reasons: int = 3
+    # Degraded mode (feature store unreachable): every decision is scored by the fallback of its
+    # variant (models/<version>/fallback.onnx, with its own thresholds). "score": the fallback's
+    # decision; "review": at least review; "approve-below": a payment below
+    # degraded_approve_below is approved, the rest get the fallback's decision (docs/operations.md).
+    degraded_policy: Literal["score", "review", "approve-below"] = "score"
+    degraded_approve_below: float = 20.0
 
     def validate(self) -> None:
         for key in ("review_threshold", "decline_threshold"):
@@ -253,6 +259,11 @@ class DecisionSettings:
             _require(decision in ("approve", "review", "decline"), "decision.is_fraud_decisions",
                      f"unknown decision {decision!r}")
         _require(0 <= self.max_reasons <= 10, "decision.max_reasons", "must be in [0, 10]")
+        _require(0.0 <= self.degraded_approve_below <= 1e9, "decision.degraded_approve_below",
+                 "must be in [0, 1e9] (an amount, SPEC §2)")
+        if self.degraded_policy == "approve-below":
+            _require(self.degraded_approve_below > 0, "decision.degraded_approve_below",
+                     "must be > 0 when decision.degraded_policy is approve-below (0 approves nothing)")
 
 
 @dataclass(frozen=True, slots=True)

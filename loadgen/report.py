@@ -79,12 +79,11 @@ def build_report(result: RunResult) -> dict[str, Any]:
     variants = {name: int((m.variant[decided_mask] == code).sum()) for name, code in VARIANT_CODES.items()}
     truth = result.is_fraud[decided_mask]
     acc = accuracy(truth, m.flagged[decided_mask], m.probability[decided_mask])
-    by_variant = {
-        name: accuracy(result.is_fraud[decided_mask & (m.variant == code)],
-                       m.flagged[decided_mask & (m.variant == code)],
-                       m.probability[decided_mask & (m.variant == code)])
-        for name, code in VARIANT_CODES.items()
-    }
+    by_variant = _by_variant(result, decided_mask)
+    # Decisions made in degraded mode (feature store unreachable, scored by the variants' fallbacks),
+    # measured apart: an outage should show its own detection and false-positive rate.
+    degraded_mask = decided_mask & m.degraded
+    degraded_acc = accuracy(result.is_fraud[degraded_mask], m.flagged[degraded_mask], m.probability[degraded_mask])
     target = profile.peak_rate if profile.name == "constant" else profile.mean_rate
     report: dict[str, Any] = {
         "target_tps": _num(target),
@@ -120,6 +119,7 @@ def build_report(result: RunResult) -> dict[str, Any]:
         "malformed_decisions": c.malformed,
         "other_variants": dict(c.other_variants),
         "accuracy_by_variant": by_variant,
+        "degraded_accuracy": {**degraded_acc, "by_variant": _by_variant(result, degraded_mask)},
         "fraud_sent": int(result.is_fraud.sum()),
         "fraud_by_scenario": _scenario_counts(result),
         "labels_sent": result.labels_sent,
@@ -128,6 +128,13 @@ def build_report(result: RunResult) -> dict[str, Any]:
         "topics": dict(result.topics),
     }
     return report
+
+
+def _by_variant(result: RunResult, mask: np.ndarray) -> dict[str, dict[str, Any]]:
+    m = result.collector.matches
+    return {name: accuracy(result.is_fraud[mask & (m.variant == code)], m.flagged[mask & (m.variant == code)],
+                           m.probability[mask & (m.variant == code)])
+            for name, code in VARIANT_CODES.items()}
 
 
 def _percentiles(values_ms: np.ndarray) -> dict[str, float]:
@@ -211,7 +218,15 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("AUC", f"{acc['auc']:.3f}"),
         ("variants A / B", f"{var['A']:,} / {var['B']:,}"),
         ("degraded", f"{report['degraded']:,}"),
+        *_degraded_row(report),
     ]
+
+
+def _degraded_row(report: dict[str, Any]) -> list[tuple[str, str]]:
+    acc = report.get("degraded_accuracy") or {}
+    if not report["degraded"] or not acc:
+        return []
+    return [("degraded: detection / FPR", f"{acc['detection_rate']:.3f} / {acc['false_positive_rate']:.4f}")]
 
 
 def _engine_row(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -254,6 +269,15 @@ def render_markdown(report: dict[str, Any], charts: dict[str, str] | None = None
             n = acc["positives"] + acc["negatives"]
             lines.append(f"| {name} | {n:,} | {acc['detection_rate']:.3f} | {acc['false_positive_rate']:.4f} | "
                          f"{acc['auc']:.3f} |")
+    degraded = report.get("degraded_accuracy") or {}
+    if report["degraded"] and degraded:
+        lines += ["", "Degraded decisions (feature store unreachable; scored by each variant's fallback model, "
+                  "`decision.degraded_policy`):", "",
+                  "| variant | degraded decisions | detection rate | false positive rate |", "|---|---:|---:|---:|"]
+        for name, acc in [*degraded.get("by_variant", {}).items(), ("all", degraded)]:
+            n = acc["positives"] + acc["negatives"]
+            if n:
+                lines.append(f"| {name} | {n:,} | {acc['detection_rate']:.3f} | {acc['false_positive_rate']:.4f} |")
     if charts:
         lines += [""]
         for title, name in charts.items():

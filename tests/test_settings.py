@@ -38,6 +38,11 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[models.variants.A]\nversion = \"v1\"\nweight = -1.0\n", "models.variants.A.weight"),
         ("[models.variants.C]\nweight = 1.0\n", "models.variants.C.version"),
         ("[decision]\nis_fraud_decisions = [\"maybe\"]\n", "decision.is_fraud_decisions"),
+        ("[decision]\ndegraded_policy = \"decline\"\n", "decision.degraded_policy"),
+        ("[decision]\ndegraded_approve_below = -5.0\n", "decision.degraded_approve_below"),
+        ("[decision]\ndegraded_approve_below = \"cheap\"\n", "decision.degraded_approve_below"),
+        ("[decision]\ndegraded_policy = \"approve-below\"\ndegraded_approve_below = 0.0\n",
+         "decision.degraded_approve_below"),
     ],
 )
 def test_bad_config_file_names_the_key(tmp_path: Path, toml: str, key: str) -> None:
@@ -86,6 +91,15 @@ def test_layers_apply_in_order(tmp_path: Path) -> None:
 def test_config_path_from_environment(tmp_path: Path) -> None:
     path = write(tmp_path, "[topics]\npartitions = 4\n")
     assert load_settings(env={"FRAUDACTORS_CONFIG": str(path)}).topics.partitions == 4
+
+
+def test_the_degraded_policy_loads_from_a_file_and_the_environment(tmp_path: Path) -> None:
+    assert (Settings().decision.degraded_policy, Settings().decision.degraded_approve_below) == ("score", 20.0)
+    s = load_settings(write(tmp_path, "[decision]\ndegraded_policy = \"review\"\n"), env={})
+    assert s.decision.degraded_policy == "review"
+    s = load_settings(env={"FRAUDACTORS_DECISION__DEGRADED_POLICY": "APPROVE-BELOW",
+                           "FRAUDACTORS_DECISION__DEGRADED_APPROVE_BELOW": "12.5"})
+    assert (s.decision.degraded_policy, s.decision.degraded_approve_below) == ("approve-below", 12.5)
 
 
 def test_services_binaries_are_configurable_from_env() -> None:

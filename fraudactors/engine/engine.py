@@ -224,7 +224,7 @@ class Engine:
             return 503, _JSON, orjson.dumps({"error": "models not loaded"})
         try:
             X, degraded = await self.features.peek([txn])
-            scored = (await self.inference.score(X, [txn.transaction_id]))[0]
+            scored = (await self.inference.score(X, [txn.transaction_id], degraded=degraded))[0]
         except FraudActorsError as exc:
             return 503, _JSON, orjson.dumps({"error": redact(str(exc), self._secrets)})
         return 200, _JSON, encode_decision(

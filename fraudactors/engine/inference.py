@@ -5,6 +5,10 @@ mailbox; a flusher takes what is there (up to ``batch_max`` rows, lingering ``ba
 more), groups rows by model version and makes ONE call to the scorer for all of them, with at most
 ``max_inflight_batches`` calls in flight. The scorer runs either in a process pool (ONNX sessions
 pinned per worker process, the default) or in one thread of this process (``inference_mode``).
+
+A degraded batch (features without the store) is scored by the fallback of each row's variant
+(``v1-fallback``: transaction-only features, its own thresholds), and ``decision.degraded_policy``
+then says what its decision may be (:mod:`fraudactors.modeling.policy`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,8 @@ from fraudactors.engine.decision import Router, Thresholds, Variant
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.errors import ActorDied, ModelError, WorkerDied
 from fraudactors.logging import get_logger
+from fraudactors.modeling.policy import DegradedPolicy
+from fraudactors.modeling.registry import fallback_id
 from fraudactors.settings import Settings
 
 # -- what runs where the scorer lives (a pool worker process, or a thread here) ----------------------
@@ -64,7 +70,7 @@ class Scored:
     """The deciding outcome of one row."""
 
     variant: str
-    model_version: str
+    model_version: str  # what scored it: the variant's version, or its fallback (``v1-fallback``)
     probability: float
     decision: str
     is_fraud: bool
@@ -75,13 +81,32 @@ class Scored:
 
 @dataclass(frozen=True, slots=True)
 class _Rows:
-    """One worker's micro-batch: its feature rows and the variant each row is routed to."""
+    """One worker's micro-batch: its feature rows, the variant each row is routed to, and whether
+    the rows are degraded (scored by the variants' fallbacks)."""
 
     X: np.ndarray
     deciding: list[Variant]
+    degraded: bool = False
 
 
 _Request = Request[_Rows, list[Scored]]
+
+
+def _model(version: str, degraded: bool) -> str:
+    """What scores a row of ``version``: the version, or its fallback when the row is degraded."""
+    return fallback_id(version) if degraded else version
+
+
+@dataclass(slots=True)
+class _Results:
+    """One coalesced call's results, per model: probabilities and reasons of the rows it scored,
+    and each batch row's position among them (-1: not scored by that model)."""
+
+    degraded: list[bool]
+    amounts: np.ndarray | None  # the rows' amount feature (only for decision.degraded_policy approve-below)
+    probs: dict[str, np.ndarray] = field(default_factory=dict)
+    reasons: dict[str, list[list[str]]] = field(default_factory=dict)
+    position: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _chunks(requests: list[_Request], max_rows: int) -> list[list[_Request]]:
@@ -110,7 +135,10 @@ class InferenceActor:
         self._settings = settings
         self._metrics = metrics
         self.router = Router(settings.models.variants)
+        # per model that scores: each version and its fallback (fallback_id(version))
         self._thresholds: dict[str, Thresholds] = {}
+        self._policy = DegradedPolicy.from_settings(settings.decision)
+        self._amount_column = 0
         self.mailbox: Mailbox[_Request] = Mailbox(max(64, settings.engine.mailbox_size // 8), "inference")
         self._inflight = asyncio.Semaphore(settings.engine.max_inflight_batches)
         self._pool: Any = None
@@ -139,10 +167,22 @@ class InferenceActor:
             info = load_model_info(self._settings.models.dir, version)
             self._thresholds[version] = Thresholds.resolve(
                 self._settings.decision, info.review_threshold, info.decline_threshold)
+            if info.fallback is None:
+                raise ModelError(f"model {version} has no fallback for degraded mode ({info.directory}/metadata.json "
+                                 "has no 'fallback' section); retrain it with `fraudactors train`")
+            # decision.review_threshold / decline_threshold are probabilities of the main models;
+            # the fallback always decides with its own calibrated thresholds.
+            self._thresholds[info.fallback.version] = Thresholds(
+                review=min(info.fallback.review_threshold, info.fallback.decline_threshold),
+                decline=info.fallback.decline_threshold)
             if names is not None and tuple(info.feature_names) != names:
                 raise ModelError(f"model {version} expects different features than the other variants")
             names = tuple(info.feature_names)
         self.feature_names = names or ()
+        if self._policy.mode == "approve-below":
+            if "amount" not in self.feature_names:
+                raise ModelError("decision.degraded_policy approve-below needs the models' 'amount' feature")
+            self._amount_column = self.feature_names.index("amount")
 
     async def run(self, task_status: Any) -> None:
         """Supervised child: load models (verify sha256), start the scorer, then serve."""
@@ -187,12 +227,13 @@ class InferenceActor:
             thread, self._thread = self._thread, None
             thread.shutdown(wait=False, cancel_futures=True)
 
-    async def score(self, X: np.ndarray, transaction_ids: Sequence[str]) -> list[Scored]:
-        """Score one micro-batch; rows are routed by transaction id. Raises ActorDied when stopped."""
+    async def score(self, X: np.ndarray, transaction_ids: Sequence[str], degraded: bool = False) -> list[Scored]:
+        """Score one micro-batch; rows are routed by transaction id; ``degraded`` rows are scored by
+        their variant's fallback under ``decision.degraded_policy``. Raises ActorDied when stopped."""
         if not self._ready.is_set():
             await self._ready.wait()
         route = self.router.route
-        return await ask(self.mailbox, _Rows(X, [route(t) for t in transaction_ids]))
+        return await ask(self.mailbox, _Rows(X, [route(t) for t in transaction_ids], degraded))
 
     async def _flush_loop(self) -> None:
         """Coalesce the workers' requests: flush on ``batch_max`` requests or after the linger."""
@@ -227,58 +268,45 @@ class InferenceActor:
     async def _score_batch(self, batch: list[_Request]) -> list[list[Scored]]:
         X = np.concatenate([r.payload.X for r in batch]) if len(batch) > 1 else batch[0].payload.X
         deciding = [v for r in batch for v in r.payload.deciding]
+        degraded = [r.payload.degraded for r in batch for _ in r.payload.deciding]
         n = len(deciding)
         self._metrics.inference_batch_size.observe(n)
-        # Group row indices per model version: deciding rows, plus every row for each shadow.
-        by_version: dict[str, list[int]] = {}
-        for i, v in enumerate(deciding):
-            by_version.setdefault(v.version, []).append(i)
-        shadow_versions = [s.version for s in self.router.shadows]
-        requests: list[tuple[str, np.ndarray]] = []
-        keys: list[str] = []
-        for version, idx in by_version.items():
-            requests.append((version, X[idx] if len(idx) != n else X))
-            keys.append(version)
-        for version in shadow_versions:
-            if version in by_version and len(by_version[version]) == n:
-                continue  # already scored on every row
-            requests.append((version, X))
-            keys.append("*" + version)
+        # The rows each model scores: its deciding rows, plus every row for each shadow variant
+        # (a degraded row is scored by the variant's fallback).
+        deciding_model = [_model(v.version, degraded[i]) for i, v in enumerate(deciding)]
+        rows_of: dict[str, list[int]] = {}
+        for i, model in enumerate(deciding_model):
+            rows_of.setdefault(model, []).append(i)
+        for shadow in self.router.shadows:
+            for i in range(n):
+                rows_of.setdefault(_model(shadow.version, degraded[i]), []).append(i)
+        index = {model: np.unique(rows) for model, rows in rows_of.items()}  # sorted, each row once
+        requests = [(model, X if rows.size == n else X[rows]) for model, rows in index.items()]
         t0 = time.perf_counter()
         results = await self._invoke(requests)
         self._metrics.stage_latency.labels("inference").observe(time.perf_counter() - t0)
 
-        probs = np.empty(n, dtype=np.float64)
-        reasons: list[list[str]] = [[] for _ in range(n)]
-        full: dict[str, tuple[np.ndarray, list[list[str]]]] = {}
-        for key, (p, r) in zip(keys, results, strict=True):
-            if key.startswith("*"):
-                full[key[1:]] = (p, r)
-                continue
-            idx = by_version[key]
-            probs[idx] = p
-            for j, i in enumerate(idx):
-                reasons[i] = r[j]
-            if len(idx) == n:
-                full[key] = (p, r)
-        shadow_flags = self._record_shadows(full)
+        res = _Results(degraded=degraded,
+                       amounts=X[:, self._amount_column] if self._policy.mode == "approve-below" else None)
+        for (model, rows), (p, r) in zip(index.items(), results, strict=True):
+            position = np.full(n, -1, dtype=np.intp)
+            position[rows] = np.arange(rows.size)
+            res.probs[model], res.reasons[model], res.position[model] = p, r, position
+        shadow_flags = self._record_shadows(res)
 
         scored: list[Scored] = []
         is_fraud_decisions = self._settings.decision.is_fraud_decisions
-        thresholds = self._thresholds
-        hist = self._metrics.fraud_probability
-        for i, v in enumerate(deciding):
-            prob = float(probs[i])
-            decision = thresholds[v.version].decide(prob)
+        observed: dict[str, list[float]] = {}
+        for i, (v, model) in enumerate(zip(deciding, deciding_model, strict=True)):
+            prob, decision, reasons = self._outcome(res, model, i)
             shadows = tuple((name, flags[i]) for name, flags in shadow_flags) if shadow_flags else ()
-            scored.append(Scored(v.name, v.version, prob, decision, decision in is_fraud_decisions, reasons[i],
-                                 shadows))
-        for v in self.router.deciding:
-            sel = [i for i, d in enumerate(deciding) if d.name == v.name]
-            if sel:
-                child = hist.labels(v.name)
-                for p in probs[sel]:
-                    child.observe(float(p))
+            scored.append(Scored(v.name, model, prob, decision, decision in is_fraud_decisions, reasons, shadows))
+            if not degraded[i]:  # the histogram is the main models' scores; a fallback's scale differs
+                observed.setdefault(v.name, []).append(prob)
+        for name, values in observed.items():
+            child = self._metrics.fraud_probability.labels(name)
+            for value in values:
+                child.observe(value)
         # Split back per request.
         out: list[list[Scored]] = []
         start = 0
@@ -288,24 +316,32 @@ class InferenceActor:
             start = end
         return out
 
-    def _record_shadows(self, full: dict[str, tuple[np.ndarray, list[list[str]]]]
-                        ) -> list[tuple[str, list[bool]]]:
+    def _outcome(self, res: _Results, model: str, row: int) -> tuple[float, str, list[str]]:
+        """``model``'s probability, decision and reasons for ``row`` (degraded: under the policy)."""
+        at = int(res.position[model][row])
+        prob = float(res.probs[model][at])
+        decision = self._thresholds[model].decide(prob)
+        if res.degraded[row]:
+            decision = self._policy.apply(decision, float(res.amounts[row]) if res.amounts is not None else 0.0)
+        return prob, decision, res.reasons[model][at]
+
+    def _record_shadows(self, res: _Results) -> list[tuple[str, list[bool]]]:
         """Metrics for the shadow variants; returns each shadow's would-be is_fraud per row."""
         out: list[tuple[str, list[bool]]] = []
         is_fraud_decisions = self._settings.decision.is_fraud_decisions
         for shadow in self.router.shadows:
-            p, _ = full[shadow.version]
             hist = self._metrics.fraud_probability.labels(shadow.name)
-            t = self._thresholds[shadow.version]
-            counts: dict[str, int] = {}
+            counts: dict[tuple[str, str], int] = {}
             flags: list[bool] = []
-            for value in p:
-                hist.observe(float(value))
-                d = t.decide(float(value))
-                counts[d] = counts.get(d, 0) + 1
-                flags.append(d in is_fraud_decisions)
-            for d, c in counts.items():
-                self._metrics.shadow_scores.labels(shadow.name, shadow.version, d).inc(c)
+            for i, degraded in enumerate(res.degraded):
+                model = _model(shadow.version, degraded)
+                prob, decision, _ = self._outcome(res, model, i)
+                if not degraded:
+                    hist.observe(prob)
+                counts[(model, decision)] = counts.get((model, decision), 0) + 1
+                flags.append(decision in is_fraud_decisions)
+            for (model, decision), count in counts.items():
+                self._metrics.shadow_scores.labels(shadow.name, model, decision).inc(count)
             out.append((shadow.name, flags))
         return out
 

@@ -250,7 +250,8 @@ class FeatureWorker:
         scored: Sequence[Scored] = ()
         try:
             if txns:
-                scored = await self._inference.score(batch.X, [t.transaction_id for t in txns])
+                scored = await self._inference.score(batch.X, [t.transaction_id for t in txns],
+                                                     degraded=batch.degraded)
         except BaseException:
             if previous is not None:  # fail only after the batches before this one are handed off
                 await asyncio.gather(previous, return_exceptions=True)

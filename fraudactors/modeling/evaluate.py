@@ -7,7 +7,9 @@ the realized FPR / detection rate / precision at the model's own review and decl
 
 ``fraudactors evaluate`` re-creates each model's held-out weeks from its metadata (the simulator's
 seed and size, or ``--data FILE`` for a model trained on a file), scores them with the committed
-ONNX files through the same registry and scorer the engine uses, and prints a Markdown table.
+ONNX files through the same registry and scorer the engine uses, and prints a Markdown table: one
+row per version and one per version's fallback (``v1-fallback``, degraded mode), then what each
+``decision.degraded_policy`` would do if every held-out transaction were decided degraded.
 """
 
 from __future__ import annotations
@@ -20,83 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from fraudactors.modeling.metrics import evaluate_scores
+from fraudactors.modeling.policy import DegradedPolicy
+
 HELP = "evaluate committed models on their held-out weeks (AUC, AP, detection rate at FPR <= 2%, per scenario)"
-MAX_FPR = 0.02
-
-
-# ---------------------------------------------------------------------- metrics
-
-
-def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, s)) if 0 < y.sum() < y.size else None
-
-
-def _ap(y: np.ndarray, s: np.ndarray) -> float | None:
-    from sklearn.metrics import average_precision_score
-
-    return float(average_precision_score(y, s)) if 0 < y.sum() < y.size else None
-
-
-def threshold_for_fpr(neg_scores: np.ndarray, max_fpr: float) -> float:
-    """The lowest threshold (``score >= t`` flags) whose FPR on ``neg_scores`` is <= ``max_fpr``.
-
-    Thresholds are float32 values (the ONNX model outputs float32), so comparing a float32 score
-    promoted to float64 against the threshold gives the same answer as in float32.
-    """
-    neg = np.sort(np.asarray(neg_scores, dtype=np.float32))[::-1]
-    if neg.size == 0:
-        return 0.5
-    k = int(np.floor(max_fpr * neg.size + 1e-9))  # at most k legit may score >= t
-    if k >= neg.size:
-        return 0.0
-    # Just above the (k+1)-th highest legit score: the k above it are the only ones flagged.
-    return float(np.nextafter(neg[k], np.float32(np.inf)))
-
-
-def at_threshold(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float | None]:
-    flagged = s >= threshold
-    pos, neg = y.sum(), (~y).sum()
-    tp = int((flagged & y).sum())
-    fp = int((flagged & ~y).sum())
-    return {
-        "threshold": threshold,
-        "detection_rate": tp / pos if pos else None,
-        "fpr": fp / neg if neg else None,
-        "precision": tp / (tp + fp) if tp + fp else None,
-    }
-
-
-def evaluate_scores(y: np.ndarray, scores: np.ndarray, scenario: np.ndarray,
-                    thresholds: Mapping[str, float] | None = None, max_fpr: float = MAX_FPR) -> dict[str, Any]:
-    """Overall and per-scenario metrics of ``scores`` (higher = more likely fraud)."""
-    y = np.asarray(y, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    legit = ~y
-    best = threshold_for_fpr(s[legit], max_fpr)
-    out: dict[str, Any] = {
-        "transactions": int(y.size),
-        "frauds": int(y.sum()),
-        "auc": _auc(y, s),
-        "average_precision": _ap(y, s),
-        "max_fpr": max_fpr,
-        "at_max_fpr": at_threshold(y, s, best),
-        "at_thresholds": {name: at_threshold(y, s, t) for name, t in (thresholds or {}).items()},
-        "per_scenario": {},
-    }
-    for name in sorted({str(x) for x in np.unique(scenario[y])}):
-        sel = (scenario == name) & y
-        mask = sel | legit  # this scenario's frauds against all legitimate transactions
-        ys, ss = y[mask], s[mask]
-        out["per_scenario"][name] = {
-            "frauds": int(sel.sum()),
-            "auc": _auc(ys, ss),
-            "average_precision": _ap(ys, ss),
-            "detection_rate_at_max_fpr": float((s[sel] >= best).mean()),
-            "at_thresholds": {k: float((s[sel] >= t).mean()) for k, t in (thresholds or {}).items()},
-        }
-    return out
 
 
 # ---------------------------------------------------------------------- tables
@@ -143,6 +72,40 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def policy_metrics(y: np.ndarray, probs: np.ndarray, amounts: np.ndarray, review: float, decline: float,
+                   policy: DegradedPolicy, is_fraud_decisions: tuple[str, ...] = ("review", "decline")
+                   ) -> dict[str, Any]:
+    """Detection, FPR, precision, the share of fraud amount caught and the share of all transactions
+    flagged, if a fallback scoring ``probs`` decided every row in degraded mode under ``policy``."""
+    y = np.asarray(y, dtype=bool)
+    base = np.where(probs >= decline, "decline", np.where(probs >= review, "review", "approve"))
+    decisions = [policy.apply(d, a) for d, a in zip(base.tolist(), amounts.tolist(), strict=True)]
+    flagged = np.isin(np.asarray(decisions), is_fraud_decisions)
+    tp, fp = int((flagged & y).sum()), int((flagged & ~y).sum())
+    pos, neg = int(y.sum()), int((~y).sum())
+    fraud_amount = float(amounts[y].sum())
+    return {
+        "policy": policy.label,
+        "detection_rate": tp / pos if pos else None,
+        "fpr": fp / neg if neg else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "fraud_amount_caught": float(amounts[flagged & y].sum()) / fraud_amount if fraud_amount else None,
+        "flagged_share": float(flagged.mean()) if flagged.size else None,
+    }
+
+
+def policy_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = ["Degraded mode: each `decision.degraded_policy` if every held-out transaction were decided by the "
+             "fallback (is_fraud = review or decline):", "",
+             "| fallback | policy | detection | FPR | precision | fraud amount caught | flagged |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for version, r in results.items():
+        for m in r.get("policies", ()):
+            lines.append(f"| {version} | {m['policy']} | {_pct(m['detection_rate'])} | {_pct(m['fpr'])} "
+                         f"| {_pct(m['precision'])} | {_pct(m['fraud_amount_caught'])} | {_pct(m['flagged_share'])} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- the command
 
 
@@ -151,21 +114,32 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--versions", default="v1,v2", help="comma-separated model versions (default: v1,v2)")
     p.add_argument("--data", metavar="FILE",
                    help="the CSV/Parquet file the models were trained on (default: the simulator, from metadata)")
+    p.add_argument("--approve-below", default="20", metavar="AMOUNT[,AMOUNT...]",
+                   help="amounts for the degraded policy approve-below rows (default: 20)")
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def main(args: argparse.Namespace) -> int:
-    from fraudactors.errors import ModelError
+    from fraudactors.errors import ConfigError, ModelError
+    from fraudactors.features.definition import FEATURE_INDEX
     from fraudactors.modeling.pipeline import held_out_set
     from fraudactors.modeling.registry import load_model_info
     from fraudactors.modeling.scorer import Scorer
 
+    try:
+        below = [float(a) for a in args.approve_below.split(",") if a.strip()]
+    except ValueError:
+        raise ConfigError("--approve-below", f"must be amounts separated by commas, got {args.approve_below!r}") from None
+    if any(not 0 < a <= 1e9 for a in below):
+        raise ConfigError("--approve-below", "amounts must be in (0, 1e9]")
+    policies = [DegradedPolicy("score"), DegradedPolicy("review"), *(DegradedPolicy("approve-below", a) for a in below)]
     versions = [v.strip() for v in args.versions.split(",") if v.strip()]
     infos = [load_model_info(args.models, v) for v in versions]
     scorer = Scorer(infos)
     cache: dict[str, Any] = {}
     results: dict[str, dict[str, Any]] = {}
+    fallbacks: dict[str, dict[str, Any]] = {}
     for info in infos:
         training = info.metadata.get("training")
         if not isinstance(training, dict):
@@ -178,7 +152,22 @@ def main(args: argparse.Namespace) -> int:
         thresholds = {"review": info.review_threshold, "decline": info.decline_threshold}
         results[info.version] = {"algo": info.metadata.get("algo"),
                                  "metrics": evaluate_scores(y, probs, scenario, thresholds)}
+        fb = info.fallback
+        if fb is None:
+            continue
+        probs = scorer.predict_proba(fb.version, X)
+        amounts = X[:, FEATURE_INDEX["amount"]]
+        fallbacks[fb.version] = {
+            "algo": info.metadata.get("algo"),
+            "metrics": evaluate_scores(y, probs, scenario, {"review": fb.review_threshold,
+                                                            "decline": fb.decline_threshold}),
+            "policies": [policy_metrics(y, probs, amounts, fb.review_threshold, fb.decline_threshold, policy)
+                         for policy in policies]}
+    results.update(fallbacks)
     print(markdown_table(results))
+    if fallbacks:
+        print()
+        print(policy_table(fallbacks))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return 0

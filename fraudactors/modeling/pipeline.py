@@ -12,6 +12,11 @@ Time split (days counted back from the last transaction)::
   rates, on the ONNX model's own probabilities;
 - gap: the label delay; nothing from it is used;
 - test: never seen; all reported metrics are computed here, against ground truth.
+
+Each version also gets a fallback for degraded mode: the same algorithm, fitted, calibrated and
+evaluated on the same split but only on the transaction-only features
+(``features.definition.TRANSACTION_ONLY``), the ones the engine has while the feature store is
+unreachable.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 
 from fraudactors.errors import ModelError
 from fraudactors.modeling.data import DataError, Dataset, load_table, synthetic_dataset
+from fraudactors.modeling.metrics import evaluate_scores, threshold_for_fpr
 from fraudactors.modeling.progress import Progress, step
 
 DAY_S = 86400.0
@@ -283,40 +289,49 @@ class TrainContext:
     show_progress: bool = True
 
 
-def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Path) -> dict[str, Any]:
-    """Fit, convert, calibrate, evaluate and write ``out_dir/version``; returns the metadata."""
-    import json
+@dataclass(frozen=True)
+class _Built:
+    """One fitted, converted, calibrated and evaluated model (a version's main model or its fallback)."""
 
-    from fraudactors.features.definition import FEATURE_NAMES
+    model: Any
+    onnx: bytes
+    attribution: Any  # TreeAttribution
+    attribution_onnx: bytes
+    thresholds: dict[str, float]
+    onnx_diff: float
+    metrics: dict[str, Any]  # {"test": ..., "calibration": ...}
+    inference: dict[str, float]
+
+
+def _build(ctx: TrainContext, name: str, algo: str, names: tuple[str, ...], columns: np.ndarray | None,
+           what: str) -> _Built:
+    """Fit ``algo`` on ``columns`` of the features (all when None), convert it and its path
+    contributions to ONNX, calibrate the thresholds and evaluate it on the held-out weeks."""
     from fraudactors.modeling.attribution import build_attribution
     from fraudactors.modeling.attribution_onnx import attribution_onnx_bytes
-    from fraudactors.modeling.evaluate import evaluate_scores, threshold_for_fpr
-    from fraudactors.modeling.registry import ATTRIBUTION_FILE, METADATA_FILE, MODEL_FILE, sha256_bytes
     from fraudactors.modeling.scorer import make_session
 
-    ds, X, split = ctx.ds, ctx.X, ctx.split
+    ds, split = ctx.ds, ctx.split
+    X = ctx.X if columns is None else np.ascontiguousarray(ctx.X[:, columns])
     y_known = known_labels(ds, split.cutoff)
     y_fit = y_known[split.fit]
-    if y_fit.sum() == 0 or y_fit.all():
-        raise DataError(f"the fit period holds {int(y_fit.sum())} reported frauds out of {y_fit.size} "
-                        "transactions; training needs both classes")
-    s = step(f"fitting {version} ({algo})", ctx.show_progress)
+    s = step(f"fitting {name} ({algo}{what})", ctx.show_progress)
     model = fit_model(algo, ctx.seed, X[split.fit], y_fit, ctx.legit_fraction)
     s.done(f"on the {int(y_fit.sum()):,} frauds and {ctx.legit_fraction:.0%} of {int((~y_fit).sum()):,} legit rows")
 
-    s = step(f"converting {version} to ONNX", ctx.show_progress)
-    onnx_bytes = to_onnx_bytes(model, X.shape[1], f"fraudactors_{version}")
+    s = step(f"converting {name} to ONNX", ctx.show_progress)
+    onnx_bytes = to_onnx_bytes(model, X.shape[1], "fraudactors_" + name.replace("-", "_"))
     session = make_session(onnx_bytes)
     parity_rows = X[split.test[: 20000]]
     with single_threaded_openmp():
         sk_rows = model.predict_proba(parity_rows)[:, 1]
     onnx_diff = float(np.abs(onnx_proba(session, parity_rows) - sk_rows).max()) if parity_rows.size else 0.0
     attribution = build_attribution(model, X.shape[1])
-    attr_bytes = attribution_onnx_bytes(attribution, f"fraudactors_{version}_reasons")
+    attr_bytes = attribution_onnx_bytes(attribution, "fraudactors_" + name.replace("-", "_") + "_reasons")
     reasons_session = make_session(attr_bytes)
     s.done()
 
-    s = step(f"evaluating {version} on the held-out weeks", ctx.show_progress)
+    s = step(f"evaluating {name} on the held-out weeks", ctx.show_progress)
     p_calib = onnx_proba(session, X[split.calib])
     calib_legit = ~y_known[split.calib]
     thresholds = {"review": threshold_for_fpr(p_calib[calib_legit], ctx.review_fpr),
@@ -325,14 +340,67 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
     test_metrics = evaluate_scores(ds.is_fraud[split.test], p_test, ds.scenario[split.test], thresholds)
     calib_metrics = evaluate_scores(y_known[split.calib], p_calib, ds.scenario[split.calib], thresholds)
     calib_metrics.pop("per_scenario", None)
-    timings = measure_inference(session, reasons_session, X[split.test], FEATURE_NAMES)
+    timings = measure_inference(session, reasons_session, X[split.test], names)
     s.done()
+    return _Built(model=model, onnx=onnx_bytes, attribution=attribution, attribution_onnx=attr_bytes,
+                  thresholds=thresholds, onnx_diff=onnx_diff,
+                  metrics={"test": test_metrics, "calibration": calib_metrics}, inference=timings)
+
+
+def _thresholds_meta(ctx: TrainContext, built: _Built) -> dict[str, Any]:
+    return {
+        "review": built.thresholds["review"], "decline": built.thresholds["decline"],
+        "review_target_fpr": ctx.review_fpr, "decline_target_fpr": ctx.decline_fpr,
+        "chosen_on": "calibration period, ONNX probabilities, labels known at the cut-off; flag when p >= threshold",
+    }
+
+
+def _attribution_meta(file: str, built: _Built) -> dict[str, Any]:
+    from fraudactors.modeling.registry import sha256_bytes
+
+    a = built.attribution
+    return {"file": file, "sha256": sha256_bytes(built.attribution_onnx),
+            "method": "Saabas tree path contributions (exact decomposition of the tree output), "
+                      "as an ONNX TreeEnsembleRegressor with one target per feature",
+            "input": "features", "output": "contributions", "space": a.space,
+            "bias": a.bias, "trees": int(a.roots.size), "nodes": int(a.feature.size), "max_depth": a.depth}
+
+
+def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Path) -> dict[str, Any]:
+    """Fit, convert, calibrate, evaluate and write ``out_dir/version`` -- the model and its
+    fallback for degraded mode (the same algorithm on the transaction-only features, its own
+    thresholds for the same target FPRs); returns the metadata."""
+    import json
+
+    from fraudactors.features.definition import FEATURE_INDEX, FEATURE_NAMES, TRANSACTION_ONLY
+    from fraudactors.modeling.registry import (
+        ATTRIBUTION_FILE,
+        FALLBACK_ATTRIBUTION_FILE,
+        FALLBACK_FILE,
+        METADATA_FILE,
+        MODEL_FILE,
+        fallback_id,
+        sha256_bytes,
+    )
+
+    ds, split = ctx.ds, ctx.split
+    y_fit = known_labels(ds, split.cutoff)[split.fit]
+    if y_fit.sum() == 0 or y_fit.all():
+        raise DataError(f"the fit period holds {int(y_fit.sum())} reported frauds out of {y_fit.size} "
+                        "transactions; training needs both classes")
+    main = _build(ctx, version, algo, FEATURE_NAMES, None, "")
+    columns = np.array([FEATURE_INDEX[n] for n in TRANSACTION_ONLY], dtype=np.intp)
+    fallback = _build(ctx, fallback_id(version), algo, TRANSACTION_ONLY, columns,
+                      f", {len(TRANSACTION_ONLY)} transaction-only features")
 
     directory = Path(out_dir) / version
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / ATTRIBUTION_FILE, attr_bytes)
-    _write_atomic(directory / MODEL_FILE, onnx_bytes)
+    _write_atomic(directory / ATTRIBUTION_FILE, main.attribution_onnx)
+    _write_atomic(directory / MODEL_FILE, main.onnx)
+    _write_atomic(directory / FALLBACK_ATTRIBUTION_FILE, fallback.attribution_onnx)
+    _write_atomic(directory / FALLBACK_FILE, fallback.onnx)
     unreported = ds.is_fraud[split.fit] & ~y_fit
+    model = main.model
     metadata: dict[str, Any] = {
         "version": version,
         "algo": algo,
@@ -343,21 +411,28 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
         "seed": ctx.seed,
         "command": ctx.command,
         "feature_names": list(FEATURE_NAMES),
-        "thresholds": {
-            "review": thresholds["review"], "decline": thresholds["decline"],
-            "review_target_fpr": ctx.review_fpr, "decline_target_fpr": ctx.decline_fpr,
-            "chosen_on": "calibration period, ONNX probabilities, labels known at the cut-off; flag when p >= threshold",
+        "thresholds": _thresholds_meta(ctx, main),
+        "sha256": sha256_bytes(main.onnx),
+        "onnx": {"file": MODEL_FILE, "input": ONNX_INPUT, "output": ONNX_OUTPUT, "bytes": len(main.onnx),
+                 "opset": {"": 17, "ai.onnx.ml": 3}, "max_abs_diff_vs_sklearn": main.onnx_diff},
+        "attribution": _attribution_meta(ATTRIBUTION_FILE, main),
+        "metrics": main.metrics,
+        "fallback": {
+            "purpose": "degraded mode (feature store unreachable): the same algorithm on the features that "
+                       "exist without the store, with its own thresholds for the same target FPRs",
+            "file": FALLBACK_FILE,
+            "sha256": sha256_bytes(fallback.onnx),
+            "model_type": type(fallback.model).__name__,
+            "params": _json_params(fallback.model),
+            "n_iter": int(getattr(fallback.model, "n_iter_", 0)) or None,
+            "feature_names": list(TRANSACTION_ONLY),
+            "thresholds": _thresholds_meta(ctx, fallback),
+            "onnx": {"input": ONNX_INPUT, "output": ONNX_OUTPUT, "bytes": len(fallback.onnx),
+                     "max_abs_diff_vs_sklearn": fallback.onnx_diff},
+            "attribution": _attribution_meta(FALLBACK_ATTRIBUTION_FILE, fallback),
+            "metrics": fallback.metrics,
+            "inference": fallback.inference,
         },
-        "sha256": sha256_bytes(onnx_bytes),
-        "onnx": {"file": MODEL_FILE, "input": ONNX_INPUT, "output": ONNX_OUTPUT, "bytes": len(onnx_bytes),
-                 "opset": {"": 17, "ai.onnx.ml": 3}, "max_abs_diff_vs_sklearn": onnx_diff},
-        "attribution": {"file": ATTRIBUTION_FILE, "sha256": sha256_bytes(attr_bytes),
-                        "method": "Saabas tree path contributions (exact decomposition of the tree output), "
-                                  "as an ONNX TreeEnsembleRegressor with one target per feature",
-                        "input": "features", "output": "contributions", "space": attribution.space,
-                        "bias": attribution.bias, "trees": int(attribution.roots.size),
-                        "nodes": int(attribution.feature.size), "max_depth": attribution.depth},
-        "metrics": {"test": test_metrics, "calibration": calib_metrics},
         "training": {
             "data": ctx.data_spec,
             "split": asdict(ctx.split_cfg),
@@ -369,7 +444,7 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
             "fit_legit_fraction": ctx.legit_fraction,
         },
         "data_summary": ds.summary(),
-        "inference": timings,
+        "inference": main.inference,
         "libraries": library_versions(),
     }
     text = json.dumps(metadata, indent=2, sort_keys=False, allow_nan=False, default=_json_default) + "\n"

@@ -1,13 +1,18 @@
-"""Model registry: ``models/<version>/`` holds ``model.onnx``, ``metadata.json`` and ``attribution.onnx``.
+"""Model registry: ``models/<version>/`` holds ``model.onnx``, ``metadata.json`` and ``attribution.onnx``,
+and the version's fallback for degraded mode, ``fallback.onnx`` and ``fallback_attribution.onnx``
+(its section ``fallback`` in ``metadata.json``).
 
 :func:`load_model_info` reads the metadata and refuses a model whose files do not match the sha256
 recorded at training time (:class:`ModelIntegrityError`) or whose features are not the ones the
-engine computes (:class:`ModelError`). It reads no ONNX session: :class:`~fraudactors.modeling.scorer.Scorer`
-does that (and checks the bytes it loads against the same sha256).
+engine computes (:class:`ModelError`); a fallback may only use the transaction-only features
+(``features.definition.TRANSACTION_ONLY``), the ones that exist without the feature store. It reads
+no ONNX session: :class:`~fraudactors.modeling.scorer.Scorer` does that (and checks the bytes it
+loads against the same sha256).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -20,6 +25,28 @@ from fraudactors.errors import ModelError, ModelIntegrityError
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 ATTRIBUTION_FILE = "attribution.onnx"
+FALLBACK_FILE = "fallback.onnx"
+FALLBACK_ATTRIBUTION_FILE = "fallback_attribution.onnx"
+FALLBACK_SUFFIX = "-fallback"
+
+
+def fallback_id(version: str) -> str:
+    """The name a version's fallback scores under (the decisions' ``model_version``): ``v1-fallback``."""
+    return version + FALLBACK_SUFFIX
+
+
+@dataclass(frozen=True)
+class FallbackInfo:
+    """A version's degraded-mode model: the transaction-only features, its own thresholds."""
+
+    version: str  # fallback_id(main version)
+    path: Path
+    sha256: str
+    feature_names: tuple[str, ...]  # a subset of the main model's, in the fallback's input order
+    review_threshold: float
+    decline_threshold: float
+    attribution_path: Path | None
+    attribution_sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -31,6 +58,7 @@ class ModelInfo:
     decline_threshold: float
     sha256: str
     metadata: dict[str, Any]
+    fallback: FallbackInfo | None = None
 
     @property
     def model_path(self) -> Path:
@@ -76,6 +104,12 @@ def _expected_features() -> tuple[str, ...]:
     from fraudactors.features.definition import FEATURE_NAMES
 
     return FEATURE_NAMES
+
+
+def _transaction_only() -> tuple[str, ...]:
+    from fraudactors.features.definition import TRANSACTION_ONLY
+
+    return TRANSACTION_ONLY
 
 
 def _check_features(version: str, names: tuple[str, ...], expected: Sequence[str]) -> None:
@@ -126,4 +160,36 @@ def load_model_info(models_dir: str | Path, version: str,
     if attribution is not None and attribution_sha is not None:
         verify_sha256(version, attribution, attribution_sha)
     _check_features(version, names, _expected_features() if expected_features is None else expected_features)
+    if "fallback" in metadata:
+        fallback = _load_fallback(version, directory, metadata["fallback"], names)
+        info = dataclasses.replace(info, fallback=fallback)
     return info
+
+
+def _load_fallback(version: str, directory: Path, entry: Any, main_names: tuple[str, ...]) -> FallbackInfo:
+    """The ``fallback`` section of ``version``'s metadata, its files verified like the main model's."""
+    name = fallback_id(version)
+    where = f"{directory / METADATA_FILE} section 'fallback'"
+    try:
+        names = tuple(str(n) for n in entry["feature_names"])
+        review = float(entry["thresholds"]["review"])
+        decline = float(entry["thresholds"]["decline"])
+        path = directory / str(entry["file"])
+        sha = str(entry["sha256"])
+        attribution = entry.get("attribution")
+        attr_path = directory / str(attribution["file"]) if isinstance(attribution, dict) else None
+        attr_sha = str(attribution["sha256"]) if isinstance(attribution, dict) else None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"model {name}: {where} lacks a valid {exc} entry") from exc
+    if not path.is_file():
+        raise ModelError(f"model {name}: {path} is missing")
+    verify_sha256(name, path, sha)
+    if attr_path is not None and attr_sha is not None:
+        verify_sha256(name, attr_path, attr_sha)
+    allowed = _transaction_only()
+    outside = [n for n in names if n not in allowed or n not in main_names]
+    if not names or outside or len(set(names)) != len(names):
+        raise ModelError(f"model {name} must score distinct transaction-only features ({', '.join(allowed)}), "
+                         f"got {list(names)}; retrain it with `fraudactors train`")
+    return FallbackInfo(version=name, path=path, sha256=sha, feature_names=names, review_threshold=review,
+                        decline_threshold=decline, attribution_path=attr_path, attribution_sha256=attr_sha)

@@ -5,6 +5,10 @@ feature names with the largest positive tree path contribution (:mod:`.attributi
 second session on ``attribution.onnx`` (the same trees as a multi-target ensemble,
 :mod:`.attribution_onnx`). Every file is checked against the sha256 in the metadata as it is
 loaded, so the sessions run exactly the verified bytes.
+
+A version's fallback (degraded mode) is loaded beside it and scored as ``fallback_id(version)``
+(``"v1-fallback"``). It takes the same full feature vector as the main model and reads only its
+own (transaction-only) columns of it; its reasons are its own path contributions.
 """
 
 from __future__ import annotations
@@ -48,36 +52,51 @@ def _load_session(version: str, path: Path, sha256: str | None) -> Any:
 
 @dataclass
 class _Loaded:
-    info: ModelInfo
+    name: str  # the version, or fallback_id(version)
+    info: ModelInfo  # the main model's (a fallback's input is the main model's feature vector)
     session: Any
     input_name: str
     output_name: str
     reasons_session: Any  # ONNX path contributions, or None without an attribution file
+    feature_names: tuple[str, ...]  # what the session reads (its reasons are named from these)
+    columns: np.ndarray | None  # the columns of the full vector it reads; None: all of them
+
+
+def _load(name: str, info: ModelInfo, path: Path, sha256: str, attr_path: Path | None, attr_sha: str | None,
+          feature_names: tuple[str, ...], columns: np.ndarray | None) -> _Loaded:
+    n_features = len(feature_names)
+    session = _load_session(name, path, sha256)
+    outputs = [o.name for o in session.get_outputs()]
+    output = "probabilities" if "probabilities" in outputs else outputs[-1]
+    reasons_session = None
+    if attr_path is not None:
+        reasons_session = _load_session(name, attr_path, attr_sha)
+        shape = reasons_session.get_outputs()[0].shape
+        width = shape[-1] if shape else None
+        if width != n_features:
+            raise ModelError(f"model {name}: {attr_path.name} explains {width} features, "
+                             f"metadata.json lists {n_features}")
+    return _Loaded(name=name, info=info, session=session, input_name=session.get_inputs()[0].name,
+                   output_name=output, reasons_session=reasons_session, feature_names=feature_names,
+                   columns=columns)
 
 
 class Scorer:
     def __init__(self, infos: Sequence[ModelInfo]) -> None:
         self._models: dict[str, _Loaded] = {}
         for info in infos:
-            n_features = len(info.feature_names)
-            session = _load_session(info.version, info.model_path, info.sha256)
-            outputs = [o.name for o in session.get_outputs()]
-            output = "probabilities" if "probabilities" in outputs else outputs[-1]
-            reasons_session = None
-            attr_path, attr_sha = info.attribution_path, info.attribution_sha256
-            if attr_path is not None:
-                reasons_session = _load_session(info.version, attr_path, attr_sha)
-                shape = reasons_session.get_outputs()[0].shape
-                width = shape[-1] if shape else None
-                if width != n_features:
-                    raise ModelError(f"model {info.version}: {attr_path.name} explains {width} features, "
-                                     f"metadata.json lists {n_features}")
-            self._models[info.version] = _Loaded(
-                info=info, session=session, input_name=session.get_inputs()[0].name, output_name=output,
-                reasons_session=reasons_session)
+            self._models[info.version] = _load(
+                info.version, info, info.model_path, info.sha256, info.attribution_path, info.attribution_sha256,
+                info.feature_names, None)
+            fb = info.fallback
+            if fb is not None:
+                columns = np.array([info.feature_names.index(n) for n in fb.feature_names], dtype=np.intp)
+                self._models[fb.version] = _load(fb.version, info, fb.path, fb.sha256, fb.attribution_path,
+                                                 fb.attribution_sha256, fb.feature_names, columns)
 
     @property
     def versions(self) -> tuple[str, ...]:
+        """Everything that can be scored: each version, and ``fallback_id(version)`` when it has one."""
         return tuple(self._models)
 
     def info(self, version: str) -> ModelInfo:
@@ -91,26 +110,24 @@ class Scorer:
 
     @staticmethod
     def _check(model: _Loaded, X: np.ndarray) -> np.ndarray:
-        X = np.ascontiguousarray(X, dtype=np.float32)
+        """The rows as the session reads them: float32, C order, the model's own columns."""
+        X = np.asarray(X)
         n_features = len(model.info.feature_names)
         if X.ndim != 2 or X.shape[1] != n_features:
-            raise ModelError(f"model {model.info.version} expects (n, {n_features}) features, got {X.shape}")
-        return X
+            raise ModelError(f"model {model.name} expects (n, {n_features}) features, got {X.shape}")
+        if model.columns is not None:
+            X = X[:, model.columns]
+        return np.ascontiguousarray(X, dtype=np.float32)
 
-    def predict_proba(self, version: str, X: np.ndarray) -> np.ndarray:
-        """Fraud probability per row, float64 (n,)."""
-        model = self._get(version)
-        X = self._check(model, X)
+    @staticmethod
+    def _proba(model: _Loaded, X: np.ndarray) -> np.ndarray:
         if X.shape[0] == 0:
             return np.zeros(0)
         out = model.session.run([model.output_name], {model.input_name: X})[0]
         return np.asarray(out, dtype=np.float64)[:, 1]
 
-    def contributions(self, version: str, X: np.ndarray) -> np.ndarray | None:
-        """Per-feature path contributions (n, F) (probability or log-odds units, see the metadata's
-        ``attribution.space``), or None when the model has no attribution file."""
-        model = self._get(version)
-        X = self._check(model, X)
+    @staticmethod
+    def _contributions(model: _Loaded, X: np.ndarray) -> np.ndarray | None:
         session = model.reasons_session
         if session is None:
             return None
@@ -118,13 +135,29 @@ class Scorer:
             return np.zeros((0, X.shape[1]))
         return np.asarray(session.run(None, {session.get_inputs()[0].name: X})[0], dtype=np.float64)
 
+    def predict_proba(self, version: str, X: np.ndarray) -> np.ndarray:
+        """Fraud probability per row of the full feature vectors ``X``, float64 (n,)."""
+        model = self._get(version)
+        return self._proba(model, self._check(model, X))
+
+    def contributions(self, version: str, X: np.ndarray) -> np.ndarray | None:
+        """Per-feature path contributions (n, F) over the features the model reads (F = 31 for a
+        version, its transaction-only ones for a fallback; probability or log-odds units, see the
+        metadata's ``attribution.space``), or None when the model has no attribution file."""
+        model = self._get(version)
+        return self._contributions(model, self._check(model, X))
+
+    def feature_names(self, version: str) -> tuple[str, ...]:
+        """The features ``version`` reads, in the order of its :meth:`contributions` columns."""
+        return self._get(version).feature_names
+
     def score(self, version: str, X: np.ndarray, max_reasons: int = 3) -> tuple[np.ndarray, list[list[str]]]:
         """``(probabilities (n,), reasons)``; reasons are feature names with positive contributions,
         largest first, at most ``max_reasons`` per row."""
         model = self._get(version)
         X = self._check(model, X)
-        probs = self.predict_proba(version, X)
-        contrib = self.contributions(version, X) if max_reasons > 0 else None
+        probs = self._proba(model, X)
+        contrib = self._contributions(model, X) if max_reasons > 0 else None
         if contrib is None:
             return probs, [[] for _ in range(X.shape[0])]
-        return probs, top_reasons(contrib, model.info.feature_names, max_reasons)
+        return probs, top_reasons(contrib, model.feature_names, max_reasons)

@@ -1,4 +1,5 @@
-"""``fraudactors train``: build v1 (random forest) and v2 (histogram gradient boosting) as ONNX.
+"""``fraudactors train``: build v1 (random forest) and v2 (histogram gradient boosting) as ONNX, each
+with its fallback for degraded mode (the same algorithm on the transaction-only features).
 
     fraudactors train --synthetic                      # both models from the built-in simulator
     fraudactors train --data tx.csv --map amt=amount   # from your file (CSV, or Parquet with pyarrow)
@@ -83,6 +84,7 @@ def main(args: argparse.Namespace) -> int:
         time_split,
         train_version,
     )
+    from fraudactors.modeling.registry import fallback_id
 
     if args.version:
         algo = args.algo or DEFAULT_ALGO.get(args.version)
@@ -121,13 +123,17 @@ def main(args: argparse.Namespace) -> int:
                        command=_command(args),
                        show_progress=show)
     results = {}
+    fallbacks = {}
     for version, algo in jobs:
         meta = train_version(ctx, version, algo, args.out)
         results[version] = {"algo": algo, "metrics": meta["metrics"]["test"]}
+        fallback = meta["fallback"]
+        fallbacks[fallback_id(version)] = {"algo": algo, "metrics": fallback["metrics"]["test"]}
         inf = meta["inference"]
         print(f"{version}: wrote {args.out}/{version}/ (sha256 {meta['sha256'][:12]}..., "
               f"{meta['onnx']['bytes'] / 1e6:.2f} MB; ONNX {inf['onnx_ms_per_batch']} ms per batch of "
               f"{inf['batch_rows']}, {inf['onnx_us_single_row_call']} us single row; reasons "
-              f"{inf['reasons_ms_per_batch']} ms per batch)", file=sys.stderr)
-    print(markdown_table(results))
+              f"{inf['reasons_ms_per_batch']} ms per batch; fallback sha256 {fallback['sha256'][:12]}..., "
+              f"{fallback['onnx']['bytes'] / 1e6:.2f} MB)", file=sys.stderr)
+    print(markdown_table({**results, **fallbacks}))
     return 0

@@ -11,7 +11,15 @@ import pytest
 
 from loadgen.collector import DecisionCollector
 from loadgen.progress import Progress, format_line
-from loadgen.report import auc_score, build_report, check_report, format_table, lost_line, write_outputs
+from loadgen.report import (
+    auc_score,
+    build_report,
+    check_report,
+    format_table,
+    lost_line,
+    render_markdown,
+    write_outputs,
+)
 from loadgen.runner import LoadConfig, RunResult
 from loadgen.schedule import make_profile, scheduled_times
 
@@ -89,6 +97,35 @@ def test_report_arithmetic_lost_duplicates_accuracy_variants() -> None:
     assert report["achieved_tps"] == pytest.approx(8 / 1.5, abs=0.05)
     assert report["fraud_by_scenario"] == {"stolen_card": {"sent": 2, "flagged": 1}}
     assert "lost" in format_table(report)
+
+
+def test_degraded_decisions_get_their_own_detection_and_false_positive_rate() -> None:
+    n = 8
+    c = DecisionCollector(PREFIX, np.zeros(n), start=0.0)
+    is_fraud = np.array([True, True, True, False, False, False, False, False])
+    # normal: 0 caught, 3 clean, 4 clean; degraded: 1 caught, 2 missed, 5 false positive, 6 and 7 (B) clean
+    c.feed([decision(0, prob=0.9), decision(3), decision(4),
+            decision(1, prob=0.8, degraded=True), decision(2, prob=0.1, degraded=True),
+            decision(5, prob=0.6, degraded=True), decision(6, degraded=True),
+            decision(7, variant="B", degraded=True)], now=1.0)
+    report = build_report(make_result(c, is_fraud, n, 1.0, n))
+    check_report(report)
+    assert report["degraded"] == 5
+    deg = report["degraded_accuracy"]
+    assert (deg["positives"], deg["negatives"], deg["true_positives"], deg["false_positives"]) == (2, 3, 1, 1)
+    assert deg["detection_rate"] == pytest.approx(0.5)
+    assert deg["false_positive_rate"] == pytest.approx(1 / 3, abs=1e-6)
+    assert deg["by_variant"]["B"]["negatives"] == 1 and deg["by_variant"]["B"]["false_positive_rate"] == 0.0
+    assert report["accuracy"]["false_positive_rate"] == pytest.approx(1 / 5)  # all decisions, as before
+    assert "degraded: detection / FPR" in format_table(report) and "0.500 / 0.3333" in format_table(report)
+    markdown = render_markdown(report)
+    assert "| degraded: detection / FPR | 0.500 / 0.3333 |" in markdown
+    assert "| B | 1 | 0.000 | 0.0000 |" in markdown and "| all | 5 | 0.500 | 0.3333 |" in markdown
+    no_outage = DecisionCollector(PREFIX, np.zeros(2), start=0.0)
+    no_outage.feed([decision(0), decision(1)], now=1.0)
+    quiet = build_report(make_result(no_outage, np.zeros(2, dtype=bool), 2, 1.0, 2))
+    assert quiet["degraded_accuracy"]["negatives"] == 0
+    assert "degraded: detection" not in format_table(quiet)
 
 
 def test_engine_latency_comes_from_the_first_decision_of_each_transaction() -> None:

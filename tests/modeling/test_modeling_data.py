@@ -93,7 +93,7 @@ def test_labeled_at_and_epoch_timestamps_are_read(tmp_path: Path) -> None:
     (HEADER, [["t1", "c1", "m1", 1.0, "USD", "grocery", "false", "yesterday", "0"]],
      "line 2: timestamp is not ISO-8601: 'yesterday'"),
     (HEADER, [["t1", "c1", "m1", -3, "USD", "grocery", "false", "2026-10-01T00:00:00Z", "0"]],
-     "line 2: amount must be > 0"),
+     "line 2: amount must be >= 0"),
     (HEADER, [], "no rows (only a header)"),
 ])
 def test_bad_files_fail_with_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -11,10 +11,10 @@ import pytest
 
 from fraudactors.cli import main as cli_main
 from fraudactors.errors import ModelError, ModelIntegrityError
-from fraudactors.features.definition import FEATURE_NAMES
+from fraudactors.features.definition import FEATURE_INDEX, FEATURE_NAMES, TRANSACTION_ONLY
 from fraudactors.modeling.attribution import TreeAttribution, build_attribution
 from fraudactors.modeling.attribution_onnx import attribution_onnx_bytes, float32_floor
-from fraudactors.modeling.evaluate import threshold_for_fpr
+from fraudactors.modeling.metrics import threshold_for_fpr
 from fraudactors.modeling.pipeline import (
     SplitConfig,
     compute_features,
@@ -116,6 +116,80 @@ def test_path_contributions_decompose_the_model_output(algo: str, tiny_data: tup
     np.testing.assert_allclose(session.run(None, {"features": rows})[0], contrib, rtol=0, atol=1e-5)
 
 
+def test_every_version_has_a_fallback_on_the_transaction_only_features(tiny_models: Path) -> None:
+    """The fallback scores the full vector's transaction-only columns, with its own thresholds
+    calibrated for the same target FPRs, and explains itself with its own features."""
+    infos = [load_model_info(tiny_models, v) for v in ("v1", "v2")]
+    scorer = Scorer(infos)
+    X, y, _ = held_out_set(infos[0].metadata["training"], show_progress=False)
+    for info in infos:
+        fb = info.fallback
+        assert fb is not None and fb.version == f"{info.version}-fallback"
+        assert fb.feature_names == TRANSACTION_ONLY
+        assert fb.path.name == "fallback.onnx" and fb.path.parent == info.directory
+        assert 0.0 < fb.review_threshold <= fb.decline_threshold <= 1.0
+        section = info.metadata["fallback"]
+        assert section["thresholds"]["review_target_fpr"] == info.metadata["thresholds"]["review_target_fpr"]
+        assert section["model_type"] == info.metadata["model_type"]
+        assert section["onnx"]["max_abs_diff_vs_sklearn"] < 1e-4
+        assert fb.version in scorer.versions
+        probs, reasons = scorer.score(fb.version, X[:500])
+        assert probs.shape == (500,) and ((probs >= 0) & (probs <= 1)).all()
+        assert any(reasons) and all(set(r) <= set(TRANSACTION_ONLY) for r in reasons)
+        contrib = scorer.contributions(fb.version, X[:500])
+        assert contrib is not None and contrib.shape == (500, len(TRANSACTION_ONLY))
+        # Only the transaction-only columns matter: the rest of the vector is ignored.
+        scrambled = X[:500].copy()
+        others = [FEATURE_INDEX[n] for n in FEATURE_NAMES if n not in TRANSACTION_ONLY]
+        scrambled[:, others] = np.random.default_rng(0).random((500, len(others)), dtype=np.float32)
+        assert np.array_equal(scorer.predict_proba(fb.version, scrambled), probs)
+        # The held-out metrics are the fallback's own, on the same rows as the model's.
+        test = section["metrics"]["test"]
+        assert test["transactions"] == y.size and test["auc"] > 0.6
+        assert test["at_thresholds"]["review"]["threshold"] == fb.review_threshold
+
+
+@pytest.mark.parametrize("name", ["fallback.onnx", "fallback_attribution.onnx"])
+def test_a_modified_fallback_file_is_refused(tiny_models: Path, tmp_path: Path, name: str) -> None:
+    shutil.copytree(tiny_models / "v2", tmp_path / "v2")
+    load_model_info(tmp_path, "v2")  # intact: fine
+    path = tmp_path / "v2" / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError,
+                       match=rf"model v2-fallback: .*{name.replace('.', '[.]')} has sha256 .* metadata\.json records"):
+        load_model_info(tmp_path, "v2")
+
+
+def test_a_fallback_changed_after_verification_is_refused_by_the_scorer(tiny_models: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_models / "v1", tmp_path / "v1")
+    info = load_model_info(tmp_path, "v1")
+    path = tmp_path / "v1" / "fallback.onnx"
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ModelIntegrityError, match="v1-fallback"):
+        Scorer([info])
+
+
+def test_a_fallback_missing_or_on_stored_features_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_models / "v1", tmp_path / "v1")
+    meta_path = tmp_path / "v1" / "metadata.json"
+    original = meta_path.read_text()
+    meta = json.loads(original)
+    meta["fallback"]["feature_names"] = [*TRANSACTION_ONLY[:-1], "tx_count_1h"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="v1-fallback must score distinct transaction-only features"):
+        load_model_info(tmp_path, "v1")
+    meta_path.write_text(original)
+    (tmp_path / "v1" / "fallback.onnx").unlink()
+    with pytest.raises(ModelError, match=r"model v1-fallback: .*fallback\.onnx is missing"):
+        load_model_info(tmp_path, "v1")
+    meta = json.loads(original)
+    del meta["fallback"]
+    meta_path.write_text(json.dumps(meta))
+    assert load_model_info(tmp_path, "v1").fallback is None  # the engine refuses it (test_engine_degraded)
+
+
 def test_a_modified_model_file_is_refused(tiny_models: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_models / "v1", tmp_path / "v1")
     load_model_info(tmp_path, "v1")  # intact: fine
@@ -168,6 +242,9 @@ def test_same_command_same_models(tiny_models: Path, tiny_args: list[str], tmp_p
         assert a["attribution"]["sha256"] == b["attribution"]["sha256"]
         assert a["metrics"] == b["metrics"]
         assert a["thresholds"] == b["thresholds"]
+        for key in ("sha256", "metrics", "thresholds"):
+            assert a["fallback"][key] == b["fallback"][key], key
+        assert a["fallback"]["attribution"]["sha256"] == b["fallback"]["attribution"]["sha256"]
 
 
 def test_evaluate_reproduces_the_training_metrics(tiny_models: Path, tmp_path: Path,
@@ -176,10 +253,22 @@ def test_evaluate_reproduces_the_training_metrics(tiny_models: Path, tmp_path: P
     assert cli_main(["evaluate", "--models", str(tiny_models), "--json", str(out), "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "| v1 (rf) |" in table and "| v2 (hgb) |" in table
+    assert "| v1-fallback (rf) |" in table and "| v2-fallback (hgb) |" in table
+    assert "| v1-fallback | approve-below 20 |" in table
     results = json.loads(out.read_text())
     for version in ("v1", "v2"):
-        trained = json.loads((tiny_models / version / "metadata.json").read_text())["metrics"]["test"]
-        assert results[version]["metrics"] == trained
+        meta = json.loads((tiny_models / version / "metadata.json").read_text())
+        assert results[version]["metrics"] == meta["metrics"]["test"]
+        fallback = results[f"{version}-fallback"]
+        assert fallback["metrics"] == meta["fallback"]["metrics"]["test"]
+        policies = {p["policy"]: p for p in fallback["policies"]}
+        assert list(policies) == ["score", "review", "approve-below 20"]
+        review_thr = fallback["metrics"]["at_thresholds"]["review"]
+        assert policies["score"]["detection_rate"] == review_thr["detection_rate"]
+        assert policies["score"]["fpr"] == review_thr["fpr"]
+        assert policies["review"]["detection_rate"] == policies["review"]["fpr"] == 1.0
+        below = policies["approve-below 20"]
+        assert below["fpr"] <= policies["score"]["fpr"] and below["detection_rate"] <= policies["score"]["detection_rate"]
 
 
 def test_threshold_for_fpr_keeps_the_false_positive_rate_under_target() -> None:
