@@ -38,8 +38,7 @@ from fraudactors.services.kafka import create_topics, delete_topics
 from fraudactors.settings import Settings
 from fraudactors.sim.simulator import Simulator
 
-# float32 on both sides; the engine emits the exact float32 values, so this only forgives
-# (hypothetical) last-bit differences, never a real skew.
+# float32 on both sides and the engine emits the exact float32 values: compared with ==.
 _EXAMPLES = 5
 
 
