@@ -36,6 +36,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                        help="give up a trial after this long (default 300)")
         p.add_argument("--config", default=None, metavar="PATH", help="TOML settings for the engine")
+        p.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                       help="the feature store on an embedded N-master Redis Cluster (default: one instance)")
         p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p = sub.add_parser("pool", help="ProcessPool vs thread for ONNX inference",
                        description="ONNX inference through the ProcessPool vs a session in a thread")
@@ -86,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
         if args.partitions:
             settings = settings.replace(topics={"partitions": args.partitions})
         fn = drain_bench if args.bench == "drain" else scaleout_bench
-        result = asyncio.run(fn(settings, args.records, args.timeout))
+        result = asyncio.run(fn(settings, args.records, args.timeout, args.redis_cluster))
     if args.json:
         from pathlib import Path
 

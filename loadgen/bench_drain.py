@@ -174,6 +174,10 @@ async def run_trial(name: str, settings: Settings, children: Sequence[Child], n:
         "tps_first_to_last": round(tps_from_first, 1), "first_to_last_s": round(last - first, 3),
         "cpu_cores": cpu, "cpu_wait_cores": waiting, "exit_codes": list(codes),
     }
+    redis_cores = sum(v for k, v in cpu.items() if k.startswith("redis"))
+    if in_window and redis_cores:
+        # Redis CPU per decided transaction over the measured window (all nodes of a cluster)
+        result["redis_us_per_tx"] = round(redis_cores * window / in_window * 1e6, 1)
     say(f"  {name}: {result['tps']:,.0f} TPS ({result['basis']}) "
         f"({counter.count:,}/{n:,} decided{'' if complete else ', INCOMPLETE'}; "
         f"cpu used (waiting) {', '.join(f'{k} {v:.2f} ({waiting.get(k, 0.0):.2f})' for k, v in cpu.items())}; "
@@ -191,7 +195,7 @@ def trial_settings(base: Settings, tag: str) -> Settings:
 
 
 async def _with_backlog(settings: Settings, n: int, body: Callable[[Settings, dict[str, int | None], Path],
-                                                                      Any]) -> dict[str, Any]:
+                                                                      Any], redis_cluster: int = 0) -> dict[str, Any]:
     from fraudactors.services.kafka import create_topics
     from fraudactors.services.stack import EmbeddedStack
     from loadgen.models import ensure_models
@@ -201,8 +205,9 @@ async def _with_backlog(settings: Settings, n: int, body: Callable[[Settings, di
         f"commit {info.get('commit')}, {info['date']}, load average {info.get('loadavg')}")
     models_dir = ensure_models(settings)
     settings = settings.replace(models={"dir": str(models_dir)})
-    async with EmbeddedStack(settings) as stack:
+    async with EmbeddedStack(settings, redis_cluster=redis_cluster) as stack:
         s = stack.settings
+        say(f"redis: {stack.describe_redis()}")
         await create_topics(s)
         say(f"filling {s.topics.transactions} with {n:,} transactions over {s.topics.partitions} partitions")
         fill_tps = await fill_backlog(s, n)
@@ -210,12 +215,13 @@ async def _with_backlog(settings: Settings, n: int, body: Callable[[Settings, di
         with tempfile.TemporaryDirectory(prefix="fraudactors-bench-") as tmp:
             result: dict[str, Any] = await body(s, stack.pids, Path(tmp))
     result["machine"] = info
+    result["redis_cluster"] = redis_cluster
     result["records"] = n
     result["partitions"] = settings.topics.partitions
     return result
 
 
-async def drain_bench(settings: Settings, n: int, timeout_s: float) -> dict[str, Any]:
+async def drain_bench(settings: Settings, n: int, timeout_s: float, redis_cluster: int = 0) -> dict[str, Any]:
     async def body(s: Settings, pids: dict[str, int | None], tmp: Path) -> dict[str, Any]:
         se = trial_settings(s, "engine")
         engine = await run_trial("engine", se, [engine_child(se, tmp, "engine")], n, timeout_s, pids)
@@ -223,13 +229,13 @@ async def drain_bench(settings: Settings, n: int, timeout_s: float) -> dict[str,
         null = await run_trial("null", sn, [null_child(sn, tmp, "null")], n, timeout_s, pids)
         ratio = engine["tps"] / null["tps"] if null["tps"] else 0.0
         say(f"engine {engine['tps']:,.0f} TPS | null pipeline {null['tps']:,.0f} TPS | "
-            f"engine/null {ratio:.2f}")
+            f"engine/null {ratio:.2f} | redis {engine.get('redis_us_per_tx', 0):.1f} us of CPU per transaction")
         return {"bench": "drain", "engine": engine, "null": null, "ratio": round(ratio, 3)}
 
-    return await _with_backlog(settings, n, body)
+    return await _with_backlog(settings, n, body, redis_cluster)
 
 
-async def scaleout_bench(settings: Settings, n: int, timeout_s: float) -> dict[str, Any]:
+async def scaleout_bench(settings: Settings, n: int, timeout_s: float, redis_cluster: int = 0) -> dict[str, Any]:
     async def body(s: Settings, pids: dict[str, int | None], tmp: Path) -> dict[str, Any]:
         s1 = trial_settings(s, "one")
         one = await run_trial("1 engine", s1, [engine_child(s1, tmp, "one-0")], n, timeout_s, pids)
@@ -240,4 +246,4 @@ async def scaleout_bench(settings: Settings, n: int, timeout_s: float) -> dict[s
         say(f"1 engine {one['tps']:,.0f} TPS | 2 engines {two['tps']:,.0f} TPS | speed-up {speedup:.2f}x")
         return {"bench": "scaleout", "one": one, "two": two, "speedup": round(speedup, 3)}
 
-    return await _with_backlog(settings, n, body)
+    return await _with_backlog(settings, n, body, redis_cluster)
