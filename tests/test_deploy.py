@@ -757,3 +757,33 @@ def test_the_deploy_checks_fail_without_their_tools(monkeypatch: pytest.MonkeyPa
             check()
         assert info.type is pytest.fail.Exception, f"{check.__name__}: {info.type.__name__}"
         assert package in str(info.value) and "pip install -e '.[dev]'" in str(info.value)
+
+
+# -- Redis Cluster -------------------------------------------------------------------------------
+def test_the_compose_redis_cluster_override_forms_a_cluster_and_points_the_engines_at_it() -> None:
+    override = yaml.safe_load((DEPLOY / "docker-compose.redis-cluster.yml").read_text(encoding="utf-8"))
+    services = override["services"]
+    nodes = {name: svc for name, svc in services.items() if name.startswith("redis-node-")}
+    assert len(nodes) == 3
+    for svc in nodes.values():
+        command = " ".join(svc["command"])
+        assert "--cluster-enabled yes" in command and "--maxmemory-policy noeviction" in command
+    init = " ".join(services["redis-cluster-init"]["command"])
+    assert "--cluster create" in init and all(f"{name}:6379" in init for name in nodes)
+    engines = compose_engines()
+    for name in engines:
+        svc = services[name]
+        assert svc["depends_on"]["redis-cluster-init"]["condition"] == "service_completed_successfully"
+        env = {k: v for k, v in svc["environment"].items() if k != ENV_PREFIX + "CONFIG"}
+        settings = load_settings(ROOT / "deploy" / "k8s" / "fraudactors.toml", env=env)
+        assert settings.redis.cluster and settings.redis.url.startswith("redis://redis-node-")
+        assert set(settings.redis.cluster_nodes) <= {f"{n}:6379" for n in nodes}
+
+
+def test_the_helm_values_run_the_state_on_a_cluster_that_never_evicts() -> None:
+    values = yaml.safe_load((DEPLOY / "k8s" / "redis-cluster" / "values.yaml").read_text(encoding="utf-8"))
+    masters = values["cluster"]["nodes"] // (values["cluster"]["replicas"] + 1)
+    assert masters >= 3 and values["cluster"]["replicas"] >= 1, "3 masters, each with a replica to fail over to"
+    config = values["redis"]["configmap"]
+    assert "maxmemory-policy noeviction" in config, "an evicted user blob silently resets a user"
+    assert values["usePassword"] is True
