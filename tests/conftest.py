@@ -32,6 +32,7 @@ from committed_models import committed_models
 from fraudactors.services.broker import EmbeddedBroker
 from fraudactors.services.kafka import create_topics, delete_topics
 from fraudactors.services.redis import EmbeddedRedis
+from fraudactors.services.redis_cluster import EmbeddedRedisCluster
 from fraudactors.settings import Settings, load_settings
 
 T = TypeVar("T")
@@ -66,6 +67,16 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     return committed_models()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[EmbeddedRedisCluster]:
+    """A real 3-master Redis Cluster (cluster-enabled Valkey, slots assigned from Python)."""
+    cluster = EmbeddedRedisCluster(3).start_sync()
+    try:
+        yield cluster
+    finally:
+        cluster.stop_sync()
 
 
 def make_test_settings(bootstrap_servers: str, redis_url: str, **overrides: Any) -> Settings:

@@ -67,20 +67,44 @@ class EmbeddedRedisCluster:
         """The slots master ``index`` was given: ``[first, last]``."""
         return index * SLOTS // self.masters, (index + 1) * SLOTS // self.masters - 1
 
-    async def start(self) -> Self:
+    def _new_nodes(self) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix="fraudactors-cluster-"))
+        for i in range(self.masters):
+            directory = self._tmp / f"node{i}"
+            directory.mkdir()
+            self.nodes.append(EmbeddedRedisNode(directory, self._binary))
+
+    async def start(self) -> Self:
+        self._new_nodes()
         try:
-            for i in range(self.masters):
-                directory = self._tmp / f"node{i}"
-                directory.mkdir()
-                node = EmbeddedRedisNode(directory, self._binary)
-                self.nodes.append(node)
+            for node in self.nodes:
                 await node.start()
             await self._form()
         except BaseException:
             await self.stop()
             raise
         return self
+
+    def start_sync(self) -> Self:
+        """From synchronous code with no event loop running (the nodes die with the thread that
+        started them, so a fixture starts them on its own thread)."""
+        self._new_nodes()
+        try:
+            for node in self.nodes:
+                node.start_sync()
+            asyncio.run(self._form())
+        except BaseException:
+            self.stop_sync()
+            raise
+        return self
+
+    def stop_sync(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop_sync()
+        self.nodes.clear()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     async def _form(self) -> None:
         first = self.nodes[0]

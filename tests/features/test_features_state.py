@@ -23,6 +23,7 @@ from fraudactors.features.offline import offline_features
 from fraudactors.features.schema import Label, Transaction, format_timestamp
 from fraudactors.features.store import OnlineFeatureStore
 from fraudactors.services.redis import EmbeddedRedis
+from fraudactors.services.redis_cluster import EmbeddedRedisCluster
 from fraudactors.settings import Settings, load_settings
 
 pytestmark = pytest.mark.asyncio
@@ -33,6 +34,26 @@ def store_settings(redis_server: EmbeddedRedis) -> Settings:
     return load_settings(env={}, overrides={
         "redis": {"url": redis_server.url, "key_prefix": f"fa-state-{uuid.uuid4().hex[:12]}:",
                   "socket_timeout_ms": 2000}})
+
+
+@pytest.fixture(params=["one-redis", "cluster"])
+def backend_settings(request: pytest.FixtureRequest, store_settings: Settings) -> Settings:
+    """The same invariants on one Redis and on a 3-master Redis Cluster."""
+    if request.param == "one-redis":
+        return store_settings
+    cluster: EmbeddedRedisCluster = request.getfixturevalue("redis_cluster")
+    return store_settings.replace(redis={"url": cluster.url, "cluster": True,
+                                         "cluster_nodes": cluster.startup_nodes})
+
+
+@pytest.fixture
+async def backend_store(backend_settings: Settings) -> AsyncIterator[OnlineFeatureStore]:
+    s = OnlineFeatureStore(backend_settings)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
 
 
 @pytest.fixture
@@ -74,13 +95,13 @@ async def snapshot(client: aioredis.Redis, prefix: str) -> dict[bytes, object]:
 
 
 async def test_a_former_owner_whose_write_lands_late_cannot_overwrite_or_double_count(
-        store_settings: Settings) -> None:
+        backend_settings: Settings) -> None:
     """Rebalance while a batch's write is in flight: the new owner claims the partition and
     processes the same records (uncommitted) and more; the former owner's delayed write then
     lands. Every feature still equals the offline computation and no merchant count is doubled."""
     txns, labels = generate(seed=11, n=1200, n_users=25, n_merchants=6, days=4.0)
     txns = txns[:1200]
-    old, new = OnlineFeatureStore(store_settings), OnlineFeatureStore(store_settings)
+    old, new = OnlineFeatureStore(backend_settings), OnlineFeatureStore(backend_settings)
     await old.open()
     await new.open()
     try:
@@ -112,8 +133,9 @@ async def test_a_former_owner_whose_write_lands_late_cannot_overwrite_or_double_
     assert_parity(online, offline_features(txns, labels))
 
 
-async def test_a_replay_after_a_fenced_write_is_scored_with_the_new_owners_vectors(
-        store: OnlineFeatureStore, store_settings: Settings) -> None:
+async def test_records_replayed_after_their_write_get_their_first_vectors(
+        backend_store: OnlineFeatureStore) -> None:
+    store = backend_store
     txns, _ = generate(seed=12, n=700, n_users=20, n_merchants=5, days=2.0)
     txns = txns[:600]
     await store.claim(3)
@@ -123,7 +145,8 @@ async def test_a_replay_after_a_fenced_write_is_scored_with_the_new_owners_vecto
     assert store.replays_inexact_total == 0
 
 
-async def test_a_record_older_than_the_history_does_not_reset_the_user(store: OnlineFeatureStore) -> None:
+async def test_a_record_older_than_the_history_does_not_reset_the_user(backend_store: OnlineFeatureStore) -> None:
+    store = backend_store
     stream = [txn(f"s{i}", "u", f"m{i % 3}", T0 + 35 * DAY + i * 3600.0, 10.0 + i) for i in range(40)]
     before = await store.compute(stream[:20], 0, range(20))
     state = await store.user_state("u")
@@ -141,7 +164,8 @@ async def test_a_record_older_than_the_history_does_not_reset_the_user(store: On
     assert np.array_equal(np.concatenate([before, rest]), offline_features(stream))
 
 
-async def test_the_latest_label_stands_and_a_repeat_changes_nothing(store: OnlineFeatureStore) -> None:
+async def test_the_latest_label_stands_and_a_repeat_changes_nothing(backend_store: OnlineFeatureStore) -> None:
+    store = backend_store
     t = T0 + 20 * DAY
     probe = txn("probe", "u", "m", t)
 
