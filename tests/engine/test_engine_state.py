@@ -92,7 +92,7 @@ async def test_a_record_replayed_after_its_state_write_gets_exactly_its_first_de
         try:
             await first.wait_event("engine_ready", timeout_s=60)
             ends = await produce(s, [(k, v) for k, v, _ in txns])
-            await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
+            await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=120)
         finally:
             await first.kill()  # SIGKILL
         before = {d["transaction_id"]: d for d in reader.decisions()}
