@@ -274,7 +274,8 @@ class Ingestor:
         topic = self._settings.topics.transactions
         size = self._settings.engine.mailbox_size
         consumer = self._consumer
-        assert consumer is not None
+        if consumer is None or self._stopping:
+            return  # a join that completes while this ingestor leaves the group: nothing to start
         for tp in tps:
             if tp.topic != topic or tp.partition in self._parts:
                 continue
