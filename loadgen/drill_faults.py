@@ -222,7 +222,7 @@ async def _engine_kill(ctx: DrillContext) -> None:
     workers = Fleet.tree(old.pid)[1:]
     await ctx.sleep_until(ctx.fault_at_s)
     os.kill(old.pid, signal.SIGKILL)  # the main process only, as a crash would
-    ctx.mark("inject", f"SIGKILL engine-0 pid {old.pid} ({len(workers)} inference worker(s) left alone)")
+    ctx.mark("inject", f"SIGKILL engine-0 pid {old.pid} (its {len(workers)} child process(es) left alone)")
     await old.proc.wait()
     ctx.tasks.append(asyncio.create_task(_orphans(ctx, old, workers, 5.0)))
     new = await ctx.fleet.spawn("engine-1")
@@ -383,9 +383,21 @@ def _poison_detect(ctx: DrillContext, events: Events, result: RunResult) -> dict
             "event": "first hostile record read back from the DLQ"}
 
 
+async def _control(ctx: DrillContext) -> None:
+    await ctx.sleep_until(ctx.fault_at_s)
+    ctx.mark("inject", "nothing (control run)")
+    ctx.mark("clear", "nothing")
+
+
+def _no_detect(ctx: DrillContext, events: Events, result: RunResult) -> dict[str, Any]:
+    return {"seconds": None, "at_s": None, "event": None}
+
+
 BROKER_EVENTS = ("commit_timed_out", "commit_failed", "publish_retry", "consumer_stalled", "engine_not_ready")
 
 DRILLS: dict[str, DrillSpec] = {spec.name: spec for spec in (
+    DrillSpec("control", "no fault: the same load and timeline, for the p99 drift of the run itself", 0.0,
+              "none (no fault)", _control, _no_detect),
     DrillSpec("broker-freeze", "SIGSTOP the broker past the producer's request timeout, then SIGCONT", 40.0,
               "engine-0 logs its first " + " / ".join(BROKER_EVENTS), _broker_freeze,
               _log_detect("engine-0", BROKER_EVENTS)),

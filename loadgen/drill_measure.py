@@ -38,13 +38,16 @@ class Window:
     sent: int
     decided: int
     p99_ms: float  # inf when more than 1 % of the window is undecided; nan for an empty window
+    engine_p99_ms: float = math.nan  # the engine's own part (each decision's latency_ms), decided only
 
     def good(self, threshold_ms: float) -> bool:
         return self.sent > 0 and self.p99_ms <= threshold_ms
 
     def as_dict(self) -> dict[str, Any]:
         p99 = None if not math.isfinite(self.p99_ms) else round(self.p99_ms, 1)
-        return {"t": self.start_s, "sent": self.sent, "decided": self.decided, "p99_ms": p99}
+        engine = None if not math.isfinite(self.engine_p99_ms) else round(self.engine_p99_ms, 1)
+        return {"t": self.start_s, "sent": self.sent, "decided": self.decided, "p99_ms": p99,
+                "engine_p99_ms": engine}
 
 
 def p99_nearest_rank(latency_ms: np.ndarray) -> float:
@@ -56,8 +59,8 @@ def p99_nearest_rank(latency_ms: np.ndarray) -> float:
     return float(values[max(math.ceil(0.99 * n) - 1, 0)])
 
 
-def latency_windows(scheduled_s: np.ndarray, latency_ms: np.ndarray, end_s: float,
-                    width_s: float = 1.0) -> list[Window]:
+def latency_windows(scheduled_s: np.ndarray, latency_ms: np.ndarray, end_s: float, width_s: float = 1.0,
+                    engine_ms: np.ndarray | None = None) -> list[Window]:
     """One :class:`Window` per ``width_s`` of scheduled time from 0 to ``end_s`` (the send period)."""
     count = max(math.ceil(end_s / width_s - 1e-9), 0)
     index = np.floor(scheduled_s / width_s).astype(np.int64)
@@ -65,8 +68,13 @@ def latency_windows(scheduled_s: np.ndarray, latency_ms: np.ndarray, end_s: floa
     for k in range(count):
         mask = index == k
         lat = latency_ms[mask]
+        engine = math.nan
+        if engine_ms is not None:
+            own = engine_ms[mask]
+            own = own[np.isfinite(own)]
+            engine = p99_nearest_rank(own) if own.size else math.nan
         out.append(Window(round(k * width_s, 6), int(mask.sum()), int(np.isfinite(lat).sum()),
-                          p99_nearest_rank(lat)))
+                          p99_nearest_rank(lat), engine))
     return out
 
 
