@@ -50,9 +50,9 @@ DRILL_KAFKA = {"linger_ms": 100, "fetch_max_wait_ms": 30}
 DRILL_SEND_TICK_MS = 100.0
 # Every key a drill result has (the test checks them; docs/operations.md explains them).
 RESULT_KEYS = ("drill", "summary", "ok", "problems", "date", "commit", "machine", "rate_tps", "duration_s",
-               "partitions", "fault", "detect", "recover", "sent", "decided", "lost", "duplicates", "degraded",
-               "dlq", "send_errors", "peak_rss_mib", "peak_rss_mib_by_engine", "latency_ms", "engines", "notes",
-               "windows")
+               "partitions", "fault", "detect", "recover", "sent", "decided", "lost", "lost_detail", "duplicates",
+               "degraded", "dlq", "send_errors", "peak_rss_mib", "peak_rss_mib_by_engine", "latency_ms", "engines",
+               "notes", "windows")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +181,8 @@ async def run_drill(spec: DrillSpec, args: argparse.Namespace, settings: Setting
             codes: dict[str, int] = {}
             try:
                 engine = await fleet.spawn("engine-0")
-                prepared = prepare_load(config)
+                prepared = prepare_load(config, pregenerate=True)
+                keys = [k for _, block, _ in prepared.outbox.blocks for k in block]  # to place the lost
                 await fleet.wait_ready(engine)
                 say(f"broker pid {stack.broker.pid}, redis pid {stack.pids.get('redis')}, engine-0 pid {engine.pid}; "
                     f"{config.profile.total:,} transactions at {args.rate:g}/s over {duration:g}s, "
@@ -202,7 +203,82 @@ async def run_drill(spec: DrillSpec, args: argparse.Namespace, settings: Setting
                 fleet.sample_rss()
                 logs = _keep_logs(fleet, report)
             events = {name: read_events(path) for name, path in logs.items()}
-    return summarize(spec, ctx, result, events, args, info, settings, codes, logs, duration)
+        detail = lost_detail(result, keys, s.topics.partitions)
+        if detail:  # still on the broker: were they ever in the topic, were they decided after all?
+            say(f"tracing {result.sent - result.collector.distinct:,} undecided transactions in the topics")
+            detail.update(await trace_lost(s, result))
+    out = summarize(spec, ctx, result, events, args, info, settings, codes, logs, duration)
+    out["lost_detail"] = detail
+    return out
+
+
+async def trace_lost(settings: Settings, result: RunResult, idle_s: float = 3.0) -> dict[str, Any]:
+    """Read ``transactions`` and ``predictions`` from the beginning with a fresh consumer: how many
+    of the undecided transactions are in the input (and where), and how many have a decision there
+    that the run's reader never saw."""
+    import time
+
+    import numpy as np
+    import orjson
+    from aiokafka import TopicPartition
+
+    from fraudactors.services.kafka import make_consumer
+
+    lost = set(np.flatnonzero(result.collector.matches.counts[:result.sent] == 0).tolist())
+    prefix = result.prefix.encode()
+    plen = len(prefix)
+    found: dict[str, dict[int, int]] = {"transactions": {}, "predictions": {}}
+    first: dict[str, list[tuple[int, int]]] = {"transactions": [], "predictions": []}
+    consumer = make_consumer(settings, group_id=None, auto_offset_reset="earliest", max_poll_records=20_000,
+                             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024)
+    await consumer.start()
+    try:
+        topics = {settings.topics.transactions: "transactions", settings.topics.predictions: "predictions"}
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        last = time.monotonic()
+        while time.monotonic() - last < idle_s:
+            batches = await consumer.getmany(timeout_ms=200, max_records=20_000)
+            for tp, records in batches.items():
+                last = time.monotonic()
+                kind = topics[tp.topic]
+                for r in records:
+                    if r.value is None or prefix not in r.value:
+                        continue
+                    tid = orjson.loads(r.value).get("transaction_id", "")
+                    if not (isinstance(tid, str) and tid.startswith(result.prefix) and tid[plen:].isdigit()):
+                        continue
+                    if int(tid[plen:]) in lost:
+                        found[kind][tp.partition] = found[kind].get(tp.partition, 0) + 1
+                        if len(first[kind]) < 3:
+                            first[kind].append((tp.partition, r.offset))
+    finally:
+        await consumer.stop()
+    return {"in_transactions_topic": sum(found["transactions"].values()),
+            "in_transactions_by_partition": {str(p): n for p, n in sorted(found["transactions"].items())},
+            "first_offsets_in_transactions": first["transactions"],
+            "decided_in_predictions_topic": sum(found["predictions"].values()),
+            "first_offsets_in_predictions": first["predictions"]}
+
+
+def lost_detail(result: RunResult, keys: list[bytes], partitions: int) -> dict[str, Any]:
+    """Where the undecided transactions were: partition (the producer's default partitioner),
+    scheduled time range, a few ids -- what a finding needs to be chased."""
+    import numpy as np
+    from aiokafka.partitioner import murmur2
+
+    undecided = np.flatnonzero(result.collector.matches.counts[:result.sent] == 0)
+    if not undecided.size:
+        return {}
+    by_partition: dict[int, int] = {}
+    for i in undecided.tolist():
+        p = (murmur2(keys[i]) & 0x7FFFFFFF) % partitions if i < len(keys) else -1
+        by_partition[p] = by_partition.get(p, 0) + 1
+    sched = result.scheduled_s[undecided]
+    return {"by_partition": {str(p): n for p, n in sorted(by_partition.items())}, "scheduled_from_s": round(float(sched.min()), 3),
+            "scheduled_to_s": round(float(sched.max()), 3),
+            "sample": [f"{result.prefix}{i}" for i in undecided[:5].tolist()]}
 
 
 async def _play(spec: DrillSpec, ctx: DrillContext) -> None:
