@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
     from fraudactors.demo import _loop_factory
     from fraudactors.logging import configure_logging
     from fraudactors.settings import KafkaSettings, load_settings
-    from loadgen.report import ensure_report_dir
+    from loadgen.report import ensure_report_dir, write_json
 
     settings = load_settings(args.config)
     defaults = KafkaSettings()
@@ -123,8 +123,9 @@ def main(args: argparse.Namespace) -> int:
             say(f"== drill {name}: {DRILLS[name].summary}")
             result = runner.run(run_drill(DRILLS[name], args, settings, base))
             results.append(result)
+            if len(names) > 1:  # each drill's own result as soon as it is in
+                write_json(result, base)
             say(format_table([result]))
-    from loadgen.report import write_json
 
     document: dict[str, Any] = results[0] if len(results) == 1 else {"drills": results}
     write_json(document, report)
