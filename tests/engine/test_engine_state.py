@@ -248,3 +248,37 @@ def partition_of(key: bytes, partitions: int) -> int:
     from aiokafka.partitioner import murmur2
 
     return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+async def test_records_fetched_while_an_assignment_is_registered_are_not_lost(engine_settings: Settings) -> None:
+    """aiokafka hands a running consumer records of a newly assigned partition before the assignment
+    callback has run to its end, and the callback awaits a fencing claim per partition (slow here):
+    records fetched meanwhile are routed, never dropped (dropping them lost a partition's records
+    when a second engine joined a running one)."""
+    s = engine_settings
+    txns = transactions(3000, prefix="asg", users=300)
+    async with running(s) as a, reading(s, s.topics.predictions) as reader:
+        real_claim = a.features.claim
+
+        async def slow_claim(partition: int) -> None:
+            await asyncio.sleep(0.5)
+            await real_claim(partition)
+
+        a.features.claim = slow_claim  # type: ignore[method-assign]
+
+        async def feed() -> None:
+            for start in range(0, len(txns), 100):
+                await produce(s, [(k, v) for k, v, _ in txns[start:start + 100]])
+                await asyncio.sleep(0.1)  # a steady stream across the rebalances
+
+        feeder = asyncio.create_task(feed())
+        b = Engine(s)  # joins: the running engine gives up half its partitions and is assigned the rest
+        await b.start()
+        try:
+            await b.wait_ready(timeout_s=90)
+            await feeder
+            ids = {t for _, _, t in txns}
+            await reader.wait_for(lambda recs: ids <= {orjson.loads(r.value)["transaction_id"] for r in recs},
+                                  timeout_s=60)
+        finally:
+            await b.stop()
