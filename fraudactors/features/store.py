@@ -401,9 +401,7 @@ class OnlineFeatureStore:
         calls: list[tuple[list[str], list[Any]]] = []
         for group in groups.values():
             keys = [keys_of.user(u) for u in group.users]
-            for merchant_id in group.merchants:
-                keys.append(keys_of.merchant_counts(merchant_id))
-                keys.append(keys_of.merchant_frauds(merchant_id))
+            keys.extend(key for m in group.merchants for key in keys_of.merchant_pair(m))
             keys.extend(keys_of.replay_log(user_shard, p) for user_shard, p in group.logs)
             log_index = {where: r for r, where in enumerate(group.logs, start=1)}
             user_probes = []
@@ -480,9 +478,7 @@ class OnlineFeatureStore:
         calls: list[tuple[list[str], list[Any]]] = []
         for group in groups.values():
             keys = [keys_of.user(u) for u in group.users]
-            for merchant_id in group.merchants:
-                keys.append(keys_of.merchant_counts(merchant_id))
-                keys.append(keys_of.merchant_frauds(merchant_id))
+            keys.extend(key for m in group.merchants for key in keys_of.merchant_pair(m))
             plan_logs = []
             members: list[bytes] = []
             for (user_shard, p), flat in group.logs.items():

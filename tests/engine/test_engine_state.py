@@ -6,10 +6,8 @@ docs/architecture.md ("State and its invariants") names the invariant each test 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -21,6 +19,7 @@ from engine_helpers import (
     engine_env,
     produce,
     reading,
+    running,
     transactions,
     wait_until,
 )
@@ -31,17 +30,6 @@ from fraudactors.features.offline import offline_features
 from fraudactors.features.schema import Transaction, format_timestamp, parse_transaction
 from fraudactors.features.store import OnlineFeatureStore
 from fraudactors.settings import Settings
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Engine]:
-    engine = Engine(settings)
-    await engine.start()
-    try:
-        await engine.wait_ready(timeout_s=60)
-        yield engine
-    finally:
-        await engine.stop()
 
 
 def txn_record(tid: str, user: str, merchant: str, t: float, amount: float = 25.0,
