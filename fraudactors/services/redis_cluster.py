@@ -19,6 +19,7 @@ from typing import Any, Self
 
 from fraudactors.errors import ServiceError
 from fraudactors.services.binaries import resolve_redis
+from fraudactors.services.process import free_port
 from fraudactors.services.redis import EmbeddedRedis
 
 SLOTS = 16384
@@ -31,9 +32,13 @@ class EmbeddedRedisNode(EmbeddedRedis):
         super().__init__(binary, stop_grace_s=2.0)
         self._dir = directory
         self._node_timeout_ms = node_timeout_ms
+        # The cluster bus port is chosen, not left to the default port + 10000 (which may be taken,
+        # or past 65535 for a high free port); a restart keeps it.
+        self.bus_port = free_port(self.host)
 
     def argv(self, port: int) -> Sequence[str]:
-        return [*super().argv(port), "--cluster-enabled", "yes", "--dir", str(self._dir),
+        return [*super().argv(port), "--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
+                "--dir", str(self._dir),
                 "--cluster-config-file", f"nodes-{port}.conf",
                 "--cluster-node-timeout", str(self._node_timeout_ms),
                 "--cluster-require-full-coverage", "no"]
@@ -112,7 +117,7 @@ class EmbeddedRedisCluster:
             low, high = self.slot_range(i)
             await self._command(node, "CLUSTER", "ADDSLOTSRANGE", low, high)
         for node in self.nodes[1:]:
-            await self._command(first, "CLUSTER", "MEET", node.host, node.port)
+            await self._command(first, "CLUSTER", "MEET", node.host, node.port, node.bus_port)
         await self.wait_ok()
 
     async def wait_ok(self, timeout_s: float | None = None) -> None:
