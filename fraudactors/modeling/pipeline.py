@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,9 +36,10 @@ from typing import Any
 import numpy as np
 
 from fraudactors.errors import ModelError
-from fraudactors.modeling.data import DataError, Dataset, load_table, synthetic_dataset
+from fraudactors.modeling.data import DataError, Dataset, synthetic_dataset
 from fraudactors.modeling.metrics import evaluate_scores, threshold_for_fpr
 from fraudactors.modeling.progress import Progress, step
+from fraudactors.modeling.table import describe_invalid, load_table
 
 DAY_S = 86400.0
 DEFAULT_ALGO = {"v1": "rf", "v2": "hgb"}
@@ -93,22 +95,31 @@ def time_split(times: np.ndarray, cfg: SplitConfig) -> Split:
 # ---------------------------------------------------------------------- data and features
 
 
-def load_dataset(spec: Mapping[str, Any], data_path: str | None = None, show_progress: bool = True) -> Dataset:
-    """The dataset a ``training.data`` spec describes (``data_path`` overrides a file's path)."""
-    p = Progress("generating transactions" if spec["kind"] == "synthetic" else "reading data",
-                 enabled=show_progress)
+def load_dataset(spec: Mapping[str, Any], data_path: str | None = None, show_progress: bool = True,
+                 strict: bool = False) -> Dataset:
+    """The dataset a ``training.data`` spec describes (``data_path`` overrides a file's path).
+
+    A file's invalid rows are skipped and reported on stderr (``strict``: the first one fails).
+    """
     if spec["kind"] == "synthetic":
+        p = Progress("generating transactions", enabled=show_progress)
         ds = synthetic_dataset(int(spec["seed"]), float(spec["days"]), int(spec["users"]), int(spec["merchants"]),
                                progress=p)
+        p.update(len(ds))
+        p.done()
     elif spec["kind"] == "file":
         path = data_path or spec.get("path")
         if not path:
             raise DataError("this model was trained on a file: pass it with --data FILE")
-        ds = load_table(path, spec.get("mapping") or {}, float(spec.get("label_delay_days", 7.0)), progress=p)
+        p = Progress("reading data", enabled=show_progress)
+        ds = load_table(path, spec.get("mapping") or {}, float(spec.get("label_delay_days", 7.0)), progress=p,
+                        strict=strict)
+        p.done(f"{len(ds):,} rows")
+        report = describe_invalid(ds.source)
+        if report:
+            print(report, file=sys.stderr)
     else:
         raise ModelError(f"unknown training data kind {spec['kind']!r}")
-    p.update(len(ds))
-    p.done()
     return ds
 
 

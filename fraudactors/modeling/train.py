@@ -35,6 +35,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                      help=f"simulated merchants (default {DEFAULT_MERCHANTS})")
     data = p.add_argument_group("file (--data)")
     data.add_argument("--map", metavar="SRC=DST,...", help="rename file columns, e.g. amt=amount,ts=timestamp")
+    data.add_argument("--strict", action="store_true",
+                      help="fail on the first invalid row (default: skip invalid rows and report them per reason)")
     data.add_argument("--label-delay-days", type=float, default=7.0,
                       help="when labeled_at is absent, a fraud counts as reported this long after it (default 7)")
     split = p.add_argument_group("time split (days, counted back from the last transaction)")
@@ -73,7 +75,6 @@ def _command(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from fraudactors.errors import ConfigError
-    from fraudactors.modeling.data import parse_mapping
     from fraudactors.modeling.evaluate import markdown_table
     from fraudactors.modeling.pipeline import (
         DEFAULT_ALGO,
@@ -85,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
         train_version,
     )
     from fraudactors.modeling.registry import fallback_id
+    from fraudactors.modeling.table import parse_mapping
 
     if args.version:
         algo = args.algo or DEFAULT_ALGO.get(args.version)
@@ -114,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
         spec = {"kind": "file", "path": args.data, "mapping": parse_mapping(args.map),
                 "label_delay_days": args.label_delay_days}
     show = not args.quiet
-    ds = load_dataset(spec, show_progress=show)
+    ds = load_dataset(spec, show_progress=show, strict=args.strict)
     split_cfg = SplitConfig(args.warmup_days, args.calib_days, args.gap_days, args.test_days)
     split = time_split(ds.event_time, split_cfg)  # fail fast, before the features
     X = compute_features(ds, show)
