@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from typing import Any
 
 import orjson
 
@@ -42,7 +43,7 @@ def _array(kind: str, values: list[float] | list[int]) -> bytes:
     return column.tobytes()
 
 
-def _column(kind: str, view: memoryview) -> list:  # type: ignore[type-arg]
+def _column(kind: str, view: memoryview) -> list[Any]:
     column = array(kind)
     column.frombytes(view)
     if not _LITTLE:  # pragma: no cover - big-endian hosts
