@@ -39,11 +39,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                       help="fail on the first invalid row (default: skip invalid rows and report them per reason)")
     data.add_argument("--label-delay-days", type=float, default=7.0,
                       help="when labeled_at is absent, a fraud counts as reported this long after it (default 7)")
-    split = p.add_argument_group("time split (days, counted back from the last transaction)")
+    split = p.add_argument_group("time split (days, counted back from the last transaction); final refit")
     split.add_argument("--warmup-days", type=float, default=7.0, help="feature warm-up, not trained on (default 7)")
     split.add_argument("--calib-days", type=float, default=7.0, help="threshold calibration period (default 7)")
-    split.add_argument("--gap-days", type=float, default=7.0, help="label-delay gap before the test period (default 7)")
+    split.add_argument("--gap-days", type=float, default=7.0,
+                       help="the label delay: the gap before the test period, and the last days the final refit "
+                            "leaves out (default 7)")
     split.add_argument("--test-days", type=float, default=14.0, help="held-out test period (default 14)")
+    split.add_argument("--no-refit", action="store_true",
+                       help="ship the time-split model itself instead of refitting it on all labelled data up to "
+                            "the label cut-off (default: refit)")
     out = p.add_argument_group("models")
     out.add_argument("--out", default="models", metavar="DIR", help="models directory (default: models)")
     out.add_argument("--version", help="train only this version (default: v1 and v2)")
@@ -68,6 +73,8 @@ def _command(args: argparse.Namespace) -> str:
             parts += ["--map", args.map]
     for name in ("warmup_days", "calib_days", "gap_days", "test_days", "review_fpr", "decline_fpr", "legit_sample"):
         parts += [f"--{name.replace('_', '-')}", f"{getattr(args, name):g}"]
+    if args.no_refit:
+        parts.append("--no-refit")
     if args.version:
         parts += ["--version", args.version] + (["--algo", args.algo] if args.algo else [])
     return "fraudactors train " + shlex.join(parts)
@@ -78,14 +85,13 @@ def main(args: argparse.Namespace) -> int:
     from fraudactors.modeling.evaluate import markdown_table
     from fraudactors.modeling.pipeline import (
         DEFAULT_ALGO,
-        SplitConfig,
         TrainContext,
         compute_features,
         load_dataset,
-        time_split,
         train_version,
     )
     from fraudactors.modeling.registry import fallback_id
+    from fraudactors.modeling.split import SplitConfig, final_split, time_split
     from fraudactors.modeling.table import parse_mapping
 
     if args.version:
@@ -119,8 +125,9 @@ def main(args: argparse.Namespace) -> int:
     ds = load_dataset(spec, show_progress=show, strict=args.strict)
     split_cfg = SplitConfig(args.warmup_days, args.calib_days, args.gap_days, args.test_days)
     split = time_split(ds.event_time, split_cfg)  # fail fast, before the features
+    final = None if args.no_refit else final_split(ds, split_cfg, args.legit_sample, args.seed)
     X = compute_features(ds, show)
-    ctx = TrainContext(ds=ds, X=X, split=split, data_spec=spec, split_cfg=split_cfg, seed=args.seed,
+    ctx = TrainContext(ds=ds, X=X, split=split, final=final, data_spec=spec, split_cfg=split_cfg, seed=args.seed,
                        review_fpr=args.review_fpr, decline_fpr=args.decline_fpr, legit_fraction=args.legit_sample,
                        command=_command(args),
                        show_progress=show)

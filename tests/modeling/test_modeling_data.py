@@ -58,13 +58,22 @@ def test_train_on_a_users_csv_with_column_mapping(tmp_path: Path, capsys: pytest
         assert training["data"]["mapping"] == {"txn": "transaction_id", "amt": "amount", "fraud": "is_fraud"}
         assert info.metadata["metrics"]["test"]["frauds"] > 0
         assert info.metadata["metrics"]["test"]["auc"] > 0.6
-    # `evaluate` rebuilds the held-out weeks from the same file and the mapping in the metadata.
+    # The shipped models were refit on all of the file: it holds no later transaction to evaluate them on.
+    code, err = _run(["evaluate", "--models", str(out), "--data", str(data), "--quiet"], capsys)
+    assert code != 0 and err.count("\n") == 1
+    assert "was refit on all its data up to 2026-10-30" in err and "metadata.json ('metrics')" in err
+    # Shipped from the time split, `evaluate` rebuilds its held-out weeks from the same file and the
+    # mapping in the metadata.
+    plain = tmp_path / "plain"
+    code, err = _run(["train", "--data", str(data), "--map", "txn=transaction_id,amt=amount,fraud=is_fraud",
+                      "--out", str(plain), "--version", "v1", "--no-refit", *SPLIT], capsys)
+    assert code == 0, err
     report = tmp_path / "eval.json"
-    code, err = _run(["evaluate", "--models", str(out), "--data", str(data), "--json", str(report), "--quiet"],
-                     capsys)
+    code, err = _run(["evaluate", "--models", str(plain), "--versions", "v1", "--data", str(data),
+                      "--json", str(report), "--quiet"], capsys)
     assert code == 0, err
     results = json.loads(report.read_text())
-    assert results["v1"]["metrics"] == load_model_info(out, "v1").metadata["metrics"]["test"]
+    assert results["v1"]["metrics"] == load_model_info(plain, "v1").metadata["metrics"]["test"]
     # No labeled_at column: frauds count as reported 7 days later (the default).
     ds = load_table(data, parse_mapping("txn=transaction_id,amt=amount,fraud=is_fraud"))
     frauds = ds.is_fraud.nonzero()[0]
