@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,9 @@ class TrainContext:
     command: str
     legit_fraction: float = 0.2
     show_progress: bool = True
+    # per algorithm: hyperparameters chosen by ``train --search`` (over HYPERPARAMETERS), and its record
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    searches: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,7 @@ def _build(ctx: TrainContext, split: Split, name: str, algo: str, names: tuple[s
     y_fit = y_known[split.fit]
     final = split.test.size == 0
     s = step(f"fitting {name} ({algo}{what}{', final refit' if final else ''})", ctx.show_progress)
-    model = fit_model(algo, ctx.seed, X[split.fit], y_fit, ctx.legit_fraction, names)
+    model = fit_model(algo, ctx.seed, X[split.fit], y_fit, ctx.legit_fraction, names, ctx.params.get(algo))
     s.done(f"on the {int(y_fit.sum()):,} frauds and {ctx.legit_fraction:.0%} of {int((~y_fit).sum()):,} legit rows")
 
     s = step(f"converting {name} to ONNX", ctx.show_progress)
@@ -443,6 +446,7 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
         # period only, calibrated on the calibration period, scored on the held-out weeks
         "metrics": evaluated.metrics,
         "final_fit": _final_fit_meta(ctx, evaluated, main),
+        "hyperparameter_search": ctx.searches.get(algo),
         "fallback": {
             "purpose": "degraded mode (feature store unreachable): the same algorithm on the features that "
                        "exist without the store, with its own thresholds for the same target FPRs",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import Any
 
 HELP = "train fraud models (--synthetic or --data FILE) into models/<version>/ as ONNX + metadata"
 
@@ -59,6 +60,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                      help="target FPR of the decline threshold (default 0.005)")
     out.add_argument("--legit-sample", type=float, default=0.2,
                      help="fraction of legitimate fit rows trained on (all frauds are; default 0.2)")
+    out.add_argument("--search", action="store_true",
+                     help="choose the hyperparameters by a time-series cross-validated grid search before the "
+                          "time split's cut-off (minutes per algorithm; default: the built-in ones)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -75,6 +79,8 @@ def _command(args: argparse.Namespace) -> str:
         parts += [f"--{name.replace('_', '-')}", f"{getattr(args, name):g}"]
     if args.no_refit:
         parts.append("--no-refit")
+    if args.search:
+        parts.append("--search")
     if args.version:
         parts += ["--version", args.version] + (["--algo", args.algo] if args.algo else [])
     return "fraudactors train " + shlex.join(parts)
@@ -127,10 +133,19 @@ def main(args: argparse.Namespace) -> int:
     split = time_split(ds.event_time, split_cfg)  # fail fast, before the features
     final = None if args.no_refit else final_split(ds, split_cfg, args.legit_sample, args.seed)
     X = compute_features(ds, show)
+    params: dict[str, dict[str, Any]] = {}
+    searches: dict[str, dict[str, Any]] = {}
+    if args.search:
+        from fraudactors.features.definition import FEATURE_NAMES
+        from fraudactors.modeling.search import describe, search
+
+        for algo in dict.fromkeys(a for _, a in jobs):
+            params[algo], searches[algo] = search(ds, X, split, split_cfg, algo, args.seed, args.legit_sample,
+                                                  FEATURE_NAMES, show)
+            print(f"{algo}: {describe(searches[algo])}", file=sys.stderr)
     ctx = TrainContext(ds=ds, X=X, split=split, final=final, data_spec=spec, split_cfg=split_cfg, seed=args.seed,
                        review_fpr=args.review_fpr, decline_fpr=args.decline_fpr, legit_fraction=args.legit_sample,
-                       command=_command(args),
-                       show_progress=show)
+                       command=_command(args), show_progress=show, params=params, searches=searches)
     results = {}
     fallbacks = {}
     for version, algo in jobs:

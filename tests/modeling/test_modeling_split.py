@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -47,3 +50,26 @@ def test_final_split_fits_up_to_the_label_cut_off_and_calibrates_on_rows_it_did_
 def test_final_split_needs_more_than_warm_up_calibration_and_gap() -> None:
     with pytest.raises(DataError, match="the final refit needs more than warm-up"):
         final_split(_dataset(10), SplitConfig(warmup_days=5, calib_days=3, gap_days=3), 0.2, 1)
+
+
+def test_the_search_validates_before_the_cut_off_without_crossing_the_label_delay(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fraudactors.cli import main as cli_main
+    from fraudactors.modeling import search
+    from fraudactors.modeling.registry import load_model_info
+
+    monkeypatch.setitem(search.GRIDS, "hgb", {"max_leaf_nodes": (7, 15), "min_samples_leaf": (40,)})
+    assert cli_main(["train", "--synthetic", "--seed", "3", "--users", "300", "--merchants", "250", "--days", "40",
+                     "--warmup-days", "3", "--calib-days", "5", "--gap-days", "3", "--test-days", "7",
+                     "--version", "v2", "--search", "--quiet", "--out", str(tmp_path)]) == 0
+    meta = load_model_info(tmp_path, "v2").metadata
+    record = meta["hyperparameter_search"]
+    assert [r["params"] for r in record["results"]] == [{"max_leaf_nodes": 7, "min_samples_leaf": 40},
+                                                        {"max_leaf_nodes": 15, "min_samples_leaf": 40}]
+    assert {k: meta["params"][k] for k in record["best"]} == record["best"]  # the shipped model uses them
+    cutoff = datetime.fromisoformat(meta["training"]["cutoff"])
+    for fold in record["folds"]:
+        fit_end, v_start, v_end = (datetime.fromisoformat(x) for x in (fold["fit"][1], *fold["validation"]))
+        assert v_start - fit_end == timedelta(days=3)  # the label delay between fit and validation
+        assert v_end <= cutoff - timedelta(days=3)  # validation labels are in by the cut-off
+    assert "--search" in meta["command"]
