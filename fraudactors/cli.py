@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "fraudactors.modeling.evaluate",
     "loadgen": "loadgen.cli",
     "bench": "loadgen.bench",
+    "drill": "loadgen.drill",
 }
 
 

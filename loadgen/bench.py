@@ -55,6 +55,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--merchants", type=int, default=200, help="simulated merchants (default 200)")
     p.add_argument("--partitions", type=int, default=12, help="partitions (default 12)")
     p.add_argument("--seed", type=int, default=7, help="simulator seed (default 7)")
+    p.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                   help="an embedded N-master Redis Cluster instead of one Redis")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
@@ -70,7 +72,8 @@ def main(args: argparse.Namespace) -> int:
     if args.bench == "state":
         from loadgen.bench_state import print_state, state_bench
 
-        result_state = asyncio.run(state_bench(args.records, args.users, args.merchants, args.partitions, args.seed))
+        result_state = asyncio.run(state_bench(args.records, args.users, args.merchants, args.partitions, args.seed,
+                                               args.redis_cluster))
         print_state(result_state)
         if args.json:
             from pathlib import Path

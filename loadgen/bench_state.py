@@ -20,24 +20,46 @@ from typing import Any
 _BATCH = 256
 
 
-async def state_bench(records: int, users: int, merchants: int, partitions: int, seed: int) -> dict[str, Any]:
+async def state_bench(records: int, users: int, merchants: int, partitions: int, seed: int,
+                      redis_cluster: int = 0) -> dict[str, Any]:
     from fraudactors.engine.inference import Scored
     from fraudactors.engine.labels import OutcomeRecorder
     from fraudactors.engine.metrics import EngineMetrics
     from fraudactors.features.schema import label_from_obj, transaction_from_obj
     from fraudactors.features.store import OnlineFeatureStore
     from fraudactors.services.redis import EmbeddedRedis
+    from fraudactors.services.redis_cluster import EmbeddedRedisCluster
     from fraudactors.settings import load_settings
     from fraudactors.sim.simulator import LabelEvent, Simulator
 
-    async with EmbeddedRedis() as server:
-        settings = load_settings(env={}, overrides={"redis": {"url": server.url, "key_prefix": "fa:"}})
+    server: EmbeddedRedis | EmbeddedRedisCluster = (EmbeddedRedisCluster(redis_cluster) if redis_cluster
+                                                    else EmbeddedRedis())
+    async with server:
+        redis_settings: dict[str, Any] = {"url": server.url, "key_prefix": "fa:"}
+        if isinstance(server, EmbeddedRedisCluster):
+            redis_settings.update(cluster=True, cluster_nodes=server.startup_nodes)
+        settings = load_settings(env={}, overrides={"redis": redis_settings})
         store = OnlineFeatureStore(settings)
         await store.open()
         recorder = OutcomeRecorder(settings, EngineMetrics())
         outcomes_client = recorder.connect()
-        client = store._client()
-        baseline = int((await client.info("memory"))["used_memory"])
+        nodes = ([n.url for n in server.nodes] if isinstance(server, EmbeddedRedisCluster) else [server.url])
+
+        async def memory_and_keys() -> tuple[int, int]:
+            """used_memory and keys summed over every node."""
+            import redis.asyncio as aioredis
+
+            used = keys = 0
+            for url in nodes:
+                node = aioredis.Redis.from_url(url)
+                try:
+                    used += int((await node.info("memory"))["used_memory"])
+                    keys += int(await node.dbsize())
+                finally:
+                    await node.aclose()
+            return used, keys
+
+        baseline, _ = await memory_and_keys()
         for p in range(partitions):
             await store.claim(p)
         sim = Simulator(seed=seed, n_users=users, n_merchants=merchants, days=None)
@@ -87,8 +109,8 @@ async def state_bench(records: int, users: int, merchants: int, partitions: int,
             if len(batch) >= _BATCH or done in checkpoints:
                 await flush()
             if done in checkpoints:
-                used = int((await client.info("memory"))["used_memory"]) - baseline
-                keys = int(await client.dbsize())
+                used, keys = await memory_and_keys()
+                used -= baseline
                 rows.append({"transactions": done, "event_days": round((last_time - first_time) / 86400, 1),
                              "used_memory": used, "keys": keys, "active_users": len(seen_users),
                              "active_merchants": len(seen_merchants),
@@ -101,13 +123,14 @@ async def state_bench(records: int, users: int, merchants: int, partitions: int,
     first, second = rows
     growth = (second["used_memory"] - first["used_memory"]) / first["used_memory"]
     return {"records": records, "users": users, "merchants": merchants, "partitions": partitions,
-            "seed": seed, "checkpoints": rows, "memory_growth_n_to_2n": round(growth, 4),
+            "seed": seed, "redis_cluster": redis_cluster, "checkpoints": rows, "memory_growth_n_to_2n": round(growth, 4),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
 def print_state(result: dict[str, Any]) -> None:
+    where = f"{result['redis_cluster']}-master cluster" if result["redis_cluster"] else "one Redis"
     print(f"state bench: {result['users']} users, {result['merchants']} merchants, "
-          f"{result['partitions']} partitions, seed {result['seed']} ({result['seconds']} s)")
+          f"{result['partitions']} partitions, seed {result['seed']}, {where} ({result['seconds']} s)")
     print(f"{'transactions':>12} {'event days':>10} {'used_memory':>12} {'keys':>7} {'users':>6} "
           f"{'merchants':>9} {'bytes/entity':>12} {'keys/entity':>11}")
     for r in result["checkpoints"]:

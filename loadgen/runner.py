@@ -286,7 +286,7 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
                 now = time.perf_counter() - start
                 due = int(np.searchsorted(scheduled, now, side="right"))
                 if due > i:
-                    hi = min(due, i + 4 * block)
+                    hi = min(due, i + max(4 * block, 2048))
                     keys, values = outbox.take(i, hi)
                     await _send_batched(producer, topics.transactions, keys, values, partition_of, n_partitions,
                                         state)
@@ -298,7 +298,9 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
                             fut.add_done_callback(label_delivered)
                             state.labels_sent += 1
                     # Send in ticks: what fell due meanwhile goes out as one batch per partition.
-                    await asyncio.sleep(tick)
+                    # Behind schedule (the broker or this process stalled), the overdue ones go out
+                    # without waiting for the next tick: an open-loop sender catches up at once.
+                    await asyncio.sleep(tick if hi >= due else 0)
                 elif outbox.prepared_to - i < lookahead and outbox.prepared_to < total:
                     outbox.prepare(block)
                 else:

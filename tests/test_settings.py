@@ -120,6 +120,10 @@ def _commands_with_config() -> list[str]:
     return names
 
 
+# Commands whose positional arguments are required: a valid value, so only the config is wrong.
+_POSITIONALS = {"drill": ["control"]}
+
+
 def _cli_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("FRAUDACTORS_")}
 
@@ -136,7 +140,8 @@ def test_demo_accepts_config() -> None:
 def test_cli_bad_config_prints_one_line_naming_the_key(tmp_path: Path, command: str, toml: str,
                                                        key: str) -> None:
     path = write(tmp_path, toml)
-    proc = subprocess.run([sys.executable, "-m", "fraudactors", command, "--config", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "fraudactors", command, *_POSITIONALS.get(command, []),
+                           "--config", str(path)],
                           capture_output=True, text=True, timeout=60, env=_cli_env(), cwd=tmp_path)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()

@@ -168,6 +168,11 @@ class Ingestor:
                 fetch_delay.observe(max(0.0, time.time() - oldest / 1000.0))
             for tp, records in data.items():
                 state = self._parts.get(tp.partition)
+                if state is None and records and tp in consumer.assignment():
+                    # assigned, but the assignment callback has not registered it yet: fetch these
+                    # again once it has (dropping them would skip them: the position moved on)
+                    consumer.seek(tp, records[0].offset)
+                    continue
                 if state is None or state.closing or state.halted or not records:
                     continue  # revoked while fetched (the new owner reads them again) or rewinding
                 consumed.labels(str(tp.partition)).inc(len(records))
@@ -274,16 +279,22 @@ class Ingestor:
         topic = self._settings.topics.transactions
         size = self._settings.engine.mailbox_size
         consumer = self._consumer
-        assert consumer is not None
+        if consumer is None or self._stopping:
+            return  # a join that completes while this ingestor leaves the group: nothing to start
+        # Every partition is registered before the first await, so the poll loop routes its records
+        # from the start (its worker reads them once started).
+        new: list[Partition] = []
         for tp in tps:
             if tp.topic != topic or tp.partition in self._parts:
                 continue
-            # a new fencing epoch before the first write: a former owner still in flight cannot
-            # overwrite what this one writes
-            await self._features.claim(tp.partition)
             state = Partition(tp, consumer, self._metrics, Mailbox(size, f"features-{tp.partition}"),
                               OffsetTracker(tp.partition))
             self._parts[tp.partition] = state
+            new.append(state)
+        for state in new:
+            # a new fencing epoch before the first write: a former owner still in flight cannot
+            # overwrite what this one writes
+            await self._features.claim(state.tp.partition)
             await self._start_worker(state)
         self._log.info("partitions_assigned", partitions=sorted(tp.partition for tp in tps))
 

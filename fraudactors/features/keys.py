@@ -68,6 +68,10 @@ class KeyLayout:
     def merchant_frauds(self, merchant_id: str) -> str:
         return f"{self.prefix}{{m{shard(merchant_id)}}}:f:{merchant_id}"
 
+    def merchant_pair(self, merchant_id: str) -> tuple[str, str]:
+        """(counts, frauds): the two hashes a batch reads and writes per merchant."""
+        return self.merchant_counts(merchant_id), self.merchant_frauds(merchant_id)
+
     def label_marks(self, merchant_id: str) -> str:
         return f"{self.prefix}{{m{shard(merchant_id)}}}:lb:{merchant_id}"
 

@@ -30,7 +30,10 @@ end
 # partition of the batch.
 # ARGV: number of user keys, number of merchants, a JSON array of one reference hour per merchant
 # (>= 0 when all the batch's transactions of that merchant fall in that event hour, -1
-# otherwise), a JSON array of [lowest, highest] offset of the batch per replay-log key.
+# otherwise), a JSON array of [lowest, highest] offset of the batch per replay-log key, and a JSON
+# array of one probe per user: [its replay-log key's index (0: none), its partition, the lowest
+# offset of its records in the batch]. A replay log is read only when a user's stored blob says
+# a record of the batch was applied already (a replay: rare), so a normal batch reads none.
 # Returns the user blobs (false when absent), then per merchant either
 #   {c24, c7, c30, frauds today before the hour, frauds 7 past days, frauds 30 past days} and
 #   {number of count fields, number of fraud fields}       (reference hour given), or
@@ -86,9 +89,29 @@ for j = 1, n_merchants do
   end
 end
 local ranges = cjson.decode(ARGV[4])
+local probes = cjson.decode(ARGV[5])
+local need = {}
+for i = 1, n_users do
+  local blob, probe = out[i], probes[i]
+  if blob and probe and probe[1] > 0 then
+    local version, part, offset = string.byte(blob, 1), nil, nil
+    if (version == 2 or version == 3) and #blob >= 21 then
+      local _, _, _, p, _, o = struct.unpack('<BBbi4I4i8', blob)
+      part, offset = p, o
+    elseif version == 1 and #blob >= 17 then
+      local _, _, _, p, o = struct.unpack('<BBbi4i8', blob)
+      part, offset = p, o
+    end
+    if part == probe[2] and offset >= probe[3] then need[probe[1]] = true end
+  end
+end
 local base = n_users + 2 * n_merchants
 for r = 1, #ranges do
-  out[base + r] = redis.call('ZRANGEBYSCORE', KEYS[base + r], ranges[r][1], ranges[r][2])
+  if need[r] then
+    out[base + r] = redis.call('ZRANGEBYSCORE', KEYS[base + r], ranges[r][1], ranges[r][2])
+  else
+    out[base + r] = {}
+  end
 end
 return out
 """
@@ -108,7 +131,7 @@ return out
 # that user are not logged. Merchant counts take a record only when its offset is above the
 # high-water offset of its partition in that merchant's hash.
 # Returns {users written, users refused as stale, merchant records counted}.
-WRITE_BATCH = "#!lua\n" + _CHECK_TYPES + """
+WRITE_BATCH = "#!lua\n" + """
 local ttl = tonumber(ARGV[1])
 local n_users = tonumber(ARGV[2])
 local n_merchants = tonumber(ARGV[3])
@@ -132,41 +155,77 @@ if #ARGV ~= 4 + n_users + n_members then
   return redis.error_reply('INVALID argument count')
 end
 for i = 1, n_users do
-  local err = check_type(KEYS[i], 'string')
-  if err then return err end
   local blob = ARGV[4 + i]
   if #blob < 21 or string.byte(blob, 1) ~= 3 then
     return redis.error_reply('INVALID state blob for ' .. KEYS[i])
   end
 end
 for j = 1, n_merchants do
-  local k = n_users + 2 * j - 1
-  local err = check_type(KEYS[k], 'hash') or check_type(KEYS[k + 1], 'hash')
-  if err then return err end
   local p = merchants[j]
   if type(p) ~= 'table' or type(p[1]) ~= 'table' or #p[1] % 4 ~= 0 or #p ~= 7 then
-    return redis.error_reply('INVALID merchant plan for ' .. KEYS[k])
+    return redis.error_reply('INVALID merchant plan for ' .. KEYS[n_users + 2 * j - 1])
   end
 end
-for r = 1, #logs do
-  local err = check_type(KEYS[n_users + 2 * n_merchants + r], 'zset')
+
+-- Phase 1, reads only: everything the writes depend on, which also proves every key has the
+-- type the writes expect (a read of the wrong type fails here, before any write).
+local function read(command, key, ...)
+  local reply = redis.pcall(command, key, ...)
+  if type(reply) == 'table' and reply['err'] then
+    return nil, redis.error_reply('INVALID WRONGTYPE ' .. key .. ': ' .. reply['err'])
+  end
+  return reply, nil
+end
+local old = {}
+for i = 1, n_users do
+  local reply, err = read('GET', KEYS[i])
   if err then return err end
+  old[i] = reply
+end
+local marks = {}
+for j = 1, n_merchants do
+  local counts, frauds = KEYS[n_users + 2 * j - 1], KEYS[n_users + 2 * j]
+  local entries = merchants[j][1]
+  marks[j] = {}
+  for x = 1, #entries, 4 do
+    local part = entries[x]
+    if marks[j][part] == nil then
+      local reply, err = read('HGET', counts, 'o' .. part)
+      if err then return err end
+      marks[j][part] = tonumber(reply) or -1
+    end
+  end
+  if #entries == 0 then
+    local _, err = read('HLEN', counts)
+    if err then return err end
+  end
+  if merchants[j][5] == 1 then
+    local _, err = read('HLEN', frauds)
+    if err then return err end
+  end
+end
+local highest = {}
+local base = n_users + 2 * n_merchants
+for r = 1, #logs do
+  local top, err = read('ZRANGE', KEYS[base + r], -1, -1, 'WITHSCORES')
+  if err then return err end
+  highest[r] = top[2] and tonumber(top[2]) or -1
 end
 
--- validated: from here on every command writes keys of the right type
+-- Phase 2: writes
 local refused = {}
 local written, stale = 0, 0
 for i = 1, n_users do
-  local old = redis.call('GET', KEYS[i])
+  local blob = old[i]
   local mine = users[i]
-  if old and #old >= 11 then
-    local version = string.byte(old, 1)
+  if blob and #blob >= 11 then
+    local version = string.byte(blob, 1)
     local part, epoch = -1, 0
     if version == 2 or version == 3 then
-      local _, _, _, p, e = struct.unpack('<BBbi4I4', old)
+      local _, _, _, p, e = struct.unpack('<BBbi4I4', blob)
       part, epoch = p, e
     elseif version == 1 then
-      local _, _, _, p = struct.unpack('<BBbi4', old)
+      local _, _, _, p = struct.unpack('<BBbi4', blob)
       part = p
     end
     if part == mine[1] and epoch > mine[2] then refused[i] = true end
@@ -179,20 +238,22 @@ for i = 1, n_users do
   end
 end
 
-local base = n_users + 2 * n_merchants
 local member = 4 + n_users
 for r = 1, #logs do
   local key = KEYS[base + r]
   local floor, records = logs[r][1], logs[r][2]
-  local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  local highest = top[2] and tonumber(top[2]) or -1
+  local adds = {}
   for x = 1, #records, 2 do
     member = member + 1
     if not refused[records[x]] then
       local offset = records[x + 1]
-      if offset <= highest then redis.call('ZREMRANGEBYSCORE', key, offset, offset) end
-      redis.call('ZADD', key, offset, ARGV[member])
+      if offset <= highest[r] then redis.call('ZREMRANGEBYSCORE', key, offset, offset) end
+      adds[#adds + 1] = offset
+      adds[#adds + 1] = ARGV[member]
     end
+  end
+  for x = 1, #adds, 1000 do
+    redis.call('ZADD', key, unpack(adds, x, math.min(x + 999, #adds)))
   end
   if floor >= 0 then redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. floor) end
   redis.call('EXPIRE', key, ttl)
@@ -219,20 +280,25 @@ for j = 1, n_merchants do
   local frauds = KEYS[n_users + 2 * j]
   local p = merchants[j]
   local entries = p[1]
-  local high = {}
+  local high, add, fields = marks[j], {}, {}
   for x = 1, #entries, 4 do
     local part, offset = entries[x], entries[x + 1]
     local mark = high[part]
-    if mark == nil then
-      mark = tonumber(redis.call('HGET', counts, 'o' .. part)) or -1
-    end
     if offset > mark then
-      redis.call('HINCRBY', counts, 'h' .. entries[x + 2], 1)
-      redis.call('HINCRBY', counts, 'd' .. entries[x + 3], 1)
+      for _, field in ipairs({'h' .. entries[x + 2], 'd' .. entries[x + 3]}) do
+        if add[field] == nil then
+          add[field] = 0
+          fields[#fields + 1] = field
+        end
+        add[field] = add[field] + 1
+      end
       counted = counted + 1
       mark = offset
     end
     high[part] = mark
+  end
+  for _, field in ipairs(fields) do
+    redis.call('HINCRBY', counts, field, add[field])
   end
   for part, mark in pairs(high) do
     if mark >= 0 then redis.call('HSET', counts, 'o' .. part, mark) end

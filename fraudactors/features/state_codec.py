@@ -8,8 +8,9 @@ ones bit for bit), ``n`` uint32 merchant hashes, ``n`` bytes hour of the day, ``
 "international" and ``n`` bytes "new merchant" (0/1); then ``[merchants, categories]`` as JSON,
 each in LRU order.
 
-The write script (``scripts.WRITE_BATCH``) reads the partition and epoch of a stored blob with
-Lua's ``struct.unpack('<BBbi4I4', blob)``: keep the header's first fields in step with it.
+The scripts read the header of a stored blob with Lua's ``struct.unpack``: ``READ_BATCH`` its
+partition and offset (``'<BBbi4I4i8'``), ``WRITE_BATCH`` its partition and epoch (``'<BBbi4I4'``), for
+versions 2 and 3 alike: keep the header's first fields in step with them.
 Older blobs are still read: version 2 (no per-event merchant, hour and flags: their events read
 as at no known merchant, domestic, not new, and get their hour from their time) and version 1 (no epoch either: epoch 0). The next write of the user stores version 3.
 """

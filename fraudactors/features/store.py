@@ -294,7 +294,10 @@ class OnlineFeatureStore:
         if not txns:
             return np.empty((0, N_FEATURES), dtype=np.float32)
         ranges: dict[tuple[int, int], list[int]] = {}  # (user shard, partition) -> [lowest, highest]
+        probes: dict[str, tuple[int, int]] = {}  # user -> (partition, lowest offset in the batch)
         for txn, p, offset in zip(txns, partitions, offsets, strict=True):
+            if txn.user_id not in probes:
+                probes[txn.user_id] = (p, offset)
             where = (shard(txn.user_id), p)
             span = ranges.get(where)
             if span is None:
@@ -303,7 +306,7 @@ class OnlineFeatureStore:
                 span[0] = offset
             elif offset > span[1]:
                 span[1] = offset
-        states, views, sizes, logged = await self._read(txns, ranges)
+        states, views, sizes, logged = await self._read(txns, ranges, probes)
         epochs = self._epochs
         rows: list[Any] = []
         dirty: dict[str, None] = {}  # users with an applied transaction, in first-seen order
@@ -359,7 +362,7 @@ class OnlineFeatureStore:
         """
         if not txns:
             return np.empty((0, N_FEATURES), dtype=np.float32)
-        states, views, _, _ = await self._read(txns, {})
+        states, views, _, _ = await self._read(txns, {}, {})
         rows: list[list[float]] = []
         for txn in txns:
             view = views[txn.merchant_id]
@@ -370,7 +373,8 @@ class OnlineFeatureStore:
             rows.append(features)
         return np.array(rows, dtype=np.float32)
 
-    async def _read(self, txns: Sequence[Transaction], ranges: dict[tuple[int, int], list[int]]) -> tuple[
+    async def _read(self, txns: Sequence[Transaction], ranges: dict[tuple[int, int], list[int]],
+                    probes: dict[str, tuple[int, int]]) -> tuple[
             dict[str, UserState | None], dict[str, MerchantState], dict[str, tuple[int, int]],
             dict[tuple[int, int], np.ndarray]]:
         """The batch's one read: user states, merchant views, merchant hash sizes and the
@@ -397,12 +401,18 @@ class OnlineFeatureStore:
         calls: list[tuple[list[str], list[Any]]] = []
         for group in groups.values():
             keys = [keys_of.user(u) for u in group.users]
-            for merchant_id in group.merchants:
-                keys.append(keys_of.merchant_counts(merchant_id))
-                keys.append(keys_of.merchant_frauds(merchant_id))
+            keys.extend(key for m in group.merchants for key in keys_of.merchant_pair(m))
             keys.extend(keys_of.replay_log(user_shard, p) for user_shard, p in group.logs)
+            log_index = {where: r for r, where in enumerate(group.logs, start=1)}
+            user_probes = []
+            for u in group.users:
+                probe = probes.get(u)
+                if probe is None:
+                    user_probes.append([0, -1, 0])
+                else:
+                    user_probes.append([log_index.get((shard(u), probe[0]), 0), probe[0], probe[1]])
             calls.append((keys, [len(group.users), len(group.merchants), orjson.dumps(group.hours),
-                                 orjson.dumps(group.ranges)]))
+                                 orjson.dumps(group.ranges), orjson.dumps(user_probes)]))
         replies_per_call = await self._run("read", calls, "read")
 
         states: dict[str, UserState | None] = {}
@@ -468,9 +478,7 @@ class OnlineFeatureStore:
         calls: list[tuple[list[str], list[Any]]] = []
         for group in groups.values():
             keys = [keys_of.user(u) for u in group.users]
-            for merchant_id in group.merchants:
-                keys.append(keys_of.merchant_counts(merchant_id))
-                keys.append(keys_of.merchant_frauds(merchant_id))
+            keys.extend(key for m in group.merchants for key in keys_of.merchant_pair(m))
             plan_logs = []
             members: list[bytes] = []
             for (user_shard, p), flat in group.logs.items():

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from aiokafka import TopicPartition
 
+from fraudactors.engine.engine import Engine
 from fraudactors.services.kafka import make_consumer, make_producer
 from fraudactors.settings import Settings
 
@@ -259,3 +260,15 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s
     async with asyncio.timeout(timeout_s):
         while not predicate():  # noqa: ASYNC110 - observing state that signals nothing
             await asyncio.sleep(interval_s)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Engine]:
+    """An engine in this process, ready (partitions assigned, models loaded), stopped afterwards."""
+    engine = Engine(settings)
+    await engine.start()
+    try:
+        await engine.wait_ready(timeout_s=60)
+        yield engine
+    finally:
+        await engine.stop()

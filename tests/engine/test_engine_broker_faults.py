@@ -9,33 +9,21 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka import TopicPartition
-from engine_helpers import produce, reading, transactions, wait_committed, wait_until
+from engine_helpers import produce, reading, running, transactions, wait_committed, wait_until
 
 from fraudactors.actors import IGNORED
-from fraudactors.engine.engine import Engine
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.publisher import Publisher
 from fraudactors.errors import ActorDied
 from fraudactors.services.broker import EmbeddedBroker
 from fraudactors.services.kafka import create_topics, make_consumer
 from fraudactors.settings import Settings
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Engine]:
-    engine = Engine(settings)
-    await engine.start()
-    try:
-        await engine.wait_ready(timeout_s=60)
-        yield engine
-    finally:
-        await engine.stop()
 
 
 def ids_of(records: list[Any]) -> list[str]:

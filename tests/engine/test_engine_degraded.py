@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from engine_helpers import metric_samples, metric_sum, produce, reading
+from engine_helpers import metric_samples, metric_sum, produce, reading, running
 
 from fraudactors.engine.decision import Thresholds
-from fraudactors.engine.engine import Engine
 from fraudactors.engine.inference import InferenceActor
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.errors import ModelError
@@ -195,17 +194,6 @@ async def test_models_without_a_fallback_are_refused_at_start(models_dir: Path, 
 
 
 # -- end to end: Redis frozen mid-stream -----------------------------------------------------------------
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Engine]:
-    engine = Engine(settings)
-    await engine.start()
-    try:
-        await engine.wait_ready(timeout_s=60)
-        yield engine
-    finally:
-        await engine.stop()
-
 
 async def _post(port: int, path: str, body: bytes) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

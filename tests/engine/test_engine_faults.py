@@ -8,32 +8,19 @@ a real stage raise (the monkeypatched stage calls the real one otherwise).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
-from engine_helpers import produce, reading, transactions, wait_committed, wait_until
+from engine_helpers import produce, reading, running, transactions, wait_committed, wait_until
 
 from fraudactors.engine.engine import Engine
 from fraudactors.engine.features import FeatureStoreActor
 from fraudactors.engine.inference import InferenceActor
 from fraudactors.settings import Settings
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Engine]:
-    engine = Engine(settings)
-    await engine.start()
-    try:
-        await engine.wait_ready(timeout_s=60)
-        yield engine
-    finally:
-        await engine.stop()
 
 
 class Faults:

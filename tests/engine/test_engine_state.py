@@ -5,10 +5,9 @@ docs/architecture.md ("State and its invariants") names the invariant each test 
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from engine_helpers import (
     engine_env,
     produce,
     reading,
+    running,
     transactions,
     wait_until,
 )
@@ -27,19 +27,9 @@ from engine_helpers import (
 from fraudactors.engine.engine import Engine
 from fraudactors.features.definition import FEATURE_INDEX, FEATURE_NAMES
 from fraudactors.features.offline import offline_features
-from fraudactors.features.schema import parse_transaction
+from fraudactors.features.schema import Transaction, format_timestamp, parse_transaction
+from fraudactors.features.store import OnlineFeatureStore
 from fraudactors.settings import Settings
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Engine]:
-    engine = Engine(settings)
-    await engine.start()
-    try:
-        await engine.wait_ready(timeout_s=60)
-        yield engine
-    finally:
-        await engine.stop()
 
 
 def txn_record(tid: str, user: str, merchant: str, t: float, amount: float = 25.0,
@@ -92,7 +82,7 @@ async def test_a_record_replayed_after_its_state_write_gets_exactly_its_first_de
         try:
             await first.wait_event("engine_ready", timeout_s=60)
             ends = await produce(s, [(k, v) for k, v, _ in txns])
-            await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
+            await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=120)
         finally:
             await first.kill()  # SIGKILL
         before = {d["transaction_id"]: d for d in reader.decisions()}
@@ -167,3 +157,116 @@ async def test_malformed_labels_are_dead_letters_with_stage_labels(engine_settin
     assert record.value == b"{not json" and headers["stage"] == b"labels"
     assert headers["source_topic"] == s.topics.labels.encode()
     assert 'fraudactors_dlq_total{stage="labels"} 1.0' in text
+
+
+async def test_a_rebalance_while_a_write_is_delayed_leaves_every_feature_exact(engine_settings: Settings) -> None:
+    """Two engines: the first one's state write is held while a second engine joins and takes half
+    of the partitions (the first gives up its batch in hand after its revoke timeout), decides
+    their uncommitted records and more; then the held write lands. Fencing refuses it where the new
+    owner wrote; afterwards every user feature equals the offline computation and no merchant count
+    exceeds it (a doubled count would)."""
+    from test_parity_stream import simulate
+
+    s = engine_settings.replace(engine={"emit_features": True, "shutdown_timeout_s": 8.0})
+    data = simulate(seed=59, n_users=240, n_merchants=200, days=6.0, minimum=3500)
+    n = len(data.transactions)
+    first, second, third = data.transactions[:n // 3], data.transactions[n // 3:2 * n // 3], \
+        data.transactions[2 * n // 3:]
+    async with running(s) as a, reading(s, s.topics.predictions) as reader:
+        await produce(s, first)
+        await reader.wait_for(lambda recs: len(recs) >= len(first), timeout_s=60)
+        store = a.features.store
+        assert store is not None
+        held, release = asyncio.Event(), asyncio.Event()
+        real_write = store._write
+
+        async def delayed_write(*args: Any, **kwargs: Any) -> None:
+            held.set()
+            await release.wait()
+            await real_write(*args, **kwargs)
+
+        store._write = delayed_write  # type: ignore[method-assign]
+        await produce(s, second)
+        await asyncio.wait_for(held.wait(), 30)
+        b = Engine(s)
+        await b.start()
+        try:
+            await b.wait_ready(timeout_s=90)
+            assert b.ingestor.assigned, "the second engine took partitions"
+            taken = set(b.ingestor.assigned)
+            ids_b = {orjson.loads(v)["transaction_id"] for k, v in second
+                     if partition_of(k, s.topics.partitions) in taken}
+            await reader.wait_for(lambda recs: ids_b <= {orjson.loads(r.value)["transaction_id"] for r in recs},
+                                  timeout_s=90)
+            release.set()  # the former owner's write lands now
+            await produce(s, third)
+            ids_3 = {orjson.loads(v)["transaction_id"] for _, v in third}
+            await reader.wait_for(lambda recs: ids_3 <= {orjson.loads(r.value)["transaction_id"] for r in recs},
+                                  timeout_s=90)
+            stale = a.features.store.stale_refused_total if a.features.store else 0
+        finally:
+            await b.stop()
+    assert stale > 0, "the held write was refused where the new owner had written"
+    latest = {d["transaction_id"]: d for d in reader.decisions()}
+    third_ids = [orjson.loads(v)["transaction_id"] for _, v in third]
+    got = vectors(list(latest.values()), third_ids)
+    txns = [parse_transaction(v) for _, v in data.transactions]
+    expected = offline_features(txns)[2 * n // 3:]
+    user_features = [j for j, name in enumerate(FEATURE_NAMES) if not name.startswith("merchant_")]
+    assert np.array_equal(got[:, user_features], expected[:, user_features]), "every user feature is exact"
+    # Merchant counts: partitions run at their own pace, so a live count may include a later event
+    # of another partition; once everything is applied they are exact -- a doubled count is not.
+    end = max(t.event_time for t in txns) + 1.0
+    probes = [Transaction(f"probe-{m}", f"probe-user-{m}", m, 1.0, "USD", "food", False, end,
+                          format_timestamp(end)) for m in sorted({t.merchant_id for t in txns})]
+    store = OnlineFeatureStore(s)
+    await store.open()
+    try:
+        online = await store.peek(probes)
+    finally:
+        await store.close()
+    offline_probes = offline_features([*txns, *probes])[len(txns):]
+    counts = [FEATURE_NAMES.index(name) for name in ("merchant_tx_count_24h", "merchant_tx_count_7d",
+                                                      "merchant_tx_count_30d")]
+    assert np.array_equal(online[:, counts], offline_probes[:, counts]), "no merchant count is doubled or lost"
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """Kafka's default partitioner (murmur2 of the key), as the producer used it."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+async def test_records_fetched_while_an_assignment_is_registered_are_not_lost(engine_settings: Settings) -> None:
+    """aiokafka hands a running consumer records of a newly assigned partition before the assignment
+    callback has run to its end, and the callback awaits a fencing claim per partition (slow here):
+    records fetched meanwhile are routed, never dropped (dropping them lost a partition's records
+    when a second engine joined a running one)."""
+    s = engine_settings
+    txns = transactions(3000, prefix="asg", users=300)
+    async with running(s) as a, reading(s, s.topics.predictions) as reader:
+        real_claim = a.features.claim
+
+        async def slow_claim(partition: int) -> None:
+            await asyncio.sleep(0.5)
+            await real_claim(partition)
+
+        a.features.claim = slow_claim  # type: ignore[method-assign]
+
+        async def feed() -> None:
+            for start in range(0, len(txns), 100):
+                await produce(s, [(k, v) for k, v, _ in txns[start:start + 100]])
+                await asyncio.sleep(0.1)  # a steady stream across the rebalances
+
+        feeder = asyncio.create_task(feed())
+        b = Engine(s)  # joins: the running engine gives up half its partitions and is assigned the rest
+        await b.start()
+        try:
+            await b.wait_ready(timeout_s=90)
+            await feeder
+            ids = {t for _, _, t in txns}
+            await reader.wait_for(lambda recs: ids <= {orjson.loads(r.value)["transaction_id"] for r in recs},
+                                  timeout_s=60)
+        finally:
+            await b.stop()

@@ -17,20 +17,18 @@ still match.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
-from engine_helpers import produce, reading, wait_until
+from engine_helpers import produce, reading, running, wait_until
 
 from fraudactors.engine.decision import encode_decision
-from fraudactors.engine.engine import Engine
 from fraudactors.features.definition import FEATURE_NAMES, MERCHANT_COUNT_FEATURES
 from fraudactors.features.offline import offline_features
 from fraudactors.features.schema import parse_label, parse_transaction
@@ -40,17 +38,6 @@ from fraudactors.sim.simulator import Simulator
 
 # float32 on both sides and the engine emits the exact float32 values: compared with ==.
 _EXAMPLES = 5
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Engine]:
-    engine = Engine(settings)
-    await engine.start()
-    try:
-        await engine.wait_ready(timeout_s=60)
-        yield engine
-    finally:
-        await engine.stop()
 
 
 @dataclass(frozen=True)
