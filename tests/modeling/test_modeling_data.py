@@ -62,6 +62,15 @@ def test_train_on_a_users_csv_with_column_mapping(tmp_path: Path, capsys: pytest
     code, err = _run(["evaluate", "--models", str(out), "--data", str(data), "--quiet"], capsys)
     assert code != 0 and err.count("\n") == 1
     assert "was refit on all its data up to 2026-10-30" in err and "metadata.json ('metrics')" in err
+    # A later file (the same world eight more days) evaluates them on the transactions after their data.
+    later = _write_csv(tmp_path / "later.csv", header, _sim_rows(days=38))
+    report = tmp_path / "later.json"
+    code, err = _run(["evaluate", "--models", str(out), "--data", str(later), "--json", str(report), "--quiet"],
+                     capsys)
+    assert code == 0, err
+    after = json.loads(report.read_text())["v2"]
+    assert after["window"].startswith("the transactions after the training data (2026-10-31")
+    assert after["metrics"]["transactions"] > 1000 and len(after["card_precision_per_day"]) == 8
     # Shipped from the time split, `evaluate` rebuilds its held-out weeks from the same file and the
     # mapping in the metadata.
     plain = tmp_path / "plain"
