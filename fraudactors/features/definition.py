@@ -6,7 +6,9 @@ what live traffic computed. ``offline.py`` and ``store.py`` both call :func:`tra
 the merchant helpers below), so training and serving cannot drift apart.
 
 User state (:class:`UserState`)
-    The user's recent events (event time, amount) kept sorted by event time, pruned to the
+    The user's recent events (event time, amount, a 32-bit hash of the merchant, the hour of the
+    day, whether it was international, whether its merchant was new in the user's 30 days)
+    kept sorted by event time, pruned to the
     ``HISTORY_S`` (30 days) before the newest event and capped at the ``MAX_EVENTS`` most recent
     ones (the same cap applies offline, so a user with more than ``MAX_EVENTS`` transactions in
     30 days saturates identically in training and serving); bounded LRU seen-sets of merchants
@@ -30,6 +32,16 @@ User windows
     merchant that was first used "after" it; with events in time order (the normal case and the
     offline order) both views agree.
 
+Habits and the last 24 hours
+    Over the same earlier 30-day window: the share of the user's transactions in this hour of the
+    day (UTC, as ``hour_of_day``) or up to 2 hours either side (circular); where the amount ranks
+    among the user's amounts and its ratio to their median; the last 24 h against the 30-day
+    daily average (count and spend). In the last 24 h: the transactions at merchants new to the
+    user (no earlier transaction of theirs there in 30 days, judged when each was applied), their
+    spend, the distinct merchants and the international transactions. Merchants are compared by
+    ``zlib.crc32`` of their id (deterministic, so training and serving agree bit for bit; a
+    collision within one user's 30 days is vanishingly rare and only merges two merchants).
+
 Merchant windows (:class:`MerchantState`)
     Transaction counts live in hour buckets (24h window = hours ``[H-23, H]``) and day buckets
     (7d / 30d = days ``[D-6, D]`` / ``[D-29, D]``) keyed by the transaction's event hour/day,
@@ -44,16 +56,18 @@ Degraded mode (:func:`transaction_only_features`)
     The same vector with every state-dependent feature at the value a brand-new user at a
     brand-new merchant gets: counts and sums 0, mean and std 0, ``amount_to_avg_30d`` 1,
     z-score 0, ``seconds_since_last_tx`` = ``NO_PREVIOUS_TX`` (-1), ``is_new_merchant`` and
-    ``is_new_category`` 1, ``is_new_country`` = ``is_international``, ``intl_changed`` 0,
+    ``is_new_category`` 1, ``is_new_country`` = ``is_international``, ``intl_changed`` 0, the
+    habit and 24-hour features 0 except ``amount_rank_30d`` 0.5 and ``amount_to_median_30d`` 1,
     merchant counts, fraud counts and rates 0.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
+import zlib
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, repeat
 
 from fraudactors.features.schema import Transaction
 
@@ -74,6 +88,7 @@ NIGHT_HOURS_END = 6  # 00:00-05:59 UTC is night
 MERCHANT_RATE_PRIOR = 10.0
 ZSCORE_MIN_STD = 1.0
 MIN_AVERAGE = 0.01
+HABIT_HOURS = 2  # "near this time of day": the same hour of the day or up to 2 either side
 _ZEROS = repeat(0)
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -104,6 +119,17 @@ FEATURE_NAMES: tuple[str, ...] = (
     "is_new_category",
     "is_new_country",
     "intl_changed",
+    # habits over the user's earlier 30 days, and the last 24 h against them
+    "hour_habit_share_30d",
+    "amount_rank_30d",
+    "amount_to_median_30d",
+    "tx_count_24h_to_daily_30d",
+    "amount_sum_24h_to_daily_30d",
+    # the user's last 24 h: merchants new to the user, distinct merchants, abroad
+    "new_merchant_count_24h",
+    "new_merchant_amount_24h",
+    "distinct_merchants_24h",
+    "international_count_24h",
     # merchant activity (bucketed) and risk from delayed labels
     "merchant_tx_count_24h",
     "merchant_tx_count_7d",
@@ -128,12 +154,21 @@ MERCHANT_COUNT_FEATURES = (
 )
 
 
+def entity_hash(value: str) -> int:
+    """The 32-bit hash a user's events keep of their merchant and category."""
+    return zlib.crc32(value.encode("utf-8"))
+
+
 @dataclass(slots=True)
 class UserState:
     """Per-user state. Owned by whoever holds it; :func:`transition` updates it in place."""
 
     times: list[float] = field(default_factory=list)  # sorted ascending
-    amounts: list[float] = field(default_factory=list)  # aligned with times
+    amounts: list[float] = field(default_factory=list)  # aligned with times, like the four below
+    merchant_hashes: list[int] = field(default_factory=list)  # entity_hash(merchant_id)
+    hours: bytearray = field(default_factory=bytearray)  # hour of the day (UTC) of each event
+    international: bytearray = field(default_factory=bytearray)  # 1 when the event was international
+    new_merchant: bytearray = field(default_factory=bytearray)  # 1 when its merchant was new in 30 days
     merchants: dict[str, None] = field(default_factory=dict)  # LRU order, most recent last
     categories: dict[str, None] = field(default_factory=dict)
     seen_international: bool = False
@@ -277,6 +312,7 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         seen_intl = state is not None and state.seen_international
         out += (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, NO_PREVIOUS_TX,
                 new_merchant, new_category, 1.0 if txn.is_international and not seen_intl else 0.0, 0.0)
+        out += _NO_HISTORY
         return out
     times = state.times
     amounts = state.amounts
@@ -289,13 +325,14 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
     n30 = end - s30d
     window = amounts[s30d:end]
     sum30 = sum(window)
+    sum24 = sum(amounts[s24h:end])
     if n30:
         avg = sum30 / n30
         var = sum([a * a for a in window]) / n30 - avg * avg
         std = math.sqrt(var) if var > 0.0 else 0.0
         # amount 0 is a card-verification authorisation: a user whose 30 days are all verifications
         # has an average of 0, and the ratio is taken against one cent instead
-        ratio = amount / avg if avg > 0.0 else (1.0 if amount == 0.0 else amount / MIN_AVERAGE)
+        ratio = _ratio(amount, avg)
         zscore = (amount - avg) / (std if std > ZSCORE_MIN_STD else ZSCORE_MIN_STD)
     else:
         avg = std = zscore = 0.0
@@ -309,7 +346,7 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         float(end - s7d),
         float(n30),
         sum(amounts[s1h:end]),
-        sum(amounts[s24h:end]),
+        sum24,
         sum(amounts[s7d:end]),
         sum30,
         avg,
@@ -322,7 +359,37 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         1.0 if txn.is_international and not state.seen_international else 0.0,
         1.0 if last_intl is not None and last_intl != txn.is_international else 0.0,
     )
+    if not n30:
+        out += _NO_HISTORY
+        return out
+    hours = state.hours[s30d:end]
+    hour = int(out[3])
+    near = sum([hours.count((hour + k) % 24) for k in range(-HABIT_HOURS, HABIT_HOURS + 1)])
+    ordered = sorted(window)
+    recent = state.new_merchant[s24h:end]
+    out += (
+        near / n30,
+        bisect_left(ordered, amount) / n30,
+        _ratio(amount, ordered[n30 // 2]),
+        float(end - s24h) / (n30 / 30.0),
+        sum24 / (sum30 / 30.0) if sum30 > 0.0 else 0.0,
+        float(sum(recent)),
+        float(sum(compress(amounts[s24h:end], recent))),
+        float(len(set(state.merchant_hashes[s24h:end]))),
+        float(sum(state.international[s24h:end])),
+    )
     return out
+
+
+# hour_habit_share_30d .. international_count_24h for a user without earlier events in 30 days
+_NO_HISTORY = (0.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def _ratio(amount: float, base: float) -> float:
+    """``amount / base``; against one cent when the base is 0 (all card verifications)."""
+    if base > 0.0:
+        return amount / base
+    return 1.0 if amount == 0.0 else amount / MIN_AVERAGE
 
 
 def _touch(seen: dict[str, None], key: str, cap: int) -> None:
@@ -338,15 +405,23 @@ def apply_transaction(state: UserState, txn: Transaction) -> None:
     times = state.times
     t = txn.event_time
     pos = bisect_right(times, t)
+    merchant = entity_hash(txn.merchant_id)
+    start = bisect_right(times, t - W_30D, 0, pos)
+    new_merchant = 0 if merchant in state.merchant_hashes[start:pos] else 1
     times.insert(pos, t)
     state.amounts.insert(pos, txn.amount)
+    state.merchant_hashes.insert(pos, merchant)
+    state.hours.insert(pos, int(t // HOUR_S) % 24)
+    state.international.insert(pos, 1 if txn.is_international else 0)
+    state.new_merchant.insert(pos, new_merchant)
     cut = bisect_right(times, times[-1] - HISTORY_S)
     overflow = len(times) - MAX_EVENTS
     if overflow > cut:
         cut = overflow
     if cut > 0:
-        del times[:cut]
-        del state.amounts[:cut]
+        for events in (times, state.amounts, state.merchant_hashes, state.hours, state.international,
+                       state.new_merchant):
+            del events[:cut]
     _touch(state.merchants, txn.merchant_id, MAX_SEEN_MERCHANTS)
     _touch(state.categories, txn.merchant_category, MAX_SEEN_CATEGORIES)
     if txn.is_international:

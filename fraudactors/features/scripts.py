@@ -95,7 +95,7 @@ for i = 1, n_users do
   local blob, probe = out[i], probes[i]
   if blob and probe and probe[1] > 0 then
     local version, part, offset = string.byte(blob, 1), nil, nil
-    if version == 2 and #blob >= 21 then
+    if (version == 2 or version == 3) and #blob >= 21 then
       local _, _, _, p, _, o = struct.unpack('<BBbi4I4i8', blob)
       part, offset = p, o
     elseif version == 1 and #blob >= 17 then
@@ -124,6 +124,8 @@ return out
 #   "m": per merchant [[partition, offset, hour, day, ...] in offset order per partition,
 #        prune counts (0/1), oldest hour, oldest day, prune frauds (0/1), oldest hour, oldest day];
 #   "r": per replay-log key [committed floor (-1: none), [user index, offset, ...]].
+# The blobs written are state_codec version 3; a stored one of version 2 or 3 has its partition
+# and epoch at the same place of the header, version 1 has no epoch (read as 0).
 # Fencing: a user blob whose stored partition equals the writer's and whose stored epoch is
 # newer than the writer's belongs to a newer owner: it is not overwritten, and the records of
 # that user are not logged. Merchant counts take a record only when its offset is above the
@@ -154,7 +156,7 @@ if #ARGV ~= 4 + n_users + n_members then
 end
 for i = 1, n_users do
   local blob = ARGV[4 + i]
-  if #blob < 21 or string.byte(blob, 1) ~= 2 then
+  if #blob < 21 or string.byte(blob, 1) ~= 3 then
     return redis.error_reply('INVALID state blob for ' .. KEYS[i])
   end
 end
@@ -219,7 +221,7 @@ for i = 1, n_users do
   if blob and #blob >= 11 then
     local version = string.byte(blob, 1)
     local part, epoch = -1, 0
-    if version == 2 then
+    if version == 2 or version == 3 then
       local _, _, _, p, e = struct.unpack('<BBbi4I4', blob)
       part, epoch = p, e
     elseif version == 1 then

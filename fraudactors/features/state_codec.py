@@ -2,13 +2,17 @@
 
 Layout (little-endian): a fixed header ``<BBbiIqH`` = format version, flags (bit 0: seen abroad),
 last ``is_international`` (-1 none, 0, 1), last applied partition, the writer's fencing epoch,
-last applied offset, number of events ``n``; then ``n`` float64 event times, ``n`` float64 amounts (exact round trip, so the
-online features equal the offline ones bit for bit); then ``[merchants, categories]`` as JSON,
+last applied offset, number of events ``n``; then per event, column by column: ``n`` float64
+event times, ``n`` float64 amounts (exact round trip, so the online features equal the offline
+ones bit for bit), ``n`` uint32 merchant hashes, ``n`` bytes hour of the day, ``n`` bytes
+"international" and ``n`` bytes "new merchant" (0/1); then ``[merchants, categories]`` as JSON,
 each in LRU order.
 
-The write script (``scripts.WRITE_BATCH``) reads the partition and epoch of a stored blob with
-Lua's ``struct.unpack('<BBbi4I4i8H', blob)``: keep the two in step. Version 1 blobs (no epoch)
-are still read, as epoch 0.
+The scripts read the header of a stored blob with Lua's ``struct.unpack``: ``READ_BATCH`` its
+partition and offset (``'<BBbi4I4i8'``), ``WRITE_BATCH`` its partition and epoch (``'<BBbi4I4'``), for
+versions 2 and 3 alike: keep the header's first fields in step with them.
+Older blobs are still read: version 2 (no per-event merchant, hour and flags: their events read
+as at no known merchant, domestic, not new, and get their hour from their time) and version 1 (no epoch either: epoch 0). The next write of the user stores version 3.
 """
 
 from __future__ import annotations
@@ -16,32 +20,46 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from typing import Any
 
 import orjson
 
 from fraudactors.features.definition import UserState
 
-VERSION = 2
+VERSION = 3
 _HEADER = struct.Struct("<BBbiIqH")
 _HEADER_V1 = struct.Struct("<BBbiqH")
 _LITTLE = sys.byteorder == "little"
+_UNKNOWN = 0  # the hash an event of a version 1-2 blob gets for its merchant
 
 
 class StateDecodeError(ValueError):
     """A stored blob that is not a state this version can read."""
 
 
-def encode_state(state: UserState) -> bytes:
-    times = array("d", state.times)
-    amounts = array("d", state.amounts)
+def _array(kind: str, values: list[float] | list[int]) -> bytes:
+    column = array(kind, values)
     if not _LITTLE:  # pragma: no cover - big-endian hosts
-        times.byteswap()
-        amounts.byteswap()
+        column.byteswap()
+    return column.tobytes()
+
+
+def _column(kind: str, view: memoryview) -> list[Any]:
+    column = array(kind)
+    column.frombytes(view)
+    if not _LITTLE:  # pragma: no cover - big-endian hosts
+        column.byteswap()
+    return column.tolist()
+
+
+def encode_state(state: UserState) -> bytes:
+    n = len(state.times)
     last = -1 if state.last_international is None else int(state.last_international)
     header = _HEADER.pack(VERSION, 1 if state.seen_international else 0, last,
-                          state.partition, state.epoch, state.offset, len(times))
+                          state.partition, state.epoch, state.offset, n)
     tail = orjson.dumps([list(state.merchants), list(state.categories)])
-    return b"".join((header, times.tobytes(), amounts.tobytes(), tail))
+    return b"".join((header, _array("d", state.times), _array("d", state.amounts),
+                     _array("I", state.merchant_hashes), bytes(state.hours), bytes(state.international), bytes(state.new_merchant), tail))
 
 
 def decode_state(blob: bytes) -> UserState:
@@ -54,27 +72,37 @@ def decode_state(blob: bytes) -> UserState:
             start = _HEADER.size
     except struct.error:
         raise StateDecodeError("truncated header") from None
-    if version != VERSION and version != 1:
+    if version not in (1, 2, VERSION):
         raise StateDecodeError(f"unknown state version {version}")
-    mid = start + 8 * n
-    end = mid + 8 * n
+    per_event = 23 if version == VERSION else 16
+    end = start + per_event * n
     if len(blob) < end:
         raise StateDecodeError("truncated events")
     view = memoryview(blob)
-    times = array("d")
-    times.frombytes(view[start:mid])
-    amounts = array("d")
-    amounts.frombytes(view[mid:end])
-    if not _LITTLE:  # pragma: no cover - big-endian hosts
-        times.byteswap()
-        amounts.byteswap()
+    times = _column("d", view[start:start + 8 * n])
+    amounts = _column("d", view[start + 8 * n:start + 16 * n])
+    if version == VERSION:
+        at = start + 16 * n
+        merchant_hashes = _column("I", view[at:at + 4 * n])
+        hours = bytearray(view[at + 4 * n:at + 5 * n])
+        international = bytearray(view[at + 5 * n:at + 6 * n])
+        new_merchant = bytearray(view[at + 6 * n:end])
+    else:
+        merchant_hashes = [_UNKNOWN] * n
+        hours = bytearray(int(t // 3600) % 24 for t in times)
+        international = bytearray(n)
+        new_merchant = bytearray(n)
     try:
         merchants, categories = orjson.loads(view[end:])
     except (orjson.JSONDecodeError, ValueError, TypeError):
         raise StateDecodeError("bad seen-sets") from None
     return UserState(
-        times=times.tolist(),
-        amounts=amounts.tolist(),
+        times=times,
+        amounts=amounts,
+        merchant_hashes=merchant_hashes,
+        hours=hours,
+        international=international,
+        new_merchant=new_merchant,
         merchants=dict.fromkeys(merchants),
         categories=dict.fromkeys(categories),
         seen_international=bool(flags & 1),

@@ -1,15 +1,19 @@
 """Offline evaluation on held-out weeks, and ``fraudactors evaluate``.
 
 Metrics (overall and per fraud scenario): AUC ROC, average precision, detection rate (recall) at
-false-positive rate <= ``max_fpr`` (best threshold on the held-out ROC), the precision there, and
-the realized FPR / detection rate / precision at the model's own review and decline thresholds
-(chosen at training time on an earlier calibration week, so these are honest out-of-time numbers).
+false-positive rate <= ``max_fpr`` (best threshold on the held-out ROC), the precision there, the
+realized FPR / detection rate / precision at the model's own review and decline thresholds
+(chosen at training time on earlier weeks, so these are honest out-of-time numbers), and the card
+precision@100 per day (``metrics.card_precision_at_k``).
 
-``fraudactors evaluate`` re-creates each model's held-out weeks from its metadata (the simulator's
-seed and size, or ``--data FILE`` for a model trained on a file), scores them with the committed
-ONNX files through the same registry and scorer the engine uses, and prints a Markdown table: one
-row per version and one per version's fallback (``v1-fallback``, degraded mode), then what each
-``decision.degraded_policy`` would do if every held-out transaction were decided degraded.
+``fraudactors evaluate`` rebuilds, for each model, transactions it was never fit or calibrated on
+(:mod:`.evalset`: the weeks after its training data for a refit model, the time split's held-out
+weeks otherwise; the simulator from its metadata, or ``--data FILE``), scores them with the
+committed ONNX files through the same registry and scorer the engine uses, and prints Markdown
+tables: one row per version and one per version's fallback (``v1-fallback``, degraded mode), per
+scenario, the card precision@100 per day, what each ``decision.degraded_policy`` would do if every
+held-out transaction were decided degraded, and the time-split evaluation recorded at training.
+``--models`` may be given several times to compare model directories.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Overall table then per-scenario table, one row per model version."""
     lines = [
         "| model | test tx | frauds | AUC ROC | avg precision | detection @ FPR<=2% | precision there "
-        "| review thr: detection / FPR / precision | decline thr: detection / FPR / precision |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| review thr: detection / FPR / precision | decline thr: detection / FPR / precision "
+        "| card precision@100 per day (best possible) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for version, r in results.items():
         m = r["metrics"]
@@ -53,10 +58,12 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
             op = m["at_thresholds"].get(name)
             ops.append("-" if op is None else
                        f"{_pct(op['detection_rate'])} / {_pct(op['fpr'])} / {_pct(op['precision'])}")
+        card = m.get("card_precision_at_100")
+        cards = "-" if card is None else f"{_pct(card['mean'])} ({_pct(card['best_possible_mean'])})"
         lines.append(
             f"| {version} ({r.get('algo', '?')}) | {m['transactions']:,} | {m['frauds']:,} | {_f(m['auc'], 4)} "
             f"| {_f(m['average_precision'])} | {_pct(m['at_max_fpr']['detection_rate'])} "
-            f"| {_pct(m['at_max_fpr']['precision'])} | {ops[0]} | {ops[1]} |")
+            f"| {_pct(m['at_max_fpr']['precision'])} | {ops[0]} | {ops[1]} | {cards} |")
     scenarios = sorted({s for r in results.values() for s in r["metrics"]["per_scenario"]})
     lines += ["", "Per scenario (that scenario's frauds against all legitimate transactions; detection at the "
               "overall FPR<=2% threshold):", "",
@@ -110,10 +117,12 @@ def policy_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default="models", metavar="DIR", help="models directory (default: models)")
+    p.add_argument("--models", action="append", metavar="DIR",
+                   help="models directory (default: models); give it again to compare directories")
     p.add_argument("--versions", default="v1,v2", help="comma-separated model versions (default: v1,v2)")
     p.add_argument("--data", metavar="FILE",
-                   help="the CSV/Parquet file the models were trained on (default: the simulator, from metadata)")
+                   help="the CSV/Parquet file to evaluate on: the one the models were trained on (models shipped "
+                        "with --no-refit), or one with later transactions (default: the simulator, from metadata)")
     p.add_argument("--approve-below", default="20", metavar="AMOUNT[,AMOUNT...]",
                    help="amounts for the degraded policy approve-below rows (default: 20)")
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
@@ -121,9 +130,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from fraudactors.errors import ConfigError, ModelError
+    from fraudactors.errors import ConfigError
     from fraudactors.features.definition import FEATURE_INDEX
-    from fraudactors.modeling.pipeline import held_out_set
+    from fraudactors.modeling.evalset import EvalSet, evaluation_key, evaluation_set
+    from fraudactors.modeling.metrics import card_precision_at_k
     from fraudactors.modeling.registry import load_model_info
     from fraudactors.modeling.scorer import Scorer
 
@@ -135,39 +145,58 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--approve-below", "amounts must be in (0, 1e9]")
     policies = [DegradedPolicy("score"), DegradedPolicy("review"), *(DegradedPolicy("approve-below", a) for a in below)]
     versions = [v.strip() for v in args.versions.split(",") if v.strip()]
-    infos = [load_model_info(args.models, v) for v in versions]
-    scorer = Scorer(infos)
-    cache: dict[str, Any] = {}
+    directories = args.models or ["models"]
+    cache: dict[str, EvalSet] = {}
     results: dict[str, dict[str, Any]] = {}
     fallbacks: dict[str, dict[str, Any]] = {}
-    for info in infos:
-        training = info.metadata.get("training")
-        if not isinstance(training, dict):
-            raise ModelError(f"model {info.version}: metadata.json has no 'training' section to rebuild the test set")
-        key = json.dumps({k: training.get(k) for k in ("data", "split")}, sort_keys=True)
-        if key not in cache:
-            cache[key] = held_out_set(training, data_path=args.data, show_progress=not args.quiet)
-        X, y, scenario = cache[key]
-        probs = scorer.predict_proba(info.version, X)
-        thresholds = {"review": info.review_threshold, "decline": info.decline_threshold}
-        results[info.version] = {"algo": info.metadata.get("algo"),
-                                 "metrics": evaluate_scores(y, probs, scenario, thresholds)}
-        fb = info.fallback
-        if fb is None:
-            continue
-        probs = scorer.predict_proba(fb.version, X)
-        amounts = X[:, FEATURE_INDEX["amount"]]
-        fallbacks[fb.version] = {
-            "algo": info.metadata.get("algo"),
-            "metrics": evaluate_scores(y, probs, scenario, {"review": fb.review_threshold,
-                                                            "decline": fb.decline_threshold}),
-            "policies": [policy_metrics(y, probs, amounts, fb.review_threshold, fb.decline_threshold, policy)
-                         for policy in policies]}
+    recorded: dict[str, dict[str, Any]] = {}
+    for directory in directories:
+        infos = [load_model_info(directory, v) for v in versions]
+        scorer = Scorer(infos)
+        for info in infos:
+            label = info.version if len(directories) == 1 else f"{directory}:{info.version}"
+            key = evaluation_key(info.metadata)
+            if key not in cache:
+                cache[key] = evaluation_set(info.metadata, data_path=args.data, show_progress=not args.quiet)
+            rows = cache[key]
+            probs = scorer.predict_proba(info.version, rows.X)
+            thresholds = {"review": info.review_threshold, "decline": info.decline_threshold}
+            results[label] = {"algo": info.metadata.get("algo"), "window": rows.window,
+                              "metrics": evaluate_scores(rows.is_fraud, probs, rows.scenario, thresholds,
+                                                         cards=rows.cards, days=rows.days),
+                              "card_precision_per_day": card_precision_at_k(rows.cards, rows.days, rows.is_fraud,
+                                                                            probs)["per_day"]}
+            if (info.metadata.get("final_fit") or {}).get("refit"):
+                recorded[label] = {"algo": info.metadata.get("algo"), "metrics": info.metadata["metrics"]["test"]}
+            fb = info.fallback
+            if fb is None:
+                continue
+            probs = scorer.predict_proba(fb.version, rows.X)
+            amounts = rows.X[:, FEATURE_INDEX["amount"]]
+            fallbacks[label[: -len(info.version)] + fb.version] = {
+                "algo": info.metadata.get("algo"), "window": rows.window,
+                "metrics": evaluate_scores(rows.is_fraud, probs, rows.scenario, {"review": fb.review_threshold,
+                                                                                  "decline": fb.decline_threshold},
+                                           cards=rows.cards, days=rows.days),
+                "policies": [policy_metrics(rows.is_fraud, probs, amounts, fb.review_threshold, fb.decline_threshold,
+                                            policy) for policy in policies]}
     results.update(fallbacks)
+    windows: dict[str, list[str]] = {}
+    for label, r in results.items():
+        windows.setdefault(r["window"], []).append(label)
+    for window, labels in windows.items():
+        print(f"{', '.join(labels)}: scored by the committed ONNX files on {window}")
+    print()
     print(markdown_table(results))
     if fallbacks:
         print()
         print(policy_table(fallbacks))
+    if recorded:
+        print()
+        print("Recorded at training (metadata.json 'metrics'): the time split's held-out weeks, scored by a model "
+              "with the same algorithm, hyperparameters and seed fit before them:")
+        print()
+        print(markdown_table(recorded))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return 0

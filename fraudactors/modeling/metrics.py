@@ -1,5 +1,5 @@
 """Offline metrics of fraud scores: thresholds for a target false-positive rate, and the
-detection rate, FPR and precision at them, overall and per fraud scenario.
+detection rate, FPR and precision at them, overall and per fraud scenario; card precision@k per day.
 
 Shared by training (:mod:`.pipeline`: calibration and the metrics in ``metadata.json``) and
 ``fraudactors evaluate`` (:mod:`.evaluate`).
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 MAX_FPR = 0.02
+CARD_K = 100  # cards an investigation team checks per day
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
@@ -57,8 +58,11 @@ def at_threshold(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, fl
 
 
 def evaluate_scores(y: np.ndarray, scores: np.ndarray, scenario: np.ndarray,
-                    thresholds: Mapping[str, float] | None = None, max_fpr: float = MAX_FPR) -> dict[str, Any]:
-    """Overall and per-scenario metrics of ``scores`` (higher = more likely fraud)."""
+                    thresholds: Mapping[str, float] | None = None, max_fpr: float = MAX_FPR,
+                    cards: np.ndarray | None = None, days: np.ndarray | None = None) -> dict[str, Any]:
+    """Overall and per-scenario metrics of ``scores`` (higher = more likely fraud); with ``cards``
+    and ``days`` (card id and day number of each row), also the card precision@100 per day
+    (:func:`card_precision_at_k`, without the per-day values)."""
     y = np.asarray(y, dtype=bool)
     s = np.asarray(scores, dtype=np.float64)
     legit = ~y
@@ -73,6 +77,10 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, scenario: np.ndarray,
         "at_thresholds": {name: at_threshold(y, s, t) for name, t in (thresholds or {}).items()},
         "per_scenario": {},
     }
+    if cards is not None and days is not None:
+        card_precision = card_precision_at_k(cards, days, y, s, CARD_K)
+        card_precision.pop("per_day")
+        out["card_precision_at_100"] = card_precision
     for name in sorted({str(x) for x in np.unique(scenario[y])}):
         sel = (scenario == name) & y
         mask = sel | legit  # this scenario's frauds against all legitimate transactions
@@ -85,3 +93,40 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, scenario: np.ndarray,
             "at_thresholds": {k: float((s[sel] >= t).mean()) for k, t in (thresholds or {}).items()},
         }
     return out
+
+
+def card_precision_at_k(cards: np.ndarray, days: np.ndarray, y: np.ndarray, scores: np.ndarray,
+                        k: int = 100) -> dict[str, Any]:
+    """Card precision@k per day, as an investigation team works a daily queue of ``k`` cards.
+
+    Each day, every card gets its highest score of the day; among the cards not already caught on
+    an earlier day, the ``k`` with the highest are checked, and the precision is the share of them
+    that are truly compromised (at least one fraud that day). Those become caught and leave the
+    later days' queues. Returns the mean over days, the best a perfect ranking could do (the mean
+    of ``min(k, compromised cards not yet caught) / k``) and the per-day values.
+    """
+    y = np.asarray(y, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    caught: set[str] = set()
+    per_day: list[dict[str, Any]] = []
+    for day in np.unique(days):
+        sel = days == day
+        ids, inverse = np.unique(cards[sel], return_inverse=True)
+        best = np.full(ids.size, -np.inf)
+        np.maximum.at(best, inverse, s[sel])
+        compromised = np.zeros(ids.size, dtype=bool)
+        np.logical_or.at(compromised, inverse, y[sel])
+        open_ = np.array([card not in caught for card in ids.tolist()], dtype=bool)
+        ids, best, compromised = ids[open_], best[open_], compromised[open_]
+        top = np.argsort(-best, kind="stable")[:k]
+        hits = compromised[top]
+        caught.update(ids[top][hits].tolist())
+        per_day.append({"day": int(day), "cards": int(ids.size), "compromised": int(compromised.sum()),
+                        "precision": float(hits.sum()) / k, "best_possible": min(k, int(compromised.sum())) / k})
+    return {
+        "k": k,
+        "days": len(per_day),
+        "mean": float(np.mean([d["precision"] for d in per_day])) if per_day else None,
+        "best_possible_mean": float(np.mean([d["best_possible"] for d in per_day])) if per_day else None,
+        "per_day": per_day,
+    }

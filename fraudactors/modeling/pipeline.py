@@ -1,20 +1,13 @@
 """The training pipeline: data -> point-in-time features -> time split -> fit -> ONNX -> metadata.
 
-Time split (days counted back from the last transaction)::
-
-    | warm-up | fit weeks ............ | calibration | gap | test (held out) |
-                                                          ^ cut-off: the model is "trained" here
-
-- warm-up: transactions only build feature state (windows up to 30 days start empty);
-- fit: the model learns from these, with the labels known at the cut-off (a fraud reported after
-  the cut-off, or never, counts as legitimate: the model cannot know better on that day);
-- calibration: the review / decline thresholds are chosen here for their target false-positive
-  rates, on the ONNX model's own probabilities;
-- gap: the label delay; nothing from it is used;
-- test: never seen; all reported metrics are computed here, against ground truth.
+The algorithm, its hyperparameters and the reported metrics are decided on the time split
+(:mod:`.split`): fit, calibrate, evaluate on held-out weeks. Then, by default, the shipped model is
+refit with the same algorithm, hyperparameters and seed on all labelled data up to the label
+cut-off, with its thresholds calibrated on the most recent labelled window (``split.final_split``);
+the metadata records the time-split evaluation and what the final model was fit on.
 
 Each version also gets a fallback for degraded mode: the same algorithm, fitted, calibrated and
-evaluated on the same split but only on the transaction-only features
+evaluated the same way but only on the transaction-only features
 (``features.definition.TRANSACTION_ONLY``), the ones the engine has while the feature store is
 unreachable.
 """
@@ -24,10 +17,11 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,9 +29,18 @@ from typing import Any
 import numpy as np
 
 from fraudactors.errors import ModelError
-from fraudactors.modeling.data import DataError, Dataset, load_table, synthetic_dataset
+from fraudactors.modeling.data import DataError, Dataset, synthetic_dataset
 from fraudactors.modeling.metrics import evaluate_scores, threshold_for_fpr
 from fraudactors.modeling.progress import Progress, step
+from fraudactors.modeling.split import (
+    Split,
+    SplitConfig,
+    iso,
+    known_labels,
+    sample_legit,
+    time_split,
+)
+from fraudactors.modeling.table import describe_invalid, load_table
 
 DAY_S = 86400.0
 DEFAULT_ALGO = {"v1": "rf", "v2": "hgb"}
@@ -46,69 +49,34 @@ ONNX_INPUT = "features"
 ONNX_OUTPUT = "probabilities"
 
 
-@dataclass(frozen=True)
-class SplitConfig:
-    warmup_days: float = 7.0
-    calib_days: float = 7.0
-    gap_days: float = 7.0
-    test_days: float = 14.0
-
-
-@dataclass(frozen=True)
-class Split:
-    fit: np.ndarray
-    calib: np.ndarray
-    test: np.ndarray
-    cutoff: float
-    periods: dict[str, list[str]]
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
-
-
-def time_split(times: np.ndarray, cfg: SplitConfig) -> Split:
-    """Index arrays of the fit / calibration / test periods of event-time-sorted ``times``."""
-    if times.size == 0:
-        raise DataError("no transactions to split")
-    t0, t1 = float(times[0]), float(times[-1])
-    test_start = t1 - cfg.test_days * DAY_S
-    calib_end = test_start - cfg.gap_days * DAY_S
-    calib_start = calib_end - cfg.calib_days * DAY_S
-    fit_start = t0 + cfg.warmup_days * DAY_S
-    need = cfg.warmup_days + cfg.calib_days + cfg.gap_days + cfg.test_days
-    if fit_start >= calib_start:
-        raise DataError(f"the data spans {(t1 - t0) / DAY_S:.1f} days; the time split needs more than "
-                        f"warm-up + calibration + gap + test = {need:g} days "
-                        "(shorten them with --warmup-days/--calib-days/--gap-days/--test-days)")
-    idx = np.arange(times.size)
-    fit = idx[(times >= fit_start) & (times < calib_start)]
-    calib = idx[(times >= calib_start) & (times < calib_end)]
-    test = idx[times >= test_start]
-    periods = {"fit": [_iso(fit_start), _iso(calib_start)], "calibration": [_iso(calib_start), _iso(calib_end)],
-               "gap": [_iso(calib_end), _iso(test_start)], "test": [_iso(test_start), _iso(t1)]}
-    return Split(fit=fit, calib=calib, test=test, cutoff=test_start, periods=periods)
-
-
 # ---------------------------------------------------------------------- data and features
 
 
-def load_dataset(spec: Mapping[str, Any], data_path: str | None = None, show_progress: bool = True) -> Dataset:
-    """The dataset a ``training.data`` spec describes (``data_path`` overrides a file's path)."""
-    p = Progress("generating transactions" if spec["kind"] == "synthetic" else "reading data",
-                 enabled=show_progress)
+def load_dataset(spec: Mapping[str, Any], data_path: str | None = None, show_progress: bool = True,
+                 strict: bool = False) -> Dataset:
+    """The dataset a ``training.data`` spec describes (``data_path`` overrides a file's path).
+
+    A file's invalid rows are skipped and reported on stderr (``strict``: the first one fails).
+    """
     if spec["kind"] == "synthetic":
+        p = Progress("generating transactions", enabled=show_progress)
         ds = synthetic_dataset(int(spec["seed"]), float(spec["days"]), int(spec["users"]), int(spec["merchants"]),
                                progress=p)
+        p.update(len(ds))
+        p.done()
     elif spec["kind"] == "file":
         path = data_path or spec.get("path")
         if not path:
             raise DataError("this model was trained on a file: pass it with --data FILE")
-        ds = load_table(path, spec.get("mapping") or {}, float(spec.get("label_delay_days", 7.0)), progress=p)
+        p = Progress("reading data", enabled=show_progress)
+        ds = load_table(path, spec.get("mapping") or {}, float(spec.get("label_delay_days", 7.0)), progress=p,
+                        strict=strict)
+        p.done(f"{len(ds):,} rows")
+        report = describe_invalid(ds.source)
+        if report:
+            print(report, file=sys.stderr)
     else:
         raise ModelError(f"unknown training data kind {spec['kind']!r}")
-    p.update(len(ds))
-    p.done()
     return ds
 
 
@@ -121,9 +89,10 @@ def compute_features(ds: Dataset, show_progress: bool = True) -> np.ndarray:
     return X
 
 
-def known_labels(ds: Dataset, cutoff: float) -> np.ndarray:
-    """Ground truth as known at ``cutoff``: fraud reported at or before it."""
-    return ds.is_fraud & (ds.labeled_at <= cutoff)
+def cards_and_days(ds: Dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The card (``user_id``) and UTC day number of each of ``rows``, for card precision@k."""
+    cards = np.array([ds.transactions[i].user_id for i in rows.tolist()], dtype=object)
+    return cards, (ds.event_time[rows] // DAY_S).astype(np.int64)
 
 
 def held_out_set(training: Mapping[str, Any], data_path: str | None = None,
@@ -138,21 +107,43 @@ def held_out_set(training: Mapping[str, Any], data_path: str | None = None,
 # ---------------------------------------------------------------------- models
 
 
-def make_model(algo: str, seed: int) -> Any:
+# The hyperparameters of each algorithm: the best of `train --search` on the simulator (docs/models.md).
+HYPERPARAMETERS: dict[str, dict[str, Any]] = {
+    # 60 trees: the engine runs it at thousands of rows/s on a shared 2-core box.
+    "rf": {"n_estimators": 60, "max_depth": 16, "min_samples_leaf": 10, "max_features": 0.3},
+    # A fixed number of rounds (no early stopping): same trees whatever the validation draw.
+    "hgb": {"max_iter": 200, "learning_rate": 0.05, "max_leaf_nodes": 31, "min_samples_leaf": 100,
+            "l2_regularization": 1.0},
+}
+# The fallbacks' own (the search tunes the main models): on six transaction-only features the
+# deeper forest was worse (46.6 % vs 49.3 % detected on the held-out weeks) and 5 times larger.
+FALLBACK_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
+    "rf": {"n_estimators": 60, "max_depth": 12, "min_samples_leaf": 20, "max_features": "sqrt"},
+    "hgb": HYPERPARAMETERS["hgb"],
+}
+# Boosting's score may only rise with the merchant's reported fraud (a monotonic constraint):
+# unconstrained, it learnt to trust a card that shops at a merchant regularly even where most of
+# that merchant's recent transactions were reported fraud (a compromised terminal).
+RISING_WITH = frozenset({"merchant_fraud_count_7d", "merchant_fraud_count_30d", "merchant_fraud_rate_7d",
+                         "merchant_fraud_rate_30d"})
+
+
+def make_model(algo: str, seed: int, feature_names: Sequence[str] = (), params: Mapping[str, Any] | None = None
+               ) -> Any:
+    """An unfitted model: ``HYPERPARAMETERS[algo]`` updated with ``params``; for boosting, the
+    monotonic constraints of ``RISING_WITH`` on the columns ``feature_names`` name."""
+    if algo not in HYPERPARAMETERS:
+        raise ModelError(f"unknown algorithm {algo!r} (choose from {', '.join(ALGOS)})")
+    chosen = {**HYPERPARAMETERS[algo], **(params or {})}
     if algo == "rf":
         from sklearn.ensemble import RandomForestClassifier
 
-        # Modest on purpose: the engine runs it at thousands of rows/s on a shared 2-core box.
-        return RandomForestClassifier(n_estimators=60, max_depth=12, min_samples_leaf=20, max_features="sqrt",
-                                      class_weight="balanced_subsample", n_jobs=2, random_state=seed)
-    if algo == "hgb":
-        from sklearn.ensemble import HistGradientBoostingClassifier
+        return RandomForestClassifier(**chosen, class_weight="balanced_subsample", n_jobs=2, random_state=seed)
+    from sklearn.ensemble import HistGradientBoostingClassifier
 
-        # A fixed number of rounds (no early stopping): same trees whatever the validation draw.
-        return HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=31,
-                                              min_samples_leaf=100, l2_regularization=1.0, early_stopping=False,
-                                              random_state=seed)
-    raise ModelError(f"unknown algorithm {algo!r} (choose from {', '.join(ALGOS)})")
+    rising = [1 if name in RISING_WITH else 0 for name in feature_names]
+    return HistGradientBoostingClassifier(**chosen, early_stopping=False, random_state=seed,
+                                          monotonic_cst=rising if any(rising) else None)
 
 
 @contextmanager
@@ -184,19 +175,12 @@ def single_threaded_openmp() -> Any:
     return threadpool_limits(limits=1, user_api="openmp")
 
 
-def sample_legit(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices into ``y``: every fraud and a seeded ``fraction`` of the legitimate rows."""
-    if fraction >= 1.0:
-        return np.arange(y.size)
-    keep = y | (np.random.default_rng([seed, 2]).random(y.size) < fraction)
-    return np.flatnonzero(keep)
-
-
-def fit_model(algo: str, seed: int, X: np.ndarray, y: np.ndarray, legit_fraction: float = 1.0) -> Any:
+def fit_model(algo: str, seed: int, X: np.ndarray, y: np.ndarray, legit_fraction: float = 1.0,
+              feature_names: Sequence[str] = (), params: Mapping[str, Any] | None = None) -> Any:
     """Fit on every fraud and ``legit_fraction`` of the legitimate rows. Boosting gets the legit rows
     re-weighted by ``1 / legit_fraction`` so its probabilities keep the real base rate; the forest
-    balances classes itself (``class_weight``)."""
-    model = make_model(algo, seed)
+    balances classes itself (``class_weight``). ``feature_names`` name the columns of ``X``."""
+    model = make_model(algo, seed, feature_names, params)
     rows = sample_legit(y, legit_fraction, seed)
     weight = None
     if algo == "hgb" and legit_fraction < 1.0:
@@ -263,7 +247,9 @@ def library_versions() -> dict[str, str]:
 
 
 def _json_params(model: Any) -> dict[str, Any]:
-    return {k: v for k, v in model.get_params().items() if v is None or isinstance(v, bool | int | float | str)}
+    return {k: v for k, v in model.get_params().items()
+            if v is None or isinstance(v, bool | int | float | str)
+            or (isinstance(v, list) and all(isinstance(x, int) for x in v))}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -278,7 +264,8 @@ class TrainContext:
 
     ds: Dataset
     X: np.ndarray
-    split: Split
+    split: Split  # the time split: model choice, hyperparameters and the reported metrics
+    final: Split | None  # the final refit's rows (split.final_split), or None to ship the time-split model
     data_spec: dict[str, Any]
     split_cfg: SplitConfig
     seed: int
@@ -287,11 +274,14 @@ class TrainContext:
     command: str
     legit_fraction: float = 0.2
     show_progress: bool = True
+    # per algorithm: hyperparameters chosen by ``train --search`` (over HYPERPARAMETERS), and its record
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    searches: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class _Built:
-    """One fitted, converted, calibrated and evaluated model (a version's main model or its fallback)."""
+    """One fitted, converted and calibrated model (a version's main model or its fallback)."""
 
     model: Any
     onnx: bytes
@@ -299,30 +289,32 @@ class _Built:
     attribution_onnx: bytes
     thresholds: dict[str, float]
     onnx_diff: float
-    metrics: dict[str, Any]  # {"test": ..., "calibration": ...}
+    metrics: dict[str, Any]  # time split: {"test": ..., "calibration": ...}; final: {"calibration": ...}
     inference: dict[str, float]
 
 
-def _build(ctx: TrainContext, name: str, algo: str, names: tuple[str, ...], columns: np.ndarray | None,
-           what: str) -> _Built:
-    """Fit ``algo`` on ``columns`` of the features (all when None), convert it and its path
-    contributions to ONNX, calibrate the thresholds and evaluate it on the held-out weeks."""
+def _build(ctx: TrainContext, split: Split, name: str, algo: str, names: tuple[str, ...],
+           columns: np.ndarray | None, what: str, params: Mapping[str, Any] | None) -> _Built:
+    """Fit ``algo`` on ``columns`` of the features (all when None) and the fit rows of ``split``,
+    convert it and its path contributions to ONNX, calibrate the thresholds on the split's
+    calibration rows and, when the split has test rows, evaluate it there."""
     from fraudactors.modeling.attribution import build_attribution
     from fraudactors.modeling.attribution_onnx import attribution_onnx_bytes
     from fraudactors.modeling.scorer import make_session
 
-    ds, split = ctx.ds, ctx.split
+    ds = ctx.ds
     X = ctx.X if columns is None else np.ascontiguousarray(ctx.X[:, columns])
     y_known = known_labels(ds, split.cutoff)
     y_fit = y_known[split.fit]
-    s = step(f"fitting {name} ({algo}{what})", ctx.show_progress)
-    model = fit_model(algo, ctx.seed, X[split.fit], y_fit, ctx.legit_fraction)
+    final = split.test.size == 0
+    s = step(f"fitting {name} ({algo}{what}{', final refit' if final else ''})", ctx.show_progress)
+    model = fit_model(algo, ctx.seed, X[split.fit], y_fit, ctx.legit_fraction, names, params)
     s.done(f"on the {int(y_fit.sum()):,} frauds and {ctx.legit_fraction:.0%} of {int((~y_fit).sum()):,} legit rows")
 
     s = step(f"converting {name} to ONNX", ctx.show_progress)
     onnx_bytes = to_onnx_bytes(model, X.shape[1], "fraudactors_" + name.replace("-", "_"))
     session = make_session(onnx_bytes)
-    parity_rows = X[split.test[: 20000]]
+    parity_rows = X[(split.test if not final else split.calib)[: 20000]]
     with single_threaded_openmp():
         sk_rows = model.predict_proba(parity_rows)[:, 1]
     onnx_diff = float(np.abs(onnx_proba(session, parity_rows) - sk_rows).max()) if parity_rows.size else 0.0
@@ -331,27 +323,33 @@ def _build(ctx: TrainContext, name: str, algo: str, names: tuple[str, ...], colu
     reasons_session = make_session(attr_bytes)
     s.done()
 
-    s = step(f"evaluating {name} on the held-out weeks", ctx.show_progress)
+    s = step(f"calibrating {name}" + ("" if final else " and evaluating it on the held-out weeks"), ctx.show_progress)
     p_calib = onnx_proba(session, X[split.calib])
     calib_legit = ~y_known[split.calib]
     thresholds = {"review": threshold_for_fpr(p_calib[calib_legit], ctx.review_fpr),
                   "decline": threshold_for_fpr(p_calib[calib_legit], ctx.decline_fpr)}
-    p_test = onnx_proba(session, X[split.test])
-    test_metrics = evaluate_scores(ds.is_fraud[split.test], p_test, ds.scenario[split.test], thresholds)
     calib_metrics = evaluate_scores(y_known[split.calib], p_calib, ds.scenario[split.calib], thresholds)
     calib_metrics.pop("per_scenario", None)
-    timings = measure_inference(session, reasons_session, X[split.test], names)
+    metrics = {"calibration": calib_metrics}
+    if not final:
+        p_test = onnx_proba(session, X[split.test])
+        cards, days = cards_and_days(ds, split.test)
+        metrics = {"test": evaluate_scores(ds.is_fraud[split.test], p_test, ds.scenario[split.test], thresholds,
+                                           cards=cards, days=days),
+                   **metrics}
+    timings = measure_inference(session, reasons_session, parity_rows, names)
     s.done()
     return _Built(model=model, onnx=onnx_bytes, attribution=attribution, attribution_onnx=attr_bytes,
-                  thresholds=thresholds, onnx_diff=onnx_diff,
-                  metrics={"test": test_metrics, "calibration": calib_metrics}, inference=timings)
+                  thresholds=thresholds, onnx_diff=onnx_diff, metrics=metrics, inference=timings)
 
 
-def _thresholds_meta(ctx: TrainContext, built: _Built) -> dict[str, Any]:
+def _thresholds_meta(ctx: TrainContext, built: _Built, final: bool) -> dict[str, Any]:
+    on = ("the most recent labelled window before the label cut-off, on the legitimate rows the final fit did "
+          "not use" if final else "the calibration period")
     return {
         "review": built.thresholds["review"], "decline": built.thresholds["decline"],
         "review_target_fpr": ctx.review_fpr, "decline_target_fpr": ctx.decline_fpr,
-        "chosen_on": "calibration period, ONNX probabilities, labels known at the cut-off; flag when p >= threshold",
+        "chosen_on": f"{on}, ONNX probabilities, labels known at the cut-off; flag when p >= threshold",
     }
 
 
@@ -366,10 +364,41 @@ def _attribution_meta(file: str, built: _Built) -> dict[str, Any]:
             "bias": a.bias, "trees": int(a.roots.size), "nodes": int(a.feature.size), "max_depth": a.depth}
 
 
+def _final_fit_meta(ctx: TrainContext, evaluated: _Built, shipped: _Built) -> dict[str, Any]:
+    """What the shipped model was fit and calibrated on (the time split's model when not refit)."""
+    split = ctx.final or ctx.split
+    y_fit = known_labels(ctx.ds, split.cutoff)[split.fit]
+    return {
+        "refit": ctx.final is not None,
+        "periods": split.periods,
+        "data_end_epoch": float(ctx.ds.event_time[-1]),
+        "labels_known_at": iso(split.cutoff),
+        "fit_rows": int(split.fit.size),
+        "fit_frauds": int(y_fit.sum()),
+        "fit_legit_fraction": ctx.legit_fraction,
+        "calibration_rows": int(split.calib.size),
+        "calibration": shipped.metrics["calibration"],
+        "time_split_thresholds": {"review": evaluated.thresholds["review"],
+                                  "decline": evaluated.thresholds["decline"]},
+    }
+
+
+def _train_one(ctx: TrainContext, name: str, algo: str, names: tuple[str, ...], columns: np.ndarray | None,
+               what: str, params: Mapping[str, Any] | None) -> tuple[_Built, _Built]:
+    """(the time-split model, evaluated; the model to ship: the final refit, or the same one)."""
+    evaluated = _build(ctx, ctx.split, name, algo, names, columns, what, params)
+    if ctx.final is None:
+        return evaluated, evaluated
+    return evaluated, _build(ctx, ctx.final, name, algo, names, columns, what, params)
+
+
 def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Path) -> dict[str, Any]:
     """Fit, convert, calibrate, evaluate and write ``out_dir/version`` -- the model and its
     fallback for degraded mode (the same algorithm on the transaction-only features, its own
-    thresholds for the same target FPRs); returns the metadata."""
+    thresholds for the same target FPRs); returns the metadata.
+
+    Each is evaluated on the time split; what is written is its final refit (``ctx.final``), or
+    the evaluated model itself when there is none."""
     import json
 
     from fraudactors.features.definition import FEATURE_INDEX, FEATURE_NAMES, TRANSACTION_ONLY
@@ -385,13 +414,16 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
 
     ds, split = ctx.ds, ctx.split
     y_fit = known_labels(ds, split.cutoff)[split.fit]
-    if y_fit.sum() == 0 or y_fit.all():
-        raise DataError(f"the fit period holds {int(y_fit.sum())} reported frauds out of {y_fit.size} "
-                        "transactions; training needs both classes")
-    main = _build(ctx, version, algo, FEATURE_NAMES, None, "")
+    for rows, y in ((split.fit, y_fit), *(() if ctx.final is None else
+                                          ((ctx.final.fit, known_labels(ds, ctx.final.cutoff)[ctx.final.fit]),))):
+        if y.sum() == 0 or y.all():
+            raise DataError(f"the fit period holds {int(y.sum())} reported frauds out of {rows.size} "
+                            "transactions; training needs both classes")
+    evaluated, main = _train_one(ctx, version, algo, FEATURE_NAMES, None, "", ctx.params.get(algo))
     columns = np.array([FEATURE_INDEX[n] for n in TRANSACTION_ONLY], dtype=np.intp)
-    fallback = _build(ctx, fallback_id(version), algo, TRANSACTION_ONLY, columns,
-                      f", {len(TRANSACTION_ONLY)} transaction-only features")
+    fallback_evaluated, fallback = _train_one(ctx, fallback_id(version), algo, TRANSACTION_ONLY, columns,
+                                              f", {len(TRANSACTION_ONLY)} transaction-only features",
+                                              FALLBACK_HYPERPARAMETERS[algo])
 
     directory = Path(out_dir) / version
     directory.mkdir(parents=True, exist_ok=True)
@@ -400,6 +432,7 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
     _write_atomic(directory / FALLBACK_ATTRIBUTION_FILE, fallback.attribution_onnx)
     _write_atomic(directory / FALLBACK_FILE, fallback.onnx)
     unreported = ds.is_fraud[split.fit] & ~y_fit
+    final = ctx.final is not None
     model = main.model
     metadata: dict[str, Any] = {
         "version": version,
@@ -411,12 +444,16 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
         "seed": ctx.seed,
         "command": ctx.command,
         "feature_names": list(FEATURE_NAMES),
-        "thresholds": _thresholds_meta(ctx, main),
+        "thresholds": _thresholds_meta(ctx, main, final),
         "sha256": sha256_bytes(main.onnx),
         "onnx": {"file": MODEL_FILE, "input": ONNX_INPUT, "output": ONNX_OUTPUT, "bytes": len(main.onnx),
                  "opset": {"": 17, "ai.onnx.ml": 3}, "max_abs_diff_vs_sklearn": main.onnx_diff},
         "attribution": _attribution_meta(ATTRIBUTION_FILE, main),
-        "metrics": main.metrics,
+        # the time-split evaluation: the same algorithm, hyperparameters and seed fit on the fit
+        # period only, calibrated on the calibration period, scored on the held-out weeks
+        "metrics": evaluated.metrics,
+        "final_fit": _final_fit_meta(ctx, evaluated, main),
+        "hyperparameter_search": ctx.searches.get(algo),
         "fallback": {
             "purpose": "degraded mode (feature store unreachable): the same algorithm on the features that "
                        "exist without the store, with its own thresholds for the same target FPRs",
@@ -426,18 +463,19 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
             "params": _json_params(fallback.model),
             "n_iter": int(getattr(fallback.model, "n_iter_", 0)) or None,
             "feature_names": list(TRANSACTION_ONLY),
-            "thresholds": _thresholds_meta(ctx, fallback),
+            "thresholds": _thresholds_meta(ctx, fallback, final),
             "onnx": {"input": ONNX_INPUT, "output": ONNX_OUTPUT, "bytes": len(fallback.onnx),
                      "max_abs_diff_vs_sklearn": fallback.onnx_diff},
             "attribution": _attribution_meta(FALLBACK_ATTRIBUTION_FILE, fallback),
-            "metrics": fallback.metrics,
+            "metrics": fallback_evaluated.metrics,
+            "final_fit": _final_fit_meta(ctx, fallback_evaluated, fallback),
             "inference": fallback.inference,
         },
         "training": {
             "data": ctx.data_spec,
             "split": asdict(ctx.split_cfg),
             "periods": split.periods,
-            "cutoff": _iso(split.cutoff),
+            "cutoff": iso(split.cutoff),
             "rows": {"fit": int(split.fit.size), "calibration": int(split.calib.size), "test": int(split.test.size)},
             "fit_frauds_reported_by_cutoff": int(y_fit.sum()),
             "fit_frauds_unreported_at_cutoff": int(unreported.sum()),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import Any
 
 HELP = "train fraud models (--synthetic or --data FILE) into models/<version>/ as ONNX + metadata"
 
@@ -35,13 +36,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                      help=f"simulated merchants (default {DEFAULT_MERCHANTS})")
     data = p.add_argument_group("file (--data)")
     data.add_argument("--map", metavar="SRC=DST,...", help="rename file columns, e.g. amt=amount,ts=timestamp")
+    data.add_argument("--strict", action="store_true",
+                      help="fail on the first invalid row (default: skip invalid rows and report them per reason)")
     data.add_argument("--label-delay-days", type=float, default=7.0,
                       help="when labeled_at is absent, a fraud counts as reported this long after it (default 7)")
-    split = p.add_argument_group("time split (days, counted back from the last transaction)")
+    split = p.add_argument_group("time split (days, counted back from the last transaction); final refit")
     split.add_argument("--warmup-days", type=float, default=7.0, help="feature warm-up, not trained on (default 7)")
     split.add_argument("--calib-days", type=float, default=7.0, help="threshold calibration period (default 7)")
-    split.add_argument("--gap-days", type=float, default=7.0, help="label-delay gap before the test period (default 7)")
+    split.add_argument("--gap-days", type=float, default=7.0,
+                       help="the label delay: the gap before the test period, and the last days the final refit "
+                            "leaves out (default 7)")
     split.add_argument("--test-days", type=float, default=14.0, help="held-out test period (default 14)")
+    split.add_argument("--no-refit", action="store_true",
+                       help="ship the time-split model itself instead of refitting it on all labelled data up to "
+                            "the label cut-off (default: refit)")
     out = p.add_argument_group("models")
     out.add_argument("--out", default="models", metavar="DIR", help="models directory (default: models)")
     out.add_argument("--version", help="train only this version (default: v1 and v2)")
@@ -52,6 +60,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                      help="target FPR of the decline threshold (default 0.005)")
     out.add_argument("--legit-sample", type=float, default=0.2,
                      help="fraction of legitimate fit rows trained on (all frauds are; default 0.2)")
+    out.add_argument("--search", action="store_true",
+                     help="choose the hyperparameters by a time-series cross-validated grid search before the "
+                          "time split's cut-off (minutes per algorithm; default: the built-in ones)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -66,6 +77,10 @@ def _command(args: argparse.Namespace) -> str:
             parts += ["--map", args.map]
     for name in ("warmup_days", "calib_days", "gap_days", "test_days", "review_fpr", "decline_fpr", "legit_sample"):
         parts += [f"--{name.replace('_', '-')}", f"{getattr(args, name):g}"]
+    if args.no_refit:
+        parts.append("--no-refit")
+    if args.search:
+        parts.append("--search")
     if args.version:
         parts += ["--version", args.version] + (["--algo", args.algo] if args.algo else [])
     return "fraudactors train " + shlex.join(parts)
@@ -73,18 +88,17 @@ def _command(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from fraudactors.errors import ConfigError
-    from fraudactors.modeling.data import parse_mapping
     from fraudactors.modeling.evaluate import markdown_table
     from fraudactors.modeling.pipeline import (
         DEFAULT_ALGO,
-        SplitConfig,
         TrainContext,
         compute_features,
         load_dataset,
-        time_split,
         train_version,
     )
     from fraudactors.modeling.registry import fallback_id
+    from fraudactors.modeling.split import SplitConfig, final_split, time_split
+    from fraudactors.modeling.table import parse_mapping
 
     if args.version:
         algo = args.algo or DEFAULT_ALGO.get(args.version)
@@ -114,14 +128,24 @@ def main(args: argparse.Namespace) -> int:
         spec = {"kind": "file", "path": args.data, "mapping": parse_mapping(args.map),
                 "label_delay_days": args.label_delay_days}
     show = not args.quiet
-    ds = load_dataset(spec, show_progress=show)
+    ds = load_dataset(spec, show_progress=show, strict=args.strict)
     split_cfg = SplitConfig(args.warmup_days, args.calib_days, args.gap_days, args.test_days)
     split = time_split(ds.event_time, split_cfg)  # fail fast, before the features
+    final = None if args.no_refit else final_split(ds, split_cfg, args.legit_sample, args.seed)
     X = compute_features(ds, show)
-    ctx = TrainContext(ds=ds, X=X, split=split, data_spec=spec, split_cfg=split_cfg, seed=args.seed,
+    params: dict[str, dict[str, Any]] = {}
+    searches: dict[str, dict[str, Any]] = {}
+    if args.search:
+        from fraudactors.features.definition import FEATURE_NAMES
+        from fraudactors.modeling.search import describe, search
+
+        for algo in dict.fromkeys(a for _, a in jobs):
+            params[algo], searches[algo] = search(ds, X, split, split_cfg, algo, args.seed, args.legit_sample,
+                                                  FEATURE_NAMES, show)
+            print(f"{algo}: {describe(searches[algo])}", file=sys.stderr)
+    ctx = TrainContext(ds=ds, X=X, split=split, final=final, data_spec=spec, split_cfg=split_cfg, seed=args.seed,
                        review_fpr=args.review_fpr, decline_fpr=args.decline_fpr, legit_fraction=args.legit_sample,
-                       command=_command(args),
-                       show_progress=show)
+                       command=_command(args), show_progress=show, params=params, searches=searches)
     results = {}
     fallbacks = {}
     for version, algo in jobs:

@@ -232,3 +232,48 @@ def test_a_user_whose_history_is_all_zero_amount_verifications_gets_a_finite_rat
         rows.append(row)
     ratio = FEATURE_INDEX["amount_to_avg_30d"]
     assert rows[1][ratio] == 1.0 and rows[3][ratio] == 2500.0
+
+
+def test_time_of_day_habit_share() -> None:
+    """Share of the 30-day history in this hour of the day or up to 2 either side (circular)."""
+    day = (T0 // D) * D - 20 * D
+    at = [23 * H + 10, 23 * H + 50, 0.5 * H, 0.25 * H]  # hours 23, 23, 0, 0: across midnight
+    events = [txn(day + i * D + s, 10.0) for i, s in enumerate(at)]
+    _, state = run(events)
+    assert state.hours == bytearray([23, 23, 0, 0])
+    assert f(features_of(state, None, txn(day + 10 * D + 1.5 * H)), "hour_habit_share_30d") == 1.0  # hour 1
+    assert f(features_of(state, None, txn(day + 10 * D + 2.5 * H)), "hour_habit_share_30d") == 0.5  # 23 is 3 away
+    assert f(features_of(state, None, txn(day + 10 * D + 21.1 * H)), "hour_habit_share_30d") == 0.5  # 0 is 3 away
+    assert f(features_of(state, None, txn(day + 10 * D + 12 * H)), "hour_habit_share_30d") == 0.0
+
+
+def test_amount_against_the_users_own_distribution() -> None:
+    rows, _ = run([txn(T0 + i * H, a) for i, a in enumerate([5.0, 20.0, 10.0, 40.0, 30.0])] + [txn(T0 + 6 * H, 25.0)])
+    vec = rows[-1]
+    assert f(vec, "amount_rank_30d") == 3 / 5  # 5, 10, 20 are below 25
+    assert f(vec, "amount_to_median_30d") == 25.0 / 20.0
+    assert f(vec, "tx_count_24h_to_daily_30d") == 5 / (5 / 30)
+    assert f(vec, "amount_sum_24h_to_daily_30d") == pytest.approx(30.0)  # all 30 days' spend in 24 h
+
+
+def test_new_merchants_distinct_merchants_and_abroad_in_the_last_24_hours() -> None:
+    events = [
+        txn(T0 - 3 * D, 10.0, merchant="a"),
+        txn(T0 - 2 * D, 30.0, merchant="b"),
+        txn(T0 - 20 * H, 10.0, merchant="a"),  # visited before: not new
+        txn(T0 - 10 * H, 50.0, merchant="c", international=True),  # new
+        txn(T0 - 5 * H, 20.0, merchant="d", international=True),  # new
+    ]
+    rows, state = run([*events, txn(T0, 7.0, merchant="a")])
+    vec = rows[-1]
+    assert state.new_merchant == bytearray([1, 1, 0, 1, 1, 0]) and state.international == bytearray([0, 0, 0, 1, 1, 0])
+    assert f(vec, "new_merchant_count_24h") == 2.0 and f(vec, "new_merchant_amount_24h") == 70.0
+    assert f(vec, "distinct_merchants_24h") == 3.0 and f(vec, "international_count_24h") == 2.0
+
+
+def test_a_merchant_is_new_again_after_30_days_without_it_and_an_out_of_order_event_judges_by_its_past() -> None:
+    _, state = run([txn(T0, merchant="a"), txn(T0 + 31 * D - 10, merchant="b"), txn(T0 + 31 * D, merchant="a")])
+    assert state.new_merchant == bytearray([1, 1])  # the first "a" fell out of the window: "a" was new again
+    _, state = run([txn(T0, merchant="a"), txn(T0 + 2 * H, merchant="b")])
+    _, state = transition(state, None, txn(T0 + H, merchant="b"))  # before the first "b": new then
+    assert state.new_merchant == bytearray([1, 1, 1])

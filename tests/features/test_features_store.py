@@ -165,6 +165,11 @@ async def test_parity_interleaved_partitions(store: OnlineFeatureStore) -> None:
     assert col["tx_count_10m"].max() > 50
     assert (col["merchant_fraud_count_7d"] > 0).mean() > 0.2
     assert 0 < col["is_new_merchant"].mean() < 1 and 0 < col["intl_changed"].mean() < 1
+    # ... and the habit and 24-hour features (state_codec version 3 round trips what they read)
+    assert 0 < col["hour_habit_share_30d"].mean() < 1 and 0 < col["amount_rank_30d"].mean() < 1
+    assert col["amount_to_median_30d"].max() > 10 and col["tx_count_24h_to_daily_30d"].max() > 10
+    assert col["new_merchant_count_24h"].max() > 2 and 0 < (col["new_merchant_amount_24h"] > 0).mean() < 1
+    assert col["distinct_merchants_24h"].max() > 5 and col["international_count_24h"].max() > 2
 
 
 async def test_parity_single_partition_includes_merchant_counts(store: OnlineFeatureStore,

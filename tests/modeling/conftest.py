@@ -23,3 +23,11 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models")
     assert cli_main(["train", *TINY, "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models_no_refit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same models shipped from the time split itself (``--no-refit``)."""
+    out = tmp_path_factory.mktemp("models-no-refit")
+    assert cli_main(["train", *TINY, "--no-refit", "--out", str(out)]) == 0
+    return out

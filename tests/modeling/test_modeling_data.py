@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from fraudactors.cli import main as cli_main
-from fraudactors.modeling.data import DataError, load_table, parse_mapping
+from fraudactors.modeling.data import DataError
 from fraudactors.modeling.registry import load_model_info
+from fraudactors.modeling.table import describe_invalid, load_table, parse_mapping
 from fraudactors.sim import Simulator
 
 SPLIT = ["--warmup-days", "3", "--calib-days", "5", "--gap-days", "3", "--test-days", "7", "--quiet"]
@@ -57,13 +58,31 @@ def test_train_on_a_users_csv_with_column_mapping(tmp_path: Path, capsys: pytest
         assert training["data"]["mapping"] == {"txn": "transaction_id", "amt": "amount", "fraud": "is_fraud"}
         assert info.metadata["metrics"]["test"]["frauds"] > 0
         assert info.metadata["metrics"]["test"]["auc"] > 0.6
-    # `evaluate` rebuilds the held-out weeks from the same file and the mapping in the metadata.
-    report = tmp_path / "eval.json"
-    code, err = _run(["evaluate", "--models", str(out), "--data", str(data), "--json", str(report), "--quiet"],
+    # The shipped models were refit on all of the file: it holds no later transaction to evaluate them on.
+    code, err = _run(["evaluate", "--models", str(out), "--data", str(data), "--quiet"], capsys)
+    assert code != 0 and err.count("\n") == 1
+    assert "was refit on all its data up to 2026-10-30" in err and "metadata.json ('metrics')" in err
+    # A later file (the same world eight more days) evaluates them on the transactions after their data.
+    later = _write_csv(tmp_path / "later.csv", header, _sim_rows(days=38))
+    report = tmp_path / "later.json"
+    code, err = _run(["evaluate", "--models", str(out), "--data", str(later), "--json", str(report), "--quiet"],
                      capsys)
     assert code == 0, err
+    after = json.loads(report.read_text())["v2"]
+    assert after["window"].startswith("the transactions after the training data (2026-10-31")
+    assert after["metrics"]["transactions"] > 1000 and len(after["card_precision_per_day"]) == 8
+    # Shipped from the time split, `evaluate` rebuilds its held-out weeks from the same file and the
+    # mapping in the metadata.
+    plain = tmp_path / "plain"
+    code, err = _run(["train", "--data", str(data), "--map", "txn=transaction_id,amt=amount,fraud=is_fraud",
+                      "--out", str(plain), "--version", "v1", "--no-refit", *SPLIT], capsys)
+    assert code == 0, err
+    report = tmp_path / "eval.json"
+    code, err = _run(["evaluate", "--models", str(plain), "--versions", "v1", "--data", str(data),
+                      "--json", str(report), "--quiet"], capsys)
+    assert code == 0, err
     results = json.loads(report.read_text())
-    assert results["v1"]["metrics"] == load_model_info(out, "v1").metadata["metrics"]["test"]
+    assert results["v1"]["metrics"] == load_model_info(plain, "v1").metadata["metrics"]["test"]
     # No labeled_at column: frauds count as reported 7 days later (the default).
     ds = load_table(data, parse_mapping("txn=transaction_id,amt=amount,fraud=is_fraud"))
     frauds = ds.is_fraud.nonzero()[0]
@@ -82,9 +101,7 @@ def test_labeled_at_and_epoch_timestamps_are_read(tmp_path: Path) -> None:
     assert [label.transaction_id for label in ds.labels()] == ["t1"]
 
 
-@pytest.mark.parametrize(("header", "rows", "message"), [
-    (HEADER[:-1], [["t1", "c1", "m1", 1.0, "USD", "grocery", "false", "2026-10-01T00:00:00Z"]],
-     "missing column(s): is_fraud"),
+BAD_ROWS = [
     (HEADER, [["t1", "c1", "m1", 1.0, "USD", "grocery", "false", "2026-10-01T00:00:00Z", "0"],
               ["t2", "c1", "m1", "abc", "USD", "grocery", "false", "2026-10-01T00:00:00Z", "0"]],
      "line 3: column amount: 'abc' is not a number"),
@@ -94,16 +111,83 @@ def test_labeled_at_and_epoch_timestamps_are_read(tmp_path: Path) -> None:
      "line 2: timestamp is not ISO-8601: 'yesterday'"),
     (HEADER, [["t1", "c1", "m1", -3, "USD", "grocery", "false", "2026-10-01T00:00:00Z", "0"]],
      "line 2: amount must be >= 0"),
+    (HEADER, [["t1", "c1", "m1", 3, "USD", "grocery", "false", "2026-10-01T00:00:00Z", "0", "extra"]],
+     "line 2: more values than header columns"),
+]
+
+
+@pytest.mark.parametrize(("header", "rows", "message"), [
+    (HEADER[:-1], [["t1", "c1", "m1", 1.0, "USD", "grocery", "false", "2026-10-01T00:00:00Z"]],
+     "missing column(s): is_fraud"),
+    *BAD_ROWS,
     (HEADER, [], "no rows (only a header)"),
 ])
-def test_bad_files_fail_with_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                            header: list[str], rows: list[list[object]], message: str) -> None:
+def test_bad_files_fail_with_one_clear_line_under_strict(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         header: list[str], rows: list[list[object]],
+                                                         message: str) -> None:
     data = _write_csv(tmp_path / "bad.csv", header, rows)
-    code, err = _run(["train", "--data", str(data), "--out", str(tmp_path / "m"), *SPLIT], capsys)
+    code, err = _run(["train", "--data", str(data), "--strict", "--out", str(tmp_path / "m"), *SPLIT], capsys)
     assert code != 0
     assert err.count("\n") == 1 and err.startswith("fraudactors train: ")
     assert message in err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(("header", "rows", "message"), BAD_ROWS)
+def test_without_strict_a_bad_row_is_skipped_and_reported(tmp_path: Path, header: list[str],
+                                                          rows: list[list[object]], message: str) -> None:
+    good = ["t0", "c1", "m1", 2.5, "USD", "grocery", "false", "2026-09-30T00:00:00Z", "0"]
+    data = _write_csv(tmp_path / "t.csv", header, [good, *rows])
+    ds = load_table(data)
+    line = int(message.split(":")[0].removeprefix("line ")) + 1  # the good row moved it down one line
+    assert [t.transaction_id for t in ds.transactions] == ["t0", "t1"][: 1 + len(rows) - 1]
+    invalid = ds.source["invalid_rows"]
+    assert invalid["total"] == 1
+    [(kind, entry)] = invalid["by_reason"].items()
+    assert entry == {"rows": 1, "first_lines": [line]}
+    assert "'" not in kind  # counted by reason, without the row's value
+    report = describe_invalid(ds.source)
+    assert report is not None and f"skipped 1 invalid row(s) of {len(rows) + 1}" in report
+    assert f"1 x {kind} (line {line})" in report
+
+
+def test_amount_zero_is_a_transaction_and_invalid_rows_are_counted_per_reason(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A card-verification authorisation (amount 0.00) trains; a few unusable rows among many good
+    ones are skipped and reported (count per reason, first line numbers), not the whole file."""
+    rows = _sim_rows()
+    good = len(rows)
+    for k in range(0, 4000, 400):  # zero amounts are fine
+        rows[k][3] = "0.00"
+    for k in range(7, 7 + 7 * 300, 300):
+        rows[k][3] = "-1.00"
+    for k in (11, 12):
+        rows[k][7] = ""
+    data = _write_csv(tmp_path / "tx.csv", HEADER, rows)
+    out = tmp_path / "models"
+    code = cli_main(["train", "--data", str(data), "--out", str(out), "--version", "v2", *SPLIT[:-1]])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"skipped 9 invalid row(s) of {good:,} (--strict fails on the first instead)" in err
+    assert "7 x amount must be >= 0 (line 9, 309, 609, 909, 1209, ...)" in err
+    assert "2 x column timestamp is empty (line 13, 14)" in err
+    summary = load_model_info(out, "v2").metadata["data_summary"]
+    assert summary["transactions"] == good - 9
+    assert summary["rows_read"] == good
+    assert summary["invalid_rows"]["by_reason"]["amount must be >= 0"] == {"rows": 7,
+                                                                          "first_lines": [9, 309, 609, 909, 1209]}
+    assert summary["invalid_rows"]["by_reason"]["column timestamp is empty"]["rows"] == 2
+    code = cli_main(["train", "--data", str(data), "--strict", "--out", str(tmp_path / "strict"), *SPLIT])
+    err = capsys.readouterr().err
+    assert code != 0 and err.count("\n") == 1 and "line 9: amount must be >= 0" in err
+
+
+def test_a_file_with_no_usable_row_names_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [["t1", "c1", "m1", "1,5", "USD", "grocery", "false", "2026-10-01T00:00:00Z", "0"]] * 3
+    data = _write_csv(tmp_path / "t.csv", HEADER, rows)
+    code, err = _run(["train", "--data", str(data), "--out", str(tmp_path / "m"), *SPLIT], capsys)
+    assert code != 0 and err.count("\n") == 1
+    assert "none of the 3 rows is usable (3 x column amount: not a number, first at line 2)" in err
 
 
 def test_an_empty_file_and_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +15,19 @@ from fraudactors.errors import ModelError, ModelIntegrityError
 from fraudactors.features.definition import FEATURE_INDEX, FEATURE_NAMES, TRANSACTION_ONLY
 from fraudactors.modeling.attribution import TreeAttribution, build_attribution
 from fraudactors.modeling.attribution_onnx import attribution_onnx_bytes, float32_floor
-from fraudactors.modeling.metrics import threshold_for_fpr
+from fraudactors.modeling.metrics import card_precision_at_k, threshold_for_fpr
 from fraudactors.modeling.pipeline import (
-    SplitConfig,
     compute_features,
     fit_model,
     held_out_set,
-    known_labels,
     load_dataset,
     onnx_proba,
     single_threaded_openmp,
-    time_split,
     to_onnx_bytes,
 )
 from fraudactors.modeling.registry import load_model_info
 from fraudactors.modeling.scorer import Scorer, make_session
+from fraudactors.modeling.split import SplitConfig, known_labels, time_split
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +145,9 @@ def test_every_version_has_a_fallback_on_the_transaction_only_features(tiny_mode
         # The held-out metrics are the fallback's own, on the same rows as the model's.
         test = section["metrics"]["test"]
         assert test["transactions"] == y.size and test["auc"] > 0.6
-        assert test["at_thresholds"]["review"]["threshold"] == fb.review_threshold
+        assert test["at_thresholds"]["review"]["threshold"] == section["final_fit"]["time_split_thresholds"]["review"]
+        # ... and its own thresholds those of its final refit
+        assert fb.review_threshold == section["final_fit"]["calibration"]["at_thresholds"]["review"]["threshold"]
 
 
 @pytest.mark.parametrize("name", ["fallback.onnx", "fallback_attribution.onnx"])
@@ -247,18 +248,24 @@ def test_same_command_same_models(tiny_models: Path, tiny_args: list[str], tmp_p
         assert a["fallback"]["attribution"]["sha256"] == b["fallback"]["attribution"]["sha256"]
 
 
-def test_evaluate_reproduces_the_training_metrics(tiny_models: Path, tmp_path: Path,
+def test_evaluate_reproduces_the_training_metrics(tiny_models_no_refit: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A model shipped from the time split is evaluated on the time split's held-out weeks: the
+    committed files give exactly the metrics recorded at training."""
     out = tmp_path / "eval.json"
-    assert cli_main(["evaluate", "--models", str(tiny_models), "--json", str(out), "--quiet"]) == 0
+    assert cli_main(["evaluate", "--models", str(tiny_models_no_refit), "--json", str(out), "--quiet"]) == 0
     table = capsys.readouterr().out
+    assert "scored by the committed ONNX files on the time split's held-out weeks" in table
     assert "| v1 (rf) |" in table and "| v2 (hgb) |" in table
     assert "| v1-fallback (rf) |" in table and "| v2-fallback (hgb) |" in table
     assert "| v1-fallback | approve-below 20 |" in table
+    assert "Recorded at training" not in table  # the table above is that evaluation
     results = json.loads(out.read_text())
     for version in ("v1", "v2"):
-        meta = json.loads((tiny_models / version / "metadata.json").read_text())
+        meta = json.loads((tiny_models_no_refit / version / "metadata.json").read_text())
+        assert meta["final_fit"]["refit"] is False
         assert results[version]["metrics"] == meta["metrics"]["test"]
+        assert 0 <= results[version]["metrics"]["card_precision_at_100"]["mean"] <= 1
         fallback = results[f"{version}-fallback"]
         assert fallback["metrics"] == meta["fallback"]["metrics"]["test"]
         policies = {p["policy"]: p for p in fallback["policies"]}
@@ -269,6 +276,64 @@ def test_evaluate_reproduces_the_training_metrics(tiny_models: Path, tmp_path: P
         assert policies["review"]["detection_rate"] == policies["review"]["fpr"] == 1.0
         below = policies["approve-below 20"]
         assert below["fpr"] <= policies["score"]["fpr"] and below["detection_rate"] <= policies["score"]["detection_rate"]
+
+
+def test_the_final_refit_fits_up_to_the_label_cut_off_and_calibrates_on_unseen_recent_rows(
+        tiny_models: Path, tiny_models_no_refit: Path) -> None:
+    for version in ("v1", "v2"):
+        meta = json.loads((tiny_models / version / "metadata.json").read_text())
+        plain = json.loads((tiny_models_no_refit / version / "metadata.json").read_text())
+        final = meta["final_fit"]
+        assert final["refit"] is True
+        # the time-split evaluation is the same as the model shipped without a refit
+        assert meta["metrics"] == plain["metrics"]
+        assert final["time_split_thresholds"] == {k: plain["thresholds"][k] for k in ("review", "decline")}
+        # fit from the end of the warm-up to the label cut-off (the last --gap-days, 3, left out)
+        end = datetime.fromisoformat(final["periods"]["left_out_label_delay"][1])
+        cutoff = datetime.fromisoformat(final["periods"]["fit"][1])
+        assert end - cutoff == timedelta(days=3)
+        assert final["periods"]["calibration"] == [
+            (cutoff - timedelta(days=5)).isoformat(timespec="seconds"), cutoff.isoformat(timespec="seconds")]
+        assert final["fit_rows"] > meta["training"]["rows"]["fit"] + meta["training"]["rows"]["calibration"]
+        assert final["fit_frauds"] > meta["training"]["fit_frauds_reported_by_cutoff"]
+        # calibrated on legitimate rows only, at about the target FPR there
+        assert final["calibration"]["frauds"] == 0 and final["calibration_rows"] > 1000
+        assert final["calibration"]["at_thresholds"]["review"]["fpr"] <= 0.02
+        assert meta["thresholds"]["review"] == final["calibration"]["at_thresholds"]["review"]["threshold"]
+        assert meta["sha256"] != plain["sha256"]
+        assert "final fit did not use" in meta["thresholds"]["chosen_on"]
+        assert meta["fallback"]["final_fit"]["refit"] is True
+
+
+def test_evaluate_scores_a_refit_model_on_the_weeks_after_its_data(
+        tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval.json"
+    assert cli_main(["evaluate", "--models", str(tiny_models), "--models", str(tiny_models), "--versions", "v2",
+                     "--json", str(out), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "scored by the committed ONNX files on the 7 days after the training data (2026-10-31" in table
+    assert "Recorded at training" in table and "card precision@100 per day" in table
+    results = json.loads(out.read_text())
+    label = f"{tiny_models}:v2"
+    assert set(results) == {label, f"{tiny_models}:v2-fallback"}
+    meta = json.loads((tiny_models / "v2" / "metadata.json").read_text())
+    after = results[label]["metrics"]
+    assert after["transactions"] > 5000 and after["frauds"] > 20
+    assert after != meta["metrics"]["test"]
+    assert len(results[label]["card_precision_per_day"]) == 7
+
+
+def test_card_precision_at_k_excludes_cards_caught_on_earlier_days() -> None:
+    cards = np.array(["a", "a", "b", "c", "d", "a", "b", "c", "d"], dtype=object)
+    days = np.array([1, 1, 1, 1, 1, 2, 2, 2, 2])
+    y = np.array([0, 1, 0, 0, 0, 1, 0, 1, 0], dtype=bool)
+    scores = np.array([0.1, 0.9, 0.8, 0.2, 0.3, 0.99, 0.5, 0.4, 0.6])
+    result = card_precision_at_k(cards, days, y, scores, k=2)
+    day1, day2 = result["per_day"]
+    assert day1 == {"day": 1, "cards": 4, "compromised": 1, "precision": 0.5, "best_possible": 0.5}  # a (yes), b
+    # a was caught on day 1: day 2 ranks d (0.6), b (0.5) -- c, the compromised one, is third
+    assert day2 == {"day": 2, "cards": 3, "compromised": 1, "precision": 0.0, "best_possible": 0.5}
+    assert result["mean"] == 0.25 and result["best_possible_mean"] == 0.5 and result["days"] == 2
 
 
 def test_threshold_for_fpr_keeps_the_false_positive_rate_under_target() -> None:
