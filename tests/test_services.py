@@ -359,7 +359,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A self-signed CA/server certificate for 127.0.0.1 and a client certificate, both PEM."""
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("the openssl CLI is not installed (needed to make test certificates)")
+        pytest.fail("the openssl CLI is needed to make the test certificates: apt-get install openssl")
     directory = tmp_path_factory.mktemp("tls")
     files = {}
     for name, cn in (("server", "127.0.0.1"), ("client", "fraudactors-test-client")):

@@ -229,9 +229,10 @@ def test_parquet_without_pyarrow_says_so(tmp_path: Path, monkeypatch: pytest.Mon
 def test_parquet_with_typed_columns_reads_like_the_same_csv(tmp_path: Path) -> None:
     """A Parquet file as a data team writes one (timestamps, booleans and floats typed) gives the
     same dataset as the CSV of the same rows; a broken file is one clear error."""
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
     from datetime import datetime
+
+    import pyarrow as pa  # a dev dependency: a missing one fails here, loudly
+    import pyarrow.parquet as pq
 
     rows = _sim_rows(days=3, users=60)
     csv_data = load_table(_write_csv(tmp_path / "t.csv", HEADER, rows))
