@@ -316,6 +316,26 @@ class ServiceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MonitorSettings:
+    """The model monitor (docs/operations.md, "Model monitor"): PSI over a sliding event-time window."""
+
+    enabled: bool = True
+    # the window of event time the PSI is computed over, in sub_windows steps
+    window_s: float = 3600.0
+    sub_windows: int = 12
+    # no PSI is exported for a version with fewer rows than this in the window
+    min_rows: int = 1000
+    # the features the drift alert watches (label top="true"): the most important of the reference
+    top_features: int = 5
+
+    def validate(self) -> None:
+        _require(self.window_s > 0 and math.isfinite(self.window_s), "monitor.window_s", "must be > 0")
+        _require(1 <= self.sub_windows <= 1000, "monitor.sub_windows", "must be in [1, 1000]")
+        _require(self.min_rows >= 1, "monitor.min_rows", "must be >= 1")
+        _require(self.top_features >= 0, "monitor.top_features", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topics: TopicSettings = field(default_factory=TopicSettings)
@@ -326,6 +346,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     services: ServiceSettings = field(default_factory=ServiceSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
     def validate(self) -> Settings:
         for f in dataclasses.fields(self):

@@ -26,6 +26,7 @@ import numpy as np
 from fraudactors.actors import Mailbox, Request, ask
 from fraudactors.engine.decision import Router, Thresholds, Variant
 from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.engine.monitor import ModelMonitor
 from fraudactors.errors import ActorDied, ModelError, WorkerDied
 from fraudactors.logging import get_logger
 from fraudactors.modeling.policy import DegradedPolicy
@@ -87,6 +88,7 @@ class _Rows:
     X: np.ndarray
     deciding: list[Variant]
     degraded: bool = False
+    event_times: Sequence[float] | None = None  # for the model monitor (None: not monitored)
 
 
 _Request = Request[_Rows, list[Scored]]
@@ -150,6 +152,7 @@ class InferenceActor:
         self._calls: dict[asyncio.Task[None], list[_Request]] = {}
         self._log = get_logger(actor="inference", mode=settings.engine.inference_mode)
         self.feature_names: tuple[str, ...] = ()
+        self.monitor: ModelMonitor | None = None
 
     @property
     def ready(self) -> bool:
@@ -163,8 +166,10 @@ class InferenceActor:
         from fraudactors.modeling.registry import load_model_info
 
         names: tuple[str, ...] | None = None
+        infos = []
         for version in self.router.versions:
             info = load_model_info(self._settings.models.dir, version)
+            infos.append(info)
             self._thresholds[version] = Thresholds.resolve(
                 self._settings.decision, info.review_threshold, info.decline_threshold)
             if info.fallback is None:
@@ -179,6 +184,8 @@ class InferenceActor:
                 raise ModelError(f"model {version} expects different features than the other variants")
             names = tuple(info.feature_names)
         self.feature_names = names or ()
+        if self._settings.monitor.enabled and self.monitor is None:
+            self.monitor = ModelMonitor(self._settings.monitor, self._metrics, infos)
         if self._policy.mode == "approve-below":
             if "amount" not in self.feature_names:
                 raise ModelError("decision.degraded_policy approve-below needs the models' 'amount' feature")
@@ -227,13 +234,15 @@ class InferenceActor:
             thread, self._thread = self._thread, None
             thread.shutdown(wait=False, cancel_futures=True)
 
-    async def score(self, X: np.ndarray, transaction_ids: Sequence[str], degraded: bool = False) -> list[Scored]:
+    async def score(self, X: np.ndarray, transaction_ids: Sequence[str], degraded: bool = False,
+                    event_times: Sequence[float] | None = None) -> list[Scored]:
         """Score one micro-batch; rows are routed by transaction id; ``degraded`` rows are scored by
-        their variant's fallback under ``decision.degraded_policy``. Raises ActorDied when stopped."""
+        their variant's fallback under ``decision.degraded_policy``; ``event_times`` (the rows'
+        transaction times) feed the model monitor. Raises ActorDied when stopped."""
         if not self._ready.is_set():
             await self._ready.wait()
         route = self.router.route
-        return await ask(self.mailbox, _Rows(X, [route(t) for t in transaction_ids], degraded))
+        return await ask(self.mailbox, _Rows(X, [route(t) for t in transaction_ids], degraded, event_times))
 
     async def _flush_loop(self) -> None:
         """Coalesce the workers' requests: flush on ``batch_max`` requests or after the linger."""
@@ -307,6 +316,10 @@ class InferenceActor:
             child = self._metrics.fraud_probability.labels(name)
             for value in values:
                 child.observe(value)
+        if self.monitor is not None:
+            times = np.array([t for r in batch for t in (r.payload.event_times or [np.nan] * len(r.payload.deciding))],
+                             dtype=np.float64)
+            self.monitor.observe(X, deciding_model, np.array([s.probability for s in scored]), degraded, times)
         # Split back per request.
         out: list[list[Scored]] = []
         start = 0

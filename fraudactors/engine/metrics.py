@@ -125,5 +125,33 @@ class EngineMetrics:
             "Records handed to the producer and not yet acknowledged, per output partition "
             "(at most engine.publish_window).", ["topic", "partition"], registry=r)
 
+        # the model monitor (engine/monitor.py; docs/operations.md, "Model monitor")
+        self.feature_psi = Gauge(
+            "fraudactors_feature_psi",
+            "Population stability index of a feature over the monitor's event-time window vs the "
+            "version's training reference (top: one of the reference's most important features).",
+            ["version", "feature", "top"], registry=r)
+        self.score_psi = Gauge(
+            "fraudactors_score_psi",
+            "Population stability index of a version's scores over the monitor's window vs its training reference.",
+            ["version"], registry=r)
+        self.degraded_share = Gauge(
+            "fraudactors_degraded_share", "Share of degraded decisions in the monitor's event-time window.",
+            registry=r)
+        self.model_offline_detection_rate = Gauge(
+            "fraudactors_model_offline_detection_rate",
+            "A version's detection rate at its review threshold on its held-out weeks (metadata.json).",
+            ["version"], registry=r)
+        # Online accuracy of each A/B variant over its label-mature window: set by the A/B evaluation
+        # (issue 11); declared here so the alert and the dashboard that join them with
+        # fraudactors_model_offline_detection_rate have their contract.
+        self.ab_detection_rate = Gauge(
+            "fraudactors_ab_detection_rate",
+            "Online detection rate of a variant over its label-mature window.", ["variant", "version"], registry=r)
+        self.ab_label_maturity = Gauge(
+            "fraudactors_ab_label_maturity",
+            "Share (0..1) of a variant's expected labels that have arrived for that window.",
+            ["variant", "version"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -251,7 +251,8 @@ class FeatureWorker:
         try:
             if txns:
                 scored = await self._inference.score(batch.X, [t.transaction_id for t in txns],
-                                                     degraded=batch.degraded)
+                                                     degraded=batch.degraded,
+                                                     event_times=[t.event_time for t in txns])
         except BaseException:
             if previous is not None:  # fail only after the batches before this one are handed off
                 await asyncio.gather(previous, return_exceptions=True)
