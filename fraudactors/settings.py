@@ -321,11 +321,12 @@ class MonitorSettings:
 
     enabled: bool = True
     # the window of event time the PSI is computed over, in sub_windows steps
-    window_s: float = 3600.0
-    sub_windows: int = 12
+    window_s: float = 86400.0
+    sub_windows: int = 24
     # no PSI is exported for a version with fewer rows than this in the window
     min_rows: int = 1000
-    # the features the drift alert watches (label top="true"): the most important of the reference
+    # the features the drift alert watches (label top="true"): the most important of the reference,
+    # calendar features (hour_of_day, day_of_week, is_night) left out
     top_features: int = 5
 
     def validate(self) -> None:

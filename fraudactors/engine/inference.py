@@ -286,6 +286,7 @@ class InferenceActor:
         rows_of: dict[str, list[int]] = {}
         for i, model in enumerate(deciding_model):
             rows_of.setdefault(model, []).append(i)
+        deciding_rows = {m: np.asarray(r, dtype=np.intp) for m, r in rows_of.items()} if self.monitor is not None else {}
         for shadow in self.router.shadows:
             for i in range(n):
                 rows_of.setdefault(_model(shadow.version, degraded[i]), []).append(i)
@@ -317,9 +318,7 @@ class InferenceActor:
             for value in values:
                 child.observe(value)
         if self.monitor is not None:
-            times = np.array([t for r in batch for t in (r.payload.event_times or [np.nan] * len(r.payload.deciding))],
-                             dtype=np.float64)
-            self.monitor.observe(X, deciding_model, np.array([s.probability for s in scored]), degraded, times)
+            self._observe(self.monitor, batch, X, deciding_rows, scored, degraded)
         # Split back per request.
         out: list[list[Scored]] = []
         start = 0
@@ -328,6 +327,15 @@ class InferenceActor:
             out.append(scored[start:end])
             start = end
         return out
+
+    @staticmethod
+    def _observe(monitor: ModelMonitor, batch: list[_Request], X: np.ndarray, deciding_rows: dict[str, np.ndarray],
+                 scored: list[Scored], degraded: list[bool]) -> None:
+        """Hand the deciding rows to the model monitor (rows of callers that gave no event time: NaN)."""
+        times = np.concatenate([np.asarray(r.payload.event_times, dtype=np.float64) if r.payload.event_times
+                                else np.full(len(r.payload.deciding), np.nan) for r in batch])
+        probs = np.fromiter((s.probability for s in scored), dtype=np.float64, count=len(scored))
+        monitor.observe(X, deciding_rows, probs, np.asarray(degraded, dtype=bool), times)
 
     def _outcome(self, res: _Results, model: str, row: int) -> tuple[float, str, list[str]]:
         """``model``'s probability, decision and reasons for ``row`` (degraded: under the policy)."""

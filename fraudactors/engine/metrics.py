@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 # Latency buckets in seconds: sub-millisecond stages up to multi-second stalls.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _PROBABILITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+class _BeforeCollect:
+    """Registered first: runs its hooks when the registry is collected, before any metric is read
+    (figures too costly to keep current on the hot path are computed per scrape)."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Callable[[], None]] = []
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        for hook in self.hooks:
+            hook()
+        return ()
 
 
 class EngineMetrics:
@@ -16,6 +35,10 @@ class EngineMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        before = _BeforeCollect()
+        r.register(before)
+        # called on every collection of the registry (a /metrics scrape), before the metrics are read
+        self.on_collect = before.hooks
         self.records_consumed = Counter(
             "fraudactors_records_consumed", "Records fetched from the transactions topic.",
             ["partition"], registry=r)

@@ -4,9 +4,10 @@
 each row, its probability, whether it was degraded, its event time). It bins them on the edges of
 the model's training reference (``metadata.json`` section ``reference``,
 :mod:`fraudactors.modeling.reference`) into a ring of ``monitor.sub_windows`` sub-windows covering
-the last ``monitor.window_s`` seconds of **event time**, and exports per version the PSI of each
-feature and of the score once the window holds ``monitor.min_rows`` rows, and the share of
-degraded decisions in the window. Rows older than the window are not counted.
+the last ``monitor.window_s`` seconds of **event time**. The hot path only bins and counts; each
+scrape of /metrics (``EngineMetrics.on_collect``) then exports per version the PSI of each feature
+and of the score once the window holds ``monitor.min_rows`` rows, and the share of degraded
+decisions in the window. Rows older than the window are not counted.
 
 Degraded rows are scored by the fallback, whose features are stand-ins for the missing state:
 they count towards the fallback's score PSI (``version="v1-fallback"``) and the degraded share,
@@ -26,6 +27,10 @@ from fraudactors.logging import get_logger
 from fraudactors.modeling.reference import PSI_EPSILON, Histogram
 from fraudactors.modeling.registry import ModelInfo
 from fraudactors.settings import MonitorSettings
+
+# Features of the calendar: a window shorter than a week sees only some of their values by
+# construction, so their PSI is high without any drift. Exported, never "top" (never alerted on).
+CALENDAR_FEATURES = frozenset({"hour_of_day", "day_of_week", "is_night"})
 
 
 class EventTimeRing:
@@ -81,7 +86,7 @@ class _Model:
 
     version: str
     columns: np.ndarray | None  # feature columns binned (None: score only)
-    edges: list[np.ndarray]  # per feature, then the score's last
+    edges_t: np.ndarray  # (most edges, histograms): each feature's edges then the score's, padded with +inf
     offsets: np.ndarray  # first flat bin of each histogram
     expected: np.ndarray  # reference shares, floored at PSI_EPSILON
     ring: EventTimeRing
@@ -106,7 +111,8 @@ class ModelMonitor:
                 self._log.warning("model_reference_missing", version=info.version, problem=info.reference_problem)
                 continue
             ref = info.reference
-            top = set(ref.top_features[: settings.top_features])
+            ranked = [n for n in ref.top_features if n not in CALENDAR_FEATURES]
+            top = set(ranked[: settings.top_features])
             names = list(info.feature_names)
             hists = [ref.features[n] for n in names]
             labels = [(n, "true" if n in top else "false") for n in names]
@@ -115,6 +121,7 @@ class ModelMonitor:
             if info.fallback is not None and ref.fallback_score is not None:
                 name = info.fallback.version
                 self._models[name] = self._model(name, None, [], ref.fallback_score, [], slot_s)
+        metrics.on_collect.append(self.export)
         self._log.info("monitor_started", versions=sorted(self._models), window_s=settings.window_s)
 
     def _model(self, version: str, columns: np.ndarray | None, hists: list[Histogram], score: Histogram,
@@ -123,7 +130,10 @@ class ModelMonitor:
         sizes = np.array([h.shares.size for h in all_hists], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         expected = np.maximum(np.concatenate([h.shares for h in all_hists]), PSI_EPSILON)
-        return _Model(version=version, columns=columns, edges=[h.edges for h in all_hists], offsets=offsets,
+        edges = np.full((len(all_hists), max(h.edges.size for h in all_hists)), np.inf)
+        for k, h in enumerate(all_hists):
+            edges[k, : h.edges.size] = h.edges
+        return _Model(version=version, columns=columns, edges_t=np.ascontiguousarray(edges.T), offsets=offsets,
                       expected=expected, ring=EventTimeRing(self._settings.sub_windows, slot_s, int(sizes.sum())),
                       features=labels)
 
@@ -131,46 +141,50 @@ class ModelMonitor:
     def versions(self) -> tuple[str, ...]:
         return tuple(self._models)
 
-    def observe(self, X: np.ndarray, models: Sequence[str], probs: np.ndarray, degraded: Sequence[bool],
+    def top_features(self, version: str) -> tuple[str, ...]:
+        """The features of ``version`` exported with ``top="true"``."""
+        model = self._models.get(version)
+        return tuple(f for f, top in model.features if top == "true") if model is not None else ()
+
+    def observe(self, X: np.ndarray, rows_of: Mapping[str, np.ndarray], probs: np.ndarray, degraded: np.ndarray,
                 event_times: np.ndarray) -> None:
-        """One coalesced call: row ``i`` of ``X`` was scored by ``models[i]`` with ``probs[i]`` at
-        event time ``event_times[i]`` (NaN: unknown, not counted)."""
+        """One coalesced call: the rows ``rows_of[model]`` of ``X`` were scored by ``model`` with the
+        probabilities ``probs`` (per row of ``X``); ``degraded`` and ``event_times`` (NaN: unknown,
+        not counted) per row too."""
         known = ~np.isnan(event_times)
-        if not known.all():
-            X, probs, event_times = X[known], probs[known], event_times[known]
-            models = [m for m, k in zip(models, known, strict=True) if k]
-            degraded = [d for d, k in zip(degraded, known, strict=True) if k]
-        if event_times.size == 0:
-            return
-        flags = np.asarray(degraded, dtype=np.intp)
-        self._degraded.add(event_times, flags[:, None])
-        names = np.asarray(models)
-        distinct = np.unique(names)
-        for version in distinct:
-            model = self._models.get(str(version))
+        everything = bool(known.all())
+        if not everything:
+            if not known.any():
+                return
+            self._degraded.add(event_times[known], degraded[known, None].astype(np.int16))
+        else:
+            self._degraded.add(event_times, degraded[:, None].astype(np.int16))
+        for version, rows in rows_of.items():
+            model = self._models.get(version)
             if model is None:
                 continue
-            rows = None if distinct.size == 1 else np.flatnonzero(names == version)
-            self._add(model, X if rows is None else X[rows], probs if rows is None else probs[rows],
-                      event_times if rows is None else event_times[rows])
-        self._export(distinct)
+            if not everything:
+                rows = rows[known[rows]]
+            if rows.size == X.shape[0]:
+                self._add(model, X, probs, event_times)
+            elif rows.size:
+                self._add(model, X[rows], probs[rows], event_times[rows])
 
     def _add(self, model: _Model, X: np.ndarray, probs: np.ndarray, times: np.ndarray) -> None:
-        columns = [] if model.columns is None else [X[:, j] for j in model.columns]
-        bins = np.empty((probs.size, len(model.edges)), dtype=np.intp)
-        for k, (values, edges) in enumerate(zip([*columns, probs], model.edges, strict=True)):
-            bins[:, k] = np.searchsorted(edges, values, side="left")
-        bins += model.offsets
+        # bin = how many edges lie below the value (searchsorted side="left"), for every column at once
+        values = probs[:, None] if model.columns is None else np.column_stack([X[:, model.columns], probs])
+        bins = np.broadcast_to(model.offsets.astype(np.int16), values.shape).copy()
+        for column in model.edges_t:  # one pass per edge rank (<= bins - 1), all features at once
+            bins += values > column
         model.ring.add(times, bins)
 
-    def _export(self, versions: np.ndarray) -> None:
+    def export(self) -> None:
+        """Set the gauges from the windows (run per scrape: EngineMetrics.on_collect)."""
         rows, counts = self._degraded.totals()
         if rows:
             self._metrics.degraded_share.set(counts[1] / rows)
-        for version in versions:
-            model = self._models.get(str(version))
-            if model is not None:
-                self._export_model(model)
+        for model in self._models.values():
+            self._export_model(model)
 
     def _export_model(self, model: _Model) -> None:
         rows, counts = model.ring.totals()

@@ -18,7 +18,7 @@ from engine_helpers import metric_samples
 from structlog.testing import capture_logs
 
 from fraudactors.engine.metrics import EngineMetrics
-from fraudactors.engine.monitor import EventTimeRing, ModelMonitor
+from fraudactors.engine.monitor import CALENDAR_FEATURES, EventTimeRing, ModelMonitor
 from fraudactors.modeling.reference import build_reference, parse_reference, psi
 from fraudactors.modeling.registry import ModelInfo, fallback_id, load_model_info
 from fraudactors.settings import MonitorSettings
@@ -52,7 +52,7 @@ def model_info(reference: bool = True, offline: float | None = 0.9) -> ModelInfo
 
 def observe(monitor: ModelMonitor, X: np.ndarray, t0: float, step: float = 1.0, degraded: bool = False) -> None:
     n = len(X)
-    monitor.observe(X, ["v9"] * n, scores(X), [degraded] * n, t0 + step * np.arange(n))
+    monitor.observe(X, {"v9": np.arange(n)}, scores(X), np.full(n, degraded), t0 + step * np.arange(n))
 
 
 SETTINGS = MonitorSettings(window_s=3600.0, sub_windows=6, min_rows=500, top_features=1)
@@ -115,7 +115,8 @@ def test_the_degraded_share_is_over_the_window_and_degraded_rows_only_feed_the_f
     X = rows(rng, 1000)
     # 1000 normal rows, then 250 degraded ones (scored by the fallback, which has no reference here)
     observe(monitor, X, T0)
-    monitor.observe(X[:250], [fallback_id("v9")] * 250, scores(X[:250]), [True] * 250, T0 + 1000 + np.arange(250))
+    monitor.observe(X[:250], {fallback_id("v9"): np.arange(250)}, scores(X[:250]), np.full(250, True),
+                    T0 + 1000 + np.arange(250))
     samples = metric_samples(metrics.render())
     assert samples["fraudactors_degraded_share"][()] == pytest.approx(250 / 1250)
     assert monitor.psi("v9") is not None and monitor.psi(fallback_id("v9")) is None
@@ -129,7 +130,7 @@ def test_rows_without_an_event_time_are_not_counted() -> None:
     X = rows(np.random.default_rng(4), 600)
     times = T0 + np.arange(600.0)
     times[:200] = np.nan
-    monitor.observe(X, ["v9"] * 600, scores(X), [False] * 600, times)
+    monitor.observe(X, {"v9": np.arange(600)}, scores(X), np.full(600, False), times)
     assert monitor.psi("v9") is None  # 400 < min_rows
 
 
@@ -157,6 +158,10 @@ def test_the_committed_models_carry_a_reference_with_their_fallbacks_scores(mode
         assert info.offline_detection_rate is not None and 0.5 < info.offline_detection_rate <= 1.0
         monitor = ModelMonitor(MonitorSettings(), EngineMetrics(), [info])
         assert set(monitor.versions) == {version, fallback_id(version)}
+        top = monitor.top_features(version)
+        assert len(top) == MonitorSettings().top_features and not set(top) & CALENDAR_FEATURES
+        ranked = [n for n in info.reference.top_features if n not in CALENDAR_FEATURES]
+        assert set(top) == set(ranked[: len(top)])
 
 
 def test_a_model_directory_without_a_reference_loads_and_says_so(models_dir: Path, tmp_path: Path) -> None:
