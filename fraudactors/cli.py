@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "run": "fraudactors.engine.app",
     "train": "fraudactors.modeling.train",
     "evaluate": "fraudactors.modeling.evaluate",
+    "ab": "fraudactors.ab.cli",
     "loadgen": "loadgen.cli",
     "bench": "loadgen.bench",
     "drill": "loadgen.drill",

@@ -75,8 +75,18 @@ class Scored:
     decision: str
     is_fraud: bool
     reasons: list[str]
-    # What each shadow variant would have said: (variant, is_fraud); for online accuracy.
-    shadows: tuple[tuple[str, bool], ...] = ()
+    # What each shadow variant said about the same row (A/B evidence, SPEC §3 ``shadow``).
+    shadows: tuple[ShadowScore, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowScore:
+    """A shadow variant's score of a row (it never decides)."""
+
+    variant: str
+    model_version: str  # the shadow's version, or its fallback for a degraded row
+    probability: float
+    is_fraud: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,14 +302,14 @@ class InferenceActor:
             position = np.full(n, -1, dtype=np.intp)
             position[rows] = np.arange(rows.size)
             res.probs[model], res.reasons[model], res.position[model] = p, r, position
-        shadow_flags = self._record_shadows(res)
+        shadow_scores = self._record_shadows(res)
 
         scored: list[Scored] = []
         is_fraud_decisions = self._settings.decision.is_fraud_decisions
         observed: dict[str, list[float]] = {}
         for i, (v, model) in enumerate(zip(deciding, deciding_model, strict=True)):
             prob, decision, reasons = self._outcome(res, model, i)
-            shadows = tuple((name, flags[i]) for name, flags in shadow_flags) if shadow_flags else ()
+            shadows = tuple(scores[i] for scores in shadow_scores) if shadow_scores else ()
             scored.append(Scored(v.name, model, prob, decision, decision in is_fraud_decisions, reasons, shadows))
             if not degraded[i]:  # the histogram is the main models' scores; a fallback's scale differs
                 observed.setdefault(v.name, []).append(prob)
@@ -325,24 +335,24 @@ class InferenceActor:
             decision = self._policy.apply(decision, float(res.amounts[row]) if res.amounts is not None else 0.0)
         return prob, decision, res.reasons[model][at]
 
-    def _record_shadows(self, res: _Results) -> list[tuple[str, list[bool]]]:
-        """Metrics for the shadow variants; returns each shadow's would-be is_fraud per row."""
-        out: list[tuple[str, list[bool]]] = []
+    def _record_shadows(self, res: _Results) -> list[list[ShadowScore]]:
+        """Metrics for the shadow variants; returns each shadow's score of every row."""
+        out: list[list[ShadowScore]] = []
         is_fraud_decisions = self._settings.decision.is_fraud_decisions
         for shadow in self.router.shadows:
             hist = self._metrics.fraud_probability.labels(shadow.name)
             counts: dict[tuple[str, str], int] = {}
-            flags: list[bool] = []
+            scores: list[ShadowScore] = []
             for i, degraded in enumerate(res.degraded):
                 model = _model(shadow.version, degraded)
                 prob, decision, _ = self._outcome(res, model, i)
                 if not degraded:
                     hist.observe(prob)
                 counts[(model, decision)] = counts.get((model, decision), 0) + 1
-                flags.append(decision in is_fraud_decisions)
+                scores.append(ShadowScore(shadow.name, model, prob, decision in is_fraud_decisions))
             for (model, decision), count in counts.items():
                 self._metrics.shadow_scores.labels(shadow.name, model, decision).inc(count)
-            out.append((shadow.name, flags))
+            out.append(scores)
         return out
 
     async def _invoke(self, requests: list[tuple[str, np.ndarray]]) -> list[tuple[np.ndarray, list[list[str]]]]:

@@ -125,5 +125,35 @@ class EngineMetrics:
             "Records handed to the producer and not yet acknowledged, per output partition "
             "(at most engine.publish_window).", ["topic", "partition"], registry=r)
 
+        # A/B evidence over the ledger's window of event time (fraudactors.ab; docs/models.md),
+        # refreshed every ab.refresh_s; the same figures as `fraudactors ab report`.
+        ab = ["variant", "version", "role"]
+        self.ab_decisions = Gauge(
+            "fraudactors_ab_decisions", "Decisions (or shadow scores) per model in the A/B window.", ab, registry=r)
+        self.ab_flagged_rate = Gauge(
+            "fraudactors_ab_flagged_rate", "Share of the A/B window's transactions the model flagged.", ab,
+            registry=r)
+        self.ab_frauds = Gauge(
+            "fraudactors_ab_frauds", "Labelled frauds in the A/B window, caught or missed by the model.",
+            [*ab, "outcome"], registry=r)
+        self.ab_detection_rate = Gauge(
+            "fraudactors_ab_detection_rate", "Labelled frauds caught / labelled frauds, in the A/B window.", ab,
+            registry=r)
+        self.ab_detection_rate_ci = Gauge(
+            "fraudactors_ab_detection_rate_ci", "95 % Wilson interval of fraudactors_ab_detection_rate.",
+            [*ab, "bound"], registry=r)
+        self.ab_precision = Gauge(
+            "fraudactors_ab_precision",
+            "Labelled frauds caught / transactions flagged, in the A/B window (a lower bound until mature).",
+            ab, registry=r)
+        self.ab_label_maturity = Gauge(
+            "fraudactors_ab_label_maturity",
+            "Share of the A/B window's decisions older than ab.label_delay_s (their labels should be in).",
+            ab, registry=r)
+        self.ab_p_value = Gauge(
+            "fraudactors_ab_p_value",
+            "p-value of the detection difference, challenger against champion (McNemar or z-test).",
+            ["challenger", "champion", "traffic"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
