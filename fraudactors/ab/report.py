@@ -211,6 +211,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{_pct(row['label_maturity'], 0):>7}")
     for c in report["comparisons"]:
         p = "-" if c["p_value"] is None else f"{c['p_value']:.3g}"
-        lines.append(f"  {c['challenger']} vs {c['champion']} ({c['traffic']} traffic, {c['test']}: "
+        challenger, champion = (name.partition(":")[2] for name in (c["challenger"], c["champion"]))
+        lines.append(f"  {challenger} vs {champion} ({c['traffic']} traffic, {c['test']}: "
                      f"detection {c['detection_difference'] * 100:+.2f} points, p={p}): {c['verdict']}")
     return "\n".join(lines)
