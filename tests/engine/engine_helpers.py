@@ -181,6 +181,7 @@ def engine_env(settings: Settings, **extra: str) -> dict[str, str]:
         "FRAUDACTORS_TOPICS__PREDICTIONS": t.predictions,
         "FRAUDACTORS_TOPICS__LABELS": t.labels,
         "FRAUDACTORS_TOPICS__DLQ": t.dlq,
+        "FRAUDACTORS_TOPICS__CONTROL": t.control,
         "FRAUDACTORS_TOPICS__PARTITIONS": str(t.partitions),
         "FRAUDACTORS_REDIS__URL": r.url,
         "FRAUDACTORS_REDIS__KEY_PREFIX": r.key_prefix,

@@ -1,0 +1,172 @@
+"""Live routing changes (the control topic) on a running engine: the real broker, Redis and models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from engine_helpers import metric_samples, metric_sum, produce, reading, running, transactions, wait_until
+
+from fraudactors.engine.control import current_routing, publish_routing
+from fraudactors.engine.decision import Router
+from fraudactors.engine.engine import Engine
+from fraudactors.engine.routing import Routing
+from fraudactors.modeling.registry import sha256_file
+from fraudactors.settings import Settings
+
+
+def models_with_extras(models_dir: Path, tmp_path: Path) -> Path:
+    """The committed v1 and v2, plus ``v2b`` (v2's files under a new version name), ``v3-bad-sha``
+    (a model.onnx that no longer matches its metadata) and ``v3-bad-onnx`` (bytes onnxruntime
+    cannot load, with their sha256 recorded: only loading finds the fault)."""
+    root = tmp_path / "models"
+    root.mkdir()
+    for version in ("v1", "v2"):
+        (root / version).symlink_to(models_dir / version, target_is_directory=True)
+    shutil.copytree(models_dir / "v2", root / "v2b")
+    bad_sha = shutil.copytree(models_dir / "v2", root / "v3-bad-sha")
+    data = bytearray((bad_sha / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad_sha / "model.onnx").write_bytes(bytes(data))
+    bad_onnx = shutil.copytree(models_dir / "v2", root / "v3-bad-onnx")
+    (bad_onnx / "model.onnx").write_bytes(b"this is not an ONNX graph" * 100)
+    meta = json.loads((bad_onnx / "metadata.json").read_text())
+    meta["sha256"] = sha256_file(bad_onnx / "model.onnx")
+    (bad_onnx / "metadata.json").write_text(json.dumps(meta))
+    return root
+
+
+async def produce_in_chunks(s: Settings, txns: list[tuple[bytes, bytes, str]], chunk: int = 100) -> None:
+    for i in range(0, len(txns), chunk):
+        await produce(s, [(k, v) for k, v, _ in txns[i:i + chunk]])
+
+
+def decisions_by_partition(records: list[Any]) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        out[record.partition].append(json.loads(record.value))
+    return out
+
+
+def routing_metrics(engine: Engine) -> tuple[float, float, float]:
+    samples = metric_samples(engine.metrics.render())
+    return (metric_sum(samples, "fraudactors_routing_changes_total", result="applied"),
+            metric_sum(samples, "fraudactors_routing_changes_total", result="refused"),
+            metric_sum(samples, "fraudactors_routing_revision"))
+
+
+async def test_weights_changed_mid_stream_switch_every_partition_once_and_decide_everything_once(
+        engine_settings: Settings) -> None:
+    s = engine_settings
+    txns = transactions(4000)
+    old = Router(s.models.variants)
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        await produce(s, [(k, v) for k, v, _ in txns[:1500]])
+        await reader.wait_for(lambda recs: len(recs) >= 300, timeout_s=60)
+        new_routing = (await current_routing(s)).with_weights({"A": 0.5, "B": 0.5}, {}, "even split")
+        # the change lands while transactions keep arriving and are being decided
+        producing = asyncio.create_task(produce_in_chunks(s, txns[1500:3000]))
+        await publish_routing(s, new_routing)
+        await wait_until(lambda: engine.routing.applied.revision == 1, timeout_s=30)
+        await producing
+        await produce(s, [(k, v) for k, v, _ in txns[3000:]])  # sent after the change was applied
+        await reader.wait_for(lambda recs: len(recs) >= 4000, timeout_s=90)
+        applied, refused, revision = routing_metrics(engine)
+    assert (applied, refused, revision) == (1, 0, 1)
+    new = Router(new_routing.variants)
+    decisions = reader.decisions()
+    ids = Counter(d["transaction_id"] for d in decisions)
+    assert len(decisions) == 4000 and set(ids) == {t for _, _, t in txns}, "each transaction decided once"
+    # transactions whose variant differs between the two routings (hash in [0.5, 0.9): A -> B)
+    moved = {t for _, _, t in txns if old.route(t).name != new.route(t).name}
+    assert all(old.route(t).name == "A" and new.route(t).name == "B" for t in moved) and len(moved) > 1000
+    before = after = 0
+    for partition, ds in decisions_by_partition(reader.records).items():
+        names = [d["variant"] for d in ds if d["transaction_id"] in moved]
+        switch = names.index("B") if "B" in names else len(names)
+        assert set(names[switch:]) <= {"B"}, f"partition {partition}: the old routing came back after the new one"
+        before += switch
+        after += len(names) - switch
+    assert before > 0 and after > 0, "the change did not land mid-stream"
+    late = {t for _, _, t in txns[3000:]}
+    for d in decisions:
+        routed = new.route(d["transaction_id"]) if d["transaction_id"] in late else None
+        if routed is not None:
+            assert d["variant"] == routed.name, "a transaction sent after the change used the old routing"
+        variant = {"A": "v1", "B": "v2"}[d["variant"]]
+        assert d["model_version"] == variant
+
+
+async def test_a_broken_model_promoted_is_refused_and_the_old_routing_keeps_serving(
+        engine_settings: Settings, models_dir: Path, tmp_path: Path) -> None:
+    s = engine_settings.replace(models={"dir": str(models_with_extras(models_dir, tmp_path))})
+    txns = transactions(1200)
+    base = Routing.from_settings(s.models)
+    bad_sha = base.promoted("v3-bad-sha", "A", {}, reason="corrupted file")
+    bad_onnx = bad_sha.promoted("v3-bad-onnx", "A", {}, reason="file onnxruntime cannot load")
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        await produce(s, [(k, v) for k, v, _ in txns[:400]])
+        await publish_routing(s, bad_sha)
+        await wait_until(lambda: routing_metrics(engine)[1] == 1, timeout_s=30)
+        await produce(s, [(k, v) for k, v, _ in txns[400:800]])
+        await publish_routing(s, bad_onnx)  # passes the sha256 check, fails in the pool's workers
+        await wait_until(lambda: routing_metrics(engine)[1] == 2, timeout_s=30)
+        await produce(s, [(k, v) for k, v, _ in txns[800:]])
+        await reader.wait_for(lambda recs: len(recs) >= 1200, timeout_s=60)
+        assert engine.readiness() == {}
+        assert engine.inference.routing.revision == 0 and engine.routing.applied.revision == 0
+        applied, refused, revision = routing_metrics(engine)
+    assert (applied, refused, revision) == (0, 2, 0)
+    decisions = reader.decisions()
+    assert len(decisions) == 1200
+    assert {(d["variant"], d["model_version"]) for d in decisions} == {("A", "v1"), ("B", "v2")}
+
+
+async def test_rollback_restores_the_previous_routing(engine_settings: Settings, models_dir: Path,
+                                                     tmp_path: Path) -> None:
+    s = engine_settings.replace(models={"dir": str(models_with_extras(models_dir, tmp_path))},
+                                engine={"inference_mode": "thread"})
+    txns = transactions(1500)
+    base = Routing.from_settings(s.models)
+    promoted = base.promoted("v2b", "A", {}, weight=0.5, reason="v2b decides half")
+    rolled_back = promoted.rolled_back("v2b looks worse")
+    assert rolled_back.revision == 2 and rolled_back.variants == base.variants
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        await publish_routing(s, promoted)
+        await wait_until(lambda: engine.routing.applied.revision == 1, timeout_s=30)
+        await produce(s, [(k, v) for k, v, _ in txns[:500]])
+        await reader.wait_for(lambda recs: len(recs) >= 500, timeout_s=60)
+        await publish_routing(s, rolled_back)
+        await wait_until(lambda: engine.routing.applied.revision == 2, timeout_s=30)
+        await produce(s, [(k, v) for k, v, _ in txns[500:]])
+        await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
+        applied, refused, revision = routing_metrics(engine)
+    assert (applied, refused, revision) == (2, 0, 2)
+    decisions = {d["transaction_id"]: d for d in reader.decisions()}
+    assert len(decisions) == 1500
+    during, after = Router(promoted.variants), Router(base.variants)
+    for i, (_, _, tid) in enumerate(txns):
+        d = decisions[tid]
+        routed = (during if i < 500 else after).route(tid)
+        assert (d["variant"], d["model_version"]) == (routed.name, routed.version)
+    assert {decisions[t]["model_version"] for _, _, t in txns[:500]} == {"v2b", "v2"}
+    assert {decisions[t]["model_version"] for _, _, t in txns[500:]} == {"v1", "v2"}
+
+
+async def test_a_replica_started_after_a_refused_change_serves_the_routing_it_replaced(
+        engine_settings: Settings, models_dir: Path, tmp_path: Path) -> None:
+    s = engine_settings.replace(models={"dir": str(models_with_extras(models_dir, tmp_path))})
+    good = Routing.from_settings(s.models).with_weights({"A": 0.2, "B": 0.8}, {})
+    await publish_routing(s, good)
+    await publish_routing(s, good.promoted("v3-bad-sha", "B", {}))
+    async with running(s) as engine:
+        assert engine.routing.applied.revision == 1
+        assert engine.inference.router.deciding == Router(good.variants).deciding
+        applied, refused, revision = routing_metrics(engine)
+        assert (applied, refused, revision) == (1, 1, 1)
+        status, _, body = await engine.predict(transactions(1)[0][1])
+        assert status == 200 and json.loads(body)["model_version"] in ("v1", "v2")
