@@ -47,6 +47,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        description="back to the previous routing (as a new revision)")
     for sub in (weights, promote, rollback):
         sub.add_argument("--reason", default="", help="why (kept in the routing document)")
+    for sub in actions.choices.values():  # --config after the action too (`models list --config x.toml`)
+        sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def main(args: argparse.Namespace) -> int:
