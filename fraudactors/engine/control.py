@@ -120,8 +120,10 @@ class RoutingFollower:
         """Supervised child: catch up (apply the newest), report started, then follow."""
         s = self._settings
         await ensure_control_topic(s)
+        # An idle topic: a long fetch wait (the broker answers sooner when a document arrives;
+        # Tansu answers after the wait) instead of kafka.fetch_max_wait_ms's busy polling.
         consumer = make_consumer(s, group_id=None, client_id=f"{s.kafka.client_id}-control",
-                                 auto_offset_reset="earliest")
+                                 auto_offset_reset="earliest", fetch_max_wait_ms=_POLL_MS)
         await consumer.start()
         try:
             tp = TopicPartition(s.topics.control, 0)
