@@ -84,12 +84,15 @@ async def read_documents(settings: Settings, consumer: Any = None) -> list[bytes
 
 
 async def current_routing(settings: Settings) -> Routing:
-    """The newest routing document, or the configuration's variants (revision 0) when there is none."""
+    """The newest valid routing document, or the configuration's variants (revision 0) when there
+    is none. An invalid one (every replica refused it) is passed over, so a change can replace it."""
     await ensure_control_topic(settings)
-    documents = await read_documents(settings)
-    if not documents:
-        return Routing.from_settings(settings.models)
-    return Routing.from_json(documents[-1])
+    for document in reversed(await read_documents(settings)):
+        try:
+            return Routing.from_json(document)
+        except RoutingRefused:
+            continue
+    return Routing.from_settings(settings.models)
 
 
 async def publish_routing(settings: Settings, routing: Routing) -> int:

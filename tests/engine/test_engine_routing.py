@@ -101,12 +101,14 @@ async def test_a_broken_model_promoted_is_refused_and_the_old_routing_keeps_serv
         await produce(s, [(k, v) for k, v, _ in txns[400:800]])
         await publish_routing(s, bad_onnx)  # passes the sha256 check, fails in the pool's workers
         await wait_until(lambda: routing_metrics(engine)[1] == 2, timeout_s=30)
+        await produce(s, [(b"routing", b'{"revision": 9, "variants": {"A": "v1"}}')], topic=s.topics.control)
+        await wait_until(lambda: routing_metrics(engine)[1] == 3, timeout_s=30)
         await produce(s, [(k, v) for k, v, _ in txns[800:]])
         await reader.wait_for(lambda recs: len(recs) >= 1200, timeout_s=60)
         assert engine.readiness() == {}
         assert engine.inference.routing.revision == 0 and engine.routing.applied.revision == 0
         applied, refused, revision = routing_metrics(engine)
-    assert (applied, refused, revision) == (0, 2, 0)
+    assert (applied, refused, revision) == (0, 3, 0)
     decisions = reader.decisions()
     assert len(decisions) == 1200
     assert {(d["variant"], d["model_version"]) for d in decisions} == {("A", "v1"), ("B", "v2")}

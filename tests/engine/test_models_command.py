@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from engine_helpers import models_with_extras
+from engine_helpers import models_with_extras, produce
 
 from fraudactors import cli
 from fraudactors.engine.control import current_routing
@@ -81,3 +81,15 @@ def test_a_refused_change_exits_non_zero_with_one_line_and_writes_nothing(
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fraudactors models: ") and message in lines[0], lines
     assert current(cli_settings).revision == 0
+
+
+def test_an_invalid_document_on_the_topic_is_passed_over_and_can_be_replaced(
+        cli_settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    s = cli_settings
+    assert cli.main(["models", "set-weights", "B=0.2"]) == 0
+    asyncio.run(produce(s, [(b"routing", b'{"revision": 7, "variants": "garbage"}')], topic=s.topics.control))
+    capsys.readouterr()
+    assert cli.main(["models", "list"]) == 0
+    assert capsys.readouterr().out.startswith("routing revision 1")
+    assert cli.main(["models", "rollback"]) == 0
+    assert current(s).revision == 2 and current(s).variants["B"].weight == 0.1
