@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ def main(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     configure_logging("warning", "console", secrets=secret_values(settings))
+    # aiokafka logs every failed connection attempt; the command reports the failure in its one line.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     return asyncio.run(_run(settings, args))
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,13 @@ def test_an_invalid_document_on_the_topic_is_passed_over_and_can_be_replaced(
     assert capsys.readouterr().out.startswith("routing revision 1")
     assert cli.main(["models", "rollback"]) == 0
     assert current(s).revision == 2 and current(s).variants["B"].weight == 0.1
+
+
+def test_an_unreachable_broker_is_one_line_naming_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDACTORS_")}
+    env["FRAUDACTORS_KAFKA__BOOTSTRAP_SERVERS"] = "127.0.0.1:1"
+    proc = subprocess.run([sys.executable, "-m", "fraudactors", "models", "list"], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fraudactors models: cannot reach Kafka at 127.0.0.1:1"), lines
