@@ -187,7 +187,7 @@ class InferenceActor:
         return self.mailbox.depth
 
     def _load_thresholds(self) -> None:
-        thresholds, names = self._thresholds_for(self.router.versions, {})
+        thresholds, names = self._thresholds_for(self.router.versions, self.routing.models)
         self._thresholds.update(thresholds)
         self.feature_names = names
         if self._policy.mode == "approve-below":

@@ -158,3 +158,24 @@ async def test_a_replica_started_after_a_refused_change_serves_the_routing_it_re
         assert (applied, refused, revision) == (1, 1, 1)
         status, _, body = await engine.predict(transactions(1)[0][1])
         assert status == 200 and json.loads(body)["model_version"] in ("v1", "v2")
+
+
+async def test_every_running_replica_follows_a_change(engine_settings: Settings) -> None:
+    s = engine_settings.replace(engine={"inference_mode": "thread"})
+    txns = transactions(2000)
+    change = Routing.from_settings(s.models).with_weights({"A": 0.3, "B": 0.7}, {}, "two replicas")
+    async with running(s) as one, running(s) as two, reading(s, s.topics.predictions) as reader:
+        await wait_until(lambda: bool(one.ingestor.assigned) and bool(two.ingestor.assigned)
+                         and len(one.ingestor.assigned) + len(two.ingestor.assigned) == 12, timeout_s=60)
+        await produce(s, [(k, v) for k, v, _ in txns[:1000]])
+        await reader.wait_for(lambda recs: len(recs) >= 1000, timeout_s=60)
+        await publish_routing(s, change)
+        await wait_until(lambda: one.routing.applied.revision == two.routing.applied.revision == 1, timeout_s=30)
+        await produce(s, [(k, v) for k, v, _ in txns[1000:]])
+        await reader.wait_for(lambda recs: len(recs) >= 2000, timeout_s=60)
+        assert [routing_metrics(e) for e in (one, two)] == [(1, 0, 1), (1, 0, 1)]
+    decisions = {d["transaction_id"]: d for d in reader.decisions()}
+    assert len(decisions) == 2000
+    before, after = Router(s.models.variants), Router(change.variants)
+    for i, (_, _, tid) in enumerate(txns):
+        assert decisions[tid]["variant"] == (before if i < 1000 else after).route(tid).name
