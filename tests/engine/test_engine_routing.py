@@ -23,7 +23,7 @@ from fraudactors.engine.control import current_routing, publish_routing
 from fraudactors.engine.decision import Router
 from fraudactors.engine.engine import Engine
 from fraudactors.engine.routing import Routing
-from fraudactors.settings import Settings
+from fraudactors.settings import Settings, VariantSettings
 
 
 async def produce_in_chunks(s: Settings, txns: list[tuple[bytes, bytes, str]], chunk: int = 100) -> None:
@@ -120,7 +120,8 @@ async def test_rollback_restores_the_previous_routing(engine_settings: Settings,
                                 engine={"inference_mode": "thread"})
     txns = transactions(1500)
     base = Routing.from_settings(s.models)
-    promoted = base.promoted("v2b", "A", {}, weight=0.5, reason="v2b decides half")
+    promoted = Routing(1, {**base.variants, "A": VariantSettings("v2b", 0.5), "C": VariantSettings("v1", 0.0, True)},
+                       reason="v2b decides half, v1 in the shadow", previous=base).validate()
     rolled_back = promoted.rolled_back("v2b looks worse")
     assert rolled_back.revision == 2 and rolled_back.variants == base.variants
     async with running(s) as engine, reading(s, s.topics.predictions) as reader:
@@ -133,7 +134,10 @@ async def test_rollback_restores_the_previous_routing(engine_settings: Settings,
         await produce(s, [(k, v) for k, v, _ in txns[500:]])
         await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
         applied, refused, revision = routing_metrics(engine)
+        shadow_scored = metric_sum(metric_samples(engine.metrics.render()), "fraudactors_shadow_scores_total",
+                                   variant="C")
     assert (applied, refused, revision) == (2, 0, 2)
+    assert shadow_scored == 500, "the shadow scores exactly the rows routed while it is in the routing"
     decisions = {d["transaction_id"]: d for d in reader.decisions()}
     assert len(decisions) == 1500
     during, after = Router(promoted.variants), Router(base.variants)
