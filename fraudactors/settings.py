@@ -112,11 +112,14 @@ class TopicSettings:
     predictions: str = "predictions"
     labels: str = "labels"
     dlq: str = "transactions.dlq"
+    # The routing document (models.variants changed live, `fraudactors models`): one partition,
+    # compacted, read by every replica without a consumer group.
+    control: str = "fraudactors.control"
     partitions: int = 12
     replication_factor: int = 1
 
     def validate(self) -> None:
-        for name in ("transactions", "predictions", "labels", "dlq"):
+        for name in ("transactions", "predictions", "labels", "dlq", "control"):
             _require(bool(getattr(self, name).strip()), f"topics.{name}", "must not be empty")
         _require(self.partitions >= 1, "topics.partitions", "must be >= 1")
         _require(self.replication_factor >= 1, "topics.replication_factor", "must be >= 1")

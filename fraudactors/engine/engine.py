@@ -2,7 +2,12 @@
 
 Children, in start order (each reports ready before the next starts; they stop in reverse):
 
-    feature_store -> inference -> publisher -> outcomes -> ingestor -> labels -> ab -> http -> readiness
+    feature_store -> inference -> routing -> publisher -> outcomes -> ingestor -> labels -> ab -> http
+    -> readiness
+
+``routing`` follows the control topic (live routing changes, :mod:`fraudactors.engine.control`): it
+applies the newest routing document before the ingestor starts, so no transaction is decided before
+this replica routes as the others do.
 
 The root strategy is one-for-one: the actors hold no state the others depend on across a restart
 (a worker waiting on the publisher or the inference actor waits for its restart), so a crash of
@@ -21,6 +26,7 @@ from typing import Any
 import orjson
 
 from fraudactors.engine.ab import ABReporter
+from fraudactors.engine.control import RoutingFollower
 from fraudactors.engine.decision import encode_decision, utc_now_iso
 from fraudactors.engine.features import FeatureStoreActor
 from fraudactors.engine.http import HttpServer, Response
@@ -51,6 +57,7 @@ class Engine:
         m = self.metrics
         self.features = FeatureStoreActor(settings, m)
         self.inference = InferenceActor(settings, m)
+        self.routing = RoutingFollower(settings, m, self.inference)
         self.publisher = Publisher(settings, m)
         self.outcomes = OutcomeRecorder(settings, m)
         self.ingestor = Ingestor(settings, m, Stages(self.features, self.inference, self.publisher,
@@ -65,6 +72,7 @@ class Engine:
         self._specs = [
             ChildSpec("feature_store", self.features.run, start_timeout=start_timeout, shutdown_timeout=5.0),
             ChildSpec("inference", self.inference.run, start_timeout=start_timeout, shutdown_timeout=10.0),
+            ChildSpec("routing", self.routing.run, start_timeout=start_timeout, shutdown_timeout=5.0),
             ChildSpec("publisher", self.publisher.run, start_timeout=start_timeout,
                       shutdown_timeout=stop_timeout),
             ChildSpec("outcomes", self.outcomes.run, start_timeout=start_timeout, shutdown_timeout=5.0),

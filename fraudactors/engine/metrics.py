@@ -154,6 +154,13 @@ class EngineMetrics:
             "fraudactors_ab_p_value",
             "p-value of the detection difference, challenger against champion (McNemar or z-test).",
             ["challenger", "champion", "traffic"], registry=r)
+        self.routing_changes = Counter(
+            "fraudactors_routing_changes",
+            "Routing documents from the control topic: applied, or refused (the routing in force kept serving).",
+            ["result"], registry=r)
+        self.routing_revision = Gauge(
+            "fraudactors_routing_revision",
+            "Revision of the routing this replica decides with (0: the configuration's variants).", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
