@@ -471,7 +471,7 @@ async def _warm_up(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, topic
                     f"({collector.distinct / max(seconds, 1e-9):,.0f}/s); measured run starts")
     progress.finish()
     return {"sent": n, "decided": collector.distinct, "seconds": round(seconds, 3),
-            "complete": collector.distinct >= n}
+            "complete": collector.distinct >= n, "labels_sent": len(batch.labels) if config.send_labels else 0}
 
 
 async def _reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:

@@ -30,7 +30,7 @@ import pytest
 from committed_models import committed_models
 
 from fraudactors.services.broker import EmbeddedBroker
-from fraudactors.services.kafka import create_topics, delete_topics
+from fraudactors.services.kafka import create_topics, delete_topics, topic_names
 from fraudactors.services.redis import EmbeddedRedis
 from fraudactors.services.redis_cluster import EmbeddedRedisCluster
 from fraudactors.settings import Settings, load_settings
@@ -89,7 +89,8 @@ def make_test_settings(bootstrap_servers: str, redis_url: str, **overrides: Any)
                   "client_id": f"fa-test-{suffix}", "enable_idempotence": False,
                   "session_timeout_ms": 3000, "heartbeat_interval_ms": 500},
         "topics": {"transactions": f"transactions-{suffix}", "predictions": f"predictions-{suffix}",
-                   "labels": f"labels-{suffix}", "dlq": f"transactions.dlq-{suffix}"},
+                   "labels": f"labels-{suffix}", "dlq": f"transactions.dlq-{suffix}",
+                   "control": f"control-{suffix}"},
         "redis": {"url": redis_url, "key_prefix": f"fa-test-{suffix}:"},
         "http": {"port": 0},
     }
@@ -105,7 +106,7 @@ def settings(broker: EmbeddedBroker, redis_server: EmbeddedRedis) -> Iterator[Se
     yield value
     if broker.running:
         try:
-            run_sync(delete_topics(value), timeout_s=15.0)
+            run_sync(delete_topics(value, [*topic_names(value), value.topics.control]), timeout_s=15.0)
         except Exception:  # best effort: a broken broker fails the next test loudly anyway
             pass
 

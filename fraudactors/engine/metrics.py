@@ -163,18 +163,44 @@ class EngineMetrics:
             registry=r)
         self.model_offline_detection_rate = Gauge(
             "fraudactors_model_offline_detection_rate",
-            "A version's detection rate at its review threshold on its held-out weeks (metadata.json).",
+            "A version's (or its fallback's) detection rate at its review threshold on its held-out weeks (metadata.json).",
             ["version"], registry=r)
-        # Online accuracy of each A/B variant over its label-mature window: set by the A/B evaluation
-        # (issue 11); declared here so the alert and the dashboard that join them with
-        # fraudactors_model_offline_detection_rate have their contract.
+        # A/B evidence over the ledger's window of event time (fraudactors.ab; docs/models.md),
+        # refreshed every ab.refresh_s; the same figures as `fraudactors ab report`.
+        ab = ["variant", "version", "role"]
+        self.ab_decisions = Gauge(
+            "fraudactors_ab_decisions", "Decisions (or shadow scores) per model in the A/B window.", ab, registry=r)
+        self.ab_flagged_rate = Gauge(
+            "fraudactors_ab_flagged_rate", "Share of the A/B window's transactions the model flagged.", ab,
+            registry=r)
+        self.ab_frauds = Gauge(
+            "fraudactors_ab_frauds", "Labelled frauds in the A/B window, caught or missed by the model.",
+            [*ab, "outcome"], registry=r)
         self.ab_detection_rate = Gauge(
-            "fraudactors_ab_detection_rate",
-            "Online detection rate of a variant over its label-mature window.", ["variant", "version"], registry=r)
+            "fraudactors_ab_detection_rate", "Labelled frauds caught / labelled frauds, in the A/B window.", ab,
+            registry=r)
+        self.ab_detection_rate_ci = Gauge(
+            "fraudactors_ab_detection_rate_ci", "95 % Wilson interval of fraudactors_ab_detection_rate.",
+            [*ab, "bound"], registry=r)
+        self.ab_precision = Gauge(
+            "fraudactors_ab_precision",
+            "Labelled frauds caught / transactions flagged, in the A/B window (a lower bound until mature).",
+            ab, registry=r)
         self.ab_label_maturity = Gauge(
             "fraudactors_ab_label_maturity",
-            "Share (0..1) of a variant's expected labels that have arrived for that window.",
-            ["variant", "version"], registry=r)
+            "Share of the A/B window's decisions older than ab.label_delay_s (their labels should be in).",
+            ab, registry=r)
+        self.ab_p_value = Gauge(
+            "fraudactors_ab_p_value",
+            "p-value of the detection difference, challenger against champion (McNemar or z-test).",
+            ["challenger", "champion", "traffic"], registry=r)
+        self.routing_changes = Counter(
+            "fraudactors_routing_changes",
+            "Routing documents from the control topic: applied, or refused (the routing in force kept serving).",
+            ["result"], registry=r)
+        self.routing_revision = Gauge(
+            "fraudactors_routing_revision",
+            "Revision of the routing this replica decides with (0: the configuration's variants).", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

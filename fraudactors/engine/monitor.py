@@ -101,12 +101,26 @@ class ModelMonitor:
         self._settings = settings
         self._metrics = metrics
         self._log = get_logger(actor="monitor")
-        slot_s = settings.window_s / settings.sub_windows
-        self._degraded = EventTimeRing(settings.sub_windows, slot_s, 2)
+        self._slot_s = settings.window_s / settings.sub_windows
+        self._degraded = EventTimeRing(settings.sub_windows, self._slot_s, 2)
         self._models: dict[str, _Model] = {}
+        self._seen: set[str] = set()
+        self.add(infos)
+        metrics.on_collect.append(self.export)
+        self._log.info("monitor_started", versions=sorted(self._models), window_s=settings.window_s)
+
+    def add(self, infos: Sequence[ModelInfo]) -> None:
+        """Monitor these versions too (a routing change); a version already known keeps its window."""
+        settings, metrics = self._settings, self._metrics
         for info in infos:
+            if info.version in self._seen:
+                continue
+            self._seen.add(info.version)
             if info.offline_detection_rate is not None:
                 metrics.model_offline_detection_rate.labels(info.version).set(info.offline_detection_rate)
+            fallback_rate = info.fallback_offline_detection_rate
+            if info.fallback is not None and fallback_rate is not None:
+                metrics.model_offline_detection_rate.labels(info.fallback.version).set(fallback_rate)
             if info.reference is None:
                 self._log.warning("model_reference_missing", version=info.version, problem=info.reference_problem)
                 continue
@@ -116,16 +130,13 @@ class ModelMonitor:
             names = list(info.feature_names)
             hists = [ref.features[n] for n in names]
             labels = [(n, "true" if n in top else "false") for n in names]
-            self._models[info.version] = self._model(info.version, np.arange(len(names)), hists, ref.score,
-                                                     labels, slot_s)
+            self._models[info.version] = self._model(info.version, np.arange(len(names)), hists, ref.score, labels)
             if info.fallback is not None and ref.fallback_score is not None:
                 name = info.fallback.version
-                self._models[name] = self._model(name, None, [], ref.fallback_score, [], slot_s)
-        metrics.on_collect.append(self.export)
-        self._log.info("monitor_started", versions=sorted(self._models), window_s=settings.window_s)
+                self._models[name] = self._model(name, None, [], ref.fallback_score, [])
 
     def _model(self, version: str, columns: np.ndarray | None, hists: list[Histogram], score: Histogram,
-               labels: list[tuple[str, str]], slot_s: float) -> _Model:
+               labels: list[tuple[str, str]]) -> _Model:
         all_hists = [*hists, score]
         sizes = np.array([h.shares.size for h in all_hists], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -134,7 +145,7 @@ class ModelMonitor:
         for k, h in enumerate(all_hists):
             edges[k, : h.edges.size] = h.edges
         return _Model(version=version, columns=columns, edges_t=np.ascontiguousarray(edges.T), offsets=offsets,
-                      expected=expected, ring=EventTimeRing(self._settings.sub_windows, slot_s, int(sizes.sum())),
+                      expected=expected, ring=EventTimeRing(self._settings.sub_windows, self._slot_s, int(sizes.sum())),
                       features=labels)
 
     @property

@@ -74,6 +74,15 @@ class ModelInfo:
         return float(value) if isinstance(value, int | float) else None
 
     @property
+    def fallback_offline_detection_rate(self) -> float | None:
+        """The same figure of the version's fallback (metadata 'fallback.metrics')."""
+        try:
+            value = self.metadata["fallback"]["metrics"]["test"]["at_thresholds"]["review"]["detection_rate"]
+        except (KeyError, TypeError):
+            return None
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
     def model_path(self) -> Path:
         return self.directory / MODEL_FILE
 

@@ -177,3 +177,29 @@ def test_a_model_directory_without_a_reference_loads_and_says_so(models_dir: Pat
     info = load_model_info(tmp_path, "v1")
     assert info.reference is None and "invalid" in str(info.reference_problem)
     assert dataclasses.replace(info).fallback is not None  # the model itself is intact
+
+
+def test_a_version_a_routing_change_brings_is_monitored_and_a_known_one_keeps_its_window() -> None:
+    metrics = EngineMetrics()
+    monitor = ModelMonitor(SETTINGS, metrics, [model_info()])
+    rng = np.random.default_rng(6)
+    observe(monitor, rows(rng, 800), T0)
+    other = dataclasses.replace(model_info(offline=0.8), version="v10")
+    monitor.add([model_info(), other])  # v9 again: nothing resets
+    assert set(monitor.versions) == {"v9", "v10"}
+    assert monitor.psi("v9") is not None
+    samples = metric_samples(metrics.render())
+    assert samples["fraudactors_model_offline_detection_rate"] == {(("version", "v9"),): 0.9,
+                                                                    (("version", "v10"),): 0.8}
+
+
+def test_the_committed_fallbacks_export_their_offline_figure(models_dir: Path) -> None:
+    metrics = EngineMetrics()
+    infos = [load_model_info(models_dir, v) for v in ("v1", "v2")]
+    ModelMonitor(MonitorSettings(), metrics, infos)
+    offline = metric_samples(metrics.render())["fraudactors_model_offline_detection_rate"]
+    for info in infos:
+        assert info.fallback is not None
+        fallback = info.metadata["fallback"]["metrics"]["test"]["at_thresholds"]["review"]["detection_rate"]
+        assert offline[(("version", info.fallback.version),)] == fallback
+        assert offline[(("version", info.version),)] == info.offline_detection_rate
