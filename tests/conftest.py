@@ -44,6 +44,28 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
         return pool.submit(asyncio.run, coro).result(timeout=timeout_s)
 
 
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """A command run in-process (``cli.main``) configures logging onto this test's captured
+    stdout, which pytest closes afterwards, and may quiet loggers: restore the configuration, or
+    every later test that logs would write into a closed file (or miss what it listens for)."""
+    import logging
+
+    import structlog
+
+    saved = structlog.get_config()
+    handlers, level = logging.root.handlers[:], logging.root.level
+    levels = {name: logger.level for name, logger in logging.Logger.manager.loggerDict.items()
+              if isinstance(logger, logging.Logger)}  # e.g. a command that quiets aiokafka
+    yield
+    structlog.configure(**saved)
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger):
+            logger.setLevel(levels.get(name, logging.NOTSET))
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[EmbeddedBroker]:
     service = EmbeddedBroker()
