@@ -178,10 +178,14 @@ async def run_trial(name: str, settings: Settings, children: Sequence[Child], n:
     if in_window and redis_cores:
         # Redis CPU per decided transaction over the measured window (all nodes of a cluster)
         result["redis_us_per_tx"] = round(redis_cores * window / in_window * 1e6, 1)
+    own_cores = sum(cpu.get(c.name, 0.0) for c in children)
+    if in_window and own_cores:
+        # CPU of the trial's own processes (with their children: the inference worker) per transaction
+        result["cpu_us_per_tx"] = round(own_cores * window / in_window * 1e6, 1)
     say(f"  {name}: {result['tps']:,.0f} TPS ({result['basis']}) "
         f"({counter.count:,}/{n:,} decided{'' if complete else ', INCOMPLETE'}; "
         f"cpu used (waiting) {', '.join(f'{k} {v:.2f} ({waiting.get(k, 0.0):.2f})' for k, v in cpu.items())}; "
-        f"exit {list(codes)})")
+        f"exit {list(codes)}; {result.get('cpu_us_per_tx', 0):.1f} us of CPU per transaction)")
     return result
 
 
