@@ -149,21 +149,37 @@ def _increments(entries: list[Any]) -> list[list[Any]]:
     return out
 
 
+# Bucket field name -> (0: hour / 1: day, bucket) or None (not a bucket); the merchants of a
+# batch share their field names, so each is parsed once. Bounded: cleared when it grows past 4,096.
+_FIELDS: dict[bytes, tuple[int, int] | None] = {}
+
+
+def _bucket_field(key: bytes) -> tuple[int, int] | None:
+    kind = key[:1]
+    parsed: tuple[int, int] | None = None
+    if kind == b"h" or kind == b"d":
+        try:
+            parsed = (0 if kind == b"h" else 1, int(key[1:]))
+        except ValueError:
+            parsed = None
+    if len(_FIELDS) >= 4096:
+        _FIELDS.clear()
+    _FIELDS[key] = parsed
+    return parsed
+
+
 def _merchant_from_flat(counts: list[bytes], frauds: list[bytes]) -> MerchantState:
     """Full bucket state from two HGETALL replies (flat field/value lists)."""
     m = MerchantState()
-    for target_h, target_d, flat in ((m.tx_hours, m.tx_days, counts), (m.fraud_hours, m.fraud_days, frauds)):
-        for i in range(0, len(flat) - 1, 2):
-            key = flat[i]
-            try:
-                bucket = int(key[1:])
-                n = int(flat[i + 1])
-            except ValueError:
-                continue
-            if key[:1] == b"h":
-                target_h[bucket] = n
-            elif key[:1] == b"d":
-                target_d[bucket] = n
+    fields = _FIELDS
+    for targets, flat in (((m.tx_hours, m.tx_days), counts), ((m.fraud_hours, m.fraud_days), frauds)):
+        for key, value in zip(flat[::2], flat[1::2], strict=False):
+            parsed = fields[key] if key in fields else _bucket_field(key)
+            if parsed is not None:
+                try:
+                    targets[parsed[0]][parsed[1]] = int(value)
+                except ValueError:
+                    continue
     return m
 
 
