@@ -225,7 +225,48 @@ async def _with_backlog(settings: Settings, n: int, body: Callable[[Settings, di
     return result
 
 
-async def drain_bench(settings: Settings, n: int, timeout_s: float, redis_cluster: int = 0) -> dict[str, Any]:
+async def run_peer(s: Settings, script: Path, n: int, timeout_s: float, service_pids: dict[str, int | None],
+                   tmp: Path) -> dict[str, Any]:
+    """The per-message peer (``seedref.py``) draining ``n`` records of the same backlog through the
+    same broker and Redis: its own msg/s line, and its CPU per message from /proc."""
+    import re
+    import sys
+    from urllib.parse import urlparse
+
+    model = tmp / "peer-rf.onnx"
+    make = await asyncio.create_subprocess_exec(sys.executable, str(script.parent / "make_rf.py"), str(model))
+    if await make.wait() != 0:
+        raise RuntimeError(f"{script.parent / 'make_rf.py'} failed")
+    port = urlparse(s.redis.url).port or 6379
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), "--bootstrap", s.kafka.bootstrap_servers, "--redis-port", str(port),
+        "--model", str(model), "--topic", s.topics.transactions, "--out-topic", f"{s.topics.predictions}-peer",
+        "--n", str(n), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    meter = CpuMeter({"peer": proc.pid, **service_pids, "bench": os.getpid()})
+    meter.start()
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    cpu = meter.stop()
+    text = out.decode(errors="replace")
+    found = re.search(r"= (\d+) msg/s", text)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"the peer failed (exit {proc.returncode}): {text[-500:]}")
+    tps = float(found.group(1))
+    result = {"trial": "peer", "script": str(script), "records": n, "tps": tps, "cpu_cores": cpu,
+              "cpu_wait_cores": meter.waiting,
+              "cpu_us_per_tx": round(cpu.get("peer", 0.0) * meter.wall_s / n * 1e6, 1)}
+    say(f"  peer: {tps:,.0f} msg/s ({n:,} messages, its own clock from the first message; cpu used (waiting) "
+        f"{', '.join(f'{k} {v:.2f} ({meter.waiting.get(k, 0.0):.2f})' for k, v in cpu.items())}; "
+        f"{result['cpu_us_per_tx']:.1f} us of CPU per message, start-up included)")
+    return result
+
+
+async def drain_bench(settings: Settings, n: int, timeout_s: float, redis_cluster: int = 0, *,
+                      peer: str | None = None, peer_records: int = 10_000) -> dict[str, Any]:
     async def body(s: Settings, pids: dict[str, int | None], tmp: Path) -> dict[str, Any]:
         se = trial_settings(s, "engine")
         engine = await run_trial("engine", se, [engine_child(se, tmp, "engine")], n, timeout_s, pids)
@@ -234,7 +275,14 @@ async def drain_bench(settings: Settings, n: int, timeout_s: float, redis_cluste
         ratio = engine["tps"] / null["tps"] if null["tps"] else 0.0
         say(f"engine {engine['tps']:,.0f} TPS | null pipeline {null['tps']:,.0f} TPS | "
             f"engine/null {ratio:.2f} | redis {engine.get('redis_us_per_tx', 0):.1f} us of CPU per transaction")
-        return {"bench": "drain", "engine": engine, "null": null, "ratio": round(ratio, 3)}
+        result: dict[str, Any] = {"bench": "drain", "engine": engine, "null": null, "ratio": round(ratio, 3)}
+        if peer:
+            sp = trial_settings(s, "peer")
+            peer_result = result["peer"] = await run_peer(sp, Path(peer), min(n, peer_records), timeout_s, pids, tmp)
+            peer_tps = peer_result["tps"]
+            result["ratio_peer"] = round(engine["tps"] / peer_tps, 2) if peer_tps else 0.0
+            say(f"engine / per-message peer: {result['ratio_peer']:.1f}x")
+        return result
 
     return await _with_backlog(settings, n, body, redis_cluster)
 

@@ -67,7 +67,7 @@ _TP = tuple[str, int]
 
 
 
-class _MemoPartitioner:
+class KeyPartitioner:
     """aiokafka's default partitioner (murmur2 of the key, pure Python: ~2 % of the engine's CPU)
     with the hash of each key remembered; the memory is dropped when it holds 65,536 keys."""
 
@@ -123,7 +123,7 @@ class Publisher:
         self._waiters: deque[tuple[asyncio.Future[None], dict[_TP, int]]] = deque()
         self.window_peak = 0  # the most records ever in flight on one partition
         self._retrying = 0  # batches whose sends failed and are being retried
-        self._partitioner = _MemoPartitioner()
+        self._partitioner = KeyPartitioner()
         self._linger_s = settings.kafka.linger_ms / 1000.0
         self._open: dict[_TP, _Batch] = {}  # per partition: the batch records are added to
         self._sealed: dict[_TP, deque[_Batch]] = {}  # per partition: sealed, waiting to be sent
