@@ -18,7 +18,7 @@ from aiokafka import TopicPartition
 
 from fraudactors.settings import Settings
 from loadgen.generator import make_source
-from loadgen.procs import Child, CpuMeter, engine_child, null_child
+from loadgen.procs import Child, CpuMeter, cpu_seconds, engine_child, null_child
 
 
 def say(*parts: object) -> None:
@@ -242,15 +242,26 @@ async def run_peer(s: Settings, script: Path, n: int, timeout_s: float, service_
         sys.executable, str(script), "--bootstrap", s.kafka.bootstrap_servers, "--redis-port", str(port),
         "--model", str(model), "--topic", s.topics.transactions, "--out-topic", f"{s.topics.predictions}-peer",
         "--n", str(n), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    meter = CpuMeter({"peer": proc.pid, **service_pids, "bench": os.getpid()})
+    meter = CpuMeter({**service_pids, "bench": os.getpid()})
     meter.start()
+    t0 = time.perf_counter()
+    used = [0.0]  # the peer's CPU seconds, sampled while it runs (its /proc entry goes when it exits)
+
+    async def sample() -> None:
+        while True:
+            used[0] = cpu_seconds(proc.pid) or used[0]
+            await asyncio.sleep(0.2)
+
+    sampler = asyncio.create_task(sample())
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
     except TimeoutError:
         proc.kill()
         await proc.wait()
         raise
-    cpu = meter.stop()
+    finally:
+        sampler.cancel()
+    cpu = {"peer": round(used[0] / (time.perf_counter() - t0), 3), **meter.stop()}
     text = out.decode(errors="replace")
     found = re.search(r"= (\d+) msg/s", text)
     if proc.returncode != 0 or found is None:
@@ -258,7 +269,7 @@ async def run_peer(s: Settings, script: Path, n: int, timeout_s: float, service_
     tps = float(found.group(1))
     result = {"trial": "peer", "script": str(script), "records": n, "tps": tps, "cpu_cores": cpu,
               "cpu_wait_cores": meter.waiting,
-              "cpu_us_per_tx": round(cpu.get("peer", 0.0) * meter.wall_s / n * 1e6, 1)}
+              "cpu_us_per_tx": round(used[0] / n * 1e6, 1)}
     say(f"  peer: {tps:,.0f} msg/s ({n:,} messages, its own clock from the first message; cpu used (waiting) "
         f"{', '.join(f'{k} {v:.2f} ({meter.waiting.get(k, 0.0):.2f})' for k, v in cpu.items())}; "
         f"{result['cpu_us_per_tx']:.1f} us of CPU per message, start-up included)")
