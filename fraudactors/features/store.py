@@ -50,7 +50,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -215,6 +215,17 @@ class _Write:
     records: list[list[Any]] = field(default_factory=list)  # per merchant [partition, offset, hour, day, ...]
     logs: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     rows: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # per log, the rows of X in its order
+
+
+_G = TypeVar("_G")
+
+
+def _group(groups: dict[str, _G], tag: str, kind: type[_G]) -> _G:
+    """The call of ``groups`` for ``tag``, made on first use (not one throw-away object per lookup)."""
+    group = groups.get(tag)
+    if group is None:
+        group = groups[tag] = kind()
+    return group
 
 
 class OnlineFeatureStore:
@@ -437,13 +448,13 @@ class OnlineFeatureStore:
                 ref_hour[txn.merchant_id] = -1
         groups: dict[str, _Read] = {}
         for user_id in dict.fromkeys(t.user_id for t in txns):
-            groups.setdefault(self._tag(keys_of.user_tag(user_id)), _Read()).users.append(user_id)
+            _group(groups, self._tag(keys_of.user_tag(user_id)), _Read).users.append(user_id)
         for merchant_id, hour in ref_hour.items():
-            group = groups.setdefault(self._tag(keys_of.merchant_tag(merchant_id)), _Read())
+            group = _group(groups, self._tag(keys_of.merchant_tag(merchant_id)), _Read)
             group.merchants.append(merchant_id)
             group.hours.append(hour)
         for (user_shard, p), span in ranges.items():
-            group = groups.setdefault(self._tag(f"u{user_shard}"), _Read())
+            group = _group(groups, self._tag(f"u{user_shard}"), _Read)
             group.logs.append((user_shard, p))
             group.ranges.append(span)
         calls: list[tuple[list[str], list[Any]]] = []
@@ -498,7 +509,7 @@ class OnlineFeatureStore:
         for user_id in users:
             state = states[user_id]
             assert state is not None
-            group = groups.setdefault(self._tag(keys_of.user_tag(user_id)), _Write())
+            group = _group(groups, self._tag(keys_of.user_tag(user_id)), _Write)
             group.index[user_id] = len(group.users) + 1
             group.users.append(user_id)
             blob = encode_state(state)
@@ -508,7 +519,7 @@ class OnlineFeatureStore:
             n_counts, n_frauds = sizes[merchant_id]
             hour = hour_of(newest[merchant_id])
             day = hour // 24
-            group = groups.setdefault(self._tag(keys_of.merchant_tag(merchant_id)), _Write())
+            group = _group(groups, self._tag(keys_of.merchant_tag(merchant_id)), _Write)
             group.merchants.append(merchant_id)
             group.plan_merchants.append([_increments(entries),
                                          1 if n_counts + len(entries) // 4 > _MAX_COUNT_FIELDS else 0,
@@ -518,7 +529,7 @@ class OnlineFeatureStore:
             group.records.append(entries)
         for row, user_id, p, offset in applied:
             user_shard = shard(user_id)
-            group = groups.setdefault(self._tag(f"u{user_shard}"), _Write())
+            group = _group(groups, self._tag(f"u{user_shard}"), _Write)
             log = group.logs.get((user_shard, p))
             if log is None:
                 log = group.logs[(user_shard, p)] = []
