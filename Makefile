@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench-drain bench-scaleout bench-pool clean
+.PHONY: demo test lint typecheck unit promtool bench-drain bench-scaleout bench-pool clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python >= 3.11) on PATH, or run: make PY=python3 ..." >&2; exit 1; }
@@ -22,8 +22,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) promtool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# tests/test_alert_rules.py runs `promtool test rules`; installed when missing (Debian's prometheus).
+promtool:
+	@command -v promtool >/dev/null 2>&1 || scripts/install-promtool.sh
 
 test: lint typecheck unit
 

@@ -18,8 +18,10 @@ from fraudactors.errors import FraudActorsError
 COMMANDS: dict[str, str] = {
     "demo": "fraudactors.demo",
     "run": "fraudactors.engine.app",
+    "models": "fraudactors.engine.models_command",
     "train": "fraudactors.modeling.train",
     "evaluate": "fraudactors.modeling.evaluate",
+    "ab": "fraudactors.ab.cli",
     "loadgen": "loadgen.cli",
     "bench": "loadgen.bench",
     "drill": "loadgen.drill",

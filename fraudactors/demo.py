@@ -210,6 +210,7 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
             raise
         say("engine: stopping (SIGTERM)")
         code = await engine.stop()
+        ab_report = await _ab_report(settings)  # after the stop: the engine's last flush is in
         engine_log = engine.tail(2000)
         # The engine's own log (JSON lines) is kept next to the report, for what the numbers do not say.
         engine_log_path = Path(args.report).with_name(Path(args.report).stem + "-engine.log")
@@ -219,9 +220,16 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
     # Extra keys: what the demo itself checked.
     report.update({"partitions": settings.topics.partitions, "received": report["decided"], "redis_ok": redis_ok,
                    "engine_exit_code": code, "cpu_cores": cpu, "cpu_wait_cores": meter.waiting,
-                   "loadavg": _loadavg(), "engine_log": str(engine_log_path)})
+                   "loadavg": _loadavg(), "engine_log": str(engine_log_path), "ab": ab_report})
     _rewrite(args.report, report)
     say(format_table(report))
+    if ab_report is not None:
+        from fraudactors.ab.report import format_report
+
+        warm = (report.get("warmup") or {}).get("labels_sent", 0)
+        say(f"labels fed: {warm + report.get('labels_sent', 0):,} (warm-up {warm:,}, run "
+            f"{report.get('labels_sent', 0):,}): the simulator's delayed fraud reports")
+        say(format_report(ab_report))
     say("cpu over the send window, cores used (waiting for a cpu): "
         + ", ".join(f"{k} {v:.2f} ({meter.waiting.get(k, 0.0):.2f})" for k, v in cpu.items())
         + f"; load average {report['loadavg']}")
@@ -242,6 +250,19 @@ def _loadavg() -> list[float] | None:
     try:
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     except (OSError, ValueError):
+        return None
+
+
+async def _ab_report(settings: Settings) -> dict[str, Any] | None:
+    """The A/B evidence the run left in the embedded Redis (None, with a line, if unreadable)."""
+    from redis.exceptions import RedisError
+
+    from fraudactors.ab.cli import fetch
+
+    try:
+        return await fetch(settings)
+    except (RedisError, OSError) as exc:
+        say(f"A/B report: the ledger could not be read ({exc!r})")
         return None
 
 

@@ -40,6 +40,11 @@ class ModelIntegrityError(ModelError):
     """The ONNX file does not match the sha256 recorded in its metadata."""
 
 
+class RoutingRefused(FraudActorsError):
+    """A routing document that cannot be applied: invalid, or it names a model that does not load
+    (missing, sha256 mismatch, onnxruntime refuses it). The routing in force keeps serving."""
+
+
 class ServiceError(FraudActorsError):
     """An embedded broker or Redis server that cannot be found or started."""
 

@@ -112,11 +112,14 @@ class TopicSettings:
     predictions: str = "predictions"
     labels: str = "labels"
     dlq: str = "transactions.dlq"
+    # The routing document (models.variants changed live, `fraudactors models`): one partition,
+    # compacted, read by every replica without a consumer group.
+    control: str = "fraudactors.control"
     partitions: int = 12
     replication_factor: int = 1
 
     def validate(self) -> None:
-        for name in ("transactions", "predictions", "labels", "dlq"):
+        for name in ("transactions", "predictions", "labels", "dlq", "control"):
             _require(bool(getattr(self, name).strip()), f"topics.{name}", "must not be empty")
         _require(self.partitions >= 1, "topics.partitions", "must be >= 1")
         _require(self.replication_factor >= 1, "topics.replication_factor", "must be >= 1")
@@ -186,6 +189,9 @@ class EngineSettings:
     # Audit/debug: add the scored feature vector ("features": {name: value}) to every decision.
     # Off by default, so a decision is exactly the SPEC §3 object.
     emit_features: bool = False
+    # Add each shadow variant's probability to every decision ("shadow": {variant: p}, SPEC §3),
+    # so downstream analysis can compare models on the same transactions.
+    emit_shadow: bool = False
 
     def validate(self) -> None:
         _require(self.batch_max >= 1, "engine.batch_max", "must be >= 1")
@@ -267,6 +273,39 @@ class DecisionSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ABSettings:
+    """The A/B evidence (``fraudactors ab report``, ``fraudactors_ab_*`` metrics; docs/models.md)."""
+
+    # The window of event time the evidence covers, ending at the newest decision recorded.
+    window_s: float = 28 * 86400.0
+    # Decisions older than this (event time) count as label-mature: their labels should be in.
+    label_delay_s: float = 7 * 86400.0
+    # The ledger's event-time buckets (the grain of the window and of the maturity).
+    bucket_s: int = 3600
+    # How often each replica re-reads the ledger for its fraudactors_ab_* gauges.
+    refresh_s: float = 30.0
+    # Significance level, power and the smallest detection difference worth detecting (for the
+    # "need ~N more labelled frauds" estimate when no difference is seen yet).
+    alpha: float = 0.05
+    power: float = 0.8
+    min_effect: float = 0.01
+
+    def validate(self) -> None:
+        _require(self.bucket_s >= 1, "ab.bucket_s", "must be >= 1")
+        _require(self.window_s >= self.bucket_s, "ab.window_s", "must be >= ab.bucket_s")
+        _require(self.label_delay_s >= 0, "ab.label_delay_s", "must be >= 0")
+        _require(self.refresh_s > 0, "ab.refresh_s", "must be > 0")
+        _require(0 < self.alpha < 0.5, "ab.alpha", "must be in (0, 0.5)")
+        _require(0.5 <= self.power < 1, "ab.power", "must be in [0.5, 1)")
+        _require(0 < self.min_effect < 1, "ab.min_effect", "must be in (0, 1)")
+
+    @property
+    def keep_buckets(self) -> int:
+        """Buckets the ledger keeps behind its newest one."""
+        return int(-(-self.window_s // self.bucket_s)) + 1
+
+
+@dataclass(frozen=True, slots=True)
 class HttpSettings:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -316,6 +355,27 @@ class ServiceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MonitorSettings:
+    """The model monitor (docs/operations.md, "Model monitor"): PSI over a sliding event-time window."""
+
+    enabled: bool = True
+    # the window of event time the PSI is computed over, in sub_windows steps
+    window_s: float = 86400.0
+    sub_windows: int = 24
+    # no PSI is exported for a version with fewer rows than this in the window
+    min_rows: int = 1000
+    # the features the drift alert watches (label top="true"): the most important of the reference,
+    # calendar features (hour_of_day, day_of_week, is_night) left out
+    top_features: int = 5
+
+    def validate(self) -> None:
+        _require(self.window_s > 0 and math.isfinite(self.window_s), "monitor.window_s", "must be > 0")
+        _require(1 <= self.sub_windows <= 1000, "monitor.sub_windows", "must be in [1, 1000]")
+        _require(self.min_rows >= 1, "monitor.min_rows", "must be >= 1")
+        _require(self.top_features >= 0, "monitor.top_features", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topics: TopicSettings = field(default_factory=TopicSettings)
@@ -323,9 +383,11 @@ class Settings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
     decision: DecisionSettings = field(default_factory=DecisionSettings)
+    ab: ABSettings = field(default_factory=ABSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     services: ServiceSettings = field(default_factory=ServiceSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
     def validate(self) -> Settings:
         for f in dataclasses.fields(self):

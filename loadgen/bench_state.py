@@ -22,7 +22,7 @@ _BATCH = 256
 
 async def state_bench(records: int, users: int, merchants: int, partitions: int, seed: int,
                       redis_cluster: int = 0) -> dict[str, Any]:
-    from fraudactors.engine.inference import Scored
+    from fraudactors.engine.inference import Scored, ShadowScore
     from fraudactors.engine.labels import OutcomeRecorder
     from fraudactors.engine.metrics import EngineMetrics
     from fraudactors.features.schema import label_from_obj, transaction_from_obj
@@ -82,7 +82,8 @@ async def state_bench(records: int, users: int, merchants: int, partitions: int,
                 labels.clear()
             if batch:
                 await store.compute(batch, parts, offsets)
-                recorder.record(batch, [Scored("A", "v1", 0.1, "approve", False, [], (("S", False),))] * len(batch))
+                recorder.record(batch, [Scored("A", "v1", 0.1, "approve", False, [],
+                                              (ShadowScore("S", "v2", 0.2, False),))] * len(batch))
                 await recorder.flush()
                 for p in set(parts):  # the commit trails one batch behind
                     store.note_committed(p, min(o for q, o in zip(parts, offsets, strict=True) if q == p))

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaTimeoutError
 from aiokafka.partitioner import murmur2
 
 from fraudactors.errors import FraudActorsError
@@ -356,6 +357,7 @@ class _State:
         self.send_errors = 0  # of those, not acknowledged by the broker (delivery unknown)
         self.labels_sent = 0
         self.label_send_errors = 0
+        self.enqueue_retries = 0  # batches the producer could not take within its request timeout
         self.dlq = 0  # this run's transactions seen on the dead-letter topic
         self.phase = "send"
         self.stop = False
@@ -425,10 +427,25 @@ async def _send_batched(producer: AIOKafkaProducer, topic: str, keys: list[bytes
         await _hand_over(producer, batch, topic, part, count, state)
 
 
+_ENQUEUE_PATIENCE_S = 120.0
+
+
 async def _hand_over(producer: AIOKafkaProducer, batch: Any, topic: str, partition: int, count: int,
                      state: _State) -> None:
     batch.close()
-    fut = await producer.send_batch(batch, topic, partition=partition)
+    give_up = time.monotonic() + _ENQUEUE_PATIENCE_S
+    while True:
+        try:
+            fut = await producer.send_batch(batch, topic, partition=partition)
+            break
+        except KafkaTimeoutError:
+            # The partition's queue stayed full for a whole request timeout (a broker that stopped
+            # answering): the batch was not taken. Open loop: it is still due, and every second
+            # it waits counts in its latency (measured from the scheduled time); hand it over again,
+            # for a while: a run against a broker that never answers again still ends.
+            if time.monotonic() >= give_up:
+                raise
+            state.enqueue_retries += 1
     state.sent += count
 
     def done(f: asyncio.Future[Any]) -> None:
@@ -471,7 +488,7 @@ async def _warm_up(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, topic
                     f"({collector.distinct / max(seconds, 1e-9):,.0f}/s); measured run starts")
     progress.finish()
     return {"sent": n, "decided": collector.distinct, "seconds": round(seconds, 3),
-            "complete": collector.distinct >= n}
+            "complete": collector.distinct >= n, "labels_sent": len(batch.labels) if config.send_labels else 0}
 
 
 async def _reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:

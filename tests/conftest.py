@@ -30,7 +30,7 @@ import pytest
 from committed_models import committed_models
 
 from fraudactors.services.broker import EmbeddedBroker
-from fraudactors.services.kafka import create_topics, delete_topics
+from fraudactors.services.kafka import create_topics, delete_topics, topic_names
 from fraudactors.services.redis import EmbeddedRedis
 from fraudactors.services.redis_cluster import EmbeddedRedisCluster
 from fraudactors.settings import Settings, load_settings
@@ -42,6 +42,28 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
     """Run ``coro`` in a fresh event loop on a helper thread (safe whether or not a loop runs here)."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conftest") as pool:
         return pool.submit(asyncio.run, coro).result(timeout=timeout_s)
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """A command run in-process (``cli.main``) configures logging onto this test's captured
+    stdout, which pytest closes afterwards, and may quiet loggers: restore the configuration, or
+    every later test that logs would write into a closed file (or miss what it listens for)."""
+    import logging
+
+    import structlog
+
+    saved = structlog.get_config()
+    handlers, level = logging.root.handlers[:], logging.root.level
+    levels = {name: logger.level for name, logger in logging.Logger.manager.loggerDict.items()
+              if isinstance(logger, logging.Logger)}  # e.g. a command that quiets aiokafka
+    yield
+    structlog.configure(**saved)
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger):
+            logger.setLevel(levels.get(name, logging.NOTSET))
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +111,8 @@ def make_test_settings(bootstrap_servers: str, redis_url: str, **overrides: Any)
                   "client_id": f"fa-test-{suffix}", "enable_idempotence": False,
                   "session_timeout_ms": 3000, "heartbeat_interval_ms": 500},
         "topics": {"transactions": f"transactions-{suffix}", "predictions": f"predictions-{suffix}",
-                   "labels": f"labels-{suffix}", "dlq": f"transactions.dlq-{suffix}"},
+                   "labels": f"labels-{suffix}", "dlq": f"transactions.dlq-{suffix}",
+                   "control": f"control-{suffix}"},
         "redis": {"url": redis_url, "key_prefix": f"fa-test-{suffix}:"},
         "http": {"port": 0},
     }
@@ -105,7 +128,7 @@ def settings(broker: EmbeddedBroker, redis_server: EmbeddedRedis) -> Iterator[Se
     yield value
     if broker.running:
         try:
-            run_sync(delete_topics(value), timeout_s=15.0)
+            run_sync(delete_topics(value, [*topic_names(value), value.topics.control]), timeout_s=15.0)
         except Exception:  # best effort: a broken broker fails the next test loudly anyway
             pass
 

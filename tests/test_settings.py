@@ -121,7 +121,7 @@ def _commands_with_config() -> list[str]:
 
 
 # Commands whose positional arguments are required: a valid value, so only the config is wrong.
-_POSITIONALS = {"drill": ["control"]}
+_POSITIONALS = {"drill": ["control"], "models": ["list"]}
 
 
 def _cli_env() -> dict[str, str]:

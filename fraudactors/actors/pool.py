@@ -327,6 +327,35 @@ class ProcessPool:
                     self._kill(call.worker, "its call was abandoned (kill_on_cancel)")
                 raise
 
+    async def broadcast(self, fn: Callable[..., Any], *args: Any, initargs: tuple[Any, ...] | None = None) -> None:
+        """Run ``fn(*args)`` once in every worker, then start later workers with ``initargs``.
+
+        Every live worker gets the call, a starting one too (it runs right after its initializer),
+        ahead of nothing: calls it already holds finish first. A worker that dies meanwhile is
+        skipped; its replacement, started with the old initargs, gets the call as well. Raises
+        the first error a worker raised (the initargs are then left as they were).
+        """
+        self._check_usable()
+        assert self._loop is not None
+        done: set[_Worker] = set()
+        while targets := [w for w in self._workers if w.alive and w not in done]:
+            futures: list[asyncio.Future[Any]] = []
+            for worker in targets:
+                done.add(worker)
+                fut: asyncio.Future[Any] = self._loop.create_future()
+                call_id = next(self._ids)
+                call = _Call(call_id, pickle.dumps((call_id, fn, args), protocol=_PROTOCOL), fut)
+                call.worker = worker
+                worker.calls.append(call)
+                self._send_frame(worker, call.payload)
+                futures.append(fut)
+            for result in await asyncio.gather(*futures, return_exceptions=True):
+                if isinstance(result, BaseException) and not isinstance(result, WorkerDied):
+                    raise result
+            self._check_usable()
+        if initargs is not None:
+            self._initargs = tuple(initargs)
+
     def _check_usable(self) -> None:
         if self._state == "running":
             return

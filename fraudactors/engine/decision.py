@@ -90,11 +90,13 @@ def encode_decision(
     decided_at: str,
     latency_ms: float,
     features: Mapping[str, float] | None = None,
+    shadow: Mapping[str, float] | None = None,
 ) -> bytes:
     """The SPEC §3 decision as JSON bytes (field order as in the spec).
 
-    ``features`` (only with ``engine.emit_features``): the vector the decision was scored with,
-    added as one extra key ``"features"`` after the SPEC fields.
+    ``shadow`` (only with ``engine.emit_shadow``): each shadow variant's probability, the optional
+    SPEC §3 field ``"shadow"``. ``features`` (only with ``engine.emit_features``): the vector the
+    decision was scored with, added as one extra key ``"features"`` after the SPEC fields.
     """
     obj = {
         "transaction_id": transaction_id,
@@ -110,6 +112,8 @@ def encode_decision(
         "decided_at": decided_at,
         "latency_ms": round(latency_ms, 3),
     }
+    if shadow is not None:
+        obj["shadow"] = {name: round(p, 6) for name, p in shadow.items()}
     if features is not None:
         obj["features"] = features
     return orjson.dumps(obj)

@@ -2,7 +2,12 @@
 
 Children, in start order (each reports ready before the next starts; they stop in reverse):
 
-    feature_store -> inference -> publisher -> outcomes -> ingestor -> labels -> http -> readiness
+    feature_store -> inference -> routing -> publisher -> outcomes -> ingestor -> labels -> ab -> http
+    -> readiness
+
+``routing`` follows the control topic (live routing changes, :mod:`fraudactors.engine.control`): it
+applies the newest routing document before the ingestor starts, so no transaction is decided before
+this replica routes as the others do.
 
 The root strategy is one-for-one: the actors hold no state the others depend on across a restart
 (a worker waiting on the publisher or the inference actor waits for its restart), so a crash of
@@ -20,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from fraudactors.engine.ab import ABReporter
+from fraudactors.engine.control import RoutingFollower
 from fraudactors.engine.decision import encode_decision, utc_now_iso
 from fraudactors.engine.features import FeatureStoreActor
 from fraudactors.engine.http import HttpServer, Response
@@ -50,11 +57,13 @@ class Engine:
         m = self.metrics
         self.features = FeatureStoreActor(settings, m)
         self.inference = InferenceActor(settings, m)
+        self.routing = RoutingFollower(settings, m, self.inference)
         self.publisher = Publisher(settings, m)
         self.outcomes = OutcomeRecorder(settings, m)
         self.ingestor = Ingestor(settings, m, Stages(self.features, self.inference, self.publisher,
                                                      on_decided=self.outcomes.record))
         self.labels = LabelConsumer(settings, m, self.features, self.outcomes, self.publisher)
+        self.ab = ABReporter(settings, m)
         self.http = HttpServer(settings.http, self.metrics.registry, self)
         self._secrets = secret_values(settings)
         engine = settings.engine
@@ -63,6 +72,7 @@ class Engine:
         self._specs = [
             ChildSpec("feature_store", self.features.run, start_timeout=start_timeout, shutdown_timeout=5.0),
             ChildSpec("inference", self.inference.run, start_timeout=start_timeout, shutdown_timeout=10.0),
+            ChildSpec("routing", self.routing.run, start_timeout=start_timeout, shutdown_timeout=5.0),
             ChildSpec("publisher", self.publisher.run, start_timeout=start_timeout,
                       shutdown_timeout=stop_timeout),
             ChildSpec("outcomes", self.outcomes.run, start_timeout=start_timeout, shutdown_timeout=5.0),
@@ -70,6 +80,7 @@ class Engine:
             ChildSpec("ingestor", self.ingestor.run, restart=Restart.TRANSIENT, start_timeout=start_timeout,
                       shutdown_timeout=stop_timeout),
             ChildSpec("labels", self.labels.run, start_timeout=start_timeout, shutdown_timeout=5.0),
+            ChildSpec("ab", self.ab.run, start_timeout=10.0, shutdown_timeout=2.0),
             ChildSpec("http", self.http.run, start_timeout=10.0, shutdown_timeout=5.0),
             ChildSpec("readiness", self._readiness_loop, restart=Restart.PERMANENT, shutdown_timeout=2.0),
         ]
@@ -232,4 +243,6 @@ class Engine:
             fraud_probability=scored.probability, decision=scored.decision,
             model_version=scored.model_version, variant=scored.variant, reasons=scored.reasons,
             degraded=degraded, event_time=txn.timestamp, decided_at=utc_now_iso(),
-            latency_ms=(time.monotonic() - t0) * 1000.0)
+            latency_ms=(time.monotonic() - t0) * 1000.0,
+            shadow={sh.variant: sh.probability for sh in scored.shadows}
+            if self.settings.engine.emit_shadow else None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +26,12 @@ import numpy as np
 from fraudactors.actors import Mailbox, Request, ask
 from fraudactors.engine.decision import Router, Thresholds, Variant
 from fraudactors.engine.metrics import EngineMetrics
-from fraudactors.errors import ActorDied, ModelError, WorkerDied
+from fraudactors.engine.monitor import ModelMonitor
+from fraudactors.engine.routing import Routing
+from fraudactors.errors import ActorDied, ModelError, RoutingRefused, WorkerDied
 from fraudactors.logging import get_logger
 from fraudactors.modeling.policy import DegradedPolicy
-from fraudactors.modeling.registry import fallback_id
+from fraudactors.modeling.registry import ModelInfo, fallback_id
 from fraudactors.settings import Settings
 
 # -- what runs where the scorer lives (a pool worker process, or a thread here) ----------------------
@@ -48,6 +50,26 @@ def _build_scorer(models_dir: str, versions: Sequence[str]) -> Any:
     from fraudactors.modeling.scorer import Scorer
 
     return Scorer([load_model_info(models_dir, v) for v in versions])
+
+
+def load_versions(models_dir: str, pins: Mapping[str, str | None], scorer: Any = None) -> None:
+    """Load more versions into this worker's scorer (a routing change), each verified against its
+    metadata's sha256 and, when pinned, against the sha256 the routing document records."""
+    from fraudactors.modeling.registry import load_model_info
+
+    scorer = scorer if scorer is not None else _SCORER
+    if scorer is None:
+        raise ModelError("scorer not initialised in this worker")
+    infos = [load_model_info(models_dir, version) for version in pins]
+    for info in infos:
+        _check_pin(info.version, info.sha256, pins[info.version])
+    scorer.add(infos)
+
+
+def _check_pin(version: str, sha256: str, pinned: str | None) -> None:
+    if pinned is not None and sha256 != pinned:
+        raise ModelError(f"model {version}: model.onnx has sha256 {sha256[:12]}... here, the routing document "
+                         f"was issued for {pinned[:12]}...; the models directories differ")
 
 
 def score_requests(requests: Sequence[tuple[str, np.ndarray]], max_reasons: int,
@@ -75,8 +97,18 @@ class Scored:
     decision: str
     is_fraud: bool
     reasons: list[str]
-    # What each shadow variant would have said: (variant, is_fraud); for online accuracy.
-    shadows: tuple[tuple[str, bool], ...] = ()
+    # What each shadow variant said about the same row (A/B evidence, SPEC §3 ``shadow``).
+    shadows: tuple[ShadowScore, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowScore:
+    """A shadow variant's score of a row (it never decides)."""
+
+    variant: str
+    model_version: str  # the shadow's version, or its fallback for a degraded row
+    probability: float
+    is_fraud: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +119,8 @@ class _Rows:
     X: np.ndarray
     deciding: list[Variant]
     degraded: bool = False
+    router: Router | None = None  # what routed the rows (its shadows score them too)
+    event_times: Sequence[float] | None = None  # for the model monitor (None: not monitored)
 
 
 _Request = Request[_Rows, list[Scored]]
@@ -118,7 +152,8 @@ def _chunks(requests: list[_Request], max_rows: int) -> list[list[_Request]]:
         if req.abandoned:
             continue
         n = len(req.payload.deciding)
-        if current and rows + n > max_rows:
+        # rows routed before and after a routing change never share a call (their shadows differ)
+        if current and (rows + n > max_rows or req.payload.router is not current[0].payload.router):
             out.append(current)
             current, rows = [], 0
         current.append(req)
@@ -135,6 +170,9 @@ class InferenceActor:
         self._settings = settings
         self._metrics = metrics
         self.router = Router(settings.models.variants)
+        # swapped by apply_routing (a routing change from the control topic), kept across restarts
+        self.routing = Routing.from_settings(settings.models)
+        self._applying = asyncio.Lock()
         # per model that scores: each version and its fallback (fallback_id(version))
         self._thresholds: dict[str, Thresholds] = {}
         self._policy = DegradedPolicy.from_settings(settings.decision)
@@ -144,12 +182,14 @@ class InferenceActor:
         self._pool: Any = None
         self._thread: ThreadPoolExecutor | None = None
         self._local_scorer: Any = None
+        self._loaded: tuple[str, ...] = ()  # versions in every scorer (a routing change only adds)
         self._ready = asyncio.Event()
         # Calls in flight and the requests each one answers (a call cancelled before it started
         # never runs: its requests are failed from here on close).
         self._calls: dict[asyncio.Task[None], list[_Request]] = {}
         self._log = get_logger(actor="inference", mode=settings.engine.inference_mode)
         self.feature_names: tuple[str, ...] = ()
+        self.monitor: ModelMonitor | None = None
 
     @property
     def ready(self) -> bool:
@@ -160,35 +200,87 @@ class InferenceActor:
         return self.mailbox.depth
 
     def _load_thresholds(self) -> None:
+        thresholds, names, infos = self._thresholds_for(self.router.versions, self.routing.models)
+        self._thresholds.update(thresholds)
+        self.feature_names = names
+        self._monitor_models(infos)
+        if self._policy.mode == "approve-below":
+            if "amount" not in self.feature_names:
+                raise ModelError("decision.degraded_policy approve-below needs the models' 'amount' feature")
+            self._amount_column = self.feature_names.index("amount")
+
+    def _thresholds_for(self, versions: Sequence[str], pins: Mapping[str, str | None],
+                        ) -> tuple[dict[str, Thresholds], tuple[str, ...], list[ModelInfo]]:
+        """Read and verify ``versions``' metadata: the thresholds of each and of its fallback, the
+        feature names they share, and their infos."""
         from fraudactors.modeling.registry import load_model_info
 
         names: tuple[str, ...] | None = None
-        for version in self.router.versions:
+        thresholds: dict[str, Thresholds] = {}
+        infos: list[ModelInfo] = []
+        for version in versions:
             info = load_model_info(self._settings.models.dir, version)
-            self._thresholds[version] = Thresholds.resolve(
+            infos.append(info)
+            _check_pin(version, info.sha256, pins.get(version))
+            thresholds[version] = Thresholds.resolve(
                 self._settings.decision, info.review_threshold, info.decline_threshold)
             if info.fallback is None:
                 raise ModelError(f"model {version} has no fallback for degraded mode ({info.directory}/metadata.json "
                                  "has no 'fallback' section); retrain it with `fraudactors train`")
             # decision.review_threshold / decline_threshold are probabilities of the main models;
             # the fallback always decides with its own calibrated thresholds.
-            self._thresholds[info.fallback.version] = Thresholds(
+            thresholds[info.fallback.version] = Thresholds(
                 review=min(info.fallback.review_threshold, info.fallback.decline_threshold),
                 decline=info.fallback.decline_threshold)
             if names is not None and tuple(info.feature_names) != names:
                 raise ModelError(f"model {version} expects different features than the other variants")
             names = tuple(info.feature_names)
-        self.feature_names = names or ()
-        if self._policy.mode == "approve-below":
-            if "amount" not in self.feature_names:
-                raise ModelError("decision.degraded_policy approve-below needs the models' 'amount' feature")
-            self._amount_column = self.feature_names.index("amount")
+        return thresholds, names or (), infos
+
+    def _monitor_models(self, infos: Sequence[ModelInfo]) -> None:
+        """Monitor ``infos`` too (the first call creates the monitor; its windows outlive restarts)."""
+        if not self._settings.monitor.enabled:
+            return
+        if self.monitor is None:
+            self.monitor = ModelMonitor(self._settings.monitor, self._metrics, infos)
+        else:
+            self.monitor.add(infos)
+
+    async def apply_routing(self, routing: Routing) -> None:
+        """Route by ``routing`` from now on. Every version it scores with is first loaded and
+        sha256-checked in every scorer (each pool worker, or the scorer thread); any failure raises
+        :class:`RoutingRefused` and the routing in force stays. The swap is one assignment: a batch
+        routed before it finishes with its variants and models (they stay loaded), every batch
+        routed after it uses the new routing. Other errors (the actor stopping) propagate."""
+        async with self._applying:
+            await self._ready.wait()
+            router = Router(routing.variants)
+            pins = {version: routing.models.get(version) for version in router.versions}
+            models_dir = str(Path(self._settings.models.dir))
+            try:
+                thresholds, names, infos = await asyncio.to_thread(self._thresholds_for, router.versions, pins)
+                if self.feature_names and names != self.feature_names:
+                    raise ModelError("the routed models expect different features than the ones loaded")
+                loaded = tuple(sorted(set(self._loaded) | set(router.versions)))
+                if self._pool is not None:
+                    await self._pool.broadcast(load_versions, models_dir, pins, initargs=(models_dir, loaded))
+                elif self._thread is not None:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._thread, load_versions, models_dir, pins, self._local_scorer)
+                else:
+                    raise ActorDied("inference actor is not running")
+            except ModelError as exc:
+                raise RoutingRefused(f"routing revision {routing.revision} refused: {exc}") from exc
+            self._thresholds.update(thresholds)
+            self._loaded = loaded
+            self._monitor_models(infos)
+            self.router, self.routing = router, routing
 
     async def run(self, task_status: Any) -> None:
         """Supervised child: load models (verify sha256), start the scorer, then serve."""
         engine = self._settings.engine
         models_dir = str(Path(self._settings.models.dir))
-        versions = self.router.versions
+        versions = self._loaded = self.router.versions
         if self.mailbox.failed:  # a restart after a crash: the old mailbox failed its callers
             self.mailbox = Mailbox(self.mailbox.maxsize, self.mailbox.name)
         await asyncio.to_thread(self._load_thresholds)
@@ -227,13 +319,16 @@ class InferenceActor:
             thread, self._thread = self._thread, None
             thread.shutdown(wait=False, cancel_futures=True)
 
-    async def score(self, X: np.ndarray, transaction_ids: Sequence[str], degraded: bool = False) -> list[Scored]:
+    async def score(self, X: np.ndarray, transaction_ids: Sequence[str], degraded: bool = False,
+                    event_times: Sequence[float] | None = None) -> list[Scored]:
         """Score one micro-batch; rows are routed by transaction id; ``degraded`` rows are scored by
-        their variant's fallback under ``decision.degraded_policy``. Raises ActorDied when stopped."""
+        their variant's fallback under ``decision.degraded_policy``; ``event_times`` (the rows'
+        transaction times) feed the model monitor. Raises ActorDied when stopped."""
         if not self._ready.is_set():
             await self._ready.wait()
-        route = self.router.route
-        return await ask(self.mailbox, _Rows(X, [route(t) for t in transaction_ids], degraded))
+        router = self.router
+        route = router.route
+        return await ask(self.mailbox, _Rows(X, [route(t) for t in transaction_ids], degraded, router, event_times))
 
     async def _flush_loop(self) -> None:
         """Coalesce the workers' requests: flush on ``batch_max`` requests or after the linger."""
@@ -270,6 +365,7 @@ class InferenceActor:
         deciding = [v for r in batch for v in r.payload.deciding]
         degraded = [r.payload.degraded for r in batch for _ in r.payload.deciding]
         n = len(deciding)
+        router = batch[0].payload.router or self.router  # one router per call (see _chunks)
         self._metrics.inference_batch_size.observe(n)
         # The rows each model scores: its deciding rows, plus every row for each shadow variant
         # (a degraded row is scored by the variant's fallback).
@@ -277,7 +373,8 @@ class InferenceActor:
         rows_of: dict[str, list[int]] = {}
         for i, model in enumerate(deciding_model):
             rows_of.setdefault(model, []).append(i)
-        for shadow in self.router.shadows:
+        deciding_rows = {m: np.asarray(r, dtype=np.intp) for m, r in rows_of.items()} if self.monitor is not None else {}
+        for shadow in router.shadows:
             for i in range(n):
                 rows_of.setdefault(_model(shadow.version, degraded[i]), []).append(i)
         index = {model: np.unique(rows) for model, rows in rows_of.items()}  # sorted, each row once
@@ -292,14 +389,14 @@ class InferenceActor:
             position = np.full(n, -1, dtype=np.intp)
             position[rows] = np.arange(rows.size)
             res.probs[model], res.reasons[model], res.position[model] = p, r, position
-        shadow_flags = self._record_shadows(res)
+        shadow_scores = self._record_shadows(res, router)
 
         scored: list[Scored] = []
         is_fraud_decisions = self._settings.decision.is_fraud_decisions
         observed: dict[str, list[float]] = {}
         for i, (v, model) in enumerate(zip(deciding, deciding_model, strict=True)):
             prob, decision, reasons = self._outcome(res, model, i)
-            shadows = tuple((name, flags[i]) for name, flags in shadow_flags) if shadow_flags else ()
+            shadows = tuple(scores[i] for scores in shadow_scores) if shadow_scores else ()
             scored.append(Scored(v.name, model, prob, decision, decision in is_fraud_decisions, reasons, shadows))
             if not degraded[i]:  # the histogram is the main models' scores; a fallback's scale differs
                 observed.setdefault(v.name, []).append(prob)
@@ -307,6 +404,8 @@ class InferenceActor:
             child = self._metrics.fraud_probability.labels(name)
             for value in values:
                 child.observe(value)
+        if self.monitor is not None:
+            self._observe(self.monitor, batch, X, deciding_rows, scored, degraded)
         # Split back per request.
         out: list[list[Scored]] = []
         start = 0
@@ -315,6 +414,15 @@ class InferenceActor:
             out.append(scored[start:end])
             start = end
         return out
+
+    @staticmethod
+    def _observe(monitor: ModelMonitor, batch: list[_Request], X: np.ndarray, deciding_rows: dict[str, np.ndarray],
+                 scored: list[Scored], degraded: list[bool]) -> None:
+        """Hand the deciding rows to the model monitor (rows of callers that gave no event time: NaN)."""
+        times = np.concatenate([np.asarray(r.payload.event_times, dtype=np.float64) if r.payload.event_times
+                                else np.full(len(r.payload.deciding), np.nan) for r in batch])
+        probs = np.fromiter((s.probability for s in scored), dtype=np.float64, count=len(scored))
+        monitor.observe(X, deciding_rows, probs, np.asarray(degraded, dtype=bool), times)
 
     def _outcome(self, res: _Results, model: str, row: int) -> tuple[float, str, list[str]]:
         """``model``'s probability, decision and reasons for ``row`` (degraded: under the policy)."""
@@ -325,24 +433,24 @@ class InferenceActor:
             decision = self._policy.apply(decision, float(res.amounts[row]) if res.amounts is not None else 0.0)
         return prob, decision, res.reasons[model][at]
 
-    def _record_shadows(self, res: _Results) -> list[tuple[str, list[bool]]]:
-        """Metrics for the shadow variants; returns each shadow's would-be is_fraud per row."""
-        out: list[tuple[str, list[bool]]] = []
+    def _record_shadows(self, res: _Results, router: Router) -> list[list[ShadowScore]]:
+        """Metrics for the shadow variants; returns each shadow's score of every row."""
+        out: list[list[ShadowScore]] = []
         is_fraud_decisions = self._settings.decision.is_fraud_decisions
-        for shadow in self.router.shadows:
+        for shadow in router.shadows:
             hist = self._metrics.fraud_probability.labels(shadow.name)
             counts: dict[tuple[str, str], int] = {}
-            flags: list[bool] = []
+            scores: list[ShadowScore] = []
             for i, degraded in enumerate(res.degraded):
                 model = _model(shadow.version, degraded)
                 prob, decision, _ = self._outcome(res, model, i)
                 if not degraded:
                     hist.observe(prob)
                 counts[(model, decision)] = counts.get((model, decision), 0) + 1
-                flags.append(decision in is_fraud_decisions)
+                scores.append(ShadowScore(shadow.name, model, prob, decision in is_fraud_decisions))
             for (model, decision), count in counts.items():
                 self._metrics.shadow_scores.labels(shadow.name, model, decision).inc(count)
-            out.append((shadow.name, flags))
+            out.append(scores)
         return out
 
     async def _invoke(self, requests: list[tuple[str, np.ndarray]]) -> list[tuple[np.ndarray, list[list[str]]]]:

@@ -20,10 +20,20 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiokafka.errors import KafkaError
 
+from fraudactors.ab.ledger import (
+    AB_ADD,
+    Deltas,
+    LedgerKeys,
+    decision_deltas,
+    label_deltas,
+    member,
+    parse_member,
+)
 from fraudactors.engine.features import FeatureStoreActor
 from fraudactors.engine.inference import Scored
 from fraudactors.engine.metrics import EngineMetrics
@@ -51,6 +61,30 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (*_UNAVAILABLE, RedisError)
 
 
+@dataclass(frozen=True, slots=True)
+class Said:
+    """What the models said about one remembered decision: its ledger bucket and each member's
+    is_fraud (``d:A/v1`` decided, ``s:C/v3`` shadow). Entries written before the A/B ledger
+    (``A=1,B=0``: variant names, no bucket) have ``bucket`` None and count in the metrics only."""
+
+    bucket: int | None
+    flags: dict[str, bool]
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Said:
+        text = raw.decode()
+        bucket_text, tab, rest = text.partition("\t")
+        bucket = int(bucket_text) if tab else None
+        flags: dict[str, bool] = {}
+        for part in (rest if tab else text).split(","):
+            name, _, flag = part.partition("=")
+            flags[name] = flag == "1"
+        return cls(bucket, flags)
+
+    def variant_of(self, name: str) -> str:
+        return parse_member(name)[1] if self.bucket is not None else name
+
+
 def outcome(predicted_fraud: bool, labelled_fraud: bool) -> str:
     if predicted_fraud:
         return "tp" if labelled_fraud else "fp"
@@ -66,6 +100,11 @@ class OutcomeRecorder:
         self.keys = KeyLayout(settings.redis.key_prefix)
         self._ttl = settings.redis.ttl_s
         self._buffer: deque[tuple[str, bytes]] = deque(maxlen=_MAX_BUFFER)
+        # the A/B ledger's increments (fraudactors.ab.ledger), flushed with the outcomes
+        self.deltas = Deltas()
+        self.ledger_keys = LedgerKeys(settings.redis.key_prefix)
+        self._bucket_s = settings.ab.bucket_s
+        self._keep = settings.ab.keep_buckets
         self.dropped = 0
         self._redis: Any = None
         self._scripts: Any = None
@@ -77,10 +116,17 @@ class OutcomeRecorder:
         room = _MAX_BUFFER - len(buffer)
         if room < len(txns):
             self.dropped += len(txns) - room  # oldest go first; only metrics depend on them
+        deltas, bucket_s = self.deltas, self._bucket_s
         for txn, s in zip(txns, scored, strict=True):
-            parts = [f"{s.variant}={int(s.is_fraud)}"]
-            parts.extend(f"{name}={int(flag)}" for name, flag in s.shadows)
-            buffer.append((txn.user_id, f"{txn.transaction_id}\t{','.join(parts)}".encode()))
+            bucket = int(txn.event_time // bucket_s)
+            said = [(member("d", s.variant, s.model_version), s.probability, s.is_fraud)]
+            said.extend((member("s", sh.variant, sh.model_version), sh.probability, sh.is_fraud)
+                        for sh in s.shadows)
+            decision_deltas(deltas, bucket, said)
+            flags = ",".join(f"{name}={int(flagged)}" for name, _, flagged in said)
+            buffer.append((txn.user_id, f"{txn.transaction_id}\t{bucket}\t{flags}".encode()))
+        if txns:
+            deltas.saw(max(txn.event_time for txn in txns))
 
     def _grouped(self, user_ids: Sequence[str]) -> list[list[int]]:
         """Indexes grouped by hash slot on a cluster (one group on one instance)."""
@@ -91,8 +137,8 @@ class OutcomeRecorder:
             groups.setdefault(self.keys.user_tag(user_id), []).append(i)
         return list(groups.values())
 
-    async def lookup(self, labels: Sequence[Label]) -> list[dict[str, bool] | None]:
-        """What each variant said about each label's transaction (None: not remembered)."""
+    async def lookup(self, labels: Sequence[Label]) -> list[Said | None]:
+        """What each model said about each label's transaction (None: not remembered)."""
         if self._scripts is None or not labels:
             return [None] * len(labels)
         groups = self._grouped([label.user_id for label in labels])
@@ -102,17 +148,7 @@ class OutcomeRecorder:
         for group, reply in zip(groups, await self._scripts.run("lookup", calls), strict=True):
             for i, raw in zip(group, reply, strict=True):
                 values[i] = raw
-        out: list[dict[str, bool] | None] = []
-        for raw in values:
-            if not raw:
-                out.append(None)
-                continue
-            entry: dict[str, bool] = {}
-            for part in raw.decode().split(","):
-                name, _, flag = part.partition("=")
-                entry[name] = flag == "1"
-            out.append(entry)
-        return out
+        return [Said.parse(raw) if raw else None for raw in values]
 
     def connect(self) -> Any:
         """Open the client (lazily connected) and the scripts; returns the client."""
@@ -122,7 +158,8 @@ class OutcomeRecorder:
         client = make_client(self._settings, timeout, retry=True)
         self._redis = client
         self._scripts = ScriptRunner(client, self._settings.redis.cluster, {
-            "record": scripts.RECORD_OUTCOMES, "lookup": scripts.LOOKUP_OUTCOMES}, self._settings, timeout)
+            "record": scripts.RECORD_OUTCOMES, "lookup": scripts.LOOKUP_OUTCOMES, "ab_add": AB_ADD},
+            self._settings, timeout)
         return client
 
     async def run(self, task_status: Any) -> None:
@@ -154,6 +191,16 @@ class OutcomeRecorder:
             await client.aclose()
 
     async def flush(self) -> None:
+        await self._flush_outcomes()
+        if self.deltas and self._scripts is not None:
+            deltas = self.deltas.take()
+            try:
+                await self._scripts.run("ab_add", [deltas.call(self.ledger_keys, self._bucket_s, self._keep)])
+            except BaseException:
+                self.deltas.merge(deltas)
+                raise
+
+    async def _flush_outcomes(self) -> None:
         buffer = self._buffer
         keys_of = self.keys
         while self._scripts is not None and buffer:
@@ -256,14 +303,17 @@ class LabelConsumer:
         known = await self._outcomes.lookup([label for label, _ in changed])
         counts: dict[tuple[str, str], int] = {}
         unmatched = flips = 0
-        for (label, status), entry in zip(changed, known, strict=True):
+        deltas = self._outcomes.deltas
+        for (label, status), said in zip(changed, known, strict=True):
             flips += status == 2
-            if entry is None:
+            if said is None:
                 unmatched += 1
                 continue
-            for variant, predicted in entry.items():
-                key = (variant, outcome(predicted, label.is_fraud))
+            for name, predicted in said.flags.items():
+                key = (said.variant_of(name), outcome(predicted, label.is_fraud))
                 counts[key] = counts.get(key, 0) + 1
+            if said.bucket is not None:
+                label_deltas(deltas, said.bucket, said.flags, label.is_fraud, flipped=status == 2)
         for (variant, result), count in counts.items():
             self._metrics.label_outcomes.labels(variant, result).inc(count)
         if unmatched:

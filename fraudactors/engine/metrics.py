@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 # Latency buckets in seconds: sub-millisecond stages up to multi-second stalls.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _PROBABILITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+class _BeforeCollect:
+    """Registered first: runs its hooks when the registry is collected, before any metric is read
+    (figures too costly to keep current on the hot path are computed per scrape)."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Callable[[], None]] = []
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        for hook in self.hooks:
+            hook()
+        return ()
 
 
 class EngineMetrics:
@@ -16,6 +35,10 @@ class EngineMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        before = _BeforeCollect()
+        r.register(before)
+        # called on every collection of the registry (a /metrics scrape), before the metrics are read
+        self.on_collect = before.hooks
         self.records_consumed = Counter(
             "fraudactors_records_consumed", "Records fetched from the transactions topic.",
             ["partition"], registry=r)
@@ -124,6 +147,60 @@ class EngineMetrics:
             "fraudactors_publish_window",
             "Records handed to the producer and not yet acknowledged, per output partition "
             "(at most engine.publish_window).", ["topic", "partition"], registry=r)
+
+        # the model monitor (engine/monitor.py; docs/operations.md, "Model monitor")
+        self.feature_psi = Gauge(
+            "fraudactors_feature_psi",
+            "Population stability index of a feature over the monitor's event-time window vs the "
+            "version's training reference (top: one of the reference's most important features).",
+            ["version", "feature", "top"], registry=r)
+        self.score_psi = Gauge(
+            "fraudactors_score_psi",
+            "Population stability index of a version's scores over the monitor's window vs its training reference.",
+            ["version"], registry=r)
+        self.degraded_share = Gauge(
+            "fraudactors_degraded_share", "Share of degraded decisions in the monitor's event-time window.",
+            registry=r)
+        self.model_offline_detection_rate = Gauge(
+            "fraudactors_model_offline_detection_rate",
+            "A version's (or its fallback's) detection rate at its review threshold on its held-out weeks (metadata.json).",
+            ["version"], registry=r)
+        # A/B evidence over the ledger's window of event time (fraudactors.ab; docs/models.md),
+        # refreshed every ab.refresh_s; the same figures as `fraudactors ab report`.
+        ab = ["variant", "version", "role"]
+        self.ab_decisions = Gauge(
+            "fraudactors_ab_decisions", "Decisions (or shadow scores) per model in the A/B window.", ab, registry=r)
+        self.ab_flagged_rate = Gauge(
+            "fraudactors_ab_flagged_rate", "Share of the A/B window's transactions the model flagged.", ab,
+            registry=r)
+        self.ab_frauds = Gauge(
+            "fraudactors_ab_frauds", "Labelled frauds in the A/B window, caught or missed by the model.",
+            [*ab, "outcome"], registry=r)
+        self.ab_detection_rate = Gauge(
+            "fraudactors_ab_detection_rate", "Labelled frauds caught / labelled frauds, in the A/B window.", ab,
+            registry=r)
+        self.ab_detection_rate_ci = Gauge(
+            "fraudactors_ab_detection_rate_ci", "95 % Wilson interval of fraudactors_ab_detection_rate.",
+            [*ab, "bound"], registry=r)
+        self.ab_precision = Gauge(
+            "fraudactors_ab_precision",
+            "Labelled frauds caught / transactions flagged, in the A/B window (a lower bound until mature).",
+            ab, registry=r)
+        self.ab_label_maturity = Gauge(
+            "fraudactors_ab_label_maturity",
+            "Share of the A/B window's decisions older than ab.label_delay_s (their labels should be in).",
+            ab, registry=r)
+        self.ab_p_value = Gauge(
+            "fraudactors_ab_p_value",
+            "p-value of the detection difference, challenger against champion (McNemar or z-test).",
+            ["challenger", "champion", "traffic"], registry=r)
+        self.routing_changes = Counter(
+            "fraudactors_routing_changes",
+            "Routing documents from the control topic: applied, or refused (the routing in force kept serving).",
+            ["result"], registry=r)
+        self.routing_revision = Gauge(
+            "fraudactors_routing_revision",
+            "Revision of the routing this replica decides with (0: the configuration's variants).", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -251,7 +251,8 @@ class FeatureWorker:
         try:
             if txns:
                 scored = await self._inference.score(batch.X, [t.transaction_id for t in txns],
-                                                     degraded=batch.degraded)
+                                                     degraded=batch.degraded,
+                                                     event_times=[t.event_time for t in txns])
         except BaseException:
             if previous is not None:  # fail only after the batches before this one are handed off
                 await asyncio.gather(previous, return_exceptions=True)
@@ -345,6 +346,7 @@ class FeatureWorker:
         decided_at = utc_now_iso()
         now = time.monotonic()
         hist = metrics.decision_latency
+        emit_shadow = self._settings.engine.emit_shadow
         out: list[Message] = []
         counts: dict[tuple[str, str, str], int] = {}
         for txn, arrival, s, row in zip(txns, arrivals, scored, rows, strict=True):
@@ -357,7 +359,8 @@ class FeatureWorker:
                 fraud_probability=s.probability, decision=s.decision, model_version=s.model_version,
                 variant=s.variant, reasons=s.reasons, degraded=degraded, event_time=txn.timestamp,
                 decided_at=decided_at, latency_ms=latency_s * 1000.0,
-                features=None if row is None or names is None else dict(zip(names, row, strict=True)))
+                features=None if row is None or names is None else dict(zip(names, row, strict=True)),
+                shadow={sh.variant: sh.probability for sh in s.shadows} if emit_shadow else None)
             out.append((topic, txn.user_id.encode(), value, None))
         for (variant, version, decision), count in counts.items():
             metrics.decisions.labels(variant, version, decision).inc(count)

@@ -392,6 +392,24 @@ def _train_one(ctx: TrainContext, name: str, algo: str, names: tuple[str, ...], 
     return evaluated, _build(ctx, ctx.final, name, algo, names, columns, what, params)
 
 
+def _reference_meta(ctx: TrainContext, main: _Built, fallback: _Built, columns: np.ndarray) -> dict[str, Any]:
+    """The monitor's reference (:mod:`fraudactors.modeling.reference`): the feature distributions of
+    the rows the shipped model was fit on, its scores (and its fallback's) on its calibration rows."""
+    from fraudactors.features.definition import FEATURE_NAMES
+    from fraudactors.modeling.reference import build_reference
+    from fraudactors.modeling.scorer import make_session
+
+    split = ctx.final or ctx.split
+    X_calib = ctx.X[split.calib]
+    scores = onnx_proba(make_session(main.onnx), X_calib)
+    fallback_scores = onnx_proba(make_session(fallback.onnx), X_calib[:, columns])
+    contributions = main.attribution.contributions(np.ascontiguousarray(X_calib[:5000], dtype=np.float32))
+    what = {"features": "every row of the shipped model's fit period (before the legit subsample)",
+            "score": "the shipped model's ONNX probabilities on its calibration rows"}
+    return build_reference(ctx.X, split.fit, FEATURE_NAMES, scores, contributions, what=what,
+                           fallback_scores=fallback_scores)
+
+
 def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Path) -> dict[str, Any]:
     """Fit, convert, calibrate, evaluate and write ``out_dir/version`` -- the model and its
     fallback for degraded mode (the same algorithm on the transaction-only features, its own
@@ -482,6 +500,7 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
             "fit_legit_fraction": ctx.legit_fraction,
         },
         "data_summary": ds.summary(),
+        "reference": _reference_meta(ctx, main, fallback, columns),
         "inference": main.inference,
         "libraries": library_versions(),
     }

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fraudactors.errors import ModelError, ModelIntegrityError
+from fraudactors.modeling.reference import Reference, parse_reference
 
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
@@ -59,6 +60,27 @@ class ModelInfo:
     sha256: str
     metadata: dict[str, Any]
     fallback: FallbackInfo | None = None
+    # The monitor's reference distributions (metadata 'reference'); None with the reason when absent.
+    reference: Reference | None = None
+    reference_problem: str | None = None
+
+    @property
+    def offline_detection_rate(self) -> float | None:
+        """Detection at the review threshold on the time split's held-out weeks (metadata 'metrics')."""
+        try:
+            value = self.metadata["metrics"]["test"]["at_thresholds"]["review"]["detection_rate"]
+        except (KeyError, TypeError):
+            return None
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def fallback_offline_detection_rate(self) -> float | None:
+        """The same figure of the version's fallback (metadata 'fallback.metrics')."""
+        try:
+            value = self.metadata["fallback"]["metrics"]["test"]["at_thresholds"]["review"]["detection_rate"]
+        except (KeyError, TypeError):
+            return None
+        return float(value) if isinstance(value, int | float) else None
 
     @property
     def model_path(self) -> Path:
@@ -163,7 +185,20 @@ def load_model_info(models_dir: str | Path, version: str,
     if "fallback" in metadata:
         fallback = _load_fallback(version, directory, metadata["fallback"], names)
         info = dataclasses.replace(info, fallback=fallback)
-    return info
+    return dataclasses.replace(info, **_load_reference(metadata, names))
+
+
+def _load_reference(metadata: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """``reference`` / ``reference_problem`` of :class:`ModelInfo`: a model without a (valid) reference
+    still scores; only its drift is not monitored."""
+    entry = metadata.get("reference")
+    if entry is None:
+        return {"reference_problem": "metadata.json has no 'reference' section (trained before the monitor; "
+                                     "retrain with `fraudactors train`)"}
+    try:
+        return {"reference": parse_reference(entry, names)}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return {"reference_problem": f"metadata.json section 'reference' is invalid: {exc!r}"}
 
 
 def _load_fallback(version: str, directory: Path, entry: Any, main_names: tuple[str, ...]) -> FallbackInfo:

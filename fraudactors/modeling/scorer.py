@@ -81,18 +81,36 @@ def _load(name: str, info: ModelInfo, path: Path, sha256: str, attr_path: Path |
                    columns=columns)
 
 
+def _load_version(info: ModelInfo) -> dict[str, _Loaded]:
+    """A version's sessions: the model, and its fallback when it has one."""
+    out = {info.version: _load(info.version, info, info.model_path, info.sha256, info.attribution_path,
+                               info.attribution_sha256, info.feature_names, None)}
+    fb = info.fallback
+    if fb is not None:
+        columns = np.array([info.feature_names.index(n) for n in fb.feature_names], dtype=np.intp)
+        out[fb.version] = _load(fb.version, info, fb.path, fb.sha256, fb.attribution_path,
+                                fb.attribution_sha256, fb.feature_names, columns)
+    return out
+
+
 class Scorer:
     def __init__(self, infos: Sequence[ModelInfo]) -> None:
         self._models: dict[str, _Loaded] = {}
         for info in infos:
-            self._models[info.version] = _load(
-                info.version, info, info.model_path, info.sha256, info.attribution_path, info.attribution_sha256,
-                info.feature_names, None)
-            fb = info.fallback
-            if fb is not None:
-                columns = np.array([info.feature_names.index(n) for n in fb.feature_names], dtype=np.intp)
-                self._models[fb.version] = _load(fb.version, info, fb.path, fb.sha256, fb.attribution_path,
-                                                 fb.attribution_sha256, fb.feature_names, columns)
+            self._models.update(_load_version(info))
+
+    def add(self, infos: Sequence[ModelInfo]) -> None:
+        """Load more versions, all or none (a live routing change). A version already loaded stays
+        as it is; it must be the same model (sha256): a retrained model needs a new version name."""
+        loaded: dict[str, _Loaded] = {}
+        for info in infos:
+            have = self._models.get(info.version)
+            if have is None:
+                loaded.update(_load_version(info))
+            elif have.info.sha256 != info.sha256:
+                raise ModelError(f"model {info.version} is loaded with sha256 {have.info.sha256[:12]}..., its files "
+                                 f"now have {info.sha256[:12]}...; give a retrained model a new version")
+        self._models.update(loaded)
 
     @property
     def versions(self) -> tuple[str, ...]:

@@ -66,3 +66,7 @@ def block(sock_path: str) -> int:
         conn.sendall(f"{os.getpid()}\n".encode())
         conn.recv(1)
     return os.getpid()
+
+
+def read_state_and_pid() -> tuple[Any, int]:
+    return STATE, os.getpid()

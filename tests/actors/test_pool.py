@@ -253,3 +253,26 @@ async def test_close_lets_the_call_in_flight_finish(gate: Gate) -> None:
 def test_fork_start_method_is_refused() -> None:
     with pytest.raises(ValueError, match="fork"):
         ProcessPool(1, poolfuncs.init_state, (None,), mp_context="fork")
+
+
+async def test_broadcast_reaches_every_worker_and_later_workers_start_with_the_new_initargs() -> None:
+    async with ProcessPool(3, poolfuncs.init_state, ("v1",), name="bcast") as pool:
+        await pool.broadcast(poolfuncs.init_state, "v2", initargs=("v2",))
+        states = await asyncio.gather(*(pool.call(poolfuncs.read_state_and_pid) for _ in range(30)))
+        assert {pid for _, pid in states} == set(pool.pids) and {s for s, _ in states} == {"v2"}
+        victim = pool.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        await wait_until(lambda: victim not in pool.pids and len(pool.pids) == 3)
+        states = await asyncio.gather(*(pool.call(poolfuncs.read_state_and_pid) for _ in range(30)))
+        assert {s for s, _ in states} == {"v2"}, "a replacement started with the old initargs"
+
+
+async def test_a_broadcast_that_fails_in_a_worker_raises_and_keeps_the_old_initargs() -> None:
+    async with ProcessPool(2, poolfuncs.init_state, ("v1",), name="bcast-fail") as pool:
+        with pytest.raises(ValueError, match="cannot load v3"):
+            await pool.broadcast(poolfuncs.boom, "cannot load v3", initargs=("v3",))
+        victim = pool.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        await wait_until(lambda: victim not in pool.pids and len(pool.pids) == 2)
+        states = await asyncio.gather(*(pool.call(poolfuncs.read_state_and_pid) for _ in range(20)))
+        assert {s for s, _ in states} == {"v1"}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,6 +19,7 @@ import orjson
 from aiokafka import TopicPartition
 
 from fraudactors.engine.engine import Engine
+from fraudactors.modeling.registry import sha256_file
 from fraudactors.services.kafka import make_consumer, make_producer
 from fraudactors.settings import Settings
 
@@ -181,6 +184,7 @@ def engine_env(settings: Settings, **extra: str) -> dict[str, str]:
         "FRAUDACTORS_TOPICS__PREDICTIONS": t.predictions,
         "FRAUDACTORS_TOPICS__LABELS": t.labels,
         "FRAUDACTORS_TOPICS__DLQ": t.dlq,
+        "FRAUDACTORS_TOPICS__CONTROL": t.control,
         "FRAUDACTORS_TOPICS__PARTITIONS": str(t.partitions),
         "FRAUDACTORS_REDIS__URL": r.url,
         "FRAUDACTORS_REDIS__KEY_PREFIX": r.key_prefix,
@@ -272,3 +276,24 @@ async def running(settings: Settings) -> AsyncIterator[Engine]:
         yield engine
     finally:
         await engine.stop()
+
+
+def models_with_extras(models_dir: Path, tmp_path: Path) -> Path:
+    """The committed v1 and v2, plus ``v2b`` (v2's files under a new version name), ``v3-bad-sha``
+    (a model.onnx that no longer matches its metadata) and ``v3-bad-onnx`` (bytes onnxruntime
+    cannot load, with their sha256 recorded: only loading finds the fault)."""
+    root = tmp_path / "models"
+    root.mkdir()
+    for version in ("v1", "v2"):
+        (root / version).symlink_to(models_dir / version, target_is_directory=True)
+    shutil.copytree(models_dir / "v2", root / "v2b")
+    bad_sha = shutil.copytree(models_dir / "v2", root / "v3-bad-sha")
+    data = bytearray((bad_sha / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad_sha / "model.onnx").write_bytes(bytes(data))
+    bad_onnx = shutil.copytree(models_dir / "v2", root / "v3-bad-onnx")
+    (bad_onnx / "model.onnx").write_bytes(b"this is not an ONNX graph" * 100)
+    meta = json.loads((bad_onnx / "metadata.json").read_text())
+    meta["sha256"] = sha256_file(bad_onnx / "model.onnx")
+    (bad_onnx / "metadata.json").write_text(json.dumps(meta))
+    return root

@@ -175,7 +175,9 @@ async def test_a_shadow_variant_scores_degraded_rows_with_its_own_fallback(model
     probs = Scorer([load_model_info(models_dir, "v2")]).predict_proba(fb.version, X_degraded)
     thresholds = Thresholds(fb.review_threshold, fb.decline_threshold)
     expected = [thresholds.decide(p) != "approve" for p in probs.tolist()]
-    assert [dict(x.shadows)["S"] for x in scored] == expected
+    assert [{sh.variant: sh.is_fraud for sh in x.shadows}["S"] for x in scored] == expected
+    assert all(x.shadows[0].model_version == "v2-fallback" for x in scored)
+    assert [x.shadows[0].probability for x in scored] == probs.tolist()
     assert all(x.model_version == "v1-fallback" for x in scored)
     samples = metric_samples(metrics.render())
     assert metric_sum(samples, "fraudactors_shadow_scores_total", model_version="v2-fallback") == len(ids)

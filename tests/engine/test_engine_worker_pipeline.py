@@ -50,7 +50,8 @@ class _Inference:
         self.fail = fail
         self.calls = 0
 
-    async def score(self, X: np.ndarray, ids: Sequence[str], degraded: bool = False) -> list[Scored]:
+    async def score(self, X: np.ndarray, ids: Sequence[str], degraded: bool = False,
+                    event_times: Sequence[float] | None = None) -> list[Scored]:
         self.calls += 1
         if self.calls == 1:
             await self.release.wait()

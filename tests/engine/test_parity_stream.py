@@ -130,7 +130,8 @@ async def test_fifty_thousand_streamed_transactions_have_the_offline_features_on
     suffix = uuid.uuid4().hex[:8]
     s = engine_settings.replace(
         topics={"partitions": 1, "transactions": f"parity-tx-{suffix}", "predictions": f"parity-pred-{suffix}",
-                "labels": f"parity-labels-{suffix}", "dlq": f"parity-dlq-{suffix}"},
+                "labels": f"parity-labels-{suffix}", "dlq": f"parity-dlq-{suffix}",
+                "control": f"parity-control-{suffix}"},
         engine={"emit_features": True})
     data = simulate(seed=41, n_users=900, n_merchants=300, days=21.0, minimum=50_000)
     assert len(data.labels) >= 250, "label feedback must be flowing"

@@ -55,6 +55,13 @@ def test_demo_runs_engine_and_load_and_writes_the_report(tmp_path: Path) -> None
     lines = proc.stdout.splitlines()
     assert any(line.startswith("streaming ") for line in lines)
     assert any(line.startswith("| latency p50 / p95 / p99") for line in lines)  # the summary table
+    # the A/B table closes the summary: every decision (warm-up and run) in the ledger, per model
+    assert any(line.startswith("A/B evidence, event time") for line in lines)
+    assert any(line.startswith("labels fed: ") for line in lines)
+    deciding = [row for row in report["ab"]["variants"] if row["role"] == "deciding"]
+    assert {row["variant"] for row in deciding} == {"A", "B"}
+    assert sum(row["decisions"] for row in deciding) == 3000
+    assert report["ab"]["comparisons"][0]["champion"] == "d:A/v1"
     pids = [int(m.group(1)) for m in map(PID_LINE.match, lines) if m]
     assert len(pids) == 3, lines  # broker, Redis, engine
     deadline = time.monotonic() + 15

@@ -87,6 +87,6 @@ async def test_warmup_is_decided_first_and_left_out_of_the_report(settings: Sett
     check_report(report)
     assert pipeline.processed == 500
     assert report["warmup"] == {"sent": 300, "decided": 300, "seconds": report["warmup"]["seconds"],
-                                "complete": True}
+                                "complete": True, "labels_sent": report["warmup"]["labels_sent"]}
     assert report["sent"] == report["decided"] == 200 and report["lost"] == 0
     assert report["foreign_decisions"] == 0

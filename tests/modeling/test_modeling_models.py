@@ -359,3 +359,29 @@ def test_float32_floor_keeps_float64_comparisons() -> None:
     thr = np.tile(thresholds, 3)
     t = np.tile(t32, 3)
     assert ((x.astype(np.float64) <= thr) == (x <= t)).all()
+
+
+def test_the_reference_is_the_fit_population_and_the_held_out_weeks_do_not_drift_from_it(
+        tiny_models_no_refit: Path) -> None:
+    """metadata.json 'reference': the fit rows' quantile bins. The held-out weeks (the same population,
+    later) stay under the 0.2 drift threshold on the amount and the score; tripled amounts pass it."""
+    from fraudactors.modeling.reference import bin_counts, psi
+
+    info = load_model_info(tiny_models_no_refit, "v1")
+    ref = info.reference
+    assert ref is not None, info.reference_problem
+    assert sorted(ref.top_features) == sorted(FEATURE_NAMES) and ref.fallback_score is not None
+    meta = info.metadata
+    assert meta["reference"]["feature_rows"] == meta["training"]["rows"]["fit"]
+    for hist in (*ref.features.values(), ref.score, ref.fallback_score):
+        assert hist.shares.sum() == pytest.approx(1.0, abs=1e-4) and hist.shares.size == hist.edges.size + 1
+    assert ref.features["is_international"].edges.size <= 2  # a 0/1 flag: ties merged
+    X, _, _ = held_out_set(meta["training"], show_progress=False)
+    amount = ref.features["amount"]
+    column = X[:, FEATURE_INDEX["amount"]]
+    probs = Scorer([info]).predict_proba("v1", X)
+    print("held-out weeks PSI: amount", psi(bin_counts(column, amount.edges), amount.shares),
+          "score", psi(bin_counts(probs, ref.score.edges), ref.score.shares))
+    assert psi(bin_counts(column, amount.edges), amount.shares) < 0.1
+    assert psi(bin_counts(probs, ref.score.edges), ref.score.shares) < 0.2
+    assert psi(bin_counts(column * 3, amount.edges), amount.shares) > 0.2

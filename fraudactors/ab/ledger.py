@@ -1,0 +1,236 @@
+"""The A/B ledger: what each model decided and what the delayed labels said, by event-time bucket.
+
+Every decision adds to the bucket of its transaction's event time, under its *member*: the role,
+variant and model that scored it (``d:A/v1`` decided, ``s:C/v3`` scored as a shadow, ``d:A/v1-fallback``
+decided degraded). A label adds, later, to the bucket of the decision it confirms. Fields of a
+bucket hash:
+
+| field | counts |
+|---|---|
+| ``n`` / ``f`` | decisions / flagged (``is_fraud``) |
+| ``h0`` .. ``h19`` | the score histogram, 20 bins of width 0.05 |
+| ``tp`` / ``fn`` | labelled frauds flagged / missed |
+| ``fp`` / ``tn`` | labelled legitimate transactions flagged / not flagged |
+| ``p:<member>`` | labelled frauds the other member scored too (pairs) |
+| ``x:<member>`` | ... of which this member flagged and the other missed (McNemar's discordant pairs) |
+
+Keys (all under the ``{ab}`` hash tag: one slot, one script call per flush, also on a cluster):
+
+| key | holds |
+|---|---|
+| ``<prefix>{ab}:i`` | sorted set: ``<bucket>:<member>`` scored by bucket |
+| ``<prefix>{ab}:t`` | the newest event time recorded (the ledger's clock) |
+| ``<prefix>{ab}:b:<bucket>:<member>`` | one bucket of one member (hash above) |
+
+Memory is bounded by time and models, never by decisions: buckets older than ``ab.window_s``
+before the newest event time are deleted by the same script that adds (event time: a backfill of
+last year keeps a window of last year). A flipped label takes its earlier verdict back out.
+
+The counts are evidence, not the books: a record replayed after a crash counts its decision again,
+and increments buffered in a replica are lost if it is killed within a flush interval (0.2 s).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+HIST_BINS = 20
+
+# KEYS: index (zset), clock (string), then one bucket hash per entry.
+# ARGV: bucket_s, buckets to keep, the newest event time of this call ("" if none), the bucket
+# key base ("<prefix>{ab}:b:"), a JSON array of [bucket, member, [field, increment, ...]] aligned
+# with KEYS[3..]. Adds what is inside the kept window, drops the rest, deletes buckets that fell
+# out of it. Returns the number of entries applied.
+AB_ADD = """#!lua
+local function check_type(key, want)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= want then
+    return redis.error_reply('INVALID WRONGTYPE ' .. key .. ' is a ' .. t .. ', expected ' .. want)
+  end
+  return nil
+end
+local bucket_s, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+local entries = cjson.decode(ARGV[5])
+if not bucket_s or bucket_s <= 0 or not keep or #entries ~= #KEYS - 2 then
+  return redis.error_reply('INVALID arguments')
+end
+local err = check_type(KEYS[1], 'zset') or check_type(KEYS[2], 'string')
+if err then return err end
+for i = 3, #KEYS do
+  err = check_type(KEYS[i], 'hash')
+  if err then return err end
+end
+local now = tonumber(redis.call('GET', KEYS[2]) or '')
+local t = tonumber(ARGV[3])
+if t and (not now or t > now) then
+  redis.call('SET', KEYS[2], ARGV[3])
+  now = t
+end
+local floor = -1e18
+if now then floor = math.floor(now / bucket_s) - keep end
+local applied = 0
+for i, e in ipairs(entries) do
+  if e[1] > floor then
+    local kv = e[3]
+    for j = 1, #kv, 2 do
+      redis.call('HINCRBY', KEYS[i + 2], kv[j], kv[j + 1])
+    end
+    redis.call('ZADD', KEYS[1], e[1], e[1] .. ':' .. e[2])
+    applied = applied + 1
+  end
+end
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', floor)
+for _, m in ipairs(old) do
+  redis.call('DEL', ARGV[4] .. m)
+end
+if #old > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', floor)
+end
+return applied
+"""
+
+
+def member(role: str, variant: str, model: str) -> str:
+    """``d:A/v1`` (decided) or ``s:C/v3`` (shadow)."""
+    return f"{role}:{variant}/{model}"
+
+
+def parse_member(name: str) -> tuple[str, str, str]:
+    """(role, variant, model) of a member name."""
+    role, _, rest = name.partition(":")
+    variant, _, model = rest.partition("/")
+    return role, variant, model
+
+
+def score_bin(probability: float) -> str:
+    return f"h{min(max(int(probability * HIST_BINS), 0), HIST_BINS - 1)}"
+
+
+class LedgerKeys:
+    __slots__ = ("base", "clock", "index")
+
+    def __init__(self, prefix: str) -> None:
+        self.index = f"{prefix}{{ab}}:i"
+        self.clock = f"{prefix}{{ab}}:t"
+        self.base = f"{prefix}{{ab}}:b:"
+
+    def bucket(self, bucket: int, name: str) -> str:
+        return f"{self.base}{bucket}:{name}"
+
+
+class Deltas:
+    """Increments not yet in Redis: {(bucket, member): {field: increment}} and the newest event time.
+    Bounded by buckets x members x fields, whatever the traffic."""
+
+    __slots__ = ("counts", "newest")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[int, str], dict[str, int]] = {}
+        self.newest: float | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def add(self, bucket: int, name: str, field_name: str, increment: int = 1) -> None:
+        fields = self.counts.get((bucket, name))
+        if fields is None:
+            fields = self.counts[(bucket, name)] = {}
+        fields[field_name] = fields.get(field_name, 0) + increment
+
+    def saw(self, event_time: float) -> None:
+        if self.newest is None or event_time > self.newest:
+            self.newest = event_time
+
+    def take(self) -> Deltas:
+        """Hand over everything (self is empty afterwards)."""
+        out = Deltas()
+        out.counts, out.newest = self.counts, self.newest
+        self.counts, self.newest = {}, None
+        return out
+
+    def merge(self, other: Deltas) -> None:
+        """Put back increments that could not be written."""
+        for (bucket, name), fields in other.counts.items():
+            for field_name, increment in fields.items():
+                self.add(bucket, name, field_name, increment)
+        if other.newest is not None:
+            self.saw(other.newest)
+
+    def call(self, keys: LedgerKeys, bucket_s: int, keep: int) -> tuple[list[str], list[Any]]:
+        """The AB_ADD call for these increments: (keys, args)."""
+        items = [(bucket, name, fields) for (bucket, name), fields in self.counts.items()]
+        call_keys = [keys.index, keys.clock, *(keys.bucket(b, n) for b, n, _ in items)]
+        entries = [[b, n, [x for kv in fields.items() for x in kv]] for b, n, fields in items]
+        newest = "" if self.newest is None else repr(self.newest)
+        return call_keys, [bucket_s, keep, newest, keys.base, orjson.dumps(entries)]
+
+
+def label_deltas(deltas: Deltas, bucket: int, said: Mapping[str, bool], is_fraud: bool, flipped: bool) -> None:
+    """A label's increments for the decision it confirms: ``said`` is each member's is_fraud; a
+    flipped verdict first takes the opposite verdict's increments back out."""
+    verdicts = [(not is_fraud, -1), (is_fraud, 1)] if flipped else [(is_fraud, 1)]
+    for fraud, sign in verdicts:
+        for name, flagged in said.items():
+            deltas.add(bucket, name, ("tp" if flagged else "fn") if fraud else ("fp" if flagged else "tn"), sign)
+            if not fraud:
+                continue
+            for other, other_flagged in said.items():
+                if other == name:
+                    continue
+                deltas.add(bucket, name, f"p:{other}", sign)
+                if flagged and not other_flagged:
+                    deltas.add(bucket, name, f"x:{other}", sign)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Window:
+    """The ledger's buckets over a window of event time, per member."""
+
+    newest: float | None  # the ledger's clock: the newest event time recorded
+    bucket_s: int
+    start_bucket: int | None
+    buckets: dict[str, dict[int, dict[str, int]]] = field(default_factory=dict)
+
+
+def _int_fields(raw: Mapping[Any, Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k, v in raw.items():
+        out[k.decode() if isinstance(k, bytes) else str(k)] = int(v)
+    return out
+
+
+async def read_window(client: Any, keys: LedgerKeys, bucket_s: int, window_s: float) -> Window:
+    """The buckets of the last ``window_s`` of event time (ending at the ledger's clock)."""
+    raw_now = await client.get(keys.clock)
+    if raw_now is None:
+        return Window(None, bucket_s, None)
+    newest = float(raw_now)
+    start = math.floor((newest - window_s) / bucket_s) + 1
+    members = await client.zrangebyscore(keys.index, start, "+inf")
+    names = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+    window = Window(newest, bucket_s, start)
+    if not names:
+        return window
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(keys.base + name)
+    for name, raw in zip(names, await pipe.execute(), strict=True):
+        bucket_text, _, who = name.partition(":")
+        window.buckets.setdefault(who, {})[int(bucket_text)] = _int_fields(raw or {})
+    return window
+
+
+def decision_deltas(deltas: Deltas, bucket: int, entries: Iterable[tuple[str, float, bool]]) -> None:
+    """One transaction's decision increments: (member, probability, flagged) per model that scored it."""
+    for name, probability, flagged in entries:
+        deltas.add(bucket, name, "n")
+        if flagged:
+            deltas.add(bucket, name, "f")
+        deltas.add(bucket, name, score_bin(probability))

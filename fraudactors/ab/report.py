@@ -1,0 +1,217 @@
+"""Per-model evidence over a window of event time, and champion/challenger verdicts.
+
+Built from the ledger (:mod:`fraudactors.ab.ledger`). For every member (role, variant, model):
+decisions, flagged rate, labelled frauds caught and missed, detection rate and precision at its
+own thresholds, the false-positive rate (flagged transactions not labelled fraud, over those not
+labelled fraud), the score distribution, each with its **label maturity**: the share of the
+window's decisions older than ``ab.label_delay_s`` (whose labels should be in). A figure over
+immature decisions is a lower bound for precision and noisy for detection; the report says so.
+
+The *champion* is the deciding model with the most decisions in the window (degraded fallbacks
+aside); every other non-fallback member is a challenger. A shadow challenger is compared on the
+same transactions (McNemar); a deciding one on its own share of the traffic (two-proportion z).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fraudactors.ab.ledger import HIST_BINS, Window, parse_member
+from fraudactors.ab.stats import TestResult, mcnemar, two_proportions, wilson
+from fraudactors.modeling.registry import FALLBACK_SUFFIX
+
+
+@dataclass(slots=True)
+class Evidence:
+    """One member's totals over the window."""
+
+    member: str
+    role: str  # "deciding" | "shadow"
+    variant: str
+    model_version: str
+    decisions: int = 0
+    flagged: int = 0
+    tp: int = 0
+    fn: int = 0
+    fp: int = 0
+    tn: int = 0
+    mature_decisions: int = 0
+    histogram: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
+    pairs: dict[str, int] = field(default_factory=dict)  # p:<other>
+    only_this: dict[str, int] = field(default_factory=dict)  # x:<other>
+
+    @property
+    def fallback(self) -> bool:
+        return self.model_version.endswith(FALLBACK_SUFFIX)
+
+    @property
+    def frauds(self) -> int:
+        return self.tp + self.fn
+
+
+def _rate(k: int, n: int) -> float | None:
+    return k / n if n > 0 else None
+
+
+def _quantile(histogram: list[int], q: float) -> float | None:
+    total = sum(histogram)
+    if total == 0:
+        return None
+    target, acc = q * total, 0
+    for i, count in enumerate(histogram):
+        acc += count
+        if acc >= target:
+            return (i + 1) / HIST_BINS  # the bin's upper edge
+    return 1.0  # pragma: no cover
+
+
+def gather(window: Window, label_delay_s: float) -> list[Evidence]:
+    """Sum each member's buckets; maturity from the ledger's clock."""
+    mature_before = None if window.newest is None else window.newest - label_delay_s
+    out: list[Evidence] = []
+    for name, buckets in sorted(window.buckets.items()):
+        role, variant, model = parse_member(name)
+        ev = Evidence(name, "shadow" if role == "s" else "deciding", variant, model)
+        for bucket, fields in buckets.items():
+            n = fields.get("n", 0)
+            ev.decisions += n
+            ev.flagged += fields.get("f", 0)
+            ev.tp += fields.get("tp", 0)
+            ev.fn += fields.get("fn", 0)
+            ev.fp += fields.get("fp", 0)
+            ev.tn += fields.get("tn", 0)
+            if mature_before is not None and (bucket + 1) * window.bucket_s <= mature_before:
+                ev.mature_decisions += n
+            for i in range(HIST_BINS):
+                ev.histogram[i] += fields.get(f"h{i}", 0)
+            for key, value in fields.items():
+                if key.startswith("p:"):
+                    ev.pairs[key[2:]] = ev.pairs.get(key[2:], 0) + value
+                elif key.startswith("x:"):
+                    ev.only_this[key[2:]] = ev.only_this.get(key[2:], 0) + value
+        out.append(ev)
+    return out
+
+
+def evidence_row(ev: Evidence, alpha: float) -> dict[str, Any]:
+    """The JSON row of one member."""
+    not_fraud = ev.decisions - ev.frauds
+    false_positives = max(ev.flagged - ev.tp, 0)
+    return {
+        "member": ev.member, "variant": ev.variant, "model_version": ev.model_version, "role": ev.role,
+        "decisions": ev.decisions, "flagged": ev.flagged, "flagged_rate": _rate(ev.flagged, ev.decisions),
+        "frauds_caught": ev.tp, "frauds_missed": ev.fn, "labelled_legitimate": ev.fp + ev.tn,
+        "detection_rate": _rate(ev.tp, ev.frauds), "detection_ci": wilson(ev.tp, ev.frauds, alpha),
+        "precision": _rate(ev.tp, ev.flagged), "precision_ci": wilson(ev.tp, ev.flagged, alpha),
+        "false_positive_rate": _rate(false_positives, not_fraud),
+        "false_positive_rate_ci": wilson(false_positives, not_fraud, alpha),
+        "label_maturity": _rate(ev.mature_decisions, ev.decisions),
+        "score": {"p50": _quantile(ev.histogram, 0.5), "p90": _quantile(ev.histogram, 0.9),
+                  "p99": _quantile(ev.histogram, 0.99), "histogram": list(ev.histogram)},
+    }
+
+
+def _verdict(name: str, result: TestResult, flagged: TestResult | None, alpha: float) -> str:
+    if result.p_value is None:
+        return "no labelled frauds yet"
+    if result.p_value >= alpha:
+        more = f"~{result.more_needed:,}" if result.more_needed is not None else "more"
+        return f"no difference detectable yet (need {more} more labelled frauds)"
+    if result.difference > 0:
+        if flagged is not None and flagged.p_value is not None and flagged.p_value < alpha \
+                and flagged.difference > 0:
+            return (f"no clear winner: {name} catches more frauds but also flags more transactions "
+                    f"(+{flagged.difference * 100:.2f} points)")
+        return f"{name} better"
+    return f"{name} worse"
+
+
+def compare(champion: Evidence, challenger: Evidence, *, alpha: float, power: float,
+            min_effect: float) -> dict[str, Any]:
+    """The champion/challenger row: the test, its p-value and the plain verdict."""
+    flagged = two_proportions(champion.flagged, champion.decisions, challenger.flagged, challenger.decisions,
+                              alpha=alpha, power=power, min_effect=min_effect)
+    if challenger.role == "shadow":
+        traffic = "identical"
+        paired = champion.pairs.get(challenger.member, 0)
+        result = mcnemar(champion.only_this.get(challenger.member, 0),
+                         challenger.only_this.get(champion.member, 0), paired,
+                         alpha=alpha, power=power, min_effect=min_effect)
+        counts = {"paired_frauds": paired, "only_champion_caught": champion.only_this.get(challenger.member, 0),
+                  "only_challenger_caught": challenger.only_this.get(champion.member, 0)}
+    else:
+        traffic = "split"
+        result = two_proportions(champion.tp, champion.frauds, challenger.tp, challenger.frauds,
+                                 alpha=alpha, power=power, min_effect=min_effect)
+        counts = {"champion_frauds": champion.frauds, "challenger_frauds": challenger.frauds}
+    return {
+        "champion": champion.member, "challenger": challenger.member, "traffic": traffic,
+        "test": result.test, "detection_difference": result.difference, "p_value": result.p_value,
+        "more_labelled_frauds_needed": result.more_needed,
+        "flagged_rate_difference": flagged.difference, "flagged_rate_p_value": flagged.p_value,
+        **counts, "verdict": _verdict(challenger.variant, result, flagged, alpha),
+    }
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def build_report(window: Window, *, window_s: float, label_delay_s: float, alpha: float = 0.05,
+                 power: float = 0.8, min_effect: float = 0.01) -> dict[str, Any]:
+    evidence = gather(window, label_delay_s)
+    deciding = [ev for ev in evidence if ev.role == "deciding" and not ev.fallback]
+    champion = max(deciding, key=lambda ev: (ev.decisions, ev.member)) if deciding else None
+    comparisons = []
+    if champion is not None:
+        for ev in evidence:
+            if ev is champion or ev.fallback:
+                continue
+            comparisons.append(compare(champion, ev, alpha=alpha, power=power, min_effect=min_effect))
+    return {
+        "window": {"from": _iso(None if window.newest is None else window.newest - window_s),
+                   "to": _iso(window.newest), "window_s": window_s, "label_delay_s": label_delay_s,
+                   "bucket_s": window.bucket_s, "alpha": alpha},
+        "champion": None if champion is None else champion.member,
+        "variants": [evidence_row(ev, alpha) for ev in evidence],
+        "comparisons": comparisons,
+    }
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x * 100:.{digits}f}%"
+
+
+def _ci(ci: Any) -> str:
+    return "" if not ci else f" [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a plain-text table and one line per comparison."""
+    w = report["window"]
+    lines = [f"A/B evidence, event time {w['from'] or '-'} .. {w['to'] or '-'} "
+             f"(label delay {w['label_delay_s'] / 86400:g} d; 95% intervals)"]
+    if not report["variants"]:
+        lines.append("  no decisions recorded yet")
+        return "\n".join(lines)
+    header = (f"  {'model':<22} {'role':<8} {'decisions':>10} {'flagged':>8} {'caught':>7} {'missed':>7} "
+              f"{'detection':>22} {'precision':>22} {'FPR':>7} {'p50':>5} {'p99':>5} {'mature':>7}")
+    lines.append(header)
+    for row in report["variants"]:
+        lines.append(
+            f"  {row['variant'] + '/' + row['model_version']:<22} {row['role']:<8} {row['decisions']:>10,} "
+            f"{_pct(row['flagged_rate']):>8} {row['frauds_caught']:>7,} {row['frauds_missed']:>7,} "
+            f"{_pct(row['detection_rate']) + _ci(row['detection_ci']):>22} "
+            f"{_pct(row['precision']) + _ci(row['precision_ci']):>22} "
+            f"{_pct(row['false_positive_rate'], 2):>7} "
+            f"{'-' if row['score']['p50'] is None else format(row['score']['p50'], '.2f'):>5} "
+            f"{'-' if row['score']['p99'] is None else format(row['score']['p99'], '.2f'):>5} "
+            f"{_pct(row['label_maturity'], 0):>7}")
+    for c in report["comparisons"]:
+        p = "-" if c["p_value"] is None else f"{c['p_value']:.3g}"
+        challenger, champion = (name.partition(":")[2] for name in (c["challenger"], c["champion"]))
+        lines.append(f"  {challenger} vs {champion} ({c['traffic']} traffic, {c['test']}: "
+                     f"detection {c['detection_difference'] * 100:+.2f} points, p={p}): {c['verdict']}")
+    return "\n".join(lines)

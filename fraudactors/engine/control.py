@@ -1,0 +1,187 @@
+"""The control topic: the routing document's home, and the actor that makes every replica follow it.
+
+``topics.control`` has one partition and ``cleanup.policy=compact``; the routing document is
+written under the key ``routing`` (:mod:`fraudactors.engine.routing`). Every replica reads it with
+no consumer group (assign, seek to the beginning), so each one sees every document.
+
+:class:`RoutingFollower` is a supervised child started after the inference actor and before the
+ingestor: it reads the topic up to its end and applies the newest document before it reports
+started (so no transaction is decided before the replica routes as the others do), then applies
+each new one as it arrives. Applying is the inference actor's job
+(:meth:`~fraudactors.engine.inference.InferenceActor.apply_routing`): every version is loaded and
+sha256-checked in every scorer first, and a failure refuses the whole document -- logged with the
+reason, counted in ``fraudactors_routing_changes_total{result="refused"}`` -- while the routing in
+force keeps serving. A replica that cannot apply the newest document at start-up applies the
+routing it replaced (its ``previous``), which is what the running replicas kept serving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka import TopicPartition
+from aiokafka.admin import NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from fraudactors.engine.inference import InferenceActor
+from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.engine.routing import ROUTING_KEY, Routing
+from fraudactors.errors import RoutingRefused, ServiceError
+from fraudactors.logging import get_logger
+from fraudactors.redact import redact_url
+from fraudactors.services.kafka import make_admin, make_consumer, make_producer
+from fraudactors.settings import Settings
+
+_POLL_MS = 500
+
+
+async def ensure_control_topic(settings: Settings) -> bool:
+    """Create ``topics.control`` (one partition, compacted) unless it exists; True if created."""
+    admin = make_admin(settings)
+    try:
+        await admin.start()
+    except Exception as exc:
+        where = redact_url(settings.kafka.bootstrap_servers)
+        raise ServiceError(f"cannot reach Kafka at {where} for the control topic: {redact_url(repr(exc))}") from exc
+    try:
+        name = settings.topics.control
+        if name in set(await admin.list_topics()):
+            return False
+        response = await admin.create_topics([NewTopic(
+            name, num_partitions=1, replication_factor=settings.topics.replication_factor,
+            topic_configs={"cleanup.policy": "compact"})])
+        for topic, code, *message in response.topic_errors:
+            if code not in (0, TopicAlreadyExistsError.errno):
+                detail = message[0] if message and message[0] else f"error code {code}"
+                raise ServiceError(f"cannot create the control topic {topic!r}: {detail}")
+        return True
+    finally:
+        await admin.close()
+
+
+async def read_documents(settings: Settings, consumer: Any = None) -> list[bytes]:
+    """Every routing document on the control topic up to its current end, oldest first
+    (tombstones left out). With ``consumer`` (assigned to the topic, at the beginning) it reads
+    with that one and leaves it at the end."""
+    own = consumer is None
+    tp = TopicPartition(settings.topics.control, 0)
+    if own:
+        consumer = make_consumer(settings, group_id=None, client_id=f"{settings.kafka.client_id}-control",
+                                 auto_offset_reset="earliest")
+        await consumer.start()
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+    try:
+        end = (await consumer.end_offsets([tp]))[tp]
+        out: list[bytes] = []
+        while await consumer.position(tp) < end:
+            batch = await consumer.getmany(tp, timeout_ms=_POLL_MS)
+            out.extend(r.value for r in batch.get(tp, []) if r.key == ROUTING_KEY and r.value is not None)
+        return out
+    finally:
+        if own:
+            await consumer.stop()
+
+
+async def current_routing(settings: Settings) -> Routing:
+    """The newest valid routing document, or the configuration's variants (revision 0) when there
+    is none. An invalid one (every replica refused it) is passed over, so a change can replace it."""
+    await ensure_control_topic(settings)
+    for document in reversed(await read_documents(settings)):
+        try:
+            return Routing.from_json(document)
+        except RoutingRefused:
+            continue
+    return Routing.from_settings(settings.models)
+
+
+async def publish_routing(settings: Settings, routing: Routing) -> int:
+    """Write ``routing`` under the routing key; returns its offset once the broker has it."""
+    producer = make_producer(settings, client_id=f"{settings.kafka.client_id}-control")
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait(settings.topics.control, routing.to_json(), key=ROUTING_KEY,
+                                            partition=0)
+        return int(meta.offset)
+    finally:
+        await producer.stop()
+
+
+class RoutingFollower:
+    """Keeps the inference actor's routing on the control topic's newest document."""
+
+    def __init__(self, settings: Settings, metrics: EngineMetrics, inference: InferenceActor) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._inference = inference
+        self.applied = Routing.from_settings(settings.models)
+        self._refused: set[int] = set()  # revisions refused here: not tried again after a restart
+        self._log = get_logger(actor="routing")
+        metrics.routing_revision.set(0)
+
+    async def run(self, task_status: Any) -> None:
+        """Supervised child: catch up (apply the newest), report started, then follow."""
+        s = self._settings
+        await ensure_control_topic(s)
+        # An idle topic: a long fetch wait (the broker answers sooner when a document arrives;
+        # Tansu answers after the wait) instead of kafka.fetch_max_wait_ms's busy polling.
+        consumer = make_consumer(s, group_id=None, client_id=f"{s.kafka.client_id}-control",
+                                 auto_offset_reset="earliest", fetch_max_wait_ms=_POLL_MS)
+        await consumer.start()
+        try:
+            tp = TopicPartition(s.topics.control, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            documents = await read_documents(s, consumer)
+            if documents:
+                await self._catch_up(documents[-1])
+            self._log.info("routing_following", revision=self.applied.revision, topic=s.topics.control)
+            task_status.started()
+            while True:
+                batch = await consumer.getmany(tp, timeout_ms=_POLL_MS)
+                values = [r.value for r in batch.get(tp, []) if r.key == ROUTING_KEY and r.value is not None]
+                if values:
+                    await self._apply(values[-1])  # the newest wins; older ones in the same fetch are superseded
+        finally:
+            await consumer.stop()
+
+    async def _catch_up(self, document: bytes) -> None:
+        routing = await self._apply(document)
+        if routing is None or routing.previous is None or self.applied.revision >= routing.revision \
+                or routing.previous.revision <= self.applied.revision:
+            return
+        # The newest document is refused here: serve what it replaced, as the running replicas do.
+        self._log.warning("routing_previous_applied", refused=routing.revision, previous=routing.previous.revision)
+        await self._try(routing.previous)
+
+    async def _apply(self, document: bytes) -> Routing | None:
+        """Apply one document unless stale or already refused; returns it parsed (None: unreadable)."""
+        try:
+            routing = Routing.from_json(document)
+        except RoutingRefused as exc:
+            self._refuse(None, str(exc))
+            return None
+        if routing.revision <= self.applied.revision or routing.revision in self._refused:
+            return routing
+        await self._try(routing)
+        return routing
+
+    async def _try(self, routing: Routing) -> None:
+        try:
+            await self._inference.apply_routing(routing)
+        except RoutingRefused as exc:
+            self._refuse(routing, str(exc))
+            return
+        self.applied = routing
+        self._metrics.routing_changes.labels("applied").inc()
+        self._metrics.routing_revision.set(routing.revision)
+        self._log.info("routing_applied", revision=routing.revision, reason=routing.reason,
+                       variants={n: {"version": v.version, "weight": v.weight, "shadow": v.shadow}
+                                 for n, v in routing.variants.items()})
+
+    def _refuse(self, routing: Routing | None, reason: str) -> None:
+        if routing is not None:
+            self._refused.add(routing.revision)
+        self._metrics.routing_changes.labels("refused").inc()
+        self._log.error("routing_refused", revision=None if routing is None else routing.revision,
+                        error=reason, serving=self.applied.revision)

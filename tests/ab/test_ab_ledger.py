@@ -1,0 +1,96 @@
+"""The A/B ledger in a real Redis: bounded by event time, flips taken back, refusals atomic."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from fraudactors.ab.ledger import AB_ADD, Deltas, LedgerKeys, label_deltas, read_window
+from fraudactors.settings import Settings
+
+BUCKET_S = 3600
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(settings.redis.url)
+    yield c
+    keys = [k async for k in c.scan_iter(match=settings.redis.key_prefix + "*")]
+    if keys:
+        await c.delete(*keys)
+    await c.aclose()
+
+
+async def _add(client: aioredis.Redis, keys: LedgerKeys, deltas: Deltas, keep: int) -> int:
+    call_keys, args = deltas.call(keys, BUCKET_S, keep)
+    return int(await client.eval(AB_ADD, len(call_keys), *call_keys, *args))
+
+
+async def test_the_ledger_keeps_a_window_of_event_time_whatever_the_traffic(
+        client: aioredis.Redis, settings: Settings) -> None:
+    keys = LedgerKeys(settings.redis.key_prefix)
+    keep = 24
+    base = 1_700_000_000 // BUCKET_S
+    for hour in range(200):  # 200 hours of event time, a backfill: far behind the wall clock
+        deltas = Deltas()
+        for name in ("d:A/v1", "d:B/v2", "s:S/v2"):
+            deltas.add(base + hour, name, "n", 10)
+        deltas.saw((base + hour) * BUCKET_S + 1800.0)
+        await _add(client, keys, deltas, keep)
+    n_keys = len([k async for k in client.scan_iter(match=settings.redis.key_prefix + "*")])
+    assert n_keys == 3 * keep + 2, "buckets older than the window are deleted (plus index and clock)"
+    window = await read_window(client, keys, BUCKET_S, keep * BUCKET_S)
+    assert set(window.buckets) == {"d:A/v1", "d:B/v2", "s:S/v2"}
+    assert sorted(window.buckets["d:A/v1"]) == list(range(base + 200 - keep, base + 200))
+    # a late increment for a bucket that left the window changes nothing
+    late = Deltas()
+    late.add(base + 10, "d:A/v1", "tp", 1)
+    assert await _add(client, keys, late, keep) == 0
+    assert not await client.exists(keys.bucket(base + 10, "d:A/v1"))
+
+
+async def test_a_flipped_label_takes_its_earlier_verdict_back(client: aioredis.Redis, settings: Settings) -> None:
+    keys = LedgerKeys(settings.redis.key_prefix)
+    bucket = 1_700_000_000 // BUCKET_S
+    said = {"d:A/v1": True, "s:S/v2": False}
+    first = Deltas()
+    first.saw(bucket * BUCKET_S)
+    label_deltas(first, bucket, said, is_fraud=True, flipped=False)
+    await _add(client, keys, first, 24)
+    fields = await client.hgetall(keys.bucket(bucket, "d:A/v1"))
+    assert fields == {b"tp": b"1", b"p:s:S/v2": b"1", b"x:s:S/v2": b"1"}
+    assert await client.hgetall(keys.bucket(bucket, "s:S/v2")) == {b"fn": b"1", b"p:d:A/v1": b"1"}
+    flip = Deltas()
+    label_deltas(flip, bucket, said, is_fraud=False, flipped=True)  # a chargeback reversed
+    await _add(client, keys, flip, 24)
+    fields = await client.hgetall(keys.bucket(bucket, "d:A/v1"))
+    assert {k: int(v) for k, v in fields.items()} == {b"tp": 0, b"p:s:S/v2": 0, b"x:s:S/v2": 0, b"fp": 1}
+    s_fields = await client.hgetall(keys.bucket(bucket, "s:S/v2"))
+    assert {k: int(v) for k, v in s_fields.items()} == {b"fn": 0, b"p:d:A/v1": 0, b"tn": 1}
+
+
+async def test_a_wrong_type_key_is_refused_before_any_write(client: aioredis.Redis, settings: Settings) -> None:
+    keys = LedgerKeys(settings.redis.key_prefix)
+    bucket = 1_700_000_000 // BUCKET_S
+    await client.set(keys.bucket(bucket + 1, "d:B/v2"), "not a hash")
+    deltas = Deltas()
+    deltas.add(bucket, "d:A/v1", "n", 5)
+    deltas.add(bucket + 1, "d:B/v2", "n", 5)
+    deltas.saw(bucket * BUCKET_S)
+    with pytest.raises(aioredis.ResponseError, match="WRONGTYPE"):
+        await _add(client, keys, deltas, 24)
+    assert not await client.exists(keys.bucket(bucket, "d:A/v1"), keys.index, keys.clock)
+
+
+def test_deltas_put_back_after_a_failed_flush_lose_nothing() -> None:
+    deltas = Deltas()
+    deltas.add(5, "d:A/v1", "n", 3)
+    deltas.saw(100.0)
+    taken = deltas.take()
+    assert not deltas
+    deltas.add(5, "d:A/v1", "n", 2)
+    deltas.saw(50.0)
+    deltas.merge(taken)
+    assert deltas.counts == {(5, "d:A/v1"): {"n": 5}} and deltas.newest == 100.0

@@ -1,0 +1,185 @@
+"""Live routing changes (the control topic) on a running engine: the real broker, Redis and models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from engine_helpers import (
+    metric_samples,
+    metric_sum,
+    models_with_extras,
+    produce,
+    reading,
+    running,
+    transactions,
+    wait_until,
+)
+
+from fraudactors.engine.control import current_routing, publish_routing
+from fraudactors.engine.decision import Router
+from fraudactors.engine.engine import Engine
+from fraudactors.engine.routing import Routing
+from fraudactors.settings import Settings, VariantSettings
+
+
+async def produce_in_chunks(s: Settings, txns: list[tuple[bytes, bytes, str]], chunk: int = 100) -> None:
+    for i in range(0, len(txns), chunk):
+        await produce(s, [(k, v) for k, v, _ in txns[i:i + chunk]])
+
+
+def decisions_by_partition(records: list[Any]) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        out[record.partition].append(json.loads(record.value))
+    return out
+
+
+def routing_metrics(engine: Engine) -> tuple[float, float, float]:
+    samples = metric_samples(engine.metrics.render())
+    return (metric_sum(samples, "fraudactors_routing_changes_total", result="applied"),
+            metric_sum(samples, "fraudactors_routing_changes_total", result="refused"),
+            metric_sum(samples, "fraudactors_routing_revision"))
+
+
+async def test_weights_changed_mid_stream_switch_every_partition_once_and_decide_everything_once(
+        engine_settings: Settings) -> None:
+    s = engine_settings
+    txns = transactions(4000)
+    old = Router(s.models.variants)
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        await produce(s, [(k, v) for k, v, _ in txns[:1500]])
+        await reader.wait_for(lambda recs: len(recs) >= 300, timeout_s=60)
+        new_routing = (await current_routing(s)).with_weights({"A": 0.5, "B": 0.5}, {}, "even split")
+        # the change lands while transactions keep arriving and are being decided
+        producing = asyncio.create_task(produce_in_chunks(s, txns[1500:3000]))
+        await publish_routing(s, new_routing)
+        await wait_until(lambda: engine.routing.applied.revision == 1, timeout_s=30)
+        await producing
+        await produce(s, [(k, v) for k, v, _ in txns[3000:]])  # sent after the change was applied
+        await reader.wait_for(lambda recs: len(recs) >= 4000, timeout_s=90)
+        applied, refused, revision = routing_metrics(engine)
+    assert (applied, refused, revision) == (1, 0, 1)
+    new = Router(new_routing.variants)
+    decisions = reader.decisions()
+    ids = Counter(d["transaction_id"] for d in decisions)
+    assert len(decisions) == 4000 and set(ids) == {t for _, _, t in txns}, "each transaction decided once"
+    # transactions whose variant differs between the two routings (hash in [0.5, 0.9): A -> B)
+    moved = {t for _, _, t in txns if old.route(t).name != new.route(t).name}
+    assert all(old.route(t).name == "A" and new.route(t).name == "B" for t in moved) and len(moved) > 1000
+    before = after = 0
+    for partition, ds in decisions_by_partition(reader.records).items():
+        names = [d["variant"] for d in ds if d["transaction_id"] in moved]
+        switch = names.index("B") if "B" in names else len(names)
+        assert set(names[switch:]) <= {"B"}, f"partition {partition}: the old routing came back after the new one"
+        before += switch
+        after += len(names) - switch
+    assert before > 0 and after > 0, "the change did not land mid-stream"
+    late = {t for _, _, t in txns[3000:]}
+    for d in decisions:
+        routed = new.route(d["transaction_id"]) if d["transaction_id"] in late else None
+        if routed is not None:
+            assert d["variant"] == routed.name, "a transaction sent after the change used the old routing"
+        variant = {"A": "v1", "B": "v2"}[d["variant"]]
+        assert d["model_version"] == variant
+
+
+async def test_a_broken_model_promoted_is_refused_and_the_old_routing_keeps_serving(
+        engine_settings: Settings, models_dir: Path, tmp_path: Path) -> None:
+    s = engine_settings.replace(models={"dir": str(models_with_extras(models_dir, tmp_path))})
+    txns = transactions(1200)
+    base = Routing.from_settings(s.models)
+    bad_sha = base.promoted("v3-bad-sha", "A", {}, reason="corrupted file")
+    bad_onnx = bad_sha.promoted("v3-bad-onnx", "A", {}, reason="file onnxruntime cannot load")
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        await produce(s, [(k, v) for k, v, _ in txns[:400]])
+        await publish_routing(s, bad_sha)
+        await wait_until(lambda: routing_metrics(engine)[1] == 1, timeout_s=30)
+        await produce(s, [(k, v) for k, v, _ in txns[400:800]])
+        await publish_routing(s, bad_onnx)  # passes the sha256 check, fails in the pool's workers
+        await wait_until(lambda: routing_metrics(engine)[1] == 2, timeout_s=30)
+        await produce(s, [(b"routing", b'{"revision": 9, "variants": {"A": "v1"}}')], topic=s.topics.control)
+        await wait_until(lambda: routing_metrics(engine)[1] == 3, timeout_s=30)
+        await produce(s, [(k, v) for k, v, _ in txns[800:]])
+        await reader.wait_for(lambda recs: len(recs) >= 1200, timeout_s=60)
+        assert engine.readiness() == {}
+        assert engine.inference.routing.revision == 0 and engine.routing.applied.revision == 0
+        applied, refused, revision = routing_metrics(engine)
+    assert (applied, refused, revision) == (0, 3, 0)
+    decisions = reader.decisions()
+    assert len(decisions) == 1200
+    assert {(d["variant"], d["model_version"]) for d in decisions} == {("A", "v1"), ("B", "v2")}
+
+
+async def test_rollback_restores_the_previous_routing(engine_settings: Settings, models_dir: Path,
+                                                     tmp_path: Path) -> None:
+    s = engine_settings.replace(models={"dir": str(models_with_extras(models_dir, tmp_path))},
+                                engine={"inference_mode": "thread"})
+    txns = transactions(1500)
+    base = Routing.from_settings(s.models)
+    promoted = Routing(1, {**base.variants, "A": VariantSettings("v2b", 0.5), "C": VariantSettings("v1", 0.0, True)},
+                       reason="v2b decides half, v1 in the shadow", previous=base).validate()
+    rolled_back = promoted.rolled_back("v2b looks worse")
+    assert rolled_back.revision == 2 and rolled_back.variants == base.variants
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        await publish_routing(s, promoted)
+        await wait_until(lambda: engine.routing.applied.revision == 1, timeout_s=30)
+        await produce(s, [(k, v) for k, v, _ in txns[:500]])
+        await reader.wait_for(lambda recs: len(recs) >= 500, timeout_s=60)
+        await publish_routing(s, rolled_back)
+        await wait_until(lambda: engine.routing.applied.revision == 2, timeout_s=30)
+        await produce(s, [(k, v) for k, v, _ in txns[500:]])
+        await reader.wait_for(lambda recs: len(recs) >= 1500, timeout_s=60)
+        applied, refused, revision = routing_metrics(engine)
+        shadow_scored = metric_sum(metric_samples(engine.metrics.render()), "fraudactors_shadow_scores_total",
+                                   variant="C")
+    assert (applied, refused, revision) == (2, 0, 2)
+    assert shadow_scored == 500, "the shadow scores exactly the rows routed while it is in the routing"
+    decisions = {d["transaction_id"]: d for d in reader.decisions()}
+    assert len(decisions) == 1500
+    during, after = Router(promoted.variants), Router(base.variants)
+    for i, (_, _, tid) in enumerate(txns):
+        d = decisions[tid]
+        routed = (during if i < 500 else after).route(tid)
+        assert (d["variant"], d["model_version"]) == (routed.name, routed.version)
+    assert {decisions[t]["model_version"] for _, _, t in txns[:500]} == {"v2b", "v2"}
+    assert {decisions[t]["model_version"] for _, _, t in txns[500:]} == {"v1", "v2"}
+
+
+async def test_a_replica_started_after_a_refused_change_serves_the_routing_it_replaced(
+        engine_settings: Settings, models_dir: Path, tmp_path: Path) -> None:
+    s = engine_settings.replace(models={"dir": str(models_with_extras(models_dir, tmp_path))})
+    good = Routing.from_settings(s.models).with_weights({"A": 0.2, "B": 0.8}, {})
+    await publish_routing(s, good)
+    await publish_routing(s, good.promoted("v3-bad-sha", "B", {}))
+    async with running(s) as engine:
+        assert engine.routing.applied.revision == 1
+        assert engine.inference.router.deciding == Router(good.variants).deciding
+        applied, refused, revision = routing_metrics(engine)
+        assert (applied, refused, revision) == (1, 1, 1)
+        status, _, body = await engine.predict(transactions(1)[0][1])
+        assert status == 200 and json.loads(body)["model_version"] in ("v1", "v2")
+
+
+async def test_every_running_replica_follows_a_change(engine_settings: Settings) -> None:
+    s = engine_settings.replace(engine={"inference_mode": "thread"})
+    txns = transactions(2000)
+    change = Routing.from_settings(s.models).with_weights({"A": 0.3, "B": 0.7}, {}, "two replicas")
+    async with running(s) as one, running(s) as two, reading(s, s.topics.predictions) as reader:
+        await wait_until(lambda: bool(one.ingestor.assigned) and bool(two.ingestor.assigned)
+                         and len(one.ingestor.assigned) + len(two.ingestor.assigned) == 12, timeout_s=60)
+        await produce(s, [(k, v) for k, v, _ in txns[:1000]])
+        await reader.wait_for(lambda recs: len(recs) >= 1000, timeout_s=60)
+        await publish_routing(s, change)
+        await wait_until(lambda: one.routing.applied.revision == two.routing.applied.revision == 1, timeout_s=30)
+        await produce(s, [(k, v) for k, v, _ in txns[1000:]])
+        await reader.wait_for(lambda recs: len(recs) >= 2000, timeout_s=60)
+        assert [routing_metrics(e) for e in (one, two)] == [(1, 0, 1), (1, 0, 1)]
+    decisions = {d["transaction_id"]: d for d in reader.decisions()}
+    assert len(decisions) == 2000
+    before, after = Router(s.models.variants), Router(change.variants)
+    for i, (_, _, tid) in enumerate(txns):
+        assert decisions[tid]["variant"] == (before if i < 1000 else after).route(tid).name
