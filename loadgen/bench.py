@@ -5,7 +5,8 @@ also writes the numbers. Nothing here asserts on a wall-clock time.
 
 - ``drain``: fill ``transactions`` with N records, start the engine, measure how fast it drains them
   (its maximum throughput); then the null pipeline (consume -> decode -> encode -> produce -> commit,
-  no features, no model) on the same backlog and broker; print both rates and engine / null.
+  no features, no model) on the same backlog and broker; print both rates and engine / null. With
+  ``--peer seedref.py`` also the per-message peer design on the same backlog, broker and Redis.
 - ``scaleout``: the same backlog drained by 1 and then by 2 engine processes in one consumer group.
 - ``pool``: ONNX inference through the engine's ProcessPool vs a session in a thread of this process,
   for batches of 1, 32 and 256 rows: rows/s and per-call latency.
@@ -39,6 +40,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--redis-cluster", type=int, default=0, metavar="N",
                        help="the feature store on an embedded N-master Redis Cluster (default: one instance)")
         p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+        if name == "drain":
+            p.add_argument("--peer", default=None, metavar="PATH",
+                           help="also drain the backlog with this per-message peer script (seedref.py: "
+                                "kafka-python, make_rf.py beside it) on the same broker and Redis")
+            p.add_argument("--peer-records", type=int, default=10_000, metavar="N",
+                           help="records the peer drains (default 10000; it is slow)")
     p = sub.add_parser("pool", help="ProcessPool vs thread for ONNX inference",
                        description="ONNX inference through the ProcessPool vs a session in a thread")
     p.add_argument("--rows", default="1,32,256", help="rows per call, comma-separated (default 1,32,256)")
@@ -90,8 +97,11 @@ def main(args: argparse.Namespace) -> int:
 
         if args.partitions:
             settings = settings.replace(topics={"partitions": args.partitions})
-        fn = drain_bench if args.bench == "drain" else scaleout_bench
-        result = asyncio.run(fn(settings, args.records, args.timeout, args.redis_cluster))
+        if args.bench == "drain":
+            result = asyncio.run(drain_bench(settings, args.records, args.timeout, args.redis_cluster,
+                                             peer=args.peer, peer_records=args.peer_records))
+        else:
+            result = asyncio.run(scaleout_bench(settings, args.records, args.timeout, args.redis_cluster))
     if args.json:
         from pathlib import Path
 

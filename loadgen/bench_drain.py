@@ -18,7 +18,7 @@ from aiokafka import TopicPartition
 
 from fraudactors.settings import Settings
 from loadgen.generator import make_source
-from loadgen.procs import Child, CpuMeter, engine_child, null_child
+from loadgen.procs import Child, CpuMeter, cpu_seconds, engine_child, null_child
 
 
 def say(*parts: object) -> None:
@@ -178,10 +178,14 @@ async def run_trial(name: str, settings: Settings, children: Sequence[Child], n:
     if in_window and redis_cores:
         # Redis CPU per decided transaction over the measured window (all nodes of a cluster)
         result["redis_us_per_tx"] = round(redis_cores * window / in_window * 1e6, 1)
+    own_cores = sum(cpu.get(c.name, 0.0) for c in children)
+    if in_window and own_cores:
+        # CPU of the trial's own processes (with their children: the inference worker) per transaction
+        result["cpu_us_per_tx"] = round(own_cores * window / in_window * 1e6, 1)
     say(f"  {name}: {result['tps']:,.0f} TPS ({result['basis']}) "
         f"({counter.count:,}/{n:,} decided{'' if complete else ', INCOMPLETE'}; "
         f"cpu used (waiting) {', '.join(f'{k} {v:.2f} ({waiting.get(k, 0.0):.2f})' for k, v in cpu.items())}; "
-        f"exit {list(codes)})")
+        f"exit {list(codes)}; {result.get('cpu_us_per_tx', 0):.1f} us of CPU per transaction)")
     return result
 
 
@@ -221,7 +225,59 @@ async def _with_backlog(settings: Settings, n: int, body: Callable[[Settings, di
     return result
 
 
-async def drain_bench(settings: Settings, n: int, timeout_s: float, redis_cluster: int = 0) -> dict[str, Any]:
+async def run_peer(s: Settings, script: Path, n: int, timeout_s: float, service_pids: dict[str, int | None],
+                   tmp: Path) -> dict[str, Any]:
+    """The per-message peer (``seedref.py``) draining ``n`` records of the same backlog through the
+    same broker and Redis: its own msg/s line, and its CPU per message from /proc."""
+    import re
+    import sys
+    from urllib.parse import urlparse
+
+    model = tmp / "peer-rf.onnx"
+    make = await asyncio.create_subprocess_exec(sys.executable, str(script.parent / "make_rf.py"), str(model))
+    if await make.wait() != 0:
+        raise RuntimeError(f"{script.parent / 'make_rf.py'} failed")
+    port = urlparse(s.redis.url).port or 6379
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), "--bootstrap", s.kafka.bootstrap_servers, "--redis-port", str(port),
+        "--model", str(model), "--topic", s.topics.transactions, "--out-topic", f"{s.topics.predictions}-peer",
+        "--n", str(n), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    meter = CpuMeter({**service_pids, "bench": os.getpid()})
+    meter.start()
+    t0 = time.perf_counter()
+    used = [0.0]  # the peer's CPU seconds, sampled while it runs (its /proc entry goes when it exits)
+
+    async def sample() -> None:
+        while True:
+            used[0] = cpu_seconds(proc.pid) or used[0]
+            await asyncio.sleep(0.2)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    finally:
+        sampler.cancel()
+    cpu = {"peer": round(used[0] / (time.perf_counter() - t0), 3), **meter.stop()}
+    text = out.decode(errors="replace")
+    found = re.search(r"= (\d+) msg/s", text)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"the peer failed (exit {proc.returncode}): {text[-500:]}")
+    tps = float(found.group(1))
+    result = {"trial": "peer", "script": str(script), "records": n, "tps": tps, "cpu_cores": cpu,
+              "cpu_wait_cores": meter.waiting,
+              "cpu_us_per_tx": round(used[0] / n * 1e6, 1)}
+    say(f"  peer: {tps:,.0f} msg/s ({n:,} messages, its own clock from the first message; cpu used (waiting) "
+        f"{', '.join(f'{k} {v:.2f} ({meter.waiting.get(k, 0.0):.2f})' for k, v in cpu.items())}; "
+        f"{result['cpu_us_per_tx']:.1f} us of CPU per message, start-up included)")
+    return result
+
+
+async def drain_bench(settings: Settings, n: int, timeout_s: float, redis_cluster: int = 0, *,
+                      peer: str | None = None, peer_records: int = 10_000) -> dict[str, Any]:
     async def body(s: Settings, pids: dict[str, int | None], tmp: Path) -> dict[str, Any]:
         se = trial_settings(s, "engine")
         engine = await run_trial("engine", se, [engine_child(se, tmp, "engine")], n, timeout_s, pids)
@@ -230,7 +286,14 @@ async def drain_bench(settings: Settings, n: int, timeout_s: float, redis_cluste
         ratio = engine["tps"] / null["tps"] if null["tps"] else 0.0
         say(f"engine {engine['tps']:,.0f} TPS | null pipeline {null['tps']:,.0f} TPS | "
             f"engine/null {ratio:.2f} | redis {engine.get('redis_us_per_tx', 0):.1f} us of CPU per transaction")
-        return {"bench": "drain", "engine": engine, "null": null, "ratio": round(ratio, 3)}
+        result: dict[str, Any] = {"bench": "drain", "engine": engine, "null": null, "ratio": round(ratio, 3)}
+        if peer:
+            sp = trial_settings(s, "peer")
+            peer_result = result["peer"] = await run_peer(sp, Path(peer), min(n, peer_records), timeout_s, pids, tmp)
+            peer_tps = peer_result["tps"]
+            result["ratio_peer"] = round(engine["tps"] / peer_tps, 2) if peer_tps else 0.0
+            say(f"engine / per-message peer: {result['ratio_peer']:.1f}x")
+        return result
 
     return await _with_backlog(settings, n, body, redis_cluster)
 

@@ -32,10 +32,10 @@ def init_scorer(models_dir: str, versions: tuple[str, ...]) -> None:
     _SCORER = Scorer([load_model_info(models_dir, v) for v in versions])
 
 
-def score(version: str, X: np.ndarray) -> np.ndarray:
-    """Runs in a pool worker (or a thread here): probabilities and reasons, as the engine asks."""
-    probs, _reasons = _SCORER.score(version, X)
-    return np.asarray(probs)
+def score(version: str, X: np.ndarray) -> Any:
+    """Runs in a pool worker: probabilities and reasons, as the engine asks -- the same payload the
+    thread mode returns (``Scorer.score``), so both carry the same result back."""
+    return _SCORER.score(version, X)
 
 
 async def _loop_lag(stop: asyncio.Event, samples: list[float], tick_s: float = 0.001) -> None:
@@ -103,12 +103,14 @@ async def pool_bench(settings: Settings, rows_spec: str, calls: int, concurrency
     say(f"model {version} ({n_features} features) from {models_dir}; {calls} calls per size, "
         f"{concurrency} in flight for throughput")
 
+    # the same rows for both modes
+    inputs = {rows: np.abs(rng.normal(1.0, 2.0, size=(rows, n_features))).astype(np.float32) for rows in sizes}
     results: dict[str, list[dict[str, Any]]] = {"process": [], "thread": []}
     pool = ProcessPool(1, init_scorer, (str(models_dir), versions), max_inflight=max(concurrency, 1))
     await pool.start()
     try:
         for rows in sizes:
-            X = np.abs(rng.normal(1.0, 2.0, size=(rows, n_features))).astype(np.float32)
+            X = inputs[rows]
 
             def via_pool(x: np.ndarray) -> Awaitable[Any]:
                 return pool.call(score, version, x)
@@ -124,7 +126,7 @@ async def pool_bench(settings: Settings, rows_spec: str, calls: int, concurrency
     loop = asyncio.get_running_loop()
     try:
         for rows in sizes:
-            X = np.abs(rng.normal(1.0, 2.0, size=(rows, n_features))).astype(np.float32)
+            X = inputs[rows]
 
             def via_thread(x: np.ndarray) -> Awaitable[Any]:
                 return loop.run_in_executor(executor, scorer.score, version, x)

@@ -70,7 +70,11 @@ class NullPipeline:
             await asyncio.shield(consumer.stop())
 
     async def _loop(self, consumer: Any, producer: Any, out_topic: str, fetch_max: int) -> None:
+        from fraudactors.engine.publisher import KeyPartitioner
+
         o = self.options
+        partitioner = KeyPartitioner()
+        partitions: list[int] | None = None
         stop_wait = asyncio.ensure_future(self._stop.wait())
         try:
             while not self._stop.is_set():
@@ -88,7 +92,8 @@ class NullPipeline:
                     continue
                 if o.hold_s > 0:
                     await asyncio.sleep(o.hold_s)
-                futures = []
+                futures: list[Any] = []
+                outs: dict[int, list[tuple[bytes | None, bytes]]] = {}  # output partition -> records
                 for records in batches.values():
                     for record in records:
                         self.processed += 1
@@ -98,15 +103,28 @@ class NullPipeline:
                         if o.dead_letter_every and n % o.dead_letter_every == 0:
                             futures.append(await producer.send(self.settings.topics.dlq, value=record.value,
                                                                key=record.key))
+                            self.produced += 1
                             continue
                         out = decide(record.value, record.timestamp)
                         if out is None:
                             continue
+                        if partitions is None:
+                            partitions = sorted(await producer.partitions_for(out_topic))
+                        p = partitioner(record.key, partitions, partitions)
                         copies = 2 if o.duplicate_every and n % o.duplicate_every == 0 else 1
-                        for _ in range(copies):
-                            futures.append(await producer.send(out_topic, value=out, key=record.key))
+                        outs.setdefault(p, []).extend([(record.key, out)] * copies)
+                # As the engine's publisher produces: one record batch per output partition, sent
+                # without an await per record.
+                for p, items in outs.items():
+                    batch = producer.create_batch()
+                    for key, value in items:
+                        if batch.append(key=key, value=value, timestamp=None) is None:  # full
+                            futures.append(await producer.send_batch(batch, out_topic, partition=p))
+                            batch = producer.create_batch()
+                            batch.append(key=key, value=value, timestamp=None)
+                    futures.append(await producer.send_batch(batch, out_topic, partition=p))
+                    self.produced += len(items)
                 await asyncio.gather(*futures)
-                self.produced += len(futures)
                 # Commit only what is acknowledged (the engine's rule, minus the per-partition tracking).
                 await consumer.commit()
         finally:

@@ -56,6 +56,7 @@ async def _online(txns: Sequence[Transaction], labels: Sequence[Label], batch: i
                                                               "socket_timeout_ms": 5000}})
         store = OnlineFeatureStore(settings)
         await store.open()
+        await store._client().config_resetstat()
         queues: dict[int, list[Transaction]] = {}
         for t in txns:
             queues.setdefault(zlib.crc32(t.user_id.encode()) % partitions, []).append(t)
@@ -82,6 +83,10 @@ async def _online(txns: Sequence[Transaction], labels: Sequence[Label], batch: i
         print(f"online store: {len(txns)} records in {batches} batches of <= {batch} over {partitions} "
               f"partitions: {len(txns) / elapsed:,.0f} records/s, {elapsed / batches * 1e3:.2f} ms/batch "
               f"(Redis on this machine)")
+        stats = await store._client().info("commandstats")
+        for name, row in sorted(stats.items(), key=lambda kv: -kv[1]["usec"]):
+            print(f"  redis {name.removeprefix('cmdstat_')}: {row['calls']} calls, {row['usec'] / 1e3:,.0f} ms, "
+                  f"{row['usec'] / len(txns):.1f} us/record")
         await store.close()
     finally:
         await asyncio.to_thread(server.stop_sync)

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from hiredis import pack_command as _hiredis_pack
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -21,6 +22,25 @@ from redis.exceptions import AskError, MovedError, NoScriptError, TryAgainError
 from fraudactors.settings import Settings
 
 Client = aioredis.Redis | RedisCluster
+
+class PackedConnection(aioredis.Connection):
+    """redis-py's asyncio connection with each command packed by hiredis (C). redis-py packs in
+    Python, joining its buffer once per argument: a script call with ~600 keys took ~1.2 ms to pack
+    (hiredis: ~0.18 ms, the same bytes), 5 % of the engine's CPU in ``bench drain``."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if b" " in first if isinstance(first, bytes) else " " in str(first):
+            return super().pack_command(*args)  # "SCRIPT LOAD"-style names are split by redis-py
+        try:
+            return [_hiredis_pack(args)]
+        except (TypeError, UnicodeError):
+            return super().pack_command(*args)  # raises as redis-py does
+
+
+def _connection(url: str) -> dict[str, Any]:
+    """``connection_class`` for a plain TCP url (TLS and unix sockets keep redis-py's own)."""
+    return {"connection_class": PackedConnection} if urlsplit(url).scheme == "redis" else {}
 
 
 def make_client(settings: Settings, timeout_s: float, *, retry: bool = False) -> Any:
@@ -31,7 +51,8 @@ def make_client(settings: Settings, timeout_s: float, *, retry: bool = False) ->
     if not retry:
         common["retry"] = Retry(NoBackoff(), 0)
     if not cfg.cluster:
-        return aioredis.Redis.from_url(cfg.url, decode_responses=False, health_check_interval=0, **common)
+        return aioredis.Redis.from_url(cfg.url, decode_responses=False, health_check_interval=0, **common,
+                                       **_connection(cfg.url))
     nodes = []
     for node in cfg.cluster_nodes:
         host, _, port = node.rpartition(":")
@@ -121,5 +142,6 @@ class ScriptRunner:
             address = urlunsplit((url.scheme, f"{netloc}{node.host}:{node.port}", "", "", ""))
             client = self._nodes[node.name] = aioredis.Redis.from_url(
                 address, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s,
-                retry=Retry(NoBackoff(), 0), decode_responses=False, health_check_interval=0)
+                retry=Retry(NoBackoff(), 0), decode_responses=False, health_check_interval=0,
+                **_connection(address))
         return client

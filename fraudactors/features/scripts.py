@@ -47,6 +47,15 @@ for i = 1, n_users do
   out[i] = redis.call('GET', KEYS[i])
 end
 local hours = cjson.decode(ARGV[3])
+-- Bucket numbers by field name, parsed once per call: the merchants of a batch share most of
+-- their field names (the same event hours and days), so a table lookup replaces a string.sub
+-- and a tonumber per field. false: not a bucket of that kind.
+local hour_n, day_n = {}, {}
+local function parse(field)
+  local kind, n = string.byte(field, 1), tonumber(string.sub(field, 2))
+  hour_n[field] = kind == 104 and n or false
+  day_n[field] = kind == 100 and n or false
+end
 for j = 1, n_merchants do
   local k = n_users + 2 * j - 1
   local c = redis.call('HGETALL', KEYS[k])
@@ -59,28 +68,38 @@ for j = 1, n_merchants do
     local day = math.floor(hour / 24)
     local c24, c7, c30, ft, f7, f30 = 0, 0, 0, 0, 0, 0
     for i = 1, #c, 2 do
-      local kind = string.byte(c[i], 1)
-      local n = tonumber(string.sub(c[i], 2))
-      local v = tonumber(c[i + 1])
-      if n and v then
-        if kind == 104 then
-          if n >= hour - 23 and n <= hour then c24 = c24 + v end
-        elseif kind == 100 and n >= day - 29 and n <= day then
+      local field = c[i]
+      local h = hour_n[field]
+      if h == nil then
+        parse(field)
+        h = hour_n[field]
+      end
+      if h then
+        if h >= hour - 23 and h <= hour then c24 = c24 + (tonumber(c[i + 1]) or 0) end
+      else
+        local d = day_n[field]
+        if d and d >= day - 29 and d <= day then
+          local v = tonumber(c[i + 1]) or 0
           c30 = c30 + v
-          if n >= day - 6 then c7 = c7 + v end
+          if d >= day - 6 then c7 = c7 + v end
         end
       end
     end
     for i = 1, #f, 2 do
-      local kind = string.byte(f[i], 1)
-      local n = tonumber(string.sub(f[i], 2))
-      local v = tonumber(f[i + 1])
-      if n and v then
-        if kind == 104 then
-          if n >= day * 24 and n < hour then ft = ft + v end
-        elseif kind == 100 and n >= day - 30 and n < day then
+      local field = f[i]
+      local h = hour_n[field]
+      if h == nil then
+        parse(field)
+        h = hour_n[field]
+      end
+      if h then
+        if h >= day * 24 and h < hour then ft = ft + (tonumber(f[i + 1]) or 0) end
+      else
+        local d = day_n[field]
+        if d and d >= day - 30 and d < day then
+          local v = tonumber(f[i + 1]) or 0
           f30 = f30 + v
-          if n >= day - 7 then f7 = f7 + v end
+          if d >= day - 7 then f7 = f7 + v end
         end
       end
     end
@@ -118,14 +137,23 @@ return out
 
 # KEYS: the user keys, then (counts key, frauds key) per merchant, then one replay-log key per
 # partition of the batch.
-# ARGV: ttl, number of users, number of merchants, a JSON plan, then the user blobs, then the
-# replay-log members (in the order of the plan's records). The plan:
-#   "u": per user [partition, epoch] of the writer;
-#   "m": per merchant [[partition, offset, hour, day, ...] in offset order per partition,
+# ARGV: ttl, number of users, number of merchants, a JSON plan, the merchants' records as JSON,
+# the user blobs concatenated, then per replay-log key its members concatenated (each of the
+# plan's member size, in the order of that key's records). Few large arguments rather than one per
+# record: the client's cost is per argument. The plan:
+#   "u": per user [partition, epoch, blob length] of the writer;
+#   "m": per merchant [[partition, lowest offset, highest offset, records, field, n, ...] per
+#        partition (the batch's count increments of that partition, aggregated),
 #        prune counts (0/1), oldest hour, oldest day, prune frauds (0/1), oldest hour, oldest day];
-#   "r": per replay-log key [committed floor (-1: none), [user index, offset, ...]].
+#   "r": per replay-log key [committed floor (-1: none), [user index, offset, ...]];
+#   "s": the size of a replay-log member.
+# The merchants' records: per merchant [partition, offset, hour, day, ...] in offset order per
+# partition, decoded only when a merchant's stored high-water offset of a partition reaches into
+# the batch's offsets (a replay, or a writer fenced off after counting): those partitions are then
+# counted record by record, every other one by its aggregated increments (the same result).
 # The blobs written are state_codec version 3; a stored one of version 2 or 3 has its partition
-# and epoch at the same place of the header, version 1 has no epoch (read as 0).
+# and epoch at the same place of the header, version 1 has no epoch (read as 0); only the header
+# is read (GETRANGE).
 # Fencing: a user blob whose stored partition equals the writer's and whose stored epoch is
 # newer than the writer's belongs to a newer owner: it is not overwritten, and the records of
 # that user are not logged. Merchant counts take a record only when its offset is above the
@@ -139,31 +167,42 @@ local ok, plan = pcall(cjson.decode, ARGV[4])
 if not ttl or not n_users or not n_merchants or not ok or type(plan) ~= 'table' then
   return redis.error_reply('INVALID arguments')
 end
-local users, merchants, logs = plan['u'], plan['m'], plan['r']
+local users, merchants, logs, size = plan['u'], plan['m'], plan['r'], plan['s']
 if type(users) ~= 'table' or #users ~= n_users or type(merchants) ~= 'table' or #merchants ~= n_merchants
-    or type(logs) ~= 'table' or #KEYS ~= n_users + 2 * n_merchants + #logs then
+    or type(logs) ~= 'table' or #KEYS ~= n_users + 2 * n_merchants + #logs or type(size) ~= 'number' then
   return redis.error_reply('INVALID plan does not match the keys')
 end
-local n_members = 0
-for r = 1, #logs do
-  if type(logs[r]) ~= 'table' or type(logs[r][2]) ~= 'table' or #logs[r][2] % 2 ~= 0 then
-    return redis.error_reply('INVALID replay plan')
-  end
-  n_members = n_members + #logs[r][2] / 2
-end
-if #ARGV ~= 4 + n_users + n_members then
+if #ARGV ~= 6 + #logs then
   return redis.error_reply('INVALID argument count')
 end
+for r = 1, #logs do
+  if type(logs[r]) ~= 'table' or type(logs[r][2]) ~= 'table' or #logs[r][2] % 2 ~= 0
+      or #ARGV[6 + r] ~= size * #logs[r][2] / 2 then
+    return redis.error_reply('INVALID replay plan')
+  end
+end
+local blobs = {}
+local at = 1
 for i = 1, n_users do
-  local blob = ARGV[4 + i]
+  local u = users[i]
+  if type(u) ~= 'table' or type(u[3]) ~= 'number' then return redis.error_reply('INVALID user plan') end
+  local blob = string.sub(ARGV[6], at, at + u[3] - 1)
+  at = at + u[3]
   if #blob < 21 or string.byte(blob, 1) ~= 3 then
     return redis.error_reply('INVALID state blob for ' .. KEYS[i])
   end
+  blobs[i] = blob
 end
+if at ~= #ARGV[6] + 1 then return redis.error_reply('INVALID state blobs') end
 for j = 1, n_merchants do
   local p = merchants[j]
-  if type(p) ~= 'table' or type(p[1]) ~= 'table' or #p[1] % 4 ~= 0 or #p ~= 7 then
+  if type(p) ~= 'table' or type(p[1]) ~= 'table' or #p ~= 7 then
     return redis.error_reply('INVALID merchant plan for ' .. KEYS[n_users + 2 * j - 1])
+  end
+  for _, g in ipairs(p[1]) do
+    if type(g) ~= 'table' or #g < 4 or #g % 2 ~= 0 then
+      return redis.error_reply('INVALID merchant plan for ' .. KEYS[n_users + 2 * j - 1])
+    end
   end
 end
 
@@ -178,24 +217,30 @@ local function read(command, key, ...)
 end
 local old = {}
 for i = 1, n_users do
-  local reply, err = read('GET', KEYS[i])
+  local reply, err = read('GETRANGE', KEYS[i], 0, 20)
   if err then return err end
   old[i] = reply
 end
 local marks = {}
+local overlap = {}  -- merchant -> {partition -> true} counted record by record
+local records = nil
 for j = 1, n_merchants do
   local counts, frauds = KEYS[n_users + 2 * j - 1], KEYS[n_users + 2 * j]
-  local entries = merchants[j][1]
+  local groups = merchants[j][1]
   marks[j] = {}
-  for x = 1, #entries, 4 do
-    local part = entries[x]
+  for _, g in ipairs(groups) do
+    local part = g[1]
     if marks[j][part] == nil then
       local reply, err = read('HGET', counts, 'o' .. part)
       if err then return err end
       marks[j][part] = tonumber(reply) or -1
     end
+    if g[2] <= marks[j][part] then
+      overlap[j] = overlap[j] or {}
+      overlap[j][part] = true
+    end
   end
-  if #entries == 0 then
+  if #groups == 0 then
     local _, err = read('HLEN', counts)
     if err then return err end
   end
@@ -203,6 +248,19 @@ for j = 1, n_merchants do
     local _, err = read('HLEN', frauds)
     if err then return err end
   end
+end
+if next(overlap) then
+  local decoded
+  ok, decoded = pcall(cjson.decode, ARGV[5])
+  if not ok or type(decoded) ~= 'table' or #decoded ~= n_merchants then
+    return redis.error_reply('INVALID merchant records')
+  end
+  for j in pairs(overlap) do
+    if type(decoded[j]) ~= 'table' or #decoded[j] % 4 ~= 0 then
+      return redis.error_reply('INVALID merchant records for ' .. KEYS[n_users + 2 * j - 1])
+    end
+  end
+  records = decoded
 end
 local highest = {}
 local base = n_users + 2 * n_merchants
@@ -218,7 +276,7 @@ local written, stale = 0, 0
 for i = 1, n_users do
   local blob = old[i]
   local mine = users[i]
-  if blob and #blob >= 11 then
+  if #blob >= 11 then
     local version = string.byte(blob, 1)
     local part, epoch = -1, 0
     if version == 2 or version == 3 then
@@ -233,23 +291,23 @@ for i = 1, n_users do
   if refused[i] then
     stale = stale + 1
   else
-    redis.call('SET', KEYS[i], ARGV[4 + i], 'EX', ttl)
+    redis.call('SET', KEYS[i], blobs[i], 'EX', ttl)
     written = written + 1
   end
 end
 
-local member = 4 + n_users
 for r = 1, #logs do
   local key = KEYS[base + r]
-  local floor, records = logs[r][1], logs[r][2]
+  local floor, entries = logs[r][1], logs[r][2]
+  local packed = ARGV[6 + r]
   local adds = {}
-  for x = 1, #records, 2 do
-    member = member + 1
-    if not refused[records[x]] then
-      local offset = records[x + 1]
+  for x = 1, #entries, 2 do
+    if not refused[entries[x]] then
+      local offset = entries[x + 1]
       if offset <= highest[r] then redis.call('ZREMRANGEBYSCORE', key, offset, offset) end
+      local start = (x - 1) / 2 * size
       adds[#adds + 1] = offset
-      adds[#adds + 1] = ARGV[member]
+      adds[#adds + 1] = string.sub(packed, start + 1, start + size)
     end
   end
   for x = 1, #adds, 1000 do
@@ -279,30 +337,51 @@ for j = 1, n_merchants do
   local counts = KEYS[n_users + 2 * j - 1]
   local frauds = KEYS[n_users + 2 * j]
   local p = merchants[j]
-  local entries = p[1]
   local high, add, fields = marks[j], {}, {}
-  for x = 1, #entries, 4 do
-    local part, offset = entries[x], entries[x + 1]
-    local mark = high[part]
-    if offset > mark then
-      for _, field in ipairs({'h' .. entries[x + 2], 'd' .. entries[x + 3]}) do
-        if add[field] == nil then
-          add[field] = 0
-          fields[#fields + 1] = field
-        end
-        add[field] = add[field] + 1
-      end
-      counted = counted + 1
-      mark = offset
+  local function bump(field, n)
+    if add[field] == nil then
+      add[field] = 0
+      fields[#fields + 1] = field
     end
-    high[part] = mark
+    add[field] = add[field] + n
+  end
+  local slow = overlap[j]
+  for _, g in ipairs(p[1]) do
+    local part = g[1]
+    if not (slow and slow[part]) then
+      -- every record of this partition is above the high-water offset: all of them count
+      for x = 5, #g, 2 do bump(g[x], g[x + 1]) end
+      counted = counted + g[4]
+      if g[3] > high[part] then high[part] = g[3] end
+    end
+  end
+  if slow then
+    local entries = records[j]
+    for x = 1, #entries, 4 do
+      local part, offset = entries[x], entries[x + 1]
+      if slow[part] then
+        local mark = high[part]
+        if offset > mark then
+          bump('h' .. entries[x + 2], 1)
+          bump('d' .. entries[x + 3], 1)
+          counted = counted + 1
+          mark = offset
+        end
+        high[part] = mark
+      end
+    end
   end
   for _, field in ipairs(fields) do
     redis.call('HINCRBY', counts, field, add[field])
   end
+  local hw = {}
   for part, mark in pairs(high) do
-    if mark >= 0 then redis.call('HSET', counts, 'o' .. part, mark) end
+    if mark >= 0 then
+      hw[#hw + 1] = 'o' .. part
+      hw[#hw + 1] = mark
+    end
   end
+  if #hw > 0 then redis.call('HSET', counts, unpack(hw)) end
   redis.call('EXPIRE', counts, ttl)
   if p[2] == 1 then prune(counts, p[3], p[4]) end
   if p[5] == 1 then prune(frauds, p[6], p[7]) end

@@ -50,7 +50,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -99,6 +99,8 @@ _IO_ERRORS = (RedisError, OSError, TimeoutError)
 _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK")
 _OFFSET = struct.Struct(">q")
 _VECTOR_BYTES = 4 * N_FEATURES
+# A replay-log member: the record's offset (big-endian) and its feature vector (float32, native)
+_MEMBER = np.dtype([("offset", ">i8"), ("vector", np.float32, (N_FEATURES,))])
 
 
 def store_error(exc: BaseException, what: str) -> FeatureStoreUnavailable | FeatureStoreRejected:
@@ -118,21 +120,66 @@ def store_error(exc: BaseException, what: str) -> FeatureStoreUnavailable | Feat
 
 
 
+def _increments(entries: list[Any]) -> list[list[Any]]:
+    """A merchant's count increments per partition from its ``[partition, offset, hour, day, ...]``
+    records: ``[partition, lowest offset, highest offset, records, "h<hour>", n, "d<day>", n, ...]``."""
+    parts: dict[int, list[Any]] = {}
+    for x in range(0, len(entries), 4):
+        p, offset, hour, day = entries[x:x + 4]
+        group = parts.get(p)
+        if group is None:
+            parts[p] = [offset, offset, 1, {hour: 1}, {day: 1}]
+            continue
+        if offset < group[0]:
+            group[0] = offset
+        elif offset > group[1]:
+            group[1] = offset
+        group[2] += 1
+        hours, days = group[3], group[4]
+        hours[hour] = hours.get(hour, 0) + 1
+        days[day] = days.get(day, 0) + 1
+    out: list[list[Any]] = []
+    for p, (low, high, n, hours, days) in parts.items():
+        flat: list[Any] = [p, low, high, n]
+        for h, k in hours.items():
+            flat.extend((f"h{h}", k))
+        for d, k in days.items():
+            flat.extend((f"d{d}", k))
+        out.append(flat)
+    return out
+
+
+# Bucket field name -> (0: hour / 1: day, bucket) or None (not a bucket); the merchants of a
+# batch share their field names, so each is parsed once. Bounded: cleared when it grows past 4,096.
+_FIELDS: dict[bytes, tuple[int, int] | None] = {}
+
+
+def _bucket_field(key: bytes) -> tuple[int, int] | None:
+    kind = key[:1]
+    parsed: tuple[int, int] | None = None
+    if kind == b"h" or kind == b"d":
+        try:
+            parsed = (0 if kind == b"h" else 1, int(key[1:]))
+        except ValueError:
+            parsed = None
+    if len(_FIELDS) >= 4096:
+        _FIELDS.clear()
+    _FIELDS[key] = parsed
+    return parsed
+
+
 def _merchant_from_flat(counts: list[bytes], frauds: list[bytes]) -> MerchantState:
     """Full bucket state from two HGETALL replies (flat field/value lists)."""
     m = MerchantState()
-    for target_h, target_d, flat in ((m.tx_hours, m.tx_days, counts), (m.fraud_hours, m.fraud_days, frauds)):
-        for i in range(0, len(flat) - 1, 2):
-            key = flat[i]
-            try:
-                bucket = int(key[1:])
-                n = int(flat[i + 1])
-            except ValueError:
-                continue
-            if key[:1] == b"h":
-                target_h[bucket] = n
-            elif key[:1] == b"d":
-                target_d[bucket] = n
+    fields = _FIELDS
+    for targets, flat in (((m.tx_hours, m.tx_days), counts), ((m.fraud_hours, m.fraud_days), frauds)):
+        for key, value in zip(flat[::2], flat[1::2], strict=False):
+            parsed = fields[key] if key in fields else _bucket_field(key)
+            if parsed is not None:
+                try:
+                    targets[parsed[0]][parsed[1]] = int(value)
+                except ValueError:
+                    continue
     return m
 
 
@@ -165,8 +212,20 @@ class _Write:
     blobs: list[bytes] = field(default_factory=list)
     merchants: list[str] = field(default_factory=list)
     plan_merchants: list[list[Any]] = field(default_factory=list)
+    records: list[list[Any]] = field(default_factory=list)  # per merchant [partition, offset, hour, day, ...]
     logs: dict[tuple[int, int], list[int]] = field(default_factory=dict)
-    members: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)  # per log, in its order
+    rows: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # per log, the rows of X in its order
+
+
+_G = TypeVar("_G")
+
+
+def _group(groups: dict[str, _G], tag: str, kind: type[_G]) -> _G:
+    """The call of ``groups`` for ``tag``, made on first use (not one throw-away object per lookup)."""
+    group = groups.get(tag)
+    if group is None:
+        group = groups[tag] = kind()
+    return group
 
 
 class OnlineFeatureStore:
@@ -389,13 +448,13 @@ class OnlineFeatureStore:
                 ref_hour[txn.merchant_id] = -1
         groups: dict[str, _Read] = {}
         for user_id in dict.fromkeys(t.user_id for t in txns):
-            groups.setdefault(self._tag(keys_of.user_tag(user_id)), _Read()).users.append(user_id)
+            _group(groups, self._tag(keys_of.user_tag(user_id)), _Read).users.append(user_id)
         for merchant_id, hour in ref_hour.items():
-            group = groups.setdefault(self._tag(keys_of.merchant_tag(merchant_id)), _Read())
+            group = _group(groups, self._tag(keys_of.merchant_tag(merchant_id)), _Read)
             group.merchants.append(merchant_id)
             group.hours.append(hour)
         for (user_shard, p), span in ranges.items():
-            group = groups.setdefault(self._tag(f"u{user_shard}"), _Read())
+            group = _group(groups, self._tag(f"u{user_shard}"), _Read)
             group.logs.append((user_shard, p))
             group.ranges.append(span)
         calls: list[tuple[list[str], list[Any]]] = []
@@ -450,31 +509,33 @@ class OnlineFeatureStore:
         for user_id in users:
             state = states[user_id]
             assert state is not None
-            group = groups.setdefault(self._tag(keys_of.user_tag(user_id)), _Write())
+            group = _group(groups, self._tag(keys_of.user_tag(user_id)), _Write)
             group.index[user_id] = len(group.users) + 1
             group.users.append(user_id)
-            group.plan_users.append([state.partition, state.epoch])
-            group.blobs.append(encode_state(state))
+            blob = encode_state(state)
+            group.plan_users.append([state.partition, state.epoch, len(blob)])
+            group.blobs.append(blob)
         for merchant_id, entries in counted.items():
             n_counts, n_frauds = sizes[merchant_id]
             hour = hour_of(newest[merchant_id])
             day = hour // 24
-            group = groups.setdefault(self._tag(keys_of.merchant_tag(merchant_id)), _Write())
+            group = _group(groups, self._tag(keys_of.merchant_tag(merchant_id)), _Write)
             group.merchants.append(merchant_id)
-            group.plan_merchants.append([entries,
+            group.plan_merchants.append([_increments(entries),
                                          1 if n_counts + len(entries) // 4 > _MAX_COUNT_FIELDS else 0,
                                          hour - _KEEP_COUNT_HOURS, day - _KEEP_COUNT_DAYS,
                                          1 if n_frauds > _MAX_FRAUD_FIELDS else 0,
                                          hour - _KEEP_FRAUD_HOURS, day - _KEEP_FRAUD_DAYS])
+            group.records.append(entries)
         for row, user_id, p, offset in applied:
             user_shard = shard(user_id)
-            group = groups.setdefault(self._tag(f"u{user_shard}"), _Write())
+            group = _group(groups, self._tag(f"u{user_shard}"), _Write)
             log = group.logs.get((user_shard, p))
             if log is None:
                 log = group.logs[(user_shard, p)] = []
-                group.members[(user_shard, p)] = []
+                group.rows[(user_shard, p)] = []
             log.extend((group.index[user_id], offset))
-            group.members[(user_shard, p)].append(_OFFSET.pack(offset) + X[row].tobytes())
+            group.rows[(user_shard, p)].append(row)
         calls: list[tuple[list[str], list[Any]]] = []
         for group in groups.values():
             keys = [keys_of.user(u) for u in group.users]
@@ -484,10 +545,13 @@ class OnlineFeatureStore:
             for (user_shard, p), flat in group.logs.items():
                 keys.append(keys_of.replay_log(user_shard, p))
                 plan_logs.append([self._committed.get(p, -1), flat])
-                members.extend(group.members[(user_shard, p)])
-            plan = {"u": group.plan_users, "m": group.plan_merchants, "r": plan_logs}
+                packed = np.empty(len(flat) // 2, dtype=_MEMBER)
+                packed["offset"] = flat[1::2]
+                packed["vector"] = X[group.rows[(user_shard, p)]]
+                members.append(packed.tobytes())
+            plan = {"u": group.plan_users, "m": group.plan_merchants, "r": plan_logs, "s": _MEMBER.itemsize}
             calls.append((keys, [self._ttl, len(group.users), len(group.merchants), orjson.dumps(plan),
-                                 *group.blobs, *members]))
+                                 orjson.dumps(group.records), b"".join(group.blobs), *members]))
         stale = written = 0
         for reply in await self._run("write", calls, "write"):
             written += int(reply[0])

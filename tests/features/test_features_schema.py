@@ -14,6 +14,7 @@ from fraudactors.features.schema import (
     MAX_VALUE_BYTES,
     Label,
     Transaction,
+    _loads,
     parse_label,
     parse_transaction,
     transaction_from_obj,
@@ -254,3 +255,40 @@ def test_fuzz_any_json(obj: object) -> None:
 def test_a_zero_amount_is_a_card_verification_and_valid() -> None:
     txn = parse_transaction(orjson.dumps({**FULL, "amount": 0}))
     assert txn.amount == 0.0
+
+
+def _outcome(parse: object, value: object) -> object:
+    try:
+        return parse(value)  # type: ignore[operator]
+    except InvalidRecord as exc:
+        return ("invalid", exc.reason)
+
+
+ids_near_bounds = st.text(min_size=63, max_size=66) | st.sampled_from(["", "u", "x" * 64, "é" * 64, "x" * 65])
+near_bounds = st.fixed_dictionaries({  # well-formed but for one field at the edge of its bound
+    "transaction_id": ids_near_bounds, "user_id": ids_near_bounds,
+    "amount": st.sampled_from([0, -0.0, -1e-300, 1e9, 1e9 + 1, 2**63, 1.5, True]),
+    "timestamp": st.sampled_from(["2026-11-28T21:00:00.123+00:00", 1.5, 0, -1, 4102444800, "x", None]),
+}, optional={"merchant_id": ids_near_bounds, "currency": ids_near_bounds, "merchant_category": ids_near_bounds,
+             "is_international": st.booleans() | st.none() | st.just(0)})
+
+
+@settings(max_examples=800, deadline=None)
+@given(transaction_like | near_bounds | json_values | st.binary(max_size=120))
+def test_the_compiled_decoder_accepts_exactly_what_the_checks_accept(obj: object) -> None:
+    # parse_transaction decodes with msgspec and falls back to orjson and explicit checks only for
+    # what msgspec refuses: the two must agree on every input, value and error alike
+    value = obj if isinstance(obj, bytes) else orjson.dumps(obj)
+    assert _outcome(parse_transaction, value) == _outcome(lambda v: transaction_from_obj(_loads(v)), value)
+
+
+@pytest.mark.parametrize("value", [
+    '{"transaction_id": "éé", "user_id": "😀", "amount": 1, "timestamp": 5}'.encode(),
+    b'{"transaction_id": "t", "user_id": "u", "amount": -0.0, "timestamp": "2026-11-28T21:00:00Z"}',
+    b'{"transaction_id": "t", "user_id": "u", "amount": 1e9, "timestamp": 1.5, "x": [[[{"y": null}]]]}',
+    b'{"transaction_id": "t", "user_id": "u", "amount": 1, "timestamp": 1, "user_id": "v"}',
+    b'{"transaction_id": "' + b"x" * 64 + b'", "user_id": "u", "amount": 1, "timestamp": 1}',
+])
+def test_well_formed_edge_cases_parse_the_same_both_ways(value: bytes) -> None:
+    txn = parse_transaction(value)
+    assert txn == transaction_from_obj(_loads(value))
