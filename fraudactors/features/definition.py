@@ -42,6 +42,15 @@ Habits and the last 24 hours
     ``zlib.crc32`` of their id (deterministic, so training and serving agree bit for bit; a
     collision within one user's 30 days is vanishingly rare and only merges two merchants).
 
+The sequence of the last transactions
+    From the same stored events: the transactions at merchants new to the user in the last 6 h
+    and among the user's last 3 (within 30 days), the time since the second-to-last transaction,
+    the last 24 h's transactions at hours unusual for the user (near less than 10 % of their
+    events before the last 24 h, once there are at least 5 of those), and of the last 3
+    transactions the mean ratio of their amounts to the 30-day median and the mean hour-habit share
+    of their hours against the events before the last 24 h (so a day of payments at odd hours does
+    not make its own hours look usual). They need no stored field the v3 blob does not have.
+
 Merchant windows (:class:`MerchantState`)
     Transaction counts live in hour buckets (24h window = hours ``[H-23, H]``) and day buckets
     (7d / 30d = days ``[D-6, D]`` / ``[D-29, D]``) keyed by the transaction's event hour/day,
@@ -58,7 +67,8 @@ Degraded mode (:func:`transaction_only_features`)
     z-score 0, ``seconds_since_last_tx`` = ``NO_PREVIOUS_TX`` (-1), ``is_new_merchant`` and
     ``is_new_category`` 1, ``is_new_country`` = ``is_international``, ``intl_changed`` 0, the
     habit and 24-hour features 0 except ``amount_rank_30d`` 0.5 and ``amount_to_median_30d`` 1,
-    merchant counts, fraud counts and rates 0.
+    the sequence features 0 except ``seconds_since_2nd_last_tx`` -1 and ``amount_to_median_last3``
+    1, merchant counts, fraud counts and rates 0.
 """
 
 from __future__ import annotations
@@ -76,6 +86,7 @@ DAY_S = 86400
 # user windows: 10m, 1h, 24h, 7d, 30d (the longest is also how much history a user keeps)
 W_10M = 600.0
 W_1H = 3600.0
+W_6H = 6 * 3600.0
 W_24H = 86400.0
 W_7D = 7 * 86400.0
 W_30D = 30 * 86400.0
@@ -89,6 +100,9 @@ MERCHANT_RATE_PRIOR = 10.0
 ZSCORE_MIN_STD = 1.0
 MIN_AVERAGE = 0.01
 HABIT_HOURS = 2  # "near this time of day": the same hour of the day or up to 2 either side
+UNUSUAL_HOUR_SHARE = 0.1  # an hour "near" less than this share of the user's events before the last 24 h ...
+UNUSUAL_HOUR_MIN_EVENTS = 5  # ... is unusual once there are at least this many of them
+LAST_N = 3  # "the last transactions" of the sequence features
 _ZEROS = repeat(0)
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -130,6 +144,16 @@ FEATURE_NAMES: tuple[str, ...] = (
     "new_merchant_amount_24h",
     "distinct_merchants_24h",
     "international_count_24h",
+    # the sequence of the user's last transactions: merchants new to the user in the last 6 h and
+    # among the last 3 within 30 days, the time since the second-to-last, the last 24 h's
+    # transactions at hours unusual for the user before them, and how the last 3 sat against the
+    # user's habits (the 30-day median amount; the hour habit before the last 24 h)
+    "new_merchant_count_6h",
+    "new_merchant_last3",
+    "seconds_since_2nd_last_tx",
+    "unusual_hour_count_24h",
+    "amount_to_median_last3",
+    "hour_habit_share_last3",
     # merchant activity (bucketed) and risk from delayed labels
     "merchant_tx_count_24h",
     "merchant_tx_count_7d",
@@ -313,6 +337,7 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         out += (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, NO_PREVIOUS_TX,
                 new_merchant, new_category, 1.0 if txn.is_international and not seen_intl else 0.0, 0.0)
         out += _NO_HISTORY
+        out += _NO_SEQUENCE
         return out
     times = state.times
     amounts = state.amounts
@@ -338,6 +363,7 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         avg = std = zscore = 0.0
         ratio = 1.0
     since = t - times[end - 1] if end else NO_PREVIOUS_TX
+    since2 = t - times[end - 2] if end >= 2 else NO_PREVIOUS_TX
     last_intl = state.last_international
     out += (
         float(end - s10m),
@@ -361,16 +387,18 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
     )
     if not n30:
         out += _NO_HISTORY
+        out += (0.0, 0.0, since2, 0.0, 1.0, 0.0)
         return out
     hours = state.hours[s30d:end]
     hour = int(out[3])
     near = sum([hours.count((hour + k) % 24) for k in range(-HABIT_HOURS, HABIT_HOURS + 1)])
     ordered = sorted(window)
+    median = ordered[n30 // 2]
     recent = state.new_merchant[s24h:end]
     out += (
         near / n30,
         bisect_left(ordered, amount) / n30,
-        _ratio(amount, ordered[n30 // 2]),
+        _ratio(amount, median),
         float(end - s24h) / (n30 / 30.0),
         sum24 / (sum30 / 30.0) if sum30 > 0.0 else 0.0,
         float(sum(recent)),
@@ -378,11 +406,37 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         float(len(set(state.merchant_hashes[s24h:end]))),
         float(sum(state.international[s24h:end])),
     )
+    # the sequence. Hours are judged against the habit before the last 24 h (the 30 days up to
+    # then), so a day of payments at odd hours does not make its own hours look usual.
+    s6h = bisect_right(times, t - W_6H, s24h, end)
+    last = max(s30d, end - LAST_N)
+    n_ref = s24h - s30d
+    unusual = 0.0
+    habit_last = 0.0
+    if n_ref:
+        ref = state.hours[s30d:s24h]
+        near_of: dict[int, int] = {}  # only the hours asked for (a few per transaction)
+        for h in set(state.hours[min(s24h, last):end]):
+            near_of[h] = sum([ref.count((h + k) % 24) for k in range(-HABIT_HOURS, HABIT_HOURS + 1)])
+        if n_ref >= UNUSUAL_HOUR_MIN_EVENTS:
+            limit = UNUSUAL_HOUR_SHARE * n_ref
+            unusual = float(sum([1 for h in state.hours[s24h:end] if near_of[h] < limit]))
+        habit_last = sum([near_of[h] for h in state.hours[last:end]]) / n_ref / (end - last)
+    out += (
+        float(sum(state.new_merchant[s6h:end])),
+        float(sum(state.new_merchant[last:end])),
+        since2,
+        unusual,
+        sum([_ratio(a, median) for a in amounts[last:end]]) / (end - last),
+        habit_last,
+    )
     return out
 
 
 # hour_habit_share_30d .. international_count_24h for a user without earlier events in 30 days
 _NO_HISTORY = (0.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+# new_merchant_count_6h .. hour_habit_share_last3 for a user without earlier events
+_NO_SEQUENCE = (0.0, 0.0, NO_PREVIOUS_TX, 0.0, 1.0, 0.0)
 
 
 def _ratio(amount: float, base: float) -> float:

@@ -277,3 +277,39 @@ def test_a_merchant_is_new_again_after_30_days_without_it_and_an_out_of_order_ev
     _, state = run([txn(T0, merchant="a"), txn(T0 + 2 * H, merchant="b")])
     _, state = transition(state, None, txn(T0 + H, merchant="b"))  # before the first "b": new then
     assert state.new_merchant == bytearray([1, 1, 1])
+
+
+def test_the_sequence_of_the_last_transactions() -> None:
+    # ten days of habit: one payment a day at 12:00 UTC at merchant "h", amount 20
+    noon = T0 - 21 * H + 12 * H - 10 * D  # 12:00 ten days before T0's day
+    habit = [txn(noon + i * D, 20.0, merchant="h") for i in range(10)]
+    # then, on T0's day, three payments at new merchants in the night (03:00, 04:00, 05:00 UTC)
+    night = T0 - 21 * H + 3 * H
+    spree = [txn(night + i * H, 30.0, merchant=f"n{i}") for i in range(3)]
+    rows, _ = run([*habit, *spree, txn(night + 3.5 * H, 25.0, merchant="n9")])  # 06:30
+    vec = rows[-1]
+    assert f(vec, "new_merchant_count_6h") == 3.0  # the spree ("h" was new ten days ago)
+    assert f(vec, "new_merchant_last3") == 3.0
+    assert f(vec, "seconds_since_2nd_last_tx") == 2.5 * H  # 04:00 -> 06:30
+    # before the last 24 h the user paid only around 12:00: hours 3-5 are unusual, even though the
+    # spree's own three payments are near each other
+    assert f(vec, "unusual_hour_count_24h") == 3.0
+    assert f(vec, "amount_to_median_last3") == 30.0 / 20.0  # the median of 10 x 20 and 3 x 30 is 20
+    assert f(vec, "hour_habit_share_last3") == 0.0
+    # an ordinary payment at the habit hour and merchant: nothing new, nothing unusual
+    rows, _ = run([*habit, txn(noon + 10 * D, 20.0, merchant="h")])
+    vec = rows[-1]
+    assert f(vec, "new_merchant_count_6h") == 0.0 and f(vec, "new_merchant_last3") == 0.0
+    assert f(vec, "seconds_since_2nd_last_tx") == 2 * D
+    assert f(vec, "unusual_hour_count_24h") == 0.0 and f(vec, "amount_to_median_last3") == 1.0
+    assert f(vec, "hour_habit_share_last3") == 1.0  # every earlier payment was at 12:00
+
+
+def test_the_sequence_features_of_a_new_user_and_in_degraded_mode() -> None:
+    names = ("new_merchant_count_6h", "new_merchant_last3", "seconds_since_2nd_last_tx", "unusual_hour_count_24h",
+             "amount_to_median_last3", "hour_habit_share_last3")
+    assert [f(transaction_only_features(txn(T0)), n) for n in names] == [0.0, 0.0, NO_PREVIOUS_TX, 0.0, 1.0, 0.0]
+    rows, _ = run([txn(T0), txn(T0 + H), txn(T0 + 2 * H)])
+    assert f(rows[1], "seconds_since_2nd_last_tx") == NO_PREVIOUS_TX  # one earlier event only
+    assert f(rows[2], "seconds_since_2nd_last_tx") == 2 * H
+    assert f(rows[2], "hour_habit_share_last3") == 0.0  # no event before the last 24 h to judge hours by
