@@ -39,6 +39,8 @@ from typing import Any
 
 import orjson
 
+from fraudactors.features.scripts import CHECK_TYPES
+
 HIST_BINS = 20
 
 # KEYS: index (zset), clock (string), then one bucket hash per entry.
@@ -46,14 +48,7 @@ HIST_BINS = 20
 # key base ("<prefix>{ab}:b:"), a JSON array of [bucket, member, [field, increment, ...]] aligned
 # with KEYS[3..]. Adds what is inside the kept window, drops the rest, deletes buckets that fell
 # out of it. Returns the number of entries applied.
-AB_ADD = """#!lua
-local function check_type(key, want)
-  local t = redis.call('TYPE', key)['ok']
-  if t ~= 'none' and t ~= want then
-    return redis.error_reply('INVALID WRONGTYPE ' .. key .. ' is a ' .. t .. ', expected ' .. want)
-  end
-  return nil
-end
+AB_ADD = "#!lua\n" + CHECK_TYPES + """
 local bucket_s, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 local entries = cjson.decode(ARGV[5])
 if not bucket_s or bucket_s <= 0 or not keep or #entries ~= #KEYS - 2 then

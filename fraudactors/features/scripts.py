@@ -16,7 +16,7 @@ deterministic (not an outage).
 from __future__ import annotations
 
 # Shared by the writing scripts: fail before any write when a key has the wrong type.
-_CHECK_TYPES = """
+CHECK_TYPES = """
 local function check_type(key, want)
   local t = redis.call('TYPE', key)['ok']
   if t ~= 'none' and t ~= want then
@@ -401,7 +401,7 @@ return {written, stale, counted}
 # time before the newest label of the call are pruned (event time: they are past every window)
 # whenever the hash reaches a multiple of 64 fields. Returns one status per label: 0 nothing
 # changed, 1 new, 2 verdict flipped, 3 confirmed (same verdict, later).
-APPLY_LABELS = "#!lua\n" + _CHECK_TYPES + """
+APPLY_LABELS = "#!lua\n" + CHECK_TYPES + """
 local ttl, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 if not ttl or not keep or #KEYS % 2 ~= 0 or #ARGV ~= 2 + 5 * #KEYS / 2 then
   return redis.error_reply('INVALID arguments')
@@ -482,7 +482,7 @@ return status
 
 # KEYS: one outcome list per decision (the user's). ARGV: ttl, the list cap, then one entry
 # "<transaction_id>\\t<variant>=<0|1>,..." per key. Each list keeps the user's newest entries.
-RECORD_OUTCOMES = "#!lua\n" + _CHECK_TYPES + """
+RECORD_OUTCOMES = "#!lua\n" + CHECK_TYPES + """
 local ttl, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
 if not ttl or not cap or #ARGV ~= 2 + #KEYS then return redis.error_reply('INVALID arguments') end
 for i, key in ipairs(KEYS) do
