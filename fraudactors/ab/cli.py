@@ -43,7 +43,7 @@ async def fetch(settings: Any) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     import orjson
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 
     from fraudactors.ab.report import format_report
     from fraudactors.errors import FraudActorsError
@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         settings = settings.replace(ab=overrides)
     try:
         report = asyncio.run(fetch(settings))
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise FraudActorsError(f"cannot read the A/B ledger from Redis: {exc}") from exc
     if args.json == "-":
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
