@@ -13,10 +13,10 @@ from fraudactors.settings import Settings
 
 @pytest.fixture
 def engine_settings(settings: Settings, models_dir: Path) -> Iterator[Settings]:
-    """The shared ``settings`` plus the committed models, quick group timeouts and the default
-    inference mode (the process pool)."""
+    """The shared ``settings`` (with its quick group timeouts: Tansu holds a group's first JoinGroup
+    for about ``session_timeout_ms / 2``, see tests/conftest.py) plus the committed models and the
+    default inference mode (the process pool)."""
     yield settings.replace(
         models={"dir": str(models_dir)},
         engine={"commit_interval_ms": 200, "shutdown_timeout_s": 15.0},
-        kafka={"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
     )
