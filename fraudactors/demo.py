@@ -255,13 +255,13 @@ def _loadavg() -> list[float] | None:
 
 async def _ab_report(settings: Settings) -> dict[str, Any] | None:
     """The A/B evidence the run left in the embedded Redis (None, with a line, if unreadable)."""
-    from redis.exceptions import RedisClusterException, RedisError
-
     from fraudactors.ab.cli import fetch
+    from fraudactors.features.redis_client import CLIENT_ERRORS
 
+    errors: tuple[type[BaseException], ...] = (*CLIENT_ERRORS, OSError)
     try:
         return await fetch(settings)
-    except (RedisError, RedisClusterException, OSError) as exc:
+    except errors as exc:
         say(f"A/B report: the ledger could not be read ({exc!r})")
         return None
 

@@ -43,10 +43,10 @@ async def fetch(settings: Any) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     import orjson
-    from redis.exceptions import RedisClusterException, RedisError
 
     from fraudactors.ab.report import format_report
     from fraudactors.errors import FraudActorsError
+    from fraudactors.features.redis_client import CLIENT_ERRORS
     from fraudactors.settings import load_settings
 
     settings = load_settings(args.config)
@@ -57,9 +57,10 @@ def main(args: argparse.Namespace) -> int:
         overrides["label_delay_s"] = args.label_delay_days * 86400.0
     if overrides:
         settings = settings.replace(ab=overrides)
+    errors: tuple[type[BaseException], ...] = (*CLIENT_ERRORS, OSError)
     try:
         report = asyncio.run(fetch(settings))
-    except (RedisError, RedisClusterException, OSError) as exc:
+    except errors as exc:
         raise FraudActorsError(f"cannot read the A/B ledger from Redis: {exc}") from exc
     if args.json == "-":
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")

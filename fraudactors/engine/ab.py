@@ -39,19 +39,18 @@ class ABReporter:
         self.refreshes = 0
 
     async def run(self, task_status: Any) -> None:
-        from redis.exceptions import RedisClusterException, RedisError
-
-        from fraudactors.features.redis_client import make_client
+        from fraudactors.features.redis_client import CLIENT_ERRORS, make_client
 
         timeout = max(self._settings.redis.socket_timeout_ms / 1000.0, 1.0)
         client = make_client(self._settings, timeout, retry=True)
+        errors: tuple[type[BaseException], ...] = (*CLIENT_ERRORS, ConnectionError, OSError, TimeoutError)
         task_status.started()
         try:
             while True:
                 try:
                     self.publish(await ledger_report(client, self._settings))
                     self.refreshes += 1
-                except (RedisError, RedisClusterException, ConnectionError, OSError, TimeoutError) as exc:
+                except errors as exc:
                     # Evidence days deep: a missed refresh changes nothing, and a reporter that
                     # crashed on every cluster hiccup would spend the engine's restart budget.
                     self._log.debug("ab_refresh_failed", error=repr(exc))

@@ -401,6 +401,6 @@ class FeatureStoreActor:
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
-    from redis.exceptions import RedisError
+    from fraudactors.features.redis_client import CLIENT_ERRORS
 
-    return (RedisError,)
+    return CLIENT_ERRORS

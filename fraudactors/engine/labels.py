@@ -56,9 +56,9 @@ _UNAVAILABLE = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
-    from redis.exceptions import RedisError
+    from fraudactors.features.redis_client import CLIENT_ERRORS
 
-    return (*_UNAVAILABLE, RedisError)
+    return (*_UNAVAILABLE, *CLIENT_ERRORS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,11 +17,22 @@ from hiredis import pack_command as _hiredis_pack
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AskError, MovedError, NoScriptError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 
 from fraudactors.settings import Settings
 
 Client = aioredis.Redis | RedisCluster
+# What a Redis client raises for a failed call. The cluster client raises RedisClusterException,
+# which is not a RedisError, when it cannot reach any node ("Redis Cluster cannot be connected"):
+# an outage like any other, never a reason for an actor to crash.
+CLIENT_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException)
 
 class PackedConnection(aioredis.Connection):
     """redis-py's asyncio connection with each command packed by hiredis (C). redis-py packs in

@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import orjson
-from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.features import scripts
@@ -71,7 +71,7 @@ from fraudactors.features.definition import (
     transition,
 )
 from fraudactors.features.keys import KeyLayout, shard
-from fraudactors.features.redis_client import ScriptRunner, make_client
+from fraudactors.features.redis_client import CLIENT_ERRORS, ScriptRunner, make_client
 from fraudactors.features.schema import Label, Transaction
 from fraudactors.features.state_codec import StateDecodeError, decode_state, encode_state
 from fraudactors.logging import get_logger
@@ -94,7 +94,7 @@ _KEEP_LABEL_MS = 45 * 86400 * 1000
 # Redis runs one script at a time: big label batches are split to keep each call short.
 _MAX_LABELS_PER_CALL = 1000
 
-_IO_ERRORS = (RedisError, OSError, TimeoutError)
+_IO_ERRORS: tuple[type[BaseException], ...] = (*CLIENT_ERRORS, OSError, TimeoutError)
 # Replies that mean "not now" rather than "never": a busy, loading or failing-over server.
 _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK")
 _OFFSET = struct.Struct(">q")

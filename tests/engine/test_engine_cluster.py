@@ -91,3 +91,36 @@ async def test_a_slot_migrated_under_load_is_followed_by_the_client(
     assert len(decisions) == len(data.transactions) and not any(d["degraded"] for d in decisions)
     exact = [name for name in FEATURE_NAMES if name not in MERCHANT_COUNT_FEATURES]
     assert compare(online_matrix(decisions, data.ids), offline(data), data.ids, exact) == len(data.ids) * len(exact)
+
+
+async def test_the_whole_cluster_lost_under_load_degrades_without_a_restart_then_recovers(
+        engine_settings: Settings, cluster: EmbeddedRedisCluster) -> None:
+    """Every master gone: redis-py's cluster client raises ``RedisClusterException`` ("cannot be
+    connected"), which is not a ``RedisError``; the engine must take it as the store unavailable
+    (degraded decisions, labels and outcomes held), not as a crash of its actors."""
+    s = on_cluster(engine_settings, cluster, emit_features=False).replace(
+        redis={"socket_timeout_ms": 500, "retry_interval_ms": 200})
+    first = transactions(2000, prefix="cx")
+    second = transactions(1000, start=2000, prefix="cx")
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        await produce(s, [(k, v) for k, v, _ in first[:1000]])
+        await reader.wait_for(lambda recs: len(recs) >= 1000, timeout_s=60)
+        for node in cluster.nodes:
+            await node.stop()
+        await produce(s, [(k, v) for k, v, _ in first[1000:]])
+        await reader.wait_for(lambda recs: len(recs) >= 2000, timeout_s=60)
+        for node in cluster.nodes:
+            await node.start()
+        await cluster.wait_ok()
+        await wait_until(lambda: engine.features.up, timeout_s=30)
+        await produce(s, [(k, v) for k, v, _ in second])
+        await reader.wait_for(lambda recs: len(recs) >= 3000, timeout_s=60)
+        restarts = {sample.labels["actor"]: sample.value
+                    for metric in engine.metrics.registry.collect() if metric.name == "fraudactors_actor_restarts"
+                    for sample in metric.samples if sample.name.endswith("_total") and sample.value}
+    decisions = reader.decisions()
+    assert Counter(d["transaction_id"] for d in decisions) == Counter(t for _, _, t in first + second)
+    by_id = {d["transaction_id"]: d for d in decisions}
+    assert all(by_id[t]["degraded"] for _, _, t in first[1000:]), "degraded while no master answered"
+    assert not any(by_id[t]["degraded"] for _, _, t in second), "normal again once they are back"
+    assert restarts == {}, "an unreachable cluster is an outage, not a crash"
