@@ -75,9 +75,11 @@ from __future__ import annotations
 
 import math
 import zlib
+from array import array
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from itertools import compress, repeat
+from operator import mul
 
 from fraudactors.features.schema import Transaction
 
@@ -187,9 +189,11 @@ def entity_hash(value: str) -> int:
 class UserState:
     """Per-user state. Owned by whoever holds it; :func:`transition` updates it in place."""
 
-    times: list[float] = field(default_factory=list)  # sorted ascending
-    amounts: list[float] = field(default_factory=list)  # aligned with times, like the four below
-    merchant_hashes: list[int] = field(default_factory=list)  # entity_hash(merchant_id)
+    # The per-event columns are machine arrays, as the state blob stores them (state_codec copies
+    # them in and out without a Python object per event); their values are the same doubles.
+    times: array[float] = field(default_factory=lambda: array("d"))  # sorted ascending
+    amounts: array[float] = field(default_factory=lambda: array("d"))  # aligned with times, like the four below
+    merchant_hashes: array[int] = field(default_factory=lambda: array("I"))  # entity_hash(merchant_id)
     hours: bytearray = field(default_factory=bytearray)  # hour of the day (UTC) of each event
     international: bytearray = field(default_factory=bytearray)  # 1 when the event was international
     new_merchant: bytearray = field(default_factory=bytearray)  # 1 when its merchant was new in 30 days
@@ -348,12 +352,12 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
     s7d = bisect_right(times, t - W_7D, 0, end)
     s30d = bisect_right(times, t - W_30D, 0, end)
     n30 = end - s30d
-    window = amounts[s30d:end]
+    window = amounts[s30d:end].tolist()  # one float object per event, made once (sums, sort)
     sum30 = sum(window)
-    sum24 = sum(amounts[s24h:end])
+    sum24 = sum(window[s24h - s30d:])
     if n30:
         avg = sum30 / n30
-        var = sum([a * a for a in window]) / n30 - avg * avg
+        var = sum(map(mul, window, window)) / n30 - avg * avg
         std = math.sqrt(var) if var > 0.0 else 0.0
         # amount 0 is a card-verification authorisation: a user whose 30 days are all verifications
         # has an average of 0, and the ratio is taken against one cent instead
@@ -371,9 +375,9 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         float(end - s24h),
         float(end - s7d),
         float(n30),
-        sum(amounts[s1h:end]),
+        sum(window[s1h - s30d:]),
         sum24,
-        sum(amounts[s7d:end]),
+        sum(window[s7d - s30d:]),
         sum30,
         avg,
         std,
@@ -402,7 +406,7 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         float(end - s24h) / (n30 / 30.0),
         sum24 / (sum30 / 30.0) if sum30 > 0.0 else 0.0,
         float(sum(recent)),
-        float(sum(compress(amounts[s24h:end], recent))),
+        float(sum(compress(window[s24h - s30d:], recent))),
         float(len(set(state.merchant_hashes[s24h:end]))),
         float(sum(state.international[s24h:end])),
     )
@@ -427,7 +431,7 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         float(sum(state.new_merchant[last:end])),
         since2,
         unusual,
-        sum([_ratio(a, median) for a in amounts[last:end]]) / (end - last),
+        sum([_ratio(a, median) for a in window[last - s30d:]]) / (end - last),
         habit_last,
     )
     return out

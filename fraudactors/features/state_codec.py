@@ -37,19 +37,21 @@ class StateDecodeError(ValueError):
     """A stored blob that is not a state this version can read."""
 
 
-def _array(kind: str, values: list[float] | list[int]) -> bytes:
+def _array(kind: str, values: array[Any] | list[Any]) -> bytes:
+    if _LITTLE and isinstance(values, array) and values.typecode == kind:
+        return values.tobytes()
     column = array(kind, values)
     if not _LITTLE:  # pragma: no cover - big-endian hosts
         column.byteswap()
     return column.tobytes()
 
 
-def _column(kind: str, view: memoryview) -> list[Any]:
+def _column(kind: str, view: memoryview) -> array[Any]:
     column = array(kind)
     column.frombytes(view)
     if not _LITTLE:  # pragma: no cover - big-endian hosts
         column.byteswap()
-    return column.tolist()
+    return column
 
 
 def encode_state(state: UserState) -> bytes:
@@ -88,7 +90,7 @@ def decode_state(blob: bytes) -> UserState:
         international = bytearray(view[at + 5 * n:at + 6 * n])
         new_merchant = bytearray(view[at + 6 * n:end])
     else:
-        merchant_hashes = [_UNKNOWN] * n
+        merchant_hashes = array("I", [_UNKNOWN]) * n
         hours = bytearray(int(t // 3600) % 24 for t in times)
         international = bytearray(n)
         new_merchant = bytearray(n)

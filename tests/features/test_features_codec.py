@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +17,8 @@ ids = st.text(min_size=1, max_size=64)
 def _state(times: list[float], events: list[tuple[float, int, int, bool, bool]], merchants: list[str],
            categories: list[str], seen: bool, last: bool | None, partition: int, offset: int) -> UserState:
     events = (events + [(1.0, 0, 0, False, False)] * len(times))[: len(times)]
-    return UserState(times=sorted(times), amounts=[e[0] for e in events], merchant_hashes=[e[1] for e in events],
+    return UserState(times=array("d", sorted(times)), amounts=array("d", [e[0] for e in events]),
+                     merchant_hashes=array("I", [e[1] for e in events]),
                      hours=bytearray(e[2] for e in events), international=bytearray(e[3] for e in events),
                      new_merchant=bytearray(e[4] for e in events),
                      merchants=dict.fromkeys(merchants),
@@ -55,9 +58,9 @@ def test_a_version_2_blob_is_still_read() -> None:
     header = struct.pack("<BBbiIqH", 2, 1, 0, 7, 3, 41, 2)
     blob = header + struct.pack("<2d", 10.0, 7200.0) + struct.pack("<2d", 1.5, 0.0) + orjson.dumps([["m"], ["g"]])
     state = decode_state(blob)
-    assert (state.times, state.amounts, state.partition, state.epoch, state.offset) == ([10.0, 7200.0],
+    assert (list(state.times), list(state.amounts), state.partition, state.epoch, state.offset) == ([10.0, 7200.0],
                                                                                         [1.5, 0.0], 7, 3, 41)
-    assert state.merchant_hashes == [0, 0]
+    assert list(state.merchant_hashes) == [0, 0]
     assert state.hours == bytearray([0, 2]) and state.international == state.new_merchant == bytearray(2)
     assert state.seen_international and state.last_international is False and list(state.merchants) == ["m"]
     assert decode_state(encode_state(state)) == state  # rewritten as version 3

@@ -118,7 +118,7 @@ def test_zscore_uses_a_std_floor() -> None:
 
 def test_history_is_pruned_to_30_days_and_capped() -> None:
     _, state = run([txn(T0, 1.0), txn(T0 + 30 * D, 2.0)])
-    assert state.times == [T0 + 30 * D]  # exactly 30 days older than the newest: out
+    assert list(state.times) == [T0 + 30 * D]  # exactly 30 days older than the newest: out
     events = [txn(T0 + i, 1.0) for i in range(MAX_EVENTS + 40)]
     rows, state = run(events)
     assert len(state.times) == MAX_EVENTS and state.times[0] == T0 + 40
@@ -156,7 +156,7 @@ def test_out_of_order_event_only_sees_its_past() -> None:
     late, state = transition(state, None, txn(T0 + H, 4.0))
     assert f(late, "tx_count_24h") == 1.0 and f(late, "amount_sum_24h") == 1.0
     assert f(late, "seconds_since_last_tx") == H
-    assert state.times == [T0, T0 + H, T0 + 2 * H] and state.amounts == [1.0, 4.0, 2.0]
+    assert list(state.times) == [T0, T0 + H, T0 + 2 * H] and list(state.amounts) == [1.0, 4.0, 2.0]
     nxt, _ = transition(state, None, txn(T0 + 2 * H + 10, 8.0))
     assert f(nxt, "tx_count_1h") == 1.0 and f(nxt, "amount_sum_1h") == 2.0
     assert f(nxt, "tx_count_24h") == 3.0 and f(nxt, "amount_sum_24h") == 7.0

@@ -244,7 +244,7 @@ async def test_replayed_batch_is_not_counted_twice(store: OnlineFeatureStore, st
         state = await store.user_state(user)
         assert state is not None
         expected = sorted(t.event_time for t in txns if t.user_id == user)[-MAX_EVENTS:]
-        assert state.times == expected
+        assert list(state.times) == expected
     # and the result equals a clean run
     offline = offline_features(txns, labels)
     fresh = OnlineFeatureStore(store_settings.replace(redis={"key_prefix": store_settings.redis.key_prefix + "x:"}))
