@@ -28,7 +28,7 @@ from fraudactors.engine.decision import Router, Thresholds, Variant
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.monitor import ModelMonitor
 from fraudactors.engine.routing import Routing
-from fraudactors.errors import ActorDied, ModelError, RoutingRefused, WorkerDied
+from fraudactors.errors import ActorDied, ModelError, PoolClosed, RoutingRefused, WorkerDied
 from fraudactors.logging import get_logger
 from fraudactors.modeling.policy import DegradedPolicy
 from fraudactors.modeling.registry import ModelInfo, fallback_id
@@ -64,6 +64,20 @@ def load_versions(models_dir: str, pins: Mapping[str, str | None], scorer: Any =
     for info in infos:
         _check_pin(info.version, info.sha256, pins[info.version])
     scorer.add(infos)
+
+
+def unload_versions(keep: Sequence[str], scorer: Any = None) -> None:
+    """Let go of every version (and its fallback) not in ``keep`` in this worker's scorer."""
+    scorer = scorer if scorer is not None else _SCORER
+    if scorer is None:
+        raise ModelError("scorer not initialised in this worker")
+    scorer.retain(keep)
+
+
+def scorer_versions(scorer: Any = None) -> tuple[str, ...]:
+    """What this worker's scorer holds: every version and fallback it can score."""
+    scorer = scorer if scorer is not None else _SCORER
+    return () if scorer is None else tuple(scorer.versions)
 
 
 def _check_pin(version: str, sha256: str, pinned: str | None) -> None:
@@ -182,7 +196,7 @@ class InferenceActor:
         self._pool: Any = None
         self._thread: ThreadPoolExecutor | None = None
         self._local_scorer: Any = None
-        self._loaded: tuple[str, ...] = ()  # versions in every scorer (a routing change only adds)
+        self._loaded: tuple[str, ...] = ()  # versions in every scorer (see apply_routing)
         self._ready = asyncio.Event()
         # Calls in flight and the requests each one answers (a call cancelled before it started
         # never runs: its requests are failed from here on close).
@@ -251,7 +265,13 @@ class InferenceActor:
         sha256-checked in every scorer (each pool worker, or the scorer thread); any failure raises
         :class:`RoutingRefused` and the routing in force stays. The swap is one assignment: a batch
         routed before it finishes with its variants and models (they stay loaded), every batch
-        routed after it uses the new routing. Other errors (the actor stopping) propagate."""
+        routed after it uses the new routing. Other errors (the actor stopping) propagate.
+
+        After the swap the scorers let go of every version that neither this routing, the one it
+        names as its previous (a rollback needs no load) nor the routing it replaced (batches it
+        routed may still be in flight) uses: through any number of promotions a scorer holds at
+        most three routings' models. A version unloaded here is loaded again (and checked) if a
+        later routing brings it back."""
         async with self._applying:
             await self._ready.wait()
             router = Router(routing.variants)
@@ -274,7 +294,37 @@ class InferenceActor:
             self._thresholds.update(thresholds)
             self._loaded = loaded
             self._monitor_models(infos)
-            self.router, self.routing = router, routing
+            replaced, self.router, self.routing = self.router, router, routing
+            keep = set(router.versions) | set(replaced.versions)
+            if routing.previous is not None:
+                keep |= set(Router(routing.previous.variants).versions)
+            await self._unload(models_dir, tuple(sorted(keep)))
+
+    async def _unload(self, models_dir: str, keep: tuple[str, ...]) -> None:
+        """Every scorer keeps ``keep`` only (a worker started later loads just those)."""
+        dropped = sorted(set(self._loaded) - set(keep))
+        if not dropped:
+            return
+        try:
+            if self._pool is not None:
+                await self._pool.broadcast(unload_versions, keep, initargs=(models_dir, keep))
+            elif self._thread is not None:
+                await asyncio.get_running_loop().run_in_executor(self._thread, unload_versions, keep,
+                                                                 self._local_scorer)
+        except (ModelError, PoolClosed) as exc:  # the routing is applied; this is memory only
+            self._log.warning("models_unload_failed", versions=dropped, error=repr(exc))
+            return
+        self._loaded = keep
+        self._log.info("models_unloaded", versions=dropped, loaded=list(keep))
+
+    async def scorer_versions(self) -> tuple[str, ...]:
+        """What the scorer holds (one pool worker's view; the workers are kept alike)."""
+        if self._pool is not None:
+            return await self._pool.call(scorer_versions)
+        if self._thread is not None:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, scorer_versions,
+                                                                    self._local_scorer)
+        return ()
 
     async def run(self, task_status: Any) -> None:
         """Supervised child: load models (verify sha256), start the scorer, then serve."""

@@ -112,6 +112,13 @@ class Scorer:
                                  f"now have {info.sha256[:12]}...; give a retrained model a new version")
         self._models.update(loaded)
 
+    def retain(self, versions: Sequence[str]) -> None:
+        """Unload every version not in ``versions`` (each kept version keeps its fallback): a
+        routing change lets go of the models no routing in reach uses, so a process that lives
+        through many promotions holds a bounded number of sessions."""
+        keep = set(versions)
+        self._models = {name: m for name, m in self._models.items() if m.info.version in keep}
+
     @property
     def versions(self) -> tuple[str, ...]:
         """Everything that can be scored: each version, and ``fallback_id(version)`` when it has one."""

@@ -183,3 +183,33 @@ async def test_every_running_replica_follows_a_change(engine_settings: Settings)
     before, after = Router(s.models.variants), Router(change.variants)
     for i, (_, _, tid) in enumerate(txns):
         assert decisions[tid]["variant"] == (before if i < 1000 else after).route(tid).name
+
+
+async def test_a_scorer_lets_go_of_versions_no_routing_in_reach_uses_and_loads_them_again(
+        engine_settings: Settings, models_dir: Path, tmp_path: Path) -> None:
+    """Through promotions the pool worker keeps only the versions of the routing in force, of the
+    one it names as previous and of the one it replaced; a version brought back is loaded again."""
+    s = engine_settings.replace(models={"dir": str(models_with_extras(models_dir, tmp_path))})
+    txns = transactions(1600)
+    base = Routing.from_settings(s.models)  # A: v1, B: v2
+    r1 = base.promoted("v2b", "B", {})  # A: v1, B: v2b -- v2 is in the replaced and the previous routing
+    r2 = r1.promoted("v2b", "A", {})  # A: v2b, B: v2b -- no routing in reach uses v2 any more
+    r3 = r2.rolled_back()  # A: v1, B: v2b -- both still loaded
+    r4 = r3.promoted("v2", "B", {})  # A: v1, B: v2 -- v2 loaded again
+    held: list[set[str]] = []
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        held.append(set(await engine.inference.scorer_versions()))
+        for i, routing in enumerate((r1, r2, r3, r4)):
+            await publish_routing(s, routing)
+            await wait_until(lambda r=routing: engine.routing.applied.revision == r.revision, timeout_s=30)
+            held.append(set(await engine.inference.scorer_versions()))
+            await produce(s, [(k, v) for k, v, _ in txns[i * 400:(i + 1) * 400]])
+            await reader.wait_for(lambda recs, n=(i + 1) * 400: len(recs) >= n, timeout_s=60)
+    with_fallbacks = [{v for name in names for v in (name, f"{name}-fallback")}
+                      for names in ({"v1", "v2"}, {"v1", "v2", "v2b"}, {"v1", "v2b"}, {"v1", "v2b"},
+                                    {"v1", "v2", "v2b"})]
+    assert held == with_fallbacks
+    decisions = {d["transaction_id"]: d for d in reader.decisions()}
+    assert len(decisions) == 1600
+    assert {decisions[t]["model_version"] for _, _, t in txns[400:800]} == {"v2b"}, "r2 decided with v2b only"
+    assert {decisions[t]["model_version"] for _, _, t in txns[1200:]} == {"v1", "v2"}, "v2 scored again"
