@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
@@ -39,29 +40,50 @@ async def test_twenty_thousand_transactions_on_a_cluster_are_decided_once_with_t
     assert compare(online_matrix(decisions, data.ids), offline(data), data.ids, exact) == len(data.ids) * len(exact)
 
 
+async def outage_under_load(s: Settings, cluster: EmbeddedRedisCluster, lost: list[int], before: int,
+                            during: int, after: int) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, float]]:
+    """``before`` transactions decided, the masters ``lost`` stopped, ``during`` more, the masters
+    back, ``after`` more: (decision by transaction id, the ids in order, actor restarts by actor)."""
+    s = on_cluster(s, cluster, emit_features=False).replace(redis={"socket_timeout_ms": 500, "retry_interval_ms": 200})
+    txns = transactions(before + during + after, prefix="cl")
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        for n, (lo, hi) in enumerate(((0, before), (before, before + during), (before + during, len(txns)))):
+            if n == 2:
+                for i in lost:  # back on their ports, as the same nodes with the same slots
+                    await cluster.nodes[i].start()
+                await cluster.wait_ok()
+                await wait_until(lambda: engine.features.up, timeout_s=30)
+            await produce(s, [(k, v) for k, v, _ in txns[lo:hi]])
+            await reader.wait_for(lambda recs, hi=hi: len(recs) >= hi, timeout_s=60)
+            if n == 0:
+                for i in lost:  # their slots are unserved
+                    await cluster.nodes[i].stop()
+        restarts = {sample.labels["actor"]: sample.value
+                    for metric in engine.metrics.registry.collect() if metric.name == "fraudactors_actor_restarts"
+                    for sample in metric.samples if sample.name.endswith("_total") and sample.value}
+    decisions = reader.decisions()
+    ids = [t for _, _, t in txns]
+    assert Counter(d["transaction_id"] for d in decisions) == Counter(ids), "each decided once"
+    return {d["transaction_id"]: d for d in decisions}, ids, restarts
+
+
 async def test_a_cluster_master_lost_under_load_degrades_then_recovers_and_loses_nothing(
         engine_settings: Settings, cluster: EmbeddedRedisCluster) -> None:
-    s = on_cluster(engine_settings, cluster, emit_features=False).replace(
-        redis={"socket_timeout_ms": 500, "retry_interval_ms": 200})
-    first = transactions(3000, prefix="cl")
-    second = transactions(1000, start=3000, prefix="cl")
-    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
-        await produce(s, [(k, v) for k, v, _ in first[:1000]])
-        await reader.wait_for(lambda recs: len(recs) >= 1000, timeout_s=60)
-        await cluster.nodes[1].stop()  # a master gone: its slots are unserved
-        await produce(s, [(k, v) for k, v, _ in first[1000:]])
-        await reader.wait_for(lambda recs: len(recs) >= 3000, timeout_s=60)
-        await cluster.nodes[1].start()  # back on its port, as the same node with the same slots
-        await cluster.wait_ok()
-        await wait_until(lambda: engine.features.up, timeout_s=30)
-        await produce(s, [(k, v) for k, v, _ in second])
-        await reader.wait_for(lambda recs: len(recs) >= 4000, timeout_s=60)
-    decisions = reader.decisions()
-    ids = Counter(d["transaction_id"] for d in decisions)
-    assert set(ids) == {t for _, _, t in first + second} and len(decisions) == 4000, "each decided once"
-    by_id = {d["transaction_id"]: d for d in decisions}
-    assert any(by_id[t]["degraded"] for _, _, t in first[1000:]), "decided degraded while a master was gone"
-    assert not any(by_id[t]["degraded"] for _, _, t in second), "normal again once it is back"
+    by_id, ids, restarts = await outage_under_load(engine_settings, cluster, [1], 1000, 2000, 1000)
+    assert any(by_id[t]["degraded"] for t in ids[1000:3000]), "decided degraded while a master was gone"
+    assert not any(by_id[t]["degraded"] for t in ids[3000:]), "normal again once it is back"
+    assert restarts == {}, "a lost master is an outage, not a crash"
+
+
+async def test_the_whole_cluster_lost_under_load_degrades_without_a_restart_then_recovers(
+        engine_settings: Settings, cluster: EmbeddedRedisCluster) -> None:
+    """Every master gone: redis-py's cluster client raises ``RedisClusterException`` ("cannot be
+    connected"), which is not a ``RedisError``; the engine must take it as the store unavailable
+    (degraded decisions, labels and outcomes held), not as a crash of its actors."""
+    by_id, ids, restarts = await outage_under_load(engine_settings, cluster, [0, 1, 2], 1000, 1000, 1000)
+    assert all(by_id[t]["degraded"] for t in ids[1000:2000]), "degraded while no master answered"
+    assert not any(by_id[t]["degraded"] for t in ids[2000:]), "normal again once they are back"
+    assert restarts == {}, "an unreachable cluster is an outage, not a crash"
 
 
 async def test_a_slot_migrated_under_load_is_followed_by_the_client(
@@ -92,35 +114,3 @@ async def test_a_slot_migrated_under_load_is_followed_by_the_client(
     exact = [name for name in FEATURE_NAMES if name not in MERCHANT_COUNT_FEATURES]
     assert compare(online_matrix(decisions, data.ids), offline(data), data.ids, exact) == len(data.ids) * len(exact)
 
-
-async def test_the_whole_cluster_lost_under_load_degrades_without_a_restart_then_recovers(
-        engine_settings: Settings, cluster: EmbeddedRedisCluster) -> None:
-    """Every master gone: redis-py's cluster client raises ``RedisClusterException`` ("cannot be
-    connected"), which is not a ``RedisError``; the engine must take it as the store unavailable
-    (degraded decisions, labels and outcomes held), not as a crash of its actors."""
-    s = on_cluster(engine_settings, cluster, emit_features=False).replace(
-        redis={"socket_timeout_ms": 500, "retry_interval_ms": 200})
-    first = transactions(2000, prefix="cx")
-    second = transactions(1000, start=2000, prefix="cx")
-    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
-        await produce(s, [(k, v) for k, v, _ in first[:1000]])
-        await reader.wait_for(lambda recs: len(recs) >= 1000, timeout_s=60)
-        for node in cluster.nodes:
-            await node.stop()
-        await produce(s, [(k, v) for k, v, _ in first[1000:]])
-        await reader.wait_for(lambda recs: len(recs) >= 2000, timeout_s=60)
-        for node in cluster.nodes:
-            await node.start()
-        await cluster.wait_ok()
-        await wait_until(lambda: engine.features.up, timeout_s=30)
-        await produce(s, [(k, v) for k, v, _ in second])
-        await reader.wait_for(lambda recs: len(recs) >= 3000, timeout_s=60)
-        restarts = {sample.labels["actor"]: sample.value
-                    for metric in engine.metrics.registry.collect() if metric.name == "fraudactors_actor_restarts"
-                    for sample in metric.samples if sample.name.endswith("_total") and sample.value}
-    decisions = reader.decisions()
-    assert Counter(d["transaction_id"] for d in decisions) == Counter(t for _, _, t in first + second)
-    by_id = {d["transaction_id"]: d for d in decisions}
-    assert all(by_id[t]["degraded"] for _, _, t in first[1000:]), "degraded while no master answered"
-    assert not any(by_id[t]["degraded"] for _, _, t in second), "normal again once they are back"
-    assert restarts == {}, "an unreachable cluster is an outage, not a crash"
