@@ -51,6 +51,14 @@ The sequence of the last transactions
     of their hours against the events before the last 24 h (so a day of payments at odd hours does
     not make its own hours look usual). They need no stored field the v3 blob does not have.
 
+The merchant category code
+    ``merchant_category_code`` is the transaction's ``merchant_category`` as its place in a fixed
+    catalogue (:data:`MERCHANT_CATEGORIES`, like a card network's fixed MCC codes; appending to it
+    keeps the codes of the others), ``UNKNOWN_CATEGORY_CODE`` (-1) for any other category
+    (``"unknown"`` included). It depends on the transaction alone, so it is exact in degraded mode
+    and the fallbacks read it too. Codes are ordinal numbers, not amounts: a tree model splits them
+    into groups of categories.
+
 Merchant windows (:class:`MerchantState`)
     Transaction counts live in hour buckets (24h window = hours ``[H-23, H]``) and day buckets
     (7d / 30d = days ``[D-6, D]`` / ``[D-29, D]``) keyed by the transaction's event hour/day,
@@ -62,8 +70,8 @@ Merchant windows (:class:`MerchantState`)
     ``frauds / (merchant transactions in the window + MERCHANT_RATE_PRIOR)``.
 
 Degraded mode (:func:`transaction_only_features`)
-    The same vector with every state-dependent feature at the value a brand-new user at a
-    brand-new merchant gets: counts and sums 0, mean and std 0, ``amount_to_avg_30d`` 1,
+    The same vector (the transaction-only features, ``merchant_category_code`` included, exact) with
+    every state-dependent feature at the value a brand-new user at a brand-new merchant gets: counts and sums 0, mean and std 0, ``amount_to_avg_30d`` 1,
     z-score 0, ``seconds_since_last_tx`` = ``NO_PREVIOUS_TX`` (-1), ``is_new_merchant`` and
     ``is_new_category`` 1, ``is_new_country`` = ``is_international``, ``intl_changed`` 0, the
     habit and 24-hour features 0 except ``amount_rank_30d`` 0.5 and ``amount_to_median_30d`` 1,
@@ -105,6 +113,15 @@ HABIT_HOURS = 2  # "near this time of day": the same hour of the day or up to 2 
 UNUSUAL_HOUR_SHARE = 0.1  # an hour "near" less than this share of the user's events before the last 24 h ...
 UNUSUAL_HOUR_MIN_EVENTS = 5  # ... is unusual once there are at least this many of them
 LAST_N = 3  # "the last transactions" of the sequence features
+# The fixed catalogue of merchant categories: a category's code is its place here (append only, so
+# the codes of the others never change); any other category gets UNKNOWN_CATEGORY_CODE.
+MERCHANT_CATEGORIES: tuple[str, ...] = (
+    "grocery", "restaurant", "fuel", "transport", "retail", "pharmacy", "entertainment", "utilities",
+    "online_retail", "digital_goods", "electronics", "travel", "hotel", "jewelry", "gift_cards",
+    "money_transfer",
+)
+UNKNOWN_CATEGORY_CODE = -1.0
+_CATEGORY_CODE: dict[str, float] = {name: float(i) for i, name in enumerate(MERCHANT_CATEGORIES)}
 _ZEROS = repeat(0)
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -115,6 +132,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "hour_of_day",
     "day_of_week",
     "is_night",
+    "merchant_category_code",
     # user velocity and amounts, earlier events in (t - w, t]
     "tx_count_10m",
     "tx_count_1h",
@@ -168,7 +186,7 @@ FEATURE_NAMES: tuple[str, ...] = (
 N_FEATURES = len(FEATURE_NAMES)
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 # Features that depend on no stored state (exact in degraded mode too).
-TRANSACTION_ONLY = FEATURE_NAMES[:6]
+TRANSACTION_ONLY = FEATURE_NAMES[:7]
 # Features computed from merchant counters that several partitions increment concurrently:
 # exact when one writer processes events in time order, eventually consistent otherwise.
 MERCHANT_COUNT_FEATURES = (
@@ -317,6 +335,7 @@ def _time_features(txn: Transaction) -> list[float]:
         float(hour),
         float((int(t // DAY_S) + 3) % 7),  # Monday = 0 (1970-01-01 was a Thursday)
         1.0 if hour < NIGHT_HOURS_END else 0.0,
+        _CATEGORY_CODE.get(txn.merchant_category, UNKNOWN_CATEGORY_CODE),
     ]
 
 

@@ -13,8 +13,10 @@ from fraudactors.features.definition import (
     FEATURE_NAMES,
     MAX_EVENTS,
     MAX_SEEN_MERCHANTS,
+    MERCHANT_CATEGORIES,
     MERCHANT_RATE_PRIOR,
     NO_PREVIOUS_TX,
+    UNKNOWN_CATEGORY_CODE,
     MerchantState,
     UserState,
     count_merchant_fraud,
@@ -25,6 +27,7 @@ from fraudactors.features.definition import (
     transition,
 )
 from fraudactors.features.schema import Transaction, format_timestamp
+from fraudactors.sim.population import CATEGORY_NAMES
 
 T0 = 1795899600.0  # 2026-11-28T21:00:00Z, a Saturday
 H = 3600.0
@@ -69,6 +72,23 @@ def test_transaction_only_block() -> None:
     assert f(vec, "is_night") == 0.0
     assert f(transaction_only_features(txn(T0 + 4 * H)), "is_night") == 1.0  # 01:00 Sunday
     assert f(transaction_only_features(txn(T0 + 4 * H)), "day_of_week") == 6.0
+    assert f(vec, "merchant_category_code") == 0.0  # grocery
+
+
+def test_merchant_category_code_is_the_place_in_a_fixed_catalogue() -> None:
+    def code(category: str) -> float:
+        return f(transaction_only_features(txn(T0, category=category)), "merchant_category_code")
+
+    assert [code(c) for c in MERCHANT_CATEGORIES] == [float(i) for i in range(len(MERCHANT_CATEGORIES))]
+    assert code("money_transfer") == 15.0
+    # "unknown" (the schema's default) and anything outside the catalogue share one code
+    assert code("unknown") == code("Grocery") == code("") == UNKNOWN_CATEGORY_CODE == -1.0
+    # every category the simulator emits has its own code
+    assert set(CATEGORY_NAMES) <= set(MERCHANT_CATEGORIES)
+    # a transaction-only feature: the same with or without the user's history
+    events = [txn(T0 + i * H, category="electronics") for i in range(3)]
+    rows, _ = run(events)
+    assert {f(r, "merchant_category_code") for r in rows} == {10.0}
 
 
 def test_first_transaction_equals_degraded_vector() -> None:

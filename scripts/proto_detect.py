@@ -1,0 +1,304 @@
+"""Detection prototype (issue #12): cache the simulator's offline features once, then each experiment is a fit.
+
+    python scripts/proto_detect.py build              # ~2 min: 105 simulated days, the definition's features
+    python scripts/proto_detect.py diagnose           # missed frauds at FPR <= 2 % on days 77-91 and 91-105
+    python scripts/proto_detect.py try NAME [NAME..]  # + candidate columns (``extras``): boosting, both windows
+    python scripts/proto_detect.py try --fallback     # the transaction-only features (degraded mode)
+
+Not part of the package. Each window's model is v2's boosting (hyperparameters, monotonic
+constraint, 20 % legitimate sample re-weighted) fit on the 56 days ending 14 days before its test
+weeks, with the labels known at the test weeks' start; detection is at the best threshold with
+FPR <= 2 % on the test weeks (as ``train`` reports it). A prefix of the 105-day run is exactly the
+91-day data, so days 77-91 are ``train``'s held-out weeks and days 91-105 ``evaluate``'s.
+The candidate columns (first ``try`` with them: ~2.5 min, cached) are computed point in time from
+the user's earlier events of the last 30 days (at most 256, like the state).
+The simulator is only observed: ``stolen_card`` is wrapped to record each spree (bold or quiet,
+position), without changing its random draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from bisect import bisect_right
+from collections import defaultdict
+
+import numpy as np
+
+CACHE = "/tmp/proto_detect_105d.npz"
+DAY = 86400.0
+SEED = 7
+DAYS = 105.0
+# (test start day, test end day): each fit on 56 days ending 14 days before the test weeks
+WINDOWS = ((77, 91), (91, 105))
+
+
+def build() -> None:
+    from fraudactors.features.definition import FEATURE_NAMES
+    from fraudactors.features.offline import offline_features
+    from fraudactors.modeling.data import synthetic_dataset
+    from fraudactors.sim import scenarios as sc
+    from fraudactors.sim.population import CATEGORY_NAMES
+
+    sprees: dict[tuple[int, int], tuple[int, int, int]] = {}  # (user, t ms) -> (spree id, position, bold)
+    original = sc.stolen_card
+
+    def recorded(rng, users, merchants, user, t0):  # type: ignore[no-untyped-def]
+        state = rng.bit_generator.state
+        bold = rng.random() < 0.7  # the first draw of stolen_card
+        rng.bit_generator.state = state
+        raw = original(rng, users, merchants, user, t0)
+        sid = recorded.n  # type: ignore[attr-defined]
+        recorded.n += 1  # type: ignore[attr-defined]
+        for pos, (t, u, _m, _a) in enumerate(raw):
+            sprees[(u, round(t * 1000.0))] = (sid, pos, int(bold))
+        return raw
+
+    recorded.n = 0  # type: ignore[attr-defined]
+    sc.stolen_card = recorded
+    t = time.time()
+    ds = synthetic_dataset(SEED, DAYS, 5000, 1000)
+    sc.stolen_card = original
+    print(f"data {len(ds):,} rows in {time.time() - t:.0f} s", file=sys.stderr)
+    t = time.time()
+    X = offline_features(ds.transactions, ds.labels())
+    print(f"features in {time.time() - t:.0f} s", file=sys.stderr)
+    cat_index = {c: i for i, c in enumerate(CATEGORY_NAMES)}
+    txns = ds.transactions
+    user = np.array([int(x.user_id[2:]) for x in txns], dtype=np.int32)
+    merchant = np.array([int(x.merchant_id[2:]) for x in txns], dtype=np.int32)
+    cat = np.array([cat_index[x.merchant_category] for x in txns], dtype=np.int8)
+    amount = np.array([x.amount for x in txns])
+    spree = np.full((len(txns), 3), -1, dtype=np.int32)
+    for i, x in enumerate(txns):
+        if ds.scenario[i] == "stolen_card":
+            spree[i] = sprees[(user[i], round(x.event_time * 1000.0))]
+    np.savez_compressed(CACHE, X=X, names=np.array(FEATURE_NAMES), t=ds.event_time, y=ds.is_fraud, scenario=ds.scenario,
+                        labeled_at=ds.labeled_at, user=user, merchant=merchant, cat=cat, amount=amount,
+                        spree=spree, intl=np.array([x.is_international for x in txns]))
+    print(f"wrote {CACHE}", file=sys.stderr)
+
+
+def load() -> dict[str, np.ndarray]:
+    with np.load(CACHE) as z:
+        return {k: z[k] for k in z.files}
+
+
+def extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Candidate columns, point in time: each row sees the user's earlier events of the last 30 days
+    (at most 256, like the state). Cached in /tmp."""
+    path = CACHE.replace(".npz", "_extras.npz")
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        pass
+    from fraudactors.sim.population import CAT_MEDIAN
+
+    t_all, users, cats, amounts = d["t"], d["user"], d["cat"].astype(int), d["amount"]
+    n = t_all.size
+    hours = ((t_all // 3600) % 24).astype(int)
+    typical = CAT_MEDIAN[cats]
+    rel = amounts / typical  # amount against the category's typical amount
+    names = ("cat_code", "amount_to_cat_typical", "wealth_30d", "amount_to_wealth_typical",
+             "cat_count_30d", "amount_to_cat_median_user", "cat_hour_habit", "first_hour_24h_habit",
+             "spree_hour_span_24h", "cat_share_30d", "rel_median_last3")
+    out = {k: np.zeros(n, dtype=np.float32) for k in names}
+    hist: dict[int, tuple[list[float], list[int], list[float], list[int], list[float]]] = defaultdict(
+        lambda: ([], [], [], [], []))
+    for i in range(n):
+        u = int(users[i])
+        t = float(t_all[i])
+        ts, cs, rs, hs, am = hist[u]
+        s30 = bisect_right(ts, t - 30 * DAY)
+        if s30:
+            del ts[:s30], cs[:s30], rs[:s30], hs[:s30], am[:s30]
+        c = int(cats[i])
+        out["cat_code"][i] = c
+        out["amount_to_cat_typical"][i] = rel[i]
+        k = len(ts)
+        if k:
+            w = float(np.median(rs))
+            out["wealth_30d"][i] = w
+            out["amount_to_wealth_typical"][i] = rel[i] / w
+            mine = [a for a, cc in zip(am, cs, strict=True) if cc == c]
+            out["cat_count_30d"][i] = len(mine)
+            out["cat_share_30d"][i] = len(mine) / k
+            out["amount_to_cat_median_user"][i] = amounts[i] / sorted(mine)[len(mine) // 2] if mine else rel[i] / w
+            h = int(hours[i])
+            ch = [hh for hh, cc in zip(hs, cs, strict=True) if cc == c]
+            near = sum(1 for hh in ch if min((hh - h) % 24, (h - hh) % 24) <= 2)
+            out["cat_hour_habit"][i] = near / len(ch) if ch else -1.0
+            s24 = bisect_right(ts, t - DAY)
+            ref = hs[:s24]
+            if s24 < k and ref:
+                h0 = hs[s24]
+                out["first_hour_24h_habit"][i] = sum(1 for hh in ref if min((hh - h0) % 24, (h0 - hh) % 24) <= 2) / len(ref)
+            else:
+                out["first_hour_24h_habit"][i] = -1.0
+            out["spree_hour_span_24h"][i] = (t - ts[s24]) / 3600.0 if s24 < k else 0.0
+            last = rs[-3:]
+            out["rel_median_last3"][i] = float(np.mean(last)) / w
+        else:
+            out["wealth_30d"][i] = -1.0
+            out["amount_to_wealth_typical"][i] = -1.0
+            out["amount_to_cat_median_user"][i] = -1.0
+            out["cat_hour_habit"][i] = -1.0
+            out["first_hour_24h_habit"][i] = -1.0
+            out["rel_median_last3"][i] = -1.0
+        ts.append(t)
+        cs.append(c)
+        rs.append(float(rel[i]))
+        hs.append(int(hours[i]))
+        am.append(float(amounts[i]))
+        if len(ts) > 256:
+            del ts[0], cs[0], rs[0], hs[0], am[0]
+    np.savez_compressed(path, **out)
+    return out
+
+
+def window_rows(d: dict[str, np.ndarray], test_start: int, test_end: int) -> tuple[np.ndarray, np.ndarray, float]:
+    t0 = float(d["t"][0])
+    day = (d["t"] - t0) / DAY
+    fit = np.flatnonzero((day >= test_start - 14 - 56) & (day < test_start - 14))
+    test = np.flatnonzero((day >= test_start) & (day < test_end))
+    return fit, test, t0 + test_start * DAY
+
+
+def fit_score(X: np.ndarray, d: dict[str, np.ndarray], names: tuple[str, ...], window: tuple[int, int],
+              params: dict | None = None, seed: int = SEED, legit_fraction: float = 0.2,
+              fraud_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    from fraudactors.modeling.pipeline import make_model, single_threaded_openmp
+    from fraudactors.modeling.split import sample_legit
+
+    fit, test, cutoff = window_rows(d, *window)
+    y_known = d["y"] & (d["labeled_at"] <= cutoff)
+    y = y_known[fit]
+    rows = fit[sample_legit(y, legit_fraction, seed)]
+    yy = y_known[rows]
+    w = np.where(yy, fraud_weight, 1.0 / legit_fraction)
+    model = make_model("hgb", seed, names, params)
+    with single_threaded_openmp():
+        model.fit(X[rows], yy, sample_weight=w)
+        s = model.predict_proba(X[test])[:, 1]
+    return test, s
+
+
+def detection(d: dict[str, np.ndarray], test: np.ndarray, s: np.ndarray) -> tuple[float, dict[str, float], float]:
+    from fraudactors.modeling.metrics import threshold_for_fpr
+
+    y = d["y"][test]
+    thr = threshold_for_fpr(s[~y], 0.02)
+    caught = s >= thr
+    per = {}
+    for name in ("stolen_card", "compromised_merchant", "card_testing", "account_takeover"):
+        sel = y & (d["scenario"][test] == name)
+        per[name] = float(caught[sel].mean())
+    sc_sel = y & (d["scenario"][test] == "stolen_card")
+    bold = d["spree"][test][:, 2] == 1
+    per["sc_bold"] = float(caught[sc_sel & bold].mean())
+    per["sc_quiet"] = float(caught[sc_sel & ~bold].mean())
+    return float(caught[y].mean()), per, thr
+
+
+def matrix(d: dict[str, np.ndarray], extra: list[str], fallback: bool = False) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The cached features (``fallback``: the transaction-only ones) and the ``extra`` candidate columns."""
+    from fraudactors.features.definition import TRANSACTION_ONLY
+
+    X, names = d["X"], tuple(str(n) for n in d["names"])  # the definition the cache was built with
+    if fallback:
+        keep = [i for i, n in enumerate(names) if n in TRANSACTION_ONLY]
+        X, names = X[:, keep], tuple(names[i] for i in keep)
+    if not extra:
+        return X, names
+    e = extras(d)
+    cols = [e[k] for k in extra]
+    return np.column_stack([X, *cols]).astype(np.float32), names + tuple(extra)
+
+
+def diagnose() -> None:
+    d = load()
+    X, names = matrix(d, [])
+    t0 = float(d["t"][0])
+    for window in WINDOWS:
+        test, s = fit_score(X, d, names, window)
+        det, per, thr = detection(d, test, s)
+        y = d["y"][test]
+        scen = d["scenario"][test]
+        missed = y & (s < thr)
+        print(f"\n== test days {window[0]}-{window[1]}: detection {det:.2%} ({int(y.sum())} frauds, "
+              f"{int(missed.sum())} missed)  " + "  ".join(f"{k} {v:.1%}" for k, v in per.items()))
+        for name in ("account_takeover", "card_testing", "compromised_merchant"):
+            sel = y & (scen == name)
+            print(f"  {name}: {int(missed[sel].sum())} missed of {int(sel.sum())}")
+        # stolen card: bold / quiet x position
+        sp = d["spree"][test]
+        sel = y & (scen == "stolen_card")
+        print("  stolen_card by position in the spree (missed / all), bold | quiet:")
+        for kind, label in ((1, "bold"), (0, "quiet")):
+            row = []
+            for pos in range(7):  # 0-based place in the spree; the 7th and later together
+                k = sel & (sp[:, 2] == kind) & (np.minimum(sp[:, 1], 6) == pos)
+                row.append(f"#{pos + 1}{'+' if pos == 6 else ''} {int(missed[k].sum())}/{int(k.sum())}")
+            print(f"    {label}: " + ", ".join(row))
+        # compromised terminal: the terminal's frauds already reported at the transaction's time
+        cm = np.flatnonzero(y & (scen == "compromised_merchant"))
+        allfraud = np.flatnonzero(d["y"])
+        by_merchant: dict[int, np.ndarray] = defaultdict(list)  # type: ignore[assignment]
+        for i in allfraud:
+            by_merchant[int(d["merchant"][i])].append(float(d["labeled_at"][i]))
+        buckets: dict[str, list[int]] = {"0": [0, 0], "1-2": [0, 0], "3-5": [0, 0], "6-10": [0, 0], ">10": [0, 0]}
+        for j in cm:
+            i = test[j]
+            k = sum(1 for la in by_merchant[int(d["merchant"][i])] if la <= d["t"][i])
+            key = "0" if k == 0 else "1-2" if k <= 2 else "3-5" if k <= 5 else "6-10" if k <= 10 else ">10"
+            buckets[key][0] += int(missed[j])
+            buckets[key][1] += 1
+        print("  compromised_merchant by the terminal's frauds already labelled (missed / all): "
+              + ", ".join(f"{k}: {v[0]}/{v[1]}" for k, v in buckets.items()))
+        days = ((d["t"][test] - t0) // DAY).astype(int)
+        print("  missed per test day:", np.bincount(days[missed] - window[0], minlength=14).tolist())
+
+
+def try_(extra: list[str], params: dict | None, fraud_weight: float, legit_fraction: float, seed: int = SEED,
+         fallback: bool = False) -> None:
+    d = load()
+    X, names = matrix(d, extra, fallback)
+    dets = []
+    for window in WINDOWS:
+        t = time.time()
+        test, s = fit_score(X, d, names, window, params, seed=seed, fraud_weight=fraud_weight,
+                            legit_fraction=legit_fraction)
+        det, per, _ = detection(d, test, s)
+        dets.append(det)
+        print(f"  days {window[0]}-{window[1]}: {det:.2%}  " + "  ".join(f"{k} {v:.1%}" for k, v in per.items())
+              + f"  ({time.time() - t:.0f} s)")
+    print(f"{'fallback: ' if fallback else ''}{'+'.join(extra) or 'base'} params={params} fw={fraud_weight} lf={legit_fraction} seed={seed}: "
+          f"mean {np.mean(dets):.2%}  [{', '.join(f'{x:.2%}' for x in dets)}]")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("build")
+    sub.add_parser("diagnose")
+    t = sub.add_parser("try")
+    t.add_argument("extra", nargs="*")
+    t.add_argument("--params", default="")
+    t.add_argument("--fraud-weight", type=float, default=1.0)
+    t.add_argument("--legit-fraction", type=float, default=0.2)
+    t.add_argument("--seed", type=int, default=SEED)
+    t.add_argument("--fallback", action="store_true", help="the transaction-only features instead of the 46")
+    a = p.parse_args()
+    if a.cmd == "build":
+        build()
+    elif a.cmd == "diagnose":
+        diagnose()
+    else:
+        import json
+        try_(a.extra, json.loads(a.params) if a.params else None, a.fraud_weight, a.legit_fraction, a.seed, a.fallback)
+
+
+if __name__ == "__main__":
+    main()
