@@ -315,6 +315,8 @@ class InferenceActor:
             self._log.warning("models_unload_failed", versions=dropped, error=repr(exc))
             return
         self._loaded = keep
+        if self.monitor is not None:
+            self.monitor.retain([*keep, *(fallback_id(v) for v in keep)])
         self._log.info("models_unloaded", versions=dropped, loaded=list(keep))
 
     async def scorer_versions(self) -> tuple[str, ...]:

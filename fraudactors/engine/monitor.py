@@ -16,6 +16,7 @@ never towards the feature PSI.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.logging import get_logger
 from fraudactors.modeling.reference import PSI_EPSILON, Histogram
-from fraudactors.modeling.registry import ModelInfo
+from fraudactors.modeling.registry import ModelInfo, fallback_id
 from fraudactors.settings import MonitorSettings
 
 # Features of the calendar: a window shorter than a week sees only some of their values by
@@ -134,6 +135,22 @@ class ModelMonitor:
             if info.fallback is not None and ref.fallback_score is not None:
                 name = info.fallback.version
                 self._models[name] = self._model(name, None, [], ref.fallback_score, [])
+
+    def retain(self, versions: Sequence[str]) -> None:
+        """Stop monitoring every model not in ``versions`` (names as scored: ``v1``,
+        ``v1-fallback``): its window and its series go (the scorers unloaded it; a routing that
+        brings it back starts a new window)."""
+        keep = set(versions)
+        known = self._seen | {fallback_id(v) for v in self._seen} | set(self._models)
+        for name in sorted(known - keep):
+            self._seen.discard(name)
+            model = self._models.pop(name, None)
+            if model is not None and model.gauges is not None:
+                for feature, top in model.features:
+                    self._metrics.feature_psi.remove(name, feature, top)
+                self._metrics.score_psi.remove(name)
+            with contextlib.suppress(KeyError):  # a series never set
+                self._metrics.model_offline_detection_rate.remove(name)
 
     def _model(self, version: str, columns: np.ndarray | None, hists: list[Histogram], score: Histogram,
                labels: list[tuple[str, str]]) -> _Model:

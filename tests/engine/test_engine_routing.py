@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_helpers import (
+    metric_labels,
     metric_samples,
     metric_sum,
     models_with_extras,
@@ -197,18 +198,25 @@ async def test_a_scorer_lets_go_of_versions_no_routing_in_reach_uses_and_loads_t
     r3 = r2.rolled_back()  # A: v1, B: v2b -- both still loaded
     r4 = r3.promoted("v2", "B", {})  # A: v1, B: v2 -- v2 loaded again
     held: list[set[str]] = []
+    monitored: list[set[str]] = []  # what the model monitor watches, and has offline rates for
+    rated: list[set[str]] = []
     async with running(s) as engine, reading(s, s.topics.predictions) as reader:
         held.append(set(await engine.inference.scorer_versions()))
         for i, routing in enumerate((r1, r2, r3, r4)):
             await publish_routing(s, routing)
             await wait_until(lambda r=routing: engine.routing.applied.revision == r.revision, timeout_s=30)
             held.append(set(await engine.inference.scorer_versions()))
+            assert engine.inference.monitor is not None
+            monitored.append(set(engine.inference.monitor.versions))
+            samples = metric_samples(engine.metrics.render())
+            rated.append(metric_labels(samples, "fraudactors_model_offline_detection_rate", "version"))
             await produce(s, [(k, v) for k, v, _ in txns[i * 400:(i + 1) * 400]])
             await reader.wait_for(lambda recs, n=(i + 1) * 400: len(recs) >= n, timeout_s=60)
     with_fallbacks = [{v for name in names for v in (name, f"{name}-fallback")}
                       for names in ({"v1", "v2"}, {"v1", "v2", "v2b"}, {"v1", "v2b"}, {"v1", "v2b"},
                                     {"v1", "v2", "v2b"})]
     assert held == with_fallbacks
+    assert monitored == rated == with_fallbacks[1:], "the monitor lets go of unloaded versions too"
     decisions = {d["transaction_id"]: d for d in reader.decisions()}
     assert len(decisions) == 1600
     assert {decisions[t]["model_version"] for _, _, t in txns[400:800]} == {"v2b"}, "r2 decided with v2b only"
