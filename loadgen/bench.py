@@ -46,6 +46,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                 "kafka-python, make_rf.py beside it) on the same broker and Redis")
             p.add_argument("--peer-records", type=int, default=10_000, metavar="N",
                            help="records the peer drains (default 10000; it is slow)")
+            p.add_argument("--history-days", type=float, default=0.0, metavar="D",
+                           help="first drain about D simulated days of the same users' transactions, unmeasured, "
+                                "so the window sees users with a past (30: a steady state; default 0: a "
+                                "population as old as the backlog)")
     p = sub.add_parser("pool", help="ProcessPool vs thread for ONNX inference",
                        description="ONNX inference through the ProcessPool vs a session in a thread")
     p.add_argument("--rows", default="1,32,256", help="rows per call, comma-separated (default 1,32,256)")
@@ -99,7 +103,8 @@ def main(args: argparse.Namespace) -> int:
             settings = settings.replace(topics={"partitions": args.partitions})
         if args.bench == "drain":
             result = asyncio.run(drain_bench(settings, args.records, args.timeout, args.redis_cluster,
-                                             peer=args.peer, peer_records=args.peer_records))
+                                             peer=args.peer, peer_records=args.peer_records,
+                                             history_days=args.history_days))
         else:
             result = asyncio.run(scaleout_bench(settings, args.records, args.timeout, args.redis_cluster))
     if args.json:

@@ -17,7 +17,7 @@ import numpy as np
 from aiokafka import TopicPartition
 
 from fraudactors.settings import Settings
-from loadgen.generator import make_source
+from loadgen.generator import SimSource, make_source
 from loadgen.procs import Child, CpuMeter, cpu_seconds, engine_child, null_child
 
 
@@ -50,7 +50,10 @@ def machine() -> dict[str, Any]:
     return info
 
 
-async def fill_backlog(settings: Settings, n: int, seed: int = 11) -> float:
+BACKLOG_SEED = 11
+
+
+async def fill_backlog(settings: Settings, n: int, seed: int = BACKLOG_SEED) -> float:
     """Produce ``n`` simulator transactions to ``topics.transactions``; returns the rate achieved."""
     from fraudactors.services.kafka import make_producer
 
@@ -135,22 +138,29 @@ class OutputCounter:
 
 
 async def run_trial(name: str, settings: Settings, children: Sequence[Child], n: int, timeout_s: float,
-                    service_pids: dict[str, int | None]) -> dict[str, Any]:
-    """Start ``children`` (they drain the backlog into ``settings.topics.predictions``) and measure."""
+                    service_pids: dict[str, int | None], history: int = 0) -> dict[str, Any]:
+    """Start ``children`` (they drain the backlog into ``settings.topics.predictions``) and measure.
+
+    With ``history``, the backlog's first ``history`` records are drained first, unmeasured (they
+    give the users their past), and the window starts once they are decided."""
     from fraudactors.services.kafka import create_topics
 
     await create_topics(settings)
     async with OutputCounter(settings, settings.topics.predictions) as counter:
         t_start = time.perf_counter()
+
+        def alive() -> bool:
+            return all(c.proc is not None and c.proc.returncode is None for c in children)
+
         try:
             await asyncio.gather(*(c.start() for c in children))
+            t_started = time.perf_counter()
+            complete = await counter.wait_for(history, timeout_s, alive) if history else True
             t_ready = time.perf_counter()
             at_ready = counter.count
             meter = CpuMeter({**{c.name: c.pid for c in children}, **service_pids, "bench": os.getpid()})
             meter.start()
-            complete = await counter.wait_for(n, timeout_s,
-                                              lambda: all(c.proc is not None and c.proc.returncode is None
-                                                          for c in children))
+            complete = complete and await counter.wait_for(history + n, timeout_s, alive)
             cpu = meter.stop()
             waiting = meter.waiting
         finally:
@@ -162,12 +172,16 @@ async def run_trial(name: str, settings: Settings, children: Sequence[Child], n:
     tps_after_ready = in_window / window if last > t_ready else 0.0
     # From the first decision batch read to the last one (the first batch itself is not counted).
     tps_from_first = (counter.count - counter.first_batch) / max(last - first, 1e-9) if last > first else 0.0
+    if history:  # the records after the history only: the window from its end is the measure
+        tps_from_first = tps_after_ready
     # Headline: the window after every process is ready, when it holds most of the backlog; with a
     # backlog so small that it drains during start-up, the first-to-last decision window.
     use_ready = in_window >= max(1000, n // 4)
     result = {
-        "trial": name, "processes": len(children), "records": n, "decided": counter.count, "complete": complete,
-        "startup_s": round(t_ready - t_start, 2), "decided_before_ready": at_ready,
+        "trial": name, "processes": len(children), "records": n, "history_records": history,
+        "decided": counter.count - history, "complete": complete,
+        "startup_s": round(t_started - t_start, 2), "history_s": round(t_ready - t_started, 2),
+        "decided_before_ready": at_ready - history,
         "tps": round(tps_after_ready if use_ready else tps_from_first, 1),
         "basis": "after_ready" if use_ready else "first_to_last_decision",
         "tps_after_ready": round(tps_after_ready, 1), "window_s": round(window, 3),
@@ -183,7 +197,8 @@ async def run_trial(name: str, settings: Settings, children: Sequence[Child], n:
         # CPU of the trial's own processes (with their children: the inference worker) per transaction
         result["cpu_us_per_tx"] = round(own_cores * window / in_window * 1e6, 1)
     say(f"  {name}: {result['tps']:,.0f} TPS ({result['basis']}) "
-        f"({counter.count:,}/{n:,} decided{'' if complete else ', INCOMPLETE'}; "
+        + (f"(after {history:,} records of history, drained in {t_ready - t_started:.1f}s) " if history else "")
+        + f"({counter.count - history:,}/{n:,} decided{'' if complete else ', INCOMPLETE'}; "
         f"cpu used (waiting) {', '.join(f'{k} {v:.2f} ({waiting.get(k, 0.0):.2f})' for k, v in cpu.items())}; "
         f"exit {list(codes)}; {result.get('cpu_us_per_tx', 0):.1f} us of CPU per transaction)")
     return result
@@ -199,7 +214,8 @@ def trial_settings(base: Settings, tag: str) -> Settings:
 
 
 async def _with_backlog(settings: Settings, n: int, body: Callable[[Settings, dict[str, int | None], Path],
-                                                                      Any], redis_cluster: int = 0) -> dict[str, Any]:
+                                                                      Any], redis_cluster: int = 0,
+                        history: int = 0) -> dict[str, Any]:
     from fraudactors.services.kafka import create_topics
     from fraudactors.services.stack import EmbeddedStack
     from loadgen.models import ensure_models
@@ -213,14 +229,16 @@ async def _with_backlog(settings: Settings, n: int, body: Callable[[Settings, di
         s = stack.settings
         say(f"redis: {stack.describe_redis()}")
         await create_topics(s)
-        say(f"filling {s.topics.transactions} with {n:,} transactions over {s.topics.partitions} partitions")
-        fill_tps = await fill_backlog(s, n)
+        say(f"filling {s.topics.transactions} with {history + n:,} transactions over {s.topics.partitions} partitions"
+            + (f" (the first {history:,} are the users' history, not measured)" if history else ""))
+        fill_tps = await fill_backlog(s, history + n)
         say(f"  filled at {fill_tps:,.0f} records/s")
         with tempfile.TemporaryDirectory(prefix="fraudactors-bench-") as tmp:
             result: dict[str, Any] = await body(s, stack.pids, Path(tmp))
     result["machine"] = info
     result["redis_cluster"] = redis_cluster
     result["records"] = n
+    result["history_records"] = history
     result["partitions"] = settings.topics.partitions
     return result
 
@@ -276,13 +294,28 @@ async def run_peer(s: Settings, script: Path, n: int, timeout_s: float, service_
     return result
 
 
+def history_records(days: float, seed: int = BACKLOG_SEED) -> int:
+    """About ``days`` of the backlog population's transactions (its users' expected legitimate rate)."""
+    if days <= 0:
+        return 0
+    source = make_source("history-", seed=seed)
+    assert isinstance(source, SimSource)
+    return round(days * 86400.0 * source.simulator.expected_tps())
+
+
 async def drain_bench(settings: Settings, n: int, timeout_s: float, redis_cluster: int = 0, *,
-                      peer: str | None = None, peer_records: int = 10_000) -> dict[str, Any]:
+                      peer: str | None = None, peer_records: int = 10_000, history_days: float = 0.0
+                      ) -> dict[str, Any]:
+    """``history_days``: the backlog first holds about that many simulated days of the same users'
+    transactions, drained by each trial before its window starts, so the engine is measured on users
+    with a past (30 days is a steady state) rather than on a population days old."""
+    history = history_records(history_days)
+
     async def body(s: Settings, pids: dict[str, int | None], tmp: Path) -> dict[str, Any]:
         se = trial_settings(s, "engine")
-        engine = await run_trial("engine", se, [engine_child(se, tmp, "engine")], n, timeout_s, pids)
+        engine = await run_trial("engine", se, [engine_child(se, tmp, "engine")], n, timeout_s, pids, history)
         sn = trial_settings(s, "null")
-        null = await run_trial("null", sn, [null_child(sn, tmp, "null")], n, timeout_s, pids)
+        null = await run_trial("null", sn, [null_child(sn, tmp, "null")], n, timeout_s, pids, history)
         ratio = engine["tps"] / null["tps"] if null["tps"] else 0.0
         say(f"engine {engine['tps']:,.0f} TPS | null pipeline {null['tps']:,.0f} TPS | "
             f"engine/null {ratio:.2f} | redis {engine.get('redis_us_per_tx', 0):.1f} us of CPU per transaction")
@@ -295,7 +328,9 @@ async def drain_bench(settings: Settings, n: int, timeout_s: float, redis_cluste
             say(f"engine / per-message peer: {result['ratio_peer']:.1f}x")
         return result
 
-    return await _with_backlog(settings, n, body, redis_cluster)
+    result = await _with_backlog(settings, n, body, redis_cluster, history)
+    result["history_days"] = history_days
+    return result
 
 
 async def scaleout_bench(settings: Settings, n: int, timeout_s: float, redis_cluster: int = 0) -> dict[str, Any]:

@@ -60,8 +60,12 @@ def _bench(args: list[str], tmp_path: Path, models_dir: Path) -> tuple[str, dict
 
 @pytest.mark.slow
 def test_drain_bench_smoke_prints_engine_null_and_ratio(tmp_path: Path, models_dir: Path) -> None:
-    out, result = _bench(["drain", "--records", "3000", "--timeout", "60"], tmp_path, models_dir)
-    assert "engine/null" in out
+    """With a little history first (0.1 simulated day): drained, then the 3,000 measured."""
+    out, result = _bench(["drain", "--records", "3000", "--history-days", "0.1", "--timeout", "60"], tmp_path,
+                         models_dir)
+    assert "engine/null" in out and "records of history" in out
+    history = result["history_records"]
+    assert history > 1000 and result["engine"]["history_records"] == history == result["null"]["history_records"]
     assert result["engine"]["complete"] and result["null"]["complete"]
     assert result["engine"]["decided"] == 3000 == result["null"]["decided"]
     assert result["engine"]["exit_codes"] == [0] and result["null"]["exit_codes"] == [0]
