@@ -38,8 +38,11 @@ HELP = "run the whole system locally: embedded broker and Redis, engine, load ge
 # Exit codes: 130 after Ctrl-C (the CLI maps KeyboardInterrupt), 143 after SIGTERM.
 EXIT_TERMINATED = 128 + signal.SIGTERM
 DEFAULT_REPORT = "reports/demo-report.json"
-# Transactions of history sent (unmeasured) before the run, so users are not all brand new.
-DEFAULT_WARMUP = 50_000
+# Transactions of history sent (unmeasured) before the run, so users have a past: 300,000 are about
+# 21 simulated days of the 5,000 users (~40 s here). The models are calibrated on users with weeks
+# of history; measured with the default run (1,000/s, 30 s) on 2026-12-02, the run's false-positive
+# rate after 50,000 / 150,000 / 200,000 / 300,000 of history: 10.4 / 4.5 / 3.7 / 2.9 %.
+DEFAULT_WARMUP = 300_000
 
 
 # The embedded Tansu broker stores every record batch as an object and lists all of a partition's
