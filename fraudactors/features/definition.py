@@ -12,7 +12,8 @@ User state (:class:`UserState`)
     ``HISTORY_S`` (30 days) before the newest event and capped at the ``MAX_EVENTS`` most recent
     ones (the same cap applies offline, so a user with more than ``MAX_EVENTS`` transactions in
     30 days saturates identically in training and serving); bounded LRU seen-sets of merchants
-    (``MAX_SEEN_MERCHANTS``) and categories (``MAX_SEEN_CATEGORIES``); whether the user was ever
+    (``MAX_SEEN_MERCHANTS``) and categories (``MAX_SEEN_CATEGORIES``), kept as the same 32-bit
+    hashes as the events' merchants (see "Habits" below); whether the user was ever
     seen abroad; the previous transaction's ``is_international``; and the last applied
     ``(partition, epoch, offset)`` so a replayed record is not counted twice and a former owner of
     the partition cannot overwrite the current one's state.
@@ -49,7 +50,7 @@ The sequence of the last transactions
     events before the last 24 h, once there are at least 5 of those), and of the last 3
     transactions the mean ratio of their amounts to the 30-day median and the mean hour-habit share
     of their hours against the events before the last 24 h (so a day of payments at odd hours does
-    not make its own hours look usual). They need no stored field the v3 blob does not have.
+    not make its own hours look usual). They need no stored field the blob (v3 and v4) does not have.
 
 The merchant category code
     ``merchant_category_code`` is the transaction's ``merchant_category`` as its place in a fixed
@@ -204,8 +205,22 @@ MERCHANT_COUNT_FEATURES = (
 
 
 def entity_hash(value: str) -> int:
-    """The 32-bit hash a user's events keep of their merchant and category."""
+    """The 32-bit hash a user's events and seen-sets keep of a merchant or category."""
     return zlib.crc32(value.encode("utf-8"))
+
+
+# A category is hashed for every transaction and there are few of them: cached, bounded (any
+# string is a valid category, so the cache is cleared when it grows past its size).
+_CATEGORY_HASHES: dict[str, int] = {}
+
+
+def category_hash(category: str) -> int:
+    h = _CATEGORY_HASHES.get(category)
+    if h is None:
+        if len(_CATEGORY_HASHES) >= 4096:
+            _CATEGORY_HASHES.clear()
+        h = _CATEGORY_HASHES[category] = entity_hash(category)
+    return h
 
 
 @dataclass(slots=True)
@@ -220,8 +235,9 @@ class UserState:
     hours: bytearray = field(default_factory=bytearray)  # hour of the day (UTC) of each event
     international: bytearray = field(default_factory=bytearray)  # 1 when the event was international
     new_merchant: bytearray = field(default_factory=bytearray)  # 1 when its merchant was new in 30 days
-    merchants: dict[str, None] = field(default_factory=dict)  # LRU order, most recent last
-    categories: dict[str, None] = field(default_factory=dict)
+    # the seen-sets: entity_hash of the merchant ids / categories, LRU order, most recent last
+    merchants: array[int] = field(default_factory=lambda: array("I"))
+    categories: array[int] = field(default_factory=lambda: array("I"))
     seen_international: bool = False
     last_international: bool | None = None  # of the last applied transaction (arrival order)
     partition: int = -1  # last applied (partition, epoch, offset); -1 = none
@@ -359,8 +375,8 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
     t = txn.event_time if at is None else at
     amount = txn.amount
     if state is None or not state.times:
-        new_merchant = 1.0 if state is None or txn.merchant_id not in state.merchants else 0.0
-        new_category = 1.0 if state is None or txn.merchant_category not in state.categories else 0.0
+        new_merchant = 1.0 if state is None or entity_hash(txn.merchant_id) not in state.merchants else 0.0
+        new_category = 1.0 if state is None or category_hash(txn.merchant_category) not in state.categories else 0.0
         seen_intl = state is not None and state.seen_international
         out += (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, NO_PREVIOUS_TX,
                 new_merchant, new_category, 1.0 if txn.is_international and not seen_intl else 0.0, 0.0)
@@ -408,8 +424,8 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         ratio,
         zscore,
         since,
-        0.0 if txn.merchant_id in state.merchants else 1.0,
-        0.0 if txn.merchant_category in state.categories else 1.0,
+        0.0 if entity_hash(txn.merchant_id) in state.merchants else 1.0,
+        0.0 if category_hash(txn.merchant_category) in state.categories else 1.0,
         1.0 if txn.is_international and not state.seen_international else 0.0,
         1.0 if last_intl is not None and last_intl != txn.is_international else 0.0,
     )
@@ -474,12 +490,12 @@ def _ratio(amount: float, base: float) -> float:
     return 1.0 if amount == 0.0 else amount / MIN_AVERAGE
 
 
-def _touch(seen: dict[str, None], key: str, cap: int) -> None:
+def _touch(seen: array[int], key: int, cap: int) -> None:
     if key in seen:
-        del seen[key]
+        seen.remove(key)
     elif len(seen) >= cap:
-        del seen[next(iter(seen))]
-    seen[key] = None
+        del seen[0]
+    seen.append(key)
 
 
 def apply_transaction(state: UserState, txn: Transaction) -> None:
@@ -504,8 +520,8 @@ def apply_transaction(state: UserState, txn: Transaction) -> None:
         for events in (times, state.amounts, state.merchant_hashes, state.hours, state.international,
                        state.new_merchant):
             del events[:cut]
-    _touch(state.merchants, txn.merchant_id, MAX_SEEN_MERCHANTS)
-    _touch(state.categories, txn.merchant_category, MAX_SEEN_CATEGORIES)
+    _touch(state.merchants, merchant, MAX_SEEN_MERCHANTS)
+    _touch(state.categories, category_hash(txn.merchant_category), MAX_SEEN_CATEGORIES)
     if txn.is_international:
         state.seen_international = True
     state.last_international = txn.is_international

@@ -114,7 +114,7 @@ for i = 1, n_users do
   local blob, probe = out[i], probes[i]
   if blob and probe and probe[1] > 0 then
     local version, part, offset = string.byte(blob, 1), nil, nil
-    if (version == 2 or version == 3) and #blob >= 21 then
+    if version >= 2 and version <= 4 and #blob >= 21 then
       local _, _, _, p, _, o = struct.unpack('<BBbi4I4i8', blob)
       part, offset = p, o
     elseif version == 1 and #blob >= 17 then
@@ -151,8 +151,8 @@ return out
 # partition, decoded only when a merchant's stored high-water offset of a partition reaches into
 # the batch's offsets (a replay, or a writer fenced off after counting): those partitions are then
 # counted record by record, every other one by its aggregated increments (the same result).
-# The blobs written are state_codec version 3; a stored one of version 2 or 3 has its partition
-# and epoch at the same place of the header, version 1 has no epoch (read as 0); only the header
+# The blobs written are state_codec version 4; a stored one of version 2, 3 or 4 has its
+# partition and epoch at the same place of the header, version 1 has no epoch (read as 0); only the header
 # is read (GETRANGE).
 # Fencing: a user blob whose stored partition equals the writer's and whose stored epoch is
 # newer than the writer's belongs to a newer owner: it is not overwritten, and the records of
@@ -188,7 +188,7 @@ for i = 1, n_users do
   if type(u) ~= 'table' or type(u[3]) ~= 'number' then return redis.error_reply('INVALID user plan') end
   local blob = string.sub(ARGV[6], at, at + u[3] - 1)
   at = at + u[3]
-  if #blob < 21 or string.byte(blob, 1) ~= 3 then
+  if #blob < 23 or string.byte(blob, 1) ~= 4 then
     return redis.error_reply('INVALID state blob for ' .. KEYS[i])
   end
   blobs[i] = blob
@@ -279,7 +279,7 @@ for i = 1, n_users do
   if #blob >= 11 then
     local version = string.byte(blob, 1)
     local part, epoch = -1, 0
-    if version == 2 or version == 3 then
+    if version >= 2 and version <= 4 then
       local _, _, _, p, e = struct.unpack('<BBbi4I4', blob)
       part, epoch = p, e
     elseif version == 1 then

@@ -1,18 +1,22 @@
 """Compact binary encoding of :class:`UserState` for Redis (the online state blob).
 
-Layout (little-endian): a fixed header ``<BBbiIqH`` = format version, flags (bit 0: seen abroad),
-last ``is_international`` (-1 none, 0, 1), last applied partition, the writer's fencing epoch,
-last applied offset, number of events ``n``; then per event, column by column: ``n`` float64
-event times, ``n`` float64 amounts (exact round trip, so the online features equal the offline
-ones bit for bit), ``n`` uint32 merchant hashes, ``n`` bytes hour of the day, ``n`` bytes
-"international" and ``n`` bytes "new merchant" (0/1); then ``[merchants, categories]`` as JSON,
-each in LRU order.
+Layout of version 4 (little-endian): a fixed header ``<BBbiIqHBB`` = format version, flags
+(bit 0: seen abroad), last ``is_international`` (-1 none, 0, 1), last applied partition, the
+writer's fencing epoch, last applied offset, number of events ``n``, sizes of the two seen-sets
+``m`` and ``c``; then per event, column by column: ``n`` float64 event times, ``n`` float64
+amounts (exact round trip, so the online features equal the offline ones bit for bit), ``n``
+uint32 merchant hashes, ``n`` bytes hour of the day, ``n`` bytes "international" and ``n`` bytes
+"new merchant" (0/1); then the seen-sets in LRU order: ``m`` uint32 merchant hashes and ``c``
+uint32 category hashes (``definition.entity_hash``). Every part is a machine array copied in and
+out whole: no Python object per event or per seen merchant.
 
 The scripts read the header of a stored blob with Lua's ``struct.unpack``: ``READ_BATCH`` its
 partition and offset (``'<BBbi4I4i8'``), ``WRITE_BATCH`` its partition and epoch (``'<BBbi4I4'``), for
-versions 2 and 3 alike: keep the header's first fields in step with them.
-Older blobs are still read: version 2 (no per-event merchant, hour and flags: their events read
-as at no known merchant, domestic, not new, and get their hour from their time) and version 1 (no epoch either: epoch 0). The next write of the user stores version 3.
+versions 2 to 4 alike: keep the header's first fields in step with them.
+Older blobs are still read: version 3 (the seen-sets as JSON lists of the ids: hashed on reading),
+version 2 (no per-event merchant, hour and flags either: their events read as at no known
+merchant, domestic, not new, and get their hour from their time) and version 1 (no epoch either:
+epoch 0). The next write of the user stores version 4.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from typing import Any
 
 import orjson
 
-from fraudactors.features.definition import UserState
+from fraudactors.features.definition import UserState, entity_hash
 
-VERSION = 3
-_HEADER = struct.Struct("<BBbiIqH")
+VERSION = 4
+_HEADER = struct.Struct("<BBbiIqHBB")
+_HEADER_V3 = struct.Struct("<BBbiIqH")  # versions 2 and 3
 _HEADER_V1 = struct.Struct("<BBbiqH")
 _LITTLE = sys.byteorder == "little"
 _UNKNOWN = 0  # the hash an event of a version 1-2 blob gets for its merchant
@@ -58,32 +63,35 @@ def encode_state(state: UserState) -> bytes:
     n = len(state.times)
     last = -1 if state.last_international is None else int(state.last_international)
     header = _HEADER.pack(VERSION, 1 if state.seen_international else 0, last,
-                          state.partition, state.epoch, state.offset, n)
-    tail = orjson.dumps([list(state.merchants), list(state.categories)])
+                          state.partition, state.epoch, state.offset, n, len(state.merchants), len(state.categories))
     return b"".join((header, _array("d", state.times), _array("d", state.amounts),
-                     _array("I", state.merchant_hashes), bytes(state.hours), bytes(state.international), bytes(state.new_merchant), tail))
+                     _array("I", state.merchant_hashes), state.hours, state.international, state.new_merchant,
+                     _array("I", state.merchants), _array("I", state.categories)))
 
 
 def decode_state(blob: bytes) -> UserState:
     try:
         if blob[:1] == b"\x01":
             version, flags, last, partition, offset, n = _HEADER_V1.unpack_from(blob)
-            epoch, start = 0, _HEADER_V1.size
+            epoch, start, seen = 0, _HEADER_V1.size, (0, 0)
+        elif blob[:1] in (b"\x02", b"\x03"):
+            version, flags, last, partition, epoch, offset, n = _HEADER_V3.unpack_from(blob)
+            start, seen = _HEADER_V3.size, (0, 0)
         else:
-            version, flags, last, partition, epoch, offset, n = _HEADER.unpack_from(blob)
+            version, flags, last, partition, epoch, offset, n, *seen = _HEADER.unpack_from(blob)
             start = _HEADER.size
     except struct.error:
         raise StateDecodeError("truncated header") from None
-    if version not in (1, 2, VERSION):
+    if version not in (1, 2, 3, VERSION):
         raise StateDecodeError(f"unknown state version {version}")
-    per_event = 23 if version == VERSION else 16
+    per_event = 16 if version <= 2 else 23
     end = start + per_event * n
     if len(blob) < end:
         raise StateDecodeError("truncated events")
     view = memoryview(blob)
     times = _column("d", view[start:start + 8 * n])
     amounts = _column("d", view[start + 8 * n:start + 16 * n])
-    if version == VERSION:
+    if version >= 3:
         at = start + 16 * n
         merchant_hashes = _column("I", view[at:at + 4 * n])
         hours = bytearray(view[at + 4 * n:at + 5 * n])
@@ -94,10 +102,19 @@ def decode_state(blob: bytes) -> UserState:
         hours = bytearray(int(t // 3600) % 24 for t in times)
         international = bytearray(n)
         new_merchant = bytearray(n)
-    try:
-        merchants, categories = orjson.loads(view[end:])
-    except (orjson.JSONDecodeError, ValueError, TypeError):
-        raise StateDecodeError("bad seen-sets") from None
+    if version == VERSION:
+        m, c = seen
+        if len(blob) != end + 4 * (m + c):
+            raise StateDecodeError("bad seen-sets")
+        merchants = _column("I", view[end:end + 4 * m])
+        categories = _column("I", view[end + 4 * m:])
+    else:
+        try:
+            merchant_ids, category_names = orjson.loads(view[end:])
+            merchants = array("I", map(entity_hash, merchant_ids))
+            categories = array("I", map(entity_hash, category_names))
+        except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError):
+            raise StateDecodeError("bad seen-sets") from None
     return UserState(
         times=times,
         amounts=amounts,
@@ -105,8 +122,8 @@ def decode_state(blob: bytes) -> UserState:
         hours=hours,
         international=international,
         new_merchant=new_merchant,
-        merchants=dict.fromkeys(merchants),
-        categories=dict.fromkeys(categories),
+        merchants=merchants,
+        categories=categories,
         seen_international=bool(flags & 1),
         last_international=None if last < 0 else bool(last),
         partition=partition,

@@ -21,6 +21,7 @@ from fraudactors.features.definition import (
     UserState,
     count_merchant_fraud,
     count_merchant_tx,
+    entity_hash,
     features_of,
     merchant_features,
     transaction_only_features,
@@ -166,7 +167,7 @@ def test_seen_merchants_are_a_bounded_lru() -> None:
     events.append(txn(T0 + 101, merchant="new"))  # evicts m1
     _, state = run(events)
     assert len(state.merchants) == MAX_SEEN_MERCHANTS
-    assert "m0" in state.merchants and "m1" not in state.merchants
+    assert entity_hash("m0") in state.merchants and entity_hash("m1") not in state.merchants
     assert f(features_of(state, None, txn(T0 + 200, merchant="m1")), "is_new_merchant") == 1.0
     assert f(features_of(state, None, txn(T0 + 200, merchant="m0")), "is_new_merchant") == 0.0
 

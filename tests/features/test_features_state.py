@@ -280,3 +280,42 @@ class Started:
 
     def started(self, value: object = None) -> None:
         self.event.set()
+
+
+async def test_users_stored_by_the_former_release_keep_their_history_and_features(
+        store: OnlineFeatureStore, client: aioredis.Redis) -> None:
+    """An upgrade over stored users: their state_codec v3 blobs (seen-sets as JSON ids) are read,
+    every feature of their next transactions equals the offline one, and the write stores v4."""
+    import struct
+
+    import orjson
+
+    txns, _ = generate(11, 1_500, days=10.0)
+    half = len(txns) // 2
+    await store.compute(txns[:half], 0, list(range(half)))
+    # rewrite every stored user as the former release wrote it, the seen-sets as the ids themselves
+    seen: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
+    for t in txns[:half]:
+        merchants, categories = seen.setdefault(t.user_id, ({}, {}))
+        for ids, key, cap in ((merchants, t.merchant_id, 64), (categories, t.merchant_category, 32)):
+            if key in ids:
+                del ids[key]
+            elif len(ids) >= cap:
+                del ids[next(iter(ids))]
+            ids[key] = None
+    for user_id, (merchants, categories) in seen.items():
+        key = store.keys.user(user_id)
+        s = await store.user_state(user_id)
+        assert s is not None
+        v3 = b"".join((struct.pack("<BBbiIqH", 3, int(s.seen_international),
+                                   -1 if s.last_international is None else int(s.last_international),
+                                   s.partition, s.epoch, s.offset, len(s.times)),
+                       s.times.tobytes(), s.amounts.tobytes(), s.merchant_hashes.tobytes(), s.hours,
+                       s.international, s.new_merchant, orjson.dumps([list(merchants), list(categories)])))
+        assert (await client.get(key))[:1] == b"\x04"
+        await client.set(key, v3)
+    online = await store.compute(txns[half:], 0, list(range(half, len(txns))))
+    assert store.corrupt_states_total == 0
+    assert_parity(online, offline_features(txns)[half:])
+    for user_id in {t.user_id for t in txns[half:]}:
+        assert (await client.get(store.keys.user(user_id)))[:1] == b"\x04"
