@@ -73,12 +73,12 @@ def decode_state(blob: bytes) -> UserState:
     try:
         if blob[:1] == b"\x01":
             version, flags, last, partition, offset, n = _HEADER_V1.unpack_from(blob)
-            epoch, start, seen = 0, _HEADER_V1.size, (0, 0)
+            epoch, start, n_merchants, n_categories = 0, _HEADER_V1.size, 0, 0
         elif blob[:1] in (b"\x02", b"\x03"):
             version, flags, last, partition, epoch, offset, n = _HEADER_V3.unpack_from(blob)
-            start, seen = _HEADER_V3.size, (0, 0)
+            start, n_merchants, n_categories = _HEADER_V3.size, 0, 0
         else:
-            version, flags, last, partition, epoch, offset, n, *seen = _HEADER.unpack_from(blob)
+            version, flags, last, partition, epoch, offset, n, n_merchants, n_categories = _HEADER.unpack_from(blob)
             start = _HEADER.size
     except struct.error:
         raise StateDecodeError("truncated header") from None
@@ -103,11 +103,10 @@ def decode_state(blob: bytes) -> UserState:
         international = bytearray(n)
         new_merchant = bytearray(n)
     if version == VERSION:
-        m, c = seen
-        if len(blob) != end + 4 * (m + c):
+        if len(blob) != end + 4 * (n_merchants + n_categories):
             raise StateDecodeError("bad seen-sets")
-        merchants = _column("I", view[end:end + 4 * m])
-        categories = _column("I", view[end + 4 * m:])
+        merchants = _column("I", view[end:end + 4 * n_merchants])
+        categories = _column("I", view[end + 4 * n_merchants:])
     else:
         try:
             merchant_ids, category_names = orjson.loads(view[end:])
