@@ -25,7 +25,7 @@ import numpy as np
 
 from fraudactors.actors import Mailbox, Request, ask
 from fraudactors.engine.decision import Router, Thresholds, Variant
-from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.engine.metrics import EngineMetrics, observe_many
 from fraudactors.engine.monitor import ModelMonitor
 from fraudactors.engine.routing import Routing
 from fraudactors.errors import ActorDied, ModelError, PoolClosed, RoutingRefused, WorkerDied
@@ -453,9 +453,7 @@ class InferenceActor:
             if not degraded[i]:  # the histogram is the main models' scores; a fallback's scale differs
                 observed.setdefault(v.name, []).append(prob)
         for name, values in observed.items():
-            child = self._metrics.fraud_probability.labels(name)
-            for value in values:
-                child.observe(value)
+            observe_many(self._metrics.fraud_probability.labels(name), values)
         if self.monitor is not None:
             self._observe(self.monitor, batch, X, deciding_rows, scored, degraded)
         # Split back per request.
@@ -490,16 +488,17 @@ class InferenceActor:
         out: list[list[ShadowScore]] = []
         is_fraud_decisions = self._settings.decision.is_fraud_decisions
         for shadow in router.shadows:
-            hist = self._metrics.fraud_probability.labels(shadow.name)
+            observed: list[float] = []
             counts: dict[tuple[str, str], int] = {}
             scores: list[ShadowScore] = []
             for i, degraded in enumerate(res.degraded):
                 model = _model(shadow.version, degraded)
                 prob, decision, _ = self._outcome(res, model, i)
                 if not degraded:
-                    hist.observe(prob)
+                    observed.append(prob)
                 counts[(model, decision)] = counts.get((model, decision), 0) + 1
                 scores.append(ShadowScore(shadow.name, model, prob, decision in is_fraud_decisions))
+            observe_many(self._metrics.fraud_probability.labels(shadow.name), observed)
             for (model, decision), count in counts.items():
                 self._metrics.shadow_scores.labels(shadow.name, model, decision).inc(count)
             out.append(scores)

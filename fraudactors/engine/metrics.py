@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
@@ -11,6 +13,33 @@ from prometheus_client.metrics_core import Metric
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _PROBABILITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+# Below this many values a batch is observed one by one (numpy's call overhead is not worth it).
+_OBSERVE_MANY_MIN = 8
+
+
+def observe_many(histogram: Any, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for every value (a histogram without labels, or one child of a
+    labelled one), as one bucket count per bucket instead of a Python loop over the bounds per
+    value: the same buckets (the first bound >= the value; a NaN in none of them) and count; the
+    sum is added once, so it may differ from one-by-one adds in its last bits. Two of these per
+    decision were ~2 % of the engine's CPU. Reads prometheus_client's histogram fields (stable
+    since 0.4; ``tests/engine/test_metrics_observe_many.py`` checks the output against
+    ``observe``) and observes one by one where they are missing."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if len(values) < _OBSERVE_MANY_MIN or bounds is None or buckets is None or total is None:
+        for value in values:
+            histogram.observe(value)
+        return
+    histogram._raise_if_not_observable()
+    array = np.asarray(values, dtype=np.float64)
+    counts = np.bincount(np.searchsorted(bounds, array, side="left"), minlength=len(bounds) + 1)
+    for i in np.flatnonzero(counts[:len(bounds)]).tolist():  # the last slot: NaN, in no bucket
+        buckets[i].inc(int(counts[i]))
+    total.inc(float(array.sum()))
 
 
 class _BeforeCollect:
