@@ -50,6 +50,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, TypeVar
 
 import numpy as np
@@ -118,6 +119,14 @@ def store_error(exc: BaseException, what: str) -> FeatureStoreUnavailable | Feat
             return FeatureStoreRejected(f"redis refused the {what}: {message}", kind)
     return FeatureStoreUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}")
 
+
+
+def _matrix(rows: Sequence[Sequence[float]]) -> np.ndarray:
+    """float32 ``(len(rows), N_FEATURES)`` of the feature rows: through float64 (exact for Python
+    floats), then rounded once to float32 -- the values ``np.array(rows, dtype=np.float32)``
+    gives, in half its time (one flat pass in C instead of a list per row)."""
+    flat = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=len(rows) * N_FEATURES)
+    return flat.reshape(len(rows), N_FEATURES).astype(np.float32)
 
 
 def _increments(entries: list[Any]) -> list[list[Any]]:
@@ -408,7 +417,7 @@ class OnlineFeatureStore:
             if t > newest.get(txn.merchant_id, -1.0):
                 newest[txn.merchant_id] = t
 
-        X = np.array(rows, dtype=np.float32)
+        X = _matrix(rows)
         if dirty:
             await self._write(list(dirty), states, counted, newest, sizes, applied, X)
         return X
@@ -430,7 +439,7 @@ class OnlineFeatureStore:
             if not late:
                 count_merchant_tx(view, txn.event_time)
             rows.append(features)
-        return np.array(rows, dtype=np.float32)
+        return _matrix(rows)
 
     async def _read(self, txns: Sequence[Transaction], ranges: dict[tuple[int, int], list[int]],
                     probes: dict[str, tuple[int, int]]) -> tuple[
