@@ -71,7 +71,8 @@ Merchant windows (:class:`MerchantState`)
 
 The merchant's new customers
     The same hour/day buckets for the merchant's transactions whose card had not used it (the
-    transaction's ``is_new_merchant``), counted with them: a compromised terminal is paid by many
+    transaction's ``is_new_merchant``: not in the user's seen-set of ``MAX_SEEN_MERCHANTS``
+    merchants), counted with them: a compromised terminal is paid by many
     cards that never shopped there, before its frauds are reported. The 24 h count against the
     30-day daily average, with a prior of one, ``(n24 + 1) / (n30 / 30 + 1)``, and the reported
     frauds of 30 days per new customer, ``frauds / (new customers in 30 days + MERCHANT_RATE_PRIOR)``
