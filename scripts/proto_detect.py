@@ -1,7 +1,7 @@
 """Detection prototype (issue #12): cache the simulator's offline features once, then each experiment is a fit.
 
     python scripts/proto_detect.py build              # ~2 min: 105 simulated days, the definition's features
-    python scripts/proto_detect.py diagnose           # missed frauds at FPR <= 2 % on days 77-91 and 91-105
+    python scripts/proto_detect.py diagnose [NAME..]  # missed frauds at FPR <= 2 % on days 77-91 and 91-105
     python scripts/proto_detect.py try NAME [NAME..]  # + candidate columns (``extras``): boosting, both windows
     python scripts/proto_detect.py try --fallback     # the transaction-only features (degraded mode)
 
@@ -158,6 +158,119 @@ def extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+MERCHANT_EXTRAS = ("m_tx24", "m_tx24_ratio", "m_new24", "m_new30", "m_new24_ratio", "m_new_share24",
+                   "m_new_share24_vs30", "m_hour_share", "m_unusual24", "m_unusual_new24", "m_amt_to_median",
+                   "m_amt_to_mean", "m_new6", "m_new_old", "m_new24_ratio_old", "m_new24_z_old", "m_new24_z",
+                   "m_new6_ratio_old", "m_tx24_ratio_old", "m_new24_ratio7", "m_fraud_per_new7",
+                   "m_fraud_per_new30")
+
+
+def merchant_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Merchant-side candidate columns (issue 12, compromised terminals), point in time: each row sees
+    the merchant's EARLIER transactions only (in the offline processing order: event time, ties in
+    input order), bucketed like the engine's merchant counters: 24 h = event hours [H-23, H], 30 d =
+    event days [D-29, D]. "New customer": the row's ``is_new_merchant`` (the card's seen-set had not
+    got this merchant). Cached in /tmp."""
+    path = CACHE.replace(".npz", "_mextras.npz")
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        pass
+    names = [str(x) for x in d["names"]]
+    n = d["t"].size
+    t = d["t"]
+    r = np.empty(n, dtype=np.int64)
+    r[np.argsort(t, kind="stable")] = np.arange(n)  # processing order
+    m = d["merchant"].astype(np.int64)
+    hour = (t // 3600).astype(np.int64)
+    day = (t // 86400).astype(np.int64)
+    hod = hour % 24
+    new = d["X"][:, names.index("is_new_merchant")].astype(np.int64)
+    amount = d["amount"]
+    big = np.int64(1 << 32)
+    o = np.lexsort((r, m))  # by merchant, then processing order
+    pos = np.empty(n, dtype=np.int64)
+    pos[o] = np.arange(n)
+    kh = m[o] * big + hour[o]
+    kd = m[o] * big + day[o]
+    s24 = np.searchsorted(kh, m * big + hour - 23, "left")
+    s30 = np.searchsorted(kd, m * big + day - 29, "left")
+    s6 = np.searchsorted(kh, m * big + hour - 5, "left")
+    s7 = np.searchsorted(kd, m * big + day - 6, "left")
+    e2 = np.searchsorted(kd, m * big + day - 1, "left")  # end of days [D-29, D-2]: before yesterday
+    c24 = pos - s24
+    c30 = pos - s30
+    cn = np.concatenate([[0], np.cumsum(new[o])])
+    n24 = cn[pos] - cn[s24]
+    n30 = cn[pos] - cn[s30]
+    n6 = cn[pos] - cn[s6]
+    n7 = cn[pos] - cn[s7]
+    old = (cn[np.maximum(e2, s30)] - cn[s30]) / 28.0  # new customers per day, days [D-29, D-2]
+    c_old = (np.maximum(e2, s30) - s30) / 28.0
+    ca = np.concatenate([[0.0], np.cumsum(amount[o])])
+    a30 = ca[pos] - ca[s30]
+    # hour of day habit of the merchant: its earlier 30-day transactions within 2 h of this hour
+    mh = m * 24 + hod
+    o2 = np.lexsort((r, mh))
+    kr = mh[o2] * big + r[o2]
+    kd2 = mh[o2] * big + day[o2]
+    near = np.zeros(n, dtype=np.int64)
+    for dh in range(-2, 3):
+        g = m * 24 + (hod + dh) % 24
+        near += np.searchsorted(kr, g * big + r, "left") - np.searchsorted(kd2, g * big + day - 29, "left")
+    share = np.where(c30 > 0, near / np.maximum(c30, 1), -1.0)
+    unusual = ((c30 >= 30) & (near < 0.05 * c30)).astype(np.int64)
+    cu = np.concatenate([[0], np.cumsum(unusual[o])])
+    cun = np.concatenate([[0], np.cumsum((unusual * new)[o])])
+    # the merchant's 30-day median amount (earlier transactions)
+    med = np.full(n, -1.0)
+    from bisect import insort
+    om = o.tolist()
+    ds = day[o].tolist()
+    am = amount[o].tolist()
+    bounds = np.flatnonzero(np.diff(m[o])) + 1
+    for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), n], strict=True):
+        window: list[float] = []
+        lo = a
+        for k in range(a, b):
+            while ds[lo] < ds[k] - 29:
+                window.pop(bisect_right(window, am[lo]) - 1)
+                lo += 1
+            if window:
+                med[om[k]] = window[len(window) // 2]
+            insort(window, am[k])
+    out = {
+        "m_tx24": c24.astype(np.float32),
+        "m_tx24_ratio": ((c24 + 1) / (c30 / 30 + 1)).astype(np.float32),
+        "m_new24": n24.astype(np.float32),
+        "m_new30": n30.astype(np.float32),
+        "m_new24_ratio": ((n24 + 1) / (n30 / 30 + 1)).astype(np.float32),
+        "m_new_share24": ((n24 + 1) / (c24 + 2)).astype(np.float32),
+        "m_new_share24_vs30": ((n24 + 1) / (c24 + 2) - (n30 + 1) / (c30 + 2)).astype(np.float32),
+        "m_hour_share": share.astype(np.float32),
+        "m_unusual24": (cu[pos] - cu[s24]).astype(np.float32),
+        "m_unusual_new24": (cun[pos] - cun[s24]).astype(np.float32),
+        "m_amt_to_median": np.where(med > 0, amount / np.maximum(med, 1e-9), -1.0).astype(np.float32),
+        "m_amt_to_mean": np.where(c30 > 0, amount / np.maximum(a30 / np.maximum(c30, 1), 1e-9), -1.0).astype(np.float32),
+    }
+    out.update({
+        "m_new6": n6.astype(np.float32),
+        "m_new_old": old.astype(np.float32),
+        "m_new24_ratio_old": ((n24 + 1) / (old + 1)).astype(np.float32),
+        "m_new24_z_old": ((n24 - old) / np.sqrt(old + 1)).astype(np.float32),
+        "m_new24_z": ((n24 - n30 / 30) / np.sqrt(n30 / 30 + 1)).astype(np.float32),
+        "m_new6_ratio_old": ((n6 + 1) / (old / 4 + 1)).astype(np.float32),
+        "m_tx24_ratio_old": ((c24 + 1) / (c_old + 1)).astype(np.float32),
+        "m_new24_ratio7": ((n24 + 1) / (n7 / 7 + 1)).astype(np.float32),
+        # reported frauds per new customer (the definition's fraud counts; prior as its fraud rates)
+        "m_fraud_per_new7": (d["X"][:, names.index("merchant_fraud_count_7d")] / (n7 + 10.0)).astype(np.float32),
+        "m_fraud_per_new30": (d["X"][:, names.index("merchant_fraud_count_30d")] / (n30 + 10.0)).astype(np.float32),
+    })
+    np.savez_compressed(path, **out)
+    return out
+
+
 def window_rows(d: dict[str, np.ndarray], test_start: int, test_end: int) -> tuple[np.ndarray, np.ndarray, float]:
     t0 = float(d["t"][0])
     day = (d["t"] - t0) / DAY
@@ -212,17 +325,17 @@ def matrix(d: dict[str, np.ndarray], extra: list[str], fallback: bool = False) -
         X, names = X[:, keep], tuple(names[i] for i in keep)
     if not extra:
         return X, names
-    e = extras(d)
+    e = merchant_extras(d) if all(k in MERCHANT_EXTRAS for k in extra) else {**extras(d), **merchant_extras(d)}
     cols = [e[k] for k in extra]
     return np.column_stack([X, *cols]).astype(np.float32), names + tuple(extra)
 
 
-def diagnose() -> None:
+def diagnose(extra: list[str], seed: int = SEED) -> None:
     d = load()
-    X, names = matrix(d, [])
+    X, names = matrix(d, extra)
     t0 = float(d["t"][0])
     for window in WINDOWS:
-        test, s = fit_score(X, d, names, window)
+        test, s = fit_score(X, d, names, window, seed=seed)
         det, per, thr = detection(d, test, s)
         y = d["y"][test]
         scen = d["scenario"][test]
@@ -282,7 +395,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build")
-    sub.add_parser("diagnose")
+    g = sub.add_parser("diagnose")
+    g.add_argument("extra", nargs="*")
+    g.add_argument("--seed", type=int, default=SEED)
     t = sub.add_parser("try")
     t.add_argument("extra", nargs="*")
     t.add_argument("--params", default="")
@@ -294,7 +409,7 @@ def main() -> None:
     if a.cmd == "build":
         build()
     elif a.cmd == "diagnose":
-        diagnose()
+        diagnose(a.extra, a.seed)
     else:
         import json
         try_(a.extra, json.loads(a.params) if a.params else None, a.fraud_weight, a.legit_fraction, a.seed, a.fallback)

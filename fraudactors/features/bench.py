@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import orjson
 
-from fraudactors.features.definition import MerchantState, count_merchant_tx, transition
+from fraudactors.features.definition import NEW_CUSTOMER_INDEX, MerchantState, count_merchant_tx, transition
 from fraudactors.features.offline import offline_features
 from fraudactors.features.schema import Label, Transaction, parse_transaction
 
@@ -114,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = merchants.get(txn.merchant_id)
         if m is None:
             m = merchants[txn.merchant_id] = MerchantState()
-        _, users[txn.user_id] = transition(users.get(txn.user_id), m, txn)
-        count_merchant_tx(m, txn.event_time)
+        row, users[txn.user_id] = transition(users.get(txn.user_id), m, txn)
+        count_merchant_tx(m, txn.event_time, row[NEW_CUSTOMER_INDEX] == 1.0)
     print(f"transition (user + merchant features, state update): "
           f"{_per_record_us(time.perf_counter() - started, len(txns))}")
 

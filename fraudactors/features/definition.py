@@ -70,6 +70,15 @@ Merchant windows (:class:`MerchantState`)
     label reported within the same hour waits for the next hour). Smoothed fraud rate =
     ``frauds / (merchant transactions in the window + MERCHANT_RATE_PRIOR)``.
 
+The merchant's new customers
+    The same hour/day buckets for the merchant's transactions whose card had not used it (the
+    transaction's ``is_new_merchant``: not in the user's seen-set of ``MAX_SEEN_MERCHANTS``
+    merchants), counted with them: a compromised terminal is paid by many
+    cards that never shopped there, before its frauds are reported. The 24 h count against the
+    30-day daily average, with a prior of one, ``(n24 + 1) / (n30 / 30 + 1)``, and the reported
+    frauds of 30 days per new customer, ``frauds / (new customers in 30 days + MERCHANT_RATE_PRIOR)``
+    (a popular merchant's regulars do not dilute it). A merchant without counts gets 1 and 0.
+
 Degraded mode (:func:`transaction_only_features`)
     The same vector (the transaction-only features, ``merchant_category_code`` included, exact) with
     every state-dependent feature at the value a brand-new user at a brand-new merchant gets: counts and sums 0, mean and std 0, ``amount_to_avg_30d`` 1,
@@ -77,7 +86,7 @@ Degraded mode (:func:`transaction_only_features`)
     ``is_new_category`` 1, ``is_new_country`` = ``is_international``, ``intl_changed`` 0, the
     habit and 24-hour features 0 except ``amount_rank_30d`` 0.5 and ``amount_to_median_30d`` 1,
     the sequence features 0 except ``seconds_since_2nd_last_tx`` -1 and ``amount_to_median_last3``
-    1, merchant counts, fraud counts and rates 0.
+    1, merchant counts, fraud counts and rates 0, ``merchant_new_customer_24h_to_daily_30d`` 1.
 """
 
 from __future__ import annotations
@@ -188,9 +197,15 @@ FEATURE_NAMES: tuple[str, ...] = (
     "merchant_fraud_count_30d",
     "merchant_fraud_rate_7d",
     "merchant_fraud_rate_30d",
+    # the merchant's new customers (transactions whose card had not used it: ``is_new_merchant``)
+    "merchant_new_customer_24h_to_daily_30d",
+    "merchant_fraud_per_new_customer_30d",
 )
 N_FEATURES = len(FEATURE_NAMES)
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
+# Where a vector says whether its card was new to the merchant: what the merchant's new-customer
+# buckets count (``count_merchant_tx(..., new_customer=...)``).
+NEW_CUSTOMER_INDEX = FEATURE_INDEX["is_new_merchant"]
 # Features that depend on no stored state (exact in degraded mode too).
 TRANSACTION_ONLY = FEATURE_NAMES[:7]
 # Features computed from merchant counters that several partitions increment concurrently:
@@ -201,6 +216,8 @@ MERCHANT_COUNT_FEATURES = (
     "merchant_tx_count_30d",
     "merchant_fraud_rate_7d",
     "merchant_fraud_rate_30d",
+    "merchant_new_customer_24h_to_daily_30d",
+    "merchant_fraud_per_new_customer_30d",
 )
 
 
@@ -247,16 +264,20 @@ class UserState:
 
 @dataclass(slots=True)
 class MerchantState:
-    """Merchant buckets: transaction counts by event hour/day, fraud labels by labeled_at hour/day."""
+    """Merchant buckets: transaction counts by event hour/day (all, and those of new customers),
+    fraud labels by labeled_at hour/day."""
 
     tx_hours: dict[int, int] = field(default_factory=dict)
     tx_days: dict[int, int] = field(default_factory=dict)
     fraud_hours: dict[int, int] = field(default_factory=dict)
     fraud_days: dict[int, int] = field(default_factory=dict)
+    new_hours: dict[int, int] = field(default_factory=dict)  # transactions of new customers
+    new_days: dict[int, int] = field(default_factory=dict)
     # The window sums at one event hour, kept current by count_merchant_tx (a merchant sees many
     # transactions per hour); change the dicts only through the count_* functions.
     cache_hour: int = -1
-    cache: list[int] = field(default_factory=list)  # c24, c7, c30, frauds today, 7 / 30 past days
+    # c24, c7, c30, frauds today, 7 / 30 past days, new customers' n24, n30
+    cache: list[int] = field(default_factory=list)
 
 
 def hour_of(t: float) -> int:
@@ -268,9 +289,9 @@ def day_of(t: float) -> int:
 
 
 def merchant_features(m: MerchantState | None, t: float) -> tuple[float, ...]:
-    """The 7 merchant features at event time ``t`` (before this transaction is counted)."""
+    """The 9 merchant features at event time ``t`` (before this transaction is counted)."""
     if m is None:
-        return (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return _NO_MERCHANT
     hour = int(t // HOUR_S)
     cached = m.cache_hour
     if cached != hour:
@@ -278,11 +299,16 @@ def merchant_features(m: MerchantState | None, t: float) -> tuple[float, ...]:
             _advance(m, cached, hour)
         else:
             _recompute(m, hour)
-    c24, c7, c30, f_today, f7_past, f30_past = m.cache
+    c24, c7, c30, f_today, f7_past, f30_past, n24, n30 = m.cache
     f7 = f_today + f7_past
     f30 = f_today + f30_past
     return (float(c24), float(c7), float(c30), float(f7), float(f30),
-            f7 / (c7 + MERCHANT_RATE_PRIOR), f30 / (c30 + MERCHANT_RATE_PRIOR))
+            f7 / (c7 + MERCHANT_RATE_PRIOR), f30 / (c30 + MERCHANT_RATE_PRIOR),
+            (n24 + 1.0) / (n30 / 30.0 + 1.0), f30 / (n30 + MERCHANT_RATE_PRIOR))
+
+
+# a merchant without any counted transaction or label (what an empty MerchantState gives)
+_NO_MERCHANT = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
 # The window sums of a merchant are cached for one event hour and kept exact: count_merchant_tx
@@ -298,6 +324,8 @@ def _recompute(m: MerchantState, hour: int) -> None:
         get_d = m.tx_days.get
         c7 = sum(map(get_d, range(day - 6, day + 1), _ZEROS))
         c30 = c7 + sum(map(get_d, range(day - 29, day - 6), _ZEROS))
+    n24 = sum(map(m.new_hours.get, range(hour - 23, hour + 1), _ZEROS)) if m.new_hours else 0
+    n30 = sum(map(m.new_days.get, range(day - 29, day + 1), _ZEROS)) if m.new_days else 0
     f_today = f7_past = f30_past = 0
     if m.fraud_hours:
         f_today = sum(map(m.fraud_hours.get, range(day * 24, hour), _ZEROS))
@@ -306,7 +334,7 @@ def _recompute(m: MerchantState, hour: int) -> None:
         f7_past = sum(map(get_fd, range(day - 7, day), _ZEROS))
         f30_past = f7_past + sum(map(get_fd, range(day - 30, day - 7), _ZEROS))
     m.cache_hour = hour
-    m.cache = [c24, c7, c30, f_today, f7_past, f30_past]
+    m.cache = [c24, c7, c30, f_today, f7_past, f30_past, n24, n30]
 
 
 def _advance(m: MerchantState, old: int, new: int) -> None:
@@ -316,23 +344,34 @@ def _advance(m: MerchantState, old: int, new: int) -> None:
     cache[0] += sum(map(get_h, range(old + 1, new + 1), _ZEROS)) - sum(map(get_h, range(old - 23, new - 23), _ZEROS))
     if m.fraud_hours:  # today's reported hours [day*24, old) -> [day*24, new)
         cache[3] += sum(map(m.fraud_hours.get, range(old, new), _ZEROS))
+    if m.new_hours:
+        get_n = m.new_hours.get
+        cache[6] += sum(map(get_n, range(old + 1, new + 1), _ZEROS)) - sum(map(get_n, range(old - 23, new - 23), _ZEROS))
     m.cache_hour = new
 
 
-def count_merchant_tx(m: MerchantState, t: float) -> None:
-    """Count one transaction at event time ``t`` (offline and the in-batch view online)."""
+def count_merchant_tx(m: MerchantState, t: float, new_customer: bool = False) -> None:
+    """Count one transaction at event time ``t`` (offline and the in-batch view online);
+    ``new_customer``: its card had not used the merchant (the transaction's ``is_new_merchant``)."""
     hour = hour_of(t)
     day = day_of(t)
     m.tx_hours[hour] = m.tx_hours.get(hour, 0) + 1
     m.tx_days[day] = m.tx_days.get(day, 0) + 1
+    if new_customer:
+        m.new_hours[hour] = m.new_hours.get(hour, 0) + 1
+        m.new_days[day] = m.new_days.get(day, 0) + 1
     cached = m.cache_hour
     if cached >= 0:
         cache = m.cache
         if cached - 23 <= hour <= cached:
             cache[0] += 1
+            if new_customer:
+                cache[6] += 1
         cached_day = cached // 24
         if cached_day - 29 <= day <= cached_day:
             cache[2] += 1
+            if new_customer:
+                cache[7] += 1
             if day >= cached_day - 6:
                 cache[1] += 1
 

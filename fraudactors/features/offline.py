@@ -26,6 +26,7 @@ import numpy as np
 from fraudactors.errors import InvalidRecord
 from fraudactors.features.definition import (
     N_FEATURES,
+    NEW_CUSTOMER_INDEX,
     MerchantState,
     UserState,
     count_merchant_fraud,
@@ -88,7 +89,7 @@ def offline_features(
         users[txn.user_id] = state
         if m is None:
             m = merchants[txn.merchant_id] = MerchantState()
-        count_merchant_tx(m, txn.event_time)
+        count_merchant_tx(m, txn.event_time, features[NEW_CUSTOMER_INDEX] == 1.0)
         rows.append(features)
         idx.append(i)
         if len(rows) == _CHUNK:

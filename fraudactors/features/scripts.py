@@ -1,7 +1,8 @@
 """The Lua scripts of the online store (key layout: ``keys.py``).
 
 Hash fields of the merchant hashes are buckets named ``h<hour>`` / ``d<day>`` (integers since
-the epoch) and, in the counts hash, ``o<partition>``: the highest offset of that partition
+the epoch), in the counts hash also ``nh<hour>`` / ``nd<day>`` (the transactions of new customers:
+cards that had not used the merchant) and ``o<partition>``: the highest offset of that partition
 already counted (what makes the counts idempotent under replay and under a fenced-off writer).
 The window arithmetic in ``READ_BATCH`` mirrors ``definition._recompute`` exactly (the parity
 tests compare the two); keep them in step.
@@ -35,7 +36,8 @@ end
 # offset of its records in the batch]. A replay log is read only when a user's stored blob says
 # a record of the batch was applied already (a replay: rare), so a normal batch reads none.
 # Returns the user blobs (false when absent), then per merchant either
-#   {c24, c7, c30, frauds today before the hour, frauds 7 past days, frauds 30 past days} and
+#   {c24, c7, c30, frauds today before the hour, frauds 7 past days, frauds 30 past days,
+#    new customers' n24, n30} and
 #   {number of count fields, number of fraud fields}       (reference hour given), or
 #   the counts hash and the frauds hash as flat field/value lists                (-1),
 # then per replay-log key the logged members with a score (offset) in the batch's range.
@@ -50,11 +52,15 @@ local hours = cjson.decode(ARGV[3])
 -- Bucket numbers by field name, parsed once per call: the merchants of a batch share most of
 -- their field names (the same event hours and days), so a table lookup replaces a string.sub
 -- and a tonumber per field. false: not a bucket of that kind.
-local hour_n, day_n = {}, {}
+local hour_n, day_n, new_hour_n, new_day_n = {}, {}, {}, {}
 local function parse(field)
   local kind, n = string.byte(field, 1), tonumber(string.sub(field, 2))
   hour_n[field] = kind == 104 and n or false
   day_n[field] = kind == 100 and n or false
+  local sub, m = false, nil
+  if kind == 110 then sub, m = string.byte(field, 2), tonumber(string.sub(field, 3)) end
+  new_hour_n[field] = sub == 104 and m or false
+  new_day_n[field] = sub == 100 and m or false
 end
 for j = 1, n_merchants do
   local k = n_users + 2 * j - 1
@@ -66,7 +72,7 @@ for j = 1, n_merchants do
     out[k + 1] = f
   else
     local day = math.floor(hour / 24)
-    local c24, c7, c30, ft, f7, f30 = 0, 0, 0, 0, 0, 0
+    local c24, c7, c30, ft, f7, f30, n24, n30 = 0, 0, 0, 0, 0, 0, 0, 0
     for i = 1, #c, 2 do
       local field = c[i]
       local h = hour_n[field]
@@ -78,10 +84,20 @@ for j = 1, n_merchants do
         if h >= hour - 23 and h <= hour then c24 = c24 + (tonumber(c[i + 1]) or 0) end
       else
         local d = day_n[field]
-        if d and d >= day - 29 and d <= day then
-          local v = tonumber(c[i + 1]) or 0
-          c30 = c30 + v
-          if d >= day - 6 then c7 = c7 + v end
+        if d then
+          if d >= day - 29 and d <= day then
+            local v = tonumber(c[i + 1]) or 0
+            c30 = c30 + v
+            if d >= day - 6 then c7 = c7 + v end
+          end
+        else
+          local nh = new_hour_n[field]
+          if nh then
+            if nh >= hour - 23 and nh <= hour then n24 = n24 + (tonumber(c[i + 1]) or 0) end
+          else
+            local nd = new_day_n[field]
+            if nd and nd >= day - 29 and nd <= day then n30 = n30 + (tonumber(c[i + 1]) or 0) end
+          end
         end
       end
     end
@@ -103,7 +119,7 @@ for j = 1, n_merchants do
         end
       end
     end
-    out[k] = {c24, c7, c30, ft, f7, f30}
+    out[k] = {c24, c7, c30, ft, f7, f30, n24, n30}
     out[k + 1] = {#c / 2, #f / 2}
   end
 end
@@ -147,7 +163,7 @@ return out
 #        prune counts (0/1), oldest hour, oldest day, prune frauds (0/1), oldest hour, oldest day];
 #   "r": per replay-log key [committed floor (-1: none), [user index, offset, ...]];
 #   "s": the size of a replay-log member.
-# The merchants' records: per merchant [partition, offset, hour, day, ...] in offset order per
+# The merchants' records: per merchant [partition, offset, hour, day, new customer 0/1, ...] in offset order per
 # partition, decoded only when a merchant's stored high-water offset of a partition reaches into
 # the batch's offsets (a replay, or a writer fenced off after counting): those partitions are then
 # counted record by record, every other one by its aggregated increments (the same result).
@@ -256,7 +272,7 @@ if next(overlap) then
     return redis.error_reply('INVALID merchant records')
   end
   for j in pairs(overlap) do
-    if type(decoded[j]) ~= 'table' or #decoded[j] % 4 ~= 0 then
+    if type(decoded[j]) ~= 'table' or #decoded[j] % 5 ~= 0 then
       return redis.error_reply('INVALID merchant records for ' .. KEYS[n_users + 2 * j - 1])
     end
   end
@@ -323,6 +339,9 @@ local function prune(key, oldest_hour, oldest_day)
   for _, field in ipairs(fields) do
     local kind = string.byte(field, 1)
     local n = tonumber(string.sub(field, 2))
+    if kind == 110 then  -- nh<hour> / nd<day>: the new customers' buckets, pruned like h / d
+      kind, n = string.byte(field, 2), tonumber(string.sub(field, 3))
+    end
     if kind ~= 111 and (n == nil or (kind == 104 and n < oldest_hour) or (kind == 100 and n < oldest_day)
         or (kind ~= 104 and kind ~= 100)) then
       dead[#dead + 1] = field
@@ -357,13 +376,17 @@ for j = 1, n_merchants do
   end
   if slow then
     local entries = records[j]
-    for x = 1, #entries, 4 do
+    for x = 1, #entries, 5 do
       local part, offset = entries[x], entries[x + 1]
       if slow[part] then
         local mark = high[part]
         if offset > mark then
           bump('h' .. entries[x + 2], 1)
           bump('d' .. entries[x + 3], 1)
+          if entries[x + 4] == 1 then
+            bump('nh' .. entries[x + 2], 1)
+            bump('nd' .. entries[x + 3], 1)
+          end
           counted = counted + 1
           mark = offset
         end

@@ -9,7 +9,8 @@ pipeline of hundreds of small commands on two cores):
    batch spans several event hours of that merchant); and the replay-log entries of the batch's
    offset range in each partition;
 2. a write script: the updated user blobs (``SET .. EX ttl``, fenced), the replay-log entries of
-   the records applied, the merchant count increments (idempotent per ``(partition, offset)``),
+   the records applied, the merchant count increments (all and new customers', idempotent per
+   ``(partition, offset)``),
    expiry, and the removal of buckets that fell out of every window.
 
 In between, the batch is computed in Python by :func:`fraudactors.features.definition.transition`
@@ -34,10 +35,10 @@ in short:
   argument before its first write, and is refused up front by a server out of memory.
 
 Exactness under concurrency (one writer per partition, many partitions at once): every user
-feature and the merchant fraud counts are exact; ``merchant_tx_count_24h/7d/30d`` and the fraud
-rates that divide by them are eventually consistent (other partitions increment the same merchant
-between our read and write), and equal the offline values when one writer processes a
-merchant's transactions in time order.
+feature and the merchant fraud counts are exact; ``merchant_tx_count_24h/7d/30d``, the fraud
+rates that divide by them and the new-customer features (``MERCHANT_COUNT_FEATURES``) are
+eventually consistent (other partitions increment the same merchant between our read and write),
+and equal the offline values when one writer processes a merchant's transactions in time order.
 
 Errors: Redis unreachable, timing out or failing over raises :class:`FeatureStoreUnavailable`
 (retriable); Redis refusing the request (OOM, wrong type, a script error, invalid input) raises
@@ -61,6 +62,7 @@ from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.features import scripts
 from fraudactors.features.definition import (
     N_FEATURES,
+    NEW_CUSTOMER_INDEX,
     MerchantState,
     UserState,
     count_merchant_tx,
@@ -85,7 +87,7 @@ from fraudactors.settings import Settings
 # with a reported fraud); the counts keep 26 hours.
 _KEEP_COUNT_HOURS = 26
 _KEEP_COUNT_DAYS = 33
-_MAX_COUNT_FIELDS = 96
+_MAX_COUNT_FIELDS = 192  # h/d and nh/nd buckets (26 + 33 each) and the partitions' offsets
 _KEEP_FRAUD_HOURS = 8 * 24
 _KEEP_FRAUD_DAYS = 40
 _MAX_FRAUD_FIELDS = 320
@@ -129,17 +131,20 @@ def _matrix(rows: Sequence[Sequence[float]]) -> np.ndarray:
     return flat.reshape(len(rows), N_FEATURES).astype(np.float32)
 
 
+_RECORD = 5  # a merchant record: partition, offset, hour, day, new customer (0/1)
+
+
 def _increments(entries: list[Any]) -> list[list[Any]]:
-    """A merchant's count increments per partition from its ``[partition, offset, hour, day, ...]``
-    records: ``[partition, lowest offset, highest offset, records, "h<hour>", n, "d<day>", n, ...]``."""
+    """A merchant's count increments per partition from its ``[partition, offset, hour, day, new, ...]``
+    records: ``[partition, lowest offset, highest offset, records, "h<hour>", n, "d<day>", n, ...,
+    "nh<hour>", n, "nd<day>", n, ...]`` (``nh``/``nd``: the records of new customers)."""
     parts: dict[int, list[Any]] = {}
-    for x in range(0, len(entries), 4):
-        p, offset, hour, day = entries[x:x + 4]
+    for x in range(0, len(entries), _RECORD):
+        p, offset, hour, day, new = entries[x:x + _RECORD]
         group = parts.get(p)
         if group is None:
-            parts[p] = [offset, offset, 1, {hour: 1}, {day: 1}]
-            continue
-        if offset < group[0]:
+            group = parts[p] = [offset, offset, 0, {}, {}, {}, {}]
+        elif offset < group[0]:
             group[0] = offset
         elif offset > group[1]:
             group[1] = offset
@@ -147,28 +152,39 @@ def _increments(entries: list[Any]) -> list[list[Any]]:
         hours, days = group[3], group[4]
         hours[hour] = hours.get(hour, 0) + 1
         days[day] = days.get(day, 0) + 1
+        if new:
+            new_hours, new_days = group[5], group[6]
+            new_hours[hour] = new_hours.get(hour, 0) + 1
+            new_days[day] = new_days.get(day, 0) + 1
     out: list[list[Any]] = []
-    for p, (low, high, n, hours, days) in parts.items():
+    for p, (low, high, n, hours, days, new_hours, new_days) in parts.items():
         flat: list[Any] = [p, low, high, n]
         for h, k in hours.items():
             flat.extend((f"h{h}", k))
         for d, k in days.items():
             flat.extend((f"d{d}", k))
+        for h, k in new_hours.items():
+            flat.extend((f"nh{h}", k))
+        for d, k in new_days.items():
+            flat.extend((f"nd{d}", k))
         out.append(flat)
     return out
 
 
-# Bucket field name -> (0: hour / 1: day, bucket) or None (not a bucket); the merchants of a
-# batch share their field names, so each is parsed once. Bounded: cleared when it grows past 4,096.
+# Bucket field name -> (0: hour / 1: day / 2: new-customer hour / 3: new-customer day, bucket) or
+# None (not a bucket); the merchants of a batch share their field names, so each is parsed once.
+# Bounded: cleared when it grows past 4,096.
 _FIELDS: dict[bytes, tuple[int, int] | None] = {}
+_KINDS = {b"h": 0, b"d": 1, b"nh": 2, b"nd": 3}
 
 
 def _bucket_field(key: bytes) -> tuple[int, int] | None:
-    kind = key[:1]
+    cut = 2 if key[:1] == b"n" else 1
+    kind = _KINDS.get(key[:cut])
     parsed: tuple[int, int] | None = None
-    if kind == b"h" or kind == b"d":
+    if kind is not None:
         try:
-            parsed = (0 if kind == b"h" else 1, int(key[1:]))
+            parsed = (kind, int(key[cut:]))
         except ValueError:
             parsed = None
     if len(_FIELDS) >= 4096:
@@ -181,10 +197,11 @@ def _merchant_from_flat(counts: list[bytes], frauds: list[bytes]) -> MerchantSta
     """Full bucket state from two HGETALL replies (flat field/value lists)."""
     m = MerchantState()
     fields = _FIELDS
-    for targets, flat in (((m.tx_hours, m.tx_days), counts), ((m.fraud_hours, m.fraud_days), frauds)):
+    for targets, flat in (((m.tx_hours, m.tx_days, m.new_hours, m.new_days), counts),
+                          ((m.fraud_hours, m.fraud_days), frauds)):
         for key, value in zip(flat[::2], flat[1::2], strict=False):
             parsed = fields[key] if key in fields else _bucket_field(key)
-            if parsed is not None:
+            if parsed is not None and parsed[0] < len(targets):
                 try:
                     targets[parsed[0]][parsed[1]] = int(value)
                 except ValueError:
@@ -221,7 +238,7 @@ class _Write:
     blobs: list[bytes] = field(default_factory=list)
     merchants: list[str] = field(default_factory=list)
     plan_merchants: list[list[Any]] = field(default_factory=list)
-    records: list[list[Any]] = field(default_factory=list)  # per merchant [partition, offset, hour, day, ...]
+    records: list[list[Any]] = field(default_factory=list)  # per merchant [partition, offset, hour, day, new, ...]
     logs: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     rows: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # per log, the rows of X in its order
 
@@ -379,7 +396,7 @@ class OnlineFeatureStore:
         rows: list[Any] = []
         dirty: dict[str, None] = {}  # users with an applied transaction, in first-seen order
         applied: list[tuple[int, str, int, int]] = []  # (row, user, partition, offset) to log
-        counted: dict[str, list[Any]] = {}  # merchant -> [partition, offset, hour, day, ...]
+        counted: dict[str, list[Any]] = {}  # merchant -> [partition, offset, hour, day, new, ...]
         newest: dict[str, float] = {}
         for i, (txn, p, offset) in enumerate(zip(txns, partitions, offsets, strict=True)):
             state = states[txn.user_id]
@@ -396,7 +413,8 @@ class OnlineFeatureStore:
                 if not is_late(state, t):
                     # counted again only where its first write did not reach the merchant (a
                     # cluster node that failed mid-batch): the high-water offset decides
-                    counted.setdefault(txn.merchant_id, []).extend((p, offset, hour_of(t), day_of(t)))
+                    new = 1 if rows[-1][NEW_CUSTOMER_INDEX] == 1.0 else 0
+                    counted.setdefault(txn.merchant_id, []).extend((p, offset, hour_of(t), day_of(t), new))
                     newest[txn.merchant_id] = max(newest.get(txn.merchant_id, -1.0), t)
                 continue
             late = is_late(state, t)
@@ -412,8 +430,9 @@ class OnlineFeatureStore:
             if late:
                 self.late_total += 1
                 continue
-            count_merchant_tx(view, t)
-            counted.setdefault(txn.merchant_id, []).extend((p, offset, hour_of(t), day_of(t)))
+            new = 1 if features[NEW_CUSTOMER_INDEX] == 1.0 else 0
+            count_merchant_tx(view, t, new == 1)
+            counted.setdefault(txn.merchant_id, []).extend((p, offset, hour_of(t), day_of(t), new))
             if t > newest.get(txn.merchant_id, -1.0):
                 newest[txn.merchant_id] = t
 
@@ -437,7 +456,7 @@ class OnlineFeatureStore:
             late = is_late(states[txn.user_id], txn.event_time)
             features, states[txn.user_id] = transition(states[txn.user_id], view, txn)
             if not late:
-                count_merchant_tx(view, txn.event_time)
+                count_merchant_tx(view, txn.event_time, features[NEW_CUSTOMER_INDEX] == 1.0)
             rows.append(features)
         return _matrix(rows)
 
@@ -531,7 +550,7 @@ class OnlineFeatureStore:
             group = _group(groups, self._tag(keys_of.merchant_tag(merchant_id)), _Write)
             group.merchants.append(merchant_id)
             group.plan_merchants.append([_increments(entries),
-                                         1 if n_counts + len(entries) // 4 > _MAX_COUNT_FIELDS else 0,
+                                         1 if n_counts + len(entries) // _RECORD > _MAX_COUNT_FIELDS else 0,
                                          hour - _KEEP_COUNT_HOURS, day - _KEEP_COUNT_DAYS,
                                          1 if n_frauds > _MAX_FRAUD_FIELDS else 0,
                                          hour - _KEEP_FRAUD_HOURS, day - _KEEP_FRAUD_DAYS])

@@ -194,6 +194,27 @@ def test_merchant_counts_use_event_hour_and_day_buckets() -> None:
     assert f(vec, "merchant_tx_count_30d") == 6.0  # days [D-29, D]: day D-31 is out
 
 
+def test_merchant_new_customers_use_the_same_buckets() -> None:
+    """New customers (``is_new_merchant``) in hours [H-23, H] against their 30-day daily average, and
+    the 30-day frauds per new customer."""
+    m = MerchantState()
+    assert merchant_features(m, T0)[-2:] == merchant_features(None, T0)[-2:] == (1.0, 0.0)
+    day0 = (T0 // D) * D
+    for t, new in [(day0 - 31 * D, True), (day0 - 29 * D, True), (day0 - 6 * D, False), (day0 - H, True),
+                   (day0 + 5, True), (day0 + H, False), (day0 + H + 5, True)]:
+        count_merchant_tx(m, t, new)
+    count_merchant_fraud(m, day0 - 2 * D)
+    vec = features_of(None, m, txn(day0 + H + 10))
+    # 24 h: day0-1h, day0+5, day0+1h+5 (3); 30 d: day D-29 and those three (4)
+    assert f(vec, "merchant_new_customer_24h_to_daily_30d") == pytest.approx((3 + 1) / (4 / 30 + 1))
+    assert f(vec, "merchant_fraud_per_new_customer_30d") == pytest.approx(1 / (4 + MERCHANT_RATE_PRIOR))
+    # the window cache follows later hours and new counts like a fresh computation
+    count_merchant_tx(m, day0 + 3 * H, True)
+    fresh = MerchantState(m.tx_hours.copy(), m.tx_days.copy(), m.fraud_hours.copy(), m.fraud_days.copy(),
+                          m.new_hours.copy(), m.new_days.copy())
+    assert merchant_features(m, day0 + 5 * H) == merchant_features(fresh, day0 + 5 * H)
+
+
 def test_fraud_labels_count_from_the_hour_after_they_are_reported() -> None:
     day0 = (T0 // D) * D
     t = day0 + 10 * H + 30 * 60  # 10:30 on day D
@@ -234,9 +255,9 @@ def test_merchant_window_cache_equals_a_fresh_computation() -> None:
             count_merchant_fraud(m, late)
         cached = merchant_features(m, late)
         fresh = merchant_features(MerchantState(m.tx_hours.copy(), m.tx_days.copy(), m.fraud_hours.copy(),
-                                                m.fraud_days.copy()), late)
+                                                m.fraud_days.copy(), m.new_hours.copy(), m.new_days.copy()), late)
         assert cached == fresh
-        count_merchant_tx(m, late)
+        count_merchant_tx(m, late, rng.random() < 0.3)
 
 
 def test_a_user_whose_history_is_all_zero_amount_verifications_gets_a_finite_ratio() -> None:

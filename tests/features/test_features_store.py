@@ -187,14 +187,14 @@ async def test_parity_single_partition_includes_merchant_counts(store: OnlineFea
         start = end
     assert_parity(online, offline)
     assert offline[:, FEATURE_INDEX["merchant_tx_count_30d"]].max() > 300
-    # 40 days of hourly buckets were written; the merchant hashes stay bounded
+    # 40 days of hourly buckets were written (all and new customers'); the merchant hashes stay bounded
     client = aioredis.Redis.from_url(store_settings.redis.url)
     try:
         sizes = [await client.hlen(key) async for key in client.scan_iter(
             match=store.keys.prefix + "{m*}:c:*")]
     finally:
         await client.aclose()
-    assert len(sizes) > 10 and max(sizes) <= 100
+    assert len(sizes) > 10 and max(sizes) <= 200
 
 
 async def test_same_user_twice_in_a_batch_sees_itself(store: OnlineFeatureStore) -> None:
@@ -373,7 +373,7 @@ async def test_out_of_order_arrivals_match_the_definition_in_arrival_order(store
     for txn in arrival:
         m = merchants.setdefault(txn.merchant_id, MerchantState())
         row, users[txn.user_id] = transition(users.get(txn.user_id), m, txn)
-        count_merchant_tx(m, txn.event_time)
+        count_merchant_tx(m, txn.event_time, row[FEATURE_INDEX["is_new_merchant"]] == 1.0)
         expected.append(row)
     await store.apply_labels(labels)
     online = np.empty((len(arrival), len(FEATURE_NAMES)), dtype=np.float32)
