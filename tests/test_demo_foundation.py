@@ -7,6 +7,7 @@ the checks do not depend on what the demo prints."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -80,15 +81,32 @@ class Descendants(threading.Thread):
         self.join()
 
 
+@contextlib.contextmanager
+def _sigint_not_ignored() -> Iterator[None]:
+    """A child inherits an *ignored* SIGINT (pytest started in the background by a
+    non-interactive shell, ``cmd &``: the shell ignores SIGINT for it), and the demo then rightly
+    keeps ignoring it, so the SIGINT tests would see a run to the end (exit 0). Start the demo with
+    SIGINT at its default, as from a terminal or CI."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Demo:
     """A running ``fraudactors demo``; reads its stdout until a line shows up."""
 
     def __init__(self, tmp_path: Path, *args: str) -> None:
         self.report = tmp_path / "report.json"
-        self.proc = subprocess.Popen(
-            # 50,000 of history (~6 s; the default is 300,000, ~40 s): these tests are about the run
-            [*_script(), "demo", "--report", str(self.report), "--warmup", "50000", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=_env())
+        with _sigint_not_ignored():
+            self.proc = subprocess.Popen(
+                # 50,000 of history (~6 s; the default is 300,000, ~40 s): these tests are about the run
+                [*_script(), "demo", "--report", str(self.report), "--warmup", "50000", *args],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=_env())
         self.family = Descendants(self.proc.pid)
         self.family.start()
         self.lines: list[str] = []
