@@ -85,15 +85,22 @@ def load() -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Candidate columns, point in time: each row sees the user's earlier events of the last 30 days
-    (at most 256, like the state). Cached in /tmp."""
-    path = CACHE.replace(".npz", "_extras.npz")
+def _cached(path: str) -> dict[str, np.ndarray] | None:
+    """The arrays cached at ``path``, or None when there is no cache yet."""
     try:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     except FileNotFoundError:
-        pass
+        return None
+
+
+def extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Candidate columns, point in time: each row sees the user's earlier events of the last 30 days
+    (at most 256, like the state). Cached in /tmp."""
+    path = CACHE.replace(".npz", "_extras.npz")
+    cached = _cached(path)
+    if cached is not None:
+        return cached
     from fraudactors.sim.population import CAT_MEDIAN
 
     t_all, users, cats, amounts = d["t"], d["user"], d["cat"].astype(int), d["amount"]
@@ -172,11 +179,9 @@ def merchant_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     event days [D-29, D]. "New customer": the row's ``is_new_merchant`` (the card's seen-set had not
     got this merchant). Cached in /tmp."""
     path = CACHE.replace(".npz", "_mextras.npz")
-    try:
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        pass
+    cached = _cached(path)
+    if cached is not None:
+        return cached
     names = [str(x) for x in d["names"]]
     n = d["t"].size
     t = d["t"]
