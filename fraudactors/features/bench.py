@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import orjson
 
-from fraudactors.features.definition import NEW_CUSTOMER_INDEX, MerchantState, count_merchant_tx, transition
+from fraudactors.features.definition import MerchantState, count_merchant_tx, is_new_customer, transition
 from fraudactors.features.offline import offline_features
 from fraudactors.features.schema import Label, Transaction, parse_transaction
 
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if m is None:
             m = merchants[txn.merchant_id] = MerchantState()
         row, users[txn.user_id] = transition(users.get(txn.user_id), m, txn)
-        count_merchant_tx(m, txn.event_time, row[NEW_CUSTOMER_INDEX] == 1.0)
+        count_merchant_tx(m, txn.event_time, is_new_customer(row))
     print(f"transition (user + merchant features, state update): "
           f"{_per_record_us(time.perf_counter() - started, len(txns))}")
 

@@ -95,6 +95,7 @@ import math
 import zlib
 from array import array
 from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import mul
@@ -206,6 +207,13 @@ FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 # Where a vector says whether its card was new to the merchant: what the merchant's new-customer
 # buckets count (``count_merchant_tx(..., new_customer=...)``).
 NEW_CUSTOMER_INDEX = FEATURE_INDEX["is_new_merchant"]
+
+
+def is_new_customer(features: Sequence[float]) -> bool:
+    """Does the vector say its card was new to the merchant (what its new-customer buckets count)?"""
+    return bool(features[NEW_CUSTOMER_INDEX] == 1.0)
+
+
 # Features that depend on no stored state (exact in degraded mode too).
 TRANSACTION_ONLY = FEATURE_NAMES[:7]
 # Features computed from merchant counters that several partitions increment concurrently:

@@ -26,11 +26,11 @@ import numpy as np
 from fraudactors.errors import InvalidRecord
 from fraudactors.features.definition import (
     N_FEATURES,
-    NEW_CUSTOMER_INDEX,
     MerchantState,
     UserState,
     count_merchant_fraud,
     count_merchant_tx,
+    is_new_customer,
     transition,
 )
 from fraudactors.features.schema import Label, Transaction, label_from_obj, transaction_from_obj
@@ -89,7 +89,7 @@ def offline_features(
         users[txn.user_id] = state
         if m is None:
             m = merchants[txn.merchant_id] = MerchantState()
-        count_merchant_tx(m, txn.event_time, features[NEW_CUSTOMER_INDEX] == 1.0)
+        count_merchant_tx(m, txn.event_time, is_new_customer(features))
         rows.append(features)
         idx.append(i)
         if len(rows) == _CHUNK:

@@ -62,7 +62,6 @@ from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.features import scripts
 from fraudactors.features.definition import (
     N_FEATURES,
-    NEW_CUSTOMER_INDEX,
     MerchantState,
     UserState,
     count_merchant_tx,
@@ -70,6 +69,7 @@ from fraudactors.features.definition import (
     features_of,
     hour_of,
     is_late,
+    is_new_customer,
     transaction_only_features,
     transition,
 )
@@ -413,7 +413,7 @@ class OnlineFeatureStore:
                 if not is_late(state, t):
                     # counted again only where its first write did not reach the merchant (a
                     # cluster node that failed mid-batch): the high-water offset decides
-                    new = 1 if rows[-1][NEW_CUSTOMER_INDEX] == 1.0 else 0
+                    new = 1 if is_new_customer(rows[-1]) else 0
                     counted.setdefault(txn.merchant_id, []).extend((p, offset, hour_of(t), day_of(t), new))
                     newest[txn.merchant_id] = max(newest.get(txn.merchant_id, -1.0), t)
                 continue
@@ -430,7 +430,7 @@ class OnlineFeatureStore:
             if late:
                 self.late_total += 1
                 continue
-            new = 1 if features[NEW_CUSTOMER_INDEX] == 1.0 else 0
+            new = 1 if is_new_customer(features) else 0
             count_merchant_tx(view, t, new == 1)
             counted.setdefault(txn.merchant_id, []).extend((p, offset, hour_of(t), day_of(t), new))
             if t > newest.get(txn.merchant_id, -1.0):
@@ -456,7 +456,7 @@ class OnlineFeatureStore:
             late = is_late(states[txn.user_id], txn.event_time)
             features, states[txn.user_id] = transition(states[txn.user_id], view, txn)
             if not late:
-                count_merchant_tx(view, txn.event_time, features[NEW_CUSTOMER_INDEX] == 1.0)
+                count_merchant_tx(view, txn.event_time, is_new_customer(features))
             rows.append(features)
         return _matrix(rows)
 
