@@ -276,6 +276,241 @@ def merchant_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+ORACLE_EXTRAS = ("o_fav", "o_hour_ll", "o_amt_z", "o_rate", "o_on_trip", "o_trip_match", "o_cat_p",
+                 "o_nonfav24", "o_hour_ll_sum24", "o_excess24", "o_nonfav_excess24")
+
+
+def oracle_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An upper bound, not a feature: columns from the simulator's hidden truth about each cardholder
+    (their 10 favourite merchants, hour habit, wealth, daily rate, category mix, trips), i.e. what a
+    perfect profile learnt from unlimited history would know. The fraud state is not in them. If the
+    model cannot reach a detection rate with these, no feature of the cardholder's history will.
+    Point in time for the 24 h sums (earlier events of the same card). Cached in /tmp."""
+    path = CACHE.replace(".npz", "_oracle.npz")
+    cached = _cached(path)
+    if cached is not None:
+        return cached
+    from fraudactors.sim import Simulator
+    from fraudactors.sim import simulator as simmod
+    from fraudactors.sim.population import CAT_MEDIAN, CAT_SIGMA
+
+    sim = Simulator(seed=SEED, n_users=5000, n_merchants=1000, days=DAYS)
+    users, merchants = sim.users, sim.merchants
+    trips: dict[int, list[tuple[float, float, int]]] = defaultdict(list)
+    original = simmod.Simulator._legit
+
+    def recorded(self, rng, state, day_start):  # type: ignore[no-untyped-def]
+        before = state.trip_start.copy()
+        out = original(self, rng, state, day_start)
+        for u in np.flatnonzero(state.trip_start != before):
+            trips[int(u)].append((float(state.trip_start[u]), float(state.trip_end[u]), int(state.trip_country[u])))
+        return out
+
+    simmod.Simulator._legit = recorded  # type: ignore[method-assign]
+    n_rows = sum(1 for _ in sim.stream())
+    simmod.Simulator._legit = original  # type: ignore[method-assign]
+    t_all, u_all, m_all, amt = d["t"], d["user"].astype(int), d["merchant"].astype(int), d["amount"]
+    assert n_rows == t_all.size, (n_rows, t_all.size)
+    n = t_all.size
+    cat = d["cat"].astype(int)
+    fav = np.zeros(n, dtype=bool)
+    favs = users.favourites
+    for j in range(favs.shape[1]):
+        fav |= favs[u_all, j] == m_all
+    hour = (t_all % DAY) / 3600.0
+    c, s, off = users.hour_center[u_all], users.hour_spread[u_all], users.off_hours_p[u_all]
+    dens = np.zeros(n)
+    for k in (-1, 0, 1):  # wrapped normal
+        dens += np.exp(-0.5 * ((hour - c + 24 * k) / s) ** 2) / (s * np.sqrt(2 * np.pi))
+    hour_ll = np.log(off / 24.0 + (1 - off) * dens)
+    amt_z = (np.log(np.maximum(amt, 0.01)) - np.log(CAT_MEDIAN[cat] * users.wealth[u_all])) / CAT_SIGMA[cat]
+    pdf = np.diff(np.concatenate([np.zeros((len(users), 1)), users.cat_cdf], axis=1), axis=1)
+    cat_p = pdf[u_all, np.minimum(cat, pdf.shape[1] - 1)]
+    on_trip = np.zeros(n, dtype=bool)
+    trip_match = np.zeros(n, dtype=bool)
+    mc = merchants.country[m_all]
+    for i in range(n):
+        for lo, hi, country in trips.get(int(u_all[i]), ()):
+            if lo <= t_all[i] < hi:
+                on_trip[i] = True
+                trip_match[i] = mc[i] == country
+                break
+    rate = users.rate[u_all]
+    nonfav24 = np.zeros(n)
+    ll24 = np.zeros(n)
+    c24 = np.zeros(n)
+    hist: dict[int, list[tuple[float, bool, float]]] = defaultdict(list)
+    for i in range(n):
+        h = hist[int(u_all[i])]
+        t = float(t_all[i])
+        while h and h[0][0] <= t - DAY:
+            h.pop(0)
+        h.append((t, bool(fav[i]) or bool(on_trip[i]), float(hour_ll[i])))
+        nonfav24[i] = sum(1 for e in h if not e[1])
+        ll24[i] = sum(e[2] for e in h)
+        c24[i] = len(h)
+    out = {
+        "o_fav": fav.astype(np.float32),
+        "o_hour_ll": hour_ll.astype(np.float32),
+        "o_amt_z": amt_z.astype(np.float32),
+        "o_rate": rate.astype(np.float32),
+        "o_on_trip": on_trip.astype(np.float32),
+        "o_trip_match": trip_match.astype(np.float32),
+        "o_cat_p": cat_p.astype(np.float32),
+        "o_nonfav24": nonfav24.astype(np.float32),
+        "o_hour_ll_sum24": ll24.astype(np.float32),
+        "o_excess24": ((c24 - rate) / np.sqrt(rate + 1)).astype(np.float32),
+        "o_nonfav_excess24": ((nonfav24 - 0.3 * rate) / np.sqrt(0.3 * rate + 1)).astype(np.float32),
+    }
+    np.savez_compressed(path, **out)
+    return out
+
+
+REGULAR_EXTRAS = ("r_visits30", "r_nonreg24_k2", "r_nonreg24_k3", "r_nonreg_share24", "r_top_share30",
+                  "r_is_top10", "r_nonreg24_excess", "r_nonreg6_k2")
+
+
+def regular_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The cardholder's regular merchants (the simulator's favourites, learnt from history), point in
+    time from the user's earlier events of the last 30 days (at most 256, like the state). "Regular":
+    used at least k times in the part of the 30 days before the last 24 h. Cached in /tmp."""
+    path = CACHE.replace(".npz", "_regular.npz")
+    cached = _cached(path)
+    if cached is not None:
+        return cached
+    from collections import Counter
+
+    t_all, users, merch = d["t"], d["user"], d["merchant"]
+    n = t_all.size
+    out = {k: np.zeros(n, dtype=np.float32) for k in REGULAR_EXTRAS}
+    hist: dict[int, tuple[list[float], list[int]]] = defaultdict(lambda: ([], []))
+    for i in range(n):
+        u = int(users[i])
+        t = float(t_all[i])
+        ts, ms = hist[u]
+        s30 = bisect_right(ts, t - 30 * DAY)
+        if s30:
+            del ts[:s30], ms[:s30]
+        m = int(merch[i])
+        s24 = bisect_right(ts, t - DAY)
+        s6 = bisect_right(ts, t - 6 * 3600)
+        old = Counter(ms[:s24])
+        allc = Counter(ms)
+        out["r_visits30"][i] = allc.get(m, 0)
+        recent = [*ms[s24:], m]
+        nr2 = sum(1 for x in recent if old.get(x, 0) < 2)
+        out["r_nonreg24_k2"][i] = nr2
+        out["r_nonreg24_k3"][i] = sum(1 for x in recent if old.get(x, 0) < 3)
+        out["r_nonreg_share24"][i] = nr2 / len(recent)
+        out["r_nonreg6_k2"][i] = sum(1 for x in [*ms[s6:], m] if old.get(x, 0) < 2)
+        k = len(ms)
+        if k:
+            top = allc.most_common(10)
+            topset = {x for x, c in top if c >= 2}
+            out["r_top_share30"][i] = sum(c for x, c in top if c >= 2) / k
+            out["r_is_top10"][i] = 1.0 if m in topset else 0.0
+            days = max((t - ts[0]) / DAY, 1.0)
+            nonreg_rate = sum(1 for x in ms if allc[x] < 2) / days
+            out["r_nonreg24_excess"][i] = (nr2 - nonreg_rate) / np.sqrt(nonreg_rate + 1.0)
+        else:
+            out["r_top_share30"][i] = -1.0
+            out["r_nonreg24_excess"][i] = nr2
+        ts.append(t)
+        ms.append(m)
+        if len(ts) > 256:
+            del ts[0], ms[0]
+    np.savez_compressed(path, **out)
+    return out
+
+
+TRIP_EXTRAS = ("t_intl_streak", "t_intl_streak_hours", "t_intl_7d", "t_intl_share_7d", "t_intl_first_hours")
+
+
+def trip_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A cardholder abroad (the simulator's trips), point in time from the user's earlier events of
+    the last 30 days (at most 256): the run of international transactions this one continues. Cached."""
+    path = CACHE.replace(".npz", "_trip.npz")
+    cached = _cached(path)
+    if cached is not None:
+        return cached
+    t_all, users, intl = d["t"], d["user"], d["intl"].astype(bool)
+    n = t_all.size
+    out = {k: np.zeros(n, dtype=np.float32) for k in TRIP_EXTRAS}
+    hist: dict[int, tuple[list[float], list[bool]]] = defaultdict(lambda: ([], []))
+    for i in range(n):
+        u = int(users[i])
+        t = float(t_all[i])
+        ts, xs = hist[u]
+        s30 = bisect_right(ts, t - 30 * DAY)
+        if s30:
+            del ts[:s30], xs[:s30]
+        x = bool(intl[i])
+        k = len(xs)
+        j = k
+        while j > 0 and xs[j - 1]:
+            j -= 1
+        streak = (k - j + 1) if x else 0
+        out["t_intl_streak"][i] = streak
+        out["t_intl_streak_hours"][i] = (t - ts[j]) / 3600.0 if x and j < k else 0.0
+        s7 = bisect_right(ts, t - 7 * DAY)
+        c7 = sum(xs[s7:]) + x
+        out["t_intl_7d"][i] = c7
+        out["t_intl_share_7d"][i] = c7 / (k - s7 + 1)
+        # hours since the first international event of the last 7 days (-1: none before)
+        first = next((ts[q] for q in range(s7, k) if xs[q]), None)
+        out["t_intl_first_hours"][i] = (t - first) / 3600.0 if first is not None else -1.0
+        ts.append(t)
+        xs.append(x)
+        if len(ts) > 256:
+            del ts[0], xs[0]
+    np.savez_compressed(path, **out)
+    return out
+
+
+REGULAR90_EXTRAS = ("r90_visits", "r90_nonreg24_k2", "r90_nonreg24_k3", "r90_nonreg_share24", "r90_is_top10")
+
+
+def regular90_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """As ``regular_extras`` but over the user's 90 days (no event cap): would a longer memory of the
+    cardholder's merchants find their favourites? Cached in /tmp."""
+    path = CACHE.replace(".npz", "_regular90.npz")
+    cached = _cached(path)
+    if cached is not None:
+        return cached
+    from collections import Counter, deque
+
+    t_all, users, merch = d["t"], d["user"], d["merchant"]
+    n = t_all.size
+    out = {k: np.zeros(n, dtype=np.float32) for k in REGULAR90_EXTRAS}
+    # per user: events of the last 90 days, the part older than 24 h counted, the last 24 h listed
+    old_q: dict[int, deque] = defaultdict(deque)
+    new_q: dict[int, deque] = defaultdict(deque)
+    counts: dict[int, Counter] = defaultdict(Counter)
+    for i in range(n):
+        u = int(users[i])
+        t = float(t_all[i])
+        oq, nq, c = old_q[u], new_q[u], counts[u]
+        while nq and nq[0][0] <= t - DAY:
+            e = nq.popleft()
+            oq.append(e)
+            c[e[1]] += 1
+        while oq and oq[0][0] <= t - 90 * DAY:
+            e = oq.popleft()
+            c[e[1]] -= 1
+        m = int(merch[i])
+        out["r90_visits"][i] = c.get(m, 0) + sum(1 for e in nq if e[1] == m)
+        recent = [e[1] for e in nq] + [m]
+        nr2 = sum(1 for x in recent if c.get(x, 0) < 2)
+        out["r90_nonreg24_k2"][i] = nr2
+        out["r90_nonreg24_k3"][i] = sum(1 for x in recent if c.get(x, 0) < 3)
+        out["r90_nonreg_share24"][i] = nr2 / len(recent)
+        top = {x for x, k in c.most_common(10) if k >= 2}
+        out["r90_is_top10"][i] = 1.0 if m in top else 0.0
+        nq.append((t, m))
+    np.savez_compressed(path, **out)
+    return out
+
+
 def window_rows(d: dict[str, np.ndarray], test_start: int, test_end: int) -> tuple[np.ndarray, np.ndarray, float]:
     t0 = float(d["t"][0])
     day = (d["t"] - t0) / DAY
@@ -330,7 +565,19 @@ def matrix(d: dict[str, np.ndarray], extra: list[str], fallback: bool = False) -
         X, names = X[:, keep], tuple(names[i] for i in keep)
     if not extra:
         return X, names
-    e = merchant_extras(d) if all(k in MERCHANT_EXTRAS for k in extra) else {**extras(d), **merchant_extras(d)}
+    e: dict[str, np.ndarray] = {}
+    if any(k in ORACLE_EXTRAS for k in extra):
+        e.update(oracle_extras(d))
+    if any(k in MERCHANT_EXTRAS for k in extra):
+        e.update(merchant_extras(d))
+    if any(k in REGULAR_EXTRAS for k in extra):
+        e.update(regular_extras(d))
+    if any(k in REGULAR90_EXTRAS for k in extra):
+        e.update(regular90_extras(d))
+    if any(k in TRIP_EXTRAS for k in extra):
+        e.update(trip_extras(d))
+    if any(k not in (*ORACLE_EXTRAS, *MERCHANT_EXTRAS, *REGULAR_EXTRAS, *REGULAR90_EXTRAS, *TRIP_EXTRAS) for k in extra):
+        e.update(extras(d))
     cols = [e[k] for k in extra]
     return np.column_stack([X, *cols]).astype(np.float32), names + tuple(extra)
 
