@@ -92,6 +92,7 @@ Degraded mode (:func:`transaction_only_features`)
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 from array import array
 from bisect import bisect_left, bisect_right
@@ -124,6 +125,8 @@ HABIT_HOURS = 2  # "near this time of day": the same hour of the day or up to 2 
 UNUSUAL_HOUR_SHARE = 0.1  # an hour "near" less than this share of the user's events before the last 24 h ...
 UNUSUAL_HOUR_MIN_EVENTS = 5  # ... is unusual once there are at least this many of them
 LAST_N = 3  # "the last transactions" of the sequence features
+REGULAR_USES = 2  # a merchant the user used at least this often in the 30 days before the last 24 h is regular ...
+FREQUENT_USES = 3  # ... and at least this often, frequent
 # _NEAR[h]: a bytes.translate table mapping an hour of the day to 1 when it is "near" hour ``h``
 # (circular distance <= HABIT_HOURS) and to 0 otherwise, so how many of a user's event hours are
 # near ``h`` is ``hours.translate(_NEAR[h]).count(1)``: two passes in C instead of one per hour.
@@ -139,6 +142,7 @@ MERCHANT_CATEGORIES: tuple[str, ...] = (
 UNKNOWN_CATEGORY_CODE = -1.0
 _CATEGORY_CODE: dict[str, float] = {name: float(i) for i, name in enumerate(MERCHANT_CATEGORIES)}
 _ZEROS = repeat(0)
+_BYTEORDER = sys.byteorder  # of array("I"), whose bytes _uses searches
 
 FEATURE_NAMES: tuple[str, ...] = (
     # the transaction alone
@@ -190,6 +194,19 @@ FEATURE_NAMES: tuple[str, ...] = (
     "unusual_hour_count_24h",
     "amount_to_median_last3",
     "hour_habit_share_last3",
+    # the cardholder abroad: the run of international transactions this one continues, and the
+    # last 7 days' international ones (this one included)
+    "international_streak",
+    "international_streak_hours",
+    "international_count_7d",
+    "international_share_7d",
+    "hours_since_first_international_7d",
+    # the cardholder's regular merchants: the last 24 h's transactions (this one included) at
+    # merchants they used fewer than 2 (3) times in the 30 days before the last 24 h
+    "irregular_merchant_count_24h",
+    "infrequent_merchant_count_24h",
+    "irregular_merchant_share_24h",
+    "irregular_merchant_count_6h",
     # merchant activity (bucketed) and risk from delayed labels
     "merchant_tx_count_24h",
     "merchant_tx_count_7d",
@@ -421,14 +438,16 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
     out = _time_features(txn)
     t = txn.event_time if at is None else at
     amount = txn.amount
+    merchant = entity_hash(txn.merchant_id)
     if state is None or not state.times:
-        new_merchant = 1.0 if state is None or entity_hash(txn.merchant_id) not in state.merchants else 0.0
+        new_merchant = 1.0 if state is None or merchant not in state.merchants else 0.0
         new_category = 1.0 if state is None or category_hash(txn.merchant_category) not in state.categories else 0.0
         seen_intl = state is not None and state.seen_international
         out += (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, NO_PREVIOUS_TX,
                 new_merchant, new_category, 1.0 if txn.is_international and not seen_intl else 0.0, 0.0)
         out += _NO_HISTORY
         out += _NO_SEQUENCE
+        out += _newcomer_abroad_regulars(txn.is_international)
         return out
     times = state.times
     amounts = state.amounts
@@ -471,7 +490,7 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         ratio,
         zscore,
         since,
-        0.0 if entity_hash(txn.merchant_id) in state.merchants else 1.0,
+        0.0 if merchant in state.merchants else 1.0,
         0.0 if category_hash(txn.merchant_category) in state.categories else 1.0,
         1.0 if txn.is_international and not state.seen_international else 0.0,
         1.0 if last_intl is not None and last_intl != txn.is_international else 0.0,
@@ -479,6 +498,7 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
     if not n30:
         out += _NO_HISTORY
         out += (0.0, 0.0, since2, 0.0, 1.0, 0.0)
+        out += _abroad_and_regulars(state, txn.is_international, merchant, t, s30d, s7d, s24h, end)
         return out
     hours = state.hours[s30d:end]
     hour = int(out[3])
@@ -521,7 +541,75 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         sum([_ratio(a, median) for a in window[last - s30d:]]) / (end - last),
         habit_last,
     )
+    out += _abroad_and_regulars(state, txn.is_international, merchant, t, s30d, s7d, s24h, end)
     return out
+
+
+def _abroad_and_regulars(state: UserState, international: bool, merchant: int, t: float,
+                         s30d: int, s7d: int, s24h: int, end: int) -> tuple[float, ...]:
+    """``international_streak`` .. ``irregular_merchant_count_6h`` (module doc) from the earlier
+    events ``[s30d, end)`` of the 30 days and this transaction (``merchant``: its entity hash)."""
+    times = state.times
+    intl = state.international
+    x = 1 if international else 0
+    streak = streak_hours = 0.0
+    if x:
+        last_domestic = intl.rfind(0, s30d, end)
+        first = s30d if last_domestic < 0 else last_domestic + 1
+        streak = float(end - first + 1)
+        if first < end:
+            streak_hours = (t - times[first]) / HOUR_S
+    count7 = intl.count(1, s7d, end) + x
+    first7 = intl.find(1, s7d, end)
+    # how often the user used each merchant of the last 24 h (and this one) in the 30 days before
+    # them: a search of the events' hashes as bytes (array.count would box every item)
+    hashes = state.merchant_hashes.tobytes()
+    lo, hi = s30d * 4, s24h * 4
+    uses = _uses(hashes, merchant.to_bytes(4, _BYTEORDER), lo, hi)
+    irregular = irregular6 = 1 if uses < REGULAR_USES else 0
+    infrequent = 1 if uses < FREQUENT_USES else 0
+    if s24h < end:
+        s6h = bisect_right(times, t - W_6H, s24h, end)
+        for i in range(s24h, end):
+            uses = _uses(hashes, hashes[i * 4:i * 4 + 4], lo, hi)
+            if uses < REGULAR_USES:
+                irregular += 1
+                if i >= s6h:
+                    irregular6 += 1
+            if uses < FREQUENT_USES:
+                infrequent += 1
+    return (
+        streak,
+        streak_hours,
+        float(count7),
+        count7 / (end - s7d + 1),
+        (t - times[first7]) / HOUR_S if first7 >= 0 else NO_PREVIOUS_TX,
+        float(irregular),
+        float(infrequent),
+        irregular / (end - s24h + 1),
+        float(irregular6),
+    )
+
+
+def _uses(hashes: bytes, key: bytes, lo: int, hi: int) -> int:
+    """How many of the 4-byte items in ``hashes[lo:hi]`` are ``key``, counted up to ``FREQUENT_USES``."""
+    n = 0
+    i = hashes.find(key, lo, hi)
+    while i >= 0:
+        if i % 4:  # straddles two items: not one of them
+            i = hashes.find(key, i + 1, hi)
+            continue
+        n += 1
+        if n == FREQUENT_USES:
+            break
+        i = hashes.find(key, i + 4, hi)
+    return n
+
+
+def _newcomer_abroad_regulars(international: bool) -> tuple[float, ...]:
+    """``international_streak`` .. ``irregular_merchant_count_6h`` for a user without earlier events."""
+    x = 1.0 if international else 0.0
+    return (x, 0.0, x, x, NO_PREVIOUS_TX, 1.0, 1.0, 1.0, 1.0)
 
 
 # hour_habit_share_30d .. international_count_24h for a user without earlier events in 30 days

@@ -355,3 +355,56 @@ def test_the_sequence_features_of_a_new_user_and_in_degraded_mode() -> None:
     assert f(rows[1], "seconds_since_2nd_last_tx") == NO_PREVIOUS_TX  # one earlier event only
     assert f(rows[2], "seconds_since_2nd_last_tx") == 2 * H
     assert f(rows[2], "hour_habit_share_last3") == 0.0  # no event before the last 24 h to judge hours by
+
+
+def test_the_cardholder_abroad_the_run_of_international_payments() -> None:
+    home = [txn(T0 - 12 * D + i * D, 20.0, merchant="h") for i in range(5)]  # days -12 .. -8 at home
+    trip = [txn(T0 - 2 * D + i * 6 * H, 30.0, merchant=f"t{i}", international=True) for i in range(4)]  # from day -2
+    rows, _ = run([*home, *trip, txn(T0, 25.0, merchant="t9", international=True)])
+    vec = rows[-1]
+    assert f(vec, "international_streak") == 5.0  # the four of the trip and this one
+    assert f(vec, "international_streak_hours") == 48.0  # since the trip's first payment
+    assert f(vec, "international_count_7d") == 5.0 and f(vec, "international_share_7d") == 1.0  # home is > 7 days ago
+    assert f(vec, "hours_since_first_international_7d") == 48.0
+    # a payment at home after the trip ends the run; the trip still counts in the 7 days
+    rows, _ = run([*home, *trip, txn(T0, 25.0, merchant="h")])
+    vec = rows[-1]
+    assert f(vec, "international_streak") == 0.0 and f(vec, "international_streak_hours") == 0.0
+    assert f(vec, "international_count_7d") == 4.0 and f(vec, "international_share_7d") == 4.0 / 5.0
+    # a domestic payment inside the run: only the international ones after it continue
+    mixed = [*trip[:2], txn(T0 - 2 * D + 7 * H, 9.0, merchant="h"), *trip[2:]]
+    rows, _ = run([*home, *mixed, txn(T0, 25.0, merchant="t9", international=True)])
+    assert f(rows[-1], "international_streak") == 3.0 and f(rows[-1], "international_streak_hours") == 36.0
+
+
+def test_the_cardholder_regular_merchants_against_the_30_days_before_the_last_24_hours() -> None:
+    # before the last 24 h: "r" three times, "s" twice, "o" once
+    before = [txn(T0 - (20 - i) * D, 20.0, merchant=m) for i, m in enumerate(("r", "r", "r", "s", "s", "o"))]
+    today = [txn(T0 - 20 * H, 20.0, merchant="r"),  # regular and frequent
+             txn(T0 - 10 * H, 20.0, merchant="s"),  # regular (2 uses), not frequent
+             txn(T0 - 5 * H, 20.0, merchant="o"),  # 1 use: irregular
+             txn(T0 - 2 * H, 20.0, merchant="x")]  # never used: irregular
+    rows, _ = run([*before, *today, txn(T0, 20.0, merchant="x")])  # "x" again: today's use does not make it regular
+    vec = rows[-1]
+    assert f(vec, "irregular_merchant_count_24h") == 3.0  # "o", "x" and this "x"
+    assert f(vec, "infrequent_merchant_count_24h") == 4.0  # and "s"
+    assert f(vec, "irregular_merchant_share_24h") == 3.0 / 5.0
+    assert f(vec, "irregular_merchant_count_6h") == 3.0  # "o" (5 h ago), "x" and this one
+    rows, _ = run([*before, txn(T0, 20.0, merchant="r")])
+    vec = rows[-1]
+    assert f(vec, "irregular_merchant_count_24h") == 0.0 and f(vec, "infrequent_merchant_count_24h") == 0.0
+    assert f(vec, "irregular_merchant_share_24h") == 0.0 and f(vec, "irregular_merchant_count_6h") == 0.0
+
+
+def test_abroad_and_regular_merchant_features_of_a_new_user_and_in_degraded_mode() -> None:
+    names = ("international_streak", "international_streak_hours", "international_count_7d", "international_share_7d",
+             "hours_since_first_international_7d", "irregular_merchant_count_24h", "infrequent_merchant_count_24h",
+             "irregular_merchant_share_24h", "irregular_merchant_count_6h")
+    assert [f(transaction_only_features(txn(T0)), n) for n in names] == [0.0, 0.0, 0.0, 0.0, NO_PREVIOUS_TX,
+                                                                         1.0, 1.0, 1.0, 1.0]
+    abroad = txn(T0, international=True)
+    assert [f(transaction_only_features(abroad), n) for n in names] == [1.0, 0.0, 1.0, 1.0, NO_PREVIOUS_TX,
+                                                                        1.0, 1.0, 1.0, 1.0]
+    # a user whose events are all older than 30 days gets the same as a new one
+    rows, _ = run([txn(T0 - 40 * D, merchant="a", international=True), abroad])
+    assert [f(rows[-1], n) for n in names] == [1.0, 0.0, 1.0, 1.0, NO_PREVIOUS_TX, 1.0, 1.0, 1.0, 1.0]
