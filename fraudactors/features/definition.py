@@ -52,6 +52,17 @@ The sequence of the last transactions
     of their hours against the events before the last 24 h (so a day of payments at odd hours does
     not make its own hours look usual). They need no stored field the blob (v3 and v4) does not have.
 
+The cardholder abroad and their regular merchants
+    Also from the stored events: the run of international transactions this one continues
+    (``international_streak``: this one and the international ones right before it, back to the
+    last domestic one within 30 days; 0 when this one is domestic; and the hours since the run's
+    first), the last 7 days' international transactions with this one (count, share of the 7 days'
+    transactions with this one, hours since the first of them or -1), and the last 24 h's
+    transactions with this one at merchants the user used fewer than ``REGULAR_USES`` (2) times --
+    ``FREQUENT_USES`` (3) for ``infrequent_merchant_count_24h`` -- in the 30 days before the last
+    24 h (count, share, and the count of the last 6 h). A trip is a run of international
+    payments; a stolen card's quiet spree is a day of payments away from the cardholder's regulars.
+
 The merchant category code
     ``merchant_category_code`` is the transaction's ``merchant_category`` as its place in a fixed
     catalogue (:data:`MERCHANT_CATEGORIES`, like a card network's fixed MCC codes; appending to it
@@ -86,7 +97,10 @@ Degraded mode (:func:`transaction_only_features`)
     ``is_new_category`` 1, ``is_new_country`` = ``is_international``, ``intl_changed`` 0, the
     habit and 24-hour features 0 except ``amount_rank_30d`` 0.5 and ``amount_to_median_30d`` 1,
     the sequence features 0 except ``seconds_since_2nd_last_tx`` -1 and ``amount_to_median_last3``
-    1, merchant counts, fraud counts and rates 0, ``merchant_new_customer_24h_to_daily_30d`` 1.
+    1, the abroad features those of a first transaction (``international_streak``, the 7-day count
+    and share = ``is_international``, the hours 0 and -1), the regular-merchant counts and share 1
+    (this transaction, at a merchant never used), merchant counts, fraud counts and rates 0,
+    ``merchant_new_customer_24h_to_daily_30d`` 1.
 """
 
 from __future__ import annotations
