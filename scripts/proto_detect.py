@@ -521,7 +521,7 @@ def window_rows(d: dict[str, np.ndarray], test_start: int, test_end: int) -> tup
 
 def fit_score(X: np.ndarray, d: dict[str, np.ndarray], names: tuple[str, ...], window: tuple[int, int],
               params: dict | None = None, seed: int = SEED, legit_fraction: float = 0.2,
-              fraud_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+              fraud_weight: float = 1.0, algo: str = "hgb") -> tuple[np.ndarray, np.ndarray]:
     from fraudactors.modeling.pipeline import make_model, single_threaded_openmp
     from fraudactors.modeling.split import sample_legit
 
@@ -531,7 +531,7 @@ def fit_score(X: np.ndarray, d: dict[str, np.ndarray], names: tuple[str, ...], w
     rows = fit[sample_legit(y, legit_fraction, seed)]
     yy = y_known[rows]
     w = np.where(yy, fraud_weight, 1.0 / legit_fraction)
-    model = make_model("hgb", seed, names, params)
+    model = make_model(algo, seed, names, params)
     with single_threaded_openmp():
         model.fit(X[rows], yy, sample_weight=w)
         s = model.predict_proba(X[test])[:, 1]
@@ -627,19 +627,22 @@ def diagnose(extra: list[str], seed: int = SEED) -> None:
 
 
 def try_(extra: list[str], params: dict | None, fraud_weight: float, legit_fraction: float, seed: int = SEED,
-         fallback: bool = False) -> None:
+         fallback: bool = False, algo: str = "hgb", cache: str = CACHE) -> None:
     d = load()
+    if cache != CACHE:  # the same rows, the features of another definition
+        with np.load(cache) as z:
+            d = {**d, "X": z["X"], "names": z["names"]}
     X, names = matrix(d, extra, fallback)
     dets = []
     for window in WINDOWS:
         t = time.time()
         test, s = fit_score(X, d, names, window, params, seed=seed, fraud_weight=fraud_weight,
-                            legit_fraction=legit_fraction)
+                            legit_fraction=legit_fraction, algo=algo)
         det, per, _ = detection(d, test, s)
         dets.append(det)
         print(f"  days {window[0]}-{window[1]}: {det:.2%}  " + "  ".join(f"{k} {v:.1%}" for k, v in per.items())
               + f"  ({time.time() - t:.0f} s)")
-    print(f"{'fallback: ' if fallback else ''}{'+'.join(extra) or 'base'} params={params} fw={fraud_weight} lf={legit_fraction} seed={seed}: "
+    print(f"{'fallback: ' if fallback else ''}{algo} {'+'.join(extra) or 'base'} params={params} fw={fraud_weight} lf={legit_fraction} seed={seed}: "
           f"mean {np.mean(dets):.2%}  [{', '.join(f'{x:.2%}' for x in dets)}]")
 
 
@@ -657,6 +660,9 @@ def main() -> None:
     t.add_argument("--legit-fraction", type=float, default=0.2)
     t.add_argument("--seed", type=int, default=SEED)
     t.add_argument("--fallback", action="store_true", help="the transaction-only features instead of the 46")
+    t.add_argument("--algo", default="hgb", choices=("hgb", "rf"), help="v2's boosting or v1's forest")
+    t.add_argument("--features", default="", help="a cache of the definition's features to use instead "
+                   "(an .npz with X and names, as written by a newer definition over the same run)")
     a = p.parse_args()
     if a.cmd == "build":
         build()
@@ -664,7 +670,8 @@ def main() -> None:
         diagnose(a.extra, a.seed)
     else:
         import json
-        try_(a.extra, json.loads(a.params) if a.params else None, a.fraud_weight, a.legit_fraction, a.seed, a.fallback)
+        try_(a.extra, json.loads(a.params) if a.params else None, a.fraud_weight, a.legit_fraction, a.seed, a.fallback,
+             a.algo, a.features or CACHE)
 
 
 if __name__ == "__main__":
