@@ -23,6 +23,7 @@ import sys
 import time
 from bisect import bisect_right
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -92,6 +93,45 @@ def _cached(path: str) -> dict[str, np.ndarray] | None:
             return {k: z[k] for k in z.files}
     except FileNotFoundError:
         return None
+
+
+def _cached_columns(name: str) -> Callable[[Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]],
+                                          Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]]:
+    """Cache a candidate-column function's result in /tmp (``<cache>_<name>.npz``)."""
+    def wrap(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        def cached(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            path = CACHE.replace(".npz", f"_{name}.npz")
+            hit = _cached(path)
+            if hit is not None:
+                return hit
+            out = fn(d)
+            np.savez_compressed(path, **out)
+            return out
+        return cached
+    return wrap
+
+
+def _push(t: float, ts: list[float], value: object, values: list) -> None:  # type: ignore[type-arg]
+    """Append an event to a user's point-in-time history, capped at 256 events like the state."""
+    ts.append(t)
+    values.append(value)
+    if len(ts) > 256:
+        del ts[0], values[0]
+
+
+def _histories(d: dict[str, np.ndarray], values: list) -> Iterator[tuple[int, float, list[float], list]]:  # type: ignore[type-arg]
+    """Each row in processing order with its user's earlier events of the last 30 days (at most 256,
+    like the state): ``(row, t, their times, their values)``; the row's value is added after."""
+    hist: dict[int, tuple[list[float], list]] = defaultdict(lambda: ([], []))  # type: ignore[type-arg]
+    users, times = d["user"], d["t"]
+    for i in range(times.size):
+        ts, vs = hist[int(users[i])]
+        t = float(times[i])
+        s30 = bisect_right(ts, t - 30 * DAY)
+        if s30:
+            del ts[:s30], vs[:s30]
+        yield i, t, ts, vs
+        _push(t, ts, values[i], vs)
 
 
 def extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -280,16 +320,13 @@ ORACLE_EXTRAS = ("o_fav", "o_hour_ll", "o_amt_z", "o_rate", "o_on_trip", "o_trip
                  "o_nonfav24", "o_hour_ll_sum24", "o_excess24", "o_nonfav_excess24")
 
 
+@_cached_columns("oracle")
 def oracle_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """An upper bound, not a feature: columns from the simulator's hidden truth about each cardholder
     (their 10 favourite merchants, hour habit, wealth, daily rate, category mix, trips), i.e. what a
     perfect profile learnt from unlimited history would know. The fraud state is not in them. If the
     model cannot reach a detection rate with these, no feature of the cardholder's history will.
     Point in time for the 24 h sums (earlier events of the same card). Cached in /tmp."""
-    path = CACHE.replace(".npz", "_oracle.npz")
-    cached = _cached(path)
-    if cached is not None:
-        return cached
     from fraudactors.sim import Simulator
     from fraudactors.sim import simulator as simmod
     from fraudactors.sim.population import CAT_MEDIAN, CAT_SIGMA
@@ -362,7 +399,6 @@ def oracle_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "o_excess24": ((c24 - rate) / np.sqrt(rate + 1)).astype(np.float32),
         "o_nonfav_excess24": ((nonfav24 - 0.3 * rate) / np.sqrt(0.3 * rate + 1)).astype(np.float32),
     }
-    np.savez_compressed(path, **out)
     return out
 
 
@@ -370,28 +406,17 @@ REGULAR_EXTRAS = ("r_visits30", "r_nonreg24_k2", "r_nonreg24_k3", "r_nonreg_shar
                   "r_is_top10", "r_nonreg24_excess", "r_nonreg6_k2")
 
 
+@_cached_columns("regular")
 def regular_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The cardholder's regular merchants (the simulator's favourites, learnt from history), point in
     time from the user's earlier events of the last 30 days (at most 256, like the state). "Regular":
     used at least k times in the part of the 30 days before the last 24 h. Cached in /tmp."""
-    path = CACHE.replace(".npz", "_regular.npz")
-    cached = _cached(path)
-    if cached is not None:
-        return cached
     from collections import Counter
 
-    t_all, users, merch = d["t"], d["user"], d["merchant"]
-    n = t_all.size
-    out = {k: np.zeros(n, dtype=np.float32) for k in REGULAR_EXTRAS}
-    hist: dict[int, tuple[list[float], list[int]]] = defaultdict(lambda: ([], []))
-    for i in range(n):
-        u = int(users[i])
-        t = float(t_all[i])
-        ts, ms = hist[u]
-        s30 = bisect_right(ts, t - 30 * DAY)
-        if s30:
-            del ts[:s30], ms[:s30]
-        m = int(merch[i])
+    merch = d["merchant"].tolist()
+    out = {k: np.zeros(len(merch), dtype=np.float32) for k in REGULAR_EXTRAS}
+    for i, t, ts, ms in _histories(d, merch):
+        m = merch[i]
         s24 = bisect_right(ts, t - DAY)
         s6 = bisect_right(ts, t - 6 * 3600)
         old = Counter(ms[:s24])
@@ -415,36 +440,20 @@ def regular_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         else:
             out["r_top_share30"][i] = -1.0
             out["r_nonreg24_excess"][i] = nr2
-        ts.append(t)
-        ms.append(m)
-        if len(ts) > 256:
-            del ts[0], ms[0]
-    np.savez_compressed(path, **out)
     return out
 
 
 TRIP_EXTRAS = ("t_intl_streak", "t_intl_streak_hours", "t_intl_7d", "t_intl_share_7d", "t_intl_first_hours")
 
 
+@_cached_columns("trip")
 def trip_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A cardholder abroad (the simulator's trips), point in time from the user's earlier events of
     the last 30 days (at most 256): the run of international transactions this one continues. Cached."""
-    path = CACHE.replace(".npz", "_trip.npz")
-    cached = _cached(path)
-    if cached is not None:
-        return cached
-    t_all, users, intl = d["t"], d["user"], d["intl"].astype(bool)
-    n = t_all.size
-    out = {k: np.zeros(n, dtype=np.float32) for k in TRIP_EXTRAS}
-    hist: dict[int, tuple[list[float], list[bool]]] = defaultdict(lambda: ([], []))
-    for i in range(n):
-        u = int(users[i])
-        t = float(t_all[i])
-        ts, xs = hist[u]
-        s30 = bisect_right(ts, t - 30 * DAY)
-        if s30:
-            del ts[:s30], xs[:s30]
-        x = bool(intl[i])
+    intl = d["intl"].astype(bool).tolist()
+    out = {k: np.zeros(len(intl), dtype=np.float32) for k in TRIP_EXTRAS}
+    for i, t, ts, xs in _histories(d, intl):
+        x = intl[i]
         k = len(xs)
         j = k
         while j > 0 and xs[j - 1]:
@@ -459,24 +468,16 @@ def trip_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # hours since the first international event of the last 7 days (-1: none before)
         first = next((ts[q] for q in range(s7, k) if xs[q]), None)
         out["t_intl_first_hours"][i] = (t - first) / 3600.0 if first is not None else -1.0
-        ts.append(t)
-        xs.append(x)
-        if len(ts) > 256:
-            del ts[0], xs[0]
-    np.savez_compressed(path, **out)
     return out
 
 
 REGULAR90_EXTRAS = ("r90_visits", "r90_nonreg24_k2", "r90_nonreg24_k3", "r90_nonreg_share24", "r90_is_top10")
 
 
+@_cached_columns("regular90")
 def regular90_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """As ``regular_extras`` but over the user's 90 days (no event cap): would a longer memory of the
     cardholder's merchants find their favourites? Cached in /tmp."""
-    path = CACHE.replace(".npz", "_regular90.npz")
-    cached = _cached(path)
-    if cached is not None:
-        return cached
     from collections import Counter, deque
 
     t_all, users, merch = d["t"], d["user"], d["merchant"]
@@ -507,7 +508,6 @@ def regular90_extras(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         top = {x for x, k in c.most_common(10) if k >= 2}
         out["r90_is_top10"][i] = 1.0 if m in top else 0.0
         nq.append((t, m))
-    np.savez_compressed(path, **out)
     return out
 
 
