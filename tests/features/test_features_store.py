@@ -360,7 +360,13 @@ async def test_parity_batches_mixing_partitions(store: OnlineFeatureStore, store
 async def test_out_of_order_arrivals_match_the_definition_in_arrival_order(store: OnlineFeatureStore) -> None:
     """Late events (up to 2 hours out of order) are handled by the same deterministic rules online
     as the definition applied in arrival order, whatever the batch boundaries."""
-    from fraudactors.features.definition import MerchantState, UserState, count_merchant_tx, transition
+    from fraudactors.features.definition import (
+        MerchantState,
+        UserState,
+        count_merchant_tx,
+        is_new_customer,
+        transition,
+    )
     from fraudactors.features.offline import merchant_states_from_labels
 
     txns, labels = generate(seed=77, n=3000, n_users=25, n_merchants=8, days=10.0)
@@ -373,7 +379,7 @@ async def test_out_of_order_arrivals_match_the_definition_in_arrival_order(store
     for txn in arrival:
         m = merchants.setdefault(txn.merchant_id, MerchantState())
         row, users[txn.user_id] = transition(users.get(txn.user_id), m, txn)
-        count_merchant_tx(m, txn.event_time, row[FEATURE_INDEX["is_new_merchant"]] == 1.0)
+        count_merchant_tx(m, txn.event_time, is_new_customer(row))
         expected.append(row)
     await store.apply_labels(labels)
     online = np.empty((len(arrival), len(FEATURE_NAMES)), dtype=np.float32)
