@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit promtool bench-drain bench-scaleout bench-pool clean
 
-$(STAMP): pyproject.toml
+# setup.py builds the feature kernel (C) in place: a changed source rebuilds it.
+$(STAMP): pyproject.toml setup.py fraudactors/features/_kernel.c
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python >= 3.11) on PATH, or run: make PY=python3 ..." >&2; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -5,6 +5,14 @@ the only clock is the transaction's own ``event_time``, so replaying old data co
 what live traffic computed. ``offline.py`` and ``store.py`` both call :func:`transition` (and
 the merchant helpers below), so training and serving cannot drift apart.
 
+Compiled
+    For a user with stored events, the block ``tx_count_10m`` .. ``irregular_merchant_count_6h``
+    is computed by :func:`fraudactors.features._kernel.user_window` (C, ``_kernel.c``) over the
+    state's arrays: the per-event loops are most of a transaction's feature work. Its arithmetic
+    is the Python definition's (``tests/features/reference_features.py``) operation for operation,
+    and ``tests/features/test_kernel.py`` holds the two equal bit for bit. A feature of that block
+    changes in both, reference first.
+
 User state (:class:`UserState`)
     The user's recent events (event time, amount, a 32-bit hash of the merchant, the hour of the
     day, whether it was international, whether its merchant was new in the user's 30 days)
@@ -106,15 +114,14 @@ Degraded mode (:func:`transaction_only_features`)
 from __future__ import annotations
 
 import math
-import sys
 import zlib
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import compress, repeat
-from operator import mul
+from itertools import repeat
 
+from fraudactors.features._kernel import user_window
 from fraudactors.features.schema import Transaction
 
 HOUR_S = 3600
@@ -141,11 +148,6 @@ UNUSUAL_HOUR_MIN_EVENTS = 5  # ... is unusual once there are at least this many 
 LAST_N = 3  # "the last transactions" of the sequence features
 REGULAR_USES = 2  # a merchant the user used at least this often in the 30 days before the last 24 h is regular ...
 FREQUENT_USES = 3  # ... and at least this often, frequent
-# _NEAR[h]: a bytes.translate table mapping an hour of the day to 1 when it is "near" hour ``h``
-# (circular distance <= HABIT_HOURS) and to 0 otherwise, so how many of a user's event hours are
-# near ``h`` is ``hours.translate(_NEAR[h]).count(1)``: two passes in C instead of one per hour.
-_NEAR = tuple(bytes(1 if v < 24 and min((v - h) % 24, (h - v) % 24) <= HABIT_HOURS else 0 for v in range(256))
-              for h in range(24))
 # The fixed catalogue of merchant categories: a category's code is its place here (append only, so
 # the codes of the others never change); any other category gets UNKNOWN_CATEGORY_CODE.
 MERCHANT_CATEGORIES: tuple[str, ...] = (
@@ -156,7 +158,6 @@ MERCHANT_CATEGORIES: tuple[str, ...] = (
 UNKNOWN_CATEGORY_CODE = -1.0
 _CATEGORY_CODE: dict[str, float] = {name: float(i) for i, name in enumerate(MERCHANT_CATEGORIES)}
 _ZEROS = repeat(0)
-_BYTEORDER = sys.byteorder  # of array("I"), whose bytes _uses searches
 
 FEATURE_NAMES: tuple[str, ...] = (
     # the transaction alone
@@ -463,161 +464,16 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         out += _NO_SEQUENCE
         out += _newcomer_abroad_regulars(txn.is_international)
         return out
-    times = state.times
-    amounts = state.amounts
-    end = bisect_right(times, t)
-    s10m = bisect_right(times, t - W_10M, 0, end)
-    s1h = bisect_right(times, t - W_1H, 0, end)
-    s24h = bisect_right(times, t - W_24H, 0, end)
-    s7d = bisect_right(times, t - W_7D, 0, end)
-    s30d = bisect_right(times, t - W_30D, 0, end)
-    n30 = end - s30d
-    window = amounts[s30d:end].tolist()  # one float object per event, made once (sums, sort)
-    sum30 = sum(window)
-    sum24 = sum(window[s24h - s30d:])
-    if n30:
-        avg = sum30 / n30
-        var = sum(map(mul, window, window)) / n30 - avg * avg
-        std = math.sqrt(var) if var > 0.0 else 0.0
-        # amount 0 is a card-verification authorisation: a user whose 30 days are all verifications
-        # has an average of 0, and the ratio is taken against one cent instead
-        ratio = _ratio(amount, avg)
-        zscore = (amount - avg) / (std if std > ZSCORE_MIN_STD else ZSCORE_MIN_STD)
-    else:
-        avg = std = zscore = 0.0
-        ratio = 1.0
-    since = t - times[end - 1] if end else NO_PREVIOUS_TX
-    since2 = t - times[end - 2] if end >= 2 else NO_PREVIOUS_TX
     last_intl = state.last_international
-    out += (
-        float(end - s10m),
-        float(end - s1h),
-        float(end - s24h),
-        float(end - s7d),
-        float(n30),
-        sum(window[s1h - s30d:]),
-        sum24,
-        sum(window[s7d - s30d:]),
-        sum30,
-        avg,
-        std,
-        ratio,
-        zscore,
-        since,
+    out += user_window(
+        state.times, state.amounts, state.merchant_hashes, state.hours, state.international,
+        state.new_merchant, t, amount, merchant, txn.is_international, int(out[3]),
         0.0 if merchant in state.merchants else 1.0,
         0.0 if category_hash(txn.merchant_category) in state.categories else 1.0,
         1.0 if txn.is_international and not state.seen_international else 0.0,
         1.0 if last_intl is not None and last_intl != txn.is_international else 0.0,
     )
-    if not n30:
-        out += _NO_HISTORY
-        out += (0.0, 0.0, since2, 0.0, 1.0, 0.0)
-        out += _abroad_and_regulars(state, txn.is_international, merchant, t, s30d, s7d, s24h, end)
-        return out
-    hours = state.hours[s30d:end]
-    hour = int(out[3])
-    near = hours.translate(_NEAR[hour]).count(1)
-    ordered = sorted(window)
-    median = ordered[n30 // 2]
-    recent = state.new_merchant[s24h:end]
-    out += (
-        near / n30,
-        bisect_left(ordered, amount) / n30,
-        _ratio(amount, median),
-        float(end - s24h) / (n30 / 30.0),
-        sum24 / (sum30 / 30.0) if sum30 > 0.0 else 0.0,
-        float(sum(recent)),
-        float(sum(compress(window[s24h - s30d:], recent))),
-        float(len(set(state.merchant_hashes[s24h:end]))),
-        float(sum(state.international[s24h:end])),
-    )
-    # the sequence. Hours are judged against the habit before the last 24 h (the 30 days up to
-    # then), so a day of payments at odd hours does not make its own hours look usual.
-    s6h = bisect_right(times, t - W_6H, s24h, end)
-    last = max(s30d, end - LAST_N)
-    n_ref = s24h - s30d
-    unusual = 0.0
-    habit_last = 0.0
-    if n_ref:
-        ref = state.hours[s30d:s24h]
-        near_of: dict[int, int] = {}  # only the hours asked for (a few per transaction)
-        for h in set(state.hours[min(s24h, last):end]):
-            near_of[h] = ref.translate(_NEAR[h]).count(1)
-        if n_ref >= UNUSUAL_HOUR_MIN_EVENTS:
-            limit = UNUSUAL_HOUR_SHARE * n_ref
-            unusual = float(sum([1 for h in state.hours[s24h:end] if near_of[h] < limit]))
-        habit_last = sum([near_of[h] for h in state.hours[last:end]]) / n_ref / (end - last)
-    out += (
-        float(sum(state.new_merchant[s6h:end])),
-        float(sum(state.new_merchant[last:end])),
-        since2,
-        unusual,
-        sum([_ratio(a, median) for a in window[last - s30d:]]) / (end - last),
-        habit_last,
-    )
-    out += _abroad_and_regulars(state, txn.is_international, merchant, t, s30d, s7d, s24h, end)
     return out
-
-
-def _abroad_and_regulars(state: UserState, international: bool, merchant: int, t: float,
-                         s30d: int, s7d: int, s24h: int, end: int) -> tuple[float, ...]:
-    """``international_streak`` .. ``irregular_merchant_count_6h`` (module doc) from the earlier
-    events ``[s30d, end)`` of the 30 days and this transaction (``merchant``: its entity hash)."""
-    times = state.times
-    intl = state.international
-    x = 1 if international else 0
-    streak = streak_hours = 0.0
-    if x:
-        last_domestic = intl.rfind(0, s30d, end)
-        first = s30d if last_domestic < 0 else last_domestic + 1
-        streak = float(end - first + 1)
-        if first < end:
-            streak_hours = (t - times[first]) / HOUR_S
-    count7 = intl.count(1, s7d, end) + x
-    first7 = intl.find(1, s7d, end)
-    # how often the user used each merchant of the last 24 h (and this one) in the 30 days before
-    # them: a search of the events' hashes as bytes (array.count would box every item)
-    hashes = state.merchant_hashes.tobytes()
-    lo, hi = s30d * 4, s24h * 4
-    uses = _uses(hashes, merchant.to_bytes(4, _BYTEORDER), lo, hi)
-    irregular = irregular6 = 1 if uses < REGULAR_USES else 0
-    infrequent = 1 if uses < FREQUENT_USES else 0
-    if s24h < end:
-        s6h = bisect_right(times, t - W_6H, s24h, end)
-        for i in range(s24h, end):
-            uses = _uses(hashes, hashes[i * 4:i * 4 + 4], lo, hi)
-            if uses < REGULAR_USES:
-                irregular += 1
-                if i >= s6h:
-                    irregular6 += 1
-            if uses < FREQUENT_USES:
-                infrequent += 1
-    return (
-        streak,
-        streak_hours,
-        float(count7),
-        count7 / (end - s7d + 1),
-        (t - times[first7]) / HOUR_S if first7 >= 0 else NO_PREVIOUS_TX,
-        float(irregular),
-        float(infrequent),
-        irregular / (end - s24h + 1),
-        float(irregular6),
-    )
-
-
-def _uses(hashes: bytes, key: bytes, lo: int, hi: int) -> int:
-    """How many of the 4-byte items in ``hashes[lo:hi]`` are ``key``, counted up to ``FREQUENT_USES``."""
-    n = 0
-    i = hashes.find(key, lo, hi)
-    while i >= 0:
-        if i % 4:  # straddles two items: not one of them
-            i = hashes.find(key, i + 1, hi)
-            continue
-        n += 1
-        if n == FREQUENT_USES:
-            break
-        i = hashes.find(key, i + 4, hi)
-    return n
 
 
 def _newcomer_abroad_regulars(international: bool) -> tuple[float, ...]:

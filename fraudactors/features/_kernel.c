@@ -1,0 +1,413 @@
+/*
+ * The user-window block of the feature vector, compiled: ``tx_count_10m`` .. ``irregular_merchant_count_6h``
+ * of ``fraudactors.features.definition`` for a user with stored events.
+ *
+ * ``definition.user_features`` calls :func:`user_window` with the user's event columns (the
+ * ``UserState`` arrays, as buffers: no Python object per event) and gets the 42 values back as
+ * one tuple. The arithmetic is the Python definition's, operation for operation, in the same
+ * order: every sum runs left to right from 0 over the same doubles, every ratio of two counts is
+ * one IEEE division of exact integers (what Python's int / int rounds to), so the values are bit
+ * for bit those of the pure-Python definition (tests/features/reference_features.py, checked by
+ * tests/features/test_kernel.py on random histories, and by the committed models, which
+ * ``train --synthetic`` reproduces byte for byte). Built with -ffp-contract=off: a fused
+ * multiply-add would round differently.
+ *
+ * Hours outside 0..23 (only a corrupt blob could hold one) are near no hour.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define N_OUT 42
+#define W_10M 600.0
+#define W_1H 3600.0
+#define W_6H 21600.0
+#define W_24H 86400.0
+#define W_7D 604800.0
+#define W_30D 2592000.0
+#define HOUR_S 3600.0
+#define NO_PREVIOUS_TX (-1.0)
+#define ZSCORE_MIN_STD 1.0
+#define MIN_AVERAGE 0.01
+#define HABIT_HOURS 2
+#define UNUSUAL_HOUR_SHARE 0.1
+#define UNUSUAL_HOUR_MIN_EVENTS 5
+#define LAST_N 3
+#define REGULAR_USES 2
+#define FREQUENT_USES 3
+#define STACK_EVENTS 512
+
+/* The first index in [lo, hi) whose value is > x (Python's bisect_right). */
+static Py_ssize_t bisect_right(const double *a, double x, Py_ssize_t lo, Py_ssize_t hi) {
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (x < a[mid])
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
+/* amount / base; against one cent when the base is 0 (definition._ratio). */
+static double ratio(double amount, double base) {
+    if (base > 0.0)
+        return amount / base;
+    return amount == 0.0 ? 1.0 : amount / MIN_AVERAGE;
+}
+
+/* Sum of a[lo:hi], left to right from 0 (Python's sum of a list of floats). */
+static double sum_range(const double *a, Py_ssize_t lo, Py_ssize_t hi) {
+    double s = 0.0;
+    for (Py_ssize_t i = lo; i < hi; i++)
+        s += a[i];
+    return s;
+}
+
+/* The events of a 24-bin histogram of hours "near" hour h (circular distance <= HABIT_HOURS). */
+static long near_count(const long *hist, long h) {
+    if (h < 0 || h >= 24)
+        return 0;
+    long n = 0;
+    for (long d = -HABIT_HOURS; d <= HABIT_HOURS; d++)
+        n += hist[((h + d) % 24 + 24) % 24];
+    return n;
+}
+
+static void histogram(const unsigned char *hours, Py_ssize_t lo, Py_ssize_t hi, long *hist) {
+    for (Py_ssize_t i = lo; i < hi; i++)
+        if (hours[i] < 24)
+            hist[hours[i]]++;
+}
+
+/* The value at index k of the values sorted (k < n): Wirth's selection; reorders ``a``. */
+static double select_kth(double *a, Py_ssize_t n, Py_ssize_t k) {
+    Py_ssize_t l = 0, m = n - 1;
+    while (l < m) {
+        double x = a[k];
+        Py_ssize_t i = l, j = m;
+        do {
+            while (a[i] < x) i++;
+            while (x < a[j]) j--;
+            if (i <= j) {
+                double tmp = a[i]; a[i] = a[j]; a[j] = tmp;
+                i++; j--;
+            }
+        } while (i <= j);
+        if (j < k) l = i;
+        if (k < i) m = j;
+    }
+    return a[k];
+}
+
+/* How many of h[lo:hi] equal key, counted up to FREQUENT_USES. */
+static int uses(const uint32_t *h, uint32_t key, Py_ssize_t lo, Py_ssize_t hi) {
+    int n = 0;
+    for (Py_ssize_t j = lo; j < hi; j++) {
+        if (h[j] == key && ++n == FREQUENT_USES)
+            break;
+    }
+    return n;
+}
+
+static int distinct_u32(const uint32_t *h, Py_ssize_t lo, Py_ssize_t hi) {
+    int n = 0;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        Py_ssize_t j = lo;
+        while (j < i && h[j] != h[i]) j++;
+        if (j == i) n++;
+    }
+    return n;
+}
+
+/* A read-only, C-contiguous view of ``obj`` holding ``n`` items of ``itemsize`` bytes. */
+static int get_column(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t *n, const char *name) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (view->len % itemsize != 0) {
+        PyErr_Format(PyExc_ValueError, "user_window: %s is not a column of %zd-byte items", name, itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    Py_ssize_t items = view->len / itemsize;
+    if (*n < 0) {
+        *n = items;
+    } else if (items != *n) {
+        PyErr_Format(PyExc_ValueError, "user_window: %s holds %zd events, times %zd", name, items, *n);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *user_window(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 15) {
+        PyErr_Format(PyExc_TypeError, "user_window takes 15 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    static const char *names[6] = {"times", "amounts", "merchant_hashes", "hours", "international", "new_merchant"};
+    static const Py_ssize_t sizes[6] = {8, 8, 4, 1, 1, 1};
+    Py_buffer views[6];
+    int got = 0;
+    Py_ssize_t n = -1;
+    PyObject *result = NULL;
+    double *scratch = NULL;
+    for (; got < 6; got++) {
+        if (get_column(args[got], &views[got], sizes[got], &n, names[got]) < 0)
+            goto done;
+    }
+    double t = PyFloat_AsDouble(args[6]);
+    double amount = PyFloat_AsDouble(args[7]);
+    unsigned long merchant_l = PyLong_AsUnsignedLong(args[8]);
+    int x = PyObject_IsTrue(args[9]);
+    long hour = PyLong_AsLong(args[10]);
+    double novelty[4];
+    for (int k = 0; k < 4; k++)
+        novelty[k] = PyFloat_AsDouble(args[11 + k]);
+    if (PyErr_Occurred() || x < 0)
+        goto done;
+    if (merchant_l > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_OverflowError, "user_window: merchant hash exceeds 32 bits");
+        goto done;
+    }
+    uint32_t merchant = (uint32_t)merchant_l;
+
+    const double *times = (const double *)views[0].buf;
+    const double *amounts = (const double *)views[1].buf;
+    const uint32_t *hashes = (const uint32_t *)views[2].buf;
+    const unsigned char *hours = (const unsigned char *)views[3].buf;
+    const unsigned char *intl = (const unsigned char *)views[4].buf;
+    const unsigned char *newm = (const unsigned char *)views[5].buf;
+
+    double out[N_OUT];
+    int o = 0;
+    Py_ssize_t end = bisect_right(times, t, 0, n);
+    Py_ssize_t s10m = bisect_right(times, t - W_10M, 0, end);
+    Py_ssize_t s1h = bisect_right(times, t - W_1H, 0, end);
+    Py_ssize_t s24h = bisect_right(times, t - W_24H, 0, end);
+    Py_ssize_t s7d = bisect_right(times, t - W_7D, 0, end);
+    Py_ssize_t s30d = bisect_right(times, t - W_30D, 0, end);
+    Py_ssize_t n30 = end - s30d;
+    double sum30 = sum_range(amounts, s30d, end);
+    double sum24 = sum_range(amounts, s24h, end);
+    double avg = 0.0, std = 0.0, zscore = 0.0, rat = 1.0;
+    if (n30) {
+        avg = sum30 / (double)n30;
+        double sq = 0.0;
+        for (Py_ssize_t i = s30d; i < end; i++)
+            sq += amounts[i] * amounts[i];
+        double var = sq / (double)n30 - avg * avg;
+        std = var > 0.0 ? sqrt(var) : 0.0;
+        rat = ratio(amount, avg);
+        zscore = (amount - avg) / (std > ZSCORE_MIN_STD ? std : ZSCORE_MIN_STD);
+    }
+    double since = end ? t - times[end - 1] : NO_PREVIOUS_TX;
+    double since2 = end >= 2 ? t - times[end - 2] : NO_PREVIOUS_TX;
+    out[o++] = (double)(end - s10m);
+    out[o++] = (double)(end - s1h);
+    out[o++] = (double)(end - s24h);
+    out[o++] = (double)(end - s7d);
+    out[o++] = (double)n30;
+    out[o++] = sum_range(amounts, s1h, end);
+    out[o++] = sum24;
+    out[o++] = sum_range(amounts, s7d, end);
+    out[o++] = sum30;
+    out[o++] = avg;
+    out[o++] = std;
+    out[o++] = rat;
+    out[o++] = zscore;
+    out[o++] = since;
+    for (int k = 0; k < 4; k++)
+        out[o++] = novelty[k];
+
+    if (!n30) {
+        /* the habits of a user without earlier events in 30 days, then the sequence */
+        static const double no_history[9] = {0.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        for (int k = 0; k < 9; k++)
+            out[o++] = no_history[k];
+        out[o++] = 0.0;
+        out[o++] = 0.0;
+        out[o++] = since2;
+        out[o++] = 0.0;
+        out[o++] = 1.0;
+        out[o++] = 0.0;
+    } else {
+        long ref_hist[24] = {0}, recent_hist[24] = {0}, all_hist[24];
+        histogram(hours, s30d, s24h, ref_hist);
+        histogram(hours, s24h, end, recent_hist);
+        for (int h = 0; h < 24; h++)
+            all_hist[h] = ref_hist[h] + recent_hist[h];
+        double stack[STACK_EVENTS];
+        double *window = stack;
+        if (n30 > STACK_EVENTS) {
+            window = scratch = PyMem_Malloc((size_t)n30 * sizeof(double));
+            if (scratch == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+        }
+        memcpy(window, amounts + s30d, (size_t)n30 * sizeof(double));
+        double median = select_kth(window, n30, n30 / 2);
+        Py_ssize_t below = 0;  /* bisect_left of the sorted window: how many are < amount */
+        for (Py_ssize_t i = s30d; i < end; i++)
+            below += amounts[i] < amount;
+        long recent_new = 0;
+        double new_amount = 0.0;
+        long recent_intl = 0;
+        for (Py_ssize_t i = s24h; i < end; i++) {
+            recent_new += newm[i];
+            if (newm[i])
+                new_amount += amounts[i];
+            recent_intl += intl[i];
+        }
+        out[o++] = (double)near_count(all_hist, hour) / (double)n30;
+        out[o++] = (double)below / (double)n30;
+        out[o++] = ratio(amount, median);
+        out[o++] = (double)(end - s24h) / ((double)n30 / 30.0);
+        out[o++] = sum30 > 0.0 ? sum24 / (sum30 / 30.0) : 0.0;
+        out[o++] = (double)recent_new;
+        out[o++] = new_amount;
+        out[o++] = (double)distinct_u32(hashes, s24h, end);
+        out[o++] = (double)recent_intl;
+
+        /* the sequence; hours judged against the habit before the last 24 h */
+        Py_ssize_t s6h = bisect_right(times, t - W_6H, s24h, end);
+        Py_ssize_t last = end - LAST_N > s30d ? end - LAST_N : s30d;
+        Py_ssize_t n_ref = s24h - s30d;
+        double unusual = 0.0, habit_last = 0.0;
+        if (n_ref) {
+            if (n_ref >= UNUSUAL_HOUR_MIN_EVENTS) {
+                double limit = UNUSUAL_HOUR_SHARE * (double)n_ref;
+                long count = 0;
+                for (Py_ssize_t i = s24h; i < end; i++)
+                    count += (double)near_count(ref_hist, hours[i]) < limit;
+                unusual = (double)count;
+            }
+            long near_last = 0;
+            for (Py_ssize_t i = last; i < end; i++)
+                near_last += near_count(ref_hist, hours[i]);
+            habit_last = (double)near_last / (double)n_ref / (double)(end - last);
+        }
+        long new6 = 0, new_last = 0;
+        for (Py_ssize_t i = s6h; i < end; i++)
+            new6 += newm[i];
+        for (Py_ssize_t i = last; i < end; i++)
+            new_last += newm[i];
+        double ratios = 0.0;
+        for (Py_ssize_t i = last; i < end; i++)
+            ratios += ratio(amounts[i], median);
+        out[o++] = (double)new6;
+        out[o++] = (double)new_last;
+        out[o++] = since2;
+        out[o++] = unusual;
+        out[o++] = ratios / (double)(end - last);
+        out[o++] = habit_last;
+    }
+
+    /* the cardholder abroad and their regular merchants (definition._abroad_and_regulars) */
+    {
+        double streak = 0.0, streak_hours = 0.0;
+        if (x) {
+            Py_ssize_t first = s30d;
+            for (Py_ssize_t i = end - 1; i >= s30d; i--) {
+                if (intl[i] == 0) {
+                    first = i + 1;
+                    break;
+                }
+            }
+            streak = (double)(end - first + 1);
+            if (first < end)
+                streak_hours = (t - times[first]) / HOUR_S;
+        }
+        long count7 = x;
+        Py_ssize_t first7 = -1;
+        for (Py_ssize_t i = s7d; i < end; i++) {
+            if (intl[i] == 1) {
+                count7++;
+                if (first7 < 0)
+                    first7 = i;
+            }
+        }
+        int u = uses(hashes, merchant, s30d, s24h);
+        long irregular = u < REGULAR_USES, irregular6 = irregular, infrequent = u < FREQUENT_USES;
+        if (s24h < end) {
+            Py_ssize_t s6h = bisect_right(times, t - W_6H, s24h, end);
+            for (Py_ssize_t i = s24h; i < end; i++) {
+                u = uses(hashes, hashes[i], s30d, s24h);
+                if (u < REGULAR_USES) {
+                    irregular++;
+                    if (i >= s6h)
+                        irregular6++;
+                }
+                if (u < FREQUENT_USES)
+                    infrequent++;
+            }
+        }
+        out[o++] = streak;
+        out[o++] = streak_hours;
+        out[o++] = (double)count7;
+        out[o++] = (double)count7 / (double)(end - s7d + 1);
+        out[o++] = first7 >= 0 ? (t - times[first7]) / HOUR_S : NO_PREVIOUS_TX;
+        out[o++] = (double)irregular;
+        out[o++] = (double)infrequent;
+        out[o++] = (double)irregular / (double)(end - s24h + 1);
+        out[o++] = (double)irregular6;
+    }
+
+    result = PyTuple_New(N_OUT);
+    if (result == NULL)
+        goto done;
+    for (int k = 0; k < N_OUT; k++) {
+        PyObject *v = PyFloat_FromDouble(out[k]);
+        if (v == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyTuple_SET_ITEM(result, k, v);
+    }
+
+done:
+    PyMem_Free(scratch);
+    for (int k = 0; k < got; k++)
+        PyBuffer_Release(&views[k]);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"user_window", (PyCFunction)(void (*)(void))user_window, METH_FASTCALL,
+     "user_window(times, amounts, merchant_hashes, hours, international, new_merchant, t, amount, merchant,\n"
+     "            is_international, hour, is_new_merchant, is_new_category, is_new_country, intl_changed)\n"
+     "--\n\n"
+     "tx_count_10m .. irregular_merchant_count_6h (42 floats) of a user with stored events at time t."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "fraudactors.features._kernel",
+    "The user-window block of the feature vector, compiled (see _kernel.c).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+/* The constants compiled in, for the test that holds them to definition.py's. */
+PyMODINIT_FUNC PyInit__kernel(void) {
+    PyObject *m = PyModule_Create(&module_def);
+    if (m == NULL)
+        return NULL;
+    PyObject *constants = Py_BuildValue(
+        "{s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:i,s:d,s:i,s:i,s:i,s:i}",
+        "W_10M", W_10M, "W_1H", W_1H, "W_6H", W_6H, "W_24H", W_24H, "W_7D", W_7D, "W_30D", W_30D,
+        "HOUR_S", HOUR_S, "NO_PREVIOUS_TX", NO_PREVIOUS_TX, "ZSCORE_MIN_STD", ZSCORE_MIN_STD,
+        "MIN_AVERAGE", MIN_AVERAGE, "HABIT_HOURS", HABIT_HOURS, "UNUSUAL_HOUR_SHARE", UNUSUAL_HOUR_SHARE,
+        "UNUSUAL_HOUR_MIN_EVENTS", UNUSUAL_HOUR_MIN_EVENTS, "LAST_N", LAST_N, "REGULAR_USES", REGULAR_USES,
+        "FREQUENT_USES", FREQUENT_USES);
+    if (constants == NULL || PyModule_AddObject(m, "CONSTANTS", constants) < 0) {
+        Py_XDECREF(constants);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,22 @@
+from _typeshed import ReadableBuffer as Buffer
+
+CONSTANTS: dict[str, float | int]
+
+def user_window(
+    times: Buffer,
+    amounts: Buffer,
+    merchant_hashes: Buffer,
+    hours: Buffer,
+    international: Buffer,
+    new_merchant: Buffer,
+    t: float,
+    amount: float,
+    merchant: int,
+    is_international: bool,
+    hour: int,
+    is_new_merchant: float,
+    is_new_category: float,
+    is_new_country: float,
+    intl_changed: float,
+    /,
+) -> tuple[float, ...]: ...
