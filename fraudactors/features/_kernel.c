@@ -268,7 +268,8 @@ static PyObject *user_window(PyObject *module, PyObject *const *args, Py_ssize_t
         out[o++] = (double)below / (double)n30;
         out[o++] = ratio(amount, median);
         out[o++] = (double)(end - s24h) / ((double)n30 / 30.0);
-        out[o++] = sum30 > 0.0 ? sum24 / (sum30 / 30.0) : 0.0;
+        double daily = sum30 / 30.0;  /* 0 for a sum of a few subnormal amounts: no spend to compare */
+        out[o++] = daily > 0.0 ? sum24 / daily : 0.0;
         out[o++] = (double)recent_new;
         out[o++] = new_amount;
         out[o++] = (double)distinct_u32(hashes, s24h, end);

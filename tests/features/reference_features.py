@@ -1,8 +1,11 @@
 """The pure-Python user-window block of the feature vector: the reference the compiled kernel
 (``fraudactors/features/_kernel.c``) must equal bit for bit (``test_kernel.py``).
 
-This is the definition as it was written in Python before it was compiled, unchanged: a feature
-changed in the kernel is changed here first, and the differential test holds the two together.
+This is the definition as it was written in Python before it was compiled, with one fix made in
+both: ``amount_sum_24h_to_daily_30d`` is 0 when the 30-day daily average underflows to 0 (a few
+subnormal amounts, e.g. 5e-324; the division raised ZeroDivisionError, which stopped the
+partition). A feature changed in the kernel is changed here first, and the differential test
+holds the two together.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
         bisect_left(ordered, amount) / n30,
         _ratio(amount, median),
         float(end - s24h) / (n30 / 30.0),
-        sum24 / (sum30 / 30.0) if sum30 > 0.0 else 0.0,
+        sum24 / (sum30 / 30.0) if sum30 / 30.0 > 0.0 else 0.0,
         float(sum(recent)),
         float(sum(compress(window[s24h - s30d:], recent))),
         float(len(set(state.merchant_hashes[s24h:end]))),

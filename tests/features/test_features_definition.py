@@ -408,3 +408,14 @@ def test_abroad_and_regular_merchant_features_of_a_new_user_and_in_degraded_mode
     # a user whose events are all older than 30 days gets the same as a new one
     rows, _ = run([txn(T0 - 40 * D, merchant="a", international=True), abroad])
     assert [f(rows[-1], n) for n in names] == [1.0, 0.0, 1.0, 1.0, NO_PREVIOUS_TX, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_subnormal_amounts_whose_daily_average_underflows_do_not_stop_the_user() -> None:
+    """An amount of 5e-324 passes validation (>= 0, finite). Its 30-day daily average, 5e-324 / 30,
+    underflows to 0: the spend ratio is then 0 (there is no spend to compare), not a division by
+    zero -- which raised in the Python definition and would stop the partition on every retry."""
+    rows, state = run([txn(T0, 5e-324), txn(T0 + 60.0, 10.0), txn(T0 + 120.0, 5e-324)])
+    assert f(rows[1], "amount_sum_24h_to_daily_30d") == 0.0
+    assert f(rows[1], "tx_count_24h") == 1.0
+    assert len(state.times) == 3
+    assert all(not math.isnan(v) for row in rows for v in row)
