@@ -60,6 +60,7 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 
 from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.features import scripts
+from fraudactors.features._kernel import merchant_tables
 from fraudactors.features.definition import (
     N_FEATURES,
     MerchantState,
@@ -171,41 +172,13 @@ def _increments(entries: list[Any]) -> list[list[Any]]:
     return out
 
 
-# Bucket field name -> (0: hour / 1: day / 2: new-customer hour / 3: new-customer day, bucket) or
-# None (not a bucket); the merchants of a batch share their field names, so each is parsed once.
-# Bounded: cleared when it grows past 4,096.
-_FIELDS: dict[bytes, tuple[int, int] | None] = {}
-_KINDS = {b"h": 0, b"d": 1, b"nh": 2, b"nd": 3}
-
-
-def _bucket_field(key: bytes) -> tuple[int, int] | None:
-    cut = 2 if key[:1] == b"n" else 1
-    kind = _KINDS.get(key[:cut])
-    parsed: tuple[int, int] | None = None
-    if kind is not None:
-        try:
-            parsed = (kind, int(key[cut:]))
-        except ValueError:
-            parsed = None
-    if len(_FIELDS) >= 4096:
-        _FIELDS.clear()
-    _FIELDS[key] = parsed
-    return parsed
-
-
 def _merchant_from_flat(counts: list[bytes], frauds: list[bytes]) -> MerchantState:
-    """Full bucket state from two HGETALL replies (flat field/value lists)."""
+    """Full bucket state from two HGETALL replies (flat field/value lists): ``h<hour>``, ``d<day>``,
+    ``nh<hour>``, ``nd<day>`` fields of the counts hash, ``h``/``d`` of the frauds hash, each
+    ``int()`` of its value; other fields (the partitions' offsets) skipped. Parsed in C."""
     m = MerchantState()
-    fields = _FIELDS
-    for targets, flat in (((m.tx_hours, m.tx_days, m.new_hours, m.new_days), counts),
-                          ((m.fraud_hours, m.fraud_days), frauds)):
-        for key, value in zip(flat[::2], flat[1::2], strict=False):
-            parsed = fields[key] if key in fields else _bucket_field(key)
-            if parsed is not None and parsed[0] < len(targets):
-                try:
-                    targets[parsed[0]][parsed[1]] = int(value)
-                except ValueError:
-                    continue
+    merchant_tables(counts, (m.tx_hours, m.tx_days, m.new_hours, m.new_days))
+    merchant_tables(frauds, (m.fraud_hours, m.fraud_days))
     return m
 
 

@@ -1,8 +1,9 @@
-"""The pure-Python user-window block of the feature vector: the reference the compiled kernel
-(``fraudactors/features/_kernel.c``) must equal bit for bit (``test_kernel.py``).
+"""The pure Python the compiled kernel (``fraudactors/features/_kernel.c``) replaced, and must equal
+bit for bit (``test_kernel.py``): the user-window block of the feature vector (``user_features``)
+and the feature store's parse of a merchant's bucket hashes (``_merchant_from_flat``).
 
-This is the definition as it was written in Python before it was compiled, with one fix made in
-both: ``amount_sum_24h_to_daily_30d`` is 0 when the 30-day daily average underflows to 0 (a few
+This is the code as it was written in Python before it was compiled, with one fix made in both:
+``amount_sum_24h_to_daily_30d`` is 0 when the 30-day daily average underflows to 0 (a few
 subnormal amounts, e.g. 5e-324; the division raised ZeroDivisionError, which stopped the
 partition). A feature changed in the kernel is changed here first, and the differential test
 holds the two together.
@@ -34,6 +35,7 @@ from fraudactors.features.definition import (
     W_24H,
     W_30D,
     ZSCORE_MIN_STD,
+    MerchantState,
     UserState,
     _newcomer_abroad_regulars,
     _ratio,
@@ -226,3 +228,39 @@ def _uses(hashes: bytes, key: bytes, lo: int, hi: int) -> int:
     return n
 
 
+# Bucket field name -> (0: hour / 1: day / 2: new-customer hour / 3: new-customer day, bucket) or
+# None (not a bucket); the merchants of a batch share their field names, so each is parsed once.
+# Bounded: cleared when it grows past 4,096.
+_FIELDS: dict[bytes, tuple[int, int] | None] = {}
+_KINDS = {b"h": 0, b"d": 1, b"nh": 2, b"nd": 3}
+
+
+def _bucket_field(key: bytes) -> tuple[int, int] | None:
+    cut = 2 if key[:1] == b"n" else 1
+    kind = _KINDS.get(key[:cut])
+    parsed: tuple[int, int] | None = None
+    if kind is not None:
+        try:
+            parsed = (kind, int(key[cut:]))
+        except ValueError:
+            parsed = None
+    if len(_FIELDS) >= 4096:
+        _FIELDS.clear()
+    _FIELDS[key] = parsed
+    return parsed
+
+
+def _merchant_from_flat(counts: list[bytes], frauds: list[bytes]) -> MerchantState:
+    """Full bucket state from two HGETALL replies (flat field/value lists)."""
+    m = MerchantState()
+    fields = _FIELDS
+    for targets, flat in (((m.tx_hours, m.tx_days, m.new_hours, m.new_days), counts),
+                          ((m.fraud_hours, m.fraud_days), frauds)):
+        for key, value in zip(flat[::2], flat[1::2], strict=False):
+            parsed = fields[key] if key in fields else _bucket_field(key)
+            if parsed is not None and parsed[0] < len(targets):
+                try:
+                    targets[parsed[0]][parsed[1]] = int(value)
+                except ValueError:
+                    continue
+    return m

@@ -23,6 +23,7 @@ from fraudactors.features.definition import (
     user_features,
 )
 from fraudactors.features.schema import Transaction, format_timestamp, parse_transaction
+from fraudactors.features.store import _merchant_from_flat
 from fraudactors.sim.simulator import Simulator
 from tests.features import reference_features
 
@@ -162,3 +163,45 @@ def test_the_kernel_checks_its_arguments() -> None:
     with pytest.raises(OverflowError):
         _kernel.user_window(array("d"), array("d"), array("I"), bytearray(), bytearray(), bytearray(),
                             T0, 1.0, 1 << 40, False, 1, 0.0, 0.0, 0.0, 0.0)
+
+
+def tables(m: MerchantState) -> tuple[dict[int, int], ...]:
+    return m.tx_hours, m.tx_days, m.new_hours, m.new_days, m.fraud_hours, m.fraud_days
+
+
+# What the store's scripts write (h/d/nh/nd buckets, p<partition> offsets) and what they never
+# write but int() has an opinion on: signs, leading zeros, spaces, underscores, non-digits.
+field_names = st.one_of(
+    st.builds(lambda kind, n: kind + str(n).encode(), st.sampled_from([b"h", b"d", b"nh", b"nd", b"p"]),
+              st.integers(-5, 10**6)),
+    st.builds(lambda kind, tail: kind + tail, st.sampled_from([b"h", b"d", b"nh", b"nd", b"n", b"x", b""]),
+              st.sampled_from([b"", b"+7", b"007", b" 12", b"1_000", b"12a", b"-", b"9" * 25, b"\xff"])),
+)
+field_values = st.one_of(
+    st.integers(-(10**20), 10**20).map(lambda v: str(v).encode()),
+    st.sampled_from([b"", b"+3", b" 4 ", b"5_0", b"x", b"1e3", b"-0", b"\xff"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(counts=st.lists(st.one_of(field_names, field_values), max_size=60),
+       frauds=st.lists(st.one_of(field_names, field_values), max_size=30))
+def test_the_merchant_parse_equals_the_python_parse(counts: list[bytes], frauds: list[bytes]) -> None:
+    """Any flat field/value list, odd lengths included: the same tables, the same int values."""
+    assert tables(_merchant_from_flat(counts, frauds)) == tables(reference_features._merchant_from_flat(counts, frauds))
+
+
+def test_the_merchant_parse_of_a_real_hash() -> None:
+    counts = [b"p3", b"1042", b"h490001", b"4", b"d20416", b"17", b"nh490001", b"1", b"nd20416", b"3",
+              b"h490000", b"2"]
+    frauds = [b"h489990", b"1", b"d20415", b"2", b"nh489990", b"5"]  # no new-customer kind in the frauds
+    m = _merchant_from_flat(counts, frauds)
+    assert tables(m) == ({490001: 4, 490000: 2}, {20416: 17}, {490001: 1}, {20416: 3}, {489990: 1}, {20415: 2})
+    assert all(type(k) is int and type(v) is int for t in tables(m) for k, v in t.items())
+
+
+def test_the_merchant_parse_checks_its_arguments() -> None:
+    with pytest.raises(TypeError):
+        _kernel.merchant_tables((b"h1", b"1"), ({},))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _kernel.merchant_tables([b"h1", b"1"], ([],))  # type: ignore[arg-type]
