@@ -476,6 +476,142 @@ static PyObject *merchant_tables(PyObject *module, PyObject *const *args, Py_ssi
     Py_RETURN_NONE;
 }
 
+/* ---- merchant window sums ----------------------------------------------------------------------- */
+
+/* Python's floor division by a positive divisor. */
+static long long floor_div(long long a, long long b) {
+    long long q = a / b;
+    return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+/* sum(map(table.get, range(lo, hi), repeat(0))) exactly as Python computes it: through the
+ * objects, in range order. The fallback of range_sum. */
+static PyObject *range_sum_generic(PyObject *table, long long lo, long long hi) {
+    PyObject *total = PyLong_FromLong(0);
+    for (long long k = lo; total != NULL && k < hi; k++) {
+        PyObject *key = PyLong_FromLongLong(k);
+        if (key == NULL) {
+            Py_CLEAR(total);
+            break;
+        }
+        PyObject *value = PyDict_GetItemWithError(table, key);  /* borrowed */
+        Py_DECREF(key);
+        if (value == NULL) {
+            if (PyErr_Occurred())
+                Py_CLEAR(total);
+            continue;
+        }
+        PyObject *sum = PyNumber_Add(total, value);
+        Py_DECREF(total);
+        total = sum;
+    }
+    return total;
+}
+
+/* The same sum; when every value in range is an int that fits 64 bits and so does the sum, without
+ * a Python object per bucket: over the table's items when it has no more of them than the range
+ * (a merchant's pruned hashes online), else one lookup per bucket (the unpruned tables offline). */
+static PyObject *range_sum(PyObject *table, long long lo, long long hi) {
+    if (hi <= lo || PyDict_GET_SIZE(table) == 0)
+        return PyLong_FromLong(0);
+    long long total = 0;
+    int exact = 1;
+    if (PyDict_GET_SIZE(table) <= hi - lo) {
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (exact && PyDict_Next(table, &pos, &key, &value)) {
+            if (!PyLong_CheckExact(key)) {
+                exact = 0;  /* a key of another type: Python's lookups decide what it matches */
+                break;
+            }
+            int overflow;
+            long long k = PyLong_AsLongLongAndOverflow(key, &overflow);
+            if (overflow || k < lo || k >= hi)
+                continue;
+            long long v;
+            if (!PyLong_CheckExact(value) || (v = PyLong_AsLongLongAndOverflow(value, &overflow), overflow)
+                || __builtin_add_overflow(total, v, &total))
+                exact = 0;
+        }
+    } else {
+        for (long long k = lo; exact && k < hi; k++) {
+            PyObject *key = PyLong_FromLongLong(k);
+            if (key == NULL)
+                return NULL;
+            PyObject *value = PyDict_GetItemWithError(table, key);  /* borrowed */
+            Py_DECREF(key);
+            if (value == NULL) {
+                if (PyErr_Occurred())
+                    return NULL;
+                continue;
+            }
+            int overflow;
+            long long v;
+            if (!PyLong_CheckExact(value) || (v = PyLong_AsLongLongAndOverflow(value, &overflow), overflow)
+                || __builtin_add_overflow(total, v, &total))
+                exact = 0;
+        }
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    return exact ? PyLong_FromLongLong(total) : range_sum_generic(table, lo, hi);
+}
+
+static PyObject *window_sums(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "window_sums takes 7 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    for (int k = 0; k < 6; k++) {
+        if (!PyDict_Check(args[k])) {
+            PyErr_SetString(PyExc_TypeError, "window_sums: the six bucket tables must be dicts");
+            return NULL;
+        }
+    }
+    long long hour = PyLong_AsLongLong(args[6]);
+    if (hour == -1 && PyErr_Occurred())
+        return NULL;
+    if (hour > (1LL << 40) || hour < -(1LL << 40)) {
+        PyErr_SetString(PyExc_OverflowError, "window_sums: hour out of range");
+        return NULL;
+    }
+    long long day = floor_div(hour, 24);
+    /* c24, c7, c30 (= c7 + the 23 days before), frauds today before this hour, 7 / 30 past days
+     * (30 = 7 + the 23 before), new customers' n24, n30: definition._recompute's windows */
+    struct { int table; long long lo, hi; } ranges[8] = {
+        {0, hour - 23, hour + 1}, {1, day - 6, day + 1}, {1, day - 29, day - 6}, {4, day * 24, hour},
+        {5, day - 7, day}, {5, day - 30, day - 7}, {2, hour - 23, hour + 1}, {3, day - 29, day + 1},
+    };
+    PyObject *sums[8] = {NULL};
+    PyObject *result = NULL;
+    for (int r = 0; r < 8; r++) {
+        sums[r] = range_sum(args[ranges[r].table], ranges[r].lo, ranges[r].hi);
+        if (sums[r] == NULL)
+            goto done;
+    }
+    /* c30 = c7 + older days, f30_past = f7_past + older past days (Python adds them in this order) */
+    PyObject *c30 = PyNumber_Add(sums[1], sums[2]);
+    if (c30 == NULL)
+        goto done;
+    Py_SETREF(sums[2], c30);
+    PyObject *f30 = PyNumber_Add(sums[4], sums[5]);
+    if (f30 == NULL)
+        goto done;
+    Py_SETREF(sums[5], f30);
+    result = PyList_New(8);
+    if (result == NULL)
+        goto done;
+    for (int r = 0; r < 8; r++) {
+        PyList_SET_ITEM(result, r, sums[r]);
+        sums[r] = NULL;
+    }
+done:
+    for (int r = 0; r < 8; r++)
+        Py_XDECREF(sums[r]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"user_window", (PyCFunction)(void (*)(void))user_window, METH_FASTCALL,
      "user_window(times, amounts, merchant_hashes, hours, international, new_merchant, t, amount, merchant,\n"
@@ -487,6 +623,10 @@ static PyMethodDef methods[] = {
      "Fill the bucket tables ``targets`` (dicts of h, d, nh, nd buckets, in that order; as many as given)\n"
      "from an HGETALL reply ``flat`` (field, value, ...): bucket number -> int(value). Fields of another\n"
      "kind, and names or values int() refuses, are skipped."},
+    {"window_sums", (PyCFunction)(void (*)(void))window_sums, METH_FASTCALL,
+     "window_sums(tx_hours, tx_days, new_hours, new_days, fraud_hours, fraud_days, hour)\n--\n\n"
+     "A merchant's window sums at an event hour, as definition._recompute caches them:\n"
+     "[c24, c7, c30, frauds today, 7 past days, 30 past days, new customers' n24, n30]."},
     {NULL, NULL, 0, NULL},
 };
 

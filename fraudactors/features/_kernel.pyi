@@ -22,3 +22,14 @@ def user_window(
 ) -> tuple[float, ...]: ...
 
 def merchant_tables(flat: list[bytes], targets: tuple[dict[int, int], ...], /) -> None: ...
+
+def window_sums(
+    tx_hours: dict[int, int],
+    tx_days: dict[int, int],
+    new_hours: dict[int, int],
+    new_days: dict[int, int],
+    fraud_hours: dict[int, int],
+    fraud_days: dict[int, int],
+    hour: int,
+    /,
+) -> list[int]: ...

@@ -121,7 +121,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 
-from fraudactors.features._kernel import user_window
+from fraudactors.features._kernel import user_window, window_sums
 from fraudactors.features.schema import Transaction
 
 HOUR_S = 3600
@@ -357,24 +357,9 @@ _NO_MERCHANT = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 # an earlier hour recomputes them. ``sum(map(dict.get, range, repeat(0)))`` loops in C.
 
 def _recompute(m: MerchantState, hour: int) -> None:
-    day = hour // 24
-    c24 = sum(map(m.tx_hours.get, range(hour - 23, hour + 1), _ZEROS)) if m.tx_hours else 0
-    c7 = c30 = 0
-    if m.tx_days:
-        get_d = m.tx_days.get
-        c7 = sum(map(get_d, range(day - 6, day + 1), _ZEROS))
-        c30 = c7 + sum(map(get_d, range(day - 29, day - 6), _ZEROS))
-    n24 = sum(map(m.new_hours.get, range(hour - 23, hour + 1), _ZEROS)) if m.new_hours else 0
-    n30 = sum(map(m.new_days.get, range(day - 29, day + 1), _ZEROS)) if m.new_days else 0
-    f_today = f7_past = f30_past = 0
-    if m.fraud_hours:
-        f_today = sum(map(m.fraud_hours.get, range(day * 24, hour), _ZEROS))
-    if m.fraud_days:
-        get_fd = m.fraud_days.get
-        f7_past = sum(map(get_fd, range(day - 7, day), _ZEROS))
-        f30_past = f7_past + sum(map(get_fd, range(day - 30, day - 7), _ZEROS))
+    # in C (_kernel.window_sums): the same integer sums, without a dict.get call per bucket
+    m.cache = window_sums(m.tx_hours, m.tx_days, m.new_hours, m.new_days, m.fraud_hours, m.fraud_days, hour)
     m.cache_hour = hour
-    m.cache = [c24, c7, c30, f_today, f7_past, f30_past, n24, n30]
 
 
 def _advance(m: MerchantState, old: int, new: int) -> None:

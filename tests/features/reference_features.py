@@ -1,6 +1,7 @@
 """The pure Python the compiled kernel (``fraudactors/features/_kernel.c``) replaced, and must equal
-bit for bit (``test_kernel.py``): the user-window block of the feature vector (``user_features``)
-and the feature store's parse of a merchant's bucket hashes (``_merchant_from_flat``).
+bit for bit (``test_kernel.py``): the user-window block of the feature vector (``user_features``),
+the feature store's parse of a merchant's bucket hashes (``_merchant_from_flat``) and a merchant's
+window sums at an event hour (``_recompute``).
 
 This is the code as it was written in Python before it was compiled, with one fix made in both:
 ``amount_sum_24h_to_daily_30d`` is 0 when the 30-day daily average underflows to 0 (a few
@@ -20,6 +21,7 @@ from operator import mul
 from fraudactors.features.definition import (
     _NO_HISTORY,
     _NO_SEQUENCE,
+    _ZEROS,
     FREQUENT_USES,
     HABIT_HOURS,
     HOUR_S,
@@ -264,3 +266,24 @@ def _merchant_from_flat(counts: list[bytes], frauds: list[bytes]) -> MerchantSta
                 except ValueError:
                     continue
     return m
+
+
+def _recompute(m: MerchantState, hour: int) -> None:
+    day = hour // 24
+    c24 = sum(map(m.tx_hours.get, range(hour - 23, hour + 1), _ZEROS)) if m.tx_hours else 0
+    c7 = c30 = 0
+    if m.tx_days:
+        get_d = m.tx_days.get
+        c7 = sum(map(get_d, range(day - 6, day + 1), _ZEROS))
+        c30 = c7 + sum(map(get_d, range(day - 29, day - 6), _ZEROS))
+    n24 = sum(map(m.new_hours.get, range(hour - 23, hour + 1), _ZEROS)) if m.new_hours else 0
+    n30 = sum(map(m.new_days.get, range(day - 29, day + 1), _ZEROS)) if m.new_days else 0
+    f_today = f7_past = f30_past = 0
+    if m.fraud_hours:
+        f_today = sum(map(m.fraud_hours.get, range(day * 24, hour), _ZEROS))
+    if m.fraud_days:
+        get_fd = m.fraud_days.get
+        f7_past = sum(map(get_fd, range(day - 7, day), _ZEROS))
+        f30_past = f7_past + sum(map(get_fd, range(day - 30, day - 7), _ZEROS))
+    m.cache_hour = hour
+    m.cache = [c24, c7, c30, f_today, f7_past, f30_past, n24, n30]

@@ -205,3 +205,55 @@ def test_the_merchant_parse_checks_its_arguments() -> None:
         _kernel.merchant_tables((b"h1", b"1"), ({},))  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _kernel.merchant_tables([b"h1", b"1"], ([],))  # type: ignore[arg-type]
+
+
+HOUR = 490_000  # 2025-11-24T16:00Z; its day starts at hour 489,984
+bucket_counts = st.one_of(st.integers(0, 40), st.integers(-(2**70), 2**70), st.just(2**63 - 1))
+
+
+def bucket_table(around: int, spread: int) -> st.SearchStrategy[dict[int, int]]:
+    return st.dictionaries(st.integers(around - spread, around + spread), bucket_counts, max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tx_hours=bucket_table(HOUR, 40), tx_days=bucket_table(HOUR // 24, 40), new_hours=bucket_table(HOUR, 40),
+       new_days=bucket_table(HOUR // 24, 40), fraud_hours=bucket_table(HOUR, 40),
+       fraud_days=bucket_table(HOUR // 24, 40), hour=st.integers(HOUR - 30, HOUR + 30))
+def test_the_merchant_window_sums_equal_the_python_sums(
+    tx_hours: dict[int, int], tx_days: dict[int, int], new_hours: dict[int, int], new_days: dict[int, int],
+    fraud_hours: dict[int, int], fraud_days: dict[int, int], hour: int,
+) -> None:
+    """Pruned tables (fewer items than the window: summed over the items) and large ones (one lookup
+    per bucket), counts beyond 64 bits and sums that overflow them (the exact fallback)."""
+    got = MerchantState(dict(tx_hours), dict(tx_days), dict(fraud_hours), dict(fraud_days), dict(new_hours),
+                        dict(new_days))
+    want = MerchantState(dict(tx_hours), dict(tx_days), dict(fraud_hours), dict(fraud_days), dict(new_hours),
+                         dict(new_days))
+    definition._recompute(got, hour)
+    reference_features._recompute(want, hour)
+    assert (got.cache_hour, got.cache) == (want.cache_hour, want.cache)
+    assert all(type(v) is int for v in got.cache)
+
+
+def test_the_window_sums_of_an_unpruned_offline_table_and_odd_keys() -> None:
+    """91 days of hour buckets (offline, nothing pruned), and keys Python's lookups would also match
+    (a float 490000.0 is the key 490000 to a dict): the same sums."""
+    hours = {h: h % 7 for h in range(HOUR - 91 * 24, HOUR + 1)}
+    days = {d: 100 + d % 5 for d in range(HOUR // 24 - 91, HOUR // 24 + 1)}
+    odd: dict[int, int] = {HOUR - 1: 3}
+    odd[float(HOUR)] = 5  # type: ignore[index]
+    for tx_hours in (hours, odd):
+        got = MerchantState(tx_hours=dict(tx_hours), tx_days=dict(days), new_hours=dict(tx_hours))
+        want = MerchantState(tx_hours=dict(tx_hours), tx_days=dict(days), new_hours=dict(tx_hours))
+        definition._recompute(got, HOUR)
+        reference_features._recompute(want, HOUR)
+        assert got.cache == want.cache
+
+
+def test_the_window_sums_check_their_arguments() -> None:
+    with pytest.raises(TypeError, match="7 arguments"):
+        _kernel.window_sums({}, {}, 5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="must be dicts"):
+        _kernel.window_sums({}, {}, {}, {}, {}, [], HOUR)  # type: ignore[arg-type]
+    with pytest.raises(OverflowError):
+        _kernel.window_sums({}, {}, {}, {}, {}, {}, 2**50)
