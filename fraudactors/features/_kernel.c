@@ -612,6 +612,50 @@ done:
     return result;
 }
 
+/* ---- the seen-sets and the events' merchants ---------------------------------------------------- */
+
+/* find_u32(column, key[, lo, hi]): the first i in [lo, hi) (clamped to the column) with
+ * column[i] == key, else -1 -- ``key in column[lo:hi]`` without a Python int per item. */
+static PyObject *find_u32(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 2 && nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "find_u32 takes 2 or 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    unsigned long key = PyLong_AsUnsignedLong(args[1]);
+    if (key == (unsigned long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear();  /* a negative or huge int: no uint32 item equals it */
+        key = 0x100000000UL;
+    }
+    Py_ssize_t lo = 0, hi = PY_SSIZE_T_MAX;
+    if (nargs == 4) {
+        lo = PyLong_AsSsize_t(args[2]);
+        hi = PyLong_AsSsize_t(args[3]);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    if (key > 0xFFFFFFFFUL)  /* no uint32 item equals it */
+        return PyLong_FromLong(-1);
+    Py_buffer view;
+    Py_ssize_t n = -1;
+    if (get_column(args[0], &view, 4, &n, "column") < 0)
+        return NULL;
+    const uint32_t *items = (const uint32_t *)view.buf;
+    if (lo < 0) lo = 0;
+    if (hi > n) hi = n;
+    Py_ssize_t found = -1;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        if (items[i] == (uint32_t)key) {
+            found = i;
+            break;
+        }
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(found);
+}
+
 static PyMethodDef methods[] = {
     {"user_window", (PyCFunction)(void (*)(void))user_window, METH_FASTCALL,
      "user_window(times, amounts, merchant_hashes, hours, international, new_merchant, t, amount, merchant,\n"
@@ -623,6 +667,9 @@ static PyMethodDef methods[] = {
      "Fill the bucket tables ``targets`` (dicts of h, d, nh, nd buckets, in that order; as many as given)\n"
      "from an HGETALL reply ``flat`` (field, value, ...): bucket number -> int(value). Fields of another\n"
      "kind, and names or values int() refuses, are skipped."},
+    {"find_u32", (PyCFunction)(void (*)(void))find_u32, METH_FASTCALL,
+     "find_u32(column, key, lo=0, hi=len)\n--\n\n"
+     "The first index in [lo, hi) of the uint32 column holding key, else -1."},
     {"window_sums", (PyCFunction)(void (*)(void))window_sums, METH_FASTCALL,
      "window_sums(tx_hours, tx_days, new_hours, new_days, fraud_hours, fraud_days, hour)\n--\n\n"
      "A merchant's window sums at an event hour, as definition._recompute caches them:\n"

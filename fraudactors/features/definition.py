@@ -121,7 +121,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 
-from fraudactors.features._kernel import user_window, window_sums
+from fraudactors.features._kernel import find_u32, user_window, window_sums
 from fraudactors.features.schema import Transaction
 
 HOUR_S = 3600
@@ -440,8 +440,8 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
     amount = txn.amount
     merchant = entity_hash(txn.merchant_id)
     if state is None or not state.times:
-        new_merchant = 1.0 if state is None or merchant not in state.merchants else 0.0
-        new_category = 1.0 if state is None or category_hash(txn.merchant_category) not in state.categories else 0.0
+        new_merchant = 1.0 if state is None or find_u32(state.merchants, merchant) < 0 else 0.0
+        new_category = 1.0 if state is None or find_u32(state.categories, category_hash(txn.merchant_category)) < 0 else 0.0
         seen_intl = state is not None and state.seen_international
         out += (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, NO_PREVIOUS_TX,
                 new_merchant, new_category, 1.0 if txn.is_international and not seen_intl else 0.0, 0.0)
@@ -453,8 +453,8 @@ def user_features(state: UserState | None, txn: Transaction, at: float | None = 
     out += user_window(
         state.times, state.amounts, state.merchant_hashes, state.hours, state.international,
         state.new_merchant, t, amount, merchant, txn.is_international, int(out[3]),
-        0.0 if merchant in state.merchants else 1.0,
-        0.0 if category_hash(txn.merchant_category) in state.categories else 1.0,
+        0.0 if find_u32(state.merchants, merchant) >= 0 else 1.0,
+        0.0 if find_u32(state.categories, category_hash(txn.merchant_category)) >= 0 else 1.0,
         1.0 if txn.is_international and not state.seen_international else 0.0,
         1.0 if last_intl is not None and last_intl != txn.is_international else 0.0,
     )
@@ -481,8 +481,9 @@ def _ratio(amount: float, base: float) -> float:
 
 
 def _touch(seen: array[int], key: int, cap: int) -> None:
-    if key in seen:
-        seen.remove(key)
+    i = find_u32(seen, key)  # ``key in seen`` without a Python int per item
+    if i >= 0:
+        del seen[i]
     elif len(seen) >= cap:
         del seen[0]
     seen.append(key)
@@ -495,7 +496,7 @@ def apply_transaction(state: UserState, txn: Transaction) -> None:
     pos = bisect_right(times, t)
     merchant = entity_hash(txn.merchant_id)
     start = bisect_right(times, t - W_30D, 0, pos)
-    new_merchant = 0 if merchant in state.merchant_hashes[start:pos] else 1
+    new_merchant = 0 if find_u32(state.merchant_hashes, merchant, start, pos) >= 0 else 1
     times.insert(pos, t)
     state.amounts.insert(pos, txn.amount)
     state.merchant_hashes.insert(pos, merchant)

@@ -1,7 +1,8 @@
 """The pure Python the compiled kernel (``fraudactors/features/_kernel.c``) replaced, and must equal
 bit for bit (``test_kernel.py``): the user-window block of the feature vector (``user_features``),
-the feature store's parse of a merchant's bucket hashes (``_merchant_from_flat``) and a merchant's
-window sums at an event hour (``_recompute``).
+the feature store's parse of a merchant's bucket hashes (``_merchant_from_flat``), a merchant's
+window sums at an event hour (``_recompute``) and the state update (``apply_transaction``, whose
+membership tests of the seen-sets and the events' merchants are compiled).
 
 This is the code as it was written in Python before it was compiled, with one fix made in both:
 ``amount_sum_24h_to_daily_30d`` is 0 when the 30-day daily average underflows to 0 (a few
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+from array import array
 from bisect import bisect_left, bisect_right
 from itertools import compress
 from operator import mul
@@ -24,8 +26,12 @@ from fraudactors.features.definition import (
     _ZEROS,
     FREQUENT_USES,
     HABIT_HOURS,
+    HISTORY_S,
     HOUR_S,
     LAST_N,
+    MAX_EVENTS,
+    MAX_SEEN_CATEGORIES,
+    MAX_SEEN_MERCHANTS,
     NO_PREVIOUS_TX,
     REGULAR_USES,
     UNUSUAL_HOUR_MIN_EVENTS,
@@ -287,3 +293,40 @@ def _recompute(m: MerchantState, hour: int) -> None:
         f30_past = f7_past + sum(map(get_fd, range(day - 30, day - 7), _ZEROS))
     m.cache_hour = hour
     m.cache = [c24, c7, c30, f_today, f7_past, f30_past, n24, n30]
+
+
+def _touch(seen: array[int], key: int, cap: int) -> None:
+    if key in seen:
+        seen.remove(key)
+    elif len(seen) >= cap:
+        del seen[0]
+    seen.append(key)
+
+
+def apply_transaction(state: UserState, txn: Transaction) -> None:
+    """Add ``txn`` to the user's state in place (prune to 30 days and ``MAX_EVENTS``)."""
+    times = state.times
+    t = txn.event_time
+    pos = bisect_right(times, t)
+    merchant = entity_hash(txn.merchant_id)
+    start = bisect_right(times, t - W_30D, 0, pos)
+    new_merchant = 0 if merchant in state.merchant_hashes[start:pos] else 1
+    times.insert(pos, t)
+    state.amounts.insert(pos, txn.amount)
+    state.merchant_hashes.insert(pos, merchant)
+    state.hours.insert(pos, int(t // HOUR_S) % 24)
+    state.international.insert(pos, 1 if txn.is_international else 0)
+    state.new_merchant.insert(pos, new_merchant)
+    cut = bisect_right(times, times[-1] - HISTORY_S)
+    overflow = len(times) - MAX_EVENTS
+    if overflow > cut:
+        cut = overflow
+    if cut > 0:
+        for events in (times, state.amounts, state.merchant_hashes, state.hours, state.international,
+                       state.new_merchant):
+            del events[:cut]
+    _touch(state.merchants, merchant, MAX_SEEN_MERCHANTS)
+    _touch(state.categories, category_hash(txn.merchant_category), MAX_SEEN_CATEGORIES)
+    if txn.is_international:
+        state.seen_international = True
+    state.last_international = txn.is_international

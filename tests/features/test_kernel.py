@@ -52,6 +52,22 @@ def test_the_kernel_compiles_in_the_definitions_constants() -> None:
         assert _kernel.CONSTANTS[name] == getattr(definition, name), name
 
 
+def state_of(history: list[tuple[float, float, str, bool, bool]], seen: list[str], categories: list[str]) -> UserState:
+    """A user's state from events ``(seconds after T0, amount, merchant, international, new merchant)``
+    (sorted here) and seen-sets of merchant ids and categories."""
+    history = sorted(history, key=lambda e: e[0])
+    return UserState(
+        times=array("d", [T0 + e[0] for e in history]),
+        amounts=array("d", [e[1] for e in history]),
+        merchant_hashes=array("I", [entity_hash(e[2]) for e in history]),
+        hours=bytearray(int((T0 + e[0]) // H) % 24 for e in history),
+        international=bytearray(int(e[3]) for e in history),
+        new_merchant=bytearray(int(e[4]) for e in history),
+        merchants=array("I", [entity_hash(m) for m in seen]),
+        categories=array("I", [entity_hash(c) for c in categories]),
+    )
+
+
 amounts = st.one_of(st.sampled_from([0.0, 1.0, 9.99, 25.0, 25.0, 120.5]),
                     st.floats(min_value=0.0, max_value=50_000.0, allow_nan=False))
 events = st.lists(
@@ -85,19 +101,9 @@ def test_the_kernel_equals_the_python_definition_bit_for_bit(
     category: str, international: bool, last_international: bool | None, seen_international: bool,
     late_at: bool,
 ) -> None:
-    history.sort(key=lambda e: e[0])
-    state = UserState(
-        times=array("d", [T0 + e[0] for e in history]),
-        amounts=array("d", [e[1] for e in history]),
-        merchant_hashes=array("I", [entity_hash(e[2]) for e in history]),
-        hours=bytearray(int((T0 + e[0]) // H) % 24 for e in history),
-        international=bytearray(int(e[3]) for e in history),
-        new_merchant=bytearray(int(e[4]) for e in history),
-        merchants=array("I", [entity_hash(m) for m in MERCHANTS[:3]]),
-        categories=array("I", [entity_hash(c) for c in CATEGORIES[:2]]),
-        seen_international=seen_international,
-        last_international=last_international,
-    )
+    state = state_of(history, MERCHANTS[:3], CATEGORIES[:2])
+    state.seen_international = seen_international
+    state.last_international = last_international
     txn = make_txn(T0 + offset, amount, merchant, category, international)
     at = state.times[-1] if late_at and state.times else None
     got = user_features(state, txn, at)
@@ -257,3 +263,38 @@ def test_the_window_sums_check_their_arguments() -> None:
         _kernel.window_sums({}, {}, {}, {}, {}, [], HOUR)  # type: ignore[arg-type]
     with pytest.raises(OverflowError):
         _kernel.window_sums({}, {}, {}, {}, {}, {}, 2**50)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    history=events,
+    seen=st.lists(st.sampled_from([*MERCHANTS, "never-seen", "m-other"]), max_size=70),
+    seen_categories=st.lists(st.sampled_from(CATEGORIES), max_size=4),
+    offset=st.one_of(st.integers(-5 * 24 * 4, 45 * 24 * 4).map(lambda q: q * 900.0),
+                     st.floats(min_value=-5 * D, max_value=45 * D, allow_nan=False)),
+    merchant=st.sampled_from([*MERCHANTS, "never-seen"]),
+    category=st.sampled_from(CATEGORIES),
+    international=st.booleans(),
+)
+def test_the_state_update_equals_the_python_update(
+    history: list[tuple[float, float, str, bool, bool]], seen: list[str], seen_categories: list[str],
+    offset: float, merchant: str, category: str, international: bool,
+) -> None:
+    """The compiled membership tests (the events' merchants in 30 days, the bounded LRU seen-sets,
+    full ones included) leave the state exactly as the Python update did."""
+    seen = seen[-definition.MAX_SEEN_MERCHANTS:]
+    got, want = state_of(history, seen, seen_categories), state_of(history, seen, seen_categories)
+    txn = make_txn(T0 + offset, 12.5, merchant, category, international)
+    definition.apply_transaction(got, txn)
+    reference_features.apply_transaction(want, txn)
+    assert got == want
+
+
+def test_find_u32_is_membership_in_a_slice() -> None:
+    column = array("I", [7, 3, 7, 2**32 - 1])
+    assert [_kernel.find_u32(column, k) for k in (7, 3, 2**32 - 1, 5)] == [0, 1, 3, -1]
+    assert _kernel.find_u32(column, 7, 1, 4) == 2 and _kernel.find_u32(column, 7, 1, 2) == -1
+    assert _kernel.find_u32(column, 7, -5, 99) == 0  # bounds clamped, as a slice's
+    assert _kernel.find_u32(column, -1) == -1 and _kernel.find_u32(column, 2**40) == -1  # as `in` says
+    with pytest.raises(ValueError, match="4-byte items"):
+        _kernel.find_u32(bytearray(b"abc"), 1)
