@@ -1,6 +1,7 @@
 /*
- * The user-window block of the feature vector, compiled: ``tx_count_10m`` .. ``irregular_merchant_count_6h``
- * of ``fraudactors.features.definition`` for a user with stored events.
+ * The per-event loops of the feature definition, compiled. First the user-window block of the feature
+ * vector: ``tx_count_10m`` .. ``irregular_merchant_count_6h`` of ``fraudactors.features.definition``
+ * for a user with stored events.
  *
  * ``definition.user_features`` calls :func:`user_window` with the user's event columns (the
  * ``UserState`` arrays, as buffers: no Python object per event) and gets the 42 values back as
@@ -14,9 +15,12 @@
  *
  * Hours outside 0..23 (only a corrupt blob could hold one) are near no hour.
  *
+ * Beside it, each held by tests/features/test_kernel.py to the Python it replaced:
  * :func:`merchant_tables` parses a merchant's bucket hashes (HGETALL replies) into the
- * ``MerchantState`` tables for the feature store: what ``int()`` gives for every field, without
- * a Python call per field (tests/features/test_kernel.py holds it to the Python parse it replaced).
+ * ``MerchantState`` tables for the feature store, what ``int()`` gives for every field without a
+ * Python call per field; :func:`window_sums` is a merchant's eight window sums at an event hour
+ * (``definition._recompute``); :func:`find_u32` is ``key in column[lo:hi]`` for the seen-sets and
+ * the events' merchants without a Python int per item.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -8,9 +8,11 @@ the merchant helpers below), so training and serving cannot drift apart.
 Compiled
     For a user with stored events, the block ``tx_count_10m`` .. ``irregular_merchant_count_6h``
     is computed by :func:`fraudactors.features._kernel.user_window` (C, ``_kernel.c``) over the
-    state's arrays: the per-event loops are most of a transaction's feature work. Its arithmetic
-    is the Python definition's (``tests/features/reference_features.py``) operation for operation,
-    and ``tests/features/test_kernel.py`` holds the two equal bit for bit. A feature of that block
+    state's arrays: the per-event loops are most of a transaction's feature work. A merchant's
+    window sums (``_kernel.window_sums``) and the membership tests of the seen-sets and the
+    events' merchants (``_kernel.find_u32``) are compiled too. Their arithmetic is the Python
+    definition's (``tests/features/reference_features.py``) operation for operation, and
+    ``tests/features/test_kernel.py`` holds the two equal bit for bit. A feature of that block
     changes in both, reference first.
 
 User state (:class:`UserState`)
@@ -353,11 +355,11 @@ _NO_MERCHANT = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 # The window sums of a merchant are cached for one event hour and kept exact: count_merchant_tx
 # adds to them, count_merchant_fraud drops them, and moving forward within the same day only
-# adds the hours that entered the 24h window and subtracts the ones that left it. A new day or
-# an earlier hour recomputes them. ``sum(map(dict.get, range, repeat(0)))`` loops in C.
+# adds the hours that entered the 24h window and subtracts the ones that left it (there
+# ``sum(map(dict.get, range, repeat(0)))`` loops in C). A new day or an earlier hour recomputes
+# them, in C (``_kernel.window_sums``).
 
 def _recompute(m: MerchantState, hour: int) -> None:
-    # in C (_kernel.window_sums): the same integer sums, without a dict.get call per bucket
     m.cache = window_sums(m.tx_hours, m.tx_days, m.new_hours, m.new_days, m.fraud_hours, m.fraud_days, hour)
     m.cache_hour = hour
 
