@@ -1,6 +1,6 @@
-"""The compiled user-window block (``fraudactors/features/_kernel.c``) against the pure-Python
-definition it replaced (``reference_features.py``): equal bit for bit, on random histories and on
-a simulated population."""
+"""The compiled kernel (``fraudactors/features/_kernel.c``) against the pure Python it replaced
+(``reference_features.py``): the user-window block, the merchant bucket parse, the merchant window
+sums and the state update, equal bit for bit on random inputs and on a simulated population."""
 
 from __future__ import annotations
 
