@@ -136,7 +136,7 @@ static int get_column(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, Py_ss
     if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0)
         return -1;
     if (view->len % itemsize != 0) {
-        PyErr_Format(PyExc_ValueError, "user_window: %s is not a column of %zd-byte items", name, itemsize);
+        PyErr_Format(PyExc_ValueError, "%s is not a column of %zd-byte items", name, itemsize);
         PyBuffer_Release(view);
         return -1;
     }
@@ -144,7 +144,7 @@ static int get_column(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, Py_ss
     if (*n < 0) {
         *n = items;
     } else if (items != *n) {
-        PyErr_Format(PyExc_ValueError, "user_window: %s holds %zd events, times %zd", name, items, *n);
+        PyErr_Format(PyExc_ValueError, "%s holds %zd events, times %zd", name, items, *n);
         PyBuffer_Release(view);
         return -1;
     }
@@ -157,7 +157,8 @@ static PyObject *user_window(PyObject *module, PyObject *const *args, Py_ssize_t
         PyErr_Format(PyExc_TypeError, "user_window takes 15 arguments (%zd given)", nargs);
         return NULL;
     }
-    static const char *names[6] = {"times", "amounts", "merchant_hashes", "hours", "international", "new_merchant"};
+    static const char *names[6] = {"user_window's times", "user_window's amounts", "user_window's merchant_hashes",
+                                   "user_window's hours", "user_window's international", "user_window's new_merchant"};
     static const Py_ssize_t sizes[6] = {8, 8, 4, 1, 1, 1};
     Py_buffer views[6];
     int got = 0;
@@ -644,7 +645,7 @@ static PyObject *find_u32(PyObject *module, PyObject *const *args, Py_ssize_t na
         return PyLong_FromLong(-1);
     Py_buffer view;
     Py_ssize_t n = -1;
-    if (get_column(args[0], &view, 4, &n, "column") < 0)
+    if (get_column(args[0], &view, 4, &n, "find_u32's buffer") < 0)
         return NULL;
     const uint32_t *items = (const uint32_t *)view.buf;
     if (lo < 0) lo = 0;
