@@ -234,10 +234,13 @@ class FeatureStoreActor:
         """Carry the store's own counters over to the engine's metrics."""
         m = self._metrics
         for name, counter in (("stale", m.stale_writes), ("late", m.late_records),
-                              ("exact", m.replays.labels("true")), ("inexact", m.replays.labels("false"))):
+                              ("exact", m.replays.labels("true")), ("inexact", m.replays.labels("false")),
+                              ("user", m.unreadable_state.labels("user")),
+                              ("merchant_counts", m.unreadable_state.labels("merchant_counts"))):
             value = {"stale": store.stale_refused_total, "late": store.late_total,
                      "exact": store.replays_total - store.replays_inexact_total,
-                     "inexact": store.replays_inexact_total}[name]
+                     "inexact": store.replays_inexact_total, "user": store.corrupt_states_total,
+                     "merchant_counts": store.corrupt_counts_total}[name]
             if value > self._synced.get(name, 0):
                 counter.inc(value - self._synced.get(name, 0))
                 self._synced[name] = value

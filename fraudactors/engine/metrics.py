@@ -161,6 +161,10 @@ class EngineMetrics:
             "fraudactors_replayed_records",
             "Records delivered again after their state write (scored with their first vector: exact).",
             ["exact"], registry=r)
+        self.unreadable_state = Counter(
+            "fraudactors_unreadable_state",
+            "Stored state that could not be read and was started afresh: a user's blob, a merchant's counts.",
+            ["kind"], registry=r)
         self.late_records = Counter(
             "fraudactors_late_records",
             "Records older than their user's 30-day history: scored from the current state, not applied.",

@@ -20,7 +20,9 @@
  * ``MerchantState`` tables for the feature store, what ``int()`` gives for every field without a
  * Python call per field; :func:`window_sums` is a merchant's eight window sums at an event hour
  * (``definition._recompute``); :func:`find_u32` is ``key in column[lo:hi]`` for the seen-sets and
- * the events' merchants without a Python int per item.
+ * the events' merchants without a Python int per item; :func:`counts_tables` and
+ * :func:`counts_sums` read a merchant's packed counts (scripts.COUNTS_CODEC) into those tables or
+ * straight into the count windows of :func:`window_sums`.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,6 +30,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the merchant counts codec reads little-endian integers with memcpy: a little-endian host is required"
+#endif
 
 #define N_OUT 42
 #define W_10M 600.0
@@ -617,6 +623,129 @@ done:
     return result;
 }
 
+/* ---- a merchant's packed counts ----------------------------------------------------------------- */
+
+/* The value of a merchant's counts key (scripts.COUNTS_CODEC), version 1, little-endian: B version,
+ * H x5 the entries of each section (hour, day, new customers' hour, new customers' day buckets, the
+ * partitions' high-water offsets), then 12-byte entries (i4 bucket, i8 count). Returns the number
+ * of entries of the four bucket sections, their sizes in ``sizes``, or -1 with ValueError set. */
+#define COUNTS_VERSION 1
+#define COUNTS_HEADER 11
+#define COUNTS_ENTRY 12
+
+static Py_ssize_t counts_layout(const unsigned char *p, Py_ssize_t len, Py_ssize_t sizes[5]) {
+    if (len < COUNTS_HEADER || p[0] != COUNTS_VERSION) {
+        PyErr_SetString(PyExc_ValueError, "merchant counts: not a version 1 blob");
+        return -1;
+    }
+    Py_ssize_t total = 0;
+    for (int s = 0; s < 5; s++) {
+        sizes[s] = (Py_ssize_t)p[1 + 2 * s] | ((Py_ssize_t)p[2 + 2 * s] << 8);
+        total += sizes[s];
+    }
+    if (len != COUNTS_HEADER + COUNTS_ENTRY * total) {
+        PyErr_SetString(PyExc_ValueError, "merchant counts: the length does not match the header");
+        return -1;
+    }
+    return total - sizes[4];
+}
+
+static void counts_entry(const unsigned char *p, long long *bucket, long long *count) {
+    int32_t b;
+    int64_t c;
+    memcpy(&b, p, 4);  /* little-endian hosts only: the module refuses to build elsewhere */
+    memcpy(&c, p + 4, 8);
+    *bucket = b;
+    *count = c;
+}
+
+/* counts_tables(blob, targets): the four bucket sections into the dicts ``targets`` (h, d, nh, nd). */
+static PyObject *counts_tables(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 4) {
+        PyErr_SetString(PyExc_TypeError, "counts_tables(blob: bytes, targets: tuple of 4 dicts)");
+        return NULL;
+    }
+    for (int k = 0; k < 4; k++) {
+        if (!PyDict_Check(PyTuple_GET_ITEM(args[1], k))) {
+            PyErr_SetString(PyExc_TypeError, "counts_tables: every target must be a dict");
+            return NULL;
+        }
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t sizes[5];
+    if (counts_layout(p, PyBytes_GET_SIZE(args[0]), sizes) < 0)
+        return NULL;
+    const unsigned char *at = p + COUNTS_HEADER;
+    for (int s = 0; s < 4; s++) {
+        PyObject *table = PyTuple_GET_ITEM(args[1], s);
+        for (Py_ssize_t i = 0; i < sizes[s]; i++, at += COUNTS_ENTRY) {
+            long long bucket, count;
+            counts_entry(at, &bucket, &count);
+            PyObject *key = PyLong_FromLongLong(bucket);
+            PyObject *value = key == NULL ? NULL : PyLong_FromLongLong(count);
+            int failed = value == NULL || PyDict_SetItem(table, key, value) < 0;
+            Py_XDECREF(key);
+            Py_XDECREF(value);
+            if (failed)
+                return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* counts_sums(blob, hour): [c24, c7, c30, n24, n30] at an event hour, the count windows of
+ * definition._recompute (window_sums) straight from the blob. */
+static PyObject *counts_sums(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "counts_sums(blob: bytes, hour: int)");
+        return NULL;
+    }
+    long long hour = PyLong_AsLongLong(args[1]);
+    if (hour == -1 && PyErr_Occurred())
+        return NULL;
+    if (hour > (1LL << 40) || hour < -(1LL << 40)) {
+        PyErr_SetString(PyExc_OverflowError, "counts_sums: hour out of range");
+        return NULL;
+    }
+    long long day = floor_div(hour, 24);
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t sizes[5];
+    if (counts_layout(p, PyBytes_GET_SIZE(args[0]), sizes) < 0)
+        return NULL;
+    /* c24, c7, c30, n24, n30; exact (at most 65,535 x 5 terms of 64 bits), checked to fit at the end */
+    __int128 sums[5] = {0, 0, 0, 0, 0};
+    const unsigned char *at = p + COUNTS_HEADER;
+    for (int s = 0; s < 4; s++) {
+        int hours = s == 0 || s == 2;
+        for (Py_ssize_t i = 0; i < sizes[s]; i++, at += COUNTS_ENTRY) {
+            long long bucket, count;
+            counts_entry(at, &bucket, &count);
+            if (hours) {
+                if (bucket >= hour - 23 && bucket <= hour)
+                    sums[s == 0 ? 0 : 3] += count;
+            } else if (bucket >= day - 29 && bucket <= day) {
+                if (s == 1) {
+                    sums[2] += count;
+                    if (bucket >= day - 6)
+                        sums[1] += count;
+                } else {
+                    sums[4] += count;
+                }
+            }
+        }
+    }
+    for (int r = 0; r < 5; r++) {
+        if (sums[r] > (__int128)INT64_MAX || sums[r] < (__int128)INT64_MIN) {
+            PyErr_SetString(PyExc_ValueError, "merchant counts: a window sum overflows 64 bits");
+            return NULL;
+        }
+    }
+    return Py_BuildValue("[LLLLL]", (long long)sums[0], (long long)sums[1], (long long)sums[2], (long long)sums[3],
+                         (long long)sums[4]);
+}
+
 /* ---- the seen-sets and the events' merchants ---------------------------------------------------- */
 
 /* find_u32(column, key[, lo, hi]): the first i in [lo, hi) (clamped to the column) with
@@ -679,6 +808,14 @@ static PyMethodDef methods[] = {
      "window_sums(tx_hours, tx_days, new_hours, new_days, fraud_hours, fraud_days, hour)\n--\n\n"
      "A merchant's window sums at an event hour, as definition._recompute caches them:\n"
      "[c24, c7, c30, frauds today, 7 past days, 30 past days, new customers' n24, n30]."},
+    {"counts_tables", (PyCFunction)(void (*)(void))counts_tables, METH_FASTCALL,
+     "counts_tables(blob, targets)\n--\n\n"
+     "Fill the bucket tables ``targets`` (dicts of h, d, nh, nd buckets) from a merchant's packed counts\n"
+     "(scripts.COUNTS_CODEC); ValueError for a blob of another version or length."},
+    {"counts_sums", (PyCFunction)(void (*)(void))counts_sums, METH_FASTCALL,
+     "counts_sums(blob, hour)\n--\n\n"
+     "A merchant's count windows at an event hour from its packed counts: [c24, c7, c30, n24, n30],\n"
+     "as window_sums computes them; ValueError for a blob it cannot read or whose sums overflow."},
     {NULL, NULL, 0, NULL},
 };
 

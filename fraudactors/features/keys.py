@@ -10,7 +10,7 @@ one hash slot):
 | ``<prefix>{u<shard>}:o:<user_id>`` | what each variant said about the user's last decisions | user shard |
 | ``<prefix>{u<shard>}:rl:<partition>`` | replay log: feature vectors of the shard's records not yet committed | user shard |
 | ``<prefix>{p<partition>}:ep`` | the partition's fencing epoch (``INCR`` on every claim) | partition |
-| ``<prefix>{m<shard>}:c:<merchant_id>`` | merchant transaction counts by event hour/day (``h``/``d``; new customers' ``nh``/``nd``) + per-partition high-water offsets | merchant shard |
+| ``<prefix>{m<shard>}:c:<merchant_id>`` | merchant transaction counts by event hour/day (also new customers') + per-partition high-water offsets, one packed string (``scripts.COUNTS_CODEC``) | merchant shard |
 | ``<prefix>{m<shard>}:f:<merchant_id>`` | merchant fraud-label counts by ``labeled_at`` hour/day | merchant shard |
 | ``<prefix>{m<shard>}:lb:<merchant_id>`` | hash: the label standing for each of the merchant's transactions (``l<transaction_id>``), pruned by ``labeled_at`` | merchant shard |
 
@@ -69,7 +69,7 @@ class KeyLayout:
         return f"{self.prefix}{{m{shard(merchant_id)}}}:f:{merchant_id}"
 
     def merchant_pair(self, merchant_id: str) -> tuple[str, str]:
-        """(counts, frauds): the two hashes a batch reads and writes per merchant."""
+        """(counts, frauds): the two keys a batch reads and writes per merchant."""
         return self.merchant_counts(merchant_id), self.merchant_frauds(merchant_id)
 
     def label_marks(self, merchant_id: str) -> str:

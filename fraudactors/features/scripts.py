@@ -1,11 +1,14 @@
 """The Lua scripts of the online store (key layout: ``keys.py``).
 
-Hash fields of the merchant hashes are buckets named ``h<hour>`` / ``d<day>`` (integers since
-the epoch), in the counts hash also ``nh<hour>`` / ``nd<day>`` (the transactions of new customers:
-cards that had not used the merchant) and ``o<partition>``: the highest offset of that partition
-already counted (what makes the counts idempotent under replay and under a fenced-off writer).
-The window arithmetic in ``READ_BATCH`` mirrors ``definition._recompute`` exactly (the parity
-tests compare the two); keep them in step.
+A merchant's transaction counts are buckets by event hour and day (integers since the epoch),
+also those of new customers (cards that had not used the merchant), and per partition the
+highest offset already counted (what makes the counts idempotent under replay and under a
+fenced-off writer), packed into one string (``COUNTS_CODEC``; engines before it kept a hash of
+fields ``h<hour>``, ``d<day>``, ``nh<hour>``, ``nd<day>``, ``o<partition>``, which the write script
+converts). The frauds hash has fields ``h<hour>`` / ``d<day>`` of the labels' report times.
+The fraud-window arithmetic in ``READ_BATCH`` mirrors ``definition._recompute`` exactly (the parity
+tests compare the two); keep them in step. The transaction counts are one packed string per
+merchant (``COUNTS_CODEC``), summed by the client.
 
 Every script that writes starts with ``#!lua`` (no ``allow-oom`` flag), so a server out of
 memory refuses it before it runs instead of failing at its first write, and each one checks
@@ -27,6 +30,69 @@ local function check_type(key, want)
 end
 """
 
+# The packed counts of one merchant (the value of its counts key), version 1, little-endian:
+# B version (1), H x5 the entries of each section, then the entries, 12 bytes each (i4, i8):
+# hour buckets (hour, transactions), day buckets (day, transactions), the new customers' hour and
+# day buckets (nh / nd), and per partition its high-water offset (partition, highest offset
+# counted). One string instead of a hash of ~130 fields: Redis reads and writes it whole, and no
+# Lua value is made per field on a read (the client sums the windows, ``_kernel.merchant_blob``).
+# decode_counts: the five tables {bucket -> count} (h, d, nh, nd, o), or nil for a blob it cannot
+# read; counts_from_hash: the same from the fields of a counts hash of an engine before the blob;
+# encode_counts: the blob, or nil when a section would exceed 65,535 entries.
+COUNTS_CODEC = """
+local COUNTS_VERSION, COUNTS_HEADER, COUNTS_ENTRY, COUNTS_CHUNK = 1, 11, 12, 200
+local function decode_counts(blob)
+  if #blob < COUNTS_HEADER or string.byte(blob, 1) ~= COUNTS_VERSION then return nil end
+  local sizes = {struct.unpack('<HHHHH', blob, 2)}
+  local n = sizes[1] + sizes[2] + sizes[3] + sizes[4] + sizes[5]
+  if #blob ~= COUNTS_HEADER + COUNTS_ENTRY * n then return nil end
+  local tables, at = {}, COUNTS_HEADER + 1
+  for s = 1, 5 do
+    local t, left = {}, sizes[s]
+    while left > 0 do
+      local chunk = math.min(left, COUNTS_CHUNK)
+      local v = {struct.unpack('<' .. string.rep('i4i8', chunk), blob, at)}
+      for x = 1, 2 * chunk, 2 do
+        if t[v[x]] ~= nil then return nil end  -- a bucket twice: not a blob this codec wrote
+        t[v[x]] = v[x + 1]
+      end
+      at = v[2 * chunk + 1]
+      left = left - chunk
+    end
+    tables[s] = t
+  end
+  return tables
+end
+local function counts_from_hash(flat)
+  local tables = {{}, {}, {}, {}, {}}
+  local section = {h = 1, d = 2, nh = 3, nd = 4, o = 5}
+  for i = 1, #flat, 2 do
+    local kind, n = string.match(flat[i], '^(%a+)(-?%d+)$')
+    local s, v = section[kind], tonumber(flat[i + 1])
+    if s and v then tables[s][tonumber(n)] = v end
+  end
+  return tables
+end
+local function encode_counts(tables)
+  local parts, sizes = {}, {}
+  for s = 1, 5 do
+    local flat = {}
+    for k, v in pairs(tables[s]) do
+      flat[#flat + 1] = k
+      flat[#flat + 1] = v
+    end
+    sizes[s] = #flat / 2
+    if sizes[s] > 65535 then return nil end
+    for x = 1, #flat, 2 * COUNTS_CHUNK do
+      local hi = math.min(x + 2 * COUNTS_CHUNK - 1, #flat)
+      parts[#parts + 1] = struct.pack('<' .. string.rep('i4i8', (hi - x + 1) / 2), unpack(flat, x, hi))
+    end
+  end
+  return struct.pack('<BHHHHH', COUNTS_VERSION, sizes[1], sizes[2], sizes[3], sizes[4], sizes[5])
+    .. table.concat(parts)
+end
+"""
+
 # KEYS: the user keys, then (counts key, frauds key) per merchant, then one replay-log key per
 # partition of the batch.
 # ARGV: number of user keys, number of merchants, a JSON array of one reference hour per merchant
@@ -35,12 +101,13 @@ end
 # array of one probe per user: [its replay-log key's index (0: none), its partition, the lowest
 # offset of its records in the batch]. A replay log is read only when a user's stored blob says
 # a record of the batch was applied already (a replay: rare), so a normal batch reads none.
-# Returns the user blobs (false when absent), then per merchant either
-#   {c24, c7, c30, frauds today before the hour, frauds 7 past days, frauds 30 past days,
-#    new customers' n24, n30} and
-#   {number of count fields, number of fraud fields}       (reference hour given), or
-#   the counts hash and the frauds hash as flat field/value lists                (-1),
-# then per replay-log key the logged members with a score (offset) in the batch's range.
+# Returns the user blobs (false when absent), then per merchant its counts -- the packed blob
+# (false when absent; see COUNTS_CODEC), or the flat field/value list of a counts hash written by
+# an engine before the blob (the next write converts it) -- and its frauds: with a reference hour
+# {frauds today before the hour, frauds 7 past days, frauds 30 past days, number of fraud fields},
+# else the frauds hash as a flat field/value list; then per replay-log key the logged members
+# with a score (offset) in the batch's range. The counts' window sums are the client's (compiled:
+# a Lua table per hash field made the read script the store's largest cost in Redis).
 READ_BATCH = """
 local n_users = tonumber(ARGV[1])
 local n_merchants = tonumber(ARGV[2])
@@ -49,58 +116,28 @@ for i = 1, n_users do
   out[i] = redis.call('GET', KEYS[i])
 end
 local hours = cjson.decode(ARGV[3])
--- Bucket numbers by field name, parsed once per call: the merchants of a batch share most of
--- their field names (the same event hours and days), so a table lookup replaces a string.sub
--- and a tonumber per field. false: not a bucket of that kind.
-local hour_n, day_n, new_hour_n, new_day_n = {}, {}, {}, {}
+-- Bucket numbers of the frauds hashes' fields, parsed once per call: the merchants of a batch
+-- share most of their field names (the same hours and days), so a table lookup replaces a
+-- string.sub and a tonumber per field. false: not a bucket of that kind.
+local hour_n, day_n = {}, {}
 local function parse(field)
   local kind, n = string.byte(field, 1), tonumber(string.sub(field, 2))
   hour_n[field] = kind == 104 and n or false
   day_n[field] = kind == 100 and n or false
-  local sub, m = false, nil
-  if kind == 110 then sub, m = string.byte(field, 2), tonumber(string.sub(field, 3)) end
-  new_hour_n[field] = sub == 104 and m or false
-  new_day_n[field] = sub == 100 and m or false
 end
 for j = 1, n_merchants do
   local k = n_users + 2 * j - 1
-  local c = redis.call('HGETALL', KEYS[k])
+  -- the counts: a packed blob (GET), or a hash of an engine before it (HGETALL; any other type fails)
+  local c = redis.pcall('GET', KEYS[k])
+  if type(c) == 'table' and c['err'] then c = redis.call('HGETALL', KEYS[k]) end
   local f = redis.call('HGETALL', KEYS[k + 1])
   local hour = hours[j]
+  out[k] = c
   if hour < 0 then
-    out[k] = c
     out[k + 1] = f
   else
     local day = math.floor(hour / 24)
-    local c24, c7, c30, ft, f7, f30, n24, n30 = 0, 0, 0, 0, 0, 0, 0, 0
-    for i = 1, #c, 2 do
-      local field = c[i]
-      local h = hour_n[field]
-      if h == nil then
-        parse(field)
-        h = hour_n[field]
-      end
-      if h then
-        if h >= hour - 23 and h <= hour then c24 = c24 + (tonumber(c[i + 1]) or 0) end
-      else
-        local d = day_n[field]
-        if d then
-          if d >= day - 29 and d <= day then
-            local v = tonumber(c[i + 1]) or 0
-            c30 = c30 + v
-            if d >= day - 6 then c7 = c7 + v end
-          end
-        else
-          local nh = new_hour_n[field]
-          if nh then
-            if nh >= hour - 23 and nh <= hour then n24 = n24 + (tonumber(c[i + 1]) or 0) end
-          else
-            local nd = new_day_n[field]
-            if nd and nd >= day - 29 and nd <= day then n30 = n30 + (tonumber(c[i + 1]) or 0) end
-          end
-        end
-      end
-    end
+    local ft, f7, f30 = 0, 0, 0
     for i = 1, #f, 2 do
       local field = f[i]
       local h = hour_n[field]
@@ -119,8 +156,7 @@ for j = 1, n_merchants do
         end
       end
     end
-    out[k] = {c24, c7, c30, ft, f7, f30, n24, n30}
-    out[k + 1] = {#c / 2, #f / 2}
+    out[k + 1] = {ft, f7, f30, #f / 2}
   end
 end
 local ranges = cjson.decode(ARGV[4])
@@ -159,8 +195,9 @@ return out
 # record: the client's cost is per argument. The plan:
 #   "u": per user [partition, epoch, blob length] of the writer;
 #   "m": per merchant [[partition, lowest offset, highest offset, records, field, n, ...] per
-#        partition (the batch's count increments of that partition, aggregated),
-#        prune counts (0/1), oldest hour, oldest day, prune frauds (0/1), oldest hour, oldest day];
+#        partition (the batch's count increments of that partition, aggregated), the most
+#        entries the counts keep before the buckets older than the next two (hour, day) go,
+#        oldest hour, oldest day, prune frauds (0/1), oldest hour, oldest day];
 #   "r": per replay-log key [committed floor (-1: none), [user index, offset, ...]];
 #   "s": the size of a replay-log member.
 # The merchants' records: per merchant [partition, offset, hour, day, new customer 0/1, ...] in offset order per
@@ -173,9 +210,12 @@ return out
 # Fencing: a user blob whose stored partition equals the writer's and whose stored epoch is
 # newer than the writer's belongs to a newer owner: it is not overwritten, and the records of
 # that user are not logged. Merchant counts take a record only when its offset is above the
-# high-water offset of its partition in that merchant's hash.
-# Returns {users written, users refused as stale, merchant records counted}.
-WRITE_BATCH = "#!lua\n" + """
+# high-water offset of its partition in that merchant's counts.
+# The counts are written as a packed blob (COUNTS_CODEC); a counts hash of an engine before it is
+# read and replaced by its blob; a blob that cannot be read is replaced by this batch's counts.
+# Returns {users written, users refused as stale, merchant records counted, count blobs replaced
+# because they could not be read}.
+WRITE_BATCH = "#!lua\n" + COUNTS_CODEC + """
 local ttl = tonumber(ARGV[1])
 local n_users = tonumber(ARGV[2])
 local n_merchants = tonumber(ARGV[3])
@@ -238,27 +278,34 @@ for i = 1, n_users do
   old[i] = reply
 end
 local marks = {}
+local tallies = {}  -- merchant -> its five count tables (see COUNTS_CODEC)
+local reset = 0     -- count blobs that could not be read (replaced by this batch's counts)
 local overlap = {}  -- merchant -> {partition -> true} counted record by record
 local records = nil
 for j = 1, n_merchants do
   local counts, frauds = KEYS[n_users + 2 * j - 1], KEYS[n_users + 2 * j]
-  local groups = merchants[j][1]
-  marks[j] = {}
-  for _, g in ipairs(groups) do
-    local part = g[1]
-    if marks[j][part] == nil then
-      local reply, err = read('HGET', counts, 'o' .. part)
-      if err then return err end
-      marks[j][part] = tonumber(reply) or -1
+  local blob = redis.pcall('GET', counts)
+  if type(blob) == 'table' and blob['err'] then
+    local flat, err = read('HGETALL', counts)  -- a counts hash of an engine before the blob
+    if err then return err end
+    tallies[j] = counts_from_hash(flat)
+  elseif blob then
+    tallies[j] = decode_counts(blob)
+    if not tallies[j] then
+      reset = reset + 1
+      tallies[j] = {{}, {}, {}, {}, {}}
     end
+  else
+    tallies[j] = {{}, {}, {}, {}, {}}
+  end
+  marks[j] = {}
+  for _, g in ipairs(merchants[j][1]) do
+    local part = g[1]
+    if marks[j][part] == nil then marks[j][part] = tallies[j][5][part] or -1 end
     if g[2] <= marks[j][part] then
       overlap[j] = overlap[j] or {}
       overlap[j][part] = true
     end
-  end
-  if #groups == 0 then
-    local _, err = read('HLEN', counts)
-    if err then return err end
   end
   if merchants[j][5] == 1 then
     local _, err = read('HLEN', frauds)
@@ -284,6 +331,67 @@ for r = 1, #logs do
   local top, err = read('ZRANGE', KEYS[base + r], -1, -1, 'WITHSCORES')
   if err then return err end
   highest[r] = top[2] and tonumber(top[2]) or -1
+end
+
+-- The merchants' new counts, packed before the first write (a count that cannot be packed
+-- refuses the whole batch, like any other invalid input).
+local packed = {}
+local counted = 0
+for j = 1, n_merchants do
+  local p = merchants[j]
+  local h, d, nh, nd, high = unpack(tallies[j])
+  local function bump(field, n)
+    local kind, bucket = string.match(field, '^(%a+)(-?%d+)$')
+    local t = (kind == 'h' and h) or (kind == 'd' and d) or (kind == 'nh' and nh) or (kind == 'nd' and nd)
+    bucket = tonumber(bucket)
+    t[bucket] = (t[bucket] or 0) + n
+  end
+  local slow = overlap[j]
+  for _, g in ipairs(p[1]) do
+    local part = g[1]
+    if not (slow and slow[part]) then
+      -- every record of this partition is above the high-water offset: all of them count
+      for x = 5, #g, 2 do bump(g[x], g[x + 1]) end
+      counted = counted + g[4]
+      if g[3] > (high[part] or -1) then high[part] = g[3] end
+    end
+  end
+  if slow then
+    local entries = records[j]
+    for x = 1, #entries, 5 do
+      local part, offset = entries[x], entries[x + 1]
+      if slow[part] then
+        local mark = high[part] or -1
+        if offset > mark then
+          local hour, day = entries[x + 2], entries[x + 3]
+          h[hour] = (h[hour] or 0) + 1
+          d[day] = (d[day] or 0) + 1
+          if entries[x + 4] == 1 then
+            nh[hour] = (nh[hour] or 0) + 1
+            nd[day] = (nd[day] or 0) + 1
+          end
+          counted = counted + 1
+          high[part] = offset
+        end
+      end
+    end
+  end
+  local size = 0
+  for s = 1, 5 do
+    for _ in pairs(tallies[j][s]) do size = size + 1 end
+  end
+  if size > p[2] then  -- past the bound: the buckets that fell out of every window go
+    for s, oldest in ipairs({p[3], p[4], p[3], p[4]}) do
+      local t = tallies[j][s]
+      for bucket in pairs(t) do
+        if bucket < oldest then t[bucket] = nil end
+      end
+    end
+  end
+  packed[j] = encode_counts(tallies[j])
+  if not packed[j] then
+    return redis.error_reply('INVALID merchant counts too large for ' .. KEYS[n_users + 2 * j - 1])
+  end
 end
 
 -- Phase 2: writes
@@ -351,65 +459,12 @@ local function prune(key, oldest_hour, oldest_day)
     redis.call('HDEL', key, unpack(dead, i, math.min(i + 499, #dead)))
   end
 end
-local counted = 0
 for j = 1, n_merchants do
-  local counts = KEYS[n_users + 2 * j - 1]
   local frauds = KEYS[n_users + 2 * j]
-  local p = merchants[j]
-  local high, add, fields = marks[j], {}, {}
-  local function bump(field, n)
-    if add[field] == nil then
-      add[field] = 0
-      fields[#fields + 1] = field
-    end
-    add[field] = add[field] + n
-  end
-  local slow = overlap[j]
-  for _, g in ipairs(p[1]) do
-    local part = g[1]
-    if not (slow and slow[part]) then
-      -- every record of this partition is above the high-water offset: all of them count
-      for x = 5, #g, 2 do bump(g[x], g[x + 1]) end
-      counted = counted + g[4]
-      if g[3] > high[part] then high[part] = g[3] end
-    end
-  end
-  if slow then
-    local entries = records[j]
-    for x = 1, #entries, 5 do
-      local part, offset = entries[x], entries[x + 1]
-      if slow[part] then
-        local mark = high[part]
-        if offset > mark then
-          bump('h' .. entries[x + 2], 1)
-          bump('d' .. entries[x + 3], 1)
-          if entries[x + 4] == 1 then
-            bump('nh' .. entries[x + 2], 1)
-            bump('nd' .. entries[x + 3], 1)
-          end
-          counted = counted + 1
-          mark = offset
-        end
-        high[part] = mark
-      end
-    end
-  end
-  for _, field in ipairs(fields) do
-    redis.call('HINCRBY', counts, field, add[field])
-  end
-  local hw = {}
-  for part, mark in pairs(high) do
-    if mark >= 0 then
-      hw[#hw + 1] = 'o' .. part
-      hw[#hw + 1] = mark
-    end
-  end
-  if #hw > 0 then redis.call('HSET', counts, unpack(hw)) end
-  redis.call('EXPIRE', counts, ttl)
-  if p[2] == 1 then prune(counts, p[3], p[4]) end
-  if p[5] == 1 then prune(frauds, p[6], p[7]) end
+  redis.call('SET', KEYS[n_users + 2 * j - 1], packed[j], 'EX', ttl)
+  if merchants[j][5] == 1 then prune(frauds, merchants[j][6], merchants[j][7]) end
 end
-return {written, stale, counted}
+return {written, stale, counted, reset}
 """
 
 # KEYS: (label-marks hash, frauds hash) per label (both of the label's merchant).

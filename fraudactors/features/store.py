@@ -5,13 +5,13 @@ server-side script call (one command: redis-py's per-command cost, not Redis, is
 pipeline of hundreds of small commands on two cores):
 
 1. a read script: the state blob of every distinct user in the batch; for every distinct
-   merchant, its window sums at the batch's event hour (or its whole bucket hashes when the
-   batch spans several event hours of that merchant); and the replay-log entries of the batch's
-   offset range in each partition;
+   merchant, its packed transaction counts (summed here, in C) and its fraud window sums at the
+   batch's event hour (or its whole frauds hash when the batch spans several event hours of
+   that merchant); and the replay-log entries of the batch's offset range in each partition;
 2. a write script: the updated user blobs (``SET .. EX ttl``, fenced), the replay-log entries of
-   the records applied, the merchant count increments (all and new customers', idempotent per
-   ``(partition, offset)``),
-   expiry, and the removal of buckets that fell out of every window.
+   the records applied, the merchant counts with the batch's increments (all and new customers',
+   idempotent per ``(partition, offset)``) packed again, expiry, and the removal of buckets that
+   fell out of every window.
 
 In between, the batch is computed in Python by :func:`fraudactors.features.definition.transition`
 (the same function training uses) with the states in memory, so two transactions of one user in
@@ -60,7 +60,7 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 
 from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.features import scripts
-from fraudactors.features._kernel import merchant_tables
+from fraudactors.features._kernel import counts_sums, counts_tables, merchant_tables, window_sums
 from fraudactors.features.definition import (
     N_FEATURES,
     MerchantState,
@@ -88,7 +88,7 @@ from fraudactors.settings import Settings
 # with a reported fraud); the counts keep 26 hours.
 _KEEP_COUNT_HOURS = 26
 _KEEP_COUNT_DAYS = 33
-_MAX_COUNT_FIELDS = 192  # h/d and nh/nd buckets (26 + 33 each) and the partitions' offsets
+_MAX_COUNT_FIELDS = 192  # entries of a merchant's counts: h/d and nh/nd buckets (26 + 33 each), partitions' offsets
 _KEEP_FRAUD_HOURS = 8 * 24
 _KEEP_FRAUD_DAYS = 40
 _MAX_FRAUD_FIELDS = 320
@@ -182,11 +182,31 @@ def _merchant_from_flat(counts: list[bytes], frauds: list[bytes]) -> MerchantSta
     return m
 
 
-def _merchant_from_sums(hour: int, sums: list[int]) -> MerchantState:
-    """Bucket state holding only the window sums at ``hour`` (every use stays in that hour)."""
+def _merchant_view(counts: bytes | list[bytes] | None, frauds: list[Any], hour: int) -> MerchantState:
+    """A merchant's state from the read script's two replies (``scripts.READ_BATCH``).
+
+    ``counts``: the packed blob, None (no counts), or the flat fields of a counts hash written by
+    an engine before the blob. ``frauds``: with a reference ``hour`` (>= 0; every use of the view
+    stays in that hour) the fraud window sums, else the frauds hash's flat fields. Raises
+    ValueError for a blob that cannot be read.
+    """
+    if hour < 0:
+        if isinstance(counts, bytes):
+            m = MerchantState()
+            counts_tables(counts, (m.tx_hours, m.tx_days, m.new_hours, m.new_days))
+            merchant_tables(frauds, (m.fraud_hours, m.fraud_days))
+            return m
+        return _merchant_from_flat(counts or [], frauds)
     m = MerchantState()
+    if isinstance(counts, bytes):
+        c24, c7, c30, n24, n30 = counts_sums(counts, hour)
+    elif counts:  # a counts hash: its tables, then the windows of those
+        merchant_tables(counts, (m.tx_hours, m.tx_days, m.new_hours, m.new_days))
+        c24, c7, c30, _, _, _, n24, n30 = window_sums(m.tx_hours, m.tx_days, m.new_hours, m.new_days, {}, {}, hour)
+    else:
+        c24 = c7 = c30 = n24 = n30 = 0
     m.cache_hour = hour
-    m.cache = [int(v) for v in sums]
+    m.cache = [c24, c7, c30, int(frauds[0]), int(frauds[1]), int(frauds[2]), n24, n30]
     return m
 
 
@@ -243,6 +263,7 @@ class OnlineFeatureStore:
         self._committed: dict[int, int] = {}  # partition -> committed offset (replay-log floor)
         self._log = get_logger(component="feature_store")
         self.corrupt_states_total = 0
+        self.corrupt_counts_total = 0   # merchant count blobs that could not be read (replaced)
         self.replays_total = 0
         self.replays_inexact_total = 0  # replayed records whose first vector was not in the log
         self.stale_refused_total = 0    # user writes refused because a newer owner wrote them
@@ -435,7 +456,7 @@ class OnlineFeatureStore:
 
     async def _read(self, txns: Sequence[Transaction], ranges: dict[tuple[int, int], list[int]],
                     probes: dict[str, tuple[int, int]]) -> tuple[
-            dict[str, UserState | None], dict[str, MerchantState], dict[str, tuple[int, int]],
+            dict[str, UserState | None], dict[str, MerchantState], dict[str, int],
             dict[tuple[int, int], np.ndarray]]:
         """The batch's one read: user states, merchant views, merchant hash sizes and the
         replay-log vectors in the batch's offset ranges (one call, or one per slot on a cluster)."""
@@ -477,21 +498,23 @@ class OnlineFeatureStore:
 
         states: dict[str, UserState | None] = {}
         views: dict[str, MerchantState] = {}
-        sizes: dict[str, tuple[int, int]] = {}
+        sizes: dict[str, int] = {}  # merchant -> fields of its frauds hash
         logged: dict[tuple[int, int], np.ndarray] = {}
         for group, replies in zip(groups.values(), replies_per_call, strict=True):
             for user_id, blob in zip(group.users, replies, strict=False):
                 states[user_id] = self._decode(user_id, blob or None)
             i = len(group.users)
             for merchant_id, hour in zip(group.merchants, group.hours, strict=True):
-                first, second = replies[i], replies[i + 1]
+                counts, frauds = replies[i], replies[i + 1]
                 i += 2
-                if hour >= 0:
-                    views[merchant_id] = _merchant_from_sums(hour, first)
-                    sizes[merchant_id] = (int(second[0]), int(second[1]))
-                else:
-                    views[merchant_id] = _merchant_from_flat(first, second)
-                    sizes[merchant_id] = (len(first) // 2, len(second) // 2)
+                try:
+                    views[merchant_id] = _merchant_view(counts, frauds, hour)
+                except ValueError as exc:
+                    # unreadable counts are no counts (the batch's write replaces them)
+                    self.corrupt_counts_total += 1
+                    self._log.warning("merchant_counts_unreadable", merchant_id=merchant_id, error=str(exc))
+                    views[merchant_id] = _merchant_view(None, frauds, hour)
+                sizes[merchant_id] = int(frauds[3]) if hour >= 0 else len(frauds) // 2
             for (_, p), members in zip(group.logs, replies[i:], strict=True):
                 for member in members:
                     if len(member) == 8 + _VECTOR_BYTES:
@@ -501,7 +524,7 @@ class OnlineFeatureStore:
 
     async def _write(self, users: list[str], states: dict[str, UserState | None],
                      counted: dict[str, list[Any]], newest: dict[str, float],
-                     sizes: dict[str, tuple[int, int]], applied: list[tuple[int, str, int, int]],
+                     sizes: dict[str, int], applied: list[tuple[int, str, int, int]],
                      X: np.ndarray) -> None:
         """The batch's one write (see ``scripts.WRITE_BATCH`` for the argument layout): one call,
         or one per slot on a cluster, each applied wholly or not at all."""
@@ -517,13 +540,13 @@ class OnlineFeatureStore:
             group.plan_users.append([state.partition, state.epoch, len(blob)])
             group.blobs.append(blob)
         for merchant_id, entries in counted.items():
-            n_counts, n_frauds = sizes[merchant_id]
+            n_frauds = sizes[merchant_id]
             hour = hour_of(newest[merchant_id])
             day = hour // 24
             group = _group(groups, self._tag(keys_of.merchant_tag(merchant_id)), _Write)
             group.merchants.append(merchant_id)
             group.plan_merchants.append([_increments(entries),
-                                         1 if n_counts + len(entries) // _RECORD > _MAX_COUNT_FIELDS else 0,
+                                         _MAX_COUNT_FIELDS,
                                          hour - _KEEP_COUNT_HOURS, day - _KEEP_COUNT_DAYS,
                                          1 if n_frauds > _MAX_FRAUD_FIELDS else 0,
                                          hour - _KEEP_FRAUD_HOURS, day - _KEEP_FRAUD_DAYS])
@@ -553,10 +576,13 @@ class OnlineFeatureStore:
             plan = {"u": group.plan_users, "m": group.plan_merchants, "r": plan_logs, "s": _MEMBER.itemsize}
             calls.append((keys, [self._ttl, len(group.users), len(group.merchants), orjson.dumps(plan),
                                  orjson.dumps(group.records), b"".join(group.blobs), *members]))
-        stale = written = 0
+        stale = written = reset = 0
         for reply in await self._run("write", calls, "write"):
             written += int(reply[0])
             stale += int(reply[1])
+            reset += int(reply[3])
+        if reset:  # read as no counts above already (and counted there)
+            self._log.warning("merchant_counts_replaced", merchants=reset)
         if stale:
             self.stale_refused_total += stale
             self._log.warning("stale_writer_refused", users=stale, written=written)

@@ -1,7 +1,8 @@
 """The pure Python the compiled kernel (``fraudactors/features/_kernel.c``) replaced, and must equal
 bit for bit (``test_kernel.py``): the user-window block of the feature vector (``user_features``),
 the feature store's parse of a merchant's bucket hashes (``_merchant_from_flat``), a merchant's
-window sums at an event hour (``_recompute``) and the state update (``apply_transaction``, whose
+window sums at an event hour (``_recompute``), the packed merchant counts written by the write script
+(``decode_counts`` / ``encode_counts``, scripts.COUNTS_CODEC) and the state update (``apply_transaction``, whose
 membership tests of the seen-sets and the events' merchants are compiled).
 
 This is the code as it was written in Python before it was compiled, with one fix made in both:
@@ -14,6 +15,7 @@ holds the two together.
 from __future__ import annotations
 
 import math
+import struct
 import sys
 from array import array
 from bisect import bisect_left, bisect_right
@@ -272,6 +274,33 @@ def _merchant_from_flat(counts: list[bytes], frauds: list[bytes]) -> MerchantSta
                 except ValueError:
                     continue
     return m
+
+
+COUNTS_HEADER = struct.Struct("<BHHHHH")  # version 1, the entries of each of the five sections
+COUNTS_ENTRY = struct.Struct("<iq")        # bucket (or partition), count (or offset)
+CountTables = tuple[dict[int, int], dict[int, int], dict[int, int], dict[int, int], dict[int, int]]
+
+
+def decode_counts(blob: bytes) -> CountTables:
+    """A merchant's packed counts as five tables: h, d, nh, nd buckets and the partitions' offsets."""
+    version, *sizes = COUNTS_HEADER.unpack_from(blob)
+    if version != 1 or len(blob) != COUNTS_HEADER.size + COUNTS_ENTRY.size * sum(sizes):
+        raise ValueError("not a version 1 merchant counts blob")
+    entries = iter(COUNTS_ENTRY.iter_unpack(blob[COUNTS_HEADER.size:]))
+    tables: list[dict[int, int]] = []
+    for size in sizes:
+        table: dict[int, int] = {}
+        for _ in range(size):
+            key, value = next(entries)
+            table[key] = value
+        tables.append(table)
+    return (tables[0], tables[1], tables[2], tables[3], tables[4])
+
+
+def encode_counts(tables: CountTables) -> bytes:
+    """The packed counts of five tables, in their iteration order."""
+    head = COUNTS_HEADER.pack(1, *(len(t) for t in tables))
+    return head + b"".join(COUNTS_ENTRY.pack(k, v) for t in tables for k, v in t.items())
 
 
 def _recompute(m: MerchantState, hour: int) -> None:

@@ -18,13 +18,14 @@ from test_features_store import DAY, T0, assert_parity, generate
 from fraudactors.engine.features import FeatureStoreActor
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.errors import FeatureStoreRejected
-from fraudactors.features.definition import FEATURE_INDEX, HISTORY_S
+from fraudactors.features.definition import FEATURE_INDEX, HISTORY_S, day_of, hour_of
 from fraudactors.features.offline import offline_features
 from fraudactors.features.schema import Label, Transaction, format_timestamp
 from fraudactors.features.store import OnlineFeatureStore
 from fraudactors.services.redis import EmbeddedRedis
 from fraudactors.services.redis_cluster import EmbeddedRedisCluster
 from fraudactors.settings import Settings, load_settings
+from tests.features import reference_features
 
 pytestmark = pytest.mark.asyncio
 
@@ -188,15 +189,64 @@ async def test_the_latest_label_stands_and_a_repeat_changes_nothing(backend_stor
     assert offline_features([probe], labels)[0, FEATURE_INDEX["merchant_fraud_count_7d"]] == 1.0
 
 
+async def test_the_counts_hashes_of_an_engine_before_the_blob_are_read_and_converted(
+        store: OnlineFeatureStore, client: aioredis.Redis) -> None:
+    """An upgrade: the merchant counts an engine before the packed blob left in Redis (a hash of
+    ``h<hour>`` .. ``o<partition>`` fields) give the same features, replays of their records are not
+    counted again, and each merchant's next write replaces its hash by the blob."""
+    txns, labels = generate(seed=31, n=1500, n_users=30, n_merchants=6, days=6.0)
+    await store.apply_labels(labels)
+    first = await store.compute(txns[:700], 0, range(700))
+    keys = [key async for key in client.scan_iter(match=store.keys.prefix + "{m*}:c:*")]
+    assert len(keys) >= 6
+    for key in keys:  # what the engine before wrote: the same counts as hash fields
+        tables = reference_features.decode_counts(await client.get(key))
+        fields = {f"{kind}{bucket}": count for kind, table in zip(("h", "d", "nh", "nd", "o"), tables, strict=True)
+                  for bucket, count in table.items()}
+        ttl = await client.ttl(key)
+        await client.delete(key)
+        await client.hset(key, mapping=fields)  # type: ignore[arg-type]
+        await client.expire(key, ttl)
+    # one record: its merchant's window sums at one hour, from a hash
+    second = await store.compute(txns[700:701], 0, [700])
+    # a replay of 101 records and 50 new ones: the hashes' offsets keep the 101 from counting twice
+    again = await store.compute(txns[600:751], 0, range(600, 751))
+    assert np.array_equal(again[:101], np.concatenate([first[600:], second]))
+    # many hours per merchant: the whole hash, or the blob that replaced it
+    third = await store.compute(txns[751:], 0, range(751, 1500))
+    assert_parity(np.concatenate([first, second, again[101:], third]), offline_features(txns, labels))
+    later = {store.keys.merchant_counts(t.merchant_id).encode() for t in txns[700:]}
+    assert later and later <= set(keys)
+    for key in keys:
+        assert await client.type(key) == (b"string" if key in later else b"hash") and await client.ttl(key) > 0
+    assert store.corrupt_counts_total == 0
+
+
+async def test_merchant_counts_that_cannot_be_read_start_afresh_and_refuse_nothing(
+        store: OnlineFeatureStore, client: aioredis.Redis) -> None:
+    """A counts key holding a string the codec did not write (a bug, a foreign writer): read as no
+    counts, counted, and replaced by the batch's counts -- the batch is neither refused nor degraded."""
+    one, many = store.keys.merchant_counts("one"), store.keys.merchant_counts("many")
+    await client.set(one, b"\x01garbage", ex=3600)
+    await client.set(many, b"not a blob at all", ex=3600)
+    t = T0 + 3 * DAY
+    batch = [txn("a", "u1", "one", t), txn("b", "u2", "many", t), txn("c", "u2", "many", t + 7200)]
+    out = await store.compute(batch, 0, range(3))
+    assert store.corrupt_counts_total == 2
+    count_24h = FEATURE_INDEX["merchant_tx_count_24h"]
+    assert out[:, count_24h].tolist() == [0.0, 0.0, 1.0]
+    assert reference_features.decode_counts(await client.get(one))[:2] == ({hour_of(t): 1}, {day_of(t): 1})
+    assert reference_features.decode_counts(await client.get(many))[0] == {hour_of(t): 1, hour_of(t + 7200): 1}
+    assert (await store.peek([txn("d", "u3", "many", t + 7300)]))[0, count_24h] == 2.0
+
+
 async def test_a_key_of_the_wrong_type_refuses_the_whole_write_before_any_of_it(
         store: OnlineFeatureStore, store_settings: Settings, client: aioredis.Redis) -> None:
     good = [txn(f"g{i}", f"ok{i}", "m1", T0 + i) for i in range(5)]
     await store.compute(good, 0, range(5))
     prefix = store_settings.redis.key_prefix
     before = await snapshot(client, prefix)
-    await client.hset(store.keys.merchant_counts("broken"), mapping={"x": 1})
-    await client.delete(store.keys.merchant_counts("broken"))
-    await client.set(store.keys.merchant_counts("broken"), b"not a hash")
+    await client.rpush(store.keys.merchant_counts("broken"), b"a list")
     batch = [*(txn(f"n{i}", f"ok{i}", "m1", T0 + 100 + i) for i in range(5)), txn("b", "v", "broken", T0 + 200)]
     with pytest.raises(FeatureStoreRejected) as info:
         await store.compute(batch, 0, range(5, 11))

@@ -1,6 +1,6 @@
 """The compiled kernel (``fraudactors/features/_kernel.c``) against the pure Python it replaced
 (``reference_features.py``): the user-window block, the merchant bucket parse, the merchant window
-sums and the state update, equal bit for bit on random inputs and on a simulated population."""
+sums, the packed merchant counts and the state update, equal bit for bit on random inputs and on a simulated population."""
 
 from __future__ import annotations
 
@@ -263,6 +263,54 @@ def test_the_window_sums_check_their_arguments() -> None:
         _kernel.window_sums({}, {}, {}, {}, {}, [], HOUR)  # type: ignore[arg-type]
     with pytest.raises(OverflowError):
         _kernel.window_sums({}, {}, {}, {}, {}, {}, 2**50)
+
+
+packed_counts = st.one_of(st.integers(0, 40), st.integers(-(2**63), 2**63 - 1))
+
+
+def packed_table(around: int, spread: int) -> st.SearchStrategy[dict[int, int]]:
+    return st.dictionaries(st.integers(around - spread, around + spread), packed_counts, max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tx_hours=packed_table(HOUR, 40), tx_days=packed_table(HOUR // 24, 40), new_hours=packed_table(HOUR, 40),
+       new_days=packed_table(HOUR // 24, 40), offsets=st.dictionaries(st.integers(0, 64), st.integers(0, 2**53)),
+       hour=st.integers(HOUR - 30, HOUR + 30))
+def test_the_packed_counts_read_as_the_tables_they_hold(
+    tx_hours: dict[int, int], tx_days: dict[int, int], new_hours: dict[int, int], new_days: dict[int, int],
+    offsets: dict[int, int], hour: int,
+) -> None:
+    """A merchant's packed counts (what the write script packs, ``reference_features.encode_counts``)
+    fill the same tables, and their window sums are the Python window sums of those tables."""
+    blob = reference_features.encode_counts((tx_hours, tx_days, new_hours, new_days, offsets))
+    tables: tuple[dict[int, int], dict[int, int], dict[int, int], dict[int, int]] = ({}, {}, {}, {})
+    _kernel.counts_tables(blob, tables)
+    assert tables == (tx_hours, tx_days, new_hours, new_days)
+    want = MerchantState(tx_hours=dict(tx_hours), tx_days=dict(tx_days), new_hours=dict(new_hours),
+                         new_days=dict(new_days))
+    reference_features._recompute(want, hour)
+    c24, c7, c30, _, _, _, n24, n30 = want.cache
+    if all(-(2**63) <= v < 2**63 for v in want.cache):
+        assert _kernel.counts_sums(blob, hour) == [c24, c7, c30, n24, n30]
+    else:
+        with pytest.raises(ValueError, match="overflows"):
+            _kernel.counts_sums(blob, hour)
+
+
+def test_a_blob_the_codec_did_not_write_is_refused() -> None:
+    blob = reference_features.encode_counts(({HOUR: 3}, {HOUR // 24: 5}, {}, {}, {2: 17}))
+    for bad in (b"", b"\x01", blob[:-1], blob + b"\x00", b"\x02" + blob[1:], b"\x01garbage"):
+        with pytest.raises(ValueError):
+            _kernel.counts_sums(bad, HOUR)
+        with pytest.raises(ValueError):
+            _kernel.counts_tables(bad, ({}, {}, {}, {}))
+    assert _kernel.counts_sums(blob, HOUR) == [3, 5, 5, 0, 0]
+    with pytest.raises(TypeError):
+        _kernel.counts_tables(blob, ({}, {}, {}))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _kernel.counts_sums(bytearray(blob), HOUR)  # type: ignore[arg-type]
+    with pytest.raises(OverflowError):
+        _kernel.counts_sums(blob, 2**50)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
