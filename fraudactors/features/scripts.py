@@ -34,28 +34,98 @@ end
 # B version (1), H x5 the entries of each section, then the entries, 12 bytes each (i4, i8):
 # hour buckets (hour, transactions), day buckets (day, transactions), the new customers' hour and
 # day buckets (nh / nd), and per partition its high-water offset (partition, highest offset
-# counted). One string instead of a hash of ~130 fields: Redis reads and writes it whole, and no
-# Lua value is made per field on a read (the client sums the windows, ``_kernel.merchant_blob``).
-# decode_counts: the five tables {bucket -> count} (h, d, nh, nd, o), or nil for a blob it cannot
-# read; counts_from_hash: the same from the fields of a counts hash of an engine before the blob;
-# encode_counts: the blob, or nil when a section would exceed 65,535 entries.
+# counted). One string instead of a hash of ~130 fields: the read script returns it as it is (no
+# Lua value per field; the client sums the windows, ``_kernel.counts_sums``), and a write changes
+# only the entries of its increments, in one pass (``count_layout``, ``count_entry``, ``count_apply``);
+# a whole decode (``decode_counts``) and encode (``encode_counts``) happen only to prune, and to
+# convert a counts hash of an engine before the blob (``counts_from_hash``).
 COUNTS_CODEC = """
 local COUNTS_VERSION, COUNTS_HEADER, COUNTS_ENTRY, COUNTS_CHUNK = 1, 11, 12, 200
-local function decode_counts(blob)
+local COUNT_SECTION = {h = 1, d = 2, nh = 3, nd = 4, o = 5}
+-- the five section sizes and the byte positions where each section starts (6: the end), or nil
+-- for a string this codec did not write
+local function count_layout(blob)
   if #blob < COUNTS_HEADER or string.byte(blob, 1) ~= COUNTS_VERSION then return nil end
-  local sizes = {struct.unpack('<HHHHH', blob, 2)}
-  local n = sizes[1] + sizes[2] + sizes[3] + sizes[4] + sizes[5]
-  if #blob ~= COUNTS_HEADER + COUNTS_ENTRY * n then return nil end
+  local a, b, c, d, e = struct.unpack('<HHHHH', blob, 2)
+  local sizes, starts = {a, b, c, d, e}, {}
+  local at = COUNTS_HEADER + 1
+  for s = 1, 5 do
+    starts[s] = at
+    at = at + COUNTS_ENTRY * sizes[s]
+  end
+  starts[6] = at
+  if #blob ~= at - 1 then return nil end
+  return sizes, starts
+end
+-- the position of the entry of ``key`` in section s, or nil
+local function count_entry(blob, starts, s, key)
+  local packed, lo, hi = struct.pack('<i4', key), starts[s], starts[s + 1]
+  local at = lo
+  while true do
+    local pos = string.find(blob, packed, at, true)
+    if not pos or pos >= hi then return nil end
+    if (pos - lo) % COUNTS_ENTRY == 0 then return pos end
+    at = pos + 1
+  end
+end
+-- the blob with its entries changed: ``add[s][key]`` added to section s's entry of ``key`` (made
+-- when absent), for s = 1..4, and section 5's entry of each key of ``set`` set to its value;
+-- nil when a section would exceed 65,535 entries. One pass: the entries changed are found in
+-- place, the new ones go at the end of their section.
+local function count_apply(blob, add, set)
+  local sizes, starts = count_layout(blob)
+  local value_at, positions, new = {}, {}, {{}, {}, {}, {}, {}}
+  local function change(s, key, value, absolute)
+    local pos = count_entry(blob, starts, s, key)
+    if pos then
+      if value_at[pos] == nil then
+        positions[#positions + 1] = pos
+        value_at[pos] = struct.unpack('<i8', blob, pos + 4)
+      end
+      value_at[pos] = absolute and value or value_at[pos] + value
+    else
+      if sizes[s] == 65535 then return false end
+      sizes[s] = sizes[s] + 1
+      new[s][#new[s] + 1] = struct.pack('<i4i8', key, value)
+    end
+    return true
+  end
+  for s = 1, 4 do
+    for key, n in pairs(add[s]) do
+      if not change(s, key, n, false) then return nil end
+    end
+  end
+  for key, value in pairs(set) do
+    if not change(5, key, value, true) then return nil end
+  end
+  table.sort(positions)
+  local parts = {struct.pack('<BHHHHH', COUNTS_VERSION, sizes[1], sizes[2], sizes[3], sizes[4], sizes[5])}
+  local at, next_pos = COUNTS_HEADER + 1, 1
+  for s = 1, 5 do
+    local stop = starts[s + 1]
+    while positions[next_pos] and positions[next_pos] < stop do
+      local pos = positions[next_pos]
+      parts[#parts + 1] = string.sub(blob, at, pos + 3)
+      parts[#parts + 1] = struct.pack('<i8', value_at[pos])
+      at = pos + COUNTS_ENTRY
+      next_pos = next_pos + 1
+    end
+    parts[#parts + 1] = string.sub(blob, at, stop - 1)
+    at = stop
+    for _, entry in ipairs(new[s]) do parts[#parts + 1] = entry end
+  end
+  return table.concat(parts)
+end
+local function decode_counts(blob)
+  local sizes = count_layout(blob)
+  if not sizes then return nil end
   local tables, at = {}, COUNTS_HEADER + 1
   for s = 1, 5 do
     local t, left = {}, sizes[s]
     while left > 0 do
       local chunk = math.min(left, COUNTS_CHUNK)
       local v = {struct.unpack('<' .. string.rep('i4i8', chunk), blob, at)}
-      for x = 1, 2 * chunk, 2 do
-        if t[v[x]] ~= nil then return nil end  -- a bucket twice: not a blob this codec wrote
-        t[v[x]] = v[x + 1]
-      end
+      for x = 1, 2 * chunk, 2 do t[v[x]] = v[x + 1] end
       at = v[2 * chunk + 1]
       left = left - chunk
     end
@@ -65,10 +135,9 @@ local function decode_counts(blob)
 end
 local function counts_from_hash(flat)
   local tables = {{}, {}, {}, {}, {}}
-  local section = {h = 1, d = 2, nh = 3, nd = 4, o = 5}
   for i = 1, #flat, 2 do
     local kind, n = string.match(flat[i], '^(%a+)(-?%d+)$')
-    local s, v = section[kind], tonumber(flat[i + 1])
+    local s, v = COUNT_SECTION[kind], tonumber(flat[i + 1])
     if s and v then tables[s][tonumber(n)] = v end
   end
   return tables
@@ -91,6 +160,7 @@ local function encode_counts(tables)
   return struct.pack('<BHHHHH', COUNTS_VERSION, sizes[1], sizes[2], sizes[3], sizes[4], sizes[5])
     .. table.concat(parts)
 end
+local EMPTY_COUNTS = struct.pack('<BHHHHH', COUNTS_VERSION, 0, 0, 0, 0, 0)
 """
 
 # KEYS: the user keys, then (counts key, frauds key) per merchant, then one replay-log key per
@@ -278,7 +348,7 @@ for i = 1, n_users do
   old[i] = reply
 end
 local marks = {}
-local tallies = {}  -- merchant -> its five count tables (see COUNTS_CODEC)
+local blobs_m = {}  -- merchant -> its packed counts as read (a hash converted, nothing: empty)
 local reset = 0     -- count blobs that could not be read (replaced by this batch's counts)
 local overlap = {}  -- merchant -> {partition -> true} counted record by record
 local records = nil
@@ -288,20 +358,23 @@ for j = 1, n_merchants do
   if type(blob) == 'table' and blob['err'] then
     local flat, err = read('HGETALL', counts)  -- a counts hash of an engine before the blob
     if err then return err end
-    tallies[j] = counts_from_hash(flat)
-  elseif blob then
-    tallies[j] = decode_counts(blob)
-    if not tallies[j] then
-      reset = reset + 1
-      tallies[j] = {{}, {}, {}, {}, {}}
-    end
-  else
-    tallies[j] = {{}, {}, {}, {}, {}}
+    blob = encode_counts(counts_from_hash(flat))
+    if not blob then return redis.error_reply('INVALID merchant counts too large for ' .. counts) end
+  elseif not blob then
+    blob = EMPTY_COUNTS
+  elseif not count_layout(blob) then
+    reset = reset + 1
+    blob = EMPTY_COUNTS
   end
+  blobs_m[j] = blob
   marks[j] = {}
+  local _, starts = count_layout(blob)
   for _, g in ipairs(merchants[j][1]) do
     local part = g[1]
-    if marks[j][part] == nil then marks[j][part] = tallies[j][5][part] or -1 end
+    if marks[j][part] == nil then
+      local pos = count_entry(blob, starts, 5, part)
+      marks[j][part] = pos and struct.unpack('<i8', blob, pos + 4) or -1
+    end
     if g[2] <= marks[j][part] then
       overlap[j] = overlap[j] or {}
       overlap[j][part] = true
@@ -337,23 +410,27 @@ end
 -- refuses the whole batch, like any other invalid input).
 local packed = {}
 local counted = 0
+local function too_large(j) return redis.error_reply('INVALID merchant counts too large for ' .. KEYS[n_users + 2 * j - 1]) end
 for j = 1, n_merchants do
   local p = merchants[j]
-  local h, d, nh, nd, high = unpack(tallies[j])
-  local function bump(field, n)
-    local kind, bucket = string.match(field, '^(%a+)(-?%d+)$')
-    local t = (kind == 'h' and h) or (kind == 'd' and d) or (kind == 'nh' and nh) or (kind == 'nd' and nd)
-    bucket = tonumber(bucket)
-    t[bucket] = (t[bucket] or 0) + n
-  end
+  local high, add = {}, {{}, {}, {}, {}}
+  for part, mark in pairs(marks[j]) do high[part] = mark end
+  local function bump(s, bucket, n) add[s][bucket] = (add[s][bucket] or 0) + n end
   local slow = overlap[j]
   for _, g in ipairs(p[1]) do
     local part = g[1]
     if not (slow and slow[part]) then
       -- every record of this partition is above the high-water offset: all of them count
-      for x = 5, #g, 2 do bump(g[x], g[x + 1]) end
+      for x = 5, #g, 2 do
+        local kind, bucket = string.match(g[x], '^(%a+)(-?%d+)$')
+        local s = COUNT_SECTION[kind]
+        if not s or s == 5 or type(g[x + 1]) ~= 'number' then
+          return redis.error_reply('INVALID merchant count field ' .. tostring(g[x]))
+        end
+        bump(s, tonumber(bucket), g[x + 1])
+      end
       counted = counted + g[4]
-      if g[3] > (high[part] or -1) then high[part] = g[3] end
+      if g[3] > high[part] then high[part] = g[3] end
     end
   end
   if slow then
@@ -361,37 +438,40 @@ for j = 1, n_merchants do
     for x = 1, #entries, 5 do
       local part, offset = entries[x], entries[x + 1]
       if slow[part] then
-        local mark = high[part] or -1
+        local mark = high[part]
         if offset > mark then
-          local hour, day = entries[x + 2], entries[x + 3]
-          h[hour] = (h[hour] or 0) + 1
-          d[day] = (d[day] or 0) + 1
+          bump(1, entries[x + 2], 1)
+          bump(2, entries[x + 3], 1)
           if entries[x + 4] == 1 then
-            nh[hour] = (nh[hour] or 0) + 1
-            nd[day] = (nd[day] or 0) + 1
+            bump(3, entries[x + 2], 1)
+            bump(4, entries[x + 3], 1)
           end
           counted = counted + 1
-          high[part] = offset
+          mark = offset
         end
+        high[part] = mark
       end
     end
   end
-  local size = 0
-  for s = 1, 5 do
-    for _ in pairs(tallies[j][s]) do size = size + 1 end
+  local set = {}
+  for part, mark in pairs(high) do
+    if mark > marks[j][part] then set[part] = mark end
   end
-  if size > p[2] then  -- past the bound: the buckets that fell out of every window go
+  local blob = count_apply(blobs_m[j], add, set)
+  if not blob then return too_large(j) end
+  local sizes = count_layout(blob)
+  if sizes[1] + sizes[2] + sizes[3] + sizes[4] + sizes[5] > p[2] then
+    -- past the bound: the buckets that fell out of every window go
+    local tables = decode_counts(blob)
     for s, oldest in ipairs({p[3], p[4], p[3], p[4]}) do
-      local t = tallies[j][s]
+      local t = tables[s]
       for bucket in pairs(t) do
         if bucket < oldest then t[bucket] = nil end
       end
     end
+    blob = encode_counts(tables)
   end
-  packed[j] = encode_counts(tallies[j])
-  if not packed[j] then
-    return redis.error_reply('INVALID merchant counts too large for ' .. KEYS[n_users + 2 * j - 1])
-  end
+  packed[j] = blob
 end
 
 -- Phase 2: writes
