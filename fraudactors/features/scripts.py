@@ -68,39 +68,35 @@ local function count_entry(blob, starts, s, key)
     at = pos + 1
   end
 end
--- the blob with its entries changed: ``add[s][key]`` added to section s's entry of ``key`` (made
--- when absent), for s = 1..4, and section 5's entry of each key of ``set`` set to its value;
--- nil when a section would exceed 65,535 entries. One pass: the entries changed are found in
--- place, the new ones go at the end of their section.
-local function count_apply(blob, add, set)
-  local sizes, starts = count_layout(blob)
-  local value_at, positions, new = {}, {}, {{}, {}, {}, {}, {}}
-  local function change(s, key, value, absolute)
-    local pos = count_entry(blob, starts, s, key)
-    if pos then
-      if value_at[pos] == nil then
-        positions[#positions + 1] = pos
-        value_at[pos] = struct.unpack('<i8', blob, pos + 4)
+-- the blob with its entries changed, and its number of entries: ``add[s][key]`` added to section
+-- s's entry of ``key`` (made when absent; ``add[s]`` may be nil), for s = 1..4, and section 5's
+-- entry of each key of ``set`` set to its value; nil when a section would exceed 65,535 entries.
+-- ``sizes`` and ``starts`` are the blob's ``count_layout`` (changed here). One pass: the entries
+-- changed are found in place, the new ones go at the end of their section.
+local function count_apply(blob, sizes, starts, add, set)
+  local value_at, positions, new = {}, {}, nil
+  for s = 1, 5 do
+    local changes = s < 5 and add[s] or (s == 5 and set)
+    if changes then
+      for key, value in pairs(changes) do
+        local pos = count_entry(blob, starts, s, key)
+        if pos then  -- one key per table: each entry is changed once
+          positions[#positions + 1] = pos
+          value_at[pos] = s == 5 and value or struct.unpack('<i8', blob, pos + 4) + value
+        else
+          if sizes[s] == 65535 then return nil end
+          sizes[s] = sizes[s] + 1
+          new = new or {}
+          new[#new + 1] = {s, struct.pack('<i4i8', key, value)}
+        end
       end
-      value_at[pos] = absolute and value or value_at[pos] + value
-    else
-      if sizes[s] == 65535 then return false end
-      sizes[s] = sizes[s] + 1
-      new[s][#new[s] + 1] = struct.pack('<i4i8', key, value)
-    end
-    return true
-  end
-  for s = 1, 4 do
-    for key, n in pairs(add[s]) do
-      if not change(s, key, n, false) then return nil end
     end
   end
-  for key, value in pairs(set) do
-    if not change(5, key, value, true) then return nil end
-  end
+  local total = sizes[1] + sizes[2] + sizes[3] + sizes[4] + sizes[5]
+  if #positions == 0 and not new then return blob, total end
   table.sort(positions)
   local parts = {struct.pack('<BHHHHH', COUNTS_VERSION, sizes[1], sizes[2], sizes[3], sizes[4], sizes[5])}
-  local at, next_pos = COUNTS_HEADER + 1, 1
+  local at, next_pos, next_new = COUNTS_HEADER + 1, 1, 1
   for s = 1, 5 do
     local stop = starts[s + 1]
     while positions[next_pos] and positions[next_pos] < stop do
@@ -110,11 +106,14 @@ local function count_apply(blob, add, set)
       at = pos + COUNTS_ENTRY
       next_pos = next_pos + 1
     end
-    parts[#parts + 1] = string.sub(blob, at, stop - 1)
+    if stop > at then parts[#parts + 1] = string.sub(blob, at, stop - 1) end
     at = stop
-    for _, entry in ipairs(new[s]) do parts[#parts + 1] = entry end
+    while new and new[next_new] and new[next_new][1] == s do
+      parts[#parts + 1] = new[next_new][2]
+      next_new = next_new + 1
+    end
   end
-  return table.concat(parts)
+  return table.concat(parts), total
 end
 local function decode_counts(blob)
   local sizes = count_layout(blob)
@@ -349,6 +348,7 @@ for i = 1, n_users do
 end
 local marks = {}
 local blobs_m = {}  -- merchant -> its packed counts as read (a hash converted, nothing: empty)
+local layouts = {}  -- merchant -> {sizes, starts} of blobs_m (count_layout)
 local reset = 0     -- count blobs that could not be read (replaced by this batch's counts)
 local overlap = {}  -- merchant -> {partition -> true} counted record by record
 local records = nil
@@ -368,7 +368,8 @@ for j = 1, n_merchants do
   end
   blobs_m[j] = blob
   marks[j] = {}
-  local _, starts = count_layout(blob)
+  local sizes, starts = count_layout(blob)
+  layouts[j] = {sizes, starts}
   for _, g in ipairs(merchants[j][1]) do
     local part = g[1]
     if marks[j][part] == nil then
@@ -413,9 +414,16 @@ local counted = 0
 local function too_large(j) return redis.error_reply('INVALID merchant counts too large for ' .. KEYS[n_users + 2 * j - 1]) end
 for j = 1, n_merchants do
   local p = merchants[j]
-  local high, add = {}, {{}, {}, {}, {}}
+  local high, add = {}, {}
   for part, mark in pairs(marks[j]) do high[part] = mark end
-  local function bump(s, bucket, n) add[s][bucket] = (add[s][bucket] or 0) + n end
+  local function bump(s, bucket, n)
+    local t = add[s]
+    if not t then
+      t = {}
+      add[s] = t
+    end
+    t[bucket] = (t[bucket] or 0) + n
+  end
   local slow = overlap[j]
   for _, g in ipairs(p[1]) do
     local part = g[1]
@@ -457,10 +465,9 @@ for j = 1, n_merchants do
   for part, mark in pairs(high) do
     if mark > marks[j][part] then set[part] = mark end
   end
-  local blob = count_apply(blobs_m[j], add, set)
+  local blob, entries = count_apply(blobs_m[j], layouts[j][1], layouts[j][2], add, set)
   if not blob then return too_large(j) end
-  local sizes = count_layout(blob)
-  if sizes[1] + sizes[2] + sizes[3] + sizes[4] + sizes[5] > p[2] then
+  if entries > p[2] then
     -- past the bound: the buckets that fell out of every window go
     local tables = decode_counts(blob)
     for s, oldest in ipairs({p[3], p[4], p[3], p[4]}) do
