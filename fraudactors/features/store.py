@@ -458,8 +458,9 @@ class OnlineFeatureStore:
                     probes: dict[str, tuple[int, int]]) -> tuple[
             dict[str, UserState | None], dict[str, MerchantState], dict[str, int],
             dict[tuple[int, int], np.ndarray]]:
-        """The batch's one read: user states, merchant views, merchant hash sizes and the
-        replay-log vectors in the batch's offset ranges (one call, or one per slot on a cluster)."""
+        """The batch's one read: user states, merchant views, the number of fields of each
+        merchant's frauds hash (its pruning) and the replay-log vectors in the batch's offset
+        ranges (one call, or one per slot on a cluster)."""
         self._client()
         keys_of = self.keys
         # one reference event hour per merchant, or -1 when its transactions span several
