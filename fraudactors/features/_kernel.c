@@ -625,41 +625,42 @@ done:
 
 /* ---- a merchant's packed counts ----------------------------------------------------------------- */
 
-/* The value of a merchant's counts key (scripts.COUNTS_CODEC), version 1, little-endian: B version,
- * H x5 the entries of each section (hour, day, new customers' hour, new customers' day buckets, the
- * partitions' high-water offsets), then 12-byte entries (i4 bucket, i8 count). Returns the number
- * of entries of the four bucket sections, their sizes in ``sizes``, or -1 with ValueError set. */
-#define COUNTS_VERSION 1
-#define COUNTS_HEADER 11
-#define COUNTS_ENTRY 12
+/* The value of a merchant's counts key (scripts.COUNTS_CODEC), version 2: a version byte, then
+ * 13-byte entries, little-endian (u8 kind, i32 bucket, i64 count): kind 1 an event hour's
+ * transactions, 2 an event day's, 3 and 4 the same of new customers. A bucket may have several
+ * entries (the increments appended since the last compaction): its count is their sum. */
+#define COUNTS_VERSION 2
+#define COUNTS_ENTRY 13
 
-static Py_ssize_t counts_layout(const unsigned char *p, Py_ssize_t len, Py_ssize_t sizes[5]) {
-    if (len < COUNTS_HEADER || p[0] != COUNTS_VERSION) {
-        PyErr_SetString(PyExc_ValueError, "merchant counts: not a version 1 blob");
+/* The number of entries, or -1 with ValueError set for a string this codec did not write. */
+static Py_ssize_t counts_layout(const unsigned char *p, Py_ssize_t len) {
+    if (len < 1 || p[0] != COUNTS_VERSION || (len - 1) % COUNTS_ENTRY != 0) {
+        PyErr_SetString(PyExc_ValueError, "merchant counts: not a version 2 string of 13-byte entries");
         return -1;
     }
-    Py_ssize_t total = 0;
-    for (int s = 0; s < 5; s++) {
-        sizes[s] = (Py_ssize_t)p[1 + 2 * s] | ((Py_ssize_t)p[2 + 2 * s] << 8);
-        total += sizes[s];
+    Py_ssize_t n = (len - 1) / COUNTS_ENTRY;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char kind = p[1 + i * COUNTS_ENTRY];
+        if (kind < 1 || kind > 4) {
+            PyErr_Format(PyExc_ValueError, "merchant counts: entry %zd has kind %d", i, (int)kind);
+            return -1;
+        }
     }
-    if (len != COUNTS_HEADER + COUNTS_ENTRY * total) {
-        PyErr_SetString(PyExc_ValueError, "merchant counts: the length does not match the header");
-        return -1;
-    }
-    return total - sizes[4];
+    return n;
 }
 
-static void counts_entry(const unsigned char *p, long long *bucket, long long *count) {
+static void counts_entry(const unsigned char *p, int *kind, long long *bucket, long long *count) {
     int32_t b;
     int64_t c;
-    memcpy(&b, p, 4);  /* little-endian hosts only: the module refuses to build elsewhere */
-    memcpy(&c, p + 4, 8);
+    *kind = p[0];
+    memcpy(&b, p + 1, 4);  /* little-endian hosts only: the module refuses to build elsewhere */
+    memcpy(&c, p + 5, 8);
     *bucket = b;
     *count = c;
 }
 
-/* counts_tables(blob, targets): the four bucket sections into the dicts ``targets`` (h, d, nh, nd). */
+/* counts_tables(blob, targets): the entries into the dicts ``targets`` (h, d, nh, nd), each
+ * bucket's entries summed. */
 static PyObject *counts_tables(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 2 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 4) {
@@ -673,23 +674,28 @@ static PyObject *counts_tables(PyObject *module, PyObject *const *args, Py_ssize
         }
     }
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    Py_ssize_t sizes[5];
-    if (counts_layout(p, PyBytes_GET_SIZE(args[0]), sizes) < 0)
+    Py_ssize_t n = counts_layout(p, PyBytes_GET_SIZE(args[0]));
+    if (n < 0)
         return NULL;
-    const unsigned char *at = p + COUNTS_HEADER;
-    for (int s = 0; s < 4; s++) {
-        PyObject *table = PyTuple_GET_ITEM(args[1], s);
-        for (Py_ssize_t i = 0; i < sizes[s]; i++, at += COUNTS_ENTRY) {
-            long long bucket, count;
-            counts_entry(at, &bucket, &count);
-            PyObject *key = PyLong_FromLongLong(bucket);
-            PyObject *value = key == NULL ? NULL : PyLong_FromLongLong(count);
-            int failed = value == NULL || PyDict_SetItem(table, key, value) < 0;
-            Py_XDECREF(key);
-            Py_XDECREF(value);
-            if (failed)
-                return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int kind;
+        long long bucket, count;
+        counts_entry(p + 1 + i * COUNTS_ENTRY, &kind, &bucket, &count);
+        PyObject *table = PyTuple_GET_ITEM(args[1], kind - 1);
+        PyObject *key = PyLong_FromLongLong(bucket);
+        PyObject *value = key == NULL ? NULL : PyLong_FromLongLong(count);
+        PyObject *old = value == NULL ? NULL : PyDict_GetItemWithError(table, key);  /* borrowed */
+        int failed = value == NULL || (old == NULL && PyErr_Occurred());
+        if (!failed && old != NULL) {
+            PyObject *sum = PyNumber_Add(old, value);
+            Py_SETREF(value, sum);
+            failed = value == NULL;
         }
+        failed = failed || PyDict_SetItem(table, key, value) < 0;
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (failed)
+            return NULL;
     }
     Py_RETURN_NONE;
 }
@@ -711,28 +717,25 @@ static PyObject *counts_sums(PyObject *module, PyObject *const *args, Py_ssize_t
     }
     long long day = floor_div(hour, 24);
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    Py_ssize_t sizes[5];
-    if (counts_layout(p, PyBytes_GET_SIZE(args[0]), sizes) < 0)
+    Py_ssize_t n = counts_layout(p, PyBytes_GET_SIZE(args[0]));
+    if (n < 0)
         return NULL;
-    /* c24, c7, c30, n24, n30; exact (at most 65,535 x 5 terms of 64 bits), checked to fit at the end */
+    /* c24, c7, c30, n24, n30; exact (terms of 64 bits, fewer than 2^60 of them), checked to fit at the end */
     __int128 sums[5] = {0, 0, 0, 0, 0};
-    const unsigned char *at = p + COUNTS_HEADER;
-    for (int s = 0; s < 4; s++) {
-        int hours = s == 0 || s == 2;
-        for (Py_ssize_t i = 0; i < sizes[s]; i++, at += COUNTS_ENTRY) {
-            long long bucket, count;
-            counts_entry(at, &bucket, &count);
-            if (hours) {
-                if (bucket >= hour - 23 && bucket <= hour)
-                    sums[s == 0 ? 0 : 3] += count;
-            } else if (bucket >= day - 29 && bucket <= day) {
-                if (s == 1) {
-                    sums[2] += count;
-                    if (bucket >= day - 6)
-                        sums[1] += count;
-                } else {
-                    sums[4] += count;
-                }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int kind;
+        long long bucket, count;
+        counts_entry(p + 1 + i * COUNTS_ENTRY, &kind, &bucket, &count);
+        if (kind == 1 || kind == 3) {
+            if (bucket >= hour - 23 && bucket <= hour)
+                sums[kind == 1 ? 0 : 3] += count;
+        } else if (bucket >= day - 29 && bucket <= day) {
+            if (kind == 2) {
+                sums[2] += count;
+                if (bucket >= day - 6)
+                    sums[1] += count;
+            } else {
+                sums[4] += count;
             }
         }
     }
@@ -810,8 +813,8 @@ static PyMethodDef methods[] = {
      "[c24, c7, c30, frauds today, 7 past days, 30 past days, new customers' n24, n30]."},
     {"counts_tables", (PyCFunction)(void (*)(void))counts_tables, METH_FASTCALL,
      "counts_tables(blob, targets)\n--\n\n"
-     "Fill the bucket tables ``targets`` (dicts of h, d, nh, nd buckets) from a merchant's packed counts\n"
-     "(scripts.COUNTS_CODEC); ValueError for a blob of another version or length."},
+     "Add a merchant's packed counts (scripts.COUNTS_CODEC) into the bucket tables ``targets`` (dicts of\n"
+     "h, d, nh, nd buckets), each bucket's entries summed; ValueError for a blob this codec did not write."},
     {"counts_sums", (PyCFunction)(void (*)(void))counts_sums, METH_FASTCALL,
      "counts_sums(blob, hour)\n--\n\n"
      "A merchant's count windows at an event hour from its packed counts: [c24, c7, c30, n24, n30],\n"

@@ -10,7 +10,8 @@ one hash slot):
 | ``<prefix>{u<shard>}:o:<user_id>`` | what each variant said about the user's last decisions | user shard |
 | ``<prefix>{u<shard>}:rl:<partition>`` | replay log: feature vectors of the shard's records not yet committed | user shard |
 | ``<prefix>{p<partition>}:ep`` | the partition's fencing epoch (``INCR`` on every claim) | partition |
-| ``<prefix>{m<shard>}:c:<merchant_id>`` | merchant transaction counts by event hour/day (also new customers') + per-partition high-water offsets, one packed string (``scripts.COUNTS_CODEC``) | merchant shard |
+| ``<prefix>{m<shard>}:c:<merchant_id>`` | merchant transaction counts by event hour/day (also new customers'), one packed string of appended entries (``scripts.COUNTS_CODEC``) | merchant shard |
+| ``<prefix>{m<shard>}:o:<merchant_id>`` | hash: per partition, the highest offset counted in the merchant's counts | merchant shard |
 | ``<prefix>{m<shard>}:f:<merchant_id>`` | merchant fraud-label counts by ``labeled_at`` hour/day | merchant shard |
 | ``<prefix>{m<shard>}:lb:<merchant_id>`` | hash: the label standing for each of the merchant's transactions (``l<transaction_id>``), pruned by ``labeled_at`` | merchant shard |
 
@@ -67,6 +68,9 @@ class KeyLayout:
 
     def merchant_frauds(self, merchant_id: str) -> str:
         return f"{self.prefix}{{m{shard(merchant_id)}}}:f:{merchant_id}"
+
+    def merchant_offsets(self, merchant_id: str) -> str:
+        return f"{self.prefix}{{m{shard(merchant_id)}}}:o:{merchant_id}"
 
     def merchant_pair(self, merchant_id: str) -> tuple[str, str]:
         """(counts, frauds): the two keys a batch reads and writes per merchant."""

@@ -1,14 +1,14 @@
 """The Lua scripts of the online store (key layout: ``keys.py``).
 
 A merchant's transaction counts are buckets by event hour and day (integers since the epoch),
-also those of new customers (cards that had not used the merchant), and per partition the
-highest offset already counted (what makes the counts idempotent under replay and under a
-fenced-off writer), packed into one string (``COUNTS_CODEC``; engines before it kept a hash of
-fields ``h<hour>``, ``d<day>``, ``nh<hour>``, ``nd<day>``, ``o<partition>``, which the write script
-converts). The frauds hash has fields ``h<hour>`` / ``d<day>`` of the labels' report times.
-The fraud-window arithmetic in ``READ_BATCH`` mirrors ``definition._recompute`` exactly (the parity
-tests compare the two); keep them in step. The transaction counts are one packed string per
-merchant (``COUNTS_CODEC``), summed by the client.
+also those of new customers (cards that had not used the merchant), appended to one string per
+merchant (``COUNTS_CODEC``); beside them a hash of the highest offset already counted per
+partition (what makes the counts idempotent under replay and under a fenced-off writer). Engines
+before the string kept one hash of fields ``h<hour>``, ``d<day>``, ``nh<hour>``, ``nd<day>``,
+``o<partition>``, which the read script reads and the write script converts. The frauds hash has
+fields ``h<hour>`` / ``d<day>`` of the labels' report times; its window arithmetic in
+``READ_BATCH`` mirrors ``definition._recompute`` exactly (the parity tests compare the two; keep
+them in step), the transaction counts' windows are summed by the client.
 
 Every script that writes starts with ``#!lua`` (no ``allow-oom`` flag), so a server out of
 memory refuses it before it runs instead of failing at its first write, and each one checks
@@ -30,136 +30,66 @@ local function check_type(key, want)
 end
 """
 
-# The packed counts of one merchant (the value of its counts key), version 1, little-endian:
-# B version (1), H x5 the entries of each section, then the entries, 12 bytes each (i4, i8):
-# hour buckets (hour, transactions), day buckets (day, transactions), the new customers' hour and
-# day buckets (nh / nd), and per partition its high-water offset (partition, highest offset
-# counted). One string instead of a hash of ~130 fields: the read script returns it as it is (no
-# Lua value per field; the client sums the windows, ``_kernel.counts_sums``), and a write changes
-# only the entries of its increments, in one pass (``count_layout``, ``count_entry``, ``count_apply``);
-# a whole decode (``decode_counts``) and encode (``encode_counts``) happen only to prune, and to
-# convert a counts hash of an engine before the blob (``counts_from_hash``).
+# The packed counts of one merchant (the value of its counts key), version 2: a version byte (2),
+# then entries of 13 bytes, little-endian (B kind, i4 bucket, i8 count): kind 1 an event hour's
+# transactions, 2 an event day's, 3 and 4 the same of new customers. A bucket may have several
+# entries: its count is their sum. A write appends its increments (APPEND: Redis copies a few
+# bytes, no Lua value per bucket) and compacts the string -- one entry per bucket, the buckets out
+# of every window dropped -- once it holds more than its bound of entries. The read script returns
+# the string as it is and the client sums the windows (``_kernel.counts_sums``). The high-water
+# offsets per partition, which make the counts idempotent, are a hash beside it
+# (``{m<shard>}:o:<merchant>``, field = partition). decode_counts: the four tables {bucket -> count}
+# of a string, or nil when this codec did not write it; count_bytes: the entries of four tables;
+# counts_from_hash: the tables and the offsets of a counts hash of an engine before the string.
 COUNTS_CODEC = """
-local COUNTS_VERSION, COUNTS_HEADER, COUNTS_ENTRY, COUNTS_CHUNK = 1, 11, 12, 200
-local COUNT_SECTION = {h = 1, d = 2, nh = 3, nd = 4, o = 5}
--- the five section sizes and the byte positions where each section starts (6: the end), or nil
--- for a string this codec did not write
-local function count_layout(blob)
-  if #blob < COUNTS_HEADER or string.byte(blob, 1) ~= COUNTS_VERSION then return nil end
-  local a, b, c, d, e = struct.unpack('<HHHHH', blob, 2)
-  local sizes, starts = {a, b, c, d, e}, {}
-  local at = COUNTS_HEADER + 1
-  for s = 1, 5 do
-    starts[s] = at
-    at = at + COUNTS_ENTRY * sizes[s]
-  end
-  starts[6] = at
-  if #blob ~= at - 1 then return nil end
-  return sizes, starts
-end
--- the position of the entry of ``key`` in section s, or nil
-local function count_entry(blob, starts, s, key)
-  local packed, lo, hi = struct.pack('<i4', key), starts[s], starts[s + 1]
-  local at = lo
-  while true do
-    local pos = string.find(blob, packed, at, true)
-    if not pos or pos >= hi then return nil end
-    if (pos - lo) % COUNTS_ENTRY == 0 then return pos end
-    at = pos + 1
-  end
-end
--- the blob with its entries changed, and its number of entries: ``add[s][key]`` added to section
--- s's entry of ``key`` (made when absent; ``add[s]`` may be nil), for s = 1..4, and section 5's
--- entry of each key of ``set`` set to its value; nil when a section would exceed 65,535 entries.
--- ``sizes`` and ``starts`` are the blob's ``count_layout`` (changed here). One pass: the entries
--- changed are found in place, the new ones go at the end of their section.
-local function count_apply(blob, sizes, starts, add, set)
-  local value_at, positions, new = {}, {}, nil
-  for s = 1, 5 do
-    local changes = s < 5 and add[s] or (s == 5 and set)
-    if changes then
-      for key, value in pairs(changes) do
-        local pos = count_entry(blob, starts, s, key)
-        if pos then  -- one key per table: each entry is changed once
-          positions[#positions + 1] = pos
-          value_at[pos] = s == 5 and value or struct.unpack('<i8', blob, pos + 4) + value
-        else
-          if sizes[s] == 65535 then return nil end
-          sizes[s] = sizes[s] + 1
-          new = new or {}
-          new[#new + 1] = {s, struct.pack('<i4i8', key, value)}
-        end
-      end
-    end
-  end
-  local total = sizes[1] + sizes[2] + sizes[3] + sizes[4] + sizes[5]
-  if #positions == 0 and not new then return blob, total end
-  table.sort(positions)
-  local parts = {struct.pack('<BHHHHH', COUNTS_VERSION, sizes[1], sizes[2], sizes[3], sizes[4], sizes[5])}
-  local at, next_pos, next_new = COUNTS_HEADER + 1, 1, 1
-  for s = 1, 5 do
-    local stop = starts[s + 1]
-    while positions[next_pos] and positions[next_pos] < stop do
-      local pos = positions[next_pos]
-      parts[#parts + 1] = string.sub(blob, at, pos + 3)
-      parts[#parts + 1] = struct.pack('<i8', value_at[pos])
-      at = pos + COUNTS_ENTRY
-      next_pos = next_pos + 1
-    end
-    if stop > at then parts[#parts + 1] = string.sub(blob, at, stop - 1) end
-    at = stop
-    while new and new[next_new] and new[next_new][1] == s do
-      parts[#parts + 1] = new[next_new][2]
-      next_new = next_new + 1
-    end
-  end
-  return table.concat(parts), total
-end
+local COUNTS_VERSION, COUNTS_ENTRY, COUNTS_CHUNK = 2, 13, 200
+local COUNTS_HEAD = string.char(COUNTS_VERSION)
+local COUNT_KIND = {h = 1, d = 2, nh = 3, nd = 4}
 local function decode_counts(blob)
-  local sizes = count_layout(blob)
-  if not sizes then return nil end
-  local tables, at = {}, COUNTS_HEADER + 1
-  for s = 1, 5 do
-    local t, left = {}, sizes[s]
-    while left > 0 do
-      local chunk = math.min(left, COUNTS_CHUNK)
-      local v = {struct.unpack('<' .. string.rep('i4i8', chunk), blob, at)}
-      for x = 1, 2 * chunk, 2 do t[v[x]] = v[x + 1] end
-      at = v[2 * chunk + 1]
-      left = left - chunk
+  if string.byte(blob, 1) ~= COUNTS_VERSION or (#blob - 1) % COUNTS_ENTRY ~= 0 then return nil end
+  local tables, at, left = {{}, {}, {}, {}}, 2, (#blob - 1) / COUNTS_ENTRY
+  while left > 0 do
+    local chunk = math.min(left, COUNTS_CHUNK)
+    local v = {struct.unpack('<' .. string.rep('Bi4i8', chunk), blob, at)}
+    for x = 1, 3 * chunk, 3 do
+      local t = tables[v[x]]
+      if not t then return nil end
+      t[v[x + 1]] = (t[v[x + 1]] or 0) + v[x + 2]
     end
-    tables[s] = t
+    at = v[3 * chunk + 1]
+    left = left - chunk
   end
   return tables
+end
+local function count_bytes(tables)
+  local parts = {}
+  for kind = 1, 4 do
+    local flat = {}
+    for bucket, n in pairs(tables[kind]) do
+      flat[#flat + 1] = kind
+      flat[#flat + 1] = bucket
+      flat[#flat + 1] = n
+    end
+    for x = 1, #flat, 3 * COUNTS_CHUNK do
+      local hi = math.min(x + 3 * COUNTS_CHUNK - 1, #flat)
+      parts[#parts + 1] = struct.pack('<' .. string.rep('Bi4i8', (hi - x + 1) / 3), unpack(flat, x, hi))
+    end
+  end
+  return table.concat(parts)
 end
 local function counts_from_hash(flat)
-  local tables = {{}, {}, {}, {}, {}}
+  local tables, offsets = {{}, {}, {}, {}}, {}
   for i = 1, #flat, 2 do
     local kind, n = string.match(flat[i], '^(%a+)(-?%d+)$')
-    local s, v = COUNT_SECTION[kind], tonumber(flat[i + 1])
-    if s and v then tables[s][tonumber(n)] = v end
-  end
-  return tables
-end
-local function encode_counts(tables)
-  local parts, sizes = {}, {}
-  for s = 1, 5 do
-    local flat = {}
-    for k, v in pairs(tables[s]) do
-      flat[#flat + 1] = k
-      flat[#flat + 1] = v
-    end
-    sizes[s] = #flat / 2
-    if sizes[s] > 65535 then return nil end
-    for x = 1, #flat, 2 * COUNTS_CHUNK do
-      local hi = math.min(x + 2 * COUNTS_CHUNK - 1, #flat)
-      parts[#parts + 1] = struct.pack('<' .. string.rep('i4i8', (hi - x + 1) / 2), unpack(flat, x, hi))
+    local v = tonumber(flat[i + 1])
+    if v and COUNT_KIND[kind] then
+      tables[COUNT_KIND[kind]][tonumber(n)] = v
+    elseif v and kind == 'o' then
+      offsets[tonumber(n)] = v
     end
   end
-  return struct.pack('<BHHHHH', COUNTS_VERSION, sizes[1], sizes[2], sizes[3], sizes[4], sizes[5])
-    .. table.concat(parts)
+  return tables, offsets
 end
-local EMPTY_COUNTS = struct.pack('<BHHHHH', COUNTS_VERSION, 0, 0, 0, 0, 0)
 """
 
 # KEYS: the user keys, then (counts key, frauds key) per merchant, then one replay-log key per
@@ -256,7 +186,7 @@ end
 return out
 """
 
-# KEYS: the user keys, then (counts key, frauds key) per merchant, then one replay-log key per
+# KEYS: the user keys, then (counts key, frauds key, offsets key) per merchant, then one replay-log key per
 # partition of the batch.
 # ARGV: ttl, number of users, number of merchants, a JSON plan, the merchants' records as JSON,
 # the user blobs concatenated, then per replay-log key its members concatenated (each of the
@@ -294,7 +224,7 @@ if not ttl or not n_users or not n_merchants or not ok or type(plan) ~= 'table' 
 end
 local users, merchants, logs, size = plan['u'], plan['m'], plan['r'], plan['s']
 if type(users) ~= 'table' or #users ~= n_users or type(merchants) ~= 'table' or #merchants ~= n_merchants
-    or type(logs) ~= 'table' or #KEYS ~= n_users + 2 * n_merchants + #logs or type(size) ~= 'number' then
+    or type(logs) ~= 'table' or #KEYS ~= n_users + 3 * n_merchants + #logs or type(size) ~= 'number' then
   return redis.error_reply('INVALID plan does not match the keys')
 end
 if #ARGV ~= 6 + #logs then
@@ -322,11 +252,11 @@ if at ~= #ARGV[6] + 1 then return redis.error_reply('INVALID state blobs') end
 for j = 1, n_merchants do
   local p = merchants[j]
   if type(p) ~= 'table' or type(p[1]) ~= 'table' or #p ~= 7 then
-    return redis.error_reply('INVALID merchant plan for ' .. KEYS[n_users + 2 * j - 1])
+    return redis.error_reply('INVALID merchant plan for ' .. KEYS[n_users + 3 * j - 2])
   end
   for _, g in ipairs(p[1]) do
     if type(g) ~= 'table' or #g < 4 or #g % 2 ~= 0 then
-      return redis.error_reply('INVALID merchant plan for ' .. KEYS[n_users + 2 * j - 1])
+      return redis.error_reply('INVALID merchant plan for ' .. KEYS[n_users + 3 * j - 2])
     end
   end
 end
@@ -347,38 +277,44 @@ for i = 1, n_users do
   old[i] = reply
 end
 local marks = {}
-local blobs_m = {}  -- merchant -> its packed counts as read (a hash converted, nothing: empty)
-local layouts = {}  -- merchant -> {sizes, starts} of blobs_m (count_layout)
-local reset = 0     -- count blobs that could not be read (replaced by this batch's counts)
+local state = {}    -- merchant -> 'append' (its string), 'new' (none yet), 'hash' (an engine before), 'reset'
+local legacy = {}   -- merchant -> {tables, offsets} of its counts hash
 local overlap = {}  -- merchant -> {partition -> true} counted record by record
 local records = nil
 for j = 1, n_merchants do
-  local counts, frauds = KEYS[n_users + 2 * j - 1], KEYS[n_users + 2 * j]
-  local blob = redis.pcall('GET', counts)
-  if type(blob) == 'table' and blob['err'] then
-    local flat, err = read('HGETALL', counts)  -- a counts hash of an engine before the blob
+  local counts, frauds, offsets = KEYS[n_users + 3 * j - 2], KEYS[n_users + 3 * j - 1], KEYS[n_users + 3 * j]
+  local head = redis.pcall('GETRANGE', counts, 0, 0)
+  if type(head) == 'table' and head['err'] then
+    local flat, err = read('HGETALL', counts)  -- a counts hash of an engine before the string
     if err then return err end
-    blob = encode_counts(counts_from_hash(flat))
-    if not blob then return redis.error_reply('INVALID merchant counts too large for ' .. counts) end
-  elseif not blob then
-    blob = EMPTY_COUNTS
-  elseif not count_layout(blob) then
-    reset = reset + 1
-    blob = EMPTY_COUNTS
+    legacy[j] = {counts_from_hash(flat)}
+    state[j] = 'hash'
+  elseif head == '' then
+    state[j] = 'new'
+  elseif head == COUNTS_HEAD then
+    state[j] = 'append'
+  else
+    state[j] = 'reset'  -- a string this codec did not write: replaced by this batch's counts
   end
-  blobs_m[j] = blob
-  marks[j] = {}
-  local sizes, starts = count_layout(blob)
-  layouts[j] = {sizes, starts}
+  local parts, seen = {}, {}
   for _, g in ipairs(merchants[j][1]) do
-    local part = g[1]
-    if marks[j][part] == nil then
-      local pos = count_entry(blob, starts, 5, part)
-      marks[j][part] = pos and struct.unpack('<i8', blob, pos + 4) or -1
+    if not seen[g[1]] then
+      seen[g[1]] = true
+      parts[#parts + 1] = g[1]
     end
-    if g[2] <= marks[j][part] then
+  end
+  marks[j] = {}
+  if #parts > 0 then
+    local reply, err = read('HMGET', offsets, unpack(parts))
+    if err then return err end
+    for i, part in ipairs(parts) do
+      marks[j][part] = math.max(tonumber(reply[i]) or -1, legacy[j] and legacy[j][2][part] or -1)
+    end
+  end
+  for _, g in ipairs(merchants[j][1]) do
+    if g[2] <= marks[j][g[1]] then
       overlap[j] = overlap[j] or {}
-      overlap[j][part] = true
+      overlap[j][g[1]] = true
     end
   end
   if merchants[j][5] == 1 then
@@ -394,36 +330,26 @@ if next(overlap) then
   end
   for j in pairs(overlap) do
     if type(decoded[j]) ~= 'table' or #decoded[j] % 5 ~= 0 then
-      return redis.error_reply('INVALID merchant records for ' .. KEYS[n_users + 2 * j - 1])
+      return redis.error_reply('INVALID merchant records for ' .. KEYS[n_users + 3 * j - 2])
     end
   end
   records = decoded
 end
 local highest = {}
-local base = n_users + 2 * n_merchants
+local base = n_users + 3 * n_merchants
 for r = 1, #logs do
   local top, err = read('ZRANGE', KEYS[base + r], -1, -1, 'WITHSCORES')
   if err then return err end
   highest[r] = top[2] and tonumber(top[2]) or -1
 end
 
--- The merchants' new counts, packed before the first write (a count that cannot be packed
--- refuses the whole batch, like any other invalid input).
-local packed = {}
+-- The merchants' increments and new high-water offsets, before the first write.
+local increments, offsets_set = {}, {}
 local counted = 0
-local function too_large(j) return redis.error_reply('INVALID merchant counts too large for ' .. KEYS[n_users + 2 * j - 1]) end
 for j = 1, n_merchants do
   local p = merchants[j]
-  local high, add = {}, {}
+  local high, add = {}, {{}, {}, {}, {}}
   for part, mark in pairs(marks[j]) do high[part] = mark end
-  local function bump(s, bucket, n)
-    local t = add[s]
-    if not t then
-      t = {}
-      add[s] = t
-    end
-    t[bucket] = (t[bucket] or 0) + n
-  end
   local slow = overlap[j]
   for _, g in ipairs(p[1]) do
     local part = g[1]
@@ -431,11 +357,12 @@ for j = 1, n_merchants do
       -- every record of this partition is above the high-water offset: all of them count
       for x = 5, #g, 2 do
         local kind, bucket = string.match(g[x], '^(%a+)(-?%d+)$')
-        local s = COUNT_SECTION[kind]
-        if not s or s == 5 or type(g[x + 1]) ~= 'number' then
+        local t = add[COUNT_KIND[kind]]
+        if not t or type(g[x + 1]) ~= 'number' then
           return redis.error_reply('INVALID merchant count field ' .. tostring(g[x]))
         end
-        bump(s, tonumber(bucket), g[x + 1])
+        bucket = tonumber(bucket)
+        t[bucket] = (t[bucket] or 0) + g[x + 1]
       end
       counted = counted + g[4]
       if g[3] > high[part] then high[part] = g[3] end
@@ -448,11 +375,12 @@ for j = 1, n_merchants do
       if slow[part] then
         local mark = high[part]
         if offset > mark then
-          bump(1, entries[x + 2], 1)
-          bump(2, entries[x + 3], 1)
+          local hour, day = entries[x + 2], entries[x + 3]
+          add[1][hour] = (add[1][hour] or 0) + 1
+          add[2][day] = (add[2][day] or 0) + 1
           if entries[x + 4] == 1 then
-            bump(3, entries[x + 2], 1)
-            bump(4, entries[x + 3], 1)
+            add[3][hour] = (add[3][hour] or 0) + 1
+            add[4][day] = (add[4][day] or 0) + 1
           end
           counted = counted + 1
           mark = offset
@@ -461,24 +389,25 @@ for j = 1, n_merchants do
       end
     end
   end
-  local set = {}
-  for part, mark in pairs(high) do
-    if mark > marks[j][part] then set[part] = mark end
-  end
-  local blob, entries = count_apply(blobs_m[j], layouts[j][1], layouts[j][2], add, set)
-  if not blob then return too_large(j) end
-  if entries > p[2] then
-    -- past the bound: the buckets that fell out of every window go
-    local tables = decode_counts(blob)
-    for s, oldest in ipairs({p[3], p[4], p[3], p[4]}) do
-      local t = tables[s]
-      for bucket in pairs(t) do
-        if bucket < oldest then t[bucket] = nil end
-      end
+  if state[j] == 'hash' then  -- the whole hash becomes a string, with the batch's increments
+    local tables = legacy[j][1]
+    for kind = 1, 4 do
+      for bucket, n in pairs(add[kind]) do tables[kind][bucket] = (tables[kind][bucket] or 0) + n end
     end
-    blob = encode_counts(tables)
+    add = tables
+    for part, mark in pairs(legacy[j][2]) do
+      if high[part] == nil or mark > high[part] then high[part] = mark end
+    end
   end
-  packed[j] = blob
+  increments[j] = count_bytes(add)
+  local hw = {}
+  for part, mark in pairs(high) do
+    if mark >= 0 and (state[j] == 'hash' or mark > marks[j][part]) then
+      hw[#hw + 1] = part
+      hw[#hw + 1] = mark
+    end
+  end
+  offsets_set[j] = hw
 end
 
 -- Phase 2: writes
@@ -546,10 +475,48 @@ local function prune(key, oldest_hour, oldest_day)
     redis.call('HDEL', key, unpack(dead, i, math.min(i + 499, #dead)))
   end
 end
+-- A merchant's counts once they hold more than ``bound`` entries: one entry per bucket, without
+-- the buckets older than the oldest hour / day any window reaches (a string this codec did not
+-- write -- only possible when a foreign writer changed it during the call -- is replaced).
+local reset = 0
+local function compact(key, bound, oldest_hour, oldest_day, appended)
+  local tables = decode_counts(redis.call('GET', key))
+  if not tables then
+    reset = reset + 1
+    redis.call('SET', key, COUNTS_HEAD .. appended, 'KEEPTTL')
+    return
+  end
+  for kind, oldest in ipairs({oldest_hour, oldest_day, oldest_hour, oldest_day}) do
+    for bucket in pairs(tables[kind]) do
+      if bucket < oldest then tables[kind][bucket] = nil end
+    end
+  end
+  redis.call('SET', key, COUNTS_HEAD .. count_bytes(tables), 'KEEPTTL')
+end
 for j = 1, n_merchants do
-  local frauds = KEYS[n_users + 2 * j]
-  redis.call('SET', KEYS[n_users + 2 * j - 1], packed[j], 'EX', ttl)
-  if merchants[j][5] == 1 then prune(frauds, merchants[j][6], merchants[j][7]) end
+  local counts, frauds, offsets = KEYS[n_users + 3 * j - 2], KEYS[n_users + 3 * j - 1], KEYS[n_users + 3 * j]
+  local p = merchants[j]
+  local appended = increments[j]
+  if state[j] == 'append' then
+    local length = redis.call('APPEND', counts, appended)
+    if (length - 1) % COUNTS_ENTRY ~= 0 then  -- not a length this codec writes: replaced
+      reset = reset + 1
+      redis.call('SET', counts, COUNTS_HEAD .. appended)
+    elseif (length - 1) / COUNTS_ENTRY > p[2] then
+      compact(counts, p[2], p[3], p[4], appended)
+    end
+    redis.call('EXPIRE', counts, ttl)
+  else
+    if state[j] == 'reset' then reset = reset + 1 end
+    redis.call('SET', counts, COUNTS_HEAD .. appended, 'EX', ttl)
+    if state[j] == 'hash' and (#appended / COUNTS_ENTRY) > p[2] then compact(counts, p[2], p[3], p[4], appended) end
+  end
+  local hw = offsets_set[j]
+  for x = 1, #hw, 500 do
+    redis.call('HSET', offsets, unpack(hw, x, math.min(x + 499, #hw)))
+  end
+  redis.call('EXPIRE', offsets, ttl)
+  if p[5] == 1 then prune(frauds, p[6], p[7]) end
 end
 return {written, stale, counted, reset}
 """

@@ -9,9 +9,9 @@ pipeline of hundreds of small commands on two cores):
    batch's event hour (or its whole frauds hash when the batch spans several event hours of
    that merchant); and the replay-log entries of the batch's offset range in each partition;
 2. a write script: the updated user blobs (``SET .. EX ttl``, fenced), the replay-log entries of
-   the records applied, the merchant counts with the batch's increments (all and new customers',
-   idempotent per ``(partition, offset)``) packed again, expiry, and the removal of buckets that
-   fell out of every window.
+   the records applied, the batch's merchant count increments appended to their strings (all and
+   new customers', idempotent per ``(partition, offset)``), expiry, and the removal of buckets
+   that fell out of every window.
 
 In between, the batch is computed in Python by :func:`fraudactors.features.definition.transition`
 (the same function training uses) with the states in memory, so two transactions of one user in
@@ -88,7 +88,7 @@ from fraudactors.settings import Settings
 # with a reported fraud); the counts keep 26 hours.
 _KEEP_COUNT_HOURS = 26
 _KEEP_COUNT_DAYS = 33
-_MAX_COUNT_FIELDS = 192  # entries of a merchant's counts: h/d and nh/nd buckets (26 + 33 each), partitions' offsets
+_MAX_COUNT_FIELDS = 192  # entries of a merchant's counts string before it is compacted (buckets: 26 + 33, twice)
 _KEEP_FRAUD_HOURS = 8 * 24
 _KEEP_FRAUD_DAYS = 40
 _MAX_FRAUD_FIELDS = 320
@@ -564,7 +564,9 @@ class OnlineFeatureStore:
         calls: list[tuple[list[str], list[Any]]] = []
         for group in groups.values():
             keys = [keys_of.user(u) for u in group.users]
-            keys.extend(key for m in group.merchants for key in keys_of.merchant_pair(m))
+            for m in group.merchants:
+                keys.extend(keys_of.merchant_pair(m))
+                keys.append(keys_of.merchant_offsets(m))
             plan_logs = []
             members: list[bytes] = []
             for (user_shard, p), flat in group.logs.items():

@@ -276,31 +276,32 @@ def _merchant_from_flat(counts: list[bytes], frauds: list[bytes]) -> MerchantSta
     return m
 
 
-COUNTS_HEADER = struct.Struct("<BHHHHH")  # version 1, the entries of each of the five sections
-COUNTS_ENTRY = struct.Struct("<iq")        # bucket (or partition), count (or offset)
-CountTables = tuple[dict[int, int], dict[int, int], dict[int, int], dict[int, int], dict[int, int]]
+COUNTS_ENTRY = struct.Struct("<Biq")  # kind (1 h, 2 d, 3 nh, 4 nd), bucket, count
+CountTables = tuple[dict[int, int], dict[int, int], dict[int, int], dict[int, int]]
 
 
 def decode_counts(blob: bytes) -> CountTables:
-    """A merchant's packed counts as five tables: h, d, nh, nd buckets and the partitions' offsets."""
-    version, *sizes = COUNTS_HEADER.unpack_from(blob)
-    if version != 1 or len(blob) != COUNTS_HEADER.size + COUNTS_ENTRY.size * sum(sizes):
-        raise ValueError("not a version 1 merchant counts blob")
-    entries = iter(COUNTS_ENTRY.iter_unpack(blob[COUNTS_HEADER.size:]))
-    tables: list[dict[int, int]] = []
-    for size in sizes:
-        table: dict[int, int] = {}
-        for _ in range(size):
-            key, value = next(entries)
-            table[key] = value
-        tables.append(table)
-    return (tables[0], tables[1], tables[2], tables[3], tables[4])
+    """A merchant's packed counts (version 2) as four tables: h, d, nh, nd buckets, each bucket's
+    entries summed."""
+    if blob[:1] != b"\x02" or (len(blob) - 1) % COUNTS_ENTRY.size:
+        raise ValueError("not a version 2 merchant counts string")
+    tables: CountTables = ({}, {}, {}, {})
+    for kind, bucket, count in COUNTS_ENTRY.iter_unpack(blob[1:]):
+        if not 1 <= kind <= 4:
+            raise ValueError(f"entry of kind {kind}")
+        table = tables[kind - 1]
+        table[bucket] = table.get(bucket, 0) + count
+    return tables
 
 
-def encode_counts(tables: CountTables) -> bytes:
-    """The packed counts of five tables, in their iteration order."""
-    head = COUNTS_HEADER.pack(1, *(len(t) for t in tables))
-    return head + b"".join(COUNTS_ENTRY.pack(k, v) for t in tables for k, v in t.items())
+def encode_counts(entries: list[tuple[int, int, int]]) -> bytes:
+    """The packed counts of ``(kind, bucket, count)`` entries, in their order (a bucket may repeat)."""
+    return b"\x02" + b"".join(COUNTS_ENTRY.pack(*entry) for entry in entries)
+
+
+def entries_of(tables: CountTables) -> list[tuple[int, int, int]]:
+    """One entry per bucket of four tables."""
+    return [(kind, bucket, count) for kind, table in enumerate(tables, start=1) for bucket, count in table.items()]
 
 
 def _recompute(m: MerchantState, hour: int) -> None:

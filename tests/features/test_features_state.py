@@ -201,10 +201,14 @@ async def test_the_counts_hashes_of_an_engine_before_the_blob_are_read_and_conve
     assert len(keys) >= 6
     for key in keys:  # what the engine before wrote: the same counts as hash fields
         tables = reference_features.decode_counts(await client.get(key))
-        fields = {f"{kind}{bucket}": count for kind, table in zip(("h", "d", "nh", "nd", "o"), tables, strict=True)
-                  for bucket, count in table.items()}
+        offsets_key = key.replace(b"}:c:", b"}:o:")
+        offsets = {int(p): int(o) for p, o in (await client.hgetall(offsets_key)).items()}
+        assert offsets
+        offsets[5] = 123  # a partition this test does not feed: its offset moves with the counts
+        fields = {f"{kind}{bucket}": count for kind, table in zip(("h", "d", "nh", "nd", "o"), (*tables, offsets),
+                                                                   strict=True) for bucket, count in table.items()}
         ttl = await client.ttl(key)
-        await client.delete(key)
+        await client.delete(key, offsets_key)
         await client.hset(key, mapping=fields)  # type: ignore[arg-type]
         await client.expire(key, ttl)
     # one record: its merchant's window sums at one hour, from a hash
@@ -219,6 +223,8 @@ async def test_the_counts_hashes_of_an_engine_before_the_blob_are_read_and_conve
     assert later and later <= set(keys)
     for key in keys:
         assert await client.type(key) == (b"string" if key in later else b"hash") and await client.ttl(key) > 0
+        if key in later:
+            assert (await client.hgetall(key.replace(b"}:c:", b"}:o:")))[b"5"] == b"123"
     assert store.corrupt_counts_total == 0
 
 
@@ -314,9 +320,9 @@ async def test_keys_grow_with_users_and_merchants_not_with_decisions(
     for start in range(1500, 3000, 100):
         await store.compute(stream[start:start + 100], 0, range(start, start + 100))
         store.note_committed(0, start)
-    # one blob per user, one counts hash per merchant, the partition's epoch: 1,500 more decisions
-    # added no key (frauds hashes and label marks come with labels, none here)
-    assert await durable_keys() == half and len(half) == users + merchants + 1
+    # one blob per user, the counts and the counted offsets of each merchant, the partition's epoch:
+    # 1,500 more decisions added no key (frauds hashes and label marks come with labels, none here)
+    assert await durable_keys() == half and len(half) == users + 2 * merchants + 1
     # the replay logs (one per user shard with uncommitted records) hold only what is not committed
     logged = [await client.zcard(key) async for key in client.scan_iter(match=store.keys.prefix + "{u*}:rl:*")]
     assert 0 < sum(logged) <= 200

@@ -266,26 +266,23 @@ def test_the_window_sums_check_their_arguments() -> None:
 
 
 packed_counts = st.one_of(st.integers(0, 40), st.integers(-(2**63), 2**63 - 1))
-
-
-def packed_table(around: int, spread: int) -> st.SearchStrategy[dict[int, int]]:
-    return st.dictionaries(st.integers(around - spread, around + spread), packed_counts, max_size=80)
+packed_entries = st.lists(st.tuples(
+    st.sampled_from([1, 2, 3, 4]),
+    st.one_of(st.integers(HOUR - 40, HOUR + 40), st.integers(HOUR // 24 - 40, HOUR // 24 + 40)),
+    packed_counts), max_size=200)
 
 
 @settings(max_examples=300, deadline=None)
-@given(tx_hours=packed_table(HOUR, 40), tx_days=packed_table(HOUR // 24, 40), new_hours=packed_table(HOUR, 40),
-       new_days=packed_table(HOUR // 24, 40), offsets=st.dictionaries(st.integers(0, 64), st.integers(0, 2**53)),
-       hour=st.integers(HOUR - 30, HOUR + 30))
-def test_the_packed_counts_read_as_the_tables_they_hold(
-    tx_hours: dict[int, int], tx_days: dict[int, int], new_hours: dict[int, int], new_days: dict[int, int],
-    offsets: dict[int, int], hour: int,
-) -> None:
-    """A merchant's packed counts (what the write script packs, ``reference_features.encode_counts``)
-    fill the same tables, and their window sums are the Python window sums of those tables."""
-    blob = reference_features.encode_counts((tx_hours, tx_days, new_hours, new_days, offsets))
+@given(entries=packed_entries, hour=st.integers(HOUR - 30, HOUR + 30))
+def test_the_packed_counts_read_as_the_tables_they_hold(entries: list[tuple[int, int, int]], hour: int) -> None:
+    """A merchant's packed counts (appended increments: a bucket may have several entries) fill the
+    tables their entries sum to, and their window sums are the Python window sums of those tables."""
+    blob = reference_features.encode_counts(entries)
+    want_tables = reference_features.decode_counts(blob)
     tables: tuple[dict[int, int], dict[int, int], dict[int, int], dict[int, int]] = ({}, {}, {}, {})
     _kernel.counts_tables(blob, tables)
-    assert tables == (tx_hours, tx_days, new_hours, new_days)
+    assert tables == want_tables
+    tx_hours, tx_days, new_hours, new_days = want_tables
     want = MerchantState(tx_hours=dict(tx_hours), tx_days=dict(tx_days), new_hours=dict(new_hours),
                          new_days=dict(new_days))
     reference_features._recompute(want, hour)
@@ -298,13 +295,17 @@ def test_the_packed_counts_read_as_the_tables_they_hold(
 
 
 def test_a_blob_the_codec_did_not_write_is_refused() -> None:
-    blob = reference_features.encode_counts(({HOUR: 3}, {HOUR // 24: 5}, {}, {}, {2: 17}))
-    for bad in (b"", b"\x01", blob[:-1], blob + b"\x00", b"\x02" + blob[1:], b"\x01garbage"):
+    blob = reference_features.encode_counts([(1, HOUR, 3), (2, HOUR // 24, 5), (1, HOUR, 4)])
+    for bad in (b"", b"\x02" + b"\x00" * 12, blob[:-1], blob + b"\x00", b"\x01" + blob[1:],
+                b"\x02" + bytes([5]) + blob[2:14], b"\x02garbage"):
         with pytest.raises(ValueError):
             _kernel.counts_sums(bad, HOUR)
+        tables: tuple[dict[int, int], dict[int, int], dict[int, int], dict[int, int]] = ({}, {}, {}, {})
         with pytest.raises(ValueError):
-            _kernel.counts_tables(bad, ({}, {}, {}, {}))
-    assert _kernel.counts_sums(blob, HOUR) == [3, 5, 5, 0, 0]
+            _kernel.counts_tables(bad, tables)
+        assert tables == ({}, {}, {}, {}), "nothing filled from a refused string"
+    assert _kernel.counts_sums(blob, HOUR) == [7, 5, 5, 0, 0]
+    assert _kernel.counts_sums(b"\x02", HOUR) == [0, 0, 0, 0, 0]
     with pytest.raises(TypeError):
         _kernel.counts_tables(blob, ({}, {}, {}))  # type: ignore[arg-type]
     with pytest.raises(TypeError):
