@@ -475,11 +475,12 @@ local function prune(key, oldest_hour, oldest_day)
     redis.call('HDEL', key, unpack(dead, i, math.min(i + 499, #dead)))
   end
 end
--- A merchant's counts once they hold more than ``bound`` entries: one entry per bucket, without
--- the buckets older than the oldest hour / day any window reaches (a string this codec did not
--- write -- only possible when a foreign writer changed it during the call -- is replaced).
+-- A merchant's counts once they hold more than their bound of entries: one entry per bucket,
+-- without the buckets older than the oldest hour / day any window reaches. A string with the
+-- codec's head and length but an entry of no kind (corrupted in Redis) is replaced by the
+-- batch's increments.
 local reset = 0
-local function compact(key, bound, oldest_hour, oldest_day, appended)
+local function compact(key, oldest_hour, oldest_day, appended)
   local tables = decode_counts(redis.call('GET', key))
   if not tables then
     reset = reset + 1
@@ -503,13 +504,13 @@ for j = 1, n_merchants do
       reset = reset + 1
       redis.call('SET', counts, COUNTS_HEAD .. appended)
     elseif (length - 1) / COUNTS_ENTRY > p[2] then
-      compact(counts, p[2], p[3], p[4], appended)
+      compact(counts, p[3], p[4], appended)
     end
     redis.call('EXPIRE', counts, ttl)
   else
     if state[j] == 'reset' then reset = reset + 1 end
     redis.call('SET', counts, COUNTS_HEAD .. appended, 'EX', ttl)
-    if state[j] == 'hash' and (#appended / COUNTS_ENTRY) > p[2] then compact(counts, p[2], p[3], p[4], appended) end
+    if state[j] == 'hash' and (#appended / COUNTS_ENTRY) > p[2] then compact(counts, p[3], p[4], appended) end
   end
   local hw = offsets_set[j]
   for x = 1, #hw, 500 do
