@@ -385,7 +385,7 @@ class OnlineFeatureStore:
                 span[0] = offset
             elif offset > span[1]:
                 span[1] = offset
-        states, views, sizes, logged = await self._read(txns, ranges, probes)
+        states, views, sizes, logged, unreadable = await self._read(txns, ranges, probes)
         epochs = self._epochs
         rows: list[Any] = []
         dirty: dict[str, None] = {}  # users with an applied transaction, in first-seen order
@@ -432,7 +432,7 @@ class OnlineFeatureStore:
 
         X = _matrix(rows)
         if dirty:
-            await self._write(list(dirty), states, counted, newest, sizes, applied, X)
+            await self._write(list(dirty), states, counted, newest, sizes, unreadable, applied, X)
         return X
 
     async def peek(self, txns: Sequence[Transaction]) -> np.ndarray:
@@ -443,7 +443,7 @@ class OnlineFeatureStore:
         """
         if not txns:
             return np.empty((0, N_FEATURES), dtype=np.float32)
-        states, views, _, _ = await self._read(txns, {}, {})
+        states, views, _, _, _ = await self._read(txns, {}, {})
         rows: list[list[float]] = []
         for txn in txns:
             view = views[txn.merchant_id]
@@ -457,10 +457,11 @@ class OnlineFeatureStore:
     async def _read(self, txns: Sequence[Transaction], ranges: dict[tuple[int, int], list[int]],
                     probes: dict[str, tuple[int, int]]) -> tuple[
             dict[str, UserState | None], dict[str, MerchantState], dict[str, int],
-            dict[tuple[int, int], np.ndarray]]:
+            dict[tuple[int, int], np.ndarray], set[str]]:
         """The batch's one read: user states, merchant views, the number of fields of each
-        merchant's frauds hash (its pruning) and the replay-log vectors in the batch's offset
-        ranges (one call, or one per slot on a cluster)."""
+        merchant's frauds hash (its pruning), the replay-log vectors in the batch's offset
+        ranges (one call, or one per slot on a cluster) and the merchants whose counts could not
+        be read."""
         self._client()
         keys_of = self.keys
         # one reference event hour per merchant, or -1 when its transactions span several
@@ -501,6 +502,7 @@ class OnlineFeatureStore:
         views: dict[str, MerchantState] = {}
         sizes: dict[str, int] = {}  # merchant -> fields of its frauds hash
         logged: dict[tuple[int, int], np.ndarray] = {}
+        unreadable: set[str] = set()
         for group, replies in zip(groups.values(), replies_per_call, strict=True):
             for user_id, blob in zip(group.users, replies, strict=False):
                 states[user_id] = self._decode(user_id, blob or None)
@@ -515,17 +517,18 @@ class OnlineFeatureStore:
                     self.corrupt_counts_total += 1
                     self._log.warning("merchant_counts_unreadable", merchant_id=merchant_id, error=str(exc))
                     views[merchant_id] = _merchant_view(None, frauds, hour)
+                    unreadable.add(merchant_id)
                 sizes[merchant_id] = int(frauds[3]) if hour >= 0 else len(frauds) // 2
             for (_, p), members in zip(group.logs, replies[i:], strict=True):
                 for member in members:
                     if len(member) == 8 + _VECTOR_BYTES:
                         offset = _OFFSET.unpack_from(member)[0]
                         logged[(p, offset)] = np.frombuffer(member, dtype=np.float32, offset=8)
-        return states, views, sizes, logged
+        return states, views, sizes, logged, unreadable
 
     async def _write(self, users: list[str], states: dict[str, UserState | None],
                      counted: dict[str, list[Any]], newest: dict[str, float],
-                     sizes: dict[str, int], applied: list[tuple[int, str, int, int]],
+                     sizes: dict[str, int], unreadable: set[str], applied: list[tuple[int, str, int, int]],
                      X: np.ndarray) -> None:
         """The batch's one write (see ``scripts.WRITE_BATCH`` for the argument layout): one call,
         or one per slot on a cluster, each applied wholly or not at all."""
@@ -547,7 +550,8 @@ class OnlineFeatureStore:
             group = _group(groups, self._tag(keys_of.merchant_tag(merchant_id)), _Write)
             group.merchants.append(merchant_id)
             group.plan_merchants.append([_increments(entries),
-                                         _MAX_COUNT_FIELDS,
+                                         # 0: compacted now, so counts it could not read are replaced
+                                         0 if merchant_id in unreadable else _MAX_COUNT_FIELDS,
                                          hour - _KEEP_COUNT_HOURS, day - _KEEP_COUNT_DAYS,
                                          1 if n_frauds > _MAX_FRAUD_FIELDS else 0,
                                          hour - _KEEP_FRAUD_HOURS, day - _KEEP_FRAUD_DAYS])

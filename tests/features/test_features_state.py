@@ -244,6 +244,14 @@ async def test_merchant_counts_that_cannot_be_read_start_afresh_and_refuse_nothi
     assert reference_features.decode_counts(await client.get(one))[:2] == ({hour_of(t): 1}, {day_of(t): 1})
     assert reference_features.decode_counts(await client.get(many))[0] == {hour_of(t): 1, hour_of(t + 7200): 1}
     assert (await store.peek([txn("d", "u3", "many", t + 7300)]))[0, count_24h] == 2.0
+    # the codec's head and length, an entry of no kind: refused by the reader, replaced by the writer
+    odd = store.keys.merchant_counts("odd")
+    await client.set(odd, b"\x02\x09" + bytes(12), ex=3600)
+    out = await store.compute([txn("e", "u4", "odd", t)], 0, [3])
+    assert store.corrupt_counts_total == 3 and out[0, count_24h] == 0.0
+    assert reference_features.decode_counts(await client.get(odd))[0] == {hour_of(t): 1}
+    assert (await store.peek([txn("f", "u5", "odd", t + 60)]))[0, count_24h] == 1.0
+    assert store.corrupt_counts_total == 3
 
 
 async def test_a_key_of_the_wrong_type_refuses_the_whole_write_before_any_of_it(
