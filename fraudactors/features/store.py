@@ -266,6 +266,7 @@ class OnlineFeatureStore:
         self.corrupt_counts_total = 0   # merchant count blobs that could not be read (replaced)
         self.replays_total = 0
         self.replays_inexact_total = 0  # replayed records whose first vector was not in the log
+        self.repeats_total = 0  # records given twice in one call (decided and counted once)
         self.stale_refused_total = 0    # user writes refused because a newer owner wrote them
         self.late_total = 0             # records older than the user's history (state unchanged)
 
@@ -392,7 +393,17 @@ class OnlineFeatureStore:
         applied: list[tuple[int, str, int, int]] = []  # (row, user, partition, offset) to log
         counted: dict[str, list[Any]] = {}  # merchant -> [partition, offset, hour, day, new, ...]
         newest: dict[str, float] = {}
+        first_row: dict[tuple[int, int], int] = {}  # (partition, offset) -> its first row
         for i, (txn, p, offset) in enumerate(zip(txns, partitions, offsets, strict=True)):
+            earlier = first_row.setdefault((p, offset), i)
+            if earlier != i:
+                # The same record twice in one call: a revoked worker's batch, still queued, and
+                # its successor's re-fetch of the same uncommitted offsets, coalesced. It is one
+                # record: one decision, counted once (the write counts a partition's records by
+                # their aggregate when the stored high-water offset is below them all).
+                self.repeats_total += 1
+                rows.append(rows[earlier])
+                continue
             state = states[txn.user_id]
             view = views[txn.merchant_id]
             t = txn.event_time

@@ -134,6 +134,27 @@ async def test_a_former_owner_whose_write_lands_late_cannot_overwrite_or_double_
     assert_parity(online, offline_features(txns, labels))
 
 
+async def test_a_record_given_twice_in_one_call_is_decided_and_counted_once(
+        backend_store: OnlineFeatureStore) -> None:
+    """A revoked worker's batch still queued at the feature actor and its successor's re-fetch of
+    the same uncommitted offsets are served by one coalesced call: each repeated record gets its
+    first row's vector, and no merchant count takes it twice (the write counts a partition's
+    records by their aggregate when none is below the stored high-water offset)."""
+    store = backend_store
+    txns, labels = generate(seed=13, n=900, n_users=20, n_merchants=4, days=3.0)
+    txns = txns[:600]
+    await store.apply_labels(labels)
+    await store.claim(2)
+    first = await store.compute(txns[:200], 2, range(200))
+    # offsets 200..329 of the revoked batch, then the successor's 200..399 (one partition, in order)
+    both = await store.compute([*txns[200:330], *txns[200:400]], 2, [*range(200, 330), *range(200, 400)])
+    assert np.array_equal(both[130:260], both[:130]), "a repeat is the same decision"
+    assert store.repeats_total == 130 and store.replays_total == 0
+    rest = await store.compute(txns[400:], 2, range(400, 600))
+    online = np.concatenate([first, both[130:], rest])
+    assert_parity(online, offline_features(txns, labels))
+
+
 async def test_records_replayed_after_their_write_get_their_first_vectors(
         backend_store: OnlineFeatureStore) -> None:
     store = backend_store
