@@ -33,7 +33,7 @@ and increments buffered in a replica are lost if it is killed within a flush int
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,8 +102,12 @@ def parse_member(name: str) -> tuple[str, str, str]:
     return role, variant, model
 
 
-def score_bin(probability: float) -> str:
-    return f"h{min(max(int(probability * HIST_BINS), 0), HIST_BINS - 1)}"
+def bin_index(probability: float) -> int:
+    """The score histogram's bin of a probability (``HIST_BINS`` equal bins of [0, 1])."""
+    return min(max(int(probability * HIST_BINS), 0), HIST_BINS - 1)
+
+
+BIN_FIELDS = tuple(f"h{i}" for i in range(HIST_BINS))
 
 
 class LedgerKeys:
@@ -222,10 +226,12 @@ async def read_window(client: Any, keys: LedgerKeys, bucket_s: int, window_s: fl
     return window
 
 
-def decision_deltas(deltas: Deltas, bucket: int, entries: Iterable[tuple[str, float, bool]]) -> None:
-    """One transaction's decision increments: (member, probability, flagged) per model that scored it."""
-    for name, probability, flagged in entries:
-        deltas.add(bucket, name, "n")
+def decision_deltas(deltas: Deltas, tally: Mapping[tuple[int, str, bool, int], int]) -> None:
+    """Decisions' increments from their tally: how many decisions each model (member) made per
+    (bucket, member, flagged, score bin) -- a decision counts in ``n``, in ``f`` when flagged, and
+    in its score's bin (``bin_index``)."""
+    for (bucket, name, flagged, score), n in tally.items():
+        deltas.add(bucket, name, "n", n)
         if flagged:
-            deltas.add(bucket, name, "f")
-        deltas.add(bucket, name, score_bin(probability))
+            deltas.add(bucket, name, "f", n)
+        deltas.add(bucket, name, BIN_FIELDS[score], n)

@@ -29,6 +29,7 @@ from fraudactors.ab.ledger import (
     AB_ADD,
     Deltas,
     LedgerKeys,
+    bin_index,
     decision_deltas,
     label_deltas,
     member,
@@ -102,6 +103,7 @@ class OutcomeRecorder:
         self._buffer: deque[tuple[str, bytes]] = deque(maxlen=_MAX_BUFFER)
         # the A/B ledger's increments (fraudactors.ab.ledger), flushed with the outcomes
         self.deltas = Deltas()
+        self._said: dict[tuple[str, str, str], tuple[str, tuple[str, str]]] = {}  # see _member
         self.ledger_keys = LedgerKeys(settings.redis.key_prefix)
         self._bucket_s = settings.ab.bucket_s
         self._keep = settings.ab.keep_buckets
@@ -116,17 +118,34 @@ class OutcomeRecorder:
         room = _MAX_BUFFER - len(buffer)
         if room < len(txns):
             self.dropped += len(txns) - room  # oldest go first; only metrics depend on them
-        deltas, bucket_s = self.deltas, self._bucket_s
+        bucket_s = self._bucket_s
+        said = self._said
+        append = buffer.append
+        # decisions per (bucket, member, flagged, score bin): the ledger's increments, once per batch
+        tally: dict[tuple[int, str, bool, int], int] = {}
         for txn, s in zip(txns, scored, strict=True):
             bucket = int(txn.event_time // bucket_s)
-            said = [(member("d", s.variant, s.model_version), s.probability, s.is_fraud)]
-            said.extend((member("s", sh.variant, sh.model_version), sh.probability, sh.is_fraud)
-                        for sh in s.shadows)
-            decision_deltas(deltas, bucket, said)
-            flags = ",".join(f"{name}={int(flagged)}" for name, _, flagged in said)
-            buffer.append((txn.user_id, f"{txn.transaction_id}\t{bucket}\t{flags}".encode()))
+            name, flags = said.get(("d", s.variant, s.model_version)) or self._member("d", s.variant, s.model_version)
+            flagged = s.is_fraud
+            cell = (bucket, name, flagged, bin_index(s.probability))
+            tally[cell] = tally.get(cell, 0) + 1
+            text = flags[flagged]
+            for sh in s.shadows:
+                name, flags = (said.get(("s", sh.variant, sh.model_version))
+                               or self._member("s", sh.variant, sh.model_version))
+                cell = (bucket, name, sh.is_fraud, bin_index(sh.probability))
+                tally[cell] = tally.get(cell, 0) + 1
+                text = f"{text},{flags[sh.is_fraud]}"
+            append((txn.user_id, f"{txn.transaction_id}\t{bucket}\t{text}".encode()))
         if txns:
-            deltas.saw(max(txn.event_time for txn in txns))
+            decision_deltas(self.deltas, tally)
+            self.deltas.saw(max(txn.event_time for txn in txns))
+
+    def _member(self, role: str, variant: str, model: str) -> tuple[str, tuple[str, str]]:
+        """A model's member name and its ``name=0`` / ``name=1`` flag texts (cached: a handful)."""
+        name = member(role, variant, model)
+        out = self._said[(role, variant, model)] = (name, (f"{name}=0", f"{name}=1"))
+        return out
 
     def _grouped(self, user_ids: Sequence[str]) -> list[list[int]]:
         """Indexes grouped by hash slot on a cluster (one group on one instance)."""

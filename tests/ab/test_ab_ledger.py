@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -94,3 +95,45 @@ def test_deltas_put_back_after_a_failed_flush_lose_nothing() -> None:
     deltas.saw(50.0)
     deltas.merge(taken)
     assert deltas.counts == {(5, "d:A/v1"): {"n": 5}} and deltas.newest == 100.0
+
+
+def test_a_batch_of_decisions_adds_each_models_count_flags_and_score_bin() -> None:
+    """OutcomeRecorder.record tallies a batch once: per bucket and model, the decisions (n), the
+    flagged (f) and the histogram of scores (h0..h19: 20 equal bins of [0, 1], 1.0 in the last),
+    and remembers what every model said per transaction for its label."""
+    from fraudactors.engine.inference import Scored, ShadowScore
+    from fraudactors.engine.labels import OutcomeRecorder
+    from fraudactors.engine.metrics import EngineMetrics
+    from fraudactors.features.schema import Transaction, format_timestamp
+    from fraudactors.settings import load_settings
+
+    recorder = OutcomeRecorder(load_settings(env={}, overrides={"ab": {"bucket_s": BUCKET_S}}), EngineMetrics())
+    rng = random.Random(3)
+    t0 = 1_700_000_000.0
+    probabilities = [0.0, 0.05, 0.0499999, 0.95, 0.99, 1.0, *(rng.random() for _ in range(300))]
+    txns, scored, expected = [], [], {}
+
+    def add(bucket: int, name: str, p: float, flagged: bool) -> None:
+        fields = expected.setdefault((bucket, name), {})
+        for key in ("n", *(("f",) if flagged else ()), f"h{min(int(p * 20), 19)}"):
+            fields[key] = fields.get(key, 0) + 1
+
+    for i, p in enumerate(probabilities):
+        t = t0 + i * 37.0  # three hours: three buckets
+        txns.append(Transaction(f"t{i}", f"u{i % 7}", "m", 5.0, "USD", "food", False, t, format_timestamp(t)))
+        variant, version = ("A", "v1") if i % 10 else ("B", "v2")
+        q = rng.random()
+        scored.append(Scored(variant, version, p, "approve", p > 0.5, [], (ShadowScore("S", "v3", q, q > 0.7),)))
+        bucket = int(t // BUCKET_S)
+        add(bucket, f"d:{variant}/{version}", p, p > 0.5)
+        add(bucket, "s:S/v3", q, q > 0.7)
+    recorder.record(txns[:100], scored[:100])
+    recorder.record(txns[100:], scored[100:])
+    assert recorder.deltas.counts == expected
+    assert recorder.deltas.newest == txns[-1].event_time
+    remembered = list(recorder._buffer)
+    assert remembered[0] == ("u0", f"t0\t{int(t0 // BUCKET_S)}\td:B/v2=0,s:S/v3={int(scored[0].shadows[0].is_fraud)}".encode())
+    assert [user for user, _ in remembered] == [t.user_id for t in txns]
+    for (_, entry), s in zip(remembered, scored, strict=True):
+        assert entry.decode().rsplit("\t", 1)[1] == \
+            f"d:{s.variant}/{s.model_version}={int(s.is_fraud)},s:S/v3={int(s.shadows[0].is_fraud)}"
