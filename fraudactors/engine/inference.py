@@ -32,6 +32,7 @@ from fraudactors.errors import ActorDied, ModelError, PoolClosed, RoutingRefused
 from fraudactors.logging import get_logger
 from fraudactors.modeling.policy import DegradedPolicy
 from fraudactors.modeling.registry import ModelInfo, fallback_id
+from fraudactors.records import record
 from fraudactors.settings import Settings
 
 # -- what runs where the scorer lives (a pool worker process, or a thread here) ----------------------
@@ -101,7 +102,7 @@ def score_requests(requests: Sequence[tuple[str, np.ndarray]], max_reasons: int,
 
 # -- results ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@record
 class Scored:
     """The deciding outcome of one row."""
 
@@ -115,7 +116,7 @@ class Scored:
     shadows: tuple[ShadowScore, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ShadowScore:
     """A shadow variant's score of a row (it never decides)."""
 

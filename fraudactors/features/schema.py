@@ -30,6 +30,7 @@ import msgspec
 import orjson
 
 from fraudactors.errors import InvalidRecord
+from fraudactors.records import record
 
 MAX_VALUE_BYTES = 1 << 20  # 1 MiB
 MAX_ID_CHARS = 64
@@ -43,7 +44,7 @@ DEFAULT_CURRENCY = "USD"
 DEFAULT_CATEGORY = "unknown"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Transaction:
     transaction_id: str
     user_id: str
