@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -327,6 +328,47 @@ async def test_a_refused_request_is_degraded_alone_and_the_store_stays_up(
         text = metrics.render().decode()
         assert 'fraudactors_feature_store_errors_total{kind="wrongtype"} 1.0' in text
         assert 'fraudactors_state_skipped_total{reason="wrongtype"} 1.0' in text
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_degraded_records_of_a_partition_revoked_during_an_outage_never_enter_the_state(
+        store_settings: Settings, fresh_redis: Any) -> None:
+    """Redis down: the decided records wait in the backlog for the state. A partition revoked
+    meanwhile is the new owner's: its waiting records are dropped (counted as revoked), and a
+    batch of it still arriving (a revoked worker's, queued) is scored but not kept. Once Redis is
+    back only the partition still owned enters the state."""
+    s = store_settings.replace(redis={"url": fresh_redis.url, "socket_timeout_ms": 300,
+                                      "retry_interval_ms": 100})
+    metrics = EngineMetrics()
+    actor = FeatureStoreActor(s, metrics)
+    ready = Started()
+    task = asyncio.create_task(actor.run(ready))
+    try:
+        await asyncio.wait_for(ready.event.wait(), 30)
+        await actor.claim(0)
+        await actor.claim(1)
+        await fresh_redis.stop()
+        kept = [txn(f"k{i}", "kept-user", "m", T0 + i * 60.0) for i in range(3)]
+        moved = [txn(f"r{i}", "moved-user", "m", T0 + i * 60.0) for i in range(3)]
+        (_, d0), (_, d1) = await asyncio.gather(actor.compute(kept[:2], 0, [0, 1]), actor.compute(moved[:2], 1, [0, 1]))
+        assert d0 and d1, "scored degraded while Redis is down"
+        actor.release(1)  # the rebalance: partition 1 is someone else's now
+        _, late = await actor.compute(moved[2:], 1, [2])  # a revoked worker's batch, still queued
+        _, d0 = await actor.compute(kept[2:], 0, [2])
+        assert late and d0
+        text = metrics.render().decode()
+        assert 'fraudactors_state_skipped_total{reason="revoked"} 2.0' in text
+        await fresh_redis.start()
+        await asyncio.wait_for(actor._up.wait(), 30)  # the probe found Redis again
+        store = actor.store
+        assert store is not None
+        after = [txn("k3", "kept-user", "m", T0 + 600.0)]
+        x, degraded = await actor.compute(after, 0, [3])
+        assert not degraded
+        assert x[0, FEATURE_INDEX["tx_count_1h"]] == 3.0, "the three degraded records of partition 0 entered"
+        assert await store.user_state("moved-user") is None, "nothing of the revoked partition did"
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
