@@ -70,6 +70,8 @@ def encode_state(state: UserState) -> bytes:
 
 
 def decode_state(blob: bytes) -> UserState:
+    if _LITTLE and blob[:1] == b"\x04":
+        return _decode_v4(blob)
     try:
         if blob[:1] == b"\x01":
             version, flags, last, partition, offset, n = _HEADER_V1.unpack_from(blob)
@@ -129,3 +131,37 @@ def decode_state(blob: bytes) -> UserState:
         offset=offset,
         epoch=epoch,
     )
+
+
+_unpack_v4 = _HEADER.unpack_from
+_START_V4 = _HEADER.size
+
+
+def _decode_v4(blob: bytes) -> UserState:
+    """``decode_state`` of the current version on a little-endian host, without the general
+    path's per-column calls (a blob is decoded per user per batch: 5.1 -> 3.5 us for 60 events)."""
+    try:
+        _, flags, last, partition, epoch, offset, n, n_merchants, n_categories = _unpack_v4(blob)
+    except struct.error:
+        raise StateDecodeError("truncated header") from None
+    a = _START_V4 + 8 * n
+    b = a + 8 * n
+    c = b + 4 * n
+    end = c + 3 * n
+    if len(blob) != end + 4 * (n_merchants + n_categories):
+        raise StateDecodeError("truncated events" if len(blob) < end else "bad seen-sets")
+    view = memoryview(blob)
+    times = array("d")
+    times.frombytes(view[_START_V4:a])
+    amounts = array("d")
+    amounts.frombytes(view[a:b])
+    merchant_hashes = array("I")
+    merchant_hashes.frombytes(view[b:c])
+    seen = end + 4 * n_merchants
+    merchants = array("I")
+    merchants.frombytes(view[end:seen])
+    categories = array("I")
+    categories.frombytes(view[seen:])
+    return UserState(times, amounts, merchant_hashes, bytearray(view[c:c + n]), bytearray(view[c + n:c + 2 * n]),
+                     bytearray(view[c + 2 * n:end]), merchants, categories, bool(flags & 1),
+                     None if last < 0 else bool(last), partition, offset, epoch)
