@@ -193,8 +193,9 @@ return out
 # plan's member size, in the order of that key's records). Few large arguments rather than one per
 # record: the client's cost is per argument. The plan:
 #   "u": per user [partition, epoch, blob length] of the writer;
-#   "m": per merchant [[partition, lowest offset, highest offset, records, field, n, ...] per
-#        partition (the batch's count increments of that partition, aggregated), the most
+#   "m": per merchant [[partition, lowest offset, highest offset, records, kind, bucket, n, ...] per
+#        partition (the batch's count increments of that partition, aggregated; the kinds of
+#        COUNTS_CODEC), the most
 #        entries the counts keep before the buckets older than the next two (hour, day) go,
 #        oldest hour, oldest day, prune frauds (0/1), oldest hour, oldest day];
 #   "r": per replay-log key [committed floor (-1: none), [user index, offset, ...]];
@@ -255,7 +256,7 @@ for j = 1, n_merchants do
     return redis.error_reply('INVALID merchant plan for ' .. KEYS[n_users + 3 * j - 2])
   end
   for _, g in ipairs(p[1]) do
-    if type(g) ~= 'table' or #g < 4 or #g % 2 ~= 0 then
+    if type(g) ~= 'table' or #g < 4 or (#g - 4) % 3 ~= 0 then
       return redis.error_reply('INVALID merchant plan for ' .. KEYS[n_users + 3 * j - 2])
     end
   end
@@ -355,14 +356,12 @@ for j = 1, n_merchants do
     local part = g[1]
     if not (slow and slow[part]) then
       -- every record of this partition is above the high-water offset: all of them count
-      for x = 5, #g, 2 do
-        local kind, bucket = string.match(g[x], '^(%a+)(-?%d+)$')
-        local t = add[COUNT_KIND[kind]]
-        if not t or type(g[x + 1]) ~= 'number' then
-          return redis.error_reply('INVALID merchant count field ' .. tostring(g[x]))
+      for x = 5, #g, 3 do
+        local t, bucket, n = add[g[x]], g[x + 1], g[x + 2]
+        if not t or type(bucket) ~= 'number' or type(n) ~= 'number' then
+          return redis.error_reply('INVALID merchant count ' .. tostring(g[x]) .. ' ' .. tostring(bucket))
         end
-        bucket = tonumber(bucket)
-        t[bucket] = (t[bucket] or 0) + g[x + 1]
+        t[bucket] = (t[bucket] or 0) + n
       end
       counted = counted + g[4]
       if g[3] > high[part] then high[part] = g[3] end

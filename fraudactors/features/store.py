@@ -135,10 +135,14 @@ def _matrix(rows: Sequence[Sequence[float]]) -> np.ndarray:
 _RECORD = 5  # a merchant record: partition, offset, hour, day, new customer (0/1)
 
 
+# The count kinds of the write script's plan (``scripts.COUNTS_CODEC``'s entry kinds).
+_HOUR, _DAY, _NEW_HOUR, _NEW_DAY = 1, 2, 3, 4
+
+
 def _increments(entries: list[Any]) -> list[list[Any]]:
     """A merchant's count increments per partition from its ``[partition, offset, hour, day, new, ...]``
-    records: ``[partition, lowest offset, highest offset, records, "h<hour>", n, "d<day>", n, ...,
-    "nh<hour>", n, "nd<day>", n, ...]`` (``nh``/``nd``: the records of new customers)."""
+    records: ``[partition, lowest offset, highest offset, records, kind, bucket, n, ...]`` with the
+    kinds 1 event hour, 2 event day, 3 and 4 the same of new customers' records."""
     parts: dict[int, list[Any]] = {}
     for x in range(0, len(entries), _RECORD):
         p, offset, hour, day, new = entries[x:x + _RECORD]
@@ -160,14 +164,9 @@ def _increments(entries: list[Any]) -> list[list[Any]]:
     out: list[list[Any]] = []
     for p, (low, high, n, hours, days, new_hours, new_days) in parts.items():
         flat: list[Any] = [p, low, high, n]
-        for h, k in hours.items():
-            flat.extend((f"h{h}", k))
-        for d, k in days.items():
-            flat.extend((f"d{d}", k))
-        for h, k in new_hours.items():
-            flat.extend((f"nh{h}", k))
-        for d, k in new_days.items():
-            flat.extend((f"nd{d}", k))
+        for kind, table in ((_HOUR, hours), (_DAY, days), (_NEW_HOUR, new_hours), (_NEW_DAY, new_days)):
+            for bucket, k in table.items():
+                flat += (kind, bucket, k)
         out.append(flat)
     return out
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from test_features_store import DAY, T0, assert_parity, generate
@@ -19,6 +20,7 @@ from test_features_store import DAY, T0, assert_parity, generate
 from fraudactors.engine.features import FeatureStoreActor
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.errors import FeatureStoreRejected
+from fraudactors.features import scripts
 from fraudactors.features.definition import FEATURE_INDEX, HISTORY_S, day_of, hour_of
 from fraudactors.features.offline import offline_features
 from fraudactors.features.schema import Label, Transaction, format_timestamp
@@ -290,6 +292,22 @@ async def test_a_key_of_the_wrong_type_refuses_the_whole_write_before_any_of_it(
     after = await snapshot(client, prefix)
     del after[store.keys.merchant_counts("broken").encode()]
     assert after == before, "nothing of the refused batch was written"
+
+
+@pytest.mark.parametrize("increment", [[9, 490_000, 1], [1, "490000", 1], [1, 490_000, "1"], [1, 490_000]])
+async def test_a_malformed_count_increment_refuses_the_whole_write_before_any_of_it(
+        store: OnlineFeatureStore, store_settings: Settings, client: aioredis.Redis, increment: list[object]) -> None:
+    """The write script checks a merchant's increments (kind 1-4, numeric bucket and count, whole
+    triplets) before its first write: a bad one refuses the call and writes nothing."""
+    await store.compute([txn("g0", "ok0", "m1", T0)], 0, [0])
+    prefix = store_settings.redis.key_prefix
+    before = await snapshot(client, prefix)
+    keys = [*store.keys.merchant_pair("m1"), store.keys.merchant_offsets("m1")]
+    plan = {"u": [], "m": [[[[0, 1, 1, 1, *increment]], 192, 0, 0, 0, 0, 0]], "r": [], "s": 8}
+    with pytest.raises(aioredis.ResponseError, match="INVALID merchant"):
+        await client.eval(scripts.WRITE_BATCH, len(keys), *keys, 60, 0, 1, orjson.dumps(plan),
+                          orjson.dumps([[0, 1, 490_000, 20_416, 0]]), b"")
+    assert await snapshot(client, prefix) == before
 
 
 async def test_a_server_out_of_memory_refuses_the_write_up_front(
