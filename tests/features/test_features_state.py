@@ -7,6 +7,7 @@ Each test names a fault a 24/7 deployment meets and the promise the store keeps 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -327,11 +328,7 @@ async def test_a_server_out_of_memory_refuses_the_write_up_front(
 async def test_a_refused_request_is_degraded_alone_and_the_store_stays_up(
         store_settings: Settings, client: aioredis.Redis) -> None:
     metrics = EngineMetrics()
-    actor = FeatureStoreActor(store_settings, metrics)
-    ready = Started()
-    task = asyncio.create_task(actor.run(ready))
-    try:
-        await asyncio.wait_for(ready.event.wait(), 30)
+    async with running_actor(store_settings, metrics) as actor:
         assert actor.store is not None and actor.up
         await client.set(actor.store.keys.user("poisoned"), b"\x07garbage")
         await client.delete(actor.store.keys.user("poisoned"))
@@ -346,9 +343,6 @@ async def test_a_refused_request_is_degraded_alone_and_the_store_stays_up(
         text = metrics.render().decode()
         assert 'fraudactors_feature_store_errors_total{kind="wrongtype"} 1.0' in text
         assert 'fraudactors_state_skipped_total{reason="wrongtype"} 1.0' in text
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_degraded_records_of_a_partition_revoked_during_an_outage_never_enter_the_state(
@@ -360,11 +354,7 @@ async def test_degraded_records_of_a_partition_revoked_during_an_outage_never_en
     s = store_settings.replace(redis={"url": fresh_redis.url, "socket_timeout_ms": 300,
                                       "retry_interval_ms": 100})
     metrics = EngineMetrics()
-    actor = FeatureStoreActor(s, metrics)
-    ready = Started()
-    task = asyncio.create_task(actor.run(ready))
-    try:
-        await asyncio.wait_for(ready.event.wait(), 30)
+    async with running_actor(s, metrics) as actor:
         await actor.claim(0)
         await actor.claim(1)
         await fresh_redis.stop()
@@ -387,9 +377,6 @@ async def test_degraded_records_of_a_partition_revoked_during_an_outage_never_en
         assert not degraded
         assert x[0, FEATURE_INDEX["tx_count_1h"]] == 3.0, "the three degraded records of partition 0 entered"
         assert await store.user_state("moved-user") is None, "nothing of the revoked partition did"
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_keys_grow_with_users_and_merchants_not_with_decisions(
@@ -415,6 +402,20 @@ async def test_keys_grow_with_users_and_merchants_not_with_decisions(
     # the replay logs (one per user shard with uncommitted records) hold only what is not committed
     logged = [await client.zcard(key) async for key in client.scan_iter(match=store.keys.prefix + "{u*}:rl:*")]
     assert 0 < sum(logged) <= 200
+
+
+@contextlib.asynccontextmanager
+async def running_actor(settings: Settings, metrics: EngineMetrics) -> AsyncIterator[FeatureStoreActor]:
+    """A started feature-store actor (ready even while Redis is down), stopped on exit."""
+    actor = FeatureStoreActor(settings, metrics)
+    ready = Started()
+    task = asyncio.create_task(actor.run(ready))
+    try:
+        await asyncio.wait_for(ready.event.wait(), 30)
+        yield actor
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 class Started:
