@@ -179,14 +179,37 @@ async def test_a_rebalance_while_a_write_is_delayed_leaves_every_feature_exact(e
         assert store is not None
         held, release = asyncio.Event(), asyncio.Event()
         real_write = store._write
+        # The held write must hold every partition, so that whichever half the second engine takes
+        # was in it: the first engine's feature actor takes nothing from its mailbox until a batch
+        # of every partition of the second third is queued, and the write of that call is held.
+        mailbox = a.features.mailbox
+        real_get_batch = mailbox.get_batch
+        gathering, gathered = asyncio.Event(), asyncio.Event()
+        partitions = {partition_of(k, s.topics.partitions) for k, _ in second[1:]}
+
+        def queued() -> set[int]:
+            return {p for req in mailbox._items for p in req.payload[1]}
+
+        async def gathering_get_batch(max_items: int, linger_s: float) -> list[Any]:
+            if not gathered.is_set():
+                gathering.set()
+                await wait_until(lambda: partitions <= queued(), timeout_s=60)
+                gathered.set()
+            return await real_get_batch(max_items, linger_s)
 
         async def delayed_write(*args: Any, **kwargs: Any) -> None:
-            held.set()
-            await release.wait()
+            if gathered.is_set():
+                held.set()
+                await release.wait()
             await real_write(*args, **kwargs)
 
+        mailbox.get_batch = gathering_get_batch  # type: ignore[method-assign]
         store._write = delayed_write  # type: ignore[method-assign]
-        await produce(s, second)
+        # The actor has waited in the real get_batch since the first third: one record wakes it,
+        # then it gathers.
+        await produce(s, second[:1])
+        await asyncio.wait_for(gathering.wait(), 30)
+        await produce(s, second[1:])
         await asyncio.wait_for(held.wait(), 30)
         b = Engine(s)
         await b.start()
