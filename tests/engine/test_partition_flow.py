@@ -1,0 +1,122 @@
+"""Flow control of one partition (``engine/partition.py``) against a real consumer.
+
+The ingestor routes each fetch into the partition's mailbox; what does not fit waits in the overflow
+and the partition is paused at the consumer until the mailbox is half empty. These tests hold the
+parts that the engine-level tests cannot tell apart: a consumer that kept fetching, or a fetch that
+arrived behind an overflow, would still decide every record -- but out of order, or after holding
+an unbounded buffer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from fraudactors.actors import Mailbox
+from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.engine.offsets import OffsetTracker
+from fraudactors.engine.partition import Partition
+from fraudactors.engine.worker import Item
+from fraudactors.services.kafka import make_consumer
+from fraudactors.settings import Settings
+
+
+def items(topic: str, start: int, end: int) -> list[Item]:
+    """Records of partition 0 at offsets [start, end), as the ingestor routes them."""
+    now = time.monotonic()
+    return [(ConsumerRecord(topic, 0, offset, 0, 0, b"k", b"v", None, 1, 1, ()), now)
+            for offset in range(start, end)]
+
+
+@pytest.fixture
+async def consumer(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
+    consumer = make_consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(settings.topics.transactions, 0)])
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+def partition(consumer: AIOKafkaConsumer, topic: str, size: int) -> Partition:
+    tp = TopicPartition(topic, 0)
+    return Partition(tp, consumer, EngineMetrics(), Mailbox(size, "features-0"), OffsetTracker(0))
+
+
+async def drain(p: Partition, n: int) -> list[int]:
+    return [record.offset for record, _ in await p.mailbox.get_batch(n, 0.0)]
+
+
+def paused(p: Partition) -> float | None:
+    return p.metrics.registry.get_sample_value("fraudactors_partition_paused", {"partition": "0"})
+
+
+async def test_a_full_mailbox_pauses_the_consumer_and_every_record_goes_in_once_in_order(
+        settings: Settings, consumer: AIOKafkaConsumer) -> None:
+    topic = settings.topics.transactions
+    p = partition(consumer, topic, size=4)
+    tp = p.tp
+
+    assert p.route(items(topic, 0, 6)) is True, "the fetch that filled the mailbox paused the partition"
+    assert consumer.paused() == {tp}, "paused at the consumer: no more fetching"
+    assert paused(p) == 1
+    assert [r.offset for r, _ in p.overflow] == [4, 5]
+    # A fetch already under way when the pause came waits behind the overflow, even with room in
+    # the mailbox: the partition's records stay in offset order.
+    assert await drain(p, 3) == [0, 1, 2]
+    assert p.route(items(topic, 6, 9)) is False, "paused already"
+    assert [r.offset for r, _ in p.overflow] == [4, 5, 6, 7, 8]
+    assert p.mailbox.depth == 1
+
+    p.resume_if_drained()  # half empty: the overflow goes in first; what does not fit stays
+    assert [r.offset for r, _ in p.overflow] == [7, 8]
+    assert consumer.paused() == {tp}, "still paused while records wait outside the mailbox"
+    p.resume_if_drained()
+    assert consumer.paused() == {tp}, "a full mailbox does not resume"
+
+    assert await drain(p, 1) == [3]
+    p.resume_if_drained()
+    assert [r.offset for r, _ in p.overflow] == [7, 8], "3 of 4: not half empty yet"
+    assert await drain(p, 3) == [4, 5, 6]
+    p.resume_if_drained()
+    assert p.overflow == []
+    assert consumer.paused() == set(), "resumed once the overflow went in"
+    assert paused(p) == 0
+    assert await drain(p, 4) == [7, 8]
+    assert p.route(items(topic, 9, 11)) is False
+    assert await drain(p, 4) == [9, 10]
+
+
+async def test_a_halted_or_closing_partition_takes_nothing_and_a_rewind_resumes_where_handed_off(
+        settings: Settings, consumer: AIOKafkaConsumer) -> None:
+    topic = settings.topics.transactions
+    p = partition(consumer, topic, size=4)
+    tp = p.tp
+    assert p.route(items(topic, 10, 16)) is True
+    p.halt()  # the worker crashed
+    assert p.overflow == [] and consumer.paused() == {tp}
+    assert p.route(items(topic, 16, 18)) is False
+    assert p.mailbox.depth == 4, "nothing routed to a halted partition (the rewind fetches it again)"
+
+    # Nothing handed off yet: the rewind goes back to the first record routed.
+    old = p.mailbox
+    assert p.rewind() == 10
+    assert old.closed and p.mailbox is not old and p.mailbox.depth == 0
+    assert await consumer.position(tp) == 10
+    assert consumer.paused() == set() and not p.paused and not p.halted
+
+    # After batches were handed off, a rewind goes back to the end of the last one.
+    p.tracker.register(13, None)
+    assert p.route(items(topic, 13, 15)) is False
+    assert p.rewind() == 13
+    assert await consumer.position(tp) == 13
+    assert p.fetched_end == 13
+
+    p.closing = True  # revoked: the next owner fetches the rest
+    assert p.route(items(topic, 13, 15)) is False
+    assert p.mailbox.depth == 0
