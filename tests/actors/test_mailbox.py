@@ -295,6 +295,30 @@ async def test_caller_waiting_on_dead_actor_gets_actor_died_at_once() -> None:
     assert mb.depth == 0 and not mb.failed  # the next incarnation can keep serving
 
 
+async def test_a_caller_blocked_on_a_full_mailbox_of_a_dead_actor_gets_actor_died_at_once() -> None:
+    mb: Mailbox[Request[int, int]] = Mailbox(1, name="scorer")
+    queued = asyncio.create_task(ask(mb, 1))
+    await wait_until(lambda: mb.depth == 1)
+    blocked = asyncio.create_task(ask(mb, 2))  # waits for a slot, its request not yet in
+    await wait_until(lambda: mb.waiting_senders == 1)
+    assert mb.fail_pending(RuntimeError("model crashed")) == 2
+    for call in (queued, blocked):
+        with pytest.raises(ActorDied):
+            await asyncio.wait_for(call, 10)
+    assert mb.waiting_senders == 0 and mb.depth == 0
+
+
+async def test_close_wakes_a_task_waiting_for_space() -> None:
+    mb: Mailbox[int] = Mailbox(1, name="m")
+    mb.try_put(1)
+    waiting = asyncio.create_task(mb.wait_not_full())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    mb.close()
+    with pytest.raises(MailboxClosed):
+        await asyncio.wait_for(waiting, 10)
+
+
 async def test_fail_pending_keeps_plain_messages_and_blocked_plain_senders() -> None:
     mb: Mailbox[object] = Mailbox(2)
     mb.try_put("record-1")
