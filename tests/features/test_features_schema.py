@@ -84,6 +84,8 @@ BAD_VALUES: list[tuple[bytes | None, str]] = [
     (b"null", "not a JSON object"),
     (b'{"a": NaN}', "not valid JSON"),
     (b" " * (MAX_VALUE_BYTES + 1), "value too large"),
+    (b'{"transaction_id": "t", "user_id": "u", "amount": 1, "timestamp": 0}' + b" " * MAX_VALUE_BYTES,
+     "value too large"),  # a valid transaction, padded past the bound
     (b'{"transaction_id": "t", "user_id": "u", "amount": 1e400, "timestamp": 0}', "not valid JSON"),
 ]
 
@@ -129,6 +131,10 @@ BAD_FIELDS: list[tuple[dict[str, object], str]] = [
     ({**FULL, "timestamp": -1}, "timestamp out of range"),
     ({**FULL, "timestamp": "1969-12-31T23:59:59Z"}, "timestamp out of range"),
     ({**FULL, "timestamp": "0001-01-01T00:00:00+01:00"}, "timestamp out of range"),
+    # the engine's own form (the fast path) has the same bounds
+    ({**FULL, "timestamp": "1969-12-31T23:59:59.999+00:00"}, "timestamp out of range"),
+    ({**FULL, "timestamp": "2100-01-01T00:00:00.000+00:00"}, "timestamp out of range"),
+    ({**FULL, "timestamp": 4102444800}, "timestamp out of range"),  # 2100-01-01: the end is excluded
     ({**FULL, "merchant_id": 7}, "merchant_id must be a string"),
     ({**FULL, "merchant_id": ""}, "merchant_id must be 1-64 characters"),
     ({**FULL, "currency": None}, "currency must be a string, got null"),
