@@ -254,6 +254,33 @@ async def test_a_rebalance_while_a_write_is_delayed_leaves_every_feature_exact(e
     assert np.array_equal(online[:, counts], offline_probes[:, counts]), "no merchant count is doubled or lost"
 
 
+async def test_partitions_handed_over_in_a_rebalance_are_committed_first_and_decided_once(
+        engine_settings: Settings) -> None:
+    """Before it gives partitions up the engine commits what it decided, so their new owner starts
+    after it. With no periodic commit at all (every 10 minutes), a second engine joining and
+    taking half the partitions decides nothing twice, and nothing is lost."""
+    s = engine_settings.replace(engine={"commit_interval_ms": 600_000})
+    first = transactions(1200, prefix="hand-a", users=300)
+    second = transactions(1200, start=1200, prefix="hand-b", users=300)
+    ids = {t for _, _, t in first + second}
+    async with running(s) as a, reading(s, s.topics.predictions) as reader:
+        await produce(s, [(k, v) for k, v, _ in first])
+        await reader.wait_for(lambda recs: len(recs) >= len(first), timeout_s=60)
+        assert a.ingestor.assigned
+        b = Engine(s)
+        await b.start()
+        try:
+            await b.wait_ready(timeout_s=90)
+            assert b.ingestor.assigned, "the second engine took partitions"
+            await produce(s, [(k, v) for k, v, _ in second])
+            await reader.wait_for(lambda recs: ids <= {orjson.loads(r.value)["transaction_id"] for r in recs},
+                                  timeout_s=90)
+        finally:
+            await b.stop()
+    decided = [orjson.loads(r.value)["transaction_id"] for r in reader.records]
+    assert sorted(decided) == sorted(ids), "every transaction decided exactly once across the hand-over"
+
+
 def partition_of(key: bytes, partitions: int) -> int:
     """Kafka's default partitioner (murmur2 of the key), as the producer used it."""
     from aiokafka.partitioner import murmur2
