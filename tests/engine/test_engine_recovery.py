@@ -35,6 +35,10 @@ async def test_watchdog_restarts_a_consumer_that_stops_fetching(engine_settings:
         async with reading(s, s.topics.predictions) as reader:
             await produce(s, [(k, v) for k, v, _ in transactions(200)])
             await reader.wait_for(lambda recs: len(recs) >= 200, timeout_s=30)
+            # Idle partitions (nothing to fetch) make no progress and are not stalled: more than
+            # two watchdog periods without a record restart nothing.
+            await asyncio.sleep(2 * s.engine.watchdog_s + 1.0)
+            assert engine.ingestor.stalls == 0, engine.ingestor.stalled_reason
             stalled.set()
             txns = transactions(300, start=200)
             await produce(s, [(k, v) for k, v, _ in txns])
