@@ -237,6 +237,66 @@ async def test_one_for_all_restarts_siblings_in_order_and_drops_temporary_ones()
     await run
 
 
+class Counted:
+    """A child that counts its live incarnations; the ones numbered in ``never_ready_on`` never
+    get ready (a start failure)."""
+
+    def __init__(self, name: str, never_ready_on: frozenset[int] = frozenset(), start_timeout: float = 30.0) -> None:
+        self.never_ready_on = never_ready_on
+        self.starts = self.live = self.most_live = 0
+        self.commands: asyncio.Queue[str] = asyncio.Queue()
+        self.spec = ChildSpec(name, self.run, Restart.PERMANENT, start_timeout, 10.0)
+
+    async def run(self, task_status: TaskStatus) -> None:
+        self.starts += 1
+        self.live += 1
+        self.most_live = max(self.most_live, self.live)
+        try:
+            if self.starts in self.never_ready_on:
+                await asyncio.Event().wait()
+            task_status.started()
+            if await self.commands.get() == "crash":
+                raise Boom(self.spec.id)
+        finally:
+            self.live -= 1
+
+
+async def test_one_for_all_stops_the_group_again_when_a_restart_fails_to_start() -> None:
+    """A sibling that fails its restart makes the group restart again: the children already
+    restarted are stopped first, so no child ever runs twice at once."""
+    a, b = Counted("a"), Counted("b", never_ready_on=frozenset({2}), start_timeout=0.2)
+    sup = Supervisor("root", [a.spec, b.spec], Strategy.ONE_FOR_ALL, backoff_base_s=0)
+    run = await started(sup)
+    a.commands.put_nowait("crash")
+    await wait_until(lambda: b.starts == 3 and sup.ready and sup.child_running("a") and sup.child_running("b"))
+    assert a.starts == 3, "a restarted with the group, then again after b's failed start"
+    assert (a.most_live, b.most_live) == (1, 1), "never two incarnations of a child at once"
+    assert sup.restarts_total == 2
+    await sup.stop()
+    await run
+
+
+async def test_each_restart_in_the_window_backs_off_longer() -> None:
+    crasher = Child("crasher", [])
+    sup = Supervisor("root", [crasher.spec], max_restarts=10, window_s=60.0, backoff_base_s=0.001,
+                     backoff_max_s=1.0)
+    attempts: list[int] = []
+    real = sup.backoff_delay
+
+    def recording(attempt: int) -> float:
+        attempts.append(attempt)
+        return real(attempt)
+
+    sup.backoff_delay = recording  # type: ignore[method-assign]
+    run = await started(sup)
+    for n in (2, 3, 4):
+        crasher.commands.put_nowait("crash")
+        await wait_until(lambda n=n: crasher.starts == n and sup.child_running("crasher"))  # type: ignore[misc]
+    assert attempts == [1, 2, 3], "the backoff grows with the restarts in the window"
+    await sup.stop()
+    await run
+
+
 async def test_stop_stops_children_in_reverse_order_one_after_the_other() -> None:
     journal: list[str] = []
     children = [Child(n, journal) for n in "abc"]
