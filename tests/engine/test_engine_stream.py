@@ -199,6 +199,10 @@ async def test_http_readyz_predict_and_metrics(engine_settings: Settings, fresh_
         status, body = await _http(port, "GET", "/metrics")
         assert status == 200
         check_metrics_after_streaming_100(body, s.topics.partitions, {d["variant"] for d in reader.decisions()})
+        assert engine.healthz()[0] == 200
+    # Stopped: its supervision tree is gone, and the liveness answer says so.
+    status, _, body = engine.healthz()
+    assert status == 503 and orjson.loads(body) == {"status": "dead"}
 
 
 def check_metrics_after_streaming_100(text: bytes, partitions: int, variants: set[str]) -> None:

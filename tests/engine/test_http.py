@@ -126,6 +126,19 @@ async def test_a_client_trickling_its_headers_is_cut_off_at_the_header_timeout()
     assert sent.startswith(b"HTTP/1.1 408 ")
 
 
+async def test_the_next_request_head_on_a_kept_alive_connection_has_the_header_timeout_too() -> None:
+    async with serving(header_timeout_s=0.3) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(request("GET", "/healthz"))
+            assert (await read_response(reader))[0] == 200
+            writer.write(request("GET", "/healthz")[:-2])  # the next head, never finished
+            sent = await closed_by_server(reader)
+        finally:
+            writer.close()
+    assert sent.startswith(b"HTTP/1.1 408 ")
+
+
 async def test_a_client_that_promises_a_body_and_never_sends_it_gets_408_and_is_closed() -> None:
     async with serving(body_timeout_s=0.3) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -190,8 +203,15 @@ async def test_an_oversized_header_line_gets_431() -> None:
 
 async def test_a_body_over_one_mebibyte_gets_413_and_one_of_exactly_one_mebibyte_does_not() -> None:
     async with serving() as server:
-        status, _, body = await exchange(server.port, request("POST", "/predict", b"x" * (MAX_BODY + 1)))
-        assert status == 413, body
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(request("POST", "/predict", b"x" * (MAX_BODY + 1)))
+            status, headers, body = await read_response(reader)
+            assert status == 413, body
+            assert headers.get("connection") == "close"
+            assert await closed_by_server(reader) == b"", "the unread body is never parsed as a request"
+        finally:
+            writer.close()
         chunked = (b"POST /predict HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
                    + b"%x\r\n" % (MAX_BODY + 1) + b"x" * (MAX_BODY + 1) + b"\r\n0\r\n\r\n")
         status, _, body = await exchange(server.port, chunked)
