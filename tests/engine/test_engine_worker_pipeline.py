@@ -7,6 +7,7 @@ by the other engine tests); the mailbox, the worker and the offset tracker are t
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -178,3 +179,76 @@ async def test_a_failing_feature_store_crashes_the_worker_and_dead_letters_nothi
     assert features.calls == [[0, 1]], "no per-record retry"
     assert publisher.sent == []
     assert worker.tracker.registered_end == -1
+
+
+# -- what a worker lets into the state ---------------------------------------------------------------
+class _Routes(_Publisher):
+    """Records where each message went: (topic, transaction_id, stage header or None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routes: list[tuple[str, str, str | None]] = []
+
+    async def send_many(self, messages: Sequence[Any]) -> asyncio.Future[None]:
+        for topic, _, value, headers in messages:
+            stage = dict(headers)["stage"].decode() if headers else None
+            self.routes.append((topic, orjson.loads(value)["transaction_id"], stage))
+        return await super().send_many(messages)
+
+
+def _at(offset: int, t: float) -> Item:
+    value = orjson.dumps({"transaction_id": f"t-{offset}", "user_id": "u-1", "amount": 10.0, "timestamp": t})
+    return ConsumerRecord("transactions", 0, offset, 0, 0, b"u-1", value, None, 0, len(value), ()), 0.0
+
+
+def _routed_worker(settings: Settings) -> tuple[FeatureWorker, _Routes]:
+    inference = _Inference()
+    inference.release.set()
+    publisher = _Routes()
+    stages = Stages(features=_Features(), inference=inference, publisher=publisher)  # type: ignore[arg-type]
+    worker = FeatureWorker(0, Mailbox(1000, "p0"), OffsetTracker(0), settings=settings,
+                           metrics=EngineMetrics(), stages=stages)
+    return worker, publisher
+
+
+async def test_a_partition_ahead_of_the_clock_moves_on_within_the_skew_of_its_own_event_time(
+        settings: Settings) -> None:
+    """``engine.max_future_skew_s`` refuses a record ahead of both the partition's event time and the
+    clock: a partition whose producers' clock runs ahead goes on step by step, a jump is a dead letter."""
+    s = settings.replace(engine={"max_future_skew_s": 60.0})
+    worker, publisher = _routed_worker(s)
+    task = asyncio.create_task(worker.run(IGNORED))
+    now = time.time()
+    try:
+        for offset, ahead in enumerate((50.0, 100.0, 150.0, 400.0, 200.0)):
+            await worker.mailbox.put(_at(offset, now + ahead))  # one batch each: the horizon moves per batch
+            await _until(lambda offset=offset: worker.tracker.registered_end == offset + 1)
+    finally:
+        worker.mailbox.close()
+        await asyncio.wait_for(task, 10)
+    dlq, predictions = s.topics.dlq, s.topics.predictions
+    assert publisher.routes == [(predictions, "t-0", None), (predictions, "t-1", None), (predictions, "t-2", None),
+                                (dlq, "t-3", "validate"), (predictions, "t-4", None)]
+
+
+async def test_a_parser_bug_on_one_record_dead_letters_it_and_the_partition_goes_on(settings: Settings) -> None:
+    worker, publisher = _routed_worker(settings)
+    real = worker._parse
+
+    def parse(value: bytes | None) -> Transaction:
+        if value is not None and b'"t-1"' in value:
+            raise RuntimeError("a parser bug")
+        return real(value)
+
+    worker._parse = parse
+    task = asyncio.create_task(worker.run(IGNORED))
+    try:
+        for offset in (0, 1, 2):
+            await worker.mailbox.put(_item(offset))
+        await _until(lambda: worker.tracker.registered_end == 3)
+    finally:
+        worker.mailbox.close()
+        await asyncio.wait_for(task, 10)
+    dlq, predictions = settings.topics.dlq, settings.topics.predictions
+    assert sorted(publisher.routes) == sorted([(predictions, "t-0", None), (dlq, "t-1", "parse"),
+                                               (predictions, "t-2", None)])
