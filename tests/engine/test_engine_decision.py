@@ -32,6 +32,12 @@ def test_thresholds_settings_override_the_model() -> None:
     assert (t.decide(0.1), t.decide(0.5), t.decide(0.95)) == ("approve", "review", "decline")
     t = Thresholds.resolve(DecisionSettings(review_threshold=0.2, decline_threshold=0.3), 0.5, 0.9)
     assert (t.decide(0.19), t.decide(0.25), t.decide(0.3)) == ("approve", "review", "decline")
+    # 0 is a threshold (everything at least reviewed), not "the model's": only < 0 means that
+    t = Thresholds.resolve(DecisionSettings(review_threshold=0.0), 0.5, 0.9)
+    assert (t.review, t.decline) == (0.0, 0.9)
+    assert (t.decide(0.0), t.decide(0.95)) == ("review", "decline")
+    t = Thresholds.resolve(DecisionSettings(review_threshold=0.0, decline_threshold=0.0), 0.5, 0.9)
+    assert t.decide(0.0) == "decline"
 
 
 def test_decision_json_has_the_spec_fields() -> None:
