@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
-from engine_helpers import produce, reading, transactions, wait_until
+from engine_helpers import committed, produce, reading, transactions, wait_until
 
 from fraudactors.engine.engine import Engine
 from fraudactors.settings import Settings
@@ -36,9 +36,17 @@ async def test_watchdog_restarts_a_consumer_that_stops_fetching(engine_settings:
             await produce(s, [(k, v) for k, v, _ in transactions(200)])
             await reader.wait_for(lambda recs: len(recs) >= 200, timeout_s=30)
             # Idle partitions (nothing to fetch) make no progress and are not stalled: more than
-            # two watchdog periods without a record restart nothing.
-            await asyncio.sleep(2 * s.engine.watchdog_s + 1.0)
+            # two watchdog periods without a record restart nothing, and once their offsets are
+            # committed they are not committed again and again.
+            commits = engine.metrics.registry
+            async with asyncio.timeout(30):  # the last offsets' commit (every commit_interval_ms)
+                while sum((await committed(s)).values()) < 200:  # noqa: ASYNC110 - the broker signals nothing
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)  # the engine counts a commit once the broker has answered it
+            before = commits.get_sample_value("fraudactors_commits_total")
+            await asyncio.sleep(2 * s.engine.watchdog_s)
             assert engine.ingestor.stalls == 0, engine.ingestor.stalled_reason
+            assert commits.get_sample_value("fraudactors_commits_total") == before, "nothing new to commit"
             stalled.set()
             txns = transactions(300, start=200)
             await produce(s, [(k, v) for k, v, _ in txns])
