@@ -282,11 +282,11 @@ class Supervisor:
             elif isinstance(event, _Command):
                 if event.reply.done():
                     continue  # the caller gave up before we got to it
+                # Cleared only when the command ran to its end: if run() is cancelled (or fails)
+                # meanwhile, _shutdown fails the command's caller instead of leaving it waiting.
                 self._command = event
-                try:
-                    await self._run_command(event)
-                finally:
-                    self._command = None
+                await self._run_command(event)
+                self._command = None
 
     async def _run_command(self, command: _Command) -> None:
         reply = command.reply

@@ -405,6 +405,22 @@ async def test_dynamic_children_start_restart_and_terminate() -> None:
         await sup.terminate_child("base")
 
 
+async def test_a_command_in_progress_fails_its_caller_when_the_supervisor_is_cancelled() -> None:
+    """start_child is waiting for a child that is not ready yet when the supervisor's own task
+    is cancelled: the caller gets ActorDied at once, not a wait without end."""
+    sup = Supervisor("dyn", [])
+    run = await started(sup)
+    slow = Child("slow", [], ready_from_start=2)  # its first incarnation never gets ready
+    starting = asyncio.create_task(sup.start_child(slow.spec))
+    await wait_until(lambda: slow.starts == 1)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    with pytest.raises(ActorDied, match="stopped"):
+        await asyncio.wait_for(starting, 5)
+    assert not sup.running and slow.starts == 1
+
+
 async def test_terminate_children_stops_them_concurrently_and_forgets_them() -> None:
     """Peers stopped together drain in parallel: each one's cleanup here needs the other's to
     have begun, which one-after-the-other would never allow (within their shutdown timeout)."""
