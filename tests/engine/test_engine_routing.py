@@ -23,7 +23,8 @@ from engine_helpers import (
 from fraudactors.engine.control import current_routing, publish_routing
 from fraudactors.engine.decision import Router
 from fraudactors.engine.engine import Engine
-from fraudactors.engine.routing import Routing
+from fraudactors.engine.routing import ROUTING_KEY, Routing
+from fraudactors.services.kafka import make_producer
 from fraudactors.settings import Settings, VariantSettings
 
 
@@ -184,6 +185,25 @@ async def test_every_running_replica_follows_a_change(engine_settings: Settings)
     before, after = Router(s.models.variants), Router(change.variants)
     for i, (_, _, tid) in enumerate(txns):
         assert decisions[tid]["variant"] == (before if i < 1000 else after).route(tid).name
+
+
+async def test_of_two_routing_documents_in_one_fetch_the_newer_is_applied(engine_settings: Settings) -> None:
+    """A replica that fetches several routing documents at once applies the newest: applying the
+    older would leave it behind the other replicas until the next change."""
+    s = engine_settings.replace(engine={"inference_mode": "thread"})
+    first = Routing.from_settings(s.models).with_weights({"A": 0.3, "B": 0.7}, {}, "first")
+    second = first.with_weights({"A": 0.6, "B": 0.4}, {}, "second")
+    async with running(s) as engine:
+        producer = make_producer(s, linger_ms=200)  # both documents in one record batch
+        await producer.start()
+        try:
+            sent = [await producer.send(s.topics.control, r.to_json(), key=ROUTING_KEY, partition=0)
+                    for r in (first, second)]
+            await asyncio.gather(*sent)
+        finally:
+            await producer.stop()
+        await wait_until(lambda: engine.routing.applied.revision == second.revision, timeout_s=30)
+        assert engine.routing.applied.variants == second.variants
 
 
 async def test_a_scorer_lets_go_of_versions_no_routing_in_reach_uses_and_loads_them_again(
