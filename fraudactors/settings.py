@@ -75,6 +75,9 @@ class KafkaSettings:
         _require(bool(self.group_id.strip()), "kafka.group_id", "must not be empty")
         _require(self.fetch_max_records > 0, "kafka.fetch_max_records", "must be > 0")
         _require(self.fetch_max_wait_ms >= 0, "kafka.fetch_max_wait_ms", "must be >= 0")
+        _require(self.linger_ms >= 0, "kafka.linger_ms", "must be >= 0")
+        for key in ("max_batch_size", "session_timeout_ms", "max_poll_interval_ms", "request_timeout_ms"):
+            _require(getattr(self, key) > 0, f"kafka.{key}", "must be > 0")
         _require(
             self.heartbeat_interval_ms < self.session_timeout_ms,
             "kafka.heartbeat_interval_ms",
@@ -149,6 +152,7 @@ class RedisSettings:
                  "must start with redis://, rediss:// or unix://")
         _require(self.ttl_s > 0, "redis.ttl_s", "must be > 0")
         _require(self.socket_timeout_ms > 0, "redis.socket_timeout_ms", "must be > 0")
+        _require(self.retry_interval_ms > 0, "redis.retry_interval_ms", "must be > 0")
         _require(self.backlog_max >= 0, "redis.backlog_max", "must be >= 0")
         for node in self.cluster_nodes:
             host, _, port = node.rpartition(":")
@@ -203,7 +207,9 @@ class EngineSettings:
                  f"must be >= engine.batch_max ({self.batch_max}): a micro-batch must fit in it")
         _require(self.commit_interval_ms > 0, "engine.commit_interval_ms", "must be > 0")
         _require(self.commit_timeout_s > 0, "engine.commit_timeout_s", "must be > 0")
-        _require(self.shutdown_timeout_s > 0, "engine.shutdown_timeout_s", "must be > 0")
+        for key in ("inference_timeout_s", "shutdown_timeout_s", "start_timeout_s", "watchdog_s",
+                    "restart_window_s"):
+            _require(getattr(self, key) > 0, f"engine.{key}", "must be > 0")
         _require(self.restart_max >= 0, "engine.restart_max", "must be >= 0")
         _require(self.max_future_skew_s >= 0, "engine.max_future_skew_s", "must be >= 0")
 

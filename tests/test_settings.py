@@ -43,6 +43,23 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[decision]\ndegraded_approve_below = \"cheap\"\n", "decision.degraded_approve_below"),
         ("[decision]\ndegraded_policy = \"approve-below\"\ndegraded_approve_below = 0.0\n",
          "decision.degraded_approve_below"),
+        ("[decision]\nreview_threshold = 0.8\ndecline_threshold = 0.5\n", "decision.review_threshold"),
+        ("[decision]\ndecline_threshold = 1.5\n", "decision.decline_threshold"),
+        ("[engine]\nbatch_max = 512\npublish_window = 256\n", "engine.publish_window"),
+        ("[engine]\nrestart_max = -1\n", "engine.restart_max"),
+        ("[engine]\nmax_future_skew_s = -1.0\n", "engine.max_future_skew_s"),
+        ("[engine]\nwatchdog_s = 0\n", "engine.watchdog_s"),
+        ("[engine]\nrestart_window_s = -60.0\n", "engine.restart_window_s"),
+        ("[engine]\ninference_timeout_s = 0.0\n", "engine.inference_timeout_s"),
+        ("[engine]\nstart_timeout_s = -1\n", "engine.start_timeout_s"),
+        ("[engine]\nwatchdog_s = inf\n", "engine.watchdog_s"),
+        ("[engine]\ncommit_timeout_s = nan\n", "engine.commit_timeout_s"),
+        ("[engine]\nbatch_max = true\n", "engine.batch_max"),
+        ("[kafka]\nsession_timeout_ms = 0\nheartbeat_interval_ms = -1\n", "kafka.session_timeout_ms"),
+        ("[kafka]\nrequest_timeout_ms = -5\n", "kafka.request_timeout_ms"),
+        ("[kafka]\nlinger_ms = -1\n", "kafka.linger_ms"),
+        ("[redis]\nretry_interval_ms = 0\n", "redis.retry_interval_ms"),
+        ("[http]\npredict_token = \"short\"\n", "http.predict_token"),
     ],
 )
 def test_bad_config_file_names_the_key(tmp_path: Path, toml: str, key: str) -> None:
@@ -69,6 +86,9 @@ def test_invalid_toml_and_missing_file_are_config_errors(tmp_path: Path) -> None
         ({"FRAUDACTORS_TOPICS__PARTITIONS": "twelve"}, "topics.partitions"),
         ({"FRAUDACTORS_TOPICS__PARTITIONS": "-3"}, "topics.partitions"),
         ({"FRAUDACTORS_KAFKA": "x"}, "FRAUDACTORS_KAFKA"),
+        ({"FRAUDACTORS_ENGINE__WATCHDOG_S": "nan"}, "engine.watchdog_s"),
+        ({"FRAUDACTORS_ENGINE__RESTART_WINDOW_S": "-inf"}, "engine.restart_window_s"),
+        ({"FRAUDACTORS_ENGINE__MAX_FUTURE_SKEW_S": "-300"}, "engine.max_future_skew_s"),
     ],
 )
 def test_bad_env_override_names_the_key(env: dict[str, str], key: str) -> None:
