@@ -77,16 +77,18 @@ async def test_malformed_inputs_go_to_the_dlq_and_every_valid_one_is_decided(eng
             records.append((f"bad-{i}".encode(), bad[i // 2]))
     assert len(records) == 3000
     async with running(s) as engine, reading(s, s.topics.predictions) as decided, \
-            reading(s, s.topics.dlq) as dead:
+            reading(s, s.topics.dlq) as dead, reading(s, s.topics.transactions) as source:
         await produce(s, records)
         await decided.wait_for(lambda recs: len(recs) >= 2000, timeout_s=60)
         await dead.wait_for(lambda recs: len(recs) >= 1000, timeout_s=60)
+        await source.wait_for(lambda recs: len(recs) >= 3000, timeout_s=60)
         assert engine.ingestor.worker_restarts == 0
         assert engine.supervisor.restarts_total == 0
         metrics = engine.metrics.render().decode()
     assert {orjson.loads(r.value)["transaction_id"] for r in decided.records} == {t for _, _, t in good}
     assert len(dead.records) == 1000
     assert Counter(r.value for r in dead.records) == Counter(bad), "DLQ values are the original bytes"
+    at = {(r.partition, r.offset): r for r in source.records}
     for record in dead.records:
         headers = dict(record.headers)
         assert set(headers) >= {"error", "stage", "source_topic", "source_partition", "source_offset"}
@@ -94,6 +96,9 @@ async def test_malformed_inputs_go_to_the_dlq_and_every_valid_one_is_decided(eng
         assert headers["stage"] == b"parse"
         assert headers["source_topic"].decode() == s.topics.transactions
         assert record.key.startswith(b"bad-"), "the original key"
+        # the headers locate the very record that was refused
+        origin = at[(int(headers["source_partition"]), int(headers["source_offset"]))]
+        assert (origin.key, origin.value) == (record.key, record.value)
     assert 'fraudactors_dlq_total{stage="parse"} 1000.0' in metrics
 
 
