@@ -250,6 +250,26 @@ async def test_close_lets_the_call_in_flight_finish(gate: Gate) -> None:
     assert pool.state == "closed" and worker_processes() == []
 
 
+async def test_close_fails_the_queued_calls_and_the_callers_waiting_for_admission(gate: Gate) -> None:
+    pool = ProcessPool(1, poolfuncs.init_state, (None,), max_inflight=3, pipeline_depth=1)
+    await pool.start()
+    running = asyncio.create_task(pool.call(poolfuncs.block, gate.path))
+    pid, handle = await gate.running()
+    queued = [asyncio.create_task(pool.call(poolfuncs.echo, i)) for i in (1, 2)]
+    await wait_until(lambda: pool.pending == 2)  # behind the running call (pipeline depth 1)
+    waiting = asyncio.create_task(pool.call(poolfuncs.echo, 3))  # over max_inflight: not admitted yet
+    for _ in range(3):
+        await asyncio.sleep(0)  # it runs up to the admission wait (nothing else to wait for)
+    closing = asyncio.create_task(pool.close())
+    for call in (*queued, waiting):
+        with pytest.raises(PoolClosed):
+            await asyncio.wait_for(call, 10)  # at once, not after the running call
+    await gate.release(handle)
+    assert await running == pid
+    await asyncio.wait_for(closing, 30)
+    assert pool.state == "closed" and worker_processes() == []
+
+
 def test_fork_start_method_is_refused() -> None:
     with pytest.raises(ValueError, match="fork"):
         ProcessPool(1, poolfuncs.init_state, (None,), mp_context="fork")
