@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
-from engine_helpers import committed, produce, reading, transactions, wait_until
+from engine_helpers import committed, produce, reading, running, transactions, wait_until
 
 from fraudactors.engine.engine import Engine
 from fraudactors.settings import Settings
@@ -64,6 +64,35 @@ async def test_watchdog_restarts_a_consumer_that_stops_fetching(engine_settings:
     finally:
         released.set()
         await engine.stop()
+
+
+async def test_a_batch_the_broker_never_acknowledged_restarts_the_consumer_and_is_decided_again(
+        engine_settings: Settings) -> None:
+    """A publish that fails for good (its acknowledgement future fails) blocks the partition's
+    commits: the watchdog restarts the consumer at once, and the batch's records, fetched again from
+    the last commit, are decided."""
+    s = engine_settings
+    txns = transactions(600, prefix="unacked")
+    ids = {t for _, _, t in txns}
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        publisher = engine.publisher
+        real = publisher.send_many
+        failed: list[int] = []
+
+        async def send_many(messages: Any) -> asyncio.Future[None]:
+            if not failed and messages:
+                failed.append(len(messages))  # this batch never reaches the broker
+                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                lost.set_exception(RuntimeError("the broker refused the batch"))
+                return lost
+            return await real(messages)
+
+        publisher.send_many = send_many  # type: ignore[method-assign]
+        await produce(s, [(k, v) for k, v, _ in txns])
+        await wait_until(lambda: engine.ingestor.stalls > 0, timeout_s=30)
+        await reader.wait_for(lambda recs: ids <= {orjson.loads(r.value)["transaction_id"] for r in recs},
+                              timeout_s=60)
+        assert failed and 'fraudactors_actor_restarts_total{actor="ingestor"}' in engine.metrics.render().decode()
 
 
 async def test_labels_are_matched_to_decisions_per_variant_shadow_included(engine_settings: Settings) -> None:
