@@ -79,6 +79,8 @@ class Child:
             raise
         if command == "crash":
             raise Boom(self.name)
+        if command == "cancel":  # ends cancelled though nobody cancelled it (e.g. a stray timeout)
+            raise asyncio.CancelledError
 
 
 async def started(sup: Supervisor) -> asyncio.Task[None]:
@@ -202,6 +204,19 @@ async def test_restart_policies_permanent_transient_temporary() -> None:
 
     assert sup.child_ids == ("perm", "trans_err") and sup.restarts_total == 2
     assert sup.restarts_by_child == {"perm": 1, "trans_err": 1}
+    await sup.stop()
+    await run
+
+
+async def test_a_transient_child_that_ends_cancelled_by_itself_is_restarted() -> None:
+    """Only the supervisor stops its children: a child whose task ends cancelled without that did
+    not finish its work, and a transient one is restarted (the engine's ingestor is transient)."""
+    child = Child("trans", [], restart=Restart.TRANSIENT)
+    sup = Supervisor("root", [child.spec], backoff_base_s=0)
+    run = await started(sup)
+    child.commands.put_nowait("cancel")
+    await wait_until(lambda: child.starts == 2 and sup.child_running("trans"))
+    assert sup.restarts_by_child == {"trans": 1}
     await sup.stop()
     await run
 
