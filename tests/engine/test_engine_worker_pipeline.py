@@ -110,6 +110,29 @@ async def test_next_batch_computes_features_while_the_previous_one_is_scored(set
         await asyncio.wait_for(task, 10)
 
 
+async def test_while_scoring_is_slow_at_most_two_batches_are_in_hand(settings: Settings) -> None:
+    """The worker prepares the next batch while one is scored, and no more: records wait in the
+    mailbox (where backpressure sees them), not as prepared batches in memory."""
+    inference = _Inference()
+    worker, features, publisher = _worker(settings, inference)
+    task = asyncio.create_task(worker.run(IGNORED))
+    try:
+        await worker.mailbox.put(_item(0))
+        await _until(lambda: inference.calls == 1)  # batch [0] is scored, and waits
+        for offset in range(1, 5):
+            await worker.mailbox.put(_item(offset))
+            await asyncio.sleep(0.02)  # one record per batch
+        await _until(lambda: len(features.calls) == 2)
+        await asyncio.sleep(0.2)  # time for a third batch, which must not be taken
+        assert len(features.calls) == 2 and worker.mailbox.depth == 3
+        inference.release.set()
+        await _until(lambda: worker.tracker.registered_end == 5)
+        assert [t for batch in publisher.sent for t in batch] == [f"t-{i}" for i in range(5)]
+    finally:
+        worker.mailbox.close()
+        await asyncio.wait_for(task, 10)
+
+
 async def test_a_failed_batch_fails_the_worker_and_nothing_after_it_is_handed_off(settings: Settings) -> None:
     inference = _Inference(fail=RuntimeError("scoring broke"))
     worker, _, publisher = _worker(settings, inference)
