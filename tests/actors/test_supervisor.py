@@ -436,6 +436,27 @@ async def test_a_command_in_progress_fails_its_caller_when_the_supervisor_is_can
     assert not sup.running and slow.starts == 1
 
 
+async def test_a_command_whose_caller_gave_up_before_its_turn_is_not_run() -> None:
+    sup = Supervisor("dyn", [])
+    run = await started(sup)
+    gate = asyncio.Event()
+    slow = Child("slow", [], gate=gate)  # ready only once the gate opens
+    first = asyncio.create_task(sup.start_child(slow.spec))
+    await wait_until(lambda: slow.starts == 1)
+    late = Child("late", [])
+    second = asyncio.create_task(sup.start_child(late.spec))  # queued behind the first
+    await asyncio.sleep(0)
+    second.cancel()  # its caller gives up (a timeout, a stop) before the supervisor gets to it
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    gate.set()
+    await asyncio.wait_for(first, 10)
+    await sup.terminate_child("nobody")  # a later command: everything queued before it was served
+    assert late.starts == 0 and sup.child_ids == ("slow",)
+    await sup.stop()
+    await run
+
+
 async def test_terminate_children_stops_them_concurrently_and_forgets_them() -> None:
     """Peers stopped together drain in parallel: each one's cleanup here needs the other's to
     have begun, which one-after-the-other would never allow (within their shutdown timeout)."""
