@@ -62,11 +62,18 @@ class _Inference:
 
 
 class _Publisher:
+    """Records the transaction ids of each hand-off, and where each message went:
+    (topic, transaction_id, stage header or None)."""
+
     def __init__(self) -> None:
         self.sent: list[list[str]] = []
+        self.routes: list[tuple[str, str, str | None]] = []
 
     async def send_many(self, messages: Sequence[Any]) -> asyncio.Future[None]:
         self.sent.append([orjson.loads(value)["transaction_id"] for _, _, value, _ in messages])
+        for topic, _, value, headers in messages:
+            stage = dict(headers)["stage"].decode() if headers else None
+            self.routes.append((topic, orjson.loads(value)["transaction_id"], stage))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
@@ -206,33 +213,15 @@ async def test_a_failing_feature_store_crashes_the_worker_and_dead_letters_nothi
 
 
 # -- what a worker lets into the state ---------------------------------------------------------------
-class _Routes(_Publisher):
-    """Records where each message went: (topic, transaction_id, stage header or None)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.routes: list[tuple[str, str, str | None]] = []
-
-    async def send_many(self, messages: Sequence[Any]) -> asyncio.Future[None]:
-        for topic, _, value, headers in messages:
-            stage = dict(headers)["stage"].decode() if headers else None
-            self.routes.append((topic, orjson.loads(value)["transaction_id"], stage))
-        return await super().send_many(messages)
-
-
 def _at(offset: int, t: float) -> Item:
     value = orjson.dumps({"transaction_id": f"t-{offset}", "user_id": "u-1", "amount": 10.0, "timestamp": t})
     return ConsumerRecord("transactions", 0, offset, 0, 0, b"u-1", value, None, 0, len(value), ()), 0.0
 
 
-def _routed_worker(settings: Settings) -> tuple[FeatureWorker, _Routes]:
+def _released() -> _Inference:
     inference = _Inference()
     inference.release.set()
-    publisher = _Routes()
-    stages = Stages(features=_Features(), inference=inference, publisher=publisher)  # type: ignore[arg-type]
-    worker = FeatureWorker(0, Mailbox(1000, "p0"), OffsetTracker(0), settings=settings,
-                           metrics=EngineMetrics(), stages=stages)
-    return worker, publisher
+    return inference
 
 
 async def test_a_partition_ahead_of_the_clock_moves_on_within_the_skew_of_its_own_event_time(
@@ -240,7 +229,7 @@ async def test_a_partition_ahead_of_the_clock_moves_on_within_the_skew_of_its_ow
     """``engine.max_future_skew_s`` refuses a record ahead of both the partition's event time and the
     clock: a partition whose producers' clock runs ahead goes on step by step, a jump is a dead letter."""
     s = settings.replace(engine={"max_future_skew_s": 60.0})
-    worker, publisher = _routed_worker(s)
+    worker, _, publisher = _worker(s, _released())
     task = asyncio.create_task(worker.run(IGNORED))
     now = time.time()
     try:
@@ -256,7 +245,7 @@ async def test_a_partition_ahead_of_the_clock_moves_on_within_the_skew_of_its_ow
 
 
 async def test_a_parser_bug_on_one_record_dead_letters_it_and_the_partition_goes_on(settings: Settings) -> None:
-    worker, publisher = _routed_worker(settings)
+    worker, _, publisher = _worker(settings, _released())
     real = worker._parse
 
     def parse(value: bytes | None) -> Transaction:
