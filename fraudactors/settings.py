@@ -166,9 +166,11 @@ class RedisSettings:
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
-    # Micro-batching: a stage flushes when it has batch_max records or after batch_linger_ms.
+    # Micro-batching: a stage takes what is queued, up to batch_max; with batch_linger_ms > 0 it
+    # waits up to that long for more. Records come a fetch at a time and the feature actor
+    # answers all workers at once, so batches fill without a linger; one only adds latency.
     batch_max: int = 256
-    batch_linger_ms: float = 2.0
+    batch_linger_ms: float = 0.0
     # Bounded mailboxes; a full one makes the sender wait (and the ingestor pause the partition).
     mailbox_size: int = 4096
     inference_workers: int = 1

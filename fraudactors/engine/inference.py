@@ -1,7 +1,7 @@
 """The inference actor: coalesce feature rows from every worker, score them, route per SPEC §7.
 
 Workers call :meth:`InferenceActor.score` with one micro-batch each. Requests wait in a bounded
-mailbox; a flusher takes what is there (up to ``batch_max`` rows, lingering ``batch_linger_ms`` for
+mailbox; a flusher takes what is there (up to ``batch_max`` requests, lingering ``batch_linger_ms`` for
 more), groups rows by model version and makes ONE call to the scorer for all of them, with at most
 ``max_inflight_batches`` calls in flight. The scorer runs either in a process pool (ONNX sessions
 pinned per worker process, the default) or in one thread of this process (``inference_mode``).
