@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import uuid
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from fraudactors.features.definition import FEATURE_INDEX, FEATURE_NAMES
 from fraudactors.features.offline import offline_features
 from fraudactors.features.schema import Transaction, format_timestamp, parse_transaction
 from fraudactors.features.store import OnlineFeatureStore
+from fraudactors.services.kafka import create_topics, delete_topics
 from fraudactors.settings import Settings
 
 
@@ -320,3 +322,61 @@ async def test_records_fetched_while_an_assignment_is_registered_are_not_lost(en
                                   timeout_s=60)
         finally:
             await b.stop()
+
+
+async def test_a_replica_left_without_a_partition_is_not_ready_until_it_takes_one_over(
+        engine_settings: Settings) -> None:
+    """More replicas than partitions: the one the group leaves without a partition answers /readyz
+    503 naming only ``partitions`` (SPEC §6: ready only with partitions assigned) while its owner
+    answers 200; once the owner stops, it takes the partition over, answers 200 with it and decides
+    what comes next."""
+    suffix = uuid.uuid4().hex[:8]
+    s = engine_settings.replace(topics={
+        "partitions": 1, "transactions": f"standby-tx-{suffix}", "predictions": f"standby-pred-{suffix}",
+        "labels": f"standby-labels-{suffix}", "dlq": f"standby-dlq-{suffix}", "control": f"standby-control-{suffix}"})
+    first = transactions(200, prefix="standby-a", users=50)
+    second = transactions(200, start=200, prefix="standby-b", users=50)
+    ids = {t for _, _, t in first + second}
+    await create_topics(s)
+    try:
+        async with reading(s, s.topics.predictions) as reader:
+            a, b = Engine(s), Engine(s)
+            joined = asyncio.Event()
+            assign = b.ingestor.assign
+
+            async def assigned_to_b(partitions: list[Any]) -> None:
+                await assign(partitions)
+                joined.set()  # b is a member of the group: this is its share, empty or not
+
+            b.ingestor.assign = assigned_to_b  # type: ignore[method-assign]
+            await a.start()
+            try:
+                await a.wait_ready(timeout_s=90)
+                await b.start()
+                try:
+                    await asyncio.wait_for(joined.wait(), timeout=90)
+                    await wait_until(lambda: sorted([a.ingestor.assigned, b.ingestor.assigned]) == [[], [0]],
+                                     timeout_s=60)
+                    owner, standby = (a, b) if a.ingestor.assigned else (b, a)
+                    code, _, body = standby.readyz()
+                    assert (code, orjson.loads(body)) == (
+                        503, {"ready": False, "not_ready": {"partitions": "no partitions assigned"}})
+                    code, _, body = owner.readyz()
+                    assert (code, orjson.loads(body)) == (200, {"ready": True, "partitions": [0]})
+                    await produce(s, [(k, v) for k, v, _ in first])
+                    await reader.wait_for(lambda recs: len(recs) >= len(first), timeout_s=60)
+                    await owner.stop()
+                    await standby.wait_ready(timeout_s=90)
+                    code, _, body = standby.readyz()
+                    assert (code, orjson.loads(body)) == (200, {"ready": True, "partitions": [0]})
+                    await produce(s, [(k, v) for k, v, _ in second])
+                    await reader.wait_for(
+                        lambda recs: ids <= {orjson.loads(r.value)["transaction_id"] for r in recs}, timeout_s=90)
+                finally:
+                    await b.stop()
+            finally:
+                await a.stop()
+    finally:
+        await delete_topics(s)
+    decided = [orjson.loads(r.value)["transaction_id"] for r in reader.records]
+    assert sorted(decided) == sorted(ids), "every transaction decided once, before and after the take-over"
