@@ -1,4 +1,6 @@
-"""The final refit's rows: fit up to the label cut-off, calibrate on recent legitimate rows it did not fit."""
+"""The time split, the search's folds and the final refit's rows: which rows a model is fit, calibrated and
+validated on, with the labels known when; the final refit fits up to the label cut-off and calibrates on
+recent legitimate rows it did not fit."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 
 from fraudactors.features.schema import Transaction, format_timestamp
 from fraudactors.modeling.data import DAY_S, DataError, Dataset
-from fraudactors.modeling.split import SplitConfig, final_split, known_labels, sample_legit
+from fraudactors.modeling.split import SplitConfig, final_split, known_labels, sample_legit, time_split
 
 T0 = 1790812800.0
 
@@ -73,3 +75,54 @@ def test_the_search_validates_before_the_cut_off_without_crossing_the_label_dela
         assert v_start - fit_end == timedelta(days=3)  # the label delay between fit and validation
         assert v_end <= cutoff - timedelta(days=3)  # validation labels are in by the cut-off
     assert "--search" in meta["command"]
+
+
+# ---------------------------------------------------------------------- the time split and its labels
+
+HOUR_S = 3600.0
+
+
+def _hourly(days: int, fraud: np.ndarray | None = None, reported: np.ndarray | None = None) -> Dataset:
+    """One transaction an hour from T0 for ``days`` days: every period boundary falls on a row."""
+    times = T0 + np.arange(days * 24) * HOUR_S
+    txns = [Transaction(f"t{i}", f"u{i % 50}", "m", 1.0, "USD", "x", False, float(t), format_timestamp(float(t)))
+            for i, t in enumerate(times.tolist())]
+    fraud = np.zeros(times.size, dtype=bool) if fraud is None else fraud
+    reported = np.full(times.size, np.inf) if reported is None else reported
+    return Dataset(txns, fraud, np.array(["s"] * times.size), reported)
+
+
+def test_the_time_split_periods_start_inclusive_end_exclusive_and_leave_the_gap_unused() -> None:
+    ds = _hourly(40)  # rows at hours 0 .. 959
+    split = time_split(ds.event_time, SplitConfig(warmup_days=5, calib_days=6, gap_days=4, test_days=10))
+    # test: the last 10 days (hour 719 .. 959); gap: 4 days before (623 .. 718), never used;
+    # calibration: 6 days before that (479 .. 622); fit: from the end of the warm-up (hour 120) to 478
+    assert np.array_equal(split.fit, np.arange(120, 479))
+    assert np.array_equal(split.calib, np.arange(479, 623))
+    assert np.array_equal(split.test, np.arange(719, 960))
+    assert split.cutoff == ds.event_time[719]  # the model is "trained" when the test period starts
+
+
+def test_a_fraud_reported_after_the_cut_off_is_legitimate_in_the_fit_and_calibration() -> None:
+    fraud = np.zeros(40 * 24, dtype=bool)
+    reported = np.full(fraud.size, np.inf)
+    split = time_split(_hourly(40).event_time, SplitConfig(warmup_days=5, calib_days=6, gap_days=4, test_days=10))
+    cutoff = split.cutoff
+    cases = {200: cutoff - 1, 201: cutoff, 202: cutoff + 1, 203: np.inf, 500: cutoff + 1, 501: cutoff - 60}
+    for row, at in cases.items():
+        fraud[row], reported[row] = True, at
+    ds = _hourly(40, fraud, reported)
+    y = known_labels(ds, cutoff)
+    # reported before or at the cut-off: fraud; after it, or never: legitimate on that day
+    assert [bool(y[row]) for row in cases] == [True, True, False, False, False, True]
+    assert set(np.flatnonzero(y[split.fit])) == {200 - 120, 201 - 120}
+    assert set(np.flatnonzero(y[split.calib])) == {501 - 479}
+
+
+def test_the_legit_sample_keeps_every_fraud_and_a_seeded_share_of_the_legitimate_rows() -> None:
+    y = np.arange(10000) % 10 == 0
+    rows = sample_legit(y, 0.2, seed=5)
+    assert y[rows].sum() == y.sum()  # every fraud
+    assert (~y[rows]).sum() / (~y).sum() == pytest.approx(0.2, abs=0.02)
+    assert np.array_equal(rows, sample_legit(y, 0.2, seed=5))
+    assert np.array_equal(sample_legit(y, 1.0, seed=5), np.arange(y.size))
