@@ -4,8 +4,10 @@ recent legitimate rows it did not fit."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -126,3 +128,83 @@ def test_the_legit_sample_keeps_every_fraud_and_a_seeded_share_of_the_legitimate
     assert (~y[rows]).sum() / (~y).sum() == pytest.approx(0.2, abs=0.02)
     assert np.array_equal(rows, sample_legit(y, 0.2, seed=5))
     assert np.array_equal(sample_legit(y, 1.0, seed=5), np.arange(y.size))
+
+
+# ---------------------------------------------------------------------- the search's folds
+
+
+SEARCH_CFG = SplitConfig(warmup_days=3, calib_days=5, gap_days=3, test_days=7)
+
+
+def test_each_search_fold_fits_up_to_the_label_delay_before_its_validation_week() -> None:
+    from fraudactors.modeling.search import folds
+
+    ds = _hourly(60)  # hours 0 .. 1439; the cut-off at hour 1271, the validation weeks end 3 days before it
+    split = time_split(ds.event_time, SEARCH_CFG)
+    first, second = folds(ds, split, SEARCH_CFG, n_folds=2, fold_days=7)
+    # oldest first: validation hours 863 .. 1030 then 1031 .. 1198 (1199 = the cut-off - 3 days);
+    # each fit from the end of the warm-up (hour 72) to 3 days before its validation week
+    assert np.array_equal(first.validation, np.arange(863, 1031))
+    assert np.array_equal(first.fit, np.arange(72, 791))
+    assert first.labels_at == ds.event_time[863]
+    assert np.array_equal(second.validation, np.arange(1031, 1199))
+    assert np.array_equal(second.fit, np.arange(72, 959))
+    assert second.labels_at == ds.event_time[1031]
+
+
+def test_the_search_refuses_folds_with_less_than_a_fold_of_fit() -> None:
+    from fraudactors.modeling.search import folds
+
+    ds = _hourly(30)  # the cut-off at hour 551: the older fold's fit would end (hour 71) before the warm-up does
+    with pytest.raises(DataError, match="too short for 2 validation weeks"):
+        folds(ds, time_split(ds.event_time, SEARCH_CFG), SEARCH_CFG, n_folds=2, fold_days=7)
+
+
+class _ColumnModel:
+    """A stand-in model whose fraud probability is one column of X (``col``)."""
+
+    def __init__(self, col: int) -> None:
+        self.col = col
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        p = X[:, self.col].astype(np.float64)
+        return np.column_stack([1 - p, p])
+
+
+def test_the_search_fits_each_fold_on_labels_reported_by_its_validation_start_and_scores_against_the_cut_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fraudactors.modeling import pipeline, search
+
+    n = 60 * 24
+    fraud = (np.arange(n) % 12) == 5
+    # half the frauds are reported within the hour, the others 20 days later
+    late = fraud & ((np.arange(n) // 12) % 2 == 1)
+    reported = np.where(fraud, T0 + np.arange(n) * HOUR_S + np.where(late, 20 * DAY_S, HOUR_S), np.inf)
+    ds = _hourly(60, fraud, reported)
+    split = time_split(ds.event_time, SEARCH_CFG)
+    known_at_cutoff = known_labels(ds, split.cutoff)
+    X = np.zeros((n, 2))
+    X[:, 0] = known_at_cutoff  # column 0 finds exactly the frauds known at the cut-off; column 1 nothing
+    fits: list[np.ndarray] = []
+
+    def fake_fit(algo: str, seed: int, X_fit: np.ndarray, y_fit: np.ndarray, legit_fraction: float,
+                 names: Sequence[str], params: Mapping[str, Any]) -> _ColumnModel:
+        fits.append(np.asarray(y_fit).copy())
+        return _ColumnModel(params["col"])
+
+    monkeypatch.setattr(pipeline, "fit_model", fake_fit)
+    monkeypatch.setitem(search.GRIDS, "col", {"col": (1, 0)})
+    best, record = search.search(ds, X, split, SEARCH_CFG, "col", seed=1, legit_fraction=1.0,
+                                 feature_names=("a", "b"), show_progress=False)
+    assert best == {"col": 0}  # the configuration that detects the frauds, not the one that does not
+    by_col = {r["params"]["col"]: r for r in record["results"]}
+    # validation truth is what is known at the cut-off: a fraud reported later counts as legitimate,
+    # so column 0 detects every validation fraud (and flags nothing else)
+    assert by_col[0]["detection_at_max_fpr"] == [1.0, 1.0]
+    assert by_col[1]["mean_detection"] == 0.0
+    chosen = search.folds(ds, split, SEARCH_CFG)
+    assert len(fits) == 2 * len(chosen)
+    for y_fit, fold in zip(fits, [*chosen, *chosen], strict=True):
+        expected = known_labels(ds, fold.labels_at)[fold.fit]
+        assert np.array_equal(y_fit, expected)  # the labels reported by the fold's validation start
+        assert (known_at_cutoff[fold.fit] & ~expected).any()  # ... fewer than the cut-off knows
