@@ -14,6 +14,7 @@ import pytest
 
 from fraudactors.features.schema import Transaction, format_timestamp
 from fraudactors.modeling.data import DAY_S, DataError, Dataset
+from fraudactors.modeling.pipeline import onnx_proba
 from fraudactors.modeling.split import SplitConfig, final_split, known_labels, sample_legit, time_split
 
 T0 = 1790812800.0
@@ -208,3 +209,48 @@ def test_the_search_fits_each_fold_on_labels_reported_by_its_validation_start_an
         expected = known_labels(ds, fold.labels_at)[fold.fit]
         assert np.array_equal(y_fit, expected)  # the labels reported by the fold's validation start
         assert (known_at_cutoff[fold.fit] & ~expected).any()  # ... fewer than the cut-off knows
+
+
+# ---------------------------------------------------------------------- the fit and calibration of a model
+
+
+def test_the_time_split_model_is_fit_and_calibrated_on_the_labels_known_at_the_cut_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fraud in the fit or calibration period reported after the cut-off is legitimate there:
+    fit as legitimate, and a legitimate row among the calibration scores the thresholds are set on."""
+    from fraudactors.modeling import pipeline
+    from fraudactors.modeling.metrics import threshold_for_fpr
+    from fraudactors.modeling.scorer import make_session
+
+    n = 40 * 24
+    rows = np.arange(n)
+    fraud = rows % 10 == 3
+    late = fraud & ((rows // 10) % 2 == 1)  # every other fraud is reported 100 days later
+    reported = np.where(fraud, T0 + rows * HOUR_S + np.where(late, 100 * DAY_S, HOUR_S), np.inf)
+    ds = _hourly(40, fraud, reported)
+    cfg = SplitConfig(warmup_days=5, calib_days=6, gap_days=4, test_days=10)
+    split = time_split(ds.event_time, cfg)
+    X = np.column_stack([fraud.astype(np.float64), np.random.default_rng(0).random(n), rows % 7])
+    fitted: list[np.ndarray] = []
+    real_fit = pipeline.fit_model
+
+    def recording_fit(algo: str, seed: int, X_fit: np.ndarray, y_fit: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        fitted.append(np.asarray(y_fit).copy())
+        return real_fit(algo, seed, X_fit, y_fit, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit_model", recording_fit)
+    ctx = pipeline.TrainContext(ds=ds, X=X, split=split, final=None, data_spec={}, split_cfg=cfg, seed=1,
+                                review_fpr=0.02, decline_fpr=0.01, command="test", legit_fraction=1.0,
+                                show_progress=False)
+    built = pipeline._build(ctx, split, "t", "rf", ("a", "b", "c"), None, "",
+                            {"n_estimators": 5, "max_depth": 3, "min_samples_leaf": 1})
+    known = known_labels(ds, split.cutoff)
+    [y_fit] = fitted
+    assert np.array_equal(y_fit, known[split.fit])
+    assert (ds.is_fraud[split.fit] & ~y_fit).any()  # the late-reported frauds were fit as legitimate
+    p_calib = onnx_proba(make_session(built.onnx), X[split.calib])
+    legit_at_cutoff = threshold_for_fpr(p_calib[~known[split.calib]], 0.02)
+    assert built.thresholds["review"] == legit_at_cutoff
+    assert threshold_for_fpr(p_calib[~ds.is_fraud[split.calib]], 0.02) != legit_at_cutoff  # tells them apart
+    # the held-out weeks are scored against ground truth, every fraud reported or not
+    assert built.metrics["test"]["frauds"] == int(ds.is_fraud[split.test].sum())
