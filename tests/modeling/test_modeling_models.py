@@ -385,3 +385,61 @@ def test_the_reference_is_the_fit_population_and_the_held_out_weeks_do_not_drift
     assert psi(bin_counts(column, amount.edges), amount.shares) < 0.1
     assert psi(bin_counts(probs, ref.score.edges), ref.score.shares) < 0.2
     assert psi(bin_counts(column * 3, amount.edges), amount.shares) > 0.2
+
+
+def test_a_score_equal_to_a_threshold_is_flagged() -> None:
+    """``p >= threshold`` flags, as the engine decides: a fraud scoring exactly the threshold is detected."""
+    from fraudactors.modeling.metrics import at_threshold
+
+    y = np.array([1, 1, 0, 0], dtype=bool)
+    s = np.array([0.5, 0.2, 0.5, 0.1])
+    assert at_threshold(y, s, 0.5) == {"threshold": 0.5, "detection_rate": 0.5, "fpr": 0.5, "precision": 0.5}
+
+
+def test_the_fpr_threshold_is_chosen_on_the_legitimate_scores_only() -> None:
+    from fraudactors.modeling.metrics import evaluate_scores
+
+    legit = np.linspace(0.0, 0.5, 100)
+    frauds = np.full(10, 0.9)  # above every legitimate score
+    y = np.r_[np.zeros(100, dtype=bool), np.ones(10, dtype=bool)]
+    m = evaluate_scores(y, np.r_[legit, frauds], np.array(["s"] * 110))
+    # 2 of 100 legit rows may be flagged: the threshold sits just above the third highest legit score
+    assert m["at_max_fpr"]["threshold"] == float(np.nextafter(np.float32(legit[-3]), np.float32(np.inf)))
+    assert m["at_max_fpr"]["detection_rate"] == 1.0 and m["at_max_fpr"]["fpr"] == 0.02
+
+
+def test_each_scenario_is_scored_on_its_own_frauds_against_all_legitimate_transactions() -> None:
+    from fraudactors.modeling.metrics import evaluate_scores
+
+    legit = np.linspace(0.0, 0.5, 100)
+    y = np.r_[np.zeros(100, dtype=bool), np.ones(8, dtype=bool)]
+    s = np.r_[legit, [0.9] * 4, [0.3] * 4]  # "atm" frauds above every legit score, "ato" among them
+    scenario = np.array(["none"] * 100 + ["atm"] * 4 + ["ato"] * 4)
+    m = evaluate_scores(y, s, scenario)
+    atm, ato = m["per_scenario"]["atm"], m["per_scenario"]["ato"]
+    assert atm["frauds"] == ato["frauds"] == 4
+    assert atm["auc"] == 1.0 and atm["average_precision"] == 1.0  # not lowered by the other scenario's frauds
+    assert atm["detection_rate_at_max_fpr"] == 1.0 and ato["detection_rate_at_max_fpr"] == 0.0
+    assert 0.3 < ato["auc"] < 0.8
+
+
+def test_card_precision_ranks_a_card_by_its_highest_score_and_counts_it_compromised_by_any_fraud() -> None:
+    cards = np.array(["a", "a", "b"], dtype=object)
+    days = np.array([1, 1, 1])
+    y = np.array([1, 0, 0], dtype=bool)
+    scores = np.array([0.9, 0.1, 0.5])  # card a: its fraud scored first and highest
+    top1 = card_precision_at_k(cards, days, y, scores, k=1)
+    assert top1["per_day"] == [{"day": 1, "cards": 2, "compromised": 1, "precision": 1.0, "best_possible": 1.0}]
+    # a queue longer than the open cards: the precision is still over k checks
+    top4 = card_precision_at_k(cards, days, y, scores, k=4)
+    assert top4["per_day"][0]["precision"] == 0.25 and top4["per_day"][0]["best_possible"] == 0.25
+    assert top4["mean"] == 0.25 and top4["best_possible_mean"] == 0.25
+
+
+def test_evaluate_scores_reports_card_precision_at_100() -> None:
+    from fraudactors.modeling.metrics import evaluate_scores
+
+    cards = np.array([f"c{i}" for i in range(150)], dtype=object)
+    y = np.arange(150) < 30
+    m = evaluate_scores(y, y.astype(float), np.array(["s"] * 150), cards=cards, days=np.zeros(150, dtype=np.int64))
+    assert m["card_precision_at_100"] == {"k": 100, "days": 1, "mean": 0.3, "best_possible_mean": 0.3}
