@@ -443,3 +443,40 @@ def test_evaluate_scores_reports_card_precision_at_100() -> None:
     y = np.arange(150) < 30
     m = evaluate_scores(y, y.astype(float), np.array(["s"] * 150), cards=cards, days=np.zeros(150, dtype=np.int64))
     assert m["card_precision_at_100"] == {"k": 100, "days": 1, "mean": 0.3, "best_possible_mean": 0.3}
+
+
+def test_degraded_policy_metrics_count_a_score_at_the_review_threshold_and_only_fraud_amounts_caught() -> None:
+    from fraudactors.modeling.evaluate import policy_metrics
+    from fraudactors.modeling.policy import DegradedPolicy
+
+    y = np.array([1, 1, 0, 0], dtype=bool)
+    probs = np.array([0.5, 0.1, 0.7, 0.2])  # a fraud exactly at the review threshold; a legit row above it
+    amounts = np.array([100.0, 300.0, 50.0, 10.0])
+    m = policy_metrics(y, probs, amounts, review=0.5, decline=0.9, policy=DegradedPolicy("score"))
+    assert m == {"policy": "score", "detection_rate": 0.5, "fpr": 0.5, "precision": 0.5,
+                 "fraud_amount_caught": 0.25, "flagged_share": 0.5}
+
+
+def test_a_refit_model_is_evaluated_only_on_transactions_strictly_after_its_data(tmp_path: Path) -> None:
+    import csv
+
+    from fraudactors.features.schema import format_timestamp
+    from fraudactors.modeling.evalset import evaluation_set
+
+    t0 = 1790812800.0
+    times = [t0 + i * 3600.0 for i in range(4 * 24)]
+    path = tmp_path / "tx.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["transaction_id", "user_id", "amount", "timestamp", "is_fraud"])
+        for i, t in enumerate(times):
+            w.writerow([f"t{i}", f"u{i % 5}", 10 + i, format_timestamp(t), int(i % 9 == 0)])
+    end = times[47]  # the refit model's last training transaction
+    metadata = {"version": "v1", "training": {"data": {"kind": "file", "path": str(path)},
+                                              "split": {"warmup_days": 1, "calib_days": 1, "gap_days": 1,
+                                                        "test_days": 1}},
+                "final_fit": {"refit": True, "data_end_epoch": end}}
+    rows = evaluation_set(metadata, show_progress=False)
+    assert rows.X.shape[0] == 48  # hours 48 .. 95; hour 47 was trained on
+    assert rows.X[0, FEATURE_INDEX["amount"]] == 10 + 48
+    assert rows.is_fraud.tolist() == [i % 9 == 0 for i in range(48, 96)]
