@@ -269,3 +269,34 @@ def test_the_console_script_exits_non_zero_with_one_line(tmp_path: Path) -> None
     assert proc.stderr.strip().count("\n") == 0
     assert "missing column(s): is_fraud" in proc.stderr
     assert json.dumps(proc.stdout) == '""'
+
+
+def test_a_dataset_given_out_of_order_keeps_each_fraud_report_with_its_transaction() -> None:
+    import numpy as np
+
+    from fraudactors.features.schema import Transaction, format_timestamp
+    from fraudactors.modeling.data import Dataset
+
+    t0 = 1790812800.0
+    txns = [Transaction(tid, "u", "m", 1.0, "USD", "x", False, t, format_timestamp(t))
+            for tid, t in (("late", t0 + 200), ("early", t0 + 100), ("never", t0 + 150))]
+    ds = Dataset(txns, np.array([True, True, True]), np.array(["a", "b", "c"]),
+                 np.array([t0 + 900, t0 + 500, np.inf]))
+    assert [t.transaction_id for t in ds.transactions] == ["early", "never", "late"]
+    assert ds.labeled_at.tolist() == [t0 + 500, np.inf, t0 + 900]
+    assert ds.scenario.tolist() == ["b", "c", "a"]
+    # a fraud never reported is no report the features may learn from
+    assert [(label.transaction_id, label.labeled_at) for label in ds.labels()] == [("early", t0 + 500),
+                                                                                   ("late", t0 + 900)]
+
+
+def test_a_blank_line_in_a_csv_is_no_row(tmp_path: Path) -> None:
+    data = tmp_path / "t.csv"
+    data.write_text(",".join(HEADER) + "\n"
+                    "t1,c1,m1,1.0,USD,grocery,false,2026-10-01T00:00:00Z,0\n"
+                    "\n"
+                    "t2,c1,m1,2.0,USD,grocery,false,2026-10-01T01:00:00Z,1\n")
+    ds = load_table(data)
+    assert [t.transaction_id for t in ds.transactions] == ["t1", "t2"]
+    assert ds.source["rows_read"] == 2 and ds.source["invalid_rows"]["total"] == 0
+    assert describe_invalid(ds.source) is None
