@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,15 @@ async def wait_until_committed_some(settings: Settings, timeout_s: float) -> dic
             if any(last.values()):
                 return last
             await asyncio.sleep(0.2)  # polling the broker's state: there is no event to wait on
+
+
+def private_topics(settings: Settings, name: str, partitions: int) -> Settings:
+    """``settings`` with topics of their own (``<name>-tx-<random>`` ...) of ``partitions`` partitions,
+    for a test that needs another partition count; create them with ``create_topics``."""
+    suffix = uuid.uuid4().hex[:8]
+    return settings.replace(topics={
+        "partitions": partitions, "transactions": f"{name}-tx-{suffix}", "predictions": f"{name}-pred-{suffix}",
+        "labels": f"{name}-labels-{suffix}", "dlq": f"{name}-dlq-{suffix}", "control": f"{name}-control-{suffix}"})
 
 
 def engine_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import uuid
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ from engine_helpers import (
     EngineProcess,
     committed,
     engine_env,
+    private_topics,
     produce,
     reading,
     running,
@@ -330,10 +330,7 @@ async def test_a_replica_left_without_a_partition_is_not_ready_until_it_takes_on
     503 naming only ``partitions`` (SPEC §6: ready only with partitions assigned) while its owner
     answers 200; once the owner stops, it takes the partition over, answers 200 with it and decides
     what comes next."""
-    suffix = uuid.uuid4().hex[:8]
-    s = engine_settings.replace(topics={
-        "partitions": 1, "transactions": f"standby-tx-{suffix}", "predictions": f"standby-pred-{suffix}",
-        "labels": f"standby-labels-{suffix}", "dlq": f"standby-dlq-{suffix}", "control": f"standby-control-{suffix}"})
+    s = private_topics(engine_settings, "standby", 1)
     first = transactions(200, prefix="standby-a", users=50)
     second = transactions(200, start=200, prefix="standby-b", users=50)
     ids = {t for _, _, t in first + second}

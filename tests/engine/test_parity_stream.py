@@ -17,7 +17,6 @@ still match.
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from engine_helpers import produce, reading, running, wait_until
+from engine_helpers import private_topics, produce, reading, running, wait_until
 
 from fraudactors.engine.decision import encode_decision
 from fraudactors.features.definition import FEATURE_NAMES, MERCHANT_COUNT_FEATURES
@@ -127,12 +126,7 @@ def offline(data: Dataset) -> np.ndarray:
 
 async def test_fifty_thousand_streamed_transactions_have_the_offline_features_on_one_partition(
         engine_settings: Settings) -> None:
-    suffix = uuid.uuid4().hex[:8]
-    s = engine_settings.replace(
-        topics={"partitions": 1, "transactions": f"parity-tx-{suffix}", "predictions": f"parity-pred-{suffix}",
-                "labels": f"parity-labels-{suffix}", "dlq": f"parity-dlq-{suffix}",
-                "control": f"parity-control-{suffix}"},
-        engine={"emit_features": True})
+    s = private_topics(engine_settings, "parity", 1).replace(engine={"emit_features": True})
     data = simulate(seed=41, n_users=900, n_merchants=300, days=21.0, minimum=50_000)
     assert len(data.labels) >= 250, "label feedback must be flowing"
     await create_topics(s)
