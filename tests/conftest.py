@@ -21,6 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import faulthandler
+import functools
+import inspect
+import os
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Coroutine, Generator, Iterator
 from pathlib import Path
@@ -42,6 +49,98 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
     """Run ``coro`` in a fresh event loop on a helper thread (safe whether or not a loop runs here)."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conftest") as pool:
         return pool.submit(asyncio.run, coro).result(timeout=timeout_s)
+
+
+# A stuck test must fail with the place it waited, clean up after itself and leave the run going.
+# Three layers, innermost first:
+# 1. An async test runs under an asyncio deadline that ends before pytest-timeout's: it is
+#    cancelled inside its loop, so its ``finally`` blocks run (engines stopped, topics deleted), and
+#    the failure's traceback shows the await it was stuck on.
+# 2. pytest-timeout (signal method) fails a sync test, or an async one stuck outside an await. Its
+#    exception lands wherever the main thread is, which may be inside the event loop: the test's
+#    cleanup then never runs, and what it started (engines, process pools) is abandoned.
+# 3. A watchdog thread ends the worker when a test (setup, call and teardown) or the interpreter's
+#    exit outlives every limit: a wait that never returns to Python bytecode, or a teardown stuck
+#    on what layer 2 abandoned. It dumps every thread's stack to stderr first; xdist reports the
+#    test as crashed and carries on with a new worker. Without it, one hang stalls the whole run
+#    until CI's own limit, with no word of where.
+TEARDOWN_RESERVE_S = 15.0  # of the test's timeout, kept for its teardown after layer 1 fires
+WATCHDOG_GRACE_S = 180.0  # layer 3 fires this long after the test's timeout
+EXIT_GRACE_S = 120.0  # and this long after the session ended, if the process has not exited
+
+
+def _timeout_s(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    return float(item.config.getini("timeout") or 0)
+
+
+def _dump_and_exit(config: pytest.Config, reason: str) -> None:
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=False)  # to the real stderr: the captured one dies with us
+    sys.stderr.write(f"\n{reason}: every thread's stack, then this process exits\n")
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(70)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    limit = _timeout_s(item) + WATCHDOG_GRACE_S
+    item.stash[_started_at] = time.monotonic()
+    watchdog = threading.Timer(limit, _dump_and_exit,
+                               (item.config, f"{item.nodeid} still running after {limit:.0f} s"))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+
+
+_started_at = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    test = getattr(item, "obj", None)
+    timeout = _timeout_s(item)
+    if not (isinstance(item, pytest.Function) and inspect.iscoroutinefunction(test) and timeout > 0):
+        yield
+        return
+    used = time.monotonic() - item.stash.get(_started_at, time.monotonic())
+    budget = timeout - used - TEARDOWN_RESERVE_S
+    if budget <= 0:
+        yield
+        return
+
+    @functools.wraps(test)
+    async def bounded(*args: Any, **kwargs: Any) -> Any:
+        deadline = asyncio.timeout(budget)
+        try:
+            async with deadline:
+                return await test(*args, **kwargs)
+        except TimeoutError as e:
+            if deadline.expired():
+                raise pytest.fail.Exception(
+                    f"still running {budget:.0f} s into its call ({timeout:.0f} s timeout, {used:.0f} s of "
+                    f"setup): cancelled; the traceback above ends where it waited") from e
+            raise
+
+    item.obj = bounded
+    try:
+        yield
+    finally:
+        item.obj = test
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    watchdog = threading.Timer(EXIT_GRACE_S, _dump_and_exit, (
+        config, f"the test process has not exited {EXIT_GRACE_S:.0f} s after its session ended"))
+    watchdog.daemon = True
+    watchdog.start()
 
 
 @pytest.fixture(autouse=True)
