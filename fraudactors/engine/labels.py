@@ -51,7 +51,10 @@ if TYPE_CHECKING:
 
 _FLUSH_S = 0.2
 _MAX_BUFFER = 200_000
-_CHUNK = 2000
+# Entries per script call. Redis runs a script to the end before anything else, and every flush
+# comes at once (5,000/s: ~1,000 entries every 0.2 s): at 2,000 a flush held the feature store's
+# calls behind it for ~4 ms; at 256 a call takes ~1 ms and theirs slot in between.
+_CHUNK = 256
 OUTCOMES_PER_USER = 64
 _UNAVAILABLE = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
 

@@ -622,8 +622,7 @@ for i, key in ipairs(KEYS) do
   if err then return err end
 end
 for i, key in ipairs(KEYS) do
-  redis.call('LPUSH', key, ARGV[i + 2])
-  redis.call('LTRIM', key, 0, cap - 1)
+  if redis.call('LPUSH', key, ARGV[i + 2]) > cap then redis.call('LTRIM', key, 0, cap - 1) end
   redis.call('EXPIRE', key, ttl)
 end
 return #KEYS

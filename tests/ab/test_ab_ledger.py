@@ -137,3 +137,39 @@ def test_a_batch_of_decisions_adds_each_models_count_flags_and_score_bin() -> No
     for (_, entry), s in zip(remembered, scored, strict=True):
         assert entry.decode().rsplit("\t", 1)[1] == \
             f"d:{s.variant}/{s.model_version}={int(s.is_fraud)},s:S/v3={int(s.shadows[0].is_fraud)}"
+
+
+async def test_each_user_keeps_their_newest_decisions_whatever_the_flush_size(
+        client: aioredis.Redis, settings: Settings) -> None:
+    """The outcome memory through OutcomeRecorder.flush on a real Redis: a flush larger than one
+    script call goes out in several and loses nothing; each user's list keeps the newest
+    OUTCOMES_PER_USER entries (a label for an older transaction is unmatched) and expires."""
+    from fraudactors.engine.inference import Scored
+    from fraudactors.engine.labels import OUTCOMES_PER_USER, OutcomeRecorder
+    from fraudactors.engine.metrics import EngineMetrics
+    from fraudactors.features.schema import Label, Transaction, format_timestamp
+
+    recorder = OutcomeRecorder(settings, EngineMetrics())
+    recorder.connect()
+    try:
+        t0 = 1_700_000_000.0
+        busy = OUTCOMES_PER_USER + 7
+        users = ["busy"] * busy + [f"u{i}" for i in range(2_000)]  # far more than a call's entries
+        txns = [Transaction(f"t{i}", user, "m", 5.0, "USD", "food", False, t0 + i, format_timestamp(t0 + i))
+                for i, user in enumerate(users)]
+        recorder.record(txns, [Scored("A", "v1", 0.9, "decline", i % 2 == 0, []) for i in range(len(txns))])
+        await recorder.flush()
+        assert not recorder._buffer
+        labels = [Label(t.transaction_id, t.user_id, "m", True, t.event_time + 86_400) for t in txns]
+        said = await recorder.lookup(labels)
+        assert [s is None for s in said[:busy]] == [True] * 7 + [False] * OUTCOMES_PER_USER, \
+            "the busy user's seven oldest decisions are no longer remembered, the newest are"
+        assert all(s is not None for s in said[busy:]), "every other decision is remembered"
+        assert [s.flags for s in said[busy:busy + 2] if s] == [{"d:A/v1": (busy % 2 == 0)},
+                                                              {"d:A/v1": (busy % 2 == 1)}]
+        key = recorder.keys.outcomes("busy")
+        assert await client.llen(key) == OUTCOMES_PER_USER
+        assert 0 < await client.ttl(key) <= settings.redis.ttl_s
+        assert await client.llen(recorder.keys.outcomes("u0")) == 1
+    finally:
+        await recorder._final_flush(recorder._redis, ())
