@@ -1,7 +1,7 @@
 """Where the feature store's Redis time goes at live-like batches (a benchmark, not a test).
 
     python scripts/bench_store_scripts.py [--warm 150000] [--measure 40000] [--batch 115]
-        [--cut-before MARKER] [--drop LINE ...] [--redis-bin PATH]
+        [--cut-before MARKER] [--drop LINE ...] [--redis-bin PATH] [--outcomes-flush N]
 
 The simulator's population of the demo (5,000 users, 1,000 merchants) is first written through
 ``OnlineFeatureStore.compute`` in batches of 1,000 (unmeasured: a steady state, ~30 days of
@@ -13,6 +13,11 @@ commandstats``), each script's round trip, and every command the scripts ran.
 ``--cut-before MARKER`` returns from the write script just before the line that starts with MARKER
 (measurement only: from then on nothing is written, so the batches after see a fixed state);
 ``--drop LINE`` removes an exact line from it. Both measure what a part of the script costs.
+
+Then the A/B outcome memory: the measured records' decisions go through ``OutcomeRecorder`` in
+flushes of ``--outcomes-flush`` entries (1,000: 0.2 s at 5,000/s), as the engine flushes them;
+printed: Redis's time per flush and per entry, script calls per flush and the longest one (a
+script holds every other client's command until it ends).
 """
 
 from __future__ import annotations
@@ -115,8 +120,35 @@ async def _run(txns: list[Transaction], args: argparse.Namespace) -> None:
                 print(f"  {name.removeprefix('cmdstat_')}: {row['calls'] / n:.2f} per record, "
                       f"{row['usec'] / n:.2f} us per record")
         await store.close()
+        await _outcomes(txns[args.warm:], settings, args.outcomes_flush)
     finally:
         await asyncio.to_thread(server.stop_sync)
+
+
+async def _outcomes(txns: list[Transaction], settings: Any, per_flush: int) -> None:
+    from fraudactors.engine.inference import Scored
+    from fraudactors.engine.labels import OutcomeRecorder
+    from fraudactors.engine.metrics import EngineMetrics
+
+    recorder = OutcomeRecorder(settings, EngineMetrics())
+    client = recorder.connect()
+    await client.config_set("slowlog-log-slower-than", 0)
+    await client.config_set("slowlog-max-len", 100_000)
+    await client.slowlog_reset()
+    await client.config_resetstat()
+    flushes = 0
+    for i in range(0, len(txns), per_flush):
+        batch = txns[i:i + per_flush]
+        recorder.record(batch, [Scored("A", "v1", 0.1, "approve", False, []) for _ in batch])
+        await recorder.flush()
+        flushes += 1
+    stats = (await client.info("commandstats")).get("cmdstat_evalsha", {"usec": 0, "calls": 0})
+    longest = max((entry["duration"] for entry in await client.slowlog_get(100_000)
+                    if entry["command"].startswith(b"EVALSHA")), default=0)
+    print(f"outcome memory, {flushes:,} flushes of {per_flush:,} entries:")
+    print(f"  redis: {stats['usec'] / flushes / 1e3:.2f} ms per flush, {stats['usec'] / len(txns):.2f} us per entry, "
+          f"{stats['calls'] / flushes:.1f} script calls per flush, the longest {longest / 1e3:.2f} ms")
+    await recorder._final_flush(client, ())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=115, help="records per measured call (5,000/s live: ~115)")
     parser.add_argument("--cut-before", metavar="MARKER", help="return from the write script before this line")
     parser.add_argument("--drop", metavar="LINE", action="append", default=[], help="remove this line of it")
+    parser.add_argument("--outcomes-flush", type=int, default=1000, metavar="N",
+                        help="decisions per outcome flush (5,000/s live: 1,000 every 0.2 s)")
     parser.add_argument("--redis-bin", help="valkey-server / redis-server (default: as the engine resolves it)")
     args = parser.parse_args(argv)
     sim = Simulator(seed=7, n_users=5000, n_merchants=1000, days=None)
