@@ -355,6 +355,9 @@ async def test_a_replica_left_without_a_partition_is_not_ready_until_it_takes_on
                     await wait_until(lambda: sorted([a.ingestor.assigned, b.ingestor.assigned]) == [[], [0]],
                                      timeout_s=60)
                     owner, standby = (a, b) if a.ingestor.assigned else (b, a)
+                    # b may still be loading its models (a slow machine): wait for all else to be up
+                    await wait_until(lambda: not owner.readiness() and set(standby.readiness()) == {"partitions"},
+                                     timeout_s=60)
                     code, _, body = standby.readyz()
                     assert (code, orjson.loads(body)) == (
                         503, {"ready": False, "not_ready": {"partitions": "no partitions assigned"}})
