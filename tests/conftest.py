@@ -67,6 +67,7 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
 TEARDOWN_RESERVE_S = 15.0  # of the test's timeout, kept for its teardown after layer 1 fires
 WATCHDOG_GRACE_S = 180.0  # layer 3 fires this long after the test's timeout
 EXIT_GRACE_S = 120.0  # and this long after the session ended, if the process has not exited
+_started_at = pytest.StashKey[float]()  # when the test's setup began
 
 
 def _timeout_s(item: pytest.Item) -> float:
@@ -98,9 +99,6 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         yield
     finally:
         watchdog.cancel()
-
-
-_started_at = pytest.StashKey[float]()
 
 
 @pytest.hookimpl(hookwrapper=True)
