@@ -74,7 +74,8 @@ def _timeout_s(item: pytest.Item) -> float:
     marker = item.get_closest_marker("timeout")
     if marker is not None and marker.args:
         return float(marker.args[0])
-    return float(item.config.getini("timeout") or 0)
+    given = item.config.getoption("timeout", None)  # pytest-timeout's --timeout, over the ini value
+    return float(given if given is not None else item.config.getini("timeout") or 0)
 
 
 def _dump_and_exit(config: pytest.Config, reason: str) -> None:
