@@ -86,6 +86,7 @@ class Ingestor:
         self.pauses = 0
         self.housekeeping_passes = 0
         self._workers: Supervisor | None = None  # the feature workers' supervisor, one per run
+        self._committing: dict[int, int] = {}  # the offsets of the commit awaiting the broker
 
     # ---------------------------------------------------------------- observation
     @property
@@ -96,6 +97,17 @@ class Ingestor:
     def paused(self) -> list[int]:
         """Partitions paused right now because their worker's mailbox is full."""
         return sorted(p for p, s in self._parts.items() if s.paused)
+
+    @property
+    def uncommitted(self) -> dict[int, int]:
+        """Per partition, the offset up to which records are finished (decided and acknowledged)
+        but not yet in any commit sent to the broker: the next commit carries it."""
+        out: dict[int, int] = {}
+        for p, s in self._parts.items():
+            offset = s.tracker.to_commit()
+            if offset is not None and offset > self._committing.get(p, -1):
+                out[p] = offset
+        return out
 
     def mailbox_depths(self) -> dict[int, int]:
         return {p: s.mailbox.depth + len(s.overflow) for p, s in self._parts.items()}
@@ -255,6 +267,7 @@ class Ingestor:
         if not offsets:
             return
         timeout = self._settings.engine.commit_timeout_s
+        sent = self._committing = {tp.partition: offset for tp, offset in offsets.items()}
         try:
             async with asyncio.timeout(timeout):
                 await consumer.commit(offsets)
@@ -267,6 +280,9 @@ class Ingestor:
             self._metrics.commit_failures.labels("error").inc()
             self._log.warning("commit_failed", error=repr(exc), partitions=sorted(tp.partition for tp in offsets))
             return
+        finally:
+            if self._committing is sent:
+                self._committing = {}
         self._metrics.commits.inc()
         for tp, offset in offsets.items():
             state = self._parts.get(tp.partition)

@@ -92,6 +92,9 @@ async def test_a_frozen_broker_loses_nothing_bounds_the_publish_window_and_house
             ends = await produce(s, [(k, v) for k, v, _ in txns])
             await decided.wait_for(lambda recs: len(recs) >= 300, timeout_s=60)
             loop = asyncio.get_running_loop()
+            # Frozen while some finished records are in no commit sent yet: the next commit must
+            # reach the frozen broker and time out (nothing is acknowledged while it is frozen).
+            await wait_until(lambda: bool(ingestor.uncommitted), timeout_s=20)
             with frozen(fresh_broker):
                 frozen_at = loop.time()
                 # The windows fill and the workers wait on them; their mailboxes fill; the
