@@ -26,7 +26,9 @@ Batches from all partitions are coalesced: workers ``ask`` the actor through its
 actor serves everything queued (from any partition) with ONE store call -- two Redis round trips
 for the lot. While one call is in flight the next requests queue up, so under load the batches
 grow by themselves (each user lives in one partition, and a worker has at most one batch in
-flight, so mixing partitions keeps every user's records in order).
+flight, so mixing partitions keeps every user's records in order). The callers get their features
+once the read and the transition are done, and score them while the actor makes the call's
+state write; the actor serves the next call only after it (see :meth:`FeatureStoreActor._serve`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,9 +61,11 @@ _BACKLOG_CHUNK = 2000
 # Requests served by one store call at most (one per partition is the usual upper bound).
 _COALESCE_MAX = 64
 
-# (transactions, partition of each, offset of each) -> (features, degraded)
+# (transactions, partition of each, offset of each) -> (features, degraded, written)
 _Batch = tuple["Sequence[Transaction]", list[int], "Sequence[int]"]
-_FeatureRequest = Request[_Batch, tuple[np.ndarray, bool]]
+# What a batch's features become if its state write fails: recomputed, possibly degraded.
+Replacement = tuple[np.ndarray, bool]
+_FeatureRequest = Request[_Batch, tuple[np.ndarray, bool, "asyncio.Future[Replacement | None] | None"]]
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -168,26 +172,75 @@ class FeatureStoreActor:
                 self._mark_up()
 
     async def _serve(self, store: OnlineFeatureStore) -> None:
-        """Everything queued, from every partition, in one store call; results split back."""
+        """Everything queued, from every partition, in one store call; results split back.
+
+        The callers get their features as soon as they are computed, with a future for the
+        state write, which is made meanwhile (so they score while it is written). The next call
+        waits for it: each batch's state write lands before anything newer is read. A write that
+        fails is handled as a failed call (retried, degraded or refused, as below) and the
+        future carries the features the batch got instead.
+        """
+        loop = asyncio.get_running_loop()
         while True:
             requests = [r for r in await self.mailbox.get_batch(_COALESCE_MAX, 0.0) if not r.abandoned]
             if not requests:
                 continue
             try:
-                results = await self._serve_requests(store, requests)
+                results, write = await self._serve_requests(store, requests, stage=True)
             except Exception as exc:  # bad input or a bug: each caller gets it, the actor lives on
                 for req in requests:
                     req.reject(exc)
                 continue
             finally:
                 self._sync_metrics(store)
-            for req, result in zip(requests, results, strict=True):
-                req.resolve(result)
+            if write is None:
+                for req, (X, degraded) in zip(requests, results, strict=True):
+                    req.resolve((X, degraded, None))
+                continue
+            written: list[asyncio.Future[Replacement | None]] = [loop.create_future() for _ in requests]
+            for req, (X, degraded), fut in zip(requests, results, written, strict=True):
+                req.resolve((X, degraded, fut))
+            try:
+                await self._write_staged(store, requests, write, written)
+            finally:
+                self._sync_metrics(store)
+                for fut in written:
+                    if not fut.done():  # cancelled (the actor stops): the callers must not wait
+                        fut.set_exception(FeatureStoreUnavailable("feature store actor stopped"))
+                        fut.exception()  # retrieved: a caller that is gone must not make it a warning
 
-    async def _serve_requests(self, store: OnlineFeatureStore,
-                              requests: list[_FeatureRequest]) -> list[tuple[np.ndarray, bool]]:
+    async def _write_staged(self, store: OnlineFeatureStore, requests: list[_FeatureRequest],
+                            write: Callable[[], Awaitable[None]],
+                            written: list[asyncio.Future[Replacement | None]]) -> None:
+        t0 = time.perf_counter()
+        try:
+            await write()
+        except Exception as exc:
+            try:
+                replaced, _ = await self._serve_requests(store, requests, stage=False, failed=exc)
+            except Exception as again:  # bad input or a bug: each caller's batch fails
+                for fut in written:
+                    fut.set_exception(again)
+                    fut.exception()  # retrieved: a caller that gave up must not make it a warning
+                return
+            for fut, result in zip(written, replaced, strict=True):
+                fut.set_result(result)
+            return
+        self._failing_since = None
+        self._metrics.stage_latency.labels("state_write").observe(time.perf_counter() - t0)
+        for fut in written:
+            fut.set_result(None)
+
+    async def _serve_requests(self, store: OnlineFeatureStore, requests: list[_FeatureRequest], *,
+                              stage: bool, failed: BaseException | None = None
+                              ) -> tuple[list[Replacement], Callable[[], Awaitable[None]] | None]:
         """One store call for all; if Redis refuses it, one call per request, so a request Redis
-        refuses (a bad key, say) is scored degraded alone and the others are not."""
+        refuses (a bad key, say) is scored degraded alone and the others are not.
+
+        With ``stage`` the state write of a call that went through is returned, not made (the
+        per-request calls after a refusal make theirs). ``failed``: the first attempt already
+        failed with this error (a staged write), handled as if this call had raised it.
+        """
         txns: list[Transaction] = []
         partitions: list[int] = []
         offsets: list[int] = []
@@ -197,27 +250,30 @@ class FeatureStoreActor:
             partitions.extend(batch_partitions)
             offsets.extend(batch_offsets)
         try:
-            X, degraded = await self._compute_merged(store, txns, partitions, offsets)
+            X, degraded, write = await self._compute_merged(store, txns, partitions, offsets,
+                                                            stage=stage, failed=failed)
         except FeatureStoreRejected as exc:
             if len(requests) == 1:
-                return [self._refused(store, txns, exc)]
-            results: list[tuple[np.ndarray, bool]] = []
+                return [self._refused(store, txns, exc)], None
+            results: list[Replacement] = []
             for req in requests:
                 batch_txns, batch_partitions, batch_offsets = req.payload
                 try:
-                    results.append(await self._compute_merged(store, batch_txns, batch_partitions,
-                                                              batch_offsets))
+                    one_X, one_degraded, _ = await self._compute_merged(
+                        store, batch_txns, batch_partitions, batch_offsets, stage=False)
+                    results.append((one_X, one_degraded))
                 except FeatureStoreRejected as one:
                     results.append(self._refused(store, batch_txns, one))
-            return results
-        self._metrics.feature_batch_size.observe(len(txns))
-        out: list[tuple[np.ndarray, bool]] = []
+            return results, None
+        if failed is None:
+            self._metrics.feature_batch_size.observe(len(txns))
+        out: list[Replacement] = []
         start = 0
         for req in requests:
             end = start + len(req.payload[0])
             out.append((X[start:end], degraded))
             start = end
-        return out
+        return out, write
 
     def _refused(self, store: OnlineFeatureStore, txns: Sequence[Transaction],
                  exc: FeatureStoreRejected) -> tuple[np.ndarray, bool]:
@@ -320,27 +376,48 @@ class FeatureStoreActor:
         return self.store.compute_degraded(txns)
 
     async def compute(self, txns: Sequence[Transaction], partition: int,
-                      offsets: Sequence[int]) -> tuple[np.ndarray, bool]:
-        """Features for a batch and whether they are degraded. Other errors propagate (bad input).
+                      offsets: Sequence[int]) -> Replacement:
+        """Features for a batch and whether they are degraded, once its state is written. Other
+        errors propagate (bad input).
 
         Coalesced with the other partitions' batches into one store call (see the module doc).
         """
+        X, degraded, written = await self.compute_staged(txns, partition, offsets)
+        replaced = await written if written is not None else None
+        return replaced if replaced is not None else (X, degraded)
+
+    async def compute_staged(self, txns: Sequence[Transaction], partition: int, offsets: Sequence[int]
+                             ) -> tuple[np.ndarray, bool, asyncio.Future[Replacement | None] | None]:
+        """:meth:`compute` without waiting for the state write: the features, whether they are
+        degraded, and the write's future (``None``: nothing to write).
+
+        A decision may be handed on only once that future is done. If it holds features, the
+        write failed and the batch got these instead: they are what it must be scored on.
+        """
         assert self.store is not None, "feature store actor not started"
         if not txns:
-            return self.store.compute_degraded(txns), False
+            return self.store.compute_degraded(txns), False, None
         return await ask(self.mailbox, (txns, [partition] * len(txns), offsets))
 
     async def _compute_merged(self, store: OnlineFeatureStore, txns: Sequence[Transaction],
-                              partition: Sequence[int], offsets: Sequence[int]) -> tuple[np.ndarray, bool]:
+                              partition: Sequence[int], offsets: Sequence[int], *, stage: bool,
+                              failed: BaseException | None = None
+                              ) -> tuple[np.ndarray, bool, Callable[[], Awaitable[None]] | None]:
         t0 = time.perf_counter()
         while True:
             if self._up.is_set():
                 try:
+                    if failed is not None:
+                        first, failed = failed, None
+                        raise first
                     for p in self._unclaimed.intersection(partition):
                         await self._claim(store, p)
                     if self._backlog:
                         await self._apply_backlog(store)
-                    X = await store.compute(txns, partition, offsets)
+                    X, write = await store.stage(txns, partition, offsets)
+                    if write is not None and not stage:
+                        await write()
+                        write = None
                 except _UNAVAILABLE as exc:
                     # A retried batch is safe: the store skips (partition, offset) already applied.
                     if _is_timeout(exc):
@@ -361,12 +438,13 @@ class FeatureStoreActor:
                             continue
                         self._mark_down(exc)
                 else:
-                    self._failing_since = None
+                    if write is None:
+                        self._failing_since = None
                     self._metrics.stage_latency.labels("features").observe(time.perf_counter() - t0)
-                    return X, False
+                    return X, False, write
             if not self._hold:
                 self._remember_degraded(txns, partition, offsets)
-                return store.compute_degraded(txns), True
+                return store.compute_degraded(txns), True, None
             await self._up.wait()
 
     async def _alive(self) -> bool:

@@ -1,7 +1,8 @@
 """The feature worker: one per assigned partition, micro-batches in offset order.
 
-parse -> features (one store round trip) -> inference -> hand to the publisher -> register the
-batch's acknowledgement with the partition's :class:`OffsetTracker`. A record that is bad input
+parse -> features (one store round trip) -> inference (while the batch's state is written) ->
+hand to the publisher once the write is done -> register the batch's acknowledgement with the
+partition's :class:`OffsetTracker`. A record that is bad input
 (:class:`InvalidRecord` from parsing or from the features) goes to the dead-letter topic with its
 original key and bytes and a reason; it never crashes the worker and never blocks the partition.
 Any other failure of a stage crashes the worker: its supervisor restarts it, and the partition is
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka.structs import ConsumerRecord
 
 from fraudactors.engine.decision import encode_decision, utc_now_iso
-from fraudactors.engine.features import FeatureStoreActor
+from fraudactors.engine.features import FeatureStoreActor, Replacement
 from fraudactors.engine.inference import InferenceActor, Scored
 from fraudactors.engine.metrics import EngineMetrics, observe_many
 from fraudactors.engine.offsets import OffsetTracker
@@ -73,6 +74,8 @@ class _Prepared:
     X: Any
     degraded: bool
     dead: list[Message]
+    # the batch's state write, still being made (see FeatureStoreActor.compute)
+    written: asyncio.Future[Replacement | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,9 +225,11 @@ class FeatureWorker:
         metrics.stage_latency.labels("parse").observe(time.perf_counter() - t0)
         X: Any = None
         degraded = False
+        written: asyncio.Future[Replacement | None] | None = None
         if txns:
-            txns, records, arrivals, X, degraded = await self._features_for(txns, records, arrivals, dead)
-        return _Prepared(items, txns, records, arrivals, X, degraded, dead)
+            txns, records, arrivals, X, degraded, written = await self._features_for(
+                txns, records, arrivals, dead)
+        return _Prepared(items, txns, records, arrivals, X, degraded, dead, written)
 
     def _misplaced(self, record: ConsumerRecord[bytes, bytes], txn: Transaction, horizon: float) -> str | None:
         """Why a well-formed transaction cannot enter this partition's state, if it cannot.
@@ -247,12 +252,18 @@ class FeatureWorker:
         """Stage two: score, then -- after the previous batch's tail -- hand off and register."""
         metrics = self._metrics
         txns, records, arrivals, dead = batch.txns, batch.records, batch.arrivals, batch.dead
+        X, degraded = batch.X, batch.degraded
         scored: Sequence[Scored] = ()
         try:
             if txns:
-                scored = await self._inference.score(batch.X, [t.transaction_id for t in txns],
-                                                     degraded=batch.degraded,
-                                                     event_times=[t.event_time for t in txns])
+                ids = [t.transaction_id for t in txns]
+                event_times = [t.event_time for t in txns]
+                scored = await self._inference.score(X, ids, degraded=degraded, event_times=event_times)
+                # scored while the state was written: handed on only once it is
+                replaced = await batch.written if batch.written is not None else None
+                if replaced is not None:  # the write failed: the features the batch got instead
+                    X, degraded = replaced
+                    scored = await self._inference.score(X, ids, degraded=degraded, event_times=event_times)
         except BaseException:
             if previous is not None:  # fail only after the batches before this one are handed off
                 await asyncio.gather(previous, return_exceptions=True)
@@ -261,8 +272,8 @@ class FeatureWorker:
             await previous
         messages: list[Message] = []
         if txns:
-            messages = self._decisions(txns, records, arrivals, scored, batch.degraded,
-                                       batch.X if self._feature_names is not None else None)
+            messages = self._decisions(txns, records, arrivals, scored, degraded,
+                                       X if self._feature_names is not None else None)
             if self._on_decided is not None:
                 self._on_decided(txns, scored)
         if dead:
@@ -293,8 +304,10 @@ class FeatureWorker:
         records: list[ConsumerRecord[bytes, bytes]],
         arrivals: list[float],
         dead: list[Message],
-    ) -> tuple[list[Transaction], list[ConsumerRecord[bytes, bytes]], list[float], Any, bool]:
-        """Features for the batch; if the batch fails on bad input, isolate the record(s) at fault.
+    ) -> tuple[list[Transaction], list[ConsumerRecord[bytes, bytes]], list[float], Any, bool,
+               asyncio.Future[Replacement | None] | None]:
+        """Features for the batch and its state write in flight; if the batch fails on bad input,
+        isolate the record(s) at fault (one at a time, each written before the next).
 
         Only :class:`InvalidRecord` is bad input. Any other error (the store, the actor, a bug) is
         the worker's failure: it propagates, the worker crashes and its supervisor restarts it
@@ -303,8 +316,9 @@ class FeatureWorker:
         """
         partition = self.partition
         try:
-            X, degraded = await self._features.compute(txns, partition, [r.offset for r in records])
-            return txns, records, arrivals, X, degraded
+            X, degraded, written = await self._features.compute_staged(txns, partition,
+                                                                       [r.offset for r in records])
+            return txns, records, arrivals, X, degraded, written
         except InvalidRecord:
             pass
         import numpy as np
@@ -326,7 +340,7 @@ class FeatureWorker:
             rows.append(X1)
             degraded_any = degraded_any or deg
         X = np.concatenate(rows) if rows else np.empty((0, 0), dtype=np.float32)
-        return keep_t, keep_r, keep_a, X, degraded_any
+        return keep_t, keep_r, keep_a, X, degraded_any, None
 
     def _decisions(
         self,

@@ -49,8 +49,9 @@ never re-sends on its own; calling ``compute`` again with the same offsets is sa
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from typing import Any, TypeVar
 
@@ -354,6 +355,21 @@ class OnlineFeatureStore:
                       offsets: Sequence[int], *, log: bool = True) -> np.ndarray:
         """float32 ``(len(txns), N_FEATURES)``; one read and one write round trip; state updated.
 
+        :meth:`stage` and then its write, awaited.
+        """
+        X, write = await self.stage(txns, partition, offsets, log=log)
+        if write is not None:
+            await write()
+        return X
+
+    async def stage(self, txns: Sequence[Transaction], partition: int | Sequence[int],
+                    offsets: Sequence[int], *, log: bool = True
+                    ) -> tuple[np.ndarray, Callable[[], Awaitable[None]] | None]:
+        """The features of :meth:`compute` from its read, and its write still to make (``None``
+        when nothing is to be written), so a caller can score the features while the state is
+        written. The state is updated only once the write returns: the caller makes it before
+        anything else reads these users or merchants, and must not hand a decision on before.
+
         ``partition`` is the source partition of every record, or one partition per record: a
         batch may mix partitions (a user lives in one partition, so each user's records keep
         their order), which lets a caller amortise the two round trips over more records when
@@ -371,7 +387,7 @@ class OnlineFeatureStore:
             if len(partitions) != len(txns):
                 raise ValueError(f"{len(txns)} transactions but {len(partitions)} partitions")
         if not txns:
-            return np.empty((0, N_FEATURES), dtype=np.float32)
+            return np.empty((0, N_FEATURES), dtype=np.float32), None
         ranges: dict[tuple[int, int], list[int]] = {}  # (user shard, partition) -> [lowest, highest]
         probes: dict[str, tuple[int, int]] = {}  # user -> (partition, lowest offset in the batch)
         for txn, p, offset in zip(txns, partitions, offsets, strict=True):
@@ -441,9 +457,9 @@ class OnlineFeatureStore:
                 newest[txn.merchant_id] = t
 
         X = _matrix(rows)
-        if dirty:
-            await self._write(list(dirty), states, counted, newest, sizes, unreadable, applied, X)
-        return X
+        if not dirty:
+            return X, None
+        return X, partial(self._write, list(dirty), states, counted, newest, sizes, unreadable, applied, X)
 
     async def peek(self, txns: Sequence[Transaction]) -> np.ndarray:
         """The features :meth:`compute` would give, from one read and no write (POST /predict).

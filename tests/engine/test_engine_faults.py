@@ -57,14 +57,14 @@ async def test_a_crashed_feature_worker_restarts_from_its_handed_off_offset_and_
     off -- no valid transaction goes to the dead-letter topic, none is skipped, none repeated."""
     s = engine_settings
     faults = Faults()
-    real_compute = FeatureStoreActor.compute
+    real_compute = FeatureStoreActor.compute_staged
 
     async def compute(self: FeatureStoreActor, *args: Any, **kwargs: Any) -> Any:
         if faults.take():
             raise RuntimeError("injected: feature computation failed")
         return await real_compute(self, *args, **kwargs)
 
-    monkeypatch.setattr(FeatureStoreActor, "compute", compute)
+    monkeypatch.setattr(FeatureStoreActor, "compute_staged", compute)
     first = transactions(1000, prefix="crash")
     second = transactions(1000, start=1000, prefix="crash")
     async with running(s) as engine, reading(s, s.topics.predictions) as decided, \

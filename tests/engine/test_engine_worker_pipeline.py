@@ -34,13 +34,22 @@ def _item(offset: int) -> Item:
 
 
 class _Features:
-    def __init__(self) -> None:
-        self.calls: list[list[int]] = []
+    """Zero features; each batch's state write is done at once, or, with ``hold_writes``, when
+    the test resolves its future (in ``writes``)."""
 
-    async def compute(self, txns: Sequence[Transaction], partition: int,
-                      offsets: Sequence[int]) -> tuple[np.ndarray, bool]:
+    def __init__(self, hold_writes: bool = False) -> None:
+        self.calls: list[list[int]] = []
+        self.hold_writes = hold_writes
+        self.writes: list[asyncio.Future[tuple[np.ndarray, bool] | None]] = []
+
+    async def compute_staged(self, txns: Sequence[Transaction], partition: int, offsets: Sequence[int]
+                             ) -> tuple[np.ndarray, bool, asyncio.Future[tuple[np.ndarray, bool] | None]]:
         self.calls.append(list(offsets))
-        return np.zeros((len(txns), N_FEATURES), dtype=np.float32), False
+        written: asyncio.Future[tuple[np.ndarray, bool] | None] = asyncio.get_running_loop().create_future()
+        self.writes.append(written)
+        if not self.hold_writes:
+            written.set_result(None)
+        return np.zeros((len(txns), N_FEATURES), dtype=np.float32), False, written
 
 
 class _Inference:
@@ -50,10 +59,12 @@ class _Inference:
         self.release = asyncio.Event()
         self.fail = fail
         self.calls = 0
+        self.scored: list[tuple[np.ndarray, bool]] = []  # what each call was given
 
     async def score(self, X: np.ndarray, ids: Sequence[str], degraded: bool = False,
                     event_times: Sequence[float] | None = None) -> list[Scored]:
         self.calls += 1
+        self.scored.append((X, degraded))
         if self.calls == 1:
             await self.release.wait()
             if self.fail is not None:
@@ -79,8 +90,9 @@ class _Publisher:
         return done
 
 
-def _worker(settings: Settings, inference: _Inference) -> tuple[FeatureWorker, _Features, _Publisher]:
-    features, publisher = _Features(), _Publisher()
+def _worker(settings: Settings, inference: _Inference,
+            features: _Features | None = None) -> tuple[FeatureWorker, _Features, _Publisher]:
+    features, publisher = features or _Features(), _Publisher()
     stages = Stages(features=features, inference=inference, publisher=publisher)  # type: ignore[arg-type]
     worker = FeatureWorker(0, Mailbox(1000, "p0"), OffsetTracker(0), settings=settings,
                            metrics=EngineMetrics(), stages=stages)
@@ -188,9 +200,74 @@ async def test_stopping_the_worker_finishes_the_batches_in_hand(settings: Settin
     assert worker.tracker.registered_end == 2
 
 
+async def test_a_batch_scored_while_its_state_is_written_is_handed_off_only_once_it_is(
+        settings: Settings) -> None:
+    """Scoring overlaps the batch's state write; the decision waits for the write (a decision
+    handed on must be one whose state landed), and the next batch is computed meanwhile."""
+    inference = _Inference()
+    inference.release.set()
+    worker, features, publisher = _worker(settings, inference, _Features(hold_writes=True))
+    task = asyncio.create_task(worker.run(IGNORED))
+    try:
+        await worker.mailbox.put(_item(0))
+        await _until(lambda: inference.calls == 1)  # scored before its write is done
+        await worker.mailbox.put(_item(1))
+        await _until(lambda: len(features.calls) == 2)
+        await asyncio.sleep(0.05)
+        assert publisher.sent == [], "handed off before its state was written"
+        features.writes[0].set_result(None)
+        await _until(lambda: worker.tracker.registered_end == 1)
+        assert publisher.sent == [["t-0"]]
+        features.writes[1].set_result(None)
+        await _until(lambda: worker.tracker.registered_end == 2)
+        assert publisher.sent == [["t-0"], ["t-1"]]
+        assert inference.calls == 2, "a write that landed needs no second scoring"
+    finally:
+        worker.mailbox.close()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_batch_whose_state_write_failed_is_scored_again_on_the_features_it_got_instead(
+        settings: Settings) -> None:
+    """The write failed and the feature store gave the batch other features (degraded, say):
+    the decision is made on those, not on the ones scored while the write was tried."""
+    inference = _Inference()
+    inference.release.set()
+    worker, features, publisher = _worker(settings, inference, _Features(hold_writes=True))
+    task = asyncio.create_task(worker.run(IGNORED))
+    try:
+        await worker.mailbox.put(_item(0))
+        await _until(lambda: inference.calls == 1)
+        instead = np.full((1, N_FEATURES), 7.0, dtype=np.float32)
+        features.writes[0].set_result((instead, True))
+        await _until(lambda: worker.tracker.registered_end == 1)
+        assert inference.calls == 2
+        X, degraded = inference.scored[1]
+        assert degraded and X is instead
+        assert publisher.sent == [["t-0"]], "one decision for the record"
+    finally:
+        worker.mailbox.close()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_state_write_that_fails_outright_fails_the_worker_and_hands_nothing_off(
+        settings: Settings) -> None:
+    inference = _Inference()
+    inference.release.set()
+    worker, features, publisher = _worker(settings, inference, _Features(hold_writes=True))
+    task = asyncio.create_task(worker.run(IGNORED))
+    await worker.mailbox.put(_item(0))
+    await _until(lambda: inference.calls == 1)
+    features.writes[0].set_exception(RuntimeError("the write broke"))
+    with pytest.raises(RuntimeError, match="the write broke"):
+        await asyncio.wait_for(task, 10)
+    assert publisher.sent == []
+    assert worker.tracker.registered_end == -1
+
+
 class _FailingFeatures(_Features):
-    async def compute(self, txns: Sequence[Transaction], partition: int,
-                      offsets: Sequence[int]) -> tuple[np.ndarray, bool]:
+    async def compute_staged(self, txns: Sequence[Transaction], partition: int, offsets: Sequence[int]
+                             ) -> tuple[np.ndarray, bool, asyncio.Future[tuple[np.ndarray, bool] | None]]:
         self.calls.append(list(offsets))
         raise RuntimeError("feature store broke")
 

@@ -20,7 +20,7 @@ from test_features_store import DAY, T0, assert_parity, generate
 
 from fraudactors.engine.features import FeatureStoreActor
 from fraudactors.engine.metrics import EngineMetrics
-from fraudactors.errors import FeatureStoreRejected
+from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.features import scripts
 from fraudactors.features.definition import FEATURE_INDEX, HISTORY_S, day_of, hour_of
 from fraudactors.features.offline import offline_features
@@ -343,6 +343,65 @@ async def test_a_refused_request_is_degraded_alone_and_the_store_stays_up(
         text = metrics.render().decode()
         assert 'fraudactors_feature_store_errors_total{kind="wrongtype"} 1.0' in text
         assert 'fraudactors_state_skipped_total{reason="wrongtype"} 1.0' in text
+
+
+def _failing_writes(store: OnlineFeatureStore, error: BaseException) -> list[int]:
+    """The store's next state write raises ``error`` (the read before it went through); the
+    writes after it are real. Returns the count of writes tried."""
+    real = store._write
+    tried: list[int] = []
+
+    async def write(*args: Any) -> None:
+        tried.append(1)
+        if len(tried) == 1:
+            raise error
+        await real(*args)
+
+    store._write = write  # type: ignore[method-assign]
+    return tried
+
+
+async def test_a_state_write_that_fails_after_the_features_went_out_is_retried_and_applied_once(
+        store_settings: Settings) -> None:
+    """The actor hands a batch its features before the state write lands (the caller scores
+    meanwhile). That write failing on a broken connection is retried like a failed call: the
+    batch's features come back the same, the transaction enters the state once, the store
+    stays up."""
+    async with running_actor(store_settings, EngineMetrics()) as actor:
+        store = actor.store
+        assert store is not None and actor.up
+        tried = _failing_writes(store, FeatureStoreUnavailable("injected: connection reset"))
+        first = [txn("w1", "writer", "m", T0), txn("w2", "writer", "m", T0 + 60.0)]
+        X, degraded, written = await actor.compute_staged(first, 0, [0, 1])
+        assert not degraded and written is not None
+        replaced = await asyncio.wait_for(written, 10)
+        assert replaced is not None, "the failed write is reported with the batch's features"
+        X_again, degraded_again = replaced
+        assert not degraded_again and np.array_equal(X_again, X)
+        assert len(tried) == 2 and actor.up
+        x, _ = await actor.compute([txn("w3", "writer", "m", T0 + 120.0)], 0, [2])
+        assert x[0, FEATURE_INDEX["tx_count_1h"]] == 2.0, "both records entered the state, once"
+
+
+async def test_a_state_write_refused_after_the_features_went_out_gives_the_batch_degraded_features(
+        store_settings: Settings) -> None:
+    """Redis refusing the write (out of memory, say) is not an outage: the batch is scored on
+    degraded features instead and does not enter the state; the store stays up."""
+    metrics = EngineMetrics()
+    async with running_actor(store_settings, metrics) as actor:
+        store = actor.store
+        assert store is not None and actor.up
+        _failing_writes(store, FeatureStoreRejected("injected: OOM", "oom"))
+        _, degraded, written = await actor.compute_staged([txn("r1", "refused", "m", T0)], 0, [0])
+        assert not degraded and written is not None
+        replaced = await asyncio.wait_for(written, 10)
+        assert replaced is not None
+        X_instead, degraded_instead = replaced
+        assert degraded_instead
+        assert np.array_equal(X_instead, store.compute_degraded([txn("r1", "refused", "m", T0)]))
+        assert await store.user_state("refused") is None, "a refused write changes nothing"
+        assert actor.up, "a refusal is not an outage"
+        assert 'fraudactors_state_skipped_total{reason="oom"} 1.0' in metrics.render().decode()
 
 
 async def test_degraded_records_of_a_partition_revoked_during_an_outage_never_enter_the_state(
