@@ -442,6 +442,7 @@ class FeatureStoreActor:
                         self._failing_since = None
                     self._metrics.stage_latency.labels("features").observe(time.perf_counter() - t0)
                     return X, False, write
+            failed = None  # handled: down already (or now); a new try after Redis is back
             if not self._hold:
                 self._remember_degraded(txns, partition, offsets)
                 return store.compute_degraded(txns), True, None
