@@ -173,7 +173,7 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
     """Topics, engine child, load run, report files, engine stop (between the services' start and stop)."""
     from fraudactors.services.kafka import create_topics
     from loadgen.cli import load_config_from_args
-    from loadgen.procs import CpuMeter, engine_child
+    from loadgen.procs import CpuMeter, StageMeter, engine_child
     from loadgen.progress import Progress
     from loadgen.report import format_table, lost_line, write_outputs
     from loadgen.runner import prepare_load, run_load
@@ -202,9 +202,21 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
             # CPU of every process over the send window (engine with its inference workers, broker,
             # Redis, this process) - not over the warm-up, which runs the engine flat out.
             meter = CpuMeter({"engine": engine.pid, **stack.pids, "loadgen": os.getpid()})
+            # and the engine's time per batch in each stage over the same window
+            stages = StageMeter(f"http://127.0.0.1:{engine.settings.http.port}/metrics")
+
+            def window_start() -> None:
+                meter.start()
+                stages.start()
+
+            def window_end() -> None:
+                meter.stop()
+                stages.stop()
+
             result = await run_load(settings, config, Progress(sys.stdout, enabled=config.progress), prepared,
-                                    on_clock_start=meter.start, on_send_end=meter.stop)
+                                    on_clock_start=window_start, on_send_end=window_end)
             cpu = meter.result
+            stage_ms = await stages.result()
         except BaseException:
             engine_log = engine.tail(2000)
             await asyncio.shield(engine.stop())
@@ -223,6 +235,7 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
     # Extra keys: what the demo itself checked.
     report.update({"partitions": settings.topics.partitions, "received": report["decided"], "redis_ok": redis_ok,
                    "engine_exit_code": code, "cpu_cores": cpu, "cpu_wait_cores": meter.waiting,
+                   "engine_stages_ms": stage_ms,
                    "loadavg": _loadavg(), "engine_log": str(engine_log_path), "ab": ab_report})
     _rewrite(args.report, report)
     say(format_table(report))
@@ -236,6 +249,9 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
     say("cpu over the send window, cores used (waiting for a cpu): "
         + ", ".join(f"{k} {v:.2f} ({meter.waiting.get(k, 0.0):.2f})" for k, v in cpu.items())
         + f"; load average {report['loadavg']}")
+    if stage_ms:
+        say("engine stages over the send window, mean per batch (batches): "
+            + ", ".join(f"{name} {v['mean_ms']:.2f} ms ({v['batches']:,})" for name, v in stage_ms.items()))
     say(f"report written to {args.report} (+ {report['markdown']}, charts: "
         f"{', '.join(Path(c).name for c in report['charts'])})")
     problems = []

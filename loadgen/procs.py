@@ -168,6 +168,75 @@ class CpuMeter:
         return self.result
 
 
+class StageMeter:
+    """The engine's time per micro-batch in each pipeline stage between :meth:`start` and
+    :meth:`stop`, from two reads of its ``/metrics`` (``fraudactors_stage_latency_seconds``):
+    where a decision's time goes, beside the CPU of :class:`CpuMeter`.
+
+    Both methods are called from the event loop and only schedule the read; :meth:`result`
+    awaits them: per stage, the batches in the window and their mean time in ms, or ``None``
+    when the engine could not be read.
+    """
+
+    METRIC = "fraudactors_stage_latency_seconds"
+
+    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self._reads: list[asyncio.Task[dict[str, tuple[float, float]]]] = []
+
+    def start(self) -> asyncio.Task[dict[str, tuple[float, float]]]:
+        """Schedules the first read (returned, for a caller that must know it is made)."""
+        self._reads = [asyncio.ensure_future(self._read())]
+        return self._reads[0]
+
+    def stop(self) -> asyncio.Task[dict[str, tuple[float, float]]]:
+        self._reads.append(asyncio.ensure_future(self._read()))
+        return self._reads[-1]
+
+    async def _read(self) -> dict[str, tuple[float, float]]:
+        """stage -> (count, sum in seconds) as the engine has them now."""
+        import aiohttp
+        from prometheus_client.parser import text_string_to_metric_families
+
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(self.url) as response:
+            response.raise_for_status()
+            text = await response.text()
+        out: dict[str, tuple[float, float]] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name != self.METRIC:
+                continue
+            for sample in family.samples:
+                count, total = out.get(sample.labels.get("stage", ""), (0.0, 0.0))
+                if sample.name == f"{self.METRIC}_count":
+                    count = sample.value
+                elif sample.name == f"{self.METRIC}_sum":
+                    total = sample.value
+                else:
+                    continue
+                out[sample.labels["stage"]] = (count, total)
+        return out
+
+    async def result(self) -> dict[str, dict[str, float]] | None:
+        if len(self._reads) != 2:
+            return None
+        import aiohttp
+
+        try:
+            first, last = await asyncio.gather(*self._reads)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            print(f"engine stages: /metrics not read: {exc!r}", file=sys.stderr)
+            return None
+        out: dict[str, dict[str, float]] = {}
+        for stage, (count, total) in last.items():
+            count0, total0 = first.get(stage, (0.0, 0.0))
+            if count > count0:
+                out[stage] = {"batches": int(count - count0),
+                              "mean_ms": round(1000.0 * (total - total0) / (count - count0), 3)}
+        return out
+
+
 class Child:
     """One child process: output to a log file, readiness by a log line or an HTTP 200, SIGTERM stop."""
 

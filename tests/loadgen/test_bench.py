@@ -12,7 +12,7 @@ import pytest
 
 from fraudactors.settings import Settings
 from loadgen.bench_drain import fill_backlog, machine, run_trial, trial_settings
-from loadgen.procs import CpuMeter, cpu_seconds, null_child, settings_toml
+from loadgen.procs import CpuMeter, StageMeter, cpu_seconds, null_child, settings_toml
 
 
 async def test_null_pipeline_child_drains_a_backlog_and_exits_cleanly(settings: Settings, tmp_path: Path) -> None:
@@ -45,6 +45,47 @@ def test_cpu_meter_reads_proc_and_machine_names_the_box() -> None:
     assert set(cores) == {"me"} and cores["me"] >= 0
     info = machine()
     assert info["nproc"] >= 1 and "date" in info
+
+
+async def test_stage_meter_gives_each_stages_batches_and_mean_over_its_window(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Two reads of a real /metrics (an EngineMetrics on aiohttp): the stages observed between
+    them, their count and mean; a stage not observed in the window is left out; an engine that
+    cannot be read gives None and one line on stderr, not a failed report."""
+    from aiohttp import web
+
+    from fraudactors.engine.metrics import EngineMetrics
+
+    metrics = EngineMetrics()
+    stage = metrics.stage_latency
+    stage.labels("parse").observe(5.0)  # before the window: not in it
+
+    async def serve(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        meter = StageMeter(f"http://127.0.0.1:{port}/metrics")
+        await meter.start()  # the first read is made before the window's batches
+        for seconds in (0.002, 0.004):
+            stage.labels("features").observe(seconds)
+        stage.labels("inference").observe(0.003)
+        meter.stop()
+        assert await meter.result() == {"features": {"batches": 2, "mean_ms": 3.0},
+                                        "inference": {"batches": 1, "mean_ms": 3.0}}
+    finally:
+        await runner.cleanup()
+    gone = StageMeter(f"http://127.0.0.1:{port}/metrics", timeout_s=2.0)
+    gone.start()
+    gone.stop()
+    assert await gone.result() is None
+    assert "engine stages: /metrics not read" in capsys.readouterr().err
 
 
 def _bench(args: list[str], tmp_path: Path, models_dir: Path) -> tuple[str, dict]:

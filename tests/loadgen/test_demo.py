@@ -48,6 +48,11 @@ def test_demo_runs_engine_and_load_and_writes_the_report(tmp_path: Path) -> None
     assert report["engine_exit_code"] == 0
     assert report["warmup"]["decided"] == 2000  # history first, then the measured run
     assert report["latency_ms"]["p50"] > 0
+    # where the engine's time went over the send window, read from its /metrics
+    stages = report["engine_stages_ms"]
+    for stage in ("parse", "features", "state_write", "inference", "publish"):
+        assert stages[stage]["batches"] > 0 and stages[stage]["mean_ms"] > 0, (stage, stages)
+    assert any(line.startswith("engine stages over the send window") for line in proc.stdout.splitlines())
     assert report_path.with_suffix(".md").is_file()
     assert b"engine_ready" in Path(report["engine_log"]).read_bytes()
     assert [Path(c).name for c in report["charts"]] == ["demo-latency.png", "demo-throughput.png",
