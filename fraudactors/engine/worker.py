@@ -263,7 +263,8 @@ class FeatureWorker:
                 replaced = await batch.written if batch.written is not None else None
                 if replaced is not None:  # the write failed: the features the batch got instead
                     X, degraded = replaced
-                    scored = await self._inference.score(X, ids, degraded=degraded, event_times=event_times)
+                    # no event times: the model monitor saw this batch once already, as first scored
+                    scored = await self._inference.score(X, ids, degraded=degraded)
         except BaseException:
             if previous is not None:  # fail only after the batches before this one are handed off
                 await asyncio.gather(previous, return_exceptions=True)
