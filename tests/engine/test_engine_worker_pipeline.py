@@ -200,14 +200,20 @@ async def test_stopping_the_worker_finishes_the_batches_in_hand(settings: Settin
     assert worker.tracker.registered_end == 2
 
 
+def _started_with_held_writes(settings: Settings) -> tuple[
+        FeatureWorker, _Features, _Publisher, _Inference, asyncio.Task[None]]:
+    """A running worker whose scoring answers at once and whose state writes the test resolves."""
+    inference = _Inference()
+    inference.release.set()
+    worker, features, publisher = _worker(settings, inference, _Features(hold_writes=True))
+    return worker, features, publisher, inference, asyncio.create_task(worker.run(IGNORED))
+
+
 async def test_a_batch_scored_while_its_state_is_written_is_handed_off_only_once_it_is(
         settings: Settings) -> None:
     """Scoring overlaps the batch's state write; the decision waits for the write (a decision
     handed on must be one whose state landed), and the next batch is computed meanwhile."""
-    inference = _Inference()
-    inference.release.set()
-    worker, features, publisher = _worker(settings, inference, _Features(hold_writes=True))
-    task = asyncio.create_task(worker.run(IGNORED))
+    worker, features, publisher, inference, task = _started_with_held_writes(settings)
     try:
         await worker.mailbox.put(_item(0))
         await _until(lambda: inference.calls == 1)  # scored before its write is done
@@ -231,10 +237,7 @@ async def test_a_batch_whose_state_write_failed_is_scored_again_on_the_features_
         settings: Settings) -> None:
     """The write failed and the feature store gave the batch other features (degraded, say):
     the decision is made on those, not on the ones scored while the write was tried."""
-    inference = _Inference()
-    inference.release.set()
-    worker, features, publisher = _worker(settings, inference, _Features(hold_writes=True))
-    task = asyncio.create_task(worker.run(IGNORED))
+    worker, features, publisher, inference, task = _started_with_held_writes(settings)
     try:
         await worker.mailbox.put(_item(0))
         await _until(lambda: inference.calls == 1)
@@ -252,10 +255,7 @@ async def test_a_batch_whose_state_write_failed_is_scored_again_on_the_features_
 
 async def test_a_state_write_that_fails_outright_fails_the_worker_and_hands_nothing_off(
         settings: Settings) -> None:
-    inference = _Inference()
-    inference.release.set()
-    worker, features, publisher = _worker(settings, inference, _Features(hold_writes=True))
-    task = asyncio.create_task(worker.run(IGNORED))
+    worker, features, publisher, inference, task = _started_with_held_writes(settings)
     await worker.mailbox.put(_item(0))
     await _until(lambda: inference.calls == 1)
     features.writes[0].set_exception(RuntimeError("the write broke"))
