@@ -65,7 +65,15 @@ _COALESCE_MAX = 64
 _Batch = tuple["Sequence[Transaction]", list[int], "Sequence[int]"]
 # What a batch's features become if its state write fails: recomputed, possibly degraded.
 Replacement = tuple[np.ndarray, bool]
-_FeatureRequest = Request[_Batch, tuple[np.ndarray, bool, "asyncio.Future[Replacement | None] | None"]]
+# A batch's state write: done with None once it landed, or with the features the batch got instead.
+Written = asyncio.Future[Replacement | None]
+_FeatureRequest = Request[_Batch, tuple[np.ndarray, bool, Written | None]]
+
+
+def _fail(written: list[Written], exc: BaseException) -> None:
+    for fut in written:
+        fut.set_exception(exc)
+        fut.exception()  # retrieved: a caller that is gone must not make it an "unretrieved" warning
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -197,21 +205,20 @@ class FeatureStoreActor:
                 for req, (X, degraded) in zip(requests, results, strict=True):
                     req.resolve((X, degraded, None))
                 continue
-            written: list[asyncio.Future[Replacement | None]] = [loop.create_future() for _ in requests]
+            written: list[Written] = [loop.create_future() for _ in requests]
             for req, (X, degraded), fut in zip(requests, results, written, strict=True):
                 req.resolve((X, degraded, fut))
             try:
                 await self._write_staged(store, requests, write, written)
             finally:
                 self._sync_metrics(store)
-                for fut in written:
-                    if not fut.done():  # cancelled (the actor stops): the callers must not wait
-                        fut.set_exception(FeatureStoreUnavailable("feature store actor stopped"))
-                        fut.exception()  # retrieved: a caller that is gone must not make it a warning
+                # cancelled (the actor stops): the callers must not wait
+                _fail([fut for fut in written if not fut.done()],
+                      FeatureStoreUnavailable("feature store actor stopped"))
 
     async def _write_staged(self, store: OnlineFeatureStore, requests: list[_FeatureRequest],
                             write: Callable[[], Awaitable[None]],
-                            written: list[asyncio.Future[Replacement | None]]) -> None:
+                            written: list[Written]) -> None:
         t0 = time.perf_counter()
         try:
             await write()
@@ -219,9 +226,7 @@ class FeatureStoreActor:
             try:
                 replaced, _ = await self._serve_requests(store, requests, stage=False, failed=exc)
             except Exception as again:  # bad input or a bug: each caller's batch fails
-                for fut in written:
-                    fut.set_exception(again)
-                    fut.exception()  # retrieved: a caller that gave up must not make it a warning
+                _fail(written, again)
                 return
             for fut, result in zip(written, replaced, strict=True):
                 fut.set_result(result)
@@ -387,7 +392,7 @@ class FeatureStoreActor:
         return replaced if replaced is not None else (X, degraded)
 
     async def compute_staged(self, txns: Sequence[Transaction], partition: int, offsets: Sequence[int]
-                             ) -> tuple[np.ndarray, bool, asyncio.Future[Replacement | None] | None]:
+                             ) -> tuple[np.ndarray, bool, Written | None]:
         """:meth:`compute` without waiting for the state write: the features, whether they are
         degraded, and the write's future (``None``: nothing to write).
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka.structs import ConsumerRecord
 
 from fraudactors.engine.decision import encode_decision, utc_now_iso
-from fraudactors.engine.features import FeatureStoreActor, Replacement
+from fraudactors.engine.features import FeatureStoreActor, Written
 from fraudactors.engine.inference import InferenceActor, Scored
 from fraudactors.engine.metrics import EngineMetrics, observe_many
 from fraudactors.engine.offsets import OffsetTracker
@@ -74,8 +74,8 @@ class _Prepared:
     X: Any
     degraded: bool
     dead: list[Message]
-    # the batch's state write, still being made (see FeatureStoreActor.compute)
-    written: asyncio.Future[Replacement | None] | None = None
+    # the batch's state write, still being made (see FeatureStoreActor.compute_staged)
+    written: Written | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +225,7 @@ class FeatureWorker:
         metrics.stage_latency.labels("parse").observe(time.perf_counter() - t0)
         X: Any = None
         degraded = False
-        written: asyncio.Future[Replacement | None] | None = None
+        written: Written | None = None
         if txns:
             txns, records, arrivals, X, degraded, written = await self._features_for(
                 txns, records, arrivals, dead)
@@ -306,7 +306,7 @@ class FeatureWorker:
         arrivals: list[float],
         dead: list[Message],
     ) -> tuple[list[Transaction], list[ConsumerRecord[bytes, bytes]], list[float], Any, bool,
-               asyncio.Future[Replacement | None] | None]:
+               Written | None]:
         """Features for the batch and its state write in flight; if the batch fails on bad input,
         isolate the record(s) at fault (one at a time, each written before the next).
 
