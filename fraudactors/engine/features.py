@@ -70,10 +70,16 @@ Written = asyncio.Future[Replacement | None]
 _FeatureRequest = Request[_Batch, tuple[np.ndarray, bool, Written | None]]
 
 
-def _fail(written: list[Written], exc: BaseException) -> None:
+def _settle(written: list[Written], result: Replacement | None = None, error: BaseException | None = None) -> None:
+    """Resolve the futures still pending (a caller that gave up may have cancelled its own)."""
     for fut in written:
-        fut.set_exception(exc)
-        fut.exception()  # retrieved: a caller that is gone must not make it an "unretrieved" warning
+        if fut.done():
+            continue
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+            fut.exception()  # retrieved: a caller that is gone must not make it an "unretrieved" warning
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -213,8 +219,7 @@ class FeatureStoreActor:
             finally:
                 self._sync_metrics(store)
                 # cancelled (the actor stops): the callers must not wait
-                _fail([fut for fut in written if not fut.done()],
-                      FeatureStoreUnavailable("feature store actor stopped"))
+                _settle(written, error=FeatureStoreUnavailable("feature store actor stopped"))
 
     async def _write_staged(self, store: OnlineFeatureStore, requests: list[_FeatureRequest],
                             write: Callable[[], Awaitable[None]],
@@ -226,15 +231,14 @@ class FeatureStoreActor:
             try:
                 replaced, _ = await self._serve_requests(store, requests, stage=False, failed=exc)
             except Exception as again:  # bad input or a bug: each caller's batch fails
-                _fail(written, again)
+                _settle(written, error=again)
                 return
             for fut, result in zip(written, replaced, strict=True):
-                fut.set_result(result)
+                _settle([fut], result)
             return
         self._failing_since = None
         self._metrics.stage_latency.labels("state_write").observe(time.perf_counter() - t0)
-        for fut in written:
-            fut.set_result(None)
+        _settle(written)
 
     async def _serve_requests(self, store: OnlineFeatureStore, requests: list[_FeatureRequest], *,
                               stage: bool, failed: BaseException | None = None
@@ -388,7 +392,7 @@ class FeatureStoreActor:
         Coalesced with the other partitions' batches into one store call (see the module doc).
         """
         X, degraded, written = await self.compute_staged(txns, partition, offsets)
-        replaced = await written if written is not None else None
+        replaced = await asyncio.shield(written) if written is not None else None
         return replaced if replaced is not None else (X, degraded)
 
     async def compute_staged(self, txns: Sequence[Transaction], partition: int, offsets: Sequence[int]

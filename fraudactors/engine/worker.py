@@ -260,7 +260,8 @@ class FeatureWorker:
                 event_times = [t.event_time for t in txns]
                 scored = await self._inference.score(X, ids, degraded=degraded, event_times=event_times)
                 # scored while the state was written: handed on only once it is
-                replaced = await batch.written if batch.written is not None else None
+                # (shielded: a tail cancelled while it waits must not cancel the actor's future)
+                replaced = await asyncio.shield(batch.written) if batch.written is not None else None
                 if replaced is not None:  # the write failed: the features the batch got instead
                     X, degraded = replaced
                     # no event times: the model monitor saw this batch once already, as first scored

@@ -229,9 +229,13 @@ async def test_a_rebalance_while_a_write_is_delayed_leaves_every_feature_exact(e
             await reader.wait_for(lambda recs: ids_3 <= {orjson.loads(r.value)["transaction_id"] for r in recs},
                                   timeout_s=90)
             stale = a.features.store.stale_refused_total if a.features.store else 0
+            died = a.metrics.registry.get_sample_value("fraudactors_actor_restarts_total",
+                                                       {"actor": "feature_store"}) or 0.0
         finally:
             await b.stop()
     assert stale > 0, "the held write was refused where the new owner had written"
+    # the revoked workers gave up on the held write: that must not take the feature store down
+    assert died == 0, "the first engine's feature-store actor died"
     latest = {d["transaction_id"]: d for d in reader.decisions()}
     third_ids = [orjson.loads(v)["transaction_id"] for _, v in third]
     got = vectors(list(latest.values()), third_ids)

@@ -404,6 +404,34 @@ async def test_a_state_write_refused_after_the_features_went_out_gives_the_batch
         assert 'fraudactors_state_skipped_total{reason="oom"} 1.0' in metrics.render().decode()
 
 
+async def test_a_caller_that_gives_up_on_its_state_write_leaves_the_actor_serving(
+        store_settings: Settings) -> None:
+    """A worker stopped (revoked, restarted) while its batch's write is in flight cancels what it
+    waits on. The write still lands, the actor lives on and serves the next call (it used to die
+    setting the result of the cancelled future, and every worker with it)."""
+    async with running_actor(store_settings, EngineMetrics()) as actor:
+        store = actor.store
+        assert store is not None and actor.up
+        real, release = store._write, asyncio.Event()
+
+        async def held(*args: Any) -> None:
+            await release.wait()
+            await real(*args)
+
+        store._write = held  # type: ignore[method-assign]
+        _, _, written = await actor.compute_staged([txn("c1", "quitter", "m", T0)], 0, [0])
+        assert written is not None
+        waiter = asyncio.ensure_future(written)
+        await asyncio.sleep(0)
+        waiter.cancel()  # awaiting the future itself: cancelling the waiter cancels the future
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert written.cancelled()
+        release.set()
+        x, degraded = await asyncio.wait_for(actor.compute([txn("c2", "quitter", "m", T0 + 60.0)], 0, [1]), 10)
+        assert not degraded and actor.up
+        assert x[0, FEATURE_INDEX["tx_count_1h"]] == 1.0, "the given-up batch's write landed"
+
+
 async def test_degraded_records_of_a_partition_revoked_during_an_outage_never_enter_the_state(
         store_settings: Settings, fresh_redis: Any) -> None:
     """Redis down: the decided records wait in the backlog for the state. A partition revoked
