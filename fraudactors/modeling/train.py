@@ -65,6 +65,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     out.add_argument("--search", action="store_true",
                      help="choose the hyperparameters by a time-series cross-validated grid search before the "
                           "time split's cut-off (minutes per algorithm; default: the built-in ones)")
+    out.add_argument("--search-folds", type=int, default=3, metavar="N",
+                     help="the search's validation windows, the last N before the cut-off's label delay (default 3)")
+    out.add_argument("--search-fold-days", type=float, default=14.0, metavar="DAYS",
+                     help="days in each of the search's validation windows (default 14)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -82,7 +86,7 @@ def _command(args: argparse.Namespace) -> str:
     if args.no_refit:
         parts.append("--no-refit")
     if args.search:
-        parts.append("--search")
+        parts += ["--search", "--search-folds", str(args.search_folds), "--search-fold-days", f"{args.search_fold_days:g}"]
     if args.version:
         parts += ["--version", args.version] + (["--algo", args.algo] if args.algo else [])
     return "fraudactors train " + shlex.join(parts)
@@ -121,6 +125,8 @@ def main(args: argparse.Namespace) -> int:
     for name in ("warmup_days", "calib_days", "gap_days", "test_days", "label_delay_days"):
         if getattr(args, name) < 0 or (name in ("calib_days", "test_days") and getattr(args, name) == 0):
             raise ConfigError(f"--{name.replace('_', '-')}", "must be positive")
+    if args.search_folds < 1 or args.search_fold_days <= 0:
+        raise ConfigError("--search-folds/--search-fold-days", "must be positive")
     if args.synthetic:
         if args.days <= 0 or args.users < 1:
             raise ConfigError("--days/--users", "must be positive")
@@ -134,6 +140,10 @@ def main(args: argparse.Namespace) -> int:
     split_cfg = SplitConfig(args.warmup_days, args.calib_days, args.gap_days, args.test_days)
     split = time_split(ds.event_time, split_cfg)  # fail fast, before the features
     final = None if args.no_refit else final_split(ds, split_cfg, args.legit_sample, args.seed)
+    if args.search:  # its folds fit in the data, also before the features
+        from fraudactors.modeling.search import folds
+
+        folds(ds, split, split_cfg, args.search_folds, args.search_fold_days)
     X = compute_features(ds, show)
     params: dict[str, dict[str, Any]] = {}
     searches: dict[str, dict[str, Any]] = {}
@@ -143,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
 
         for algo in dict.fromkeys(a for _, a in jobs):
             params[algo], searches[algo] = search(ds, X, split, split_cfg, algo, args.seed, args.legit_sample,
-                                                  FEATURE_NAMES, show)
+                                                  FEATURE_NAMES, show, args.search_folds, args.search_fold_days)
             print(f"{algo}: {describe(searches[algo])}", file=sys.stderr)
     ctx = TrainContext(ds=ds, X=X, split=split, final=final, data_spec=spec, split_cfg=split_cfg, seed=args.seed,
                        review_fpr=args.review_fpr, decline_fpr=args.decline_fpr, legit_fraction=args.legit_sample,

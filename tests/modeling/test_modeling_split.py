@@ -66,18 +66,41 @@ def test_the_search_validates_before_the_cut_off_without_crossing_the_label_dela
     monkeypatch.setitem(search.GRIDS, "hgb", {"max_leaf_nodes": (7, 15), "min_samples_leaf": (40,)})
     assert cli_main(["train", "--synthetic", "--seed", "3", "--users", "300", "--merchants", "250", "--days", "40",
                      "--warmup-days", "3", "--calib-days", "5", "--gap-days", "3", "--test-days", "7",
-                     "--version", "v2", "--search", "--quiet", "--out", str(tmp_path)]) == 0
+                     "--version", "v2", "--search", "--search-folds", "2", "--search-fold-days", "7", "--quiet",
+                     "--out", str(tmp_path)]) == 0
     meta = load_model_info(tmp_path, "v2").metadata
     record = meta["hyperparameter_search"]
-    assert [r["params"] for r in record["results"]] == [{"max_leaf_nodes": 7, "min_samples_leaf": 40},
+    assert [r["params"] for r in record["results"]] == [{"max_leaf_nodes": 31, "min_samples_leaf": 100},  # built in
+                                                        {"max_leaf_nodes": 7, "min_samples_leaf": 40},
                                                         {"max_leaf_nodes": 15, "min_samples_leaf": 40}]
+    assert len(record["folds"]) == 2
     assert {k: meta["params"][k] for k in record["best"]} == record["best"]  # the shipped model uses them
     cutoff = datetime.fromisoformat(meta["training"]["cutoff"])
     for fold in record["folds"]:
         fit_end, v_start, v_end = (datetime.fromisoformat(x) for x in (fold["fit"][1], *fold["validation"]))
         assert v_start - fit_end == timedelta(days=3)  # the label delay between fit and validation
+        assert v_end - v_start == timedelta(days=7)
         assert v_end <= cutoff - timedelta(days=3)  # validation labels are in by the cut-off
-    assert "--search" in meta["command"]
+    assert "--search --search-folds 2 --search-fold-days 7" in meta["command"]
+
+
+def test_a_search_whose_folds_do_not_fit_the_data_fails_before_the_features(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from fraudactors.cli import main as cli_main
+    from fraudactors.modeling import pipeline
+
+    def no_features(*_args: Any) -> np.ndarray:
+        raise AssertionError("features computed for a search that cannot run")
+
+    monkeypatch.setattr(pipeline, "compute_features", no_features)
+    # 40 days: the default three 14-day windows before the cut-off (day 33) leave no fit before them
+    code = cli_main(["train", "--synthetic", "--seed", "3", "--users", "300", "--merchants", "250", "--days", "40",
+                     "--warmup-days", "3", "--calib-days", "5", "--gap-days", "3", "--test-days", "7",
+                     "--version", "v2", "--search", "--quiet", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "too short for 3 validation windows of 14 days" in err and "--search-folds" in err
+    assert not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------- the time split and its labels
@@ -157,8 +180,28 @@ def test_the_search_refuses_folds_with_less_than_a_fold_of_fit() -> None:
     from fraudactors.modeling.search import folds
 
     ds = _hourly(30)  # the cut-off at hour 551: the older fold's fit would end (hour 71) before the warm-up does
-    with pytest.raises(DataError, match="too short for 2 validation weeks"):
+    with pytest.raises(DataError, match="too short for 2 validation windows of 7 days"):
         folds(ds, time_split(ds.event_time, SEARCH_CFG), SEARCH_CFG, n_folds=2, fold_days=7)
+
+
+def _result(params: dict[str, Any], detections: list[float]) -> dict[str, Any]:
+    return {"params": params, "detection_at_max_fpr": detections, "mean_detection": float(np.mean(detections)),
+            "mean_average_precision": 0.5}
+
+
+def test_the_search_replaces_the_built_in_hyperparameters_only_with_a_configuration_better_in_every_fold() -> None:
+    from fraudactors.modeling.search import choose
+
+    built_in = {"depth": 16}
+    kept = _result(built_in, [0.90, 0.88, 0.91])
+    noisy = _result({"depth": 10}, [0.95, 0.87, 0.91])  # the best mean, but not better in two folds
+    chosen, why = choose([kept, noisy], built_in)
+    assert chosen is kept and why.startswith("built-in kept")
+    steady = _result({"depth": 12}, [0.91, 0.89, 0.92])  # a smaller mean gain, in every fold
+    assert choose([kept, steady], built_in)[0] is steady
+    assert choose([kept, noisy, steady], built_in)[0] is kept  # the best mean is the one judged
+    assert choose([noisy, steady], None)[0] is noisy  # nothing built in: the best mean
+    assert choose([_result(built_in, [0.9, 0.9]), _result({"depth": 12}, [0.9, 0.9])], built_in)[0]["params"] == built_in
 
 
 class _ColumnModel:
@@ -196,14 +239,14 @@ def test_the_search_fits_each_fold_on_labels_reported_by_its_validation_start_an
     monkeypatch.setattr(pipeline, "fit_model", fake_fit)
     monkeypatch.setitem(search.GRIDS, "col", {"col": (1, 0)})
     best, record = search.search(ds, X, split, SEARCH_CFG, "col", seed=1, legit_fraction=1.0,
-                                 feature_names=("a", "b"), show_progress=False)
+                                 feature_names=("a", "b"), show_progress=False, n_folds=2, fold_days=7)
     assert best == {"col": 0}  # the configuration that detects the frauds, not the one that does not
     by_col = {r["params"]["col"]: r for r in record["results"]}
     # validation truth is what is known at the cut-off: a fraud reported later counts as legitimate,
     # so column 0 detects every validation fraud (and flags nothing else)
     assert by_col[0]["detection_at_max_fpr"] == [1.0, 1.0]
     assert by_col[1]["mean_detection"] == 0.0
-    chosen = search.folds(ds, split, SEARCH_CFG)
+    chosen = search.folds(ds, split, SEARCH_CFG, n_folds=2, fold_days=7)
     assert len(fits) == 2 * len(chosen)
     for y_fit, fold in zip(fits, [*chosen, *chosen], strict=True):
         expected = known_labels(ds, fold.labels_at)[fold.fit]
