@@ -67,8 +67,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                           "time split's cut-off (minutes per algorithm; default: the built-in ones)")
     out.add_argument("--search-folds", type=int, default=3, metavar="N",
                      help="the search's validation windows, the last N before the cut-off's label delay (default 3)")
-    out.add_argument("--search-fold-days", type=float, default=14.0, metavar="DAYS",
-                     help="days in each of the search's validation windows (default 14)")
+    out.add_argument("--search-fold-days", type=float, default=12.0, metavar="DAYS",
+                     help="days in each of the search's validation windows (default 12)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 

@@ -93,13 +93,13 @@ def test_a_search_whose_folds_do_not_fit_the_data_fails_before_the_features(
         raise AssertionError("features computed for a search that cannot run")
 
     monkeypatch.setattr(pipeline, "compute_features", no_features)
-    # 40 days: the default three 14-day windows before the cut-off (day 33) leave no fit before them
+    # 40 days: the default three 12-day windows before the cut-off (day 33) leave no fit before them
     code = cli_main(["train", "--synthetic", "--seed", "3", "--users", "300", "--merchants", "250", "--days", "40",
                      "--warmup-days", "3", "--calib-days", "5", "--gap-days", "3", "--test-days", "7",
                      "--version", "v2", "--search", "--quiet", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code != 0
-    assert "too short for 3 validation windows of 14 days" in err and "--search-folds" in err
+    assert "too short for 3 validation windows of 12 days" in err and "--search-folds" in err
     assert not any(tmp_path.iterdir())
 
 
