@@ -17,8 +17,8 @@ into a fit. A configuration's score is its mean detection rate at FPR <= 2 % ove
 The built-in hyperparameters are replaced only by a configuration that detects more than they do
 in **every** fold: a gain the folds do not agree on is within a window's own noise (a window moves
 the detection rate by a point or more), and a search that follows it changes the shipped model for
-nothing. The defaults, three folds of 12 days, validate on 36 days of the 91-day simulated data (the oldest
-fold fits on 20).
+nothing. ``train``'s defaults, three folds of 12 days, validate on 36 days of the 91-day simulated data
+(the oldest fold fits on 20).
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from fraudactors.modeling.metrics import evaluate_scores
 from fraudactors.modeling.progress import step
 from fraudactors.modeling.split import Split, SplitConfig, iso
 
-FOLD_DAYS = 12.0
-N_FOLDS = 3
 GRIDS: dict[str, dict[str, Sequence[Any]]] = {
     "rf": {"max_depth": (10, 12, 16), "min_samples_leaf": (10, 20, 50), "max_features": ("sqrt", 0.3)},
     "hgb": {"learning_rate": (0.05, 0.1), "max_leaf_nodes": (15, 31, 63), "min_samples_leaf": (50, 100, 200)},
@@ -50,8 +48,7 @@ class Fold:
     labels_at: float  # the fold's notional training day: its fit uses the labels reported by then
 
 
-def folds(ds: Dataset, split: Split, cfg: SplitConfig, n_folds: int = N_FOLDS,
-          fold_days: float = FOLD_DAYS) -> list[Fold]:
+def folds(ds: Dataset, split: Split, cfg: SplitConfig, n_folds: int, fold_days: float) -> list[Fold]:
     """The validation folds before the time split's cut-off (module doc), oldest first."""
     times = ds.event_time
     fit_start = float(times[0]) + cfg.warmup_days * DAY_S
@@ -107,8 +104,8 @@ def choose(results: Sequence[Mapping[str, Any]], incumbent: Mapping[str, Any] | 
 
 
 def search(ds: Dataset, X: np.ndarray, split: Split, cfg: SplitConfig, algo: str, seed: int,
-           legit_fraction: float, feature_names: Sequence[str], show_progress: bool = True,
-           n_folds: int = N_FOLDS, fold_days: float = FOLD_DAYS) -> tuple[dict[str, Any], dict[str, Any]]:
+           legit_fraction: float, feature_names: Sequence[str], n_folds: int, fold_days: float,
+           show_progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(chosen hyperparameters, the record of the search for the metadata)``."""
     from fraudactors.modeling.pipeline import fit_model, single_threaded_openmp
     from fraudactors.modeling.split import known_labels

@@ -23,6 +23,9 @@ DEFAULT_SEED = 7
 DEFAULT_DAYS = 91.0
 DEFAULT_USERS = 5000
 DEFAULT_MERCHANTS = 1000
+# The search's validation windows (modeling/search.py): 36 days of the 91, the oldest fit on 20.
+SEARCH_FOLDS = 3
+SEARCH_FOLD_DAYS = 12.0
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -65,10 +68,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     out.add_argument("--search", action="store_true",
                      help="choose the hyperparameters by a time-series cross-validated grid search before the "
                           "time split's cut-off (minutes per algorithm; default: the built-in ones)")
-    out.add_argument("--search-folds", type=int, default=3, metavar="N",
-                     help="the search's validation windows, the last N before the cut-off's label delay (default 3)")
-    out.add_argument("--search-fold-days", type=float, default=12.0, metavar="DAYS",
-                     help="days in each of the search's validation windows (default 12)")
+    out.add_argument("--search-folds", type=int, default=SEARCH_FOLDS, metavar="N",
+                     help="the search's validation windows, the last N before the cut-off's label delay "
+                          f"(default {SEARCH_FOLDS})")
+    out.add_argument("--search-fold-days", type=float, default=SEARCH_FOLD_DAYS, metavar="DAYS",
+                     help=f"days in each of the search's validation windows (default {SEARCH_FOLD_DAYS:g})")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -153,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
 
         for algo in dict.fromkeys(a for _, a in jobs):
             params[algo], searches[algo] = search(ds, X, split, split_cfg, algo, args.seed, args.legit_sample,
-                                                  FEATURE_NAMES, show, args.search_folds, args.search_fold_days)
+                                                  FEATURE_NAMES, args.search_folds, args.search_fold_days, show)
             print(f"{algo}: {describe(searches[algo])}", file=sys.stderr)
     ctx = TrainContext(ds=ds, X=X, split=split, final=final, data_spec=spec, split_cfg=split_cfg, seed=args.seed,
                        review_fpr=args.review_fpr, decline_fpr=args.decline_fpr, legit_fraction=args.legit_sample,

@@ -176,6 +176,17 @@ def test_each_search_fold_fits_up_to_the_label_delay_before_its_validation_week(
     assert second.labels_at == ds.event_time[1031]
 
 
+def test_the_default_search_fits_the_default_simulated_days() -> None:
+    from fraudactors.modeling.search import folds
+    from fraudactors.modeling.train import DEFAULT_DAYS, SEARCH_FOLD_DAYS, SEARCH_FOLDS
+
+    ds = _hourly(int(DEFAULT_DAYS))  # the last row an hour before day 91, as the simulator's is
+    chosen = folds(ds, time_split(ds.event_time, SplitConfig()), SplitConfig(), SEARCH_FOLDS, SEARCH_FOLD_DAYS)
+    assert len(chosen) == SEARCH_FOLDS
+    assert all(ds.event_time[f.fit[-1]] - ds.event_time[f.fit[0]] >= SEARCH_FOLD_DAYS * DAY_S - HOUR_S
+               for f in chosen)
+
+
 def test_the_search_refuses_folds_with_less_than_a_fold_of_fit() -> None:
     from fraudactors.modeling.search import folds
 
@@ -239,7 +250,7 @@ def test_the_search_fits_each_fold_on_labels_reported_by_its_validation_start_an
     monkeypatch.setattr(pipeline, "fit_model", fake_fit)
     monkeypatch.setitem(search.GRIDS, "col", {"col": (1, 0)})
     best, record = search.search(ds, X, split, SEARCH_CFG, "col", seed=1, legit_fraction=1.0,
-                                 feature_names=("a", "b"), show_progress=False, n_folds=2, fold_days=7)
+                                 feature_names=("a", "b"), n_folds=2, fold_days=7, show_progress=False)
     assert best == {"col": 0}  # the configuration that detects the frauds, not the one that does not
     by_col = {r["params"]["col"]: r for r in record["results"]}
     # validation truth is what is known at the cut-off: a fraud reported later counts as legitimate,
