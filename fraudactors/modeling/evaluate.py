@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fraudactors.modeling.metrics import evaluate_scores
+from fraudactors.modeling.metrics import CALIBRATION_EDGES, evaluate_scores
 from fraudactors.modeling.policy import DegradedPolicy
 
 HELP = "evaluate committed models on their held-out weeks (AUC, AP, detection rate at FPR <= 2%, per scenario)"
@@ -43,13 +43,36 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _pct2(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def calibration_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per model, each probability bin's fraud rate against its mean probability (rows in the bin)."""
+    edges = CALIBRATION_EDGES
+    names = [f"[{edges[k]:g}, {edges[k + 1]:g}{']' if k == len(edges) - 2 else ')'}" for k in range(len(edges) - 1)]
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for version, r in results.items():
+        cal = r["metrics"].get("calibration")
+        if cal is None:
+            continue
+        by_range = {tuple(b["range"]): b for b in cal["bins"]}
+        cells = []
+        for k in range(len(edges) - 1):
+            b = by_range.get((edges[k], edges[k + 1]))
+            cells.append("-" if b is None else
+                         f"{_pct2(b['fraud_rate'])} vs {_pct2(b['mean_probability'])} ({b['rows']:,})")
+        lines.append(f"| {version} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Overall table then per-scenario table, one row per model version."""
     lines = [
         "| model | test tx | frauds | AUC ROC | avg precision | detection @ FPR<=2% | precision there "
         "| review thr: detection / FPR / precision | decline thr: detection / FPR / precision "
-        "| card precision@100 per day (best possible) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|---|",
+        "| card precision@100 per day (best possible) | mean probability / fraud rate, ECE |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|",
     ]
     for version, r in results.items():
         m = r["metrics"]
@@ -60,10 +83,13 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
                        f"{_pct(op['detection_rate'])} / {_pct(op['fpr'])} / {_pct(op['precision'])}")
         card = m.get("card_precision_at_100")
         cards = "-" if card is None else f"{_pct(card['mean'])} ({_pct(card['best_possible_mean'])})"
+        cal = m.get("calibration")  # absent from the metrics of models trained before it was measured
+        calibrated = "-" if cal is None else (f"{_pct2(cal['mean_probability'])} / {_pct2(cal['fraud_rate'])}, "
+                                              f"{_f(cal['ece'], 4)}")
         lines.append(
             f"| {version} ({r.get('algo', '?')}) | {m['transactions']:,} | {m['frauds']:,} | {_f(m['auc'], 4)} "
             f"| {_f(m['average_precision'])} | {_pct(m['at_max_fpr']['detection_rate'])} "
-            f"| {_pct(m['at_max_fpr']['precision'])} | {ops[0]} | {ops[1]} | {cards} |")
+            f"| {_pct(m['at_max_fpr']['precision'])} | {ops[0]} | {ops[1]} | {cards} | {calibrated} |")
     scenarios = sorted({s for r in results.values() for s in r["metrics"]["per_scenario"]})
     lines += ["", "Per scenario (that scenario's frauds against all legitimate transactions; detection at the "
               "overall FPR<=2% threshold):", "",
@@ -188,6 +214,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"{', '.join(labels)}: scored by the committed ONNX files on {window}")
     print()
     print(markdown_table(results))
+    print()
+    print("Calibration: per probability bin, the fraud rate against the mean probability (rows); a calibrated "
+          "model's two are equal:")
+    print()
+    print(calibration_table(results))
     if fallbacks:
         print()
         print(policy_table(fallbacks))

@@ -1,5 +1,6 @@
 """Offline metrics of fraud scores: thresholds for a target false-positive rate, and the
-detection rate, FPR and precision at them, overall and per fraud scenario; card precision@k per day.
+detection rate, FPR and precision at them, overall and per fraud scenario; card precision@k per day;
+how well the scores are calibrated as probabilities.
 
 Shared by training (:mod:`.pipeline`: calibration and the metrics in ``metadata.json``) and
 ``fraudactors evaluate`` (:mod:`.evaluate`).
@@ -14,6 +15,8 @@ import numpy as np
 
 MAX_FPR = 0.02
 CARD_K = 100  # cards an investigation team checks per day
+# Probability bins of the calibration table: most transactions score near 0, so the low end is finer.
+CALIBRATION_EDGES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
@@ -57,6 +60,31 @@ def at_threshold(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, fl
     }
 
 
+def calibration(y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """How far ``probs`` are from the fraud rate they claim: the Brier score, the mean probability
+    against the fraud rate, and per bin of ``CALIBRATION_EDGES`` (the last bin includes 1) the rows,
+    their mean probability and their fraud rate; ``ece`` (expected calibration error) is the
+    row-weighted mean of |mean probability - fraud rate| over the bins."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(probs, dtype=np.float64)
+    bins: list[dict[str, Any]] = []
+    ece = 0.0
+    which = np.clip(np.searchsorted(CALIBRATION_EDGES, p, side="right") - 1, 0, len(CALIBRATION_EDGES) - 2)
+    for k in range(len(CALIBRATION_EDGES) - 1):
+        sel = which == k
+        rows = int(sel.sum())
+        if not rows:
+            continue
+        mean_p, rate = float(p[sel].mean()), float(y[sel].mean())
+        ece += rows * abs(mean_p - rate)
+        bins.append({"range": [CALIBRATION_EDGES[k], CALIBRATION_EDGES[k + 1]], "rows": rows,
+                     "mean_probability": mean_p, "fraud_rate": rate})
+    return {"brier": float(np.mean((p - y) ** 2)) if y.size else None,
+            "mean_probability": float(p.mean()) if y.size else None,
+            "fraud_rate": float(y.mean()) if y.size else None,
+            "ece": ece / y.size if y.size else None, "bins": bins}
+
+
 def evaluate_scores(y: np.ndarray, scores: np.ndarray, scenario: np.ndarray,
                     thresholds: Mapping[str, float] | None = None, max_fpr: float = MAX_FPR,
                     cards: np.ndarray | None = None, days: np.ndarray | None = None) -> dict[str, Any]:
@@ -75,6 +103,7 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, scenario: np.ndarray,
         "max_fpr": max_fpr,
         "at_max_fpr": at_threshold(y, s, best),
         "at_thresholds": {name: at_threshold(y, s, t) for name, t in (thresholds or {}).items()},
+        "calibration": calibration(y, s),
         "per_scenario": {},
     }
     if cards is not None and days is not None:

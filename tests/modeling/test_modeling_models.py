@@ -260,12 +260,15 @@ def test_evaluate_reproduces_the_training_metrics(tiny_models_no_refit: Path, tm
     assert "| v1-fallback (rf) |" in table and "| v2-fallback (hgb) |" in table
     assert "| v1-fallback | approve-below 20 |" in table
     assert "Recorded at training" not in table  # the table above is that evaluation
+    assert "Calibration: per probability bin" in table and "| model | [0, 0.01) |" in table
     results = json.loads(out.read_text())
     for version in ("v1", "v2"):
         meta = json.loads((tiny_models_no_refit / version / "metadata.json").read_text())
         assert meta["final_fit"]["refit"] is False
         assert results[version]["metrics"] == meta["metrics"]["test"]
         assert 0 <= results[version]["metrics"]["card_precision_at_100"]["mean"] <= 1
+        calibration = results[version]["metrics"]["calibration"]
+        assert sum(b["rows"] for b in calibration["bins"]) == results[version]["metrics"]["transactions"]
         fallback = results[f"{version}-fallback"]
         assert fallback["metrics"] == meta["fallback"]["metrics"]["test"]
         policies = {p["policy"]: p for p in fallback["policies"]}
@@ -443,6 +446,22 @@ def test_evaluate_scores_reports_card_precision_at_100() -> None:
     y = np.arange(150) < 30
     m = evaluate_scores(y, y.astype(float), np.array(["s"] * 150), cards=cards, days=np.zeros(150, dtype=np.int64))
     assert m["card_precision_at_100"] == {"k": 100, "days": 1, "mean": 0.3, "best_possible_mean": 0.3}
+
+
+def test_calibration_compares_each_probability_bins_fraud_rate_with_its_mean_probability() -> None:
+    from fraudactors.modeling.metrics import calibration
+
+    # 100 rows at 0.005 (none fraud), 10 at 0.4 (4 fraud), 10 at 0.95 and 1.0 (all fraud)
+    p = np.r_[np.full(100, 0.005), np.full(10, 0.4), np.full(5, 0.95), np.full(5, 1.0)]
+    y = np.r_[np.zeros(100), np.ones(4), np.zeros(6), np.ones(10)].astype(bool)
+    cal = calibration(y, p)
+    assert [(b["range"], b["rows"]) for b in cal["bins"]] == [([0.0, 0.01], 100), ([0.3, 0.5], 10), ([0.9, 1.0], 10)]
+    top = cal["bins"][2]  # 1.0 falls in the last bin, which includes it
+    assert top["fraud_rate"] == 1.0 and top["mean_probability"] == pytest.approx(0.975)
+    assert cal["bins"][1]["fraud_rate"] == pytest.approx(0.4)  # calibrated there
+    assert cal["ece"] == pytest.approx((100 * 0.005 + 10 * 0.0 + 10 * 0.025) / 120)
+    assert cal["brier"] == pytest.approx(np.mean((p - y) ** 2))
+    assert cal["fraud_rate"] == pytest.approx(14 / 120) and cal["mean_probability"] == pytest.approx(p.mean())
 
 
 def test_degraded_policy_metrics_count_a_score_at_the_review_threshold_and_only_fraud_amounts_caught() -> None:
