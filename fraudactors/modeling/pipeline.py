@@ -128,6 +128,91 @@ RISING_WITH = frozenset({"merchant_fraud_count_7d", "merchant_fraud_count_30d", 
                          "merchant_fraud_rate_30d"})
 
 
+# The forest's class weights ("balanced_subsample" on a sample that holds every fraud) weigh the
+# frauds as much as all the legitimate rows, so its raw output is far above the fraud rate (a raw
+# 0.39 was 5 % fraud; docs/models.md, "Calibration of the probabilities"). Its ONNX graph ends in a
+# Platt map fitted on the time split's calibration period. Boosting keeps the base rate by
+# re-weighting its legitimate rows and is left as it is.
+CALIBRATED_ALGOS = frozenset({"rf"})
+_PLATT_EPS = 1e-6  # raw probabilities are clipped to [eps, 1 - eps] before their log-odds
+MIN_CALIBRATION_FRAUDS = 20  # fewer reported frauds in the calibration period: the raw output is shipped
+
+
+@dataclass(frozen=True)
+class Platt:
+    """``p -> sigmoid(a * logit(p) + b)``: strictly increasing for ``a > 0``, so it keeps every
+    ranking (and the detection at any FPR) and only makes the numbers fraud rates."""
+
+    a: float
+    b: float
+    rows: int
+    frauds: int
+
+    def apply(self, p: np.ndarray) -> np.ndarray:
+        q = np.clip(np.asarray(p, dtype=np.float64), _PLATT_EPS, 1 - _PLATT_EPS)
+        return 1.0 / (1.0 + np.exp(-(self.a * np.log(q / (1 - q)) + self.b)))
+
+    def meta(self, fitted_on: str) -> dict[str, Any]:
+        return {"method": "Platt: sigmoid(a * logit(p) + b) of the raw probability p, clipped to "
+                          f"[{_PLATT_EPS:g}, 1 - {_PLATT_EPS:g}]; in the ONNX graph",
+                "a": self.a, "b": self.b, "fitted_on": fitted_on, "rows": self.rows, "frauds": self.frauds}
+
+
+def fit_platt(raw: np.ndarray, y: np.ndarray) -> Platt:
+    """The Platt map of ``raw`` probabilities to the labels ``y`` (an unregularised logistic
+    regression on their log-odds)."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(y, dtype=bool)
+    if y.all() or not y.any():
+        raise DataError(f"the probability calibration needs both classes; {int(y.sum())} frauds in {y.size} rows")
+    q = np.clip(np.asarray(raw, dtype=np.float64), _PLATT_EPS, 1 - _PLATT_EPS)
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(np.log(q / (1 - q)).reshape(-1, 1), y)
+    a, b = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    if not a > 0:
+        raise DataError(f"the probability calibration came out decreasing (a = {a:.4g}): the model ranks the "
+                        "calibration period's frauds below its legitimate rows")
+    return Platt(a, b, int(y.size), int(y.sum()))
+
+
+def calibrated_onnx_bytes(onnx_bytes: bytes, platt: Platt) -> bytes:
+    """``onnx_bytes`` with its ``probabilities`` output passed through ``platt`` (same name, shape
+    and type: the fraud column and its complement)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load_from_string(onnx_bytes)
+    graph = model.graph
+    raw = ONNX_OUTPUT + "_uncalibrated"
+    for node in graph.node:
+        node.output[:] = [raw if name == ONNX_OUTPUT else name for name in node.output]
+
+    def const(name: str, value: float | list[int]) -> None:
+        if isinstance(value, list):
+            graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [len(value)], value))
+        else:
+            graph.initializer.append(helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
+
+    for name, value in (("platt_one_col", [1]), ("platt_two_col", [2]), ("platt_axis", [1]),
+                        ("platt_lo", _PLATT_EPS), ("platt_hi", 1 - _PLATT_EPS), ("platt_1", 1.0),
+                        ("platt_a", platt.a), ("platt_b", platt.b)):
+        const(name, value)
+    graph.node.extend([
+        helper.make_node("Slice", [raw, "platt_one_col", "platt_two_col", "platt_axis"], ["platt_p"]),
+        helper.make_node("Clip", ["platt_p", "platt_lo", "platt_hi"], ["platt_q"]),
+        helper.make_node("Sub", ["platt_1", "platt_q"], ["platt_not_q"]),
+        helper.make_node("Div", ["platt_q", "platt_not_q"], ["platt_odds"]),
+        helper.make_node("Log", ["platt_odds"], ["platt_logit"]),
+        helper.make_node("Mul", ["platt_logit", "platt_a"], ["platt_scaled"]),
+        helper.make_node("Add", ["platt_scaled", "platt_b"], ["platt_z"]),
+        helper.make_node("Sigmoid", ["platt_z"], ["platt_fraud"]),
+        helper.make_node("Sub", ["platt_1", "platt_fraud"], ["platt_legit"]),
+        helper.make_node("Concat", ["platt_legit", "platt_fraud"], [ONNX_OUTPUT], axis=1),
+    ])
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
 def make_model(algo: str, seed: int, feature_names: Sequence[str] = (), params: Mapping[str, Any] | None = None
                ) -> Any:
     """An unfitted model: ``HYPERPARAMETERS[algo]`` updated with ``params``; for boosting, the
@@ -291,13 +376,18 @@ class _Built:
     onnx_diff: float
     metrics: dict[str, Any]  # time split: {"test": ..., "calibration": ...}; final: {"calibration": ...}
     inference: dict[str, float]
+    platt: Platt | None  # the probability calibration in its ONNX graph (CALIBRATED_ALGOS)
+    uncalibrated: str | None  # why a model of CALIBRATED_ALGOS has none
 
 
 def _build(ctx: TrainContext, split: Split, name: str, algo: str, names: tuple[str, ...],
-           columns: np.ndarray | None, what: str, params: Mapping[str, Any] | None) -> _Built:
+           columns: np.ndarray | None, what: str, params: Mapping[str, Any] | None,
+           platt: Platt | None = None) -> _Built:
     """Fit ``algo`` on ``columns`` of the features (all when None) and the fit rows of ``split``,
     convert it and its path contributions to ONNX, calibrate the thresholds on the split's
-    calibration rows and, when the split has test rows, evaluate it there."""
+    calibration rows and, when the split has test rows, evaluate it there. For CALIBRATED_ALGOS the
+    ONNX probabilities go through a Platt map: ``platt`` (the final refit takes the time split's,
+    as its calibration rows are legitimate only), else one fitted on the split's calibration rows."""
     from fraudactors.modeling.attribution import build_attribution
     from fraudactors.modeling.attribution_onnx import attribution_onnx_bytes
     from fraudactors.modeling.scorer import make_session
@@ -313,10 +403,27 @@ def _build(ctx: TrainContext, split: Split, name: str, algo: str, names: tuple[s
 
     s = step(f"converting {name} to ONNX", ctx.show_progress)
     onnx_bytes = to_onnx_bytes(model, X.shape[1], "fraudactors_" + name.replace("-", "_"))
+    uncalibrated = None
+    if algo not in CALIBRATED_ALGOS:
+        platt = None
+    elif platt is None and not final:
+        frauds = int(y_known[split.calib].sum())
+        if frauds >= MIN_CALIBRATION_FRAUDS:
+            platt = fit_platt(onnx_proba(make_session(onnx_bytes), X[split.calib]), y_known[split.calib])
+        else:
+            uncalibrated = (f"{frauds} reported frauds in the calibration period (fewer than "
+                            f"{MIN_CALIBRATION_FRAUDS}): the raw probabilities are shipped")
+            print(f"warning: {name}: {uncalibrated}", file=sys.stderr)
+    elif platt is None:  # the final refit, whose time-split model had too few frauds to calibrate
+        uncalibrated = "the time-split model was not calibrated: the raw probabilities are shipped"
+    if platt is not None:
+        onnx_bytes = calibrated_onnx_bytes(onnx_bytes, platt)
     session = make_session(onnx_bytes)
     parity_rows = X[(split.test if not final else split.calib)[: 20000]]
     with single_threaded_openmp():
         sk_rows = model.predict_proba(parity_rows)[:, 1]
+    if platt is not None:
+        sk_rows = platt.apply(sk_rows)
     onnx_diff = float(np.abs(onnx_proba(session, parity_rows) - sk_rows).max()) if parity_rows.size else 0.0
     attribution = build_attribution(model, X.shape[1])
     attr_bytes = attribution_onnx_bytes(attribution, "fraudactors_" + name.replace("-", "_") + "_reasons")
@@ -340,7 +447,8 @@ def _build(ctx: TrainContext, split: Split, name: str, algo: str, names: tuple[s
     timings = measure_inference(session, reasons_session, parity_rows, names)
     s.done()
     return _Built(model=model, onnx=onnx_bytes, attribution=attribution, attribution_onnx=attr_bytes,
-                  thresholds=thresholds, onnx_diff=onnx_diff, metrics=metrics, inference=timings)
+                  thresholds=thresholds, onnx_diff=onnx_diff, metrics=metrics, inference=timings, platt=platt,
+                  uncalibrated=uncalibrated)
 
 
 def _thresholds_meta(ctx: TrainContext, built: _Built, final: bool) -> dict[str, Any]:
@@ -351,6 +459,13 @@ def _thresholds_meta(ctx: TrainContext, built: _Built, final: bool) -> dict[str,
         "review_target_fpr": ctx.review_fpr, "decline_target_fpr": ctx.decline_fpr,
         "chosen_on": f"{on}, ONNX probabilities, labels known at the cut-off; flag when p >= threshold",
     }
+
+
+def _platt_meta(built: _Built) -> dict[str, Any] | None:
+    if built.platt is None:
+        return None if built.uncalibrated is None else {"method": None, "skipped": built.uncalibrated}
+    return built.platt.meta("the time split's calibration period, labels known at its cut-off (the raw "
+                            "probabilities of the time-split model; the final refit reuses the map)")
 
 
 def _attribution_meta(file: str, built: _Built) -> dict[str, Any]:
@@ -389,7 +504,7 @@ def _train_one(ctx: TrainContext, name: str, algo: str, names: tuple[str, ...], 
     evaluated = _build(ctx, ctx.split, name, algo, names, columns, what, params)
     if ctx.final is None:
         return evaluated, evaluated
-    return evaluated, _build(ctx, ctx.final, name, algo, names, columns, what, params)
+    return evaluated, _build(ctx, ctx.final, name, algo, names, columns, what, params, evaluated.platt)
 
 
 def _reference_meta(ctx: TrainContext, main: _Built, fallback: _Built, columns: np.ndarray) -> dict[str, Any]:
@@ -467,6 +582,7 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
         "onnx": {"file": MODEL_FILE, "input": ONNX_INPUT, "output": ONNX_OUTPUT, "bytes": len(main.onnx),
                  "opset": {"": 17, "ai.onnx.ml": 3}, "max_abs_diff_vs_sklearn": main.onnx_diff},
         "attribution": _attribution_meta(ATTRIBUTION_FILE, main),
+        "probability_calibration": _platt_meta(main),
         # the time-split evaluation: the same algorithm, hyperparameters and seed fit on the fit
         # period only, calibrated on the calibration period, scored on the held-out weeks
         "metrics": evaluated.metrics,
@@ -485,6 +601,7 @@ def train_version(ctx: TrainContext, version: str, algo: str, out_dir: str | Pat
             "onnx": {"input": ONNX_INPUT, "output": ONNX_OUTPUT, "bytes": len(fallback.onnx),
                      "max_abs_diff_vs_sklearn": fallback.onnx_diff},
             "attribution": _attribution_meta(FALLBACK_ATTRIBUTION_FILE, fallback),
+            "probability_calibration": _platt_meta(fallback),
             "metrics": fallback_evaluated.metrics,
             "final_fit": _final_fit_meta(ctx, fallback_evaluated, fallback),
             "inference": fallback.inference,

@@ -15,6 +15,7 @@ from fraudactors.errors import ModelError, ModelIntegrityError
 from fraudactors.features.definition import FEATURE_INDEX, FEATURE_NAMES, TRANSACTION_ONLY
 from fraudactors.modeling.attribution import TreeAttribution, build_attribution
 from fraudactors.modeling.attribution_onnx import attribution_onnx_bytes, float32_floor
+from fraudactors.modeling.data import DataError
 from fraudactors.modeling.metrics import card_precision_at_k, threshold_for_fpr
 from fraudactors.modeling.pipeline import (
     compute_features,
@@ -85,6 +86,63 @@ def test_onnx_probabilities_equal_sklearn_on_held_out_rows(algo: str, tiny_data:
         sk = model.predict_proba(X_test)[:, 1]
     assert onnx.shape == sk.shape
     np.testing.assert_allclose(onnx, sk, rtol=0, atol=1e-5)
+
+
+def test_the_forests_probabilities_are_calibrated_inside_its_onnx_graph(tiny_data: tuple[np.ndarray, ...]) -> None:
+    from fraudactors.modeling.metrics import calibration
+    from fraudactors.modeling.pipeline import calibrated_onnx_bytes, fit_platt
+
+    X_fit, y_fit, X_test, y_test = tiny_data
+    model = fit_model("rf", 1, X_fit, y_fit, legit_fraction=0.2)
+    raw_bytes = to_onnx_bytes(model, X_fit.shape[1], "test_rf")
+    half = X_test.shape[0] // 2
+    raw_fit, raw_check = onnx_proba(make_session(raw_bytes), X_test[:half]), onnx_proba(make_session(raw_bytes),
+                                                                                        X_test[half:])
+    platt = fit_platt(raw_fit, y_test[:half])
+    assert platt.a > 0 and platt.frauds == int(y_test[:half].sum())
+    session = make_session(calibrated_onnx_bytes(raw_bytes, platt))
+    out = session.run(["probabilities"], {"features": np.ascontiguousarray(X_test[half:], dtype=np.float32)})[0]
+    np.testing.assert_allclose(out[:, 1], platt.apply(raw_check), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out[:, 0] + out[:, 1], 1.0, atol=1e-6)
+    order = np.argsort(raw_check, kind="stable")
+    # the ranking is kept (to float32 rounding): detection at any FPR is the same
+    assert np.diff(out[order, 1]).min() >= -1e-6, np.diff(out[order, 1]).min()
+    # on rows it was not fitted on, the map brings the mean probability to the fraud rate
+    before, after = calibration(y_test[half:], raw_check), calibration(y_test[half:], out[:, 1])
+    assert after["ece"] < before["ece"] / 2
+    assert abs(after["mean_probability"] - after["fraud_rate"]) < abs(before["mean_probability"] - before["fraud_rate"])
+
+
+def test_platt_refuses_a_calibration_period_without_both_classes_or_ranked_backwards() -> None:
+    from fraudactors.modeling.pipeline import fit_platt
+
+    with pytest.raises(DataError, match="needs both classes; 0 frauds in 3 rows"):
+        fit_platt(np.array([0.1, 0.2, 0.3]), np.zeros(3, dtype=bool))
+    with pytest.raises(DataError, match="came out decreasing"):
+        fit_platt(np.linspace(0.01, 0.99, 40), np.arange(40) < 10)  # the frauds score lowest
+
+
+def test_the_final_refit_ships_the_time_splits_probability_calibration(
+        tiny_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from fraudactors.modeling import pipeline
+
+    monkeypatch.setattr(pipeline, "MIN_CALIBRATION_FRAUDS", 1)  # the tiny data reports few frauds in time
+    assert cli_main(["train", *tiny_args, "--version", "v1", "--out", str(tmp_path)]) == 0
+    info = load_model_info(tmp_path, "v1")
+    meta = info.metadata
+    for section, path in ((meta, info.model_path), (meta["fallback"], tmp_path / "v1" / "fallback.onnx")):
+        platt = section["probability_calibration"]
+        assert platt["a"] > 0 and platt["frauds"] >= 1 and platt["method"].startswith("Platt")
+        # the shipped graph (the final refit) ends in the map fitted on the time split
+        weights = {t.name: float(numpy_helper.to_array(t)) for t in onnx.load(str(path)).graph.initializer
+                   if t.name in ("platt_a", "platt_b")}
+        assert weights == {"platt_a": pytest.approx(platt["a"], rel=1e-6), "platt_b": pytest.approx(platt["b"], rel=1e-6)}
+    assert meta["final_fit"]["refit"] is True
+    probs = Scorer([info]).predict_proba("v1", held_out_set(meta["training"], show_progress=False)[0])
+    assert ((probs > 0) & (probs < 1)).all()
 
 
 @pytest.mark.parametrize("algo", ["rf", "hgb"])
