@@ -39,12 +39,8 @@ def _f(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _pct2(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def calibration_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -61,7 +57,7 @@ def calibration_table(results: Mapping[str, Mapping[str, Any]]) -> str:
         for k in range(len(edges) - 1):
             b = by_range.get((edges[k], edges[k + 1]))
             cells.append("-" if b is None else
-                         f"{_pct2(b['fraud_rate'])} vs {_pct2(b['mean_probability'])} ({b['rows']:,})")
+                         f"{_pct(b['fraud_rate'], 2)} vs {_pct(b['mean_probability'], 2)} ({b['rows']:,})")
         lines.append(f"| {version} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -84,7 +80,7 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
         card = m.get("card_precision_at_100")
         cards = "-" if card is None else f"{_pct(card['mean'])} ({_pct(card['best_possible_mean'])})"
         cal = m.get("calibration")  # absent from the metrics of models trained before it was measured
-        calibrated = "-" if cal is None else (f"{_pct2(cal['mean_probability'])} / {_pct2(cal['fraud_rate'])}, "
+        calibrated = "-" if cal is None else (f"{_pct(cal['mean_probability'], 2)} / {_pct(cal['fraud_rate'], 2)}, "
                                               f"{_f(cal['ece'], 4)}")
         lines.append(
             f"| {version} ({r.get('algo', '?')}) | {m['transactions']:,} | {m['frauds']:,} | {_f(m['auc'], 4)} "

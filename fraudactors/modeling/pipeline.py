@@ -406,16 +406,10 @@ def _build(ctx: TrainContext, split: Split, name: str, algo: str, names: tuple[s
     uncalibrated = None
     if algo not in CALIBRATED_ALGOS:
         platt = None
-    elif platt is None and not final:
-        frauds = int(y_known[split.calib].sum())
-        if frauds >= MIN_CALIBRATION_FRAUDS:
-            platt = fit_platt(onnx_proba(make_session(onnx_bytes), X[split.calib]), y_known[split.calib])
-        else:
-            uncalibrated = (f"{frauds} reported frauds in the calibration period (fewer than "
-                            f"{MIN_CALIBRATION_FRAUDS}): the raw probabilities are shipped")
+    elif platt is None:
+        platt, uncalibrated = _probability_map(onnx_bytes, X[split.calib], y_known[split.calib], final)
+        if uncalibrated is not None and not final:
             print(f"warning: {name}: {uncalibrated}", file=sys.stderr)
-    elif platt is None:  # the final refit, whose time-split model had too few frauds to calibrate
-        uncalibrated = "the time-split model was not calibrated: the raw probabilities are shipped"
     if platt is not None:
         onnx_bytes = calibrated_onnx_bytes(onnx_bytes, platt)
     session = make_session(onnx_bytes)
@@ -449,6 +443,21 @@ def _build(ctx: TrainContext, split: Split, name: str, algo: str, names: tuple[s
     return _Built(model=model, onnx=onnx_bytes, attribution=attribution, attribution_onnx=attr_bytes,
                   thresholds=thresholds, onnx_diff=onnx_diff, metrics=metrics, inference=timings, platt=platt,
                   uncalibrated=uncalibrated)
+
+
+def _probability_map(onnx_bytes: bytes, X_calib: np.ndarray, y_calib: np.ndarray,
+                     final: bool) -> tuple[Platt | None, str | None]:
+    """``(the Platt map of a model of CALIBRATED_ALGOS, or None and why)``, fitted on its split's
+    calibration rows; the final refit gets the time split's, so here it has none."""
+    from fraudactors.modeling.scorer import make_session
+
+    if final:  # its time-split model had too few frauds to calibrate
+        return None, "the time-split model was not calibrated: the raw probabilities are shipped"
+    frauds = int(y_calib.sum())
+    if frauds < MIN_CALIBRATION_FRAUDS:
+        return None, (f"{frauds} reported frauds in the calibration period (fewer than "
+                      f"{MIN_CALIBRATION_FRAUDS}): the raw probabilities are shipped")
+    return fit_platt(onnx_proba(make_session(onnx_bytes), X_calib), y_calib), None
 
 
 def _thresholds_meta(ctx: TrainContext, built: _Built, final: bool) -> dict[str, Any]:
