@@ -83,7 +83,7 @@ async def state_bench(records: int, users: int, merchants: int, partitions: int,
             if batch:
                 await store.compute(batch, parts, offsets)
                 recorder.record(batch, [Scored("A", "v1", 0.1, "approve", False, [],
-                                              (ShadowScore("S", "v2", 0.2, False),))] * len(batch))
+                                              (ShadowScore("S", "v2", 0.2, "approve", False),))] * len(batch))
                 await recorder.flush()
                 for p in set(parts):  # the commit trails one batch behind
                     store.note_committed(p, min(o for q, o in zip(parts, offsets, strict=True) if q == p))

@@ -123,6 +123,7 @@ class ShadowScore:
     variant: str
     model_version: str  # the shadow's version, or its fallback for a degraded row
     probability: float
+    decision: str  # what it would have decided
     is_fraud: bool
 
 
@@ -136,9 +137,22 @@ class _Rows:
     degraded: bool = False
     router: Router | None = None  # what routed the rows (its shadows score them too)
     event_times: Sequence[float] | None = None  # for the model monitor (None: not monitored)
+    # Count this scoring in the metrics and the monitor now. False: the caller may score the rows
+    # again (its state write is pending) and hands the scoring it publishes to observe().
+    observe: bool = True
 
 
 _Request = Request[_Rows, list[Scored]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Published:
+    """A published scoring waiting to be counted: its rows, outcomes, degraded flags, event times."""
+
+    X: np.ndarray
+    scored: list[Scored]
+    degraded: np.ndarray  # bool per row
+    times: np.ndarray  # float64 per row (NaN: unknown, not in the monitor's windows)
 
 
 def _model(version: str, degraded: bool) -> str:
@@ -205,6 +219,11 @@ class InferenceActor:
         self._log = get_logger(actor="inference", mode=settings.engine.inference_mode)
         self.feature_names: tuple[str, ...] = ()
         self.monitor: ModelMonitor | None = None
+        # Published scorings not yet counted in the metrics and the monitor (see observe()); a
+        # scrape counts them first (the hook runs before the monitor's, which is added later).
+        self._published: list[_Published] = []
+        self._published_rows = 0
+        metrics.on_collect.append(self._count_published)
 
     @property
     def ready(self) -> bool:
@@ -359,6 +378,7 @@ class InferenceActor:
             await asyncio.shield(self._close())
 
     async def _close(self) -> None:
+        self._count_published()
         for task, batch in list(self._calls.items()):
             task.cancel()
             for req in batch:
@@ -373,15 +393,34 @@ class InferenceActor:
             thread.shutdown(wait=False, cancel_futures=True)
 
     async def score(self, X: np.ndarray, transaction_ids: Sequence[str], degraded: bool = False,
-                    event_times: Sequence[float] | None = None) -> list[Scored]:
+                    event_times: Sequence[float] | None = None, observe: bool = True) -> list[Scored]:
         """Score one micro-batch; rows are routed by transaction id; ``degraded`` rows are scored by
         their variant's fallback under ``decision.degraded_policy``; ``event_times`` (the rows'
-        transaction times) feed the model monitor. Raises ActorDied when stopped."""
+        transaction times) feed the model monitor. With ``observe=False`` the scoring is not
+        counted in the metrics nor the monitor: the caller hands the one it publishes to
+        :meth:`observe`. Raises ActorDied when stopped."""
         if not self._ready.is_set():
             await self._ready.wait()
         router = self.router
         route = router.route
-        return await ask(self.mailbox, _Rows(X, [route(t) for t in transaction_ids], degraded, router, event_times))
+        return await ask(self.mailbox, _Rows(X, [route(t) for t in transaction_ids], degraded, router, event_times,
+                                             observe))
+
+    def observe(self, X: np.ndarray, scored: Sequence[Scored], degraded: bool,
+                event_times: Sequence[float] | None) -> None:
+        """Count a scoring made with ``observe=False`` in the metrics and the model monitor: the
+        one its caller published (a batch is scored while its state is written, and scored again
+        on other features if the write fails: only the published scoring is counted). Counted with
+        the next coalesced call, at the next scrape, or once ``batch_max`` rows wait."""
+        n = len(scored)
+        if not n:
+            return
+        times = (np.asarray(event_times, dtype=np.float64) if event_times is not None
+                 else np.full(n, np.nan))
+        self._published.append(_Published(X, list(scored), np.full(n, degraded), times))
+        self._published_rows += n
+        if self._published_rows >= self._settings.engine.batch_max:
+            self._count_published()
 
     async def _flush_loop(self) -> None:
         """Coalesce the workers' requests: flush on ``batch_max`` requests or after the linger."""
@@ -426,7 +465,6 @@ class InferenceActor:
         rows_of: dict[str, list[int]] = {}
         for i, model in enumerate(deciding_model):
             rows_of.setdefault(model, []).append(i)
-        deciding_rows = {m: np.asarray(r, dtype=np.intp) for m, r in rows_of.items()} if self.monitor is not None else {}
         for shadow in router.shadows:
             for i in range(n):
                 rows_of.setdefault(_model(shadow.version, degraded[i]), []).append(i)
@@ -442,38 +480,62 @@ class InferenceActor:
             position = np.full(n, -1, dtype=np.intp)
             position[rows] = np.arange(rows.size)
             res.probs[model], res.reasons[model], res.position[model] = p, r, position
-        shadow_scores = self._record_shadows(res, router)
+        shadow_scores = self._shadow_scores(res, router)
 
         scored: list[Scored] = []
         is_fraud_decisions = self._settings.decision.is_fraud_decisions
-        observed: dict[str, list[float]] = {}
         for i, (v, model) in enumerate(zip(deciding, deciding_model, strict=True)):
             prob, decision, reasons = self._outcome(res, model, i)
             shadows = tuple(scores[i] for scores in shadow_scores) if shadow_scores else ()
             scored.append(Scored(v.name, model, prob, decision, decision in is_fraud_decisions, reasons, shadows))
-            if not degraded[i]:  # the histogram is the main models' scores; a fallback's scale differs
-                observed.setdefault(v.name, []).append(prob)
-        for name, values in observed.items():
-            observe_many(self._metrics.fraud_probability.labels(name), values)
-        if self.monitor is not None:
-            self._observe(self.monitor, batch, X, deciding_rows, scored, degraded)
-        # Split back per request.
+        # Split back per request; count the ones to be counted now.
         out: list[list[Scored]] = []
         start = 0
         for req in batch:
-            end = start + len(req.payload.deciding)
+            payload = req.payload
+            end = start + len(payload.deciding)
             out.append(scored[start:end])
+            if payload.observe:
+                self.observe(payload.X, out[-1], payload.degraded, payload.event_times)
             start = end
+        self._count_published()
         return out
 
-    @staticmethod
-    def _observe(monitor: ModelMonitor, batch: list[_Request], X: np.ndarray, deciding_rows: dict[str, np.ndarray],
-                 scored: list[Scored], degraded: list[bool]) -> None:
-        """Hand the deciding rows to the model monitor (rows of callers that gave no event time: NaN)."""
-        times = np.concatenate([np.asarray(r.payload.event_times, dtype=np.float64) if r.payload.event_times
-                                else np.full(len(r.payload.deciding), np.nan) for r in batch])
-        probs = np.fromiter((s.probability for s in scored), dtype=np.float64, count=len(scored))
-        monitor.observe(X, deciding_rows, probs, np.asarray(degraded, dtype=bool), times)
+    def _count_published(self) -> None:
+        """Count the published scorings waiting (see :meth:`observe`) in the metrics and the monitor."""
+        if not self._published:
+            return
+        published, self._published, self._published_rows = self._published, [], 0
+        if len(published) == 1:
+            X, scored, degraded, times = published[0].X, published[0].scored, published[0].degraded, published[0].times
+        else:
+            X = np.concatenate([p.X for p in published])
+            scored = [s for p in published for s in p.scored]
+            degraded = np.concatenate([p.degraded for p in published])
+            times = np.concatenate([p.times for p in published])
+        metrics, monitor = self._metrics, self.monitor
+        # the histograms are the main models' scores; a fallback's scale differs
+        observed: dict[str, list[float]] = {}
+        shadow_counts: dict[tuple[str, str, str], int] = {}
+        rows_of: dict[str, list[int]] = {}
+        for i, (s, fallback) in enumerate(zip(scored, degraded.tolist(), strict=True)):
+            if monitor is not None:
+                rows_of.setdefault(s.model_version, []).append(i)
+            if not fallback:
+                observed.setdefault(s.variant, []).append(s.probability)
+            for sh in s.shadows:
+                if not fallback:
+                    observed.setdefault(sh.variant, []).append(sh.probability)
+                key = (sh.variant, sh.model_version, sh.decision)
+                shadow_counts[key] = shadow_counts.get(key, 0) + 1
+        for name, values in observed.items():
+            observe_many(metrics.fraud_probability.labels(name), values)
+        for labels, count in shadow_counts.items():
+            metrics.shadow_scores.labels(*labels).inc(count)
+        if monitor is not None:
+            probs = np.fromiter((s.probability for s in scored), dtype=np.float64, count=len(scored))
+            monitor.observe(X, {m: np.asarray(r, dtype=np.intp) for m, r in rows_of.items()}, probs,
+                                 degraded, times)
 
     def _outcome(self, res: _Results, model: str, row: int) -> tuple[float, str, list[str]]:
         """``model``'s probability, decision and reasons for ``row`` (degraded: under the policy)."""
@@ -484,24 +546,16 @@ class InferenceActor:
             decision = self._policy.apply(decision, float(res.amounts[row]) if res.amounts is not None else 0.0)
         return prob, decision, res.reasons[model][at]
 
-    def _record_shadows(self, res: _Results, router: Router) -> list[list[ShadowScore]]:
-        """Metrics for the shadow variants; returns each shadow's score of every row."""
+    def _shadow_scores(self, res: _Results, router: Router) -> list[list[ShadowScore]]:
+        """Each shadow variant's score of every row."""
         out: list[list[ShadowScore]] = []
         is_fraud_decisions = self._settings.decision.is_fraud_decisions
         for shadow in router.shadows:
-            observed: list[float] = []
-            counts: dict[tuple[str, str], int] = {}
             scores: list[ShadowScore] = []
             for i, degraded in enumerate(res.degraded):
                 model = _model(shadow.version, degraded)
                 prob, decision, _ = self._outcome(res, model, i)
-                if not degraded:
-                    observed.append(prob)
-                counts[(model, decision)] = counts.get((model, decision), 0) + 1
-                scores.append(ShadowScore(shadow.name, model, prob, decision in is_fraud_decisions))
-            observe_many(self._metrics.fraud_probability.labels(shadow.name), observed)
-            for (model, decision), count in counts.items():
-                self._metrics.shadow_scores.labels(shadow.name, model, decision).inc(count)
+                scores.append(ShadowScore(shadow.name, model, prob, decision, decision in is_fraud_decisions))
             out.append(scores)
         return out
 

@@ -258,14 +258,19 @@ class FeatureWorker:
             if txns:
                 ids = [t.transaction_id for t in txns]
                 event_times = [t.event_time for t in txns]
-                scored = await self._inference.score(X, ids, degraded=degraded, event_times=event_times)
-                # scored while the state was written: handed on only once it is
+                pending = batch.written is not None
+                # scored while the state is written, and counted in the metrics and the model
+                # monitor only once it is known to be the scoring published
+                scored = await self._inference.score(X, ids, degraded=degraded, event_times=event_times,
+                                                     observe=not pending)
+                # handed on only once the state is written
                 # (shielded: a tail cancelled while it waits must not cancel the actor's future)
                 replaced = await asyncio.shield(batch.written) if batch.written is not None else None
                 if replaced is not None:  # the write failed: the features the batch got instead
                     X, degraded = replaced
-                    # no event times: the model monitor saw this batch once already, as first scored
-                    scored = await self._inference.score(X, ids, degraded=degraded)
+                    scored = await self._inference.score(X, ids, degraded=degraded, event_times=event_times)
+                elif pending:
+                    self._inference.observe(X, scored, degraded, event_times)
         except BaseException:
             if previous is not None:  # fail only after the batches before this one are handed off
                 await asyncio.gather(previous, return_exceptions=True)

@@ -123,7 +123,7 @@ def test_a_batch_of_decisions_adds_each_models_count_flags_and_score_bin() -> No
         txns.append(Transaction(f"t{i}", f"u{i % 7}", "m", 5.0, "USD", "food", False, t, format_timestamp(t)))
         variant, version = ("A", "v1") if i % 10 else ("B", "v2")
         q = rng.random()
-        scored.append(Scored(variant, version, p, "approve", p > 0.5, [], (ShadowScore("S", "v3", q, q > 0.7),)))
+        scored.append(Scored(variant, version, p, "approve", p > 0.5, [], (ShadowScore("S", "v3", q, "review" if q > 0.7 else "approve", q > 0.7),)))
         bucket = int(t // BUCKET_S)
         add(bucket, f"d:{variant}/{version}", p, p > 0.5)
         add(bucket, "s:S/v3", q, q > 0.7)

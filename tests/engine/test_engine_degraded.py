@@ -184,6 +184,40 @@ async def test_a_shadow_variant_scores_degraded_rows_with_its_own_fallback(model
     assert metric_sum(samples, "fraudactors_fraud_probability_count") == 0, "fallback scores stay out of it"
 
 
+async def test_only_the_scoring_published_is_counted_in_the_metrics_and_the_model_monitor(models_dir: Path) -> None:
+    """A worker scores a batch while its state is written (``observe=False``). If the write fails,
+    it scores the batch again on the features it got instead, degraded, and publishes that: only
+    that scoring is counted. If the write lands, it hands the first scoring to ``observe``."""
+    X_degraded, X_full, ids = sim_batch(400)
+    times = [1.7e9 + i for i in range(len(ids))]
+    s = thread_settings(models_dir).replace(models={"variants": {
+        "A": {"version": "v1", "weight": 1.0}, "S": {"version": "v2", "shadow": True}}},
+        monitor={"min_rows": 1})
+    metrics = EngineMetrics()
+
+    def counted() -> tuple[float, float, float, float]:
+        """Histogram counts of A and of S, shadow scores, the degraded share."""
+        samples = metric_samples(metrics.render())
+        share = samples["fraudactors_degraded_share"][()]
+        return (metric_sum(samples, "fraudactors_fraud_probability_count", variant="A"),
+                metric_sum(samples, "fraudactors_fraud_probability_count", variant="S"),
+                metric_sum(samples, "fraudactors_shadow_scores_total"), share)
+
+    async with inference(s, metrics) as actor:
+        await actor.score(X_full, ids, event_times=times, observe=False)
+        assert counted() == (0, 0, 0, 0.0), "a scoring that may be replaced is not counted"
+        monitor = actor.monitor
+        assert monitor is not None and monitor.psi("v1") is None, "nor seen by the monitor"
+        # the write failed: scored again, degraded, and published
+        await actor.score(X_degraded, ids, degraded=True, event_times=times)
+        assert counted() == (0, 0, len(ids), 1.0)
+        # the next batch's write lands: its first scoring is the one published
+        scored = await actor.score(X_full, ids, event_times=times, observe=False)
+        actor.observe(X_full, scored, False, times)
+        assert counted() == (len(ids), len(ids), 2 * len(ids), 0.5)
+        assert monitor.psi("v1") is not None and monitor.psi("v1-fallback") is not None
+
+
 async def test_models_without_a_fallback_are_refused_at_start(models_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(models_dir, tmp_path / "models")
     meta_path = tmp_path / "models" / "v2" / "metadata.json"

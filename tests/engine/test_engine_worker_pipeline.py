@@ -60,16 +60,24 @@ class _Inference:
         self.fail = fail
         self.calls = 0
         self.scored: list[tuple[np.ndarray, bool]] = []  # what each call was given
+        self.observe_flags: list[bool] = []  # each call's observe
+        self.observed: list[tuple[np.ndarray, bool]] = []  # what observe() was given
 
     async def score(self, X: np.ndarray, ids: Sequence[str], degraded: bool = False,
-                    event_times: Sequence[float] | None = None) -> list[Scored]:
+                    event_times: Sequence[float] | None = None, observe: bool = True) -> list[Scored]:
         self.calls += 1
         self.scored.append((X, degraded))
+        self.observe_flags.append(observe)
         if self.calls == 1:
             await self.release.wait()
             if self.fail is not None:
                 raise self.fail
         return [Scored("A", "v1", 0.1, "approve", False, []) for _ in ids]
+
+    def observe(self, X: np.ndarray, scored: Sequence[Scored], degraded: bool,
+                event_times: Sequence[float] | None) -> None:
+        assert event_times is not None and len(event_times) == len(scored)
+        self.observed.append((X, degraded))
 
 
 class _Publisher:
@@ -228,6 +236,9 @@ async def test_a_batch_scored_while_its_state_is_written_is_handed_off_only_once
         await _until(lambda: worker.tracker.registered_end == 2)
         assert publisher.sent == [["t-0"], ["t-1"]]
         assert inference.calls == 2, "a write that landed needs no second scoring"
+        assert inference.observe_flags == [False, False], "scored while written: not counted yet"
+        assert [X for X, _ in inference.observed] == [X for X, _ in inference.scored], \
+            "each counted once its write landed"
     finally:
         worker.mailbox.close()
         await asyncio.wait_for(task, 10)
@@ -248,6 +259,8 @@ async def test_a_batch_whose_state_write_failed_is_scored_again_on_the_features_
         X, degraded = inference.scored[1]
         assert degraded and X is instead
         assert publisher.sent == [["t-0"]], "one decision for the record"
+        assert inference.observe_flags == [False, True] and inference.observed == [], \
+            "only the scoring published is counted in the metrics and the monitor"
     finally:
         worker.mailbox.close()
         await asyncio.wait_for(task, 10)
