@@ -13,6 +13,12 @@ bucket hash:
 | ``fp`` / ``tn`` | labelled legitimate transactions flagged / not flagged |
 | ``p:<member>`` | labelled frauds the other member scored too (pairs) |
 | ``x:<member>`` | ... of which this member flagged and the other missed (McNemar's discordant pairs) |
+| ``gc<k>`` / ``gm<k>`` | labelled frauds flagged / missed, of cards in group ``k`` |
+| ``gx<k>:<member>`` | discordant pairs (``x:``) of cards in group ``k`` |
+
+The card groups (``CARD_GROUPS`` of them, ``card_group``: a stable hash of the ``user_id``) let the
+report's tests treat a card's frauds as one cluster: a stolen card's spree is several frauds that a
+model tends to catch or miss together, not independent trials (``fraudactors.ab.stats``).
 
 Keys (all under the ``{ab}`` hash tag: one slot, one script call per flush, also on a cluster):
 
@@ -33,6 +39,7 @@ and increments buffered in a replica are lost if it is killed within a flush int
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +49,9 @@ import orjson
 from fraudactors.features.scripts import CHECK_TYPES
 
 HIST_BINS = 20
+# Labelled frauds are also counted per group of cards (see the module docstring): enough groups
+# for a variance with 63 degrees of freedom, few enough to keep a bucket's hash small.
+CARD_GROUPS = 64
 
 # KEYS: index (zset), clock (string), then one bucket hash per entry.
 # ARGV: bucket_s, buckets to keep, the newest event time of this call ("" if none), the bucket
@@ -169,21 +179,30 @@ class Deltas:
         return call_keys, [bucket_s, keep, newest, keys.base, orjson.dumps(entries)]
 
 
-def label_deltas(deltas: Deltas, bucket: int, said: Mapping[str, bool], is_fraud: bool, flipped: bool) -> None:
-    """A label's increments for the decision it confirms: ``said`` is each member's is_fraud; a
-    flipped verdict first takes the opposite verdict's increments back out."""
+def card_group(user_id: str) -> int:
+    """The card group of ``user_id``: the same in every process and release (CRC-32, not ``hash``)."""
+    return zlib.crc32(user_id.encode()) % CARD_GROUPS
+
+
+def label_deltas(deltas: Deltas, bucket: int, said: Mapping[str, bool], is_fraud: bool, flipped: bool,
+                 group: int) -> None:
+    """A label's increments for the decision it confirms: ``said`` is each member's is_fraud,
+    ``group`` the card's group (``card_group``); a flipped verdict first takes the opposite
+    verdict's increments back out."""
     verdicts = [(not is_fraud, -1), (is_fraud, 1)] if flipped else [(is_fraud, 1)]
     for fraud, sign in verdicts:
         for name, flagged in said.items():
             deltas.add(bucket, name, ("tp" if flagged else "fn") if fraud else ("fp" if flagged else "tn"), sign)
             if not fraud:
                 continue
+            deltas.add(bucket, name, f"gc{group}" if flagged else f"gm{group}", sign)
             for other, other_flagged in said.items():
                 if other == name:
                     continue
                 deltas.add(bucket, name, f"p:{other}", sign)
                 if flagged and not other_flagged:
                     deltas.add(bucket, name, f"x:{other}", sign)
+                    deltas.add(bucket, name, f"gx{group}:{other}", sign)
 
 
 # -- reading ---------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fraudactors.ab.ledger import HIST_BINS, Window, parse_member
+from fraudactors.ab.ledger import CARD_GROUPS, HIST_BINS, Window, parse_member
 from fraudactors.ab.stats import TestResult, mcnemar, two_proportions, wilson
 from fraudactors.modeling.registry import FALLBACK_SUFFIX
 
@@ -41,6 +41,10 @@ class Evidence:
     histogram: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
     pairs: dict[str, int] = field(default_factory=dict)  # p:<other>
     only_this: dict[str, int] = field(default_factory=dict)  # x:<other>
+    # per card group (gc<k>, gm<k>, gx<k>:<other>)
+    caught_by_group: list[int] = field(default_factory=lambda: [0] * CARD_GROUPS)
+    missed_by_group: list[int] = field(default_factory=lambda: [0] * CARD_GROUPS)
+    only_this_by_group: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def fallback(self) -> bool:
@@ -49,6 +53,16 @@ class Evidence:
     @property
     def frauds(self) -> int:
         return self.tp + self.fn
+
+    @property
+    def grouped(self) -> bool:
+        """Every labelled fraud is in a card group (not so for buckets written before the groups)."""
+        return sum(self.caught_by_group) == self.tp and sum(self.missed_by_group) == self.fn
+
+    def only_this_grouped(self, other: str) -> list[int] | None:
+        """The discordant pairs against ``other`` per card group, if every one is in a group."""
+        counts = self.only_this_by_group.get(other, [0] * CARD_GROUPS)
+        return counts if sum(counts) == self.only_this.get(other, 0) else None
 
 
 def _rate(k: int, n: int) -> float | None:
@@ -91,8 +105,25 @@ def gather(window: Window, label_delay_s: float) -> list[Evidence]:
                     ev.pairs[key[2:]] = ev.pairs.get(key[2:], 0) + value
                 elif key.startswith("x:"):
                     ev.only_this[key[2:]] = ev.only_this.get(key[2:], 0) + value
+                elif key.startswith("g"):
+                    _add_group_field(ev, key, value)
         out.append(ev)
     return out
+
+
+def _add_group_field(ev: Evidence, key: str, value: int) -> None:
+    """Add a ``gc<k>`` / ``gm<k>`` / ``gx<k>:<other>`` field (others, and groups out of range, are ignored)."""
+    kind, rest = key[:2], key[2:]
+    group_text, _, other = rest.partition(":")
+    if not group_text.isdigit() or int(group_text) >= CARD_GROUPS:
+        return
+    group = int(group_text)
+    if kind == "gc" and not other:
+        ev.caught_by_group[group] += value
+    elif kind == "gm" and not other:
+        ev.missed_by_group[group] += value
+    elif kind == "gx" and other:
+        ev.only_this_by_group.setdefault(other, [0] * CARD_GROUPS)[group] += value
 
 
 def evidence_row(ev: Evidence, alpha: float) -> dict[str, Any]:
@@ -136,19 +167,29 @@ def compare(champion: Evidence, challenger: Evidence, *, alpha: float, power: fl
     if challenger.role == "shadow":
         traffic = "identical"
         paired = champion.pairs.get(challenger.member, 0)
+        b_groups = champion.only_this_grouped(challenger.member)
+        c_groups = challenger.only_this_grouped(champion.member)
         result = mcnemar(champion.only_this.get(challenger.member, 0),
                          challenger.only_this.get(champion.member, 0), paired,
-                         alpha=alpha, power=power, min_effect=min_effect)
+                         alpha=alpha, power=power, min_effect=min_effect,
+                         groups=None if b_groups is None or c_groups is None else list(zip(b_groups, c_groups,
+                                                                                             strict=True)))
         counts = {"paired_frauds": paired, "only_champion_caught": champion.only_this.get(challenger.member, 0),
                   "only_challenger_caught": challenger.only_this.get(champion.member, 0)}
     else:
         traffic = "split"
+        groups = None
+        if champion.grouped and challenger.grouped:
+            groups = [(c1, c1 + m1, c2, c2 + m2) for c1, m1, c2, m2 in zip(
+                champion.caught_by_group, champion.missed_by_group,
+                challenger.caught_by_group, challenger.missed_by_group, strict=True)]
         result = two_proportions(champion.tp, champion.frauds, challenger.tp, challenger.frauds,
-                                 alpha=alpha, power=power, min_effect=min_effect)
+                                 alpha=alpha, power=power, min_effect=min_effect, groups=groups)
         counts = {"champion_frauds": champion.frauds, "challenger_frauds": challenger.frauds}
     return {
         "champion": champion.member, "challenger": challenger.member, "traffic": traffic,
         "test": result.test, "detection_difference": result.difference, "p_value": result.p_value,
+        "design_effect": result.design_effect,
         "more_labelled_frauds_needed": result.more_needed,
         "flagged_rate_difference": flagged.difference, "flagged_rate_p_value": flagged.p_value,
         **counts, "verdict": _verdict(challenger.variant, result, flagged, alpha),
@@ -212,6 +253,7 @@ def format_report(report: dict[str, Any]) -> str:
     for c in report["comparisons"]:
         p = "-" if c["p_value"] is None else f"{c['p_value']:.3g}"
         challenger, champion = (name.partition(":")[2] for name in (c["challenger"], c["champion"]))
+        effect = "" if c.get("design_effect") is None else f", design effect {c['design_effect']:.2f}"
         lines.append(f"  {challenger} vs {champion} ({c['traffic']} traffic, {c['test']}: "
-                     f"detection {c['detection_difference'] * 100:+.2f} points, p={p}): {c['verdict']}")
+                     f"detection {c['detection_difference'] * 100:+.2f} points, p={p}{effect}): {c['verdict']}")
     return "\n".join(lines)

@@ -7,11 +7,21 @@ the two are compared pair by pair with McNemar's test (exact binomial on the dis
 which is far more sensitive for the same number of labels. The sample-size estimates answer the
 operator's question "how many more labelled frauds until this is settled?" for the difference seen
 so far (or a minimum effect worth detecting, when none is seen yet).
+
+Both tests count each fraud as an independent trial. Frauds are not: a stolen card's spree is
+several frauds that a model tends to catch or miss together, so those tests overstate their
+confidence. Given the counts per group of cards (the ledger's card groups: a card's frauds all
+lie in one group), each test is also made with a variance clustered by group (Durkalski et al.
+2003 for the pairs, the same score-test form for the split; read against Student's t with one
+degree of freedom fewer than the groups), and a difference is called only when both agree: the
+p-value is the larger of the two. ``design_effect`` is the clustered variance
+over the independent one; the sample-size estimate is scaled by it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from scipy import stats
@@ -39,27 +49,68 @@ def wilson(successes: int, trials: int, alpha: float = 0.05) -> tuple[float, flo
 class TestResult:
     """One comparison of a rate between champion (1) and challenger (2)."""
 
-    test: str  # "two-proportion z" | "mcnemar exact"
+    test: str  # "two-proportion z" | "mcnemar exact", "+ card-clustered" when groups were given
     difference: float  # challenger minus champion
     p_value: float | None  # None: nothing to test yet
     # labelled frauds still needed for ``power`` at ``alpha`` (None: not estimable / already significant)
     more_needed: int | None
+    # the variance clustered by card group over the independent one (None: no groups given)
+    design_effect: float | None = None
+
+
+CLUSTERED = " + card-clustered"
+
+
+def _z_p(difference: float, variance: float) -> float:
+    """Two-sided normal p-value of ``difference`` with ``variance`` (0: 1.0 if no difference)."""
+    if variance <= 0.0:
+        return 1.0 if difference == 0.0 else 0.0
+    return float(2.0 * stats.norm.sf(abs(difference) / math.sqrt(variance)))
+
+
+def _clustered(p_value: float, variance: float, clustered_variance: float, difference: float,
+               groups: int) -> tuple[float, float]:
+    """(the larger p-value, the design effect) of a test and its clustered form; the clustered
+    statistic is read against Student's t with ``groups - 1`` degrees of freedom (its variance is
+    estimated from that many groups)."""
+    design_effect = clustered_variance / variance if variance > 0.0 else 1.0
+    if clustered_variance <= 0.0:
+        clustered_p = 1.0 if difference == 0.0 else 0.0
+    else:
+        statistic = abs(difference) / math.sqrt(clustered_variance)
+        clustered_p = float(2.0 * stats.t.sf(statistic, max(groups - 1, 1)))
+    return max(p_value, clustered_p), design_effect
 
 
 def two_proportions(k1: int, n1: int, k2: int, n2: int, *, alpha: float = 0.05, power: float = 0.8,
-                    min_effect: float = 0.01) -> TestResult:
+                    min_effect: float = 0.01,
+                    groups: Sequence[tuple[int, int, int, int]] | None = None) -> TestResult:
     """Pooled two-proportion z-test of k2/n2 against k1/n1 (independent samples: a split).
+
+    ``groups``: ``(k1, n1, k2, n2)`` per card group (summing to the totals): the test is also
+    made with the variance clustered by group, and the larger p-value is kept. Under the null
+    hypothesis each group's residual ``(k2_g - p n2_g) / n2 - (k1_g - p n1_g) / n1`` (``p`` pooled)
+    has mean 0, and the residuals of different groups are independent; their squares, summed with
+    the small-sample factor ``G / (G - 1)``, estimate the variance of ``p2 - p1``.
 
     ``more_needed``: how many more observations (in both groups together, at the current ratio of
     n1 to n2) give the test ``power`` to detect the difference seen so far, or ``min_effect`` when
-    the difference seen is smaller than that."""
+    the difference seen is smaller than that (times the design effect, with groups)."""
+    name = "two-proportion z" + ("" if groups is None else CLUSTERED)
     if n1 <= 0 or n2 <= 0:
-        return TestResult("two-proportion z", 0.0, None, None)
+        return TestResult(name, 0.0, None, None)
     p1, p2 = k1 / n1, k2 / n2
     diff = p2 - p1
     pooled = (k1 + k2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    p_value = (1.0 if diff == 0.0 else 0.0) if se == 0.0 else float(2.0 * stats.norm.sf(abs(diff) / se))
+    variance = pooled * (1 - pooled) * (1 / n1 + 1 / n2)
+    p_value = _z_p(diff, variance)
+    design_effect = None
+    if groups is not None:
+        _check_sums(groups, (k1, n1, k2, n2))
+        residuals = [(g2 - pooled * m2) / n2 - (g1 - pooled * m1) / n1 for g1, m1, g2, m2 in groups]
+        factor = len(groups) / (len(groups) - 1) if len(groups) > 1 else 1.0
+        p_value, design_effect = _clustered(p_value, variance, factor * sum(r * r for r in residuals), diff,
+                                            len(groups))
     more = None
     if p_value >= alpha:
         effect = max(abs(diff), min_effect)
@@ -71,24 +122,35 @@ def two_proportions(k1: int, n1: int, k2: int, n2: int, *, alpha: float = 0.05, 
         qbar = (ratio * q1 + q2) / (ratio + 1)
         need_n2 = (za * math.sqrt(qbar * (1 - qbar) * (1 + 1 / ratio))
                    + zb * math.sqrt(q1 * (1 - q1) / ratio + q2 * (1 - q2))) ** 2 / effect ** 2
-        total = math.ceil(need_n2 * (1 + ratio))
+        total = math.ceil(need_n2 * (1 + ratio) * max(design_effect or 1.0, 1.0))
         more = max(total - (n1 + n2), 1)
-    return TestResult("two-proportion z", diff, p_value, more)
+    return TestResult(name, diff, p_value, more, design_effect)
 
 
 def mcnemar(only_champion: int, only_challenger: int, paired: int, *, alpha: float = 0.05,
-            power: float = 0.8, min_effect: float = 0.01) -> TestResult:
+            power: float = 0.8, min_effect: float = 0.01,
+            groups: Sequence[tuple[int, int]] | None = None) -> TestResult:
     """McNemar's exact test on paired outcomes (the same transactions scored by both models).
 
     ``only_champion``: pairs the champion got right and the challenger wrong, ``only_challenger``
     the reverse, ``paired``: all pairs. The difference is (only_challenger - only_champion) / paired.
-    ``more_needed``: more pairs for ``power`` at the discordance seen so far."""
+    ``groups``: ``(only_champion, only_challenger)`` per card group (summing to the totals): the
+    test is also made clustered by group (Durkalski et al. 2003: the variance of ``c - b`` is the
+    sum over groups of ``(c_g - b_g)^2``; McNemar's own is ``b + c``), and the larger p-value kept.
+    ``more_needed``: more pairs for ``power`` at the discordance seen so far (times the design effect)."""
+    name = "mcnemar exact" + ("" if groups is None else CLUSTERED)
     if paired <= 0:
-        return TestResult("mcnemar exact", 0.0, None, None)
+        return TestResult(name, 0.0, None, None)
     b, c = only_champion, only_challenger
     discordant = b + c
     diff = (c - b) / paired
     p_value = 1.0 if discordant == 0 else float(stats.binomtest(c, discordant, 0.5).pvalue)
+    design_effect = None
+    if groups is not None:
+        _check_sums(groups, (b, c))
+        p_value, design_effect = _clustered(p_value, float(discordant),
+                                            float(sum((cg - bg) ** 2 for bg, cg in groups)), float(c - b),
+                                            len(groups))
     more = None
     if p_value >= alpha:
         # Connor's approximation: pairs needed for a difference ``effect`` with discordance psi.
@@ -96,5 +158,11 @@ def mcnemar(only_champion: int, only_challenger: int, paired: int, *, alpha: flo
         psi = max(discordant / paired, effect, 1e-6)
         za, zb = z_value(alpha), float(stats.norm.ppf(power))
         need = (za * math.sqrt(psi) + zb * math.sqrt(max(psi - effect * effect, 1e-12))) ** 2 / effect ** 2
-        more = max(math.ceil(need) - paired, 1)
-    return TestResult("mcnemar exact", diff, p_value, more)
+        more = max(math.ceil(need * max(design_effect or 1.0, 1.0)) - paired, 1)
+    return TestResult(name, diff, p_value, more, design_effect)
+
+
+def _check_sums(groups: Sequence[tuple[int, ...]], totals: tuple[int, ...]) -> None:
+    sums = tuple(sum(column) for column in zip(*groups, strict=True)) if groups else (0,) * len(totals)
+    if sums != totals:
+        raise ValueError(f"the card groups sum to {sums}, not to the totals {totals}")

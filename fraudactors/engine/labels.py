@@ -30,6 +30,7 @@ from fraudactors.ab.ledger import (
     Deltas,
     LedgerKeys,
     bin_index,
+    card_group,
     decision_deltas,
     label_deltas,
     member,
@@ -335,7 +336,8 @@ class LabelConsumer:
                 key = (said.variant_of(name), outcome(predicted, label.is_fraud))
                 counts[key] = counts.get(key, 0) + 1
             if said.bucket is not None:
-                label_deltas(deltas, said.bucket, said.flags, label.is_fraud, flipped=status == 2)
+                label_deltas(deltas, said.bucket, said.flags, label.is_fraud, flipped=status == 2,
+                             group=card_group(label.user_id))
         for (variant, result), count in counts.items():
             self._metrics.label_outcomes.labels(variant, result).inc(count)
         if unmatched:

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import random
+import zlib
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 
-from fraudactors.ab.ledger import AB_ADD, Deltas, LedgerKeys, label_deltas, read_window
+from fraudactors.ab.ledger import (
+    AB_ADD,
+    CARD_GROUPS,
+    Deltas,
+    LedgerKeys,
+    card_group,
+    label_deltas,
+    read_window,
+)
 from fraudactors.settings import Settings
 
 BUCKET_S = 3600
@@ -56,20 +66,32 @@ async def test_a_flipped_label_takes_its_earlier_verdict_back(client: aioredis.R
     keys = LedgerKeys(settings.redis.key_prefix)
     bucket = 1_700_000_000 // BUCKET_S
     said = {"d:A/v1": True, "s:S/v2": False}
+    group = card_group("u-42")
     first = Deltas()
     first.saw(bucket * BUCKET_S)
-    label_deltas(first, bucket, said, is_fraud=True, flipped=False)
+    label_deltas(first, bucket, said, is_fraud=True, flipped=False, group=group)
     await _add(client, keys, first, 24)
     fields = await client.hgetall(keys.bucket(bucket, "d:A/v1"))
-    assert fields == {b"tp": b"1", b"p:s:S/v2": b"1", b"x:s:S/v2": b"1"}
-    assert await client.hgetall(keys.bucket(bucket, "s:S/v2")) == {b"fn": b"1", b"p:d:A/v1": b"1"}
+    assert fields == {b"tp": b"1", b"p:s:S/v2": b"1", b"x:s:S/v2": b"1",
+                      f"gc{group}".encode(): b"1", f"gx{group}:s:S/v2".encode(): b"1"}
+    assert await client.hgetall(keys.bucket(bucket, "s:S/v2")) == {b"fn": b"1", b"p:d:A/v1": b"1",
+                                                                    f"gm{group}".encode(): b"1"}
     flip = Deltas()
-    label_deltas(flip, bucket, said, is_fraud=False, flipped=True)  # a chargeback reversed
+    label_deltas(flip, bucket, said, is_fraud=False, flipped=True, group=group)  # a chargeback reversed
     await _add(client, keys, flip, 24)
     fields = await client.hgetall(keys.bucket(bucket, "d:A/v1"))
-    assert {k: int(v) for k, v in fields.items()} == {b"tp": 0, b"p:s:S/v2": 0, b"x:s:S/v2": 0, b"fp": 1}
+    assert {k: int(v) for k, v in fields.items()} == {b"tp": 0, b"p:s:S/v2": 0, b"x:s:S/v2": 0, b"fp": 1,
+                                                      f"gc{group}".encode(): 0, f"gx{group}:s:S/v2".encode(): 0}
     s_fields = await client.hgetall(keys.bucket(bucket, "s:S/v2"))
-    assert {k: int(v) for k, v in s_fields.items()} == {b"fn": 0, b"p:d:A/v1": 0, b"tn": 1}
+    assert {k: int(v) for k, v in s_fields.items()} == {b"fn": 0, b"p:d:A/v1": 0, b"tn": 1,
+                                                        f"gm{group}".encode(): 0}
+
+
+def test_a_cards_group_is_the_same_in_every_process_and_spreads_the_cards() -> None:
+    assert card_group("u-42") == zlib.crc32(b"u-42") % CARD_GROUPS  # not hash(): salted per process
+    counts = Counter(card_group(f"u-{i}") for i in range(64_000))
+    assert set(counts) == set(range(CARD_GROUPS))
+    assert max(counts.values()) < 1.2 * 64_000 / CARD_GROUPS
 
 
 async def test_a_wrong_type_key_is_refused_before_any_write(client: aioredis.Redis, settings: Settings) -> None:

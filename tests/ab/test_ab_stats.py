@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 from scipy import stats
 
-from fraudactors.ab.ledger import HIST_BINS, Window
+from fraudactors.ab.ledger import CARD_GROUPS, HIST_BINS, Window
 from fraudactors.ab.report import build_report
 from fraudactors.ab.stats import mcnemar, two_proportions, wilson
 
@@ -102,6 +103,48 @@ def test_shadow_verdict_uses_the_paired_test() -> None:
     assert comparison["verdict"] == "S better"
 
 
+def _paired_window(only_shadow_by_group: dict[int, int], only_champion_by_group: dict[int, int]) -> Window:
+    """The shadow test's ledger, with card-group fields: 500 paired frauds."""
+    b, c = sum(only_champion_by_group.values()), sum(only_shadow_by_group.values())
+    return _window({
+        "d:A/v1": {"n": 50_000, "f": 1000, "tp": 470 - c + b, "fn": 30 + c - b, "p:s:S/v2": 500, "x:s:S/v2": b,
+                   **{f"gx{g}:s:S/v2": n for g, n in only_champion_by_group.items()}},
+        "s:S/v2": {"n": 50_000, "f": 1000, "tp": 470, "fn": 30, "p:d:A/v1": 500, "x:d:A/v1": c,
+                   **{f"gx{g}:d:A/v1": n for g, n in only_shadow_by_group.items()}},
+    })
+
+
+def test_a_shadows_gain_from_a_few_cards_is_not_called_better() -> None:
+    """30 frauds the shadow caught and the champion missed: from 30 cards they settle it; from
+    three cards' sprees (ten each) they are three observations, not thirty."""
+    spread = build_report(_paired_window({g: 1 for g in range(30)}, {g: 1 for g in range(30, 40)}),
+                         window_s=28 * 86400, label_delay_s=7 * 86400)["comparisons"][0]
+    assert spread["test"] == "mcnemar exact + card-clustered"
+    assert spread["verdict"] == "S better" and spread["design_effect"] == pytest.approx(1.0)
+    clumped = build_report(_paired_window({13: 10, 17: 10, 40: 10}, {g: 1 for g in range(10)}),
+                           window_s=28 * 86400, label_delay_s=7 * 86400)["comparisons"][0]
+    assert clumped["test"] == "mcnemar exact + card-clustered"
+    assert clumped["p_value"] > 0.05 and clumped["verdict"].startswith("no difference detectable yet")
+    assert clumped["design_effect"] == pytest.approx((3 * 100 + 10) / 40)
+    assert (spread["only_challenger_caught"], clumped["only_challenger_caught"]) == (30, 30)
+
+
+def test_a_split_clusters_only_when_every_labelled_fraud_is_in_a_card_group() -> None:
+    """Buckets written before the card groups (a ledger window across an upgrade) have none:
+    the test is the independent one, and says so."""
+    fields_a = {"n": 90_000, "f": 2700, "tp": 2100, "fn": 600}
+    fields_b = {"n": 10_000, "f": 300, "tp": 290, "fn": 10}
+    grouped = {"d:A/v1": {**fields_a, "gc1": 2100, "gm2": 600}, "d:B/v2": {**fields_b, "gc3": 290, "gm4": 10}}
+    (comparison,) = build_report(_window(grouped), window_s=28 * 86400, label_delay_s=7 * 86400)["comparisons"]
+    assert comparison["test"] == "two-proportion z + card-clustered"
+    assert comparison["design_effect"] is not None and comparison["design_effect"] > 100
+    assert comparison["verdict"].startswith("no difference detectable yet"), "four card groups: four observations"
+    partly = {"d:A/v1": {**fields_a, "gc1": 2000, "gm2": 600}, "d:B/v2": grouped["d:B/v2"]}
+    (comparison,) = build_report(_window(partly), window_s=28 * 86400, label_delay_s=7 * 86400)["comparisons"]
+    assert comparison["test"] == "two-proportion z" and comparison["design_effect"] is None
+    assert comparison["verdict"] == "B better"
+
+
 def test_more_flagging_is_not_called_better() -> None:
     report = build_report(_window({
         "d:A/v1": {"n": 90_000, "f": 2700, "tp": 2100, "fn": 600},
@@ -127,3 +170,87 @@ def test_rows_carry_intervals_maturity_and_score_quantiles() -> None:
     assert row["false_positive_rate"] == pytest.approx(3 / 92)
     assert row["score"]["p50"] == pytest.approx(1.0) and row["score"]["histogram"][1] == 30
     assert not math.isnan(high)
+
+
+# -- frauds that come in sprees: clustered by card -------------------------------------------------------
+
+def _sprees(rng: np.random.Generator, cards: int, spree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each card has ``spree`` frauds, routed one by one to A (90 %) or B; each model catches or
+    misses a card's whole spree (90 % caught, independently per model): the two models are
+    equally good. Returns per fraud: its card, whether A decided it, and whether the deciding
+    model caught it."""
+    card = np.repeat(np.arange(cards), spree)
+    to_a = rng.random(card.size) < 0.9
+    caught_by = {m: rng.random(cards) < 0.9 for m in ("A", "B")}
+    caught = np.where(to_a, caught_by["A"][card], caught_by["B"][card])
+    return card, to_a, caught
+
+
+def _split_counts(card: np.ndarray, to_a: np.ndarray, caught: np.ndarray
+                  ) -> tuple[tuple[int, int, int, int], list[tuple[int, int, int, int]]]:
+    group = card % CARD_GROUPS
+    per_group = []
+    for g in range(CARD_GROUPS):
+        in_g = group == g
+        a, b = in_g & to_a, in_g & ~to_a
+        per_group.append((int(caught[a].sum()), int(a.sum()), int(caught[b].sum()), int(b.sum())))
+    totals = tuple(int(sum(column)) for column in zip(*per_group, strict=True))
+    return totals, per_group  # type: ignore[return-value]
+
+
+def test_with_frauds_in_sprees_the_independent_split_test_sees_differences_that_are_not_there() -> None:
+    """Two equally good models, frauds in sprees of 10 per card caught or missed together: the
+    independent test calls a difference in far more than 5 % of the runs; clustered by card
+    group, it stays near 5 %."""
+    rng = np.random.default_rng(11)
+    runs, independent, clustered, effects = 300, 0, 0, []
+    for _ in range(runs):
+        (k1, n1, k2, n2), groups = _split_counts(*_sprees(rng, cards=200, spree=10))
+        independent += (two_proportions(k1, n1, k2, n2).p_value or 1.0) < 0.05
+        result = two_proportions(k1, n1, k2, n2, groups=groups)
+        clustered += (result.p_value or 1.0) < 0.05
+        effects.append(result.design_effect)
+    assert independent / runs > 0.15, independent / runs
+    assert clustered / runs <= 0.08, clustered / runs
+    assert 1.8 < float(np.median(effects)) < 4.0  # spree 10: var of p2 - p1 is ~2.6x the independent one
+
+
+def test_with_frauds_in_sprees_the_independent_mcnemar_test_sees_differences_that_are_not_there() -> None:
+    """The same on identical traffic (a shadow): each card's discordant pairs come ten at a time."""
+    rng = np.random.default_rng(12)
+    runs, independent, clustered = 300, 0, 0
+    for _ in range(runs):
+        cards, spree = 200, 10
+        caught_a, caught_s = rng.random(cards) < 0.9, rng.random(cards) < 0.9
+        b_card = np.where(caught_a & ~caught_s, spree, 0)
+        c_card = np.where(caught_s & ~caught_a, spree, 0)
+        groups = [(int(b_card[g::CARD_GROUPS].sum()), int(c_card[g::CARD_GROUPS].sum()))
+                  for g in range(CARD_GROUPS)]
+        b, c = int(b_card.sum()), int(c_card.sum())
+        independent += (mcnemar(b, c, cards * spree).p_value or 1.0) < 0.05
+        clustered += (mcnemar(b, c, cards * spree, groups=groups).p_value or 1.0) < 0.05
+    assert independent / runs > 0.3, independent / runs
+    assert clustered / runs <= 0.08, clustered / runs
+
+
+def test_frauds_of_different_cards_lose_no_power_to_the_clustering() -> None:
+    """One fraud per card: the clustered test finds the real difference as the independent one does."""
+    rng = np.random.default_rng(13)
+    runs, independent, clustered = 200, 0, 0
+    for _ in range(runs):
+        card = np.arange(3000)
+        to_a = rng.random(card.size) < 0.9
+        caught = rng.random(card.size) < np.where(to_a, 0.88, 0.95)
+        (k1, n1, k2, n2), groups = _split_counts(card, to_a, caught)
+        independent += (two_proportions(k1, n1, k2, n2).p_value or 1.0) < 0.05
+        result = two_proportions(k1, n1, k2, n2, groups=groups)
+        clustered += (result.p_value or 1.0) < 0.05
+    assert independent / runs > 0.6
+    assert clustered >= 0.9 * independent, (clustered, independent)
+
+
+def test_card_groups_that_do_not_add_up_are_refused() -> None:
+    with pytest.raises(ValueError, match="sum to"):
+        two_proportions(10, 20, 5, 10, groups=[(9, 20, 5, 10)])
+    with pytest.raises(ValueError, match="sum to"):
+        mcnemar(3, 4, 50, groups=[(3, 3)])

@@ -85,6 +85,9 @@ async def test_ab_report_counts_every_decision_and_label_per_model_shadow_includ
         assert by_challenger["d:B/v2"]["traffic"] == "split"
         pair = by_challenger["s:S/v2"]
         assert pair["traffic"] == "identical"
+        # every label (the flipped one too) was counted in its card's group: both tests cluster by card
+        assert by_challenger["d:B/v2"]["test"] == "two-proportion z + card-clustered"
+        assert pair["test"] == "mcnemar exact + card-clustered"
         frauds_by_a = [t for t in fraud if fraud[t] and decisions[t]["variant"] == "A"]
         assert pair["paired_frauds"] == len(frauds_by_a)
         assert pair["only_champion_caught"] == sum(decisions[t]["is_fraud"] and not shadow_flag[t]
