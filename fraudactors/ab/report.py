@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fraudactors.ab.ledger import CARD_GROUPS, HIST_BINS, Window, parse_member
-from fraudactors.ab.stats import TestResult, mcnemar, two_proportions, wilson
+from fraudactors.ab.stats import TestResult, clustered_design_effect, mcnemar, two_proportions, wilson
 from fraudactors.modeling.registry import FALLBACK_SUFFIX
 
 
@@ -58,6 +58,15 @@ class Evidence:
     def grouped(self) -> bool:
         """Every labelled fraud is in a card group (not so for buckets written before the groups)."""
         return sum(self.caught_by_group) == self.tp and sum(self.missed_by_group) == self.fn
+
+    @property
+    def detection_design_effect(self) -> float | None:
+        """A card's frauds are caught or missed together: the detection rate's design effect
+        clustered by card group (None: not every labelled fraud is in a group)."""
+        if not self.grouped:
+            return None
+        return clustered_design_effect([(c, c + m) for c, m in zip(self.caught_by_group, self.missed_by_group,
+                                                                   strict=True)])
 
     def only_this_grouped(self, other: str) -> list[int] | None:
         """The discordant pairs against ``other`` per card group, if every one is in a group."""
@@ -130,11 +139,14 @@ def evidence_row(ev: Evidence, alpha: float) -> dict[str, Any]:
     """The JSON row of one member."""
     not_fraud = ev.decisions - ev.frauds
     false_positives = max(ev.flagged - ev.tp, 0)
+    detection_effect = ev.detection_design_effect
     return {
         "member": ev.member, "variant": ev.variant, "model_version": ev.model_version, "role": ev.role,
         "decisions": ev.decisions, "flagged": ev.flagged, "flagged_rate": _rate(ev.flagged, ev.decisions),
         "frauds_caught": ev.tp, "frauds_missed": ev.fn, "labelled_legitimate": ev.fp + ev.tn,
-        "detection_rate": _rate(ev.tp, ev.frauds), "detection_ci": wilson(ev.tp, ev.frauds, alpha),
+        "detection_rate": _rate(ev.tp, ev.frauds),
+        "detection_ci": wilson(ev.tp, ev.frauds, alpha, design_effect=detection_effect or 1.0),
+        "detection_design_effect": detection_effect,
         "precision": _rate(ev.tp, ev.flagged), "precision_ci": wilson(ev.tp, ev.flagged, alpha),
         "false_positive_rate": _rate(false_positives, not_fraud),
         "false_positive_rate_ci": wilson(false_positives, not_fraud, alpha),

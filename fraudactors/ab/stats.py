@@ -32,17 +32,37 @@ def z_value(alpha: float) -> float:
     return float(stats.norm.ppf(1.0 - alpha / 2.0))
 
 
-def wilson(successes: int, trials: int, alpha: float = 0.05) -> tuple[float, float] | None:
-    """The Wilson score interval of ``successes / trials``; None without trials."""
+def wilson(successes: int, trials: int, alpha: float = 0.05,
+           design_effect: float = 1.0) -> tuple[float, float] | None:
+    """The Wilson score interval of ``successes / trials``; None without trials. With a
+    ``design_effect`` above 1 (clustered trials: ``clustered_design_effect``) the interval is the
+    one of the effective sample, ``trials / design_effect`` with the same rate (Korn and
+    Graubard 1998)."""
     if trials <= 0:
         return None
     successes = min(max(successes, 0), trials)  # the ledger is evidence, not books (see ledger.py)
     z = z_value(alpha)
     p = successes / trials
-    denominator = 1.0 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denominator
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    trials_effective = trials / max(design_effect, 1.0)
+    denominator = 1.0 + z * z / trials_effective
+    centre = (p + z * z / (2 * trials_effective)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials_effective
+                         + z * z / (4 * trials_effective * trials_effective)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clustered_design_effect(groups: Sequence[tuple[int, int]]) -> float:
+    """The design effect of a rate over clustered trials: ``(successes, trials)`` per group, the
+    variance of the rate clustered by group (``G / (G - 1)`` times the sum of the squared
+    residuals ``successes_g - p trials_g``, over ``trials^2``) over the binomial one; at least 1
+    (a smaller one is the estimate's noise, not a gain), and 1 when the rate is 0 or 1."""
+    successes = sum(k for k, _ in groups)
+    trials = sum(n for _, n in groups)
+    if trials <= 0 or successes <= 0 or successes >= trials or len(groups) < 2:
+        return 1.0
+    p = successes / trials
+    clustered = len(groups) / (len(groups) - 1) * sum((k - p * n) ** 2 for k, n in groups) / trials ** 2
+    return max(clustered / (p * (1 - p) / trials), 1.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,7 @@ async def test_ab_report_counts_every_decision_and_label_per_model_shadow_includ
         # every label (the flipped one too) was counted in its card's group: both tests cluster by card
         assert by_challenger["d:B/v2"]["test"] == "two-proportion z + card-clustered"
         assert pair["test"] == "mcnemar exact + card-clustered"
+        assert all(row["detection_design_effect"] is not None for row in rows.values() if row["frauds_caught"])
         frauds_by_a = [t for t in fraud if fraud[t] and decisions[t]["variant"] == "A"]
         assert pair["paired_frauds"] == len(frauds_by_a)
         assert pair["only_champion_caught"] == sum(decisions[t]["is_fraud"] and not shadow_flag[t]
