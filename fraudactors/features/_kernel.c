@@ -66,9 +66,9 @@ static Py_ssize_t bisect_right(const double *a, double x, Py_ssize_t lo, Py_ssiz
     return lo;
 }
 
-/* amount / base; against one cent when the base is 0 (definition._ratio). */
+/* amount / base; against one cent when the base is below one cent (definition._ratio). */
 static double ratio(double amount, double base) {
-    if (base > 0.0)
+    if (base >= MIN_AVERAGE)
         return amount / base;
     return amount == 0.0 ? 1.0 : amount / MIN_AVERAGE;
 }

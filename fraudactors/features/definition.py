@@ -476,8 +476,9 @@ _NO_SEQUENCE = (0.0, 0.0, NO_PREVIOUS_TX, 0.0, 1.0, 0.0)
 
 
 def _ratio(amount: float, base: float) -> float:
-    """``amount / base``; against one cent when the base is 0 (all card verifications)."""
-    if base > 0.0:
+    """``amount / base``; against one cent when the base is below one cent (0: all card
+    verifications; a sub-cent base, 1e-310 say, would make the ratio infinite)."""
+    if base >= MIN_AVERAGE:
         return amount / base
     return 1.0 if amount == 0.0 else amount / MIN_AVERAGE
 

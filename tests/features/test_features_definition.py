@@ -6,6 +6,7 @@ import math
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from fraudactors.features.definition import (
@@ -274,6 +275,25 @@ def test_a_user_whose_history_is_all_zero_amount_verifications_gets_a_finite_rat
         rows.append(row)
     ratio = FEATURE_INDEX["amount_to_avg_30d"]
     assert rows[1][ratio] == 1.0 and rows[3][ratio] == 2500.0
+
+
+def test_a_sub_cent_history_gives_finite_ratios_against_one_cent() -> None:
+    """SPEC §2 allows any amount >= 0: a history of one 1e-310 payment (a subnormal) made the next
+    payment's ratios to the 30-day average and median infinite. Below one cent, the base is one cent."""
+    from fraudactors.features.definition import FEATURE_INDEX, transition
+    from fraudactors.features.schema import Transaction, format_timestamp
+
+    t0 = 1_790_000_000.0
+    state = None
+    rows = []
+    for i, amount in enumerate([1e-310, 25.0]):
+        t = t0 + 60 * i
+        row, state = transition(state, None, Transaction(f"s{i}", "u", "m", amount, "USD", "food", False, t,
+                                                         format_timestamp(t)))
+        rows.append(row)
+    assert all(math.isfinite(float(np.float32(v))) for row in rows for v in row), "finite as the models read them"
+    for name in ("amount_to_avg_30d", "amount_to_median_30d"):
+        assert rows[1][FEATURE_INDEX[name]] == pytest.approx(2500.0), name  # 25 against one cent
 
 
 def test_time_of_day_habit_share() -> None:
