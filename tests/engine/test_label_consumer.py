@@ -1,0 +1,106 @@
+"""The label consumer's ordering with dead letters: a malformed label's offset is committed only
+once the broker acknowledged its dead letter, so a crash in between re-reads it instead of losing
+it. The consumer and the publisher are stand-ins (the order of two calls is what is tested; the
+real path is covered end to end in test_engine_stream.py and test_engine_ab.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from fraudactors.actors import IGNORED
+from fraudactors.engine.labels import LabelConsumer
+from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.services import kafka
+from fraudactors.settings import Settings
+
+TP = TopicPartition("labels", 3)
+
+
+class _Consumer:
+    """Hands out one batch: a malformed label at offset 7; records the commits."""
+
+    def __init__(self) -> None:
+        value = b'{"transaction_id": "t-1"'  # cut short
+        self.batches: list[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]] = [
+            {TP: [ConsumerRecord("labels", 3, 7, 0, 0, b"u-1", value, None, 0, len(value), ())]}]
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> Any:
+        if self.batches:
+            return self.batches.pop(0)
+        await asyncio.sleep(0.01)
+        return {}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+
+
+class _Publisher:
+    def __init__(self) -> None:
+        self.ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sent: list[Any] = []
+
+    async def send_many(self, messages: Any) -> asyncio.Future[None]:
+        self.sent.extend(messages)
+        return self.ack
+
+
+async def _until(cond: Any) -> None:
+    async with asyncio.timeout(10):
+        while not cond():  # noqa: ASYNC110 (observing the consumer, no event to wait on)
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+def consumer(monkeypatch: pytest.MonkeyPatch) -> _Consumer:
+    fake = _Consumer()
+    monkeypatch.setattr(kafka, "make_consumer", lambda *args, **kwargs: fake)
+    return fake
+
+
+def _started(settings: Settings) -> tuple[LabelConsumer, _Publisher, asyncio.Task[None]]:
+    publisher = _Publisher()
+    labels = LabelConsumer(settings, EngineMetrics(), features=None, outcomes=None,  # type: ignore[arg-type]
+                           publisher=publisher)  # type: ignore[arg-type]
+    return labels, publisher, asyncio.create_task(labels.run(IGNORED))
+
+
+async def test_a_malformed_labels_offset_is_committed_only_once_its_dead_letter_is_acknowledged(
+        settings: Settings, consumer: _Consumer) -> None:
+    labels, publisher, task = _started(settings)
+    try:
+        await _until(lambda: publisher.sent)
+        (topic, key, _, headers), = publisher.sent
+        assert (topic, key) == (settings.topics.dlq, b"u-1")
+        assert dict(headers)["stage"] == b"labels" and dict(headers)["source_offset"] == b"7"
+        await asyncio.sleep(0.1)
+        assert consumer.commits == [], "committed before the broker had the dead letter"
+        publisher.ack.set_result(None)
+        await _until(lambda: consumer.commits)
+        assert consumer.commits == [{TP: 8}]
+        assert labels.invalid == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_dead_letter_the_broker_refused_fails_the_consumer_and_commits_nothing(
+        settings: Settings, consumer: _Consumer) -> None:
+    """The supervisor restarts it from the last commit: the label is read and dead-lettered again."""
+    _, publisher, task = _started(settings)
+    await _until(lambda: publisher.sent)
+    publisher.ack.set_exception(KafkaConnectionError("broker gone"))
+    with pytest.raises(KafkaConnectionError):
+        await asyncio.wait_for(task, 10)
+    assert consumer.commits == []
