@@ -535,7 +535,7 @@ class InferenceActor:
         if monitor is not None:
             probs = np.fromiter((s.probability for s in scored), dtype=np.float64, count=len(scored))
             monitor.observe(X, {m: np.asarray(r, dtype=np.intp) for m, r in rows_of.items()}, probs,
-                                 degraded, times)
+                            degraded, times)
 
     def _outcome(self, res: _Results, model: str, row: int) -> tuple[float, str, list[str]]:
         """``model``'s probability, decision and reasons for ``row`` (degraded: under the policy)."""
