@@ -517,10 +517,13 @@ class InferenceActor:
         # the histograms are the main models' scores; a fallback's scale differs
         observed: dict[str, list[float]] = {}
         shadow_counts: dict[tuple[str, str, str], int] = {}
-        rows_of: dict[str, list[int]] = {}
+        # per model, deciding or shadow: the rows it scored and its probabilities (for the monitor)
+        by_model: dict[str, tuple[list[int], list[float]]] = {}
         for i, (s, fallback) in enumerate(zip(scored, degraded.tolist(), strict=True)):
             if monitor is not None:
-                rows_of.setdefault(s.model_version, []).append(i)
+                rows, probs = by_model.setdefault(s.model_version, ([], []))
+                rows.append(i)
+                probs.append(s.probability)
             if not fallback:
                 observed.setdefault(s.variant, []).append(s.probability)
             for sh in s.shadows:
@@ -528,14 +531,17 @@ class InferenceActor:
                     observed.setdefault(sh.variant, []).append(sh.probability)
                 key = (sh.variant, sh.model_version, sh.decision)
                 shadow_counts[key] = shadow_counts.get(key, 0) + 1
+                if monitor is not None:
+                    rows, probs = by_model.setdefault(sh.model_version, ([], []))
+                    rows.append(i)
+                    probs.append(sh.probability)
         for name, values in observed.items():
             observe_many(metrics.fraud_probability.labels(name), values)
         for labels, count in shadow_counts.items():
             metrics.shadow_scores.labels(*labels).inc(count)
         if monitor is not None:
-            probs = np.fromiter((s.probability for s in scored), dtype=np.float64, count=len(scored))
-            monitor.observe(X, {m: np.asarray(r, dtype=np.intp) for m, r in rows_of.items()}, probs,
-                            degraded, times)
+            monitor.observe(X, {m: (np.asarray(rows, dtype=np.intp), np.asarray(probs, dtype=np.float64))
+                                for m, (rows, probs) in by_model.items()}, degraded, times)
 
     def _outcome(self, res: _Results, model: str, row: int) -> tuple[float, str, list[str]]:
         """``model``'s probability, decision and reasons for ``row`` (degraded: under the policy)."""

@@ -1,7 +1,8 @@
 """The model monitor: population stability of each model's inputs and scores, in event time.
 
-:class:`ModelMonitor` sees every coalesced inference call (the feature rows, the model that scored
-each row, its probability, whether it was degraded, its event time). It bins them on the edges of
+:class:`ModelMonitor` sees every published scoring (the feature rows, each model that scored them
+-- the deciding one and every shadow variant's -- with its probabilities, whether each row was
+degraded, its event time). It bins them on the edges of
 the model's training reference (``metadata.json`` section ``reference``,
 :mod:`fraudactors.modeling.reference`) into a ring of ``monitor.sub_windows`` sub-windows covering
 the last ``monitor.window_s`` seconds of **event time**. The hot path only bins and counts; each
@@ -11,7 +12,8 @@ decisions in the window. Rows older than the window are not counted.
 
 Degraded rows are scored by the fallback, whose features are stand-ins for the missing state:
 they count towards the fallback's score PSI (``version="v1-fallback"``) and the degraded share,
-never towards the feature PSI.
+never towards the feature PSI. A shadow variant's version has its own window: its score PSI (and
+its reference's feature PSI) is there before it decides anything.
 """
 
 from __future__ import annotations
@@ -174,11 +176,12 @@ class ModelMonitor:
         model = self._models.get(version)
         return tuple(f for f, top in model.features if top == "true") if model is not None else ()
 
-    def observe(self, X: np.ndarray, rows_of: Mapping[str, np.ndarray], probs: np.ndarray, degraded: np.ndarray,
+    def observe(self, X: np.ndarray, scored: Mapping[str, tuple[np.ndarray, np.ndarray]], degraded: np.ndarray,
                 event_times: np.ndarray) -> None:
-        """One coalesced call: the rows ``rows_of[model]`` of ``X`` were scored by ``model`` with the
-        probabilities ``probs`` (per row of ``X``); ``degraded`` and ``event_times`` (NaN: unknown,
-        not counted) per row too."""
+        """Rows of ``X`` as published: ``scored[model]`` is ``(rows, probabilities)``, the rows of
+        ``X`` (ascending) that ``model`` scored and its probability of each -- a row decided by one
+        model and scored by shadows is in several; ``degraded`` and ``event_times`` (NaN: unknown,
+        not counted) per row of ``X``."""
         known = ~np.isnan(event_times)
         everything = bool(known.all())
         if not everything:
@@ -187,16 +190,17 @@ class ModelMonitor:
             self._degraded.add(event_times[known], degraded[known, None].astype(np.int16))
         else:
             self._degraded.add(event_times, degraded[:, None].astype(np.int16))
-        for version, rows in rows_of.items():
+        for version, (rows, probs) in scored.items():
             model = self._models.get(version)
             if model is None:
                 continue
             if not everything:
-                rows = rows[known[rows]]
+                keep = known[rows]
+                rows, probs = rows[keep], probs[keep]
             if rows.size == X.shape[0]:
                 self._add(model, X, probs, event_times)
             elif rows.size:
-                self._add(model, X[rows], probs[rows], event_times[rows])
+                self._add(model, X[rows], probs, event_times[rows])
 
     def _add(self, model: _Model, X: np.ndarray, probs: np.ndarray, times: np.ndarray) -> None:
         # bin = how many edges lie below the value (searchsorted side="left"), for every column at once

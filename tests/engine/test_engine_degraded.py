@@ -208,6 +208,7 @@ async def test_only_the_scoring_published_is_counted_in_the_metrics_and_the_mode
         assert counted() == (0, 0, 0, 0.0), "a scoring that may be replaced is not counted"
         monitor = actor.monitor
         assert monitor is not None and monitor.psi("v1") is None, "nor seen by the monitor"
+        assert monitor.psi("v2") is None
         # the write failed: scored again, degraded, and published
         await actor.score(X_degraded, ids, degraded=True, event_times=times)
         assert counted() == (0, 0, len(ids), 1.0)
@@ -216,6 +217,7 @@ async def test_only_the_scoring_published_is_counted_in_the_metrics_and_the_mode
         actor.observe(X_full, scored, False, times)
         assert counted() == (len(ids), len(ids), 2 * len(ids), 0.5)
         assert monitor.psi("v1") is not None and monitor.psi("v1-fallback") is not None
+        assert monitor.psi("v2") is not None and monitor.psi("v2-fallback") is not None, "the shadow's windows"
 
 
 async def test_models_without_a_fallback_are_refused_at_start(models_dir: Path, tmp_path: Path) -> None:

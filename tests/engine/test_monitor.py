@@ -52,7 +52,7 @@ def model_info(reference: bool = True, offline: float | None = 0.9) -> ModelInfo
 
 def observe(monitor: ModelMonitor, X: np.ndarray, t0: float, step: float = 1.0, degraded: bool = False) -> None:
     n = len(X)
-    monitor.observe(X, {"v9": np.arange(n)}, scores(X), np.full(n, degraded), t0 + step * np.arange(n))
+    monitor.observe(X, {"v9": (np.arange(n), scores(X))}, np.full(n, degraded), t0 + step * np.arange(n))
 
 
 SETTINGS = MonitorSettings(window_s=3600.0, sub_windows=6, min_rows=500, top_features=1)
@@ -115,7 +115,7 @@ def test_the_degraded_share_is_over_the_window_and_degraded_rows_only_feed_the_f
     X = rows(rng, 1000)
     # 1000 normal rows, then 250 degraded ones (scored by the fallback, which has no reference here)
     observe(monitor, X, T0)
-    monitor.observe(X[:250], {fallback_id("v9"): np.arange(250)}, scores(X[:250]), np.full(250, True),
+    monitor.observe(X[:250], {fallback_id("v9"): (np.arange(250), scores(X[:250]))}, np.full(250, True),
                     T0 + 1000 + np.arange(250))
     samples = metric_samples(metrics.render())
     assert samples["fraudactors_degraded_share"][()] == pytest.approx(250 / 1250)
@@ -125,12 +125,32 @@ def test_the_degraded_share_is_over_the_window_and_degraded_rows_only_feed_the_f
     assert metric_samples(metrics.render())["fraudactors_degraded_share"][()] == 0.0
 
 
+def test_a_shadow_variants_scores_of_the_same_rows_fill_its_own_window() -> None:
+    """A row decided by v9 and scored by the shadow v10: each version's score PSI is of its own
+    probabilities, the rows count once in the degraded share; v10 has a window before it decides."""
+    metrics = EngineMetrics()
+    shadow = dataclasses.replace(model_info(), version="v10")
+    monitor = ModelMonitor(SETTINGS, metrics, [model_info(), shadow])
+    X = rows(np.random.default_rng(5), 1000)
+    everything = np.arange(len(X))
+    # the shadow scores every row as if its amounts were three times larger
+    monitor.observe(X, {"v9": (everything, scores(X)), "v10": (everything, scores(X * np.float32(3.0)))},
+                    np.full(len(X), False), T0 + everything)
+    v9, v10 = monitor.psi("v9"), monitor.psi("v10")
+    assert v9 is not None and v10 is not None
+    assert v9["score"] < 0.1 < 0.2 < v10["score"]
+    assert v9["amount"] == v10["amount"], "the same rows: the same features"
+    samples = metric_samples(metrics.render())
+    assert samples["fraudactors_score_psi"][(("version", "v10"),)] == pytest.approx(v10["score"])
+    assert samples["fraudactors_degraded_share"][()] == 0.0
+
+
 def test_rows_without_an_event_time_are_not_counted() -> None:
     monitor = ModelMonitor(SETTINGS, EngineMetrics(), [model_info()])
     X = rows(np.random.default_rng(4), 600)
     times = T0 + np.arange(600.0)
     times[:200] = np.nan
-    monitor.observe(X, {"v9": np.arange(600)}, scores(X), np.full(600, False), times)
+    monitor.observe(X, {"v9": (np.arange(600), scores(X))}, np.full(600, False), times)
     assert monitor.psi("v9") is None  # 400 < min_rows
 
 
