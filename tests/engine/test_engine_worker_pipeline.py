@@ -237,8 +237,9 @@ async def test_a_batch_scored_while_its_state_is_written_is_handed_off_only_once
         assert publisher.sent == [["t-0"], ["t-1"]]
         assert inference.calls == 2, "a write that landed needs no second scoring"
         assert inference.observe_flags == [False, False], "scored while written: not counted yet"
-        assert [X for X, _ in inference.observed] == [X for X, _ in inference.scored], \
-            "each counted once its write landed"
+        assert len(inference.observed) == 2 and all(
+            counted is scored for (counted, _), (scored, _) in zip(inference.observed, inference.scored, strict=True)
+        ), "each counted, as scored, once its write landed"
     finally:
         worker.mailbox.close()
         await asyncio.wait_for(task, 10)
