@@ -81,11 +81,13 @@ class TestResult:
 CLUSTERED = " + card-clustered"
 
 
-def _z_p(difference: float, variance: float) -> float:
-    """Two-sided normal p-value of ``difference`` with ``variance`` (0: 1.0 if no difference)."""
+def _z_p(difference: float, variance: float, df: int | None = None) -> float:
+    """Two-sided p-value of ``difference`` with ``variance`` (0: 1.0 if no difference), against the
+    normal distribution, or Student's t with ``df`` degrees of freedom."""
     if variance <= 0.0:
         return 1.0 if difference == 0.0 else 0.0
-    return float(2.0 * stats.norm.sf(abs(difference) / math.sqrt(variance)))
+    statistic = abs(difference) / math.sqrt(variance)
+    return float(2.0 * (stats.norm.sf(statistic) if df is None else stats.t.sf(statistic, df)))
 
 
 def _clustered(p_value: float, variance: float, clustered_variance: float, difference: float,
@@ -94,12 +96,7 @@ def _clustered(p_value: float, variance: float, clustered_variance: float, diffe
     statistic is read against Student's t with ``groups - 1`` degrees of freedom (its variance is
     estimated from that many groups)."""
     design_effect = clustered_variance / variance if variance > 0.0 else 1.0
-    if clustered_variance <= 0.0:
-        clustered_p = 1.0 if difference == 0.0 else 0.0
-    else:
-        statistic = abs(difference) / math.sqrt(clustered_variance)
-        clustered_p = float(2.0 * stats.t.sf(statistic, max(groups - 1, 1)))
-    return max(p_value, clustered_p), design_effect
+    return max(p_value, _z_p(difference, clustered_variance, max(groups - 1, 1))), design_effect
 
 
 def two_proportions(k1: int, n1: int, k2: int, n2: int, *, alpha: float = 0.05, power: float = 0.8,

@@ -506,14 +506,12 @@ class InferenceActor:
         if not self._published:
             return
         published, self._published, self._published_rows = self._published, [], 0
+        metrics, monitor = self._metrics, self.monitor
         if len(published) == 1:
-            X, scored, degraded, times = published[0].X, published[0].scored, published[0].degraded, published[0].times
+            scored, degraded = published[0].scored, published[0].degraded
         else:
-            X = np.concatenate([p.X for p in published])
             scored = [s for p in published for s in p.scored]
             degraded = np.concatenate([p.degraded for p in published])
-            times = np.concatenate([p.times for p in published])
-        metrics, monitor = self._metrics, self.monitor
         # the histograms are the main models' scores; a fallback's scale differs
         observed: dict[str, list[float]] = {}
         shadow_counts: dict[tuple[str, str, str], int] = {}
@@ -539,7 +537,10 @@ class InferenceActor:
             observe_many(metrics.fraud_probability.labels(name), values)
         for labels, count in shadow_counts.items():
             metrics.shadow_scores.labels(*labels).inc(count)
-        if monitor is not None:
+        if monitor is not None:  # the feature rows and times are the monitor's alone
+            one = len(published) == 1
+            X = published[0].X if one else np.concatenate([p.X for p in published])
+            times = published[0].times if one else np.concatenate([p.times for p in published])
             monitor.observe(X, {m: (np.asarray(rows, dtype=np.intp), np.asarray(probs, dtype=np.float64))
                                 for m, (rows, probs) in by_model.items()}, degraded, times)
 
