@@ -12,12 +12,16 @@ applies them to the store (``apply_labels``: the latest ``labeled_at`` stands, a
 nothing), counts each new or changed verdict against what each variant said
 (``fraudactors_label_outcomes_total{variant,outcome}``; a flipped verdict also in
 ``fraudactors_label_flips_total``), sends malformed labels to the dead-letter topic with
-``stage=labels``, and commits once those dead letters are acknowledged.
+``stage=labels``, and commits once those dead letters are acknowledged. A label dated more than
+``engine.max_future_skew_s`` ahead of both the labels already taken and the clock is malformed
+too: its ``labeled_at`` would be the newest of its merchant's marks and age every other mark out
+of the dedup that keeps a redelivered label from counting twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -252,6 +256,18 @@ class LabelConsumer:
         self._log = get_logger(actor="labels")
         self.applied = 0
         self.invalid = 0
+        self._skew = settings.engine.max_future_skew_s
+        self._watermark = float("-inf")  # the newest labeled_at taken
+
+    def _check_time(self, label: Label) -> None:
+        """A label may not be dated more than the skew ahead of both the labels taken and the clock
+        (the wall clock only guards against the future: a replay of last year's labels passes)."""
+        horizon = max(self._watermark, time.time()) + self._skew
+        if label.labeled_at > horizon:
+            self._metrics.future_records.inc()
+            raise InvalidRecord(f"labeled_at is more than {self._skew:g}s ahead of the labels taken "
+                                f"and of the clock")
+        self._watermark = max(self._watermark, label.labeled_at)
 
     async def run(self, task_status: Any) -> None:
         from fraudactors.features.schema import parse_label
@@ -283,7 +299,9 @@ class LabelConsumer:
                 for records in data.values():
                     for record in records:
                         try:
-                            labels.append(parse_label(record.value))
+                            label = parse_label(record.value)
+                            self._check_time(label)
+                            labels.append(label)
                             sources.append(record)
                         except InvalidRecord as exc:
                             dead.append(dlq_message(settings, record, exc.reason, "labels"))

@@ -6,8 +6,10 @@ real path is covered end to end in test_engine_stream.py and test_engine_ab.py).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -15,6 +17,8 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from fraudactors.actors import IGNORED
 from fraudactors.engine.labels import LabelConsumer
 from fraudactors.engine.metrics import EngineMetrics
+from fraudactors.errors import InvalidRecord
+from fraudactors.features.schema import Label
 from fraudactors.services import kafka
 from fraudactors.settings import Settings
 
@@ -104,3 +108,45 @@ async def test_a_dead_letter_the_broker_refused_fails_the_consumer_and_commits_n
     with pytest.raises(KafkaConnectionError):
         await asyncio.wait_for(task, 10)
     assert consumer.commits == []
+
+
+def _label(transaction_id: str, labeled_at: float) -> Label:
+    return Label(transaction_id, "u-1", "m-1", True, labeled_at)
+
+
+def test_a_label_dated_far_ahead_of_the_labels_taken_and_the_clock_is_refused(settings: Settings) -> None:
+    """Its labeled_at would be its merchant's newest mark and age the others out of the dedup.
+    Last year's labels (a replay) pass, and so does a replay that walks past the clock a little
+    at a time: only the wall clock's future is guarded."""
+    labels = LabelConsumer(settings, EngineMetrics(), features=None, outcomes=None,  # type: ignore[arg-type]
+                           publisher=None)  # type: ignore[arg-type]
+    skew, now = settings.engine.max_future_skew_s, time.time()
+    labels._check_time(_label("last-year", now - 365 * 86400.0))
+    labels._check_time(_label("now", now))
+    with pytest.raises(InvalidRecord, match="ahead of the labels taken and of the clock"):
+        labels._check_time(_label("2090", now + 64 * 365 * 86400.0))
+    at = now
+    for i in range(5):  # each within the skew of the newest taken
+        at += skew * 0.9
+        labels._check_time(_label(f"walk-{i}", at))
+    with pytest.raises(InvalidRecord):
+        labels._check_time(_label("jump", at + skew * 1.5))
+
+
+async def test_a_label_from_the_far_future_goes_to_the_dead_letter_topic(
+        settings: Settings, consumer: _Consumer) -> None:
+    value = orjson.dumps({"transaction_id": "t-2", "user_id": "u-1", "merchant_id": "m-1", "is_fraud": True,
+                          "labeled_at": "2090-01-01T00:00:00+00:00"})
+    consumer.batches = [{TP: [ConsumerRecord("labels", 3, 9, 0, 0, b"u-1", value, None, 0, len(value), ())]}]
+    labels, publisher, task = _started(settings)
+    try:
+        await _until(lambda: publisher.sent)
+        (_, _, sent, headers), = publisher.sent
+        assert sent == value and dict(headers)["stage"] == b"labels"
+        assert b"ahead of the labels taken and of the clock" in dict(headers)["error"]
+        publisher.ack.set_result(None)
+        await _until(lambda: consumer.commits)
+        assert consumer.commits == [{TP: 10}] and labels.invalid == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
