@@ -419,7 +419,9 @@ class FeatureStoreActor:
                     if failed is not None:
                         first, failed = failed, None
                         raise first
-                    for p in self._unclaimed.intersection(partition):
+                    # Every partition still to claim, not only this batch's: the backlog may hold
+                    # another's records, and a write without its epoch is refused as a stale owner's.
+                    for p in sorted(self._unclaimed):
                         await self._claim(store, p)
                     if self._backlog:
                         await self._apply_backlog(store)

@@ -530,15 +530,15 @@ return {written, stale, counted, reset}
 # later label with the same verdict changes nothing; a later "not fraud" takes the counted
 # report back out of its buckets; a later "fraud" after a "not fraud" counts in its own buckets.
 # An older or equal labeled_at changes nothing. Marks whose labeled_at is more than the keep
-# time before the newest label of the call are pruned (event time: they are past every window)
-# whenever the hash reaches a multiple of 64 fields. Returns one status per label: 0 nothing
+# time before the hash's newest mark are pruned (event time: they are past every window; the
+# merchant's own newest, so one merchant's mis-dated label cannot prune another's) whenever the
+# call's new marks take the hash past a multiple of 64 fields. Returns one status per label: 0 nothing
 # changed, 1 new, 2 verdict flipped, 3 confirmed (same verdict, later).
 APPLY_LABELS = "#!lua\n" + CHECK_TYPES + """
 local ttl, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 if not ttl or not keep or #KEYS % 2 ~= 0 or #ARGV ~= 2 + 5 * #KEYS / 2 then
   return redis.error_reply('INVALID arguments')
 end
-local newest = 0
 for i = 1, #KEYS / 2 do
   local a = 3 + (i - 1) * 5
   local err = check_type(KEYS[2 * i - 1], 'hash') or check_type(KEYS[2 * i], 'hash')
@@ -547,7 +547,6 @@ for i = 1, #KEYS / 2 do
   if not at or (ARGV[a + 2] ~= '0' and ARGV[a + 2] ~= '1') then
     return redis.error_reply('INVALID label arguments')
   end
-  if at > newest then newest = at end
 end
 local status = {}
 local grown = {}
@@ -591,14 +590,20 @@ for i = 1, #KEYS / 2 do
     if fraud ~= '1' then hour, day = '', '' end
     redis.call('HSET', marks, field, ARGV[a + 1] .. '|' .. fraud .. '|' .. hour .. '|' .. day)
     redis.call('EXPIRE', marks, ttl)
-    if result == 1 then grown[marks] = true end
+    if result == 1 then grown[marks] = (grown[marks] or 0) + 1 end
   end
   status[i] = result
 end
-local oldest = newest - keep
-for marks in pairs(grown) do
-  if redis.call('HLEN', marks) % 64 == 0 then
+for marks, added in pairs(grown) do
+  local size = redis.call('HLEN', marks)
+  if math.floor(size / 64) > math.floor((size - added) / 64) then
     local flat = redis.call('HGETALL', marks)
+    local newest = 0
+    for x = 2, #flat, 2 do
+      local at = tonumber(string.match(flat[x], '^([^|]*)'))
+      if at and at > newest then newest = at end
+    end
+    local oldest = newest - keep
     local dead = {}
     for x = 1, #flat, 2 do
       local at = tonumber(string.match(flat[x + 1], '^([^|]*)'))
@@ -610,6 +615,23 @@ for marks in pairs(grown) do
   end
 end
 return status
+"""
+
+# KEYS: the partition's epoch key. A new fencing epoch for its next owner: one more than the last,
+# and at least the Redis server's clock in seconds. The clock keeps epochs rising when the counter
+# itself was lost (a Redis restarted empty or from an older snapshot, a failover that lost the last
+# INCR) while engines still hold epochs they claimed before: a new owner's epoch is then still the
+# newest. Seconds fit the blobs' 32-bit epoch field until 2106.
+CLAIM = "#!lua\n" + CHECK_TYPES + """
+local err = check_type(KEYS[1], 'string')
+if err then return err end
+local epoch = redis.call('INCR', KEYS[1])
+local now = tonumber(redis.call('TIME')[1])
+if epoch < now then
+  redis.call('SET', KEYS[1], now)
+  epoch = now
+end
+return epoch
 """
 
 # KEYS: one outcome list per decision (the user's). ARGV: ttl, the list cap, then one entry

@@ -23,12 +23,14 @@ in short:
   is not counted again, and its feature vector is the one it was first scored with, read back
   from the partition's replay log (``{p<n>}:rl``: the vectors of the records applied since the
   last commit, trimmed to the committed offset on every write).
-- **Fencing.** Each owner of a partition claims it (:meth:`claim`: ``INCR`` of the partition's
-  epoch) and every blob it writes carries that epoch. The write script keeps a blob whose
+- **Fencing.** Each owner of a partition claims it (:meth:`claim`: the partition's epoch counter
+  raised by one, and to at least the Redis server's clock in seconds, so that epochs keep rising
+  after Redis lost the counter; ``scripts.CLAIM``) and every blob it writes carries that epoch. The write script keeps a blob whose
   partition is the writer's but whose epoch is newer: a former owner still in flight cannot
   overwrite the new owner's state (counted in ``stale_refused_total``). Merchant counts keep the
   highest offset counted per partition, so each record is counted once whoever writes it.
-- **Event time.** Nothing here reads the wall clock; pruning follows the batch's event times.
+- **Event time.** Nothing here reads the wall clock (the fencing epoch reads Redis's, features
+  never); pruning follows the batch's event times.
   A record older than a user's 30-day history is scored from the current state and changes
   nothing (``definition``: late records).
 - **Atomic and validated.** The write is one script that checks every key's type and every
@@ -280,7 +282,8 @@ class OnlineFeatureStore:
         if self._redis is None:
             self._redis = make_client(self._settings, self._timeout_s)
             self._scripts = ScriptRunner(self._redis, self._cluster, {
-                "read": scripts.READ_BATCH, "write": scripts.WRITE_BATCH, "labels": scripts.APPLY_LABELS},
+                "read": scripts.READ_BATCH, "write": scripts.WRITE_BATCH, "labels": scripts.APPLY_LABELS,
+                "claim": scripts.CLAIM},
                 self._settings, self._timeout_s)
         try:
             await self._redis.ping()
@@ -327,10 +330,8 @@ class OnlineFeatureStore:
         Every later write of this store for the partition carries it; a former owner's writes
         are refused where this owner has written.
         """
-        try:
-            epoch = int(await self._client().incr(self.keys.epoch(partition)))
-        except _IO_ERRORS as exc:
-            raise store_error(exc, "claim") from exc
+        (reply,) = await self._run("claim", [([self.keys.epoch(partition)], [])], "claim")
+        epoch = int(reply)
         self._epochs[partition] = epoch
         return epoch
 

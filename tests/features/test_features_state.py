@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -111,7 +113,7 @@ async def test_a_former_owner_whose_write_lands_late_cannot_overwrite_or_double_
     await new.open()
     try:
         await old.apply_labels(labels)
-        assert await old.claim(0) == 1
+        claimed = await old.claim(0)
         first = await old.compute(txns[:300], 0, range(300))
         # the former owner reads its next batch; its write is held until after the rebalance
         release = asyncio.Event()
@@ -124,7 +126,7 @@ async def test_a_former_owner_whose_write_lands_late_cannot_overwrite_or_double_
         old._write = delayed_write  # type: ignore[method-assign]
         stale = asyncio.create_task(old.compute(txns[300:700], 0, range(300, 700)))
         await asyncio.sleep(0)
-        assert await new.claim(0) == 2  # the rebalance: a newer epoch
+        assert await new.claim(0) > claimed  # the rebalance: a newer epoch
         second = await new.compute(txns[300:700], 0, range(300, 700))  # uncommitted: read again
         third = await new.compute(txns[700:900], 0, range(700, 900))
         release.set()
@@ -188,6 +190,98 @@ async def test_a_record_older_than_the_history_does_not_reset_the_user(backend_s
     # and the rest of the stream is exactly the stream without it
     rest = await store.compute(stream[20:], 0, range(21, 41))
     assert np.array_equal(np.concatenate([before, rest]), offline_features(stream))
+
+
+async def test_an_owner_claiming_after_redis_lost_its_epochs_still_fences_the_former_owner(
+        store_settings: Settings, client: aioredis.Redis) -> None:
+    """Redis restarted empty (or from an older snapshot) while the former owner kept its epoch in
+    memory: the partition's next claim must still be newer than that epoch, else the rightful
+    owner's writes are refused as stale wherever the former owner wrote after the loss."""
+    old, new = OnlineFeatureStore(store_settings), OnlineFeatureStore(store_settings)
+    await old.open()
+    await new.open()
+    try:
+        await old.claim(5)
+        await old.compute([txn("a0", "u", "m", T0)], 5, [10])
+        # the loss, a little later (a restart or a failover takes seconds; a claim in the same
+        # second of Redis's clock as the lost one may get an equal epoch)
+        await asyncio.sleep(1.05)
+        prefix = store_settings.redis.key_prefix
+        await client.delete(*[k async for k in client.scan_iter(match=prefix + "*")])
+        await old.compute([txn("a1", "u", "m", T0 + 60.0)], 5, [11])  # before the rebalance reaches it
+        assert await new.claim(5) > old.epoch(5)  # type: ignore[operator]
+        for i in range(4):
+            await new.compute([txn(f"b{i}", "u", "m", T0 + 120.0 + i)], 5, [12 + i])
+        assert new.stale_refused_total == 0
+        state = await new.user_state("u")
+        assert state is not None and len(state.times) == 5 and state.offset == 15
+    finally:
+        await old.close()
+        await new.close()
+
+
+async def test_degraded_records_of_a_partition_not_in_the_first_batch_after_an_outage_keep_their_epoch(
+        store_settings: Settings, fresh_redis: Any) -> None:
+    """Partitions assigned while Redis is down are claimed when it is back. The first batch after
+    the outage comes from one of them; the backlog also holds another's records, which must be
+    written under that partition's new epoch too: written as epoch 0 they are refused as a stale
+    owner's wherever a former owner wrote the user, and lost (their offsets are committed)."""
+    s = store_settings.replace(redis={"url": fresh_redis.url, "socket_timeout_ms": 300,
+                                      "retry_interval_ms": 100})
+    former = OnlineFeatureStore(s)
+    await former.open()
+    try:
+        await former.claim(2)
+        await former.compute([txn("f0", "u", "m", T0), txn("f1", "u", "m", T0 + 60.0)], 2, [0, 1])
+    finally:
+        await former.close()
+    metrics = EngineMetrics()
+    async with running_actor(s, metrics) as actor:
+        os.kill(fresh_redis.pid, signal.SIGSTOP)  # hung, its data kept
+        try:
+            await actor.claim(2)  # the rebalance, during the outage: deferred
+            await actor.claim(3)
+            _, degraded = await actor.compute([txn("d0", "u", "m", T0 + 120.0)], 2, [2])
+            assert degraded
+        finally:
+            os.kill(fresh_redis.pid, signal.SIGCONT)
+        await asyncio.wait_for(actor._up.wait(), 30)
+        _, degraded = await actor.compute([txn("q0", "other", "m", T0 + 180.0)], 3, [0])
+        assert not degraded
+        x, degraded = await actor.compute([txn("d1", "u", "m", T0 + 240.0)], 2, [3])
+        assert not degraded
+        assert actor.store is not None and actor.store.stale_refused_total == 0
+        assert x[0, FEATURE_INDEX["tx_count_1h"]] == 3.0, "the degraded record entered the state"
+
+
+async def test_a_label_dated_far_ahead_does_not_age_out_the_marks_that_keep_a_repeat_from_counting(
+        store: OnlineFeatureStore) -> None:
+    """A merchant's label marks are pruned against its own newest mark, and only past the keep
+    time: a mis-dated label of another merchant prunes nothing, and a redelivery of every label
+    (at-least-once) still counts each fraud once."""
+    t = T0 + 10 * DAY
+    labels = [Label(f"t{i}", "u", "m", True, t + i) for i in range(64)]
+    assert set(await store.apply_labels(labels[:63])) == {1}
+    # the 64th mark of "m" (its prune) in one call with another merchant's label from 2090
+    assert await store.apply_labels([labels[63], Label("bad", "u9", "other", True, t + 64 * 365 * DAY)]) == [1, 1]
+    assert set(await store.apply_labels(labels)) == {0}, "a redelivered label changed something"
+    probe = txn("probe", "u", "m", t + DAY)
+    assert (await store.peek([probe]))[0, FEATURE_INDEX["merchant_fraud_count_7d"]] == 64.0
+
+
+async def test_label_marks_are_pruned_whatever_the_number_of_new_marks_per_call(
+        store: OnlineFeatureStore, client: aioredis.Redis) -> None:
+    """Marks past the keep time go when a call takes the hash past a multiple of 64, also when it
+    adds several at once (it jumps over the multiple): memory stays bounded by the labels of
+    the keep time."""
+    t = T0
+    assert await store.apply_labels([Label("first", "u", "m", True, t)]) == [1]
+    for k in range(150):  # two labels per call, 5 days apart: the count is always odd
+        at = t + (k + 1) * 5 * DAY
+        assert await store.apply_labels([Label(f"a{k}", "u", "m", False, at),
+                                         Label(f"b{k}", "u", "m", False, at)]) == [1, 1]
+    # 45 days of marks are 9 calls (18 marks); at most 64 more accumulate before the next prune
+    assert await client.hlen(store.keys.label_marks("m")) <= 18 + 2 + 64
 
 
 async def test_the_latest_label_stands_and_a_repeat_changes_nothing(backend_store: OnlineFeatureStore) -> None:
