@@ -46,9 +46,9 @@ def transactions(n: int, *, start: int = 0, users: int = 400, prefix: str = "t",
 
 
 async def produce(settings: Settings, records: Sequence[tuple[bytes | None, bytes]],
-                  topic: str | None = None) -> dict[int, int]:
+                  topic: str | None = None, compression_type: str | None = None) -> dict[int, int]:
     """Send and wait for every record; returns the end offset (last offset + 1) per partition."""
-    producer = make_producer(settings, linger_ms=5)
+    producer = make_producer(settings, linger_ms=5, compression_type=compression_type)
     await producer.start()
     ends: dict[int, int] = {}
     try:

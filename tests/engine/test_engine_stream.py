@@ -66,6 +66,21 @@ async def test_twenty_thousand_transactions_over_twelve_partitions_are_decided_e
     assert set(variants) == {"A", "B"} and variants["A"] > variants["B"]
 
 
+async def test_record_batches_in_every_kafka_compression_codec_are_decided(engine_settings: Settings) -> None:
+    """Producers compress (lz4 and zstd are common defaults): a batch the engine could not
+    decompress would fail its fetch, and with it the ingestor, in a restart loop."""
+    s = engine_settings
+    sent: list[str] = []
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        for codec in ("gzip", "snappy", "lz4", "zstd"):
+            txns = transactions(200, prefix=f"{codec}-")
+            await produce(s, [(k, v) for k, v, _ in txns], compression_type=codec)
+            sent += [t for _, _, t in txns]
+        await reader.wait_for(lambda recs: len(recs) >= len(sent), timeout_s=60)
+        assert engine.supervisor.restarts_total == 0
+    assert sorted(d["transaction_id"] for d in reader.decisions()) == sorted(sent)
+
+
 async def test_malformed_inputs_go_to_the_dlq_and_every_valid_one_is_decided(engine_settings: Settings) -> None:
     s = engine_settings
     bad = generate_malformed(1000)
