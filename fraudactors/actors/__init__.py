@@ -1,6 +1,6 @@
 """The actor runtime: bounded mailboxes, supervisors, and a process pool for CPU work."""
 
-from fraudactors.actors.actor import actor_child
+from fraudactors.actors.actor import actor_child, last_step
 from fraudactors.actors.mailbox import Mailbox, Request, ask
 from fraudactors.actors.pool import PoolBroken, ProcessPool, RemoteCallError, WorkerInitError
 from fraudactors.actors.supervisor import ChildSpec, Restart, Strategy, Supervisor, run_root
@@ -21,6 +21,7 @@ __all__ = [
     "WorkerInitError",
     "actor_child",
     "ask",
+    "last_step",
     "run_root",
     "start_task",
 ]

@@ -25,7 +25,26 @@ from fraudactors.actors.supervisor import ChildSpec, Restart
 from fraudactors.actors.taskstatus import TaskStatus
 from fraudactors.logging import get_logger
 
-__all__ = ["actor_child"]
+__all__ = ["actor_child", "last_step"]
+
+
+async def last_step(cleanup: Awaitable[None]) -> None:
+    """A child's cleanup, run to its end even when the child is cancelled meanwhile.
+
+    A supervisor stops its children in reverse start order by cancelling each and waiting up to
+    its ``shutdown_timeout``: a child whose cleanup merely sat under ``asyncio.shield`` ended at
+    that cancel while the cleanup went on unwatched, and the supervisor went on to stop the
+    children the cleanup still needed (the ingestor's drain and last commit need the
+    publisher's acknowledgements). Here the child ends only with its cleanup; a second cancel
+    (the supervisor's timeout, or the loop closing) gives up waiting.
+    """
+    task = asyncio.ensure_future(cleanup)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            await asyncio.wait({task})
+        raise
 
 
 def actor_child(

@@ -31,7 +31,16 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from fraudactors.actors import ChildSpec, Mailbox, Restart, Strategy, Supervisor, TaskStatus, start_task
+from fraudactors.actors import (
+    ChildSpec,
+    Mailbox,
+    Restart,
+    Strategy,
+    Supervisor,
+    TaskStatus,
+    last_step,
+    start_task,
+)
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.offsets import OffsetTracker
 from fraudactors.engine.partition import Partition
@@ -160,7 +169,9 @@ class Ingestor:
             raise error from error.__cause__
         finally:
             self.running = False
-            await asyncio.shield(self._shutdown(consumer, supervising))
+            # the drain, the last commit and leaving the group: the publisher, stopped after
+            # this child, must outlast them
+            await last_step(self._shutdown(consumer, supervising))
 
     def stop_fetching(self) -> None:
         """Graceful shutdown, step one: no more fetches; in-flight work carries on."""
@@ -200,7 +211,9 @@ class Ingestor:
         engine = self._settings.engine
         interval = engine.commit_interval_ms / 1000.0
         while not poll.done():
-            await asyncio.sleep(interval)
+            await asyncio.wait({poll}, timeout=interval)  # a stop does not wait out the interval
+            if poll.done():
+                return  # the shutdown commits
             await self.commit(consumer)
             await self._refresh_positions(consumer)
             self._update_gauges()

@@ -41,6 +41,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
+from fraudactors.actors import last_step
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.errors import ActorDied
 from fraudactors.logging import get_logger
@@ -162,7 +163,7 @@ class Publisher:
             await asyncio.Event().wait()
         finally:
             self._ready.clear()
-            await asyncio.shield(self._close(producer))
+            await last_step(self._close(producer))
 
     async def _close(self, producer: AIOKafkaProducer) -> None:
         """Send what is open, wait (bounded) for the acknowledgements, then stop retrying."""

@@ -19,6 +19,7 @@ from fraudactors.actors import (
     TaskStatus,
     actor_child,
     ask,
+    last_step,
     run_root,
 )
 from fraudactors.errors import ActorDied, ActorError, RestartIntensityExceeded, StartupTimeout
@@ -619,3 +620,41 @@ async def test_callers_of_a_temporary_actor_that_died_fail_for_good() -> None:
         await ask(mailbox, "c")
     await sup.stop()
     await run
+
+
+async def test_a_child_in_its_last_step_is_waited_for_before_the_child_started_before_it() -> None:
+    """Reverse-order stop: the first child (the publisher, say) is stopped only after the second
+    (the ingestor, already draining when the supervisor cancels it) finished its cleanup, which
+    still needs the first. Under ``asyncio.shield`` alone the second child ended at the cancel
+    while its cleanup ran on unwatched, and the first was stopped under it."""
+    journal: list[str] = []
+    stop_fetching, in_cleanup = asyncio.Event(), asyncio.Event()
+
+    async def needed(task_status: TaskStatus) -> None:
+        task_status.started()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            journal.append("needed stopped")
+
+    async def drain() -> None:
+        in_cleanup.set()
+        await asyncio.sleep(0.3)
+        journal.append("drained")
+
+    async def draining(task_status: TaskStatus) -> None:
+        task_status.started()
+        try:
+            await stop_fetching.wait()
+        finally:
+            await last_step(drain())
+
+    sup = Supervisor("root", [ChildSpec("needed", needed), ChildSpec("draining", draining)])
+    status = Status()
+    run = asyncio.create_task(sup.run(status))
+    await asyncio.wait_for(status.ready.wait(), 10)
+    stop_fetching.set()
+    await asyncio.wait_for(in_cleanup.wait(), 10)
+    await sup.stop()
+    await run
+    assert journal == ["drained", "needed stopped"]

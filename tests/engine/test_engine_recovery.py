@@ -177,3 +177,60 @@ async def test_hold_policy_waits_for_redis_instead_of_degrading(engine_settings:
     decisions = reader.decisions()
     assert {d["transaction_id"] for d in decisions} == {t for _, _, t in txns}
     assert not any(d["degraded"] for d in decisions), "hold never decides without the online features"
+
+
+async def test_a_graceful_stop_commits_what_the_broker_acknowledges_late_before_the_publisher_closes(
+        engine_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while the broker is slow to acknowledge: the ingestor's drain waits for those
+    acknowledgements and commits them. The supervisor stops the children in reverse order and the
+    publisher comes after the ingestor: if the ingestor's child ended at the supervisor's cancel
+    while its drain went on unwatched, the publisher would close first, give up the pending
+    acknowledgements, and their records would be decided again by the next owner."""
+    from fraudactors.engine.ingestor import Ingestor
+    from fraudactors.engine.publisher import Publisher
+
+    real_confirm, real_shutdown, real_close = Publisher._confirm, Ingestor._shutdown, Publisher._close
+    draining, acknowledging = asyncio.Event(), asyncio.Event()
+    closing: list[bool] = []
+
+    async def slow_confirm(self: Publisher, messages: Any, futures: Any) -> None:
+        await acknowledging.wait()  # the broker acknowledges late
+        await real_confirm(self, messages, futures)
+
+    async def shutdown(self: Ingestor, *args: Any) -> None:
+        draining.set()
+        await real_shutdown(self, *args)
+
+    async def close(self: Publisher, *args: Any) -> None:
+        # a publisher closing while they are pending gets them only after its own flush gave up
+        closing.append(True)
+        asyncio.get_running_loop().call_later(2.5, acknowledging.set)
+        await real_close(self, *args)
+
+    monkeypatch.setattr(Publisher, "_confirm", slow_confirm)
+    monkeypatch.setattr(Ingestor, "_shutdown", shutdown)
+    monkeypatch.setattr(Publisher, "_close", close)
+    # No periodic commit in the test's time: only the stop's commit can carry these records. The
+    # acknowledgements come 3 s into the stop, before the ingestor's drain gives up (half the
+    # shutdown timeout, 4 s) -- unless the publisher began to close before then: 2.5 s after
+    # that, when its own flush has given up (a quarter of the shutdown timeout, 2 s).
+    s = engine_settings.replace(engine={"commit_interval_ms": 600_000, "shutdown_timeout_s": 8.0})
+    engine = Engine(s)
+    await engine.start()
+    stopped = False
+    try:
+        await engine.wait_ready(timeout_s=60)
+        async with reading(s, s.topics.predictions) as reader:
+            ends = await produce(s, [(k, v) for k, v, _ in transactions(300)])
+            await reader.wait_for(lambda recs: len(recs) >= 300, timeout_s=30)  # sent, not yet acknowledged
+        # The stop's first step ends the fetching; the ingestor is draining by the time the
+        # supervisor reaches it (as when the children stopped before it take a while).
+        engine.ingestor.stop_fetching()
+        await asyncio.wait_for(draining.wait(), 10)
+        asyncio.get_running_loop().call_later(3.0, lambda: closing or acknowledging.set())
+        await engine.stop()
+        stopped = True
+    finally:
+        if not stopped:
+            await engine.stop()
+    assert await committed(s) == ends
