@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.monitor import CALENDAR_FEATURES, EventTimeRing, ModelMonitor
 from fraudactors.modeling.reference import build_reference, parse_reference, psi
-from fraudactors.modeling.registry import ModelInfo, fallback_id, load_model_info
+from fraudactors.modeling.registry import FallbackInfo, ModelInfo, fallback_id, load_model_info
 from fraudactors.settings import MonitorSettings
 
 NAMES = ("amount", "is_international", "tx_count_24h")
@@ -37,17 +37,20 @@ def scores(X: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(np.log1p(X[:, 0].astype(np.float64)) - 6.0)))
 
 
-def model_info(reference: bool = True, offline: float | None = 0.9) -> ModelInfo:
+def model_info(reference: bool = True, offline: float | None = 0.9, fallback: bool = False) -> ModelInfo:
     rng = np.random.default_rng(1)
     X = rows(rng, 50_000)
     contrib = np.column_stack([X[:, 0], np.zeros(len(X)), X[:, 2] * 0.1]).astype(np.float64)
-    section = build_reference(X, np.arange(len(X)), NAMES, scores(X), contrib, what={})
+    section = build_reference(X, np.arange(len(X)), NAMES, scores(X), contrib, what={},
+                              fallback_scores=scores(X) if fallback else None)
     section = json.loads(json.dumps(section))  # as metadata.json holds it
     metadata = {"metrics": {"test": {"at_thresholds": {"review": {"detection_rate": offline}}}}}
     return ModelInfo(version="v9", directory=Path("."), feature_names=NAMES, review_threshold=0.5,
                      decline_threshold=0.9, sha256="", metadata=metadata,
                      reference=parse_reference(section, NAMES) if reference else None,
-                     reference_problem=None if reference else "metadata.json has no 'reference' section")
+                     reference_problem=None if reference else "metadata.json has no 'reference' section",
+                     fallback=FallbackInfo(fallback_id("v9"), Path("fallback.onnx"), "", NAMES[:2], 0.5, 0.9,
+                                           None, None) if fallback else None)
 
 
 def observe(monitor: ModelMonitor, X: np.ndarray, t0: float, step: float = 1.0, degraded: bool = False) -> None:
@@ -109,17 +112,27 @@ def test_rows_older_than_the_window_leave_it_and_late_rows_are_not_counted() -> 
 
 
 def test_the_degraded_share_is_over_the_window_and_degraded_rows_only_feed_the_fallbacks_score() -> None:
+    """Degraded rows carry stand-ins for the missing state: they count in the degraded share and
+    the fallback's score PSI, never in the model's window, and the fallback has no feature PSI
+    (a drift alert on stand-in values would be false)."""
     metrics = EngineMetrics()
-    monitor = ModelMonitor(SETTINGS, metrics, [model_info()])
+    monitor = ModelMonitor(SETTINGS, metrics, [model_info(fallback=True)])
     rng = np.random.default_rng(3)
     X = rows(rng, 1000)
-    # 1000 normal rows, then 250 degraded ones (scored by the fallback, which has no reference here)
-    observe(monitor, X, T0)
-    monitor.observe(X[:250], {fallback_id("v9"): (np.arange(250), scores(X[:250]))}, np.full(250, True),
-                    T0 + 1000 + np.arange(250))
+    fallback = fallback_id("v9")
+    observe(monitor, X, T0)  # 1000 normal rows
+    before = monitor.psi("v9")
+    # then 600 degraded ones, the amounts tripled (as stand-ins could make them look)
+    degraded = X[:600] * np.float32(3.0)
+    monitor.observe(degraded, {fallback: (np.arange(600), scores(degraded))}, np.full(600, True),
+                    T0 + 1000 + np.arange(600))
     samples = metric_samples(metrics.render())
-    assert samples["fraudactors_degraded_share"][()] == pytest.approx(250 / 1250)
-    assert monitor.psi("v9") is not None and monitor.psi(fallback_id("v9")) is None
+    assert samples["fraudactors_degraded_share"][()] == pytest.approx(600 / 1600)
+    assert monitor.psi("v9") == before, "degraded rows entered the model's window"
+    after = monitor.psi(fallback)
+    assert after is not None and set(after) == {"score"} and after["score"] > 0.2
+    assert {dict(k)["version"] for k in samples["fraudactors_feature_psi"]} == {"v9"}
+    assert (("version", fallback),) in samples["fraudactors_score_psi"]
     # a window later, with no degraded rows, the share is back at 0
     observe(monitor, X, T0 + 10_000)
     assert metric_samples(metrics.render())["fraudactors_degraded_share"][()] == 0.0
