@@ -94,60 +94,82 @@ async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
 
 
 # -- slow clients ------------------------------------------------------------------------------------
+# Each timeout test runs its client against two servers at once, one with the timeout under test
+# (SHORT_S) and one with a longer one (LONG_S): the connection is closed with a 408 no sooner
+# than the server's own setting, and the short server's before the long server's setting has
+# run out -- so it is the setting that closes it (not a constant, another unit or another timer),
+# without a bound on wall time.
+SHORT_S, LONG_S = 0.2, 1.5
+
+
+async def close_after(port: int, client: Any, prelude: Any = None) -> tuple[float, bytes]:
+    """Run ``client(reader, writer)`` until the server closes the connection: the seconds that
+    took and everything the server sent (after ``prelude(reader, writer)``, if given)."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if prelude is not None:
+        await prelude(reader, writer)
+    start = loop.time()
+    talking = asyncio.create_task(client(reader, writer))
+    try:
+        sent = await closed_by_server(reader)
+        return loop.time() - start, sent
+    finally:
+        talking.cancel()
+        await asyncio.gather(talking, return_exceptions=True)
+        writer.close()
+
+
+async def assert_closed_at_the_timeout(client: Any, setting: str, prelude: Any = None) -> None:
+    async with serving(**{setting: SHORT_S}) as short, serving(**{setting: LONG_S}) as long:
+        (t_short, sent_short), (t_long, sent_long) = await asyncio.gather(
+            close_after(short.port, client, prelude), close_after(long.port, client, prelude))
+    for sent in (sent_short, sent_long):
+        assert sent.startswith(b"HTTP/1.1 408 "), sent[:80]
+    slack = 0.05  # the timer's resolution
+    assert SHORT_S - slack <= t_short < LONG_S <= t_long + slack, (t_short, t_long)
+
+
 async def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout() -> None:
-    async with serving(header_timeout_s=0.3) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        try:
-            sent = await closed_by_server(reader)
-        finally:
-            writer.close()
-    assert sent.startswith(b"HTTP/1.1 408 ")
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.Event().wait()
+
+    await assert_closed_at_the_timeout(silent, "header_timeout_s")
 
 
 async def test_a_client_trickling_its_headers_is_cut_off_at_the_header_timeout() -> None:
     head = request("GET", "/healthz", X_Padding="p" * 400)[:-2]  # never the blank line
-    async with serving(header_timeout_s=0.3) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
 
-        async def trickle() -> None:  # the slow client itself: a byte every 20 ms, 8 s in all
-            for byte in head:
-                writer.write(bytes([byte]))
-                await writer.drain()
-                await asyncio.sleep(0.02)
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for byte in head:  # the slow client itself: a byte every 20 ms, 8 s in all
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        raise AssertionError("the whole head went out: the server never cut the client off")
 
-        trickler = asyncio.create_task(trickle())
-        try:
-            sent = await closed_by_server(reader)
-            assert not trickler.done(), "the client was still sending its headers"
-        finally:
-            trickler.cancel()
-            await asyncio.gather(trickler, return_exceptions=True)
-            writer.close()
-    assert sent.startswith(b"HTTP/1.1 408 ")
+    await assert_closed_at_the_timeout(trickle, "header_timeout_s")
 
 
 async def test_the_next_request_head_on_a_kept_alive_connection_has_the_header_timeout_too() -> None:
-    async with serving(header_timeout_s=0.3) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        try:
-            writer.write(request("GET", "/healthz"))
-            assert (await read_response(reader))[0] == 200
-            writer.write(request("GET", "/healthz")[:-2])  # the next head, never finished
-            sent = await closed_by_server(reader)
-        finally:
-            writer.close()
-    assert sent.startswith(b"HTTP/1.1 408 ")
+    async def first_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(request("GET", "/healthz"))
+        assert (await read_response(reader))[0] == 200
+
+    async def second_head_unfinished(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(request("GET", "/healthz")[:-2])  # the next head, never finished
+        await asyncio.Event().wait()
+
+    await assert_closed_at_the_timeout(second_head_unfinished, "header_timeout_s", prelude=first_request)
 
 
 async def test_a_client_that_promises_a_body_and_never_sends_it_gets_408_and_is_closed() -> None:
-    async with serving(body_timeout_s=0.3) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        try:
-            writer.write(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 200\r\n\r\n{\"transaction")
-            sent = await closed_by_server(reader)
-        finally:
-            writer.close()
-    assert sent.startswith(b"HTTP/1.1 408 ")
+    async def no_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 200\r\n\r\n{\"transaction")
+        await asyncio.Event().wait()
+
+    await assert_closed_at_the_timeout(no_body, "body_timeout_s")
+    async with serving(body_timeout_s=SHORT_S) as server:
+        _, sent = await close_after(server.port, no_body)
     assert b"body not received" in sent
 
 
