@@ -309,21 +309,20 @@ class LabelConsumer:
                     self.invalid += len(dead)
                     self._metrics.dlq.labels("labels").inc(len(dead))
                     self._log.warning("labels_invalid", count=len(dead))
-                while True:
-                    try:
-                        await self._apply(labels)
-                        break
-                    except FeatureStoreRejected as exc:
-                        # Redis refuses these labels whatever we do: dead letters, not a stall.
-                        self._log.error("labels_rejected", kind=exc.kind, error=str(exc), labels=len(labels))
-                        self._metrics.feature_store_errors.labels(exc.kind).inc()
-                        self._metrics.dlq.labels("labels").inc(len(labels))
-                        dead.extend(dlq_message(settings, record, f"feature store refused the label: {exc}",
-                                                "labels") for record in sources)
-                        break
-                    except errors as exc:
-                        self._log.warning("labels_retry", error=repr(exc), labels=len(labels))
-                        await asyncio.sleep(retry_s)
+                try:
+                    await self._applied(labels, errors, retry_s)
+                except FeatureStoreRejected as exc:
+                    # Redis refuses something in the batch whatever we do: the refused labels are
+                    # dead letters (found one at a time), the others are applied -- not a stall.
+                    self._log.error("labels_rejected", kind=exc.kind, error=str(exc), labels=len(labels))
+                    self._metrics.feature_store_errors.labels(exc.kind).inc()
+                    for label, record in zip(labels, sources, strict=True):
+                        try:
+                            await self._applied([label], errors, retry_s)
+                        except FeatureStoreRejected as one:
+                            self._metrics.dlq.labels("labels").inc()
+                            dead.append(dlq_message(settings, record, f"feature store refused the label: {one}",
+                                                    "labels"))
                 if dead:  # committed only once the broker has the dead letters
                     await (await self._publisher.send_many(dead))
                 offsets = {tp: records[-1].offset + 1 for tp, records in data.items() if records}
@@ -333,6 +332,18 @@ class LabelConsumer:
                     self._log.warning("labels_commit_failed", error=repr(exc))
         finally:
             await asyncio.shield(consumer.stop())
+
+    async def _applied(self, labels: list[Label], errors: tuple[type[BaseException], ...], retry_s: float) -> None:
+        """:meth:`_apply`, retried while Redis is unavailable (raises FeatureStoreRejected)."""
+        while True:
+            try:
+                await self._apply(labels)
+                return
+            except FeatureStoreRejected:
+                raise
+            except errors as exc:
+                self._log.warning("labels_retry", error=repr(exc), labels=len(labels))
+                await asyncio.sleep(retry_s)
 
     async def _apply(self, labels: list[Label]) -> None:
         if not labels:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
@@ -19,6 +22,7 @@ from fraudactors.engine.labels import LabelConsumer
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.errors import InvalidRecord
 from fraudactors.features.schema import Label
+from fraudactors.features.store import OnlineFeatureStore
 from fraudactors.services import kafka
 from fraudactors.settings import Settings
 
@@ -150,3 +154,48 @@ async def test_a_label_from_the_far_future_goes_to_the_dead_letter_topic(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class _NoOutcomes:
+    """No decision to match (the A/B side is covered in test_engine_ab.py)."""
+
+    deltas: dict[Any, Any] = {}
+
+    async def lookup(self, labels: Any) -> list[None]:
+        return [None] * len(labels)
+
+
+async def test_a_label_redis_refuses_is_a_dead_letter_and_the_rest_of_its_batch_is_applied(
+        settings: Settings, consumer: _Consumer, redis_server: Any) -> None:
+    """One merchant's frauds key holds something else (a refusal, whatever we retry): that label
+    goes to the dead-letter topic; the others of its batch are applied, not dead-lettered with it."""
+    s = settings.replace(redis={"url": redis_server.url, "key_prefix": f"fa-labels-{uuid.uuid4().hex[:12]}:"})
+    store = OnlineFeatureStore(s)
+    await store.open()
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.set(store.keys.merchant_frauds("m-broken"), "not a hash")
+        records = []
+        for offset, merchant in enumerate(("m-1", "m-broken", "m-2")):
+            value = orjson.dumps({"transaction_id": f"t-{offset}", "user_id": "u-1", "merchant_id": merchant,
+                                  "is_fraud": True, "labeled_at": "2026-10-20T10:00:00+00:00"})
+            records.append(ConsumerRecord("labels", 3, offset, 0, 0, b"u-1", value, None, 0, len(value), ()))
+        consumer.batches = [{TP: records}]
+        publisher = _Publisher()
+        publisher.ack.set_result(None)
+        labels = LabelConsumer(s, EngineMetrics(), features=SimpleNamespace(store=store),  # type: ignore[arg-type]
+                               outcomes=_NoOutcomes(), publisher=publisher)  # type: ignore[arg-type]
+        task = asyncio.create_task(labels.run(IGNORED))
+        try:
+            await _until(lambda: consumer.commits)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        (_, _, value, headers), = publisher.sent
+        assert value == records[1].value and b"refused" in dict(headers)["error"]
+        assert consumer.commits == [{TP: 3}] and labels.applied == 2
+        for merchant in ("m-1", "m-2"):
+            assert await client.hlen(store.keys.merchant_frauds(merchant)) == 2  # its hour and day
+    finally:
+        await client.aclose()
+        await store.close()
