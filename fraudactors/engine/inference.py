@@ -429,28 +429,33 @@ class InferenceActor:
         while True:
             requests = await self.mailbox.get_batch(engine.batch_max, engine.batch_linger_ms / 1000.0)
             for batch in _chunks(requests, engine.batch_max):
-                await self._inflight.acquire()
-                task = loop.create_task(self._call(batch))
-                self._calls[task] = batch
-                task.add_done_callback(self._forget_call)
+                await self._start_call(loop, batch)
+
+    async def _start_call(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
+        """One scoring call in flight, once a permit is free. The permit goes back when the call's
+        task is done, however it ends: a task cancelled before its first step (the actor
+        stopping or crashing right after starting it) never runs its own code, and the
+        semaphore outlives the actor's restarts."""
+        await self._inflight.acquire()
+        task = loop.create_task(self._call(batch))
+        self._calls[task] = batch
+        task.add_done_callback(self._forget_call)
 
     def _forget_call(self, task: asyncio.Task[None]) -> None:
         self._calls.pop(task, None)
+        self._inflight.release()
 
     async def _call(self, batch: list[_Request]) -> None:
         try:
-            try:
-                results = await self._score_batch(batch)
-            except BaseException as exc:
-                for req in batch:
-                    req.reject(exc if isinstance(exc, Exception) else ActorDied(repr(exc)))
-                if not isinstance(exc, Exception):
-                    raise
-                return
-            for req, result in zip(batch, results, strict=True):
-                req.resolve(result)
-        finally:
-            self._inflight.release()
+            results = await self._score_batch(batch)
+        except BaseException as exc:
+            for req in batch:
+                req.reject(exc if isinstance(exc, Exception) else ActorDied(repr(exc)))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for req, result in zip(batch, results, strict=True):
+            req.resolve(result)
 
     async def _score_batch(self, batch: list[_Request]) -> list[list[Scored]]:
         X = np.concatenate([r.payload.X for r in batch]) if len(batch) > 1 else batch[0].payload.X

@@ -302,3 +302,23 @@ async def test_with_redis_frozen_mid_stream_the_fallbacks_decide_within_twice_th
     assert decision["degraded"] is True
     assert decision["model_version"] == FALLBACK_OF[decision["variant"]]
     assert set(decision["reasons"]) <= set(TRANSACTION_ONLY)
+
+
+async def test_a_scoring_call_cancelled_before_it_ran_gives_its_permit_back() -> None:
+    """The actor stopping (or crashing) right after it started calls cancels tasks that never ran
+    a step: their permits must come back, or the restarted actor (the semaphore is kept across
+    restarts) runs with fewer calls in flight each time, down to none."""
+    settings = Settings()
+    actor = InferenceActor(settings, EngineMetrics())
+    loop = asyncio.get_running_loop()
+    permits = settings.engine.max_inflight_batches
+    for _ in range(permits):
+        await actor._start_call(loop, [])
+    tasks = list(actor._calls)
+    assert actor._inflight.locked()
+    for task in tasks:  # what _close does, before any of them ran
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(task.cancelled() for task in tasks) and not actor._calls
+    for _ in range(permits):  # every permit is free again
+        await asyncio.wait_for(actor._inflight.acquire(), 1)
