@@ -326,8 +326,30 @@ class FeatureStoreActor:
 
     async def _claim(self, store: OnlineFeatureStore, partition: int) -> None:
         epoch = await store.claim(partition)
+        if partition not in self._owned:  # revoked while the claim was made: not ours to write
+            store.release(partition)
+            return
         self._unclaimed.discard(partition)
         self._log.info("partition_claimed", partition=partition, epoch=epoch)
+
+    async def _claim_pending(self, store: OnlineFeatureStore, batch: Sequence[int]) -> None:
+        """Claim the partitions still to claim that this call writes: the batch's, and the
+        backlog's (a write without its partition's epoch is refused as a stale owner's). A
+        backlog partition whose claim Redis refuses loses its waiting records (counted), not
+        every other partition's batch; a batch partition's refusal fails the call as before."""
+        ours = set(batch)
+        wanted = ours | {p for _, p, _ in self._backlog}
+        for p in sorted(self._unclaimed & wanted):
+            if p not in self._unclaimed:  # released meanwhile
+                continue
+            if p in ours:
+                await self._claim(store, p)
+                continue
+            try:
+                await self._claim(store, p)
+            except FeatureStoreRejected as exc:
+                self._log.error("partition_claim_refused", partition=p, kind=exc.kind, error=str(exc))
+                self._drop_backlog(p, exc.kind)
 
     def release(self, partition: int) -> None:
         """The partition is no longer ours (revoked): its backlog is the new owner's loss, counted."""
@@ -335,9 +357,13 @@ class FeatureStoreActor:
         self._unclaimed.discard(partition)
         if self.store is not None:
             self.store.release(partition)
+        self._drop_backlog(partition, "revoked")
+
+    def _drop_backlog(self, partition: int, reason: str) -> None:
+        """The partition's degraded-mode records will not enter the state: dropped, counted."""
         if any(p == partition for _, p, _ in self._backlog):
             kept = deque(item for item in self._backlog if item[1] != partition)
-            self._metrics.state_skipped.labels("revoked").inc(len(self._backlog) - len(kept))
+            self._metrics.state_skipped.labels(reason).inc(len(self._backlog) - len(kept))
             self._backlog = kept
             self._metrics.state_backlog.set(len(kept))
 
@@ -419,10 +445,7 @@ class FeatureStoreActor:
                     if failed is not None:
                         first, failed = failed, None
                         raise first
-                    # Every partition still to claim, not only this batch's: the backlog may hold
-                    # another's records, and a write without its epoch is refused as a stale owner's.
-                    for p in sorted(self._unclaimed):
-                        await self._claim(store, p)
+                    await self._claim_pending(store, partition)
                     if self._backlog:
                         await self._apply_backlog(store)
                     X, write = await store.stage(txns, partition, offsets)

@@ -9,7 +9,7 @@ one hash slot):
 | ``<prefix>{u<shard>}:<user_id>`` | the user's state blob (``state_codec``) | user shard |
 | ``<prefix>{u<shard>}:o:<user_id>`` | what each variant said about the user's last decisions | user shard |
 | ``<prefix>{u<shard>}:rl:<partition>`` | replay log: feature vectors of the shard's records not yet committed | user shard |
-| ``<prefix>{p<partition>}:ep`` | the partition's fencing epoch (``INCR`` on every claim) | partition |
+| ``<prefix>{p<partition>}:ep`` | the partition's fencing epoch (raised on every claim: ``scripts.CLAIM``) | partition |
 | ``<prefix>{m<shard>}:c:<merchant_id>`` | merchant transaction counts by event hour/day (also new customers'), one packed string of appended entries (``scripts.COUNTS_CODEC``) | merchant shard |
 | ``<prefix>{m<shard>}:o:<merchant_id>`` | hash: per partition, the highest offset counted in the merchant's counts | merchant shard |
 | ``<prefix>{m<shard>}:f:<merchant_id>`` | merchant fraud-label counts by ``labeled_at`` hour/day | merchant shard |

@@ -254,6 +254,39 @@ async def test_degraded_records_of_a_partition_not_in_the_first_batch_after_an_o
         assert x[0, FEATURE_INDEX["tx_count_1h"]] == 3.0, "the degraded record entered the state"
 
 
+async def test_a_partition_whose_claim_redis_refuses_does_not_degrade_the_others(
+        store_settings: Settings, fresh_redis: Any) -> None:
+    """Partition 7's epoch key holds something else (Redis refuses its claim whatever we retry).
+    Its degraded records from the outage cannot enter the state (dropped, counted); partition
+    1's batches after the outage are still written, not degraded with it."""
+    s = store_settings.replace(redis={"url": fresh_redis.url, "socket_timeout_ms": 300,
+                                      "retry_interval_ms": 100})
+    metrics = EngineMetrics()
+    async with running_actor(s, metrics) as actor:
+        assert actor.store is not None
+        client = aioredis.Redis.from_url(fresh_redis.url)
+        try:
+            await client.hset(actor.store.keys.epoch(7), "not", "an epoch")
+        finally:
+            await client.aclose()
+        os.kill(fresh_redis.pid, signal.SIGSTOP)
+        try:
+            await actor.claim(1)
+            await actor.claim(7)
+            _, degraded = await actor.compute([txn("d7", "seven", "m", T0)], 7, [0])
+            assert degraded
+        finally:
+            os.kill(fresh_redis.pid, signal.SIGCONT)
+        await asyncio.wait_for(actor._up.wait(), 30)
+        for i in range(3):
+            _, degraded = await actor.compute([txn(f"o{i}", "one", "m", T0 + 60.0 * (i + 1))], 1, [i])
+            assert not degraded
+        state = await actor.store.user_state("one")
+        assert state is not None and len(state.times) == 3
+        assert await actor.store.user_state("seven") is None
+        assert 'fraudactors_state_skipped_total{reason="wrongtype"} 1.0' in metrics.render().decode()
+
+
 async def test_a_label_dated_far_ahead_does_not_age_out_the_marks_that_keep_a_repeat_from_counting(
         store: OnlineFeatureStore) -> None:
     """A merchant's label marks are pruned against its own newest mark, and only past the keep
