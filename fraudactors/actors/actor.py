@@ -27,24 +27,39 @@ from fraudactors.logging import get_logger
 
 __all__ = ["actor_child", "last_step"]
 
+_log = get_logger(actor="supervisor")
 
-async def last_step(cleanup: Awaitable[None]) -> None:
-    """A child's cleanup, run to its end even when the child is cancelled meanwhile.
+
+async def last_step(cleanup: Awaitable[None], wait_s: float) -> None:
+    """A child's cleanup, waited for up to ``wait_s`` more when the child is cancelled meanwhile.
 
     A supervisor stops its children in reverse start order by cancelling each and waiting up to
     its ``shutdown_timeout``: a child whose cleanup merely sat under ``asyncio.shield`` ended at
     that cancel while the cleanup went on unwatched, and the supervisor went on to stop the
     children the cleanup still needed (the ingestor's drain and last commit need the
-    publisher's acknowledgements). Here the child ends only with its cleanup; a second cancel
-    (the supervisor's timeout, or the loop closing) gives up waiting.
+    publisher's acknowledgements). Here the child ends with its cleanup, or ``wait_s`` after the
+    cancel (the cleanup then goes on unwatched, so that the children after it still get their
+    share of the stop's budget); a second cancel gives up at once.
     """
     task = asyncio.ensure_future(cleanup)
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
+        task.add_done_callback(_cleanup_done)  # nobody is left to raise its error to: log it
         if not task.done():
-            await asyncio.wait({task})
+            await asyncio.wait({task}, timeout=wait_s)
+            if not task.done():
+                _log.warning("cleanup_unfinished", cleanup=_name(task), waited_s=wait_s)
         raise
+
+
+def _name(task: asyncio.Task[None]) -> str:
+    return str(getattr(task.get_coro(), "__qualname__", task.get_name()))
+
+
+def _cleanup_done(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("cleanup_failed", cleanup=_name(task), error=repr(task.exception()))
 
 
 def actor_child(

@@ -163,7 +163,8 @@ class Publisher:
             await asyncio.Event().wait()
         finally:
             self._ready.clear()
-            await last_step(self._close(producer))
+            # its flush (a quarter of the stop's budget), then the producer's stop
+            await last_step(self._close(producer), wait_s=0.3 * self._settings.engine.shutdown_timeout_s)
 
     async def _close(self, producer: AIOKafkaProducer) -> None:
         """Send what is open, wait (bounded) for the acknowledgements, then stop retrying."""

@@ -647,7 +647,7 @@ async def test_a_child_in_its_last_step_is_waited_for_before_the_child_started_b
         try:
             await stop_fetching.wait()
         finally:
-            await last_step(drain())
+            await last_step(drain(), wait_s=5.0)
 
     sup = Supervisor("root", [ChildSpec("needed", needed), ChildSpec("draining", draining)])
     status = Status()
@@ -658,3 +658,41 @@ async def test_a_child_in_its_last_step_is_waited_for_before_the_child_started_b
     await sup.stop()
     await run
     assert journal == ["drained", "needed stopped"]
+
+
+async def test_a_last_step_that_overruns_its_wait_leaves_the_rest_of_the_stop_its_time() -> None:
+    """A drain that cannot finish (the broker down) is waited for ``wait_s``, then left to run on
+    unwatched: the children stopped after it still get their turn within the stop's budget."""
+    journal: list[str] = []
+    stop_fetching, in_cleanup, never = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def needed(task_status: TaskStatus) -> None:
+        task_status.started()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            journal.append("needed stopped")
+
+    async def drain() -> None:
+        in_cleanup.set()
+        await never.wait()
+
+    async def draining(task_status: TaskStatus) -> None:
+        task_status.started()
+        try:
+            await stop_fetching.wait()
+        finally:
+            await last_step(drain(), wait_s=0.2)
+
+    sup = Supervisor("root", [ChildSpec("needed", needed), ChildSpec("draining", draining, shutdown_timeout=30.0)])
+    status = Status()
+    run = asyncio.create_task(sup.run(status))
+    await asyncio.wait_for(status.ready.wait(), 10)
+    stop_fetching.set()
+    await asyncio.wait_for(in_cleanup.wait(), 10)
+    with capture_logs() as logs:
+        await asyncio.wait_for(sup.stop(), 10)
+    await run
+    assert journal == ["needed stopped"]
+    assert any(e["event"] == "cleanup_unfinished" for e in logs)
+    never.set()
