@@ -622,6 +622,18 @@ async def test_callers_of_a_temporary_actor_that_died_fail_for_good() -> None:
     await run
 
 
+def needed(journal: list[str]) -> Callable[[TaskStatus], Any]:
+    """A child serving until stopped, which notes its stop (the one a later child's cleanup needs)."""
+    async def body(task_status: TaskStatus) -> None:
+        task_status.started()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            journal.append("needed stopped")
+
+    return body
+
+
 async def test_a_child_in_its_last_step_is_waited_for_before_the_child_started_before_it() -> None:
     """Reverse-order stop: the first child (the publisher, say) is stopped only after the second
     (the ingestor, already draining when the supervisor cancels it) finished its cleanup, which
@@ -629,13 +641,6 @@ async def test_a_child_in_its_last_step_is_waited_for_before_the_child_started_b
     while its cleanup ran on unwatched, and the first was stopped under it."""
     journal: list[str] = []
     stop_fetching, in_cleanup = asyncio.Event(), asyncio.Event()
-
-    async def needed(task_status: TaskStatus) -> None:
-        task_status.started()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            journal.append("needed stopped")
 
     async def drain() -> None:
         in_cleanup.set()
@@ -649,7 +654,7 @@ async def test_a_child_in_its_last_step_is_waited_for_before_the_child_started_b
         finally:
             await last_step(drain(), wait_s=5.0)
 
-    sup = Supervisor("root", [ChildSpec("needed", needed), ChildSpec("draining", draining)])
+    sup = Supervisor("root", [ChildSpec("needed", needed(journal)), ChildSpec("draining", draining)])
     status = Status()
     run = asyncio.create_task(sup.run(status))
     await asyncio.wait_for(status.ready.wait(), 10)
@@ -666,13 +671,6 @@ async def test_a_last_step_that_overruns_its_wait_leaves_the_rest_of_the_stop_it
     journal: list[str] = []
     stop_fetching, in_cleanup, never = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
-    async def needed(task_status: TaskStatus) -> None:
-        task_status.started()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            journal.append("needed stopped")
-
     async def drain() -> None:
         in_cleanup.set()
         await never.wait()
@@ -684,7 +682,8 @@ async def test_a_last_step_that_overruns_its_wait_leaves_the_rest_of_the_stop_it
         finally:
             await last_step(drain(), wait_s=0.2)
 
-    sup = Supervisor("root", [ChildSpec("needed", needed), ChildSpec("draining", draining, shutdown_timeout=30.0)])
+    sup = Supervisor("root", [ChildSpec("needed", needed(journal)),
+                              ChildSpec("draining", draining, shutdown_timeout=30.0)])
     status = Status()
     run = asyncio.create_task(sup.run(status))
     await asyncio.wait_for(status.ready.wait(), 10)
