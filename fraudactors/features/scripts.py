@@ -532,8 +532,8 @@ return {written, stale, counted, reset}
 # An older or equal labeled_at changes nothing. Marks whose labeled_at is more than the keep
 # time before the hash's newest mark are pruned (event time: they are past every window; the
 # merchant's own newest, so one merchant's mis-dated label cannot prune another's) whenever the
-# call's new marks take the hash past a multiple of 64 fields. Returns one status per label: 0 nothing
-# changed, 1 new, 2 verdict flipped, 3 confirmed (same verdict, later).
+# call's new marks take the hash past a multiple of 64 fields. Returns one status per label:
+# 0 nothing changed, 1 new, 2 verdict flipped, 3 confirmed (same verdict, later).
 APPLY_LABELS = "#!lua\n" + CHECK_TYPES + """
 local ttl, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 if not ttl or not keep or #KEYS % 2 ~= 0 or #ARGV ~= 2 + 5 * #KEYS / 2 then
