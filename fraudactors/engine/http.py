@@ -150,12 +150,68 @@ class HttpServer:
         return scheme.lower() == "bearer" and hmac.compare_digest(digest, self._token_digest)
 
 
+class _Boundaries:
+    """Where the client's requests end in the bytes it sent: enough to tell, once a response is
+    done, whether the next request's head has begun (a pipelined head, sent while the previous
+    request was served, is buffered in aiohttp's parser where nothing else can see it).
+
+    Heads end at the blank line; a body is ``Content-Length`` bytes. A chunked body (or a head
+    too large for aiohttp anyway) ends the accounting for the connection (``lost``). Empty lines
+    between requests do not begin a head."""
+
+    __slots__ = ("_body_left", "_head", "lost")
+    _MAX_HEAD = 64 * 1024
+
+    def __init__(self) -> None:
+        self._head = bytearray()  # the head begun and not yet ended
+        self._body_left = 0
+        self.lost = False
+
+    @property
+    def head_begun(self) -> bool:
+        return bool(self._head) and not self.lost
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n and not self.lost:
+            if self._body_left:
+                take = min(self._body_left, n - i)
+                self._body_left -= take
+                i += take
+                continue
+            if not self._head:
+                while i < n and data[i] in b"\r\n":  # empty lines before a request
+                    i += 1
+                if i == n:
+                    return
+            start = max(0, len(self._head) - 3)  # a blank line split across chunks
+            self._head += data[i:]
+            end = self._head.find(b"\r\n\r\n", start)
+            if end < 0:
+                self.lost = len(self._head) > self._MAX_HEAD
+                return
+            head, rest = bytes(self._head[:end + 4]).lower(), len(self._head) - (end + 4)
+            self._head.clear()
+            i = n - rest
+            if b"\r\ntransfer-encoding:" in head:
+                self.lost = True
+                return
+            at = head.find(b"\r\ncontent-length:")
+            if at >= 0:
+                value = head[at + 17:head.find(b"\r\n", at + 2)].strip()
+                if not value.isdigit():
+                    self.lost = True  # aiohttp answers it 400 and closes
+                    return
+                self._body_left = int(value)
+
+
 class _Connection(web.RequestHandler):
     """aiohttp's protocol for one connection, plus the connection cap, a deadline for each
-    request head (from connect, or from the first byte after a response, to the handler), and
-    431 for a header line over aiohttp's limit (8190 bytes)."""
+    request head (from connect, or from the first byte after a response -- or from the response,
+    when the next head had begun before it -- to the handler), and 431 for a header line over
+    aiohttp's limit (8190 bytes)."""
 
-    __slots__ = ("_admitted", "_deadline", "_idle", "_owner")
+    __slots__ = ("_admitted", "_boundaries", "_deadline", "_idle", "_owner")
 
     def __init__(self, owner: HttpServer, server: web.Server, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(server, loop=loop, keepalive_timeout=_IDLE_TIMEOUT_S, lingering_time=_LINGER_S,
@@ -164,6 +220,7 @@ class _Connection(web.RequestHandler):
         self._admitted = False
         self._idle = True
         self._deadline: asyncio.TimerHandle | None = None
+        self._boundaries = _Boundaries()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         owner = self._owner
@@ -182,6 +239,7 @@ class _Connection(web.RequestHandler):
             return
         if self._idle and self._deadline is None:
             self._arm()
+        self._boundaries.feed(data)
         super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -197,6 +255,8 @@ class _Connection(web.RequestHandler):
 
     def response_done(self) -> None:
         self._idle = True
+        if self._boundaries.head_begun and self._deadline is None:
+            self._arm()  # the next head (pipelined) began while this request was served
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+import pytest
 from engine_helpers import wait_until
 from prometheus_client import CollectorRegistry, Counter
 
@@ -175,6 +177,38 @@ async def test_the_next_request_head_on_a_kept_alive_connection_has_the_header_t
     await assert_closed_at_the_timeout(second_head_unfinished, "header_timeout_s", prelude=first_request)
 
 
+@pytest.mark.parametrize("first", [request("GET", "/healthz"),
+                                   request("POST", "/predict", b'{"amount": 1}', Content_Type=_JSON)])
+async def test_a_head_pipelined_behind_a_request_has_the_header_timeout_from_the_response(first: bytes) -> None:
+    """A request and the start of the next head in one write: the partial head waits in aiohttp's
+    parser while the first is served, and no later byte comes to start its deadline. It gets one
+    from the response (else the connection is held until the 75 s keep-alive timeout)."""
+    async def pipelined(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(first + request("GET", "/healthz")[:-2])
+        await asyncio.Event().wait()
+
+    async with serving(header_timeout_s=SHORT_S) as short, serving(header_timeout_s=LONG_S) as long:
+        (t_short, sent_short), (t_long, sent_long) = await asyncio.gather(
+            close_after(short.port, pipelined), close_after(long.port, pipelined))
+    for sent in (sent_short, sent_long):
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", sent) == [b"200", b"408"], sent[:300]
+    assert SHORT_S - 0.05 <= t_short < LONG_S <= t_long + 0.05, (t_short, t_long)
+
+
+async def test_a_kept_alive_connection_may_idle_after_a_post_and_an_empty_line() -> None:
+    """The body and a stray CRLF after it are not the start of a next head: no deadline."""
+    async with serving(header_timeout_s=0.2) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(request("POST", "/predict", b'{"amount": 1}', Content_Type=_JSON) + b"\r\n")
+            assert (await read_response(reader))[0] == 200
+            await asyncio.sleep(1.0)  # idle well past the header timeout: nothing to wait for but time
+            writer.write(request("GET", "/healthz"))
+            assert (await read_response(reader))[0] == 200
+        finally:
+            writer.close()
+
+
 async def test_a_client_that_promises_a_body_and_never_sends_it_gets_408_and_is_closed() -> None:
     async def no_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 200\r\n\r\n{\"transaction")
@@ -288,3 +322,22 @@ async def test_predict_needs_the_bearer_token_when_one_is_configured_and_the_pro
         assert (status, orjson.loads(answer)) == (200, {"scored": {"amount": 1}})
         for path, expected in (("/healthz", 200), ("/readyz", 503), ("/metrics", 200)):
             assert (await exchange(server.port, request("GET", path)))[0] == expected, path
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1000])
+def test_request_boundaries_are_found_however_the_bytes_are_split(chunk: int) -> None:
+    from fraudactors.engine.http import _Boundaries
+
+    stream = (request("POST", "/predict", b'{"amount": 1}\r\n\r\n', Content_Type=_JSON) + b"\r\n"
+              + request("GET", "/healthz") + request("GET", "/readyz")[:-4])
+    boundaries = _Boundaries()
+    for i in range(0, len(stream), chunk):
+        boundaries.feed(stream[i:i + chunk])
+    # the body's own blank lines are body, the CRLF after it begins nothing, the third head is open
+    assert boundaries.head_begun and not boundaries.lost
+    done = _Boundaries()
+    done.feed(stream[:-len(request("GET", "/readyz")[:-4])])
+    assert not done.head_begun
+    chunked = _Boundaries()
+    chunked.feed(b"POST /predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /")
+    assert chunked.lost and not chunked.head_begun
