@@ -116,8 +116,23 @@ def gather(window: Window, label_delay_s: float) -> list[Evidence]:
                     ev.only_this[key[2:]] = ev.only_this.get(key[2:], 0) + value
                 elif key.startswith("g"):
                     _add_group_field(ev, key, value)
+        _not_below_zero(ev)
         out.append(ev)
     return out
+
+
+def _not_below_zero(ev: Evidence) -> None:
+    """Counts the ledger took below zero count as none. A label's flip takes back the first
+    verdict's counts; when that verdict was never counted (its decision was not matched yet, or
+    left the window) the flip leaves a total below zero, which no test may read."""
+    for name in ("decisions", "flagged", "tp", "fn", "fp", "tn", "mature_decisions"):
+        setattr(ev, name, max(getattr(ev, name), 0))
+    ev.histogram = [max(v, 0) for v in ev.histogram]
+    for counts in (ev.pairs, ev.only_this):
+        for other, value in counts.items():
+            counts[other] = max(value, 0)
+    for column in (ev.caught_by_group, ev.missed_by_group, *ev.only_this_by_group.values()):
+        column[:] = [max(v, 0) for v in column]
 
 
 def _add_group_field(ev: Evidence, key: str, value: int) -> None:
@@ -178,16 +193,17 @@ def compare(champion: Evidence, challenger: Evidence, *, alpha: float, power: fl
                               alpha=alpha, power=power, min_effect=min_effect)
     if challenger.role == "shadow":
         traffic = "identical"
-        paired = champion.pairs.get(challenger.member, 0)
+        only_champion = champion.only_this.get(challenger.member, 0)
+        only_challenger = challenger.only_this.get(champion.member, 0)
+        paired = max(champion.pairs.get(challenger.member, 0), only_champion + only_challenger)
         b_groups = champion.only_this_grouped(challenger.member)
         c_groups = challenger.only_this_grouped(champion.member)
-        result = mcnemar(champion.only_this.get(challenger.member, 0),
-                         challenger.only_this.get(champion.member, 0), paired,
+        result = mcnemar(only_champion, only_challenger, paired,
                          alpha=alpha, power=power, min_effect=min_effect,
                          groups=None if b_groups is None or c_groups is None else list(zip(b_groups, c_groups,
                                                                                              strict=True)))
-        counts = {"paired_frauds": paired, "only_champion_caught": champion.only_this.get(challenger.member, 0),
-                  "only_challenger_caught": challenger.only_this.get(champion.member, 0)}
+        counts = {"paired_frauds": paired, "only_champion_caught": only_champion,
+                  "only_challenger_caught": only_challenger}
     else:
         traffic = "split"
         groups = None

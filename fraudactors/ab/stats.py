@@ -116,6 +116,8 @@ def two_proportions(k1: int, n1: int, k2: int, n2: int, *, alpha: float = 0.05, 
     name = "two-proportion z" + ("" if groups is None else CLUSTERED)
     if n1 <= 0 or n2 <= 0:
         return TestResult(name, 0.0, None, None)
+    if not (0 <= k1 <= n1 and 0 <= k2 <= n2):
+        raise ValueError(f"counts out of range: {k1} of {n1}, {k2} of {n2}")
     p1, p2 = k1 / n1, k2 / n2
     diff = p2 - p1
     pooled = (k1 + k2) / (n1 + n2)
@@ -131,9 +133,16 @@ def two_proportions(k1: int, n1: int, k2: int, n2: int, *, alpha: float = 0.05, 
     more = None
     if p_value >= alpha:
         effect = max(abs(diff), min_effect)
-        # keep the observed champion rate; the challenger's at the effect size, inside [0, 1]
+        # keep the observed champion rate; the challenger's at the effect size, inside (0, 1) --
+        # on the side with room for it, else as far as that side allows (0 of 1 against 1 of 1)
         q1 = min(max(p1, 1e-6), 1 - 1e-6)
-        q2 = q1 + effect if q1 + effect < 1 else q1 - effect
+        if q1 + effect < 1:
+            q2 = q1 + effect
+        elif q1 - effect > 0:
+            q2 = q1 - effect
+        else:
+            q2 = 1 - 1e-6 if q1 < 0.5 else 1e-6
+            effect = abs(q2 - q1)
         ratio = n1 / n2  # n1 = ratio * n2
         za, zb = z_value(alpha), float(stats.norm.ppf(power))
         qbar = (ratio * q1 + q2) / (ratio + 1)
@@ -159,6 +168,8 @@ def mcnemar(only_champion: int, only_challenger: int, paired: int, *, alpha: flo
     if paired <= 0:
         return TestResult(name, 0.0, None, None)
     b, c = only_champion, only_challenger
+    if b < 0 or c < 0 or b + c > paired:
+        raise ValueError(f"counts out of range: {b} and {c} discordant of {paired} pairs")
     discordant = b + c
     diff = (c - b) / paired
     p_value = 1.0 if discordant == 0 else float(stats.binomtest(c, discordant, 0.5).pvalue)

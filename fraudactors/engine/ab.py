@@ -54,6 +54,12 @@ class ABReporter:
                     # Evidence days deep: a missed refresh changes nothing, and a reporter that
                     # crashed on every cluster hiccup would spend the engine's restart budget.
                     self._log.debug("ab_refresh_failed", error=repr(exc))
+                except Exception:
+                    # A report it cannot make (a bug, a ledger it cannot read) must not stop the
+                    # engine: every replica reads the same ledger, so a crash here would restart
+                    # all of them until the window moved on. The last figures stay up.
+                    self._log.exception("ab_report_failed")
+                    self._metrics.ab_report_failures.inc()
                 await asyncio.sleep(self._settings.ab.refresh_s)
         finally:
             await asyncio.shield(client.aclose())

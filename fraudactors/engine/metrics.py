@@ -227,6 +227,10 @@ class EngineMetrics:
             "fraudactors_ab_p_value",
             "p-value of the detection difference, challenger against champion (McNemar or z-test).",
             ["challenger", "champion", "traffic"], registry=r)
+        self.ab_report_failures = Counter(
+            "fraudactors_ab_report_failures",
+            "A/B refreshes whose report could not be made (logged as ab_report_failed; the last figures stay up).",
+            registry=r)
         self.routing_changes = Counter(
             "fraudactors_routing_changes",
             "Routing documents from the control topic: applied, or refused (the routing in force kept serving).",

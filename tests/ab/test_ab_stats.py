@@ -283,3 +283,39 @@ def test_the_design_effect_of_independent_trials_is_one() -> None:
     assert wilson(45, 50, design_effect=1.0) == wilson(45, 50)
     low, high = wilson(450, 500, design_effect=10.0)  # type: ignore[misc]
     assert (low, high) == pytest.approx(wilson(45, 50))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("k1", "n1", "k2", "n2"), [(0, 1, 1, 1), (1, 3, 2, 2), (1, 1, 0, 1), (0, 5, 5, 5)])
+def test_the_frauds_still_needed_are_estimated_for_every_early_split(k1: int, n1: int, k2: int, n2: int) -> None:
+    """A test's first labelled frauds (the champion missed its one, the challenger caught its own)
+    put the effect seen beyond either side of the champion's rate: the estimate takes the side
+    with the most room instead of a rate below 0 (a math domain error that stopped the reporter)."""
+    for groups in (None, [(k1, n1, k2, n2)] + [(0, 0, 0, 0)] * (CARD_GROUPS - 1)):
+        result = two_proportions(k1, n1, k2, n2, groups=groups)
+        assert result.p_value is not None and 0.0 <= result.p_value <= 1.0
+        assert (result.more_needed is None) == (result.p_value < 0.05)
+        assert result.more_needed is None or result.more_needed >= 1
+
+
+def test_counts_out_of_range_are_refused_by_the_tests() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        two_proportions(-1, 1, 1, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        two_proportions(2, 1, 1, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        mcnemar(-1, 3, 10)
+
+
+def test_a_ledger_total_taken_below_zero_by_a_flip_counts_as_none_in_the_report() -> None:
+    """A flip takes back a first verdict that was never counted (its decision not matched yet):
+    the window's totals can go below zero, and the report reads them as zero instead of failing
+    or calling a difference significant."""
+    window = _window({
+        "d:A/v1": {"n": 1000, "f": 40, "tp": -1, "fn": 1, "p:s:C/v3": 1, "x:s:C/v3": -2, **_hist(1000)},
+        "s:C/v3": {"n": 1000, "f": 45, "tp": 1, "fn": 0, "p:d:A/v1": 1, "x:d:A/v1": 1, **_hist(1000)},
+    })
+    report = build_report(window, window_s=86400.0 * 28, label_delay_s=0.0)
+    champion = next(r for r in report["variants"] if r["member"] == "d:A/v1")
+    assert champion["frauds_caught"] == 0 and champion["frauds_missed"] == 1
+    (comparison,) = report["comparisons"]
+    assert comparison["only_champion_caught"] == 0 and 0.0 <= comparison["p_value"] <= 1.0

@@ -145,3 +145,30 @@ async def test_decisions_carry_no_shadow_field_unless_configured(engine_settings
         assert all("shadow" not in d for d in reader.decisions())
     finally:
         await engine.stop()
+
+
+async def test_a_report_the_reporter_cannot_make_leaves_it_running(settings: Settings, monkeypatch: Any) -> None:
+    """Every replica reads the same ledger: a report that fails (a bug, a ledger it cannot read)
+    must not crash the reporter, or every engine would restart until the window moved on."""
+    from fraudactors.actors import IGNORED
+    from fraudactors.engine import ab
+    from fraudactors.engine.metrics import EngineMetrics
+
+    calls = 0
+
+    async def failing(client: Any, s: Settings) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        raise ValueError("math domain error")
+
+    monkeypatch.setattr(ab, "ledger_report", failing)
+    metrics = EngineMetrics()
+    reporter = ab.ABReporter(settings.replace(ab={"refresh_s": 0.01}), metrics)
+    task = asyncio.create_task(reporter.run(IGNORED))
+    try:
+        await wait_until(lambda: calls >= 3, timeout_s=10)
+        assert not task.done(), "the reporter stopped"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert metric_sum(metric_samples(metrics.render()), "fraudactors_ab_report_failures_total") >= 3
