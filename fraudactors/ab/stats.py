@@ -56,6 +56,7 @@ def clustered_design_effect(groups: Sequence[tuple[int, int]]) -> float:
     variance of the rate clustered by group (``G / (G - 1)`` times the sum of the squared
     residuals ``successes_g - p trials_g``, over ``trials^2``) over the binomial one; at least 1
     (a smaller one is the estimate's noise, not a gain), and 1 when the rate is 0 or 1."""
+    groups = [g for g in groups if g[1] > 0]  # a group without trials is not a cluster
     successes = sum(k for k, _ in groups)
     trials = sum(n for _, n in groups)
     if trials <= 0 or successes <= 0 or successes >= trials or len(groups) < 2:
@@ -126,6 +127,7 @@ def two_proportions(k1: int, n1: int, k2: int, n2: int, *, alpha: float = 0.05, 
     design_effect = None
     if groups is not None:
         _check_sums(groups, (k1, n1, k2, n2))
+        groups = [g for g in groups if g[1] + g[3] > 0]  # a group without frauds is not a cluster
         residuals = [(g2 - pooled * m2) / n2 - (g1 - pooled * m1) / n1 for g1, m1, g2, m2 in groups]
         factor = len(groups) / (len(groups) - 1) if len(groups) > 1 else 1.0
         p_value, design_effect = _clustered(p_value, variance, factor * sum(r * r for r in residuals), diff,
@@ -176,6 +178,7 @@ def mcnemar(only_champion: int, only_challenger: int, paired: int, *, alpha: flo
     design_effect = None
     if groups is not None:
         _check_sums(groups, (b, c))
+        groups = [g for g in groups if g[0] + g[1] > 0]  # only groups with discordant pairs count
         p_value, design_effect = _clustered(p_value, float(discordant),
                                             float(sum((cg - bg) ** 2 for bg, cg in groups)), float(c - b),
                                             len(groups))

@@ -319,3 +319,16 @@ def test_a_ledger_total_taken_below_zero_by_a_flip_counts_as_none_in_the_report(
     assert champion["frauds_caught"] == 0 and champion["frauds_missed"] == 1
     (comparison,) = report["comparisons"]
     assert comparison["only_champion_caught"] == 0 and 0.0 <= comparison["p_value"] <= 1.0
+
+
+def test_card_groups_without_frauds_are_not_clusters() -> None:
+    """The report passes all 64 groups; those without a fraud (or without a discordant pair) must
+    not count as clusters, or a few sprees read as 63 degrees of freedom and a difference is
+    called on four cards' worth of evidence."""
+    few = [(0, 8)] * 4
+    assert mcnemar(0, 32, 1000, groups=few + [(0, 0)] * 60) == mcnemar(0, 32, 1000, groups=few)
+    assert mcnemar(0, 32, 1000, groups=few).p_value > 0.05  # type: ignore[operator]
+    split = [(3, 10, 9, 10)] * 4
+    assert two_proportions(12, 40, 36, 40, groups=split + [(0, 0, 0, 0)] * 60) == \
+        two_proportions(12, 40, 36, 40, groups=split)
+    assert clustered_design_effect([(5, 10), (1, 10)] + [(0, 0)] * 62) == clustered_design_effect([(5, 10), (1, 10)])
