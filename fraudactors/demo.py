@@ -56,7 +56,7 @@ EMBEDDED_BROKER_SEND_TICK_MS = 30.0
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from loadgen.cli import add_load_arguments
+    from loadgen.cli import add_load_arguments, non_negative_int
 
     add_load_arguments(parser, rate=1000.0, duration=30.0, report=DEFAULT_REPORT, warmup=DEFAULT_WARMUP,
                        send_tick_ms=EMBEDDED_BROKER_SEND_TICK_MS)
@@ -64,7 +64,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="TOML config file (defaults apply to every key it leaves out)")
     parser.add_argument("--engine-timeout", type=float, default=120.0, metavar="S",
                         help="how long the engine may take to become ready (default 120)")
-    parser.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+    parser.add_argument("--redis-cluster", type=non_negative_int, default=0, metavar="N",
                         help="run the feature store on an embedded N-master Redis Cluster (default: one instance)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                         help="level of the demo's own structured logs on stderr (default warning)")

@@ -596,12 +596,16 @@ def load_settings(
             text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError("config", f"cannot read {file}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError("config", f"{file} is not UTF-8 text (TOML is): {exc.reason} at byte {exc.start}") \
+                from None
         try:
             from_file = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{file} is not valid TOML: {exc}") from None
         # Variants in a file replace the default set rather than merging into it.
-        if "variants" in from_file.get("models", {}):
+        models = from_file.get("models")
+        if isinstance(models, dict) and "variants" in models:
             data.setdefault("models", {})["variants"] = {}
         data = _merge(data, from_file)
     data = _merge(data, _env_layer(env))

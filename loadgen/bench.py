@@ -28,6 +28,8 @@ HELP = "benchmarks (not tests): drain | scaleout | pool | state; print numbers (
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from loadgen.cli import non_negative_int
+
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, text in (("drain", "engine drain rate on a backlog vs the null pipeline"),
                        ("scaleout", "1 vs 2 engine processes in one group on the same backlog")):
@@ -37,7 +39,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                        help="give up a trial after this long (default 300)")
         p.add_argument("--config", default=None, metavar="PATH", help="TOML settings for the engine")
-        p.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+        p.add_argument("--redis-cluster", type=non_negative_int, default=0, metavar="N",
                        help="the feature store on an embedded N-master Redis Cluster (default: one instance)")
         p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
         if name == "drain":
@@ -65,8 +67,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--users", type=int, default=1000, help="simulated users (default 1000)")
     p.add_argument("--merchants", type=int, default=200, help="simulated merchants (default 200)")
     p.add_argument("--partitions", type=int, default=12, help="partitions (default 12)")
-    p.add_argument("--seed", type=int, default=7, help="simulator seed (default 7)")
-    p.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+    p.add_argument("--seed", type=non_negative_int, default=7, help="simulator seed (default 7)")
+    p.add_argument("--redis-cluster", type=non_negative_int, default=0, metavar="N",
                    help="an embedded N-master Redis Cluster instead of one Redis")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 

@@ -24,6 +24,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (a seed, a count, 0 for none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
 def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration: float, report: str | None,
                        warmup: int = 0, send_tick_ms: float = 20.0) -> None:
     """The options shared by ``loadgen`` and ``demo``."""
@@ -44,14 +55,14 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration
     parser.add_argument("--event-time", choices=("sim", "send"), default="sim",
                         help="sim: keep the simulator's event times (accuracy is meaningful; default); "
                              "send: restamp with the scheduled send time")
-    parser.add_argument("--warmup", type=int, default=warmup, metavar="N",
+    parser.add_argument("--warmup", type=non_negative_int, default=warmup, metavar="N",
                         help=f"first send N transactions of history as fast as possible and wait for their "
                              f"decisions, unmeasured, so users have a past (default {warmup})")
     parser.add_argument("--send-tick-ms", type=positive_float, default=send_tick_ms, metavar="MS",
                         help="the sender sends what fell due every MS milliseconds, one batch per partition "
                              f"(counted in the latency; longer = fewer broker requests; default {send_tick_ms:g})")
     parser.add_argument("--no-labels", action="store_true", help="do not send the delayed fraud labels")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    parser.add_argument("--seed", type=non_negative_int, default=DEFAULT_SEED,
                         help=f"simulator seed (default {DEFAULT_SEED}: a world the default models never trained on)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line on stderr")
 

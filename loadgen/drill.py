@@ -56,7 +56,7 @@ RESULT_KEYS = ("drill", "summary", "ok", "problems", "date", "commit", "machine"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from loadgen.cli import positive_float
+    from loadgen.cli import non_negative_int, positive_float
 
     parser.add_argument("name", choices=[*DRILLS, "all"], metavar="NAME",
                         help=f"the drill: {', '.join(DRILLS)}, or all (one after the other, one table)")
@@ -76,7 +76,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"result JSON (default {DEFAULT_REPORT_DIR}/drill-NAME.json; Markdown table next to it)")
     parser.add_argument("--config", default=None, metavar="PATH", help="TOML settings for the engine")
     parser.add_argument("--partitions", type=int, default=None, help="partitions (default: topics.partitions)")
-    parser.add_argument("--warmup", type=int, default=5000, metavar="N",
+    parser.add_argument("--warmup", type=non_negative_int, default=5000, metavar="N",
                         help="transactions of history sent and decided before the measured load (default 5000)")
     parser.add_argument("--recover-factor", type=positive_float, default=1.5, metavar="X",
                         help="recovered = windows with p99 within X times the pre-fault p99 (default 1.5)")

@@ -289,6 +289,8 @@ def render_markdown(report: dict[str, Any], charts: dict[str, str] | None = None
 def ensure_report_dir(path: str | Path) -> None:
     """Create the directory ``path`` goes in and check it is writable, before a run rather than after
     it: a bad ``--report`` fails fast with one clear line (``LoadgenError``), not a traceback at the end."""
+    if Path(path).is_dir():
+        raise LoadgenError(f"the report {str(path)!r} is a directory: give a file name (its .md and charts go beside it)")
     parent = Path(path).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

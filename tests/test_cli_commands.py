@@ -89,9 +89,28 @@ def test_unknown_command_fails() -> None:
 
 
 @pytest.mark.parametrize("argv", [["demo", "--rate", "0"], ["demo", "--duration", "-1"],
-                                  ["demo", "--rate", "nan"], ["demo", "--rate", "fast"]])
+                                  ["demo", "--rate", "nan"], ["demo", "--rate", "fast"],
+                                  ["demo", "--seed", "-1"], ["demo", "--redis-cluster", "-2"],
+                                  ["loadgen", "--warmup", "-5"], ["bench", "state", "--seed", "-3"]])
 def test_demo_rejects_bad_numbers(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code != 0
     assert argv[1] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "flag"), [(["train", "--synthetic", "--seed", "-1"], "--seed"),
+                                            (["train", "--synthetic", "--merchants", "0"], "--merchants"),
+                                            (["train", "--synthetic", "--out", "/dev/null/models"], "--out")])
+def test_train_refuses_bad_arguments_before_any_work(argv: list[str], flag: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert flag in err and err.count("\n") == 1
+
+
+def test_a_report_path_that_is_a_directory_is_refused_before_the_run(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["loadgen", "--report", str(tmp_path), "--duration", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and err.count("\n") == 1

@@ -60,6 +60,9 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[kafka]\nlinger_ms = -1\n", "kafka.linger_ms"),
         ("[redis]\nretry_interval_ms = 0\n", "redis.retry_interval_ms"),
         ("[http]\npredict_token = \"short\"\n", "http.predict_token"),
+        ("models = 1\n", "models"),
+        ("kafka = true\n", "kafka"),
+        ("[models]\nvariants = 3\n", "models.variants"),
     ],
 )
 def test_bad_config_file_names_the_key(tmp_path: Path, toml: str, key: str) -> None:
@@ -76,6 +79,10 @@ def test_invalid_toml_and_missing_file_are_config_errors(tmp_path: Path) -> None
         load_settings(write(tmp_path, "[kafka\n"), env={})
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "missing.toml", env={})
+    utf16 = tmp_path / "utf16.toml"
+    utf16.write_text("[kafka]\n", encoding="utf-16")  # a BOM, then no UTF-8
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_settings(utf16, env={})
 
 
 @pytest.mark.parametrize(

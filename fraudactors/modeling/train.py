@@ -28,6 +28,21 @@ SEARCH_FOLDS = 3
 SEARCH_FOLD_DAYS = 12.0
 
 
+def _check_out(out: str) -> None:
+    """The models directory can be created and written (a file is written there and removed)."""
+    import os
+    import tempfile
+
+    from fraudactors.errors import ConfigError
+
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError("--out", f"cannot write models into {out!r}: {exc.strerror or exc}") from None
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", action="store_true", help="train on the built-in transaction simulator")
@@ -109,6 +124,7 @@ def main(args: argparse.Namespace) -> int:
     from fraudactors.modeling.registry import fallback_id
     from fraudactors.modeling.split import SplitConfig, final_split, time_split
     from fraudactors.modeling.table import parse_mapping
+    from fraudactors.sim.population import MIN_MERCHANTS
 
     if args.version:
         algo = args.algo or DEFAULT_ALGO.get(args.version)
@@ -131,14 +147,19 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')}", "must be positive")
     if args.search_folds < 1 or args.search_fold_days <= 0:
         raise ConfigError("--search-folds/--search-fold-days", "must be positive")
+    if args.seed < 0:
+        raise ConfigError("--seed", "must be >= 0")
     if args.synthetic:
         if args.days <= 0 or args.users < 1:
             raise ConfigError("--days/--users", "must be positive")
+        if args.merchants < MIN_MERCHANTS:
+            raise ConfigError("--merchants", f"must be at least {MIN_MERCHANTS} (one per country and category)")
         spec = {"kind": "synthetic", "seed": args.seed, "days": args.days, "users": args.users,
                 "merchants": args.merchants}
     else:
         spec = {"kind": "file", "path": args.data, "mapping": parse_mapping(args.map),
                 "label_delay_days": args.label_delay_days}
+    _check_out(args.out)  # before minutes of training, not after
     show = not args.quiet
     ds = load_dataset(spec, show_progress=show, strict=args.strict)
     split_cfg = SplitConfig(args.warmup_days, args.calib_days, args.gap_days, args.test_days)

@@ -94,10 +94,13 @@ class Users:
         return len(self.ids)
 
 
+MIN_MERCHANTS = len(COUNTRIES) * len(CATEGORIES)  # one per country and category
+
+
 def make_merchants(rng: np.random.Generator, n: int) -> Merchants:
     n_countries, n_cats = len(COUNTRIES), len(CATEGORIES)
-    if n < n_countries * n_cats:
-        raise ValueError(f"n_merchants must be at least {n_countries * n_cats} (one per country and category)")
+    if n < MIN_MERCHANTS:
+        raise ValueError(f"n_merchants must be at least {MIN_MERCHANTS} (one per country and category)")
     country_p = np.array([c[2] for c in COUNTRIES])
     cat_p = CAT_EVERYDAY / CAT_EVERYDAY.sum() * 0.8 + 0.2 / n_cats
     # The first block guarantees one merchant per (country, category); the rest is drawn.
