@@ -29,18 +29,20 @@ SEARCH_FOLD_DAYS = 12.0
 
 
 def _check_out(out: str) -> None:
-    """The models directory can be created and written (a file is written there and removed)."""
+    """The models directory can be written, or created (nothing is created before the models
+    are): the nearest existing ancestor must be a writable directory."""
     import os
-    import tempfile
+    from pathlib import Path
 
     from fraudactors.errors import ConfigError
 
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise ConfigError("--out", f"cannot write models into {out!r}: {exc.strerror or exc}") from None
+    path = Path(out).absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise ConfigError("--out", f"cannot write models into {out!r}: {str(path)!r} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError("--out", f"cannot write models into {out!r}: {str(path)!r} is not writable")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
