@@ -254,8 +254,12 @@ def _columns(path: Path, header: list[str], mapping: dict[str, str]) -> dict[str
         raise DataError(f"{path}: --map names column(s) not in the file: {', '.join(unknown_src)} "
                         f"(file has: {', '.join(header)})")
     index: dict[str, int] = {}
+    for i, name in enumerate(header):  # the file's own names, then --map's, which win
+        if name not in mapping:
+            index.setdefault(name, i)
     for i, name in enumerate(header):
-        index.setdefault(mapping.get(name, name), i)
+        if name in mapping:
+            index[mapping[name]] = i
     missing = [c for c in REQUIRED if c not in index]
     if missing:
         raise DataError(f"{path}: missing column(s): {', '.join(missing)} (file has: {', '.join(header)}); "
@@ -294,8 +298,11 @@ def _read(path: Path, source: _Source, mapping: dict[str, str], label_delay_days
             reported = math.inf
             if is_fraud:
                 value = None if i_labeled is None else cells[i_labeled]
+                # A report cannot precede its payment: a date-only labeled_at (midnight) on the
+                # day of the payment is read as reported at the payment, else the row's own
+                # label would be in its merchant's fraud counts (from the hour after the report).
                 reported = (txn.event_time + delay if value in _MISSING
-                            else parse_time(_time(value), "labeled_at")[0])
+                            else max(parse_time(_time(value), "labeled_at")[0], txn.event_time))
         except InvalidRecord as exc:
             raise _RowError(reason_kind(exc.reason), exc.reason) from None
         scenario = UNKNOWN_SCENARIO
@@ -309,10 +316,17 @@ def _read(path: Path, source: _Source, mapping: dict[str, str], label_delay_days
     labeled: list[float] = []
     invalid = InvalidRows()
     read = 0
+    seen: set[str] = set()
     for line, row in source.rows:
         read += 1
         try:
             txn, is_fraud, reported, scen = parse(row)
+            if txn.transaction_id in seen:
+                # one payment, one row: a second would count twice in the velocity features and
+                # train on two verdicts (the file's last word on a transaction is its one row)
+                raise _RowError("duplicate transaction_id", f"transaction_id {txn.transaction_id!r} "
+                                "is on an earlier row (the first is kept)")
+            seen.add(txn.transaction_id)
         except _RowError as exc:
             if strict:
                 raise DataError(f"{path} line {line}: {exc.message}") from None

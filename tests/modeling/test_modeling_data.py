@@ -300,3 +300,40 @@ def test_a_blank_line_in_a_csv_is_no_row(tmp_path: Path) -> None:
     assert [t.transaction_id for t in ds.transactions] == ["t1", "t2"]
     assert ds.source["rows_read"] == 2 and ds.source["invalid_rows"]["total"] == 0
     assert describe_invalid(ds.source) is None
+
+
+def test_a_transaction_id_given_twice_is_an_invalid_row_and_the_first_is_kept(tmp_path: Path) -> None:
+    """One payment, one row: a second copy would count twice in the velocity features and train
+    on two verdicts of one transaction."""
+    rows = [["t1", "c1", "m1", 10.0, "USD", "grocery", "false", "2026-10-01T10:00:00Z", "0"],
+            ["t1", "c1", "m1", 10.0, "USD", "grocery", "false", "2026-10-01T10:00:00Z", "1"],
+            ["t2", "c1", "m1", 11.0, "USD", "grocery", "false", "2026-10-01T11:00:00Z", "0"]]
+    ds = load_table(_write_csv(tmp_path / "dup.csv", HEADER, rows))
+    assert [t.transaction_id for t in ds.transactions] == ["t1", "t2"] and ds.is_fraud.tolist() == [False, False]
+    assert ds.source["invalid_rows"]["by_reason"] == {"duplicate transaction_id": {"rows": 1, "first_lines": [3]}}
+    with pytest.raises(DataError, match="line 3: transaction_id 't1' is on an earlier row"):
+        load_table(_write_csv(tmp_path / "dup.csv", HEADER, rows), strict=True)
+
+
+def test_a_mapped_column_wins_over_a_file_column_of_the_target_name(tmp_path: Path) -> None:
+    header = ["transaction_id", "user_id", "amount", "amount_usd", "timestamp", "event_ts", "is_fraud"]
+    rows = [["t1", "c1", 1000, 10.5, "2026-12-01T00:00:00Z", "2026-10-01T08:00:00Z", "0"]]
+    ds = load_table(_write_csv(tmp_path / "m.csv", header, rows),
+                    mapping=parse_mapping("amount_usd=amount,event_ts=timestamp"))
+    assert ds.transactions[0].amount == 10.5
+    assert ds.transactions[0].timestamp.startswith("2026-10-01T08:00:00")
+
+
+def test_a_fraud_reported_before_its_payment_is_read_as_reported_at_the_payment(tmp_path: Path) -> None:
+    """A date-only labeled_at (midnight) on the day of the payment: read as reported at the
+    payment, so the row's own report is not in its merchant's fraud counts."""
+    from fraudactors.features.definition import FEATURE_INDEX
+    from fraudactors.features.offline import offline_features
+
+    rows = [["t1", "c1", "m1", 10.0, "USD", "grocery", "false", "2026-11-28T21:00:00Z", "1", "2026-11-28"],
+            ["t2", "c2", "m1", 10.0, "USD", "grocery", "false", "2026-11-29T21:00:00Z", "0", ""]]
+    ds = load_table(_write_csv(tmp_path / "l.csv", [*HEADER, "labeled_at"], rows))
+    assert ds.labeled_at[0] == ds.transactions[0].event_time
+    X = offline_features(ds.transactions, ds.labels())
+    assert X[0, FEATURE_INDEX["merchant_fraud_count_7d"]] == 0.0, "its own report counted for it"
+    assert X[1, FEATURE_INDEX["merchant_fraud_count_7d"]] == 1.0
