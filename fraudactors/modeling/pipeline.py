@@ -397,6 +397,7 @@ def _build(ctx: TrainContext, split: Split, name: str, algo: str, names: tuple[s
     y_known = known_labels(ds, split.cutoff)
     y_fit = y_known[split.fit]
     final = split.test.size == 0
+    _check_calibration_rows(int((~y_known[split.calib]).sum()), min(ctx.review_fpr, ctx.decline_fpr), final)
     s = step(f"fitting {name} ({algo}{what}{', final refit' if final else ''})", ctx.show_progress)
     model = fit_model(algo, ctx.seed, X[split.fit], y_fit, ctx.legit_fraction, names, params)
     s.done(f"on the {int(y_fit.sum()):,} frauds and {ctx.legit_fraction:.0%} of {int((~y_fit).sum()):,} legit rows")
@@ -443,6 +444,18 @@ def _build(ctx: TrainContext, split: Split, name: str, algo: str, names: tuple[s
     return _Built(model=model, onnx=onnx_bytes, attribution=attribution, attribution_onnx=attr_bytes,
                   thresholds=thresholds, onnx_diff=onnx_diff, metrics=metrics, inference=timings, platt=platt,
                   uncalibrated=uncalibrated)
+
+
+def _check_calibration_rows(legit: int, fpr: float, final: bool) -> None:
+    """A threshold at a false-positive rate needs more legitimate calibration rows than one per
+    flagged: with fewer, it is just above the sample's top score (one row: a threshold that
+    flags half the traffic)."""
+    need = math.ceil(1.0 / fpr)
+    if legit < need:
+        window = "the final refit's calibration window (the last --calib-days before the label cut-off)" \
+            if final else "the calibration window"
+        raise DataError(f"{window} holds {legit} legitimate transaction(s): thresholds at an FPR of {fpr:g} "
+                        f"need at least {need}; give a longer --calib-days, or check the data has no gap there")
 
 
 def _probability_map(onnx_bytes: bytes, X_calib: np.ndarray, y_calib: np.ndarray,

@@ -337,3 +337,21 @@ def test_a_fraud_reported_before_its_payment_is_read_as_reported_at_the_payment(
     X = offline_features(ds.transactions, ds.labels())
     assert X[0, FEATURE_INDEX["merchant_fraud_count_7d"]] == 0.0, "its own report counted for it"
     assert X[1, FEATURE_INDEX["merchant_fraud_count_7d"]] == 1.0
+
+
+def test_a_final_calibration_window_without_enough_legitimate_rows_fails_instead_of_shipping_its_threshold(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A gap in the data where the final refit calibrates (the last --calib-days before the label
+    cut-off) left one row, and a threshold just above its score: half the traffic declined."""
+    from datetime import datetime, timedelta
+
+    rows = _sim_rows()
+    last = max(datetime.fromisoformat(str(r[7])) for r in rows)
+    gap_from, gap_to = last - timedelta(days=8), last - timedelta(days=3)  # --gap-days 3, --calib-days 5
+    kept = [r for r in rows if not gap_from <= datetime.fromisoformat(str(r[7])) < gap_to]
+    data = _write_csv(tmp_path / "hole.csv", HEADER, kept)
+    code, err = _run(["train", "--data", str(data), "--version", "v1", "--out", str(tmp_path / "m"), *SPLIT], capsys)
+    last = err.splitlines()[-1]  # (after the time split's warnings about this small file)
+    assert code == 2 and last.startswith("fraudactors train: "), err
+    assert "final refit's calibration window" in last and "holds 0 legitimate transaction(s)" in last
+    assert not (tmp_path / "m").exists()
