@@ -9,10 +9,18 @@ Event time: by default each transaction keeps the simulator's own event time (th
 than the wall clock; the engine computes features on event time, so the models see traffic like
 their training data and the accuracy numbers mean something). ``event_time="send"`` restamps each
 transaction with its scheduled send time instead (wall clock; use for plumbing, not accuracy).
+
+The simulated world starts on a fixed date (``fraudactors.sim.DEFAULT_START``), so the default
+stream is the same everywhere. A run long enough to reach the wall clock would send transactions
+dated in the future, which the engine dead-letters (``engine.max_future_skew_s``); given the run's
+length, the source starts that world earlier by whole weeks instead, so that it ends a day before
+now: the same stream, earlier dates.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -20,10 +28,12 @@ from typing import Literal, Protocol
 import numpy as np
 import orjson
 
-from fraudactors.sim import LabelEvent, SimEvent, Simulator, iso
+from fraudactors.sim import DEFAULT_START, LabelEvent, SimEvent, Simulator, iso
 
 EventTimeMode = Literal["sim", "send"]
 _SIM_PREFIX = "t-"
+_DAY = 86400.0
+_WEEK = 7 * _DAY
 
 
 @dataclass(slots=True)
@@ -64,11 +74,16 @@ class SimSource:
     name = "fraudactors.sim"
 
     def __init__(self, prefix: str, seed: int = 7, n_users: int = 5000, n_merchants: int = 1000,
-                 event_time: EventTimeMode = "sim") -> None:
+                 event_time: EventTimeMode = "sim", run_length: int | None = None) -> None:
         self.prefix = prefix
         self.event_time = event_time
         self.simulator = Simulator(seed=seed, n_users=n_users, n_merchants=n_merchants, days=None,
                                    id_prefix=_SIM_PREFIX)
+        if event_time == "sim" and run_length:
+            start = start_before_now(self.simulator.expected_tps(), run_length)
+            if start != self.simulator.start_time:
+                self.simulator = Simulator(seed=seed, n_users=n_users, n_merchants=n_merchants, days=None,
+                                           id_prefix=_SIM_PREFIX, start_time=start)
         self._events: Iterator[SimEvent | LabelEvent] = self.simulator.events()
         self._next = 0  # run index of the next transaction
         self._offset = 0  # simulator transactions taken before the run (warm-up)
@@ -121,6 +136,18 @@ class SimSource:
         return TxnBatch(keys, values, fraud, scenarios, labels)
 
 
-def make_source(prefix: str, seed: int = 7, event_time: EventTimeMode = "sim") -> TransactionSource:
-    """The transaction source for a run; one seed gives the same traffic every time."""
-    return SimSource(prefix, seed=seed, event_time=event_time)
+def start_before_now(legit_tps: float, run_length: int, now: float | None = None) -> float:
+    """The simulated world's start for a run of ``run_length`` transactions (warm-up included):
+    the fixed default, or whole weeks before it when the run would otherwise end later than a
+    day before ``now`` (a tenth more transactions than the legitimate rate: frauds and margin)."""
+    now = time.time() if now is None else now
+    span = 1.1 * run_length / legit_tps
+    late = DEFAULT_START + span - (now - _DAY)
+    return DEFAULT_START if late <= 0 else DEFAULT_START - math.ceil(late / _WEEK) * _WEEK
+
+
+def make_source(prefix: str, seed: int = 7, event_time: EventTimeMode = "sim",
+                run_length: int | None = None) -> TransactionSource:
+    """The transaction source for a run (``run_length``: the transactions it will take, to keep
+    its simulated dates in the past); one seed gives the same traffic every time."""
+    return SimSource(prefix, seed=seed, event_time=event_time, run_length=run_length)

@@ -177,7 +177,8 @@ def prepare_load(config: LoadConfig, pregenerate: bool | None = None) -> Prepare
     prefix = f"lg-{run_id}-"
     scheduled = scheduled_times(config.profile)
     total = len(scheduled)
-    factory = config.source_factory or (lambda p: make_source(p, config.seed, config.event_time))
+    factory = config.source_factory or (lambda p: make_source(p, config.seed, config.event_time,
+                                                              run_length=config.warmup + total))
     warmup: TxnBatch | None = None
     if config.warmup > 0:
         # History first: the same simulated world, sent before the clock starts and not measured,

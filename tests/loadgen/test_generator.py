@@ -47,3 +47,32 @@ def test_warmup_keeps_its_own_ids_and_the_run_counts_from_zero() -> None:
     same = SimSource("x-", seed=3)
     assert [orjson.loads(v)["amount"] for v in same.take(5, np.zeros(5)).values] == \
         [orjson.loads(v)["amount"] for v in warm.values[:5]]  # seeded: same world every time
+
+
+def test_a_run_long_enough_to_reach_the_clock_starts_its_world_whole_weeks_earlier() -> None:
+    """The engine dead-letters transactions dated past the clock: a run that would reach it gets
+    the same stream dated whole weeks earlier, ending a day before now; a short run keeps the
+    fixed default dates (the same stream everywhere)."""
+    from fraudactors.sim import DEFAULT_START, iso
+    from loadgen.generator import start_before_now
+
+    day, week = 86400.0, 7 * 86400.0
+    now = DEFAULT_START + 60 * day
+    assert start_before_now(14_000 / day, 300_000, now) == DEFAULT_START  # ~24 days
+    early = start_before_now(14_000 / day, 1_000_000, now)  # ~79 days of simulated time
+    assert (DEFAULT_START - early) % week == 0 and early < DEFAULT_START
+    assert early + 1.1 * 1_000_000 / (14_000 / day) <= now - day
+
+    short, long = SimSource("a-", seed=3, run_length=1000), SimSource("a-", seed=3, run_length=50_000_000)
+    shift = short.simulator.start_time - long.simulator.start_time
+    assert short.simulator.start_time == DEFAULT_START and shift > 0 and shift % week == 0
+    a, _, _ = _take_all(short, 2_000, 2_000)
+    b, _, _ = _take_all(long, 2_000, 2_000)
+    assert [t["timestamp"] for t in b] == [iso(_epoch(t["timestamp"]) - shift) for t in a]
+    assert [(t["user_id"], t["amount"]) for t in a] == [(t["user_id"], t["amount"]) for t in b]
+
+
+def _epoch(timestamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(timestamp).timestamp()
