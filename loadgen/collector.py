@@ -20,7 +20,10 @@ HIST_MIN_US = 1
 HIST_MAX_US = 3_600_000_000
 HIST_DIGITS = 3
 
+# Variant name -> its code in Matches.variant: A and B always (the SPEC's example), others (a
+# routing with more variants, `fraudactors models promote`) as they are first seen.
 VARIANT_CODES = {"A": 1, "B": 2}
+_MAX_VARIANTS = 127  # int8 codes
 
 
 def new_histogram() -> HdrHistogram:
@@ -38,7 +41,7 @@ class Matches:
     decided_at_s: np.ndarray = field(init=False)  # when the first decision was read (run clock)
     probability: np.ndarray = field(init=False)
     flagged: np.ndarray = field(init=False)  # decision's is_fraud
-    variant: np.ndarray = field(init=False)  # 0 other, 1 A, 2 B
+    variant: np.ndarray = field(init=False)  # 0 none, else the collector's variant_codes
     degraded: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,7 +74,8 @@ class DecisionCollector:
         self.duplicates = 0
         self.foreign = 0
         self.malformed = 0
-        self.other_variants: dict[str, int] = {}
+        self.variant_codes: dict[str, int] = dict(VARIANT_CODES)
+        self.other_variants: dict[str, int] = {}  # decisions whose variant is not a name
         # latencies (s) since the progress display last looked (kept only while someone looks)
         self.track_window = True
         self._window: list[float] = []
@@ -87,7 +91,7 @@ class DecisionCollector:
         counts, latency_ms, decided_at = m.counts, m.latency_ms, m.decided_at_s
         window = self._window if self.track_window else None
         total = m.total
-        loads, variant_codes = orjson.loads, VARIANT_CODES
+        loads, variant_codes = orjson.loads, self.variant_codes
         for value in values:
             self.records += 1
             try:
@@ -130,6 +134,8 @@ class DecisionCollector:
                 m.flagged[i] = True
             variant = d.get("variant")
             code = variant_codes.get(variant, 0) if isinstance(variant, str) else 0
+            if not code and isinstance(variant, str) and variant and len(variant_codes) < _MAX_VARIANTS:
+                code = variant_codes[variant] = len(variant_codes) + 1
             if code:
                 m.variant[i] = code
             else:

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import orjson
 
-from loadgen.collector import VARIANT_CODES
 from loadgen.runner import LoadgenError, RunResult
 
 REPORT_KEYS = ("target_tps", "duration_s", "sent", "decided", "lost", "duplicates", "dlq", "achieved_tps",
@@ -76,7 +75,8 @@ def build_report(result: RunResult) -> dict[str, Any]:
     last_decision = float(np.nanmax(m.decided_at_s)) if decided else 0.0
     achieved = decided / last_decision if last_decision > 0 else 0.0
     send_window = result.send_end_s if result.send_end_s > 0 else profile.duration_s
-    variants = {name: int((m.variant[decided_mask] == code).sum()) for name, code in VARIANT_CODES.items()}
+    variants = {name: int((m.variant[decided_mask] == code).sum())
+                for name, code in result.collector.variant_codes.items()}
     truth = result.is_fraud[decided_mask]
     acc = accuracy(truth, m.flagged[decided_mask], m.probability[decided_mask])
     by_variant = _by_variant(result, decided_mask)
@@ -134,7 +134,7 @@ def _by_variant(result: RunResult, mask: np.ndarray) -> dict[str, dict[str, Any]
     m = result.collector.matches
     return {name: accuracy(result.is_fraud[mask & (m.variant == code)], m.flagged[mask & (m.variant == code)],
                            m.probability[mask & (m.variant == code)])
-            for name, code in VARIANT_CODES.items()}
+            for name, code in result.collector.variant_codes.items()}
 
 
 def _percentiles(values_ms: np.ndarray) -> dict[str, float]:
@@ -216,7 +216,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("detection rate", f"{acc['detection_rate']:.3f}"),
         ("false positive rate", f"{acc['false_positive_rate']:.4f}"),
         ("AUC", f"{acc['auc']:.3f}"),
-        ("variants A / B", f"{var['A']:,} / {var['B']:,}"),
+        (f"variants {' / '.join(var)}", " / ".join(f"{count:,}" for count in var.values())),
         ("degraded", f"{report['degraded']:,}"),
         *_degraded_row(report),
     ]

@@ -209,3 +209,18 @@ def test_progress_refreshes_one_line_on_a_terminal_and_prints_lines_otherwise() 
     assert tty.getvalue().count("\r") == 2 and tty.getvalue().endswith("\n")
     assert plain.getvalue().count("\n") == 2 and "\r" not in plain.getvalue()
     assert "p99(window) 4.2ms" in plain.getvalue()
+
+
+def test_variants_other_than_a_and_b_are_counted_under_their_own_names() -> None:
+    """Variant names are configurable (and `fraudactors models promote` adds new ones): a C gets
+    its own count and accuracy row instead of vanishing from both."""
+    n = 6
+    c = DecisionCollector(PREFIX, np.arange(n) / 10.0, start=0.0)
+    is_fraud = np.array([True, False, True, False, False, False])
+    c.feed([decision(0, prob=0.9, variant="C"), decision(1, variant="C"), decision(2, prob=0.8, variant="B"),
+            decision(3), decision(4), decision(5, variant="challenger-2")], now=1.0)
+    report = build_report(make_result(c, is_fraud, n, 1.0, 10))
+    check_report(report)
+    assert report["variants"] == {"A": 2, "B": 1, "C": 2, "challenger-2": 1}
+    assert report["accuracy_by_variant"]["C"]["detection_rate"] == pytest.approx(1.0)
+    assert report["other_variants"] == {}
