@@ -272,7 +272,7 @@ class DecisionSettings:
         for decision in self.is_fraud_decisions:
             _require(decision in ("approve", "review", "decline"), "decision.is_fraud_decisions",
                      f"unknown decision {decision!r}")
-        _require(0 <= self.max_reasons <= 10, "decision.max_reasons", "must be in [0, 10]")
+        _require(0 <= self.max_reasons <= 3, "decision.max_reasons", "must be in [0, 3] (SPEC §3: at most 3)")
         _require(0.0 <= self.degraded_approve_below <= 1e9, "decision.degraded_approve_below",
                  "must be in [0, 1e9] (an amount, SPEC §2)")
         if self.degraded_policy == "approve-below":

@@ -64,7 +64,8 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration
     parser.add_argument("--no-labels", action="store_true", help="do not send the delayed fraud labels")
     parser.add_argument("--seed", type=non_negative_int, default=DEFAULT_SEED,
                         help=f"simulator seed (default {DEFAULT_SEED}: a world the default models never trained on)")
-    parser.add_argument("--no-progress", action="store_true", help="no live progress line on stderr")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no live progress line (loadgen writes it on stderr, demo on stdout)")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
