@@ -124,15 +124,27 @@ def gather(window: Window, label_delay_s: float) -> list[Evidence]:
 def _not_below_zero(ev: Evidence) -> None:
     """Counts the ledger took below zero count as none. A label's flip takes back the first
     verdict's counts; when that verdict was never counted (its decision was not matched yet, or
-    left the window) the flip leaves a total below zero, which no test may read."""
+    left the window) the flip leaves a total below zero, which no test may read.
+
+    A member whose card groups summed to its totals keeps them summing: the groups are floored
+    and the totals rebuilt from them, so the clustered tests still apply (a total floored on its
+    own would no longer match its groups, and the report would fall back to the independent
+    test -- the over-confident one -- for a single stray flip)."""
+    grouped = ev.grouped
+    discordant_grouped = {other for other, column in ev.only_this_by_group.items()
+                          if sum(column) == ev.only_this.get(other, 0)}
+    for column in (ev.caught_by_group, ev.missed_by_group, *ev.only_this_by_group.values()):
+        column[:] = [max(v, 0) for v in column]
     for name in ("decisions", "flagged", "tp", "fn", "fp", "tn", "mature_decisions"):
         setattr(ev, name, max(getattr(ev, name), 0))
+    if grouped:
+        ev.tp, ev.fn = sum(ev.caught_by_group), sum(ev.missed_by_group)
     ev.histogram = [max(v, 0) for v in ev.histogram]
     for counts in (ev.pairs, ev.only_this):
         for other, value in counts.items():
             counts[other] = max(value, 0)
-    for column in (ev.caught_by_group, ev.missed_by_group, *ev.only_this_by_group.values()):
-        column[:] = [max(v, 0) for v in column]
+    for other in discordant_grouped:
+        ev.only_this[other] = sum(ev.only_this_by_group[other])
 
 
 def _add_group_field(ev: Evidence, key: str, value: int) -> None:

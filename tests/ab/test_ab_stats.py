@@ -332,3 +332,19 @@ def test_card_groups_without_frauds_are_not_clusters() -> None:
     assert two_proportions(12, 40, 36, 40, groups=split + [(0, 0, 0, 0)] * 60) == \
         two_proportions(12, 40, 36, 40, groups=split)
     assert clustered_design_effect([(5, 10), (1, 10)] + [(0, 0)] * 62) == clustered_design_effect([(5, 10), (1, 10)])
+
+
+def test_a_stray_flip_in_one_card_group_keeps_the_clustered_test() -> None:
+    """A flip taken back in a group with no other fraud leaves that group at -1: floored, with
+    the totals rebuilt from the groups, the member still has its card groups and the split is
+    still tested clustered (not by the independent test alone, which calls sprees significant)."""
+    champion = {"n": 5000, "f": 200, "tp": 20, "fn": 19, **_hist(5000),
+                **{f"gc{g}": 5 for g in range(4)}, **{f"gm{g}": 5 for g in range(4)}, "gm5": -1}
+    challenger = {"n": 5000, "f": 200, "tp": 36, "fn": 4, **_hist(5000),
+                  **{f"gc{g}": 9 for g in range(10, 14)}, **{f"gm{g}": 1 for g in range(10, 14)}}
+    report = build_report(_window({"d:A/v1": champion, "d:B/v2": challenger}), window_s=86400.0 * 28,
+                          label_delay_s=0.0)
+    (comparison,) = report["comparisons"]
+    assert comparison["test"].endswith("card-clustered"), comparison["test"]
+    assert comparison["champion_frauds"] == 40
+    assert comparison["p_value"] > 10 * two_proportions(20, 40, 36, 40).p_value  # type: ignore[operator]
