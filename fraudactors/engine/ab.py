@@ -45,20 +45,25 @@ class ABReporter:
         client = make_client(self._settings, timeout, retry=True)
         errors: tuple[type[BaseException], ...] = (*CLIENT_ERRORS, ConnectionError, OSError, TimeoutError)
         task_status.started()
+        failing: str | None = None  # the error of the refreshes failing now
         try:
             while True:
                 try:
                     self.publish(await ledger_report(client, self._settings))
                     self.refreshes += 1
+                    failing = None
                 except errors as exc:
                     # Evidence days deep: a missed refresh changes nothing, and a reporter that
                     # crashed on every cluster hiccup would spend the engine's restart budget.
                     self._log.debug("ab_refresh_failed", error=repr(exc))
-                except Exception:
+                except Exception as exc:
                     # A report it cannot make (a bug, a ledger it cannot read) must not stop the
                     # engine: every replica reads the same ledger, so a crash here would restart
-                    # all of them until the window moved on. The last figures stay up.
-                    self._log.exception("ab_report_failed")
+                    # all of them until the window moved on. The last figures stay up; the
+                    # traceback is logged once per new error, not at every refresh.
+                    if repr(exc) != failing:
+                        self._log.exception("ab_report_failed")
+                    failing = repr(exc)
                     self._metrics.ab_report_failures.inc()
                 await asyncio.sleep(self._settings.ab.refresh_s)
         finally:
