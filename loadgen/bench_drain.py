@@ -57,7 +57,7 @@ async def fill_backlog(settings: Settings, n: int, seed: int = BACKLOG_SEED) -> 
     """Produce ``n`` simulator transactions to ``topics.transactions``; returns the rate achieved."""
     from fraudactors.services.kafka import make_producer
 
-    source = make_source(f"bench-{secrets.token_hex(3)}-", seed=seed)
+    source = make_source(f"bench-{secrets.token_hex(3)}-", seed=seed, run_length=n)
     producer = make_producer(settings, linger_ms=20, max_batch_size=1024 * 1024)
     await producer.start()
     t0 = time.perf_counter()

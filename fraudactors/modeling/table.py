@@ -300,9 +300,14 @@ def _read(path: Path, source: _Source, mapping: dict[str, str], label_delay_days
                 value = None if i_labeled is None else cells[i_labeled]
                 # A report cannot precede its payment: a date-only labeled_at (midnight) on the
                 # day of the payment is read as reported at the payment, else the row's own
-                # label would be in its merchant's fraud counts (from the hour after the report).
+                # label would be in its merchant's fraud counts (from the hour after the report);
+                # one a day or more before its payment is an error in the row.
                 reported = (txn.event_time + delay if value in _MISSING
-                            else max(parse_time(_time(value), "labeled_at")[0], txn.event_time))
+                            else parse_time(_time(value), "labeled_at")[0])
+                if reported < txn.event_time - DAY_S:
+                    raise _RowError("labeled_at before the payment",
+                                    f"labeled_at {value!r} is more than a day before the payment")
+                reported = max(reported, txn.event_time)
         except InvalidRecord as exc:
             raise _RowError(reason_kind(exc.reason), exc.reason) from None
         scenario = UNKNOWN_SCENARIO
@@ -316,17 +321,25 @@ def _read(path: Path, source: _Source, mapping: dict[str, str], label_delay_days
     labeled: list[float] = []
     invalid = InvalidRows()
     read = 0
-    seen: set[str] = set()
+    seen: dict[str, tuple[int, int]] = {}  # transaction_id -> (its place in the lists, its line)
     for line, row in source.rows:
         read += 1
         try:
             txn, is_fraud, reported, scen = parse(row)
-            if txn.transaction_id in seen:
-                # one payment, one row: a second would count twice in the velocity features and
-                # train on two verdicts (the file's last word on a transaction is its one row)
-                raise _RowError("duplicate transaction_id", f"transaction_id {txn.transaction_id!r} "
-                                "is on an earlier row (the first is kept)")
-            seen.add(txn.transaction_id)
+            earlier = seen.get(txn.transaction_id)
+            if earlier is not None:
+                # One payment, one row: a second would count twice in the velocity features and
+                # train on two verdicts. Files list a transaction's later verdict later (a
+                # chargeback after a review): the last row stands, the earlier one is skipped.
+                if strict:
+                    raise _RowError("duplicate transaction_id", f"transaction_id {txn.transaction_id!r} is "
+                                    f"also on line {earlier[1]} (give each transaction one row)")
+                at, earlier_line = earlier
+                invalid.add("duplicate transaction_id (the last row kept)", earlier_line)
+                txns[at], fraud[at], scenario[at], labeled[at] = txn, is_fraud, scen, reported
+                seen[txn.transaction_id] = (at, line)
+                continue
+            seen[txn.transaction_id] = (len(txns), line)
         except _RowError as exc:
             if strict:
                 raise DataError(f"{path} line {line}: {exc.message}") from None

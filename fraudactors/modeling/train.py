@@ -37,8 +37,11 @@ def _check_out(out: str) -> None:
     from fraudactors.errors import ConfigError
 
     path = Path(out).absolute()
-    while not path.exists():
-        path = path.parent
+    try:
+        while not path.exists():
+            path = path.parent
+    except OSError as exc:  # an ancestor it may not search
+        raise ConfigError("--out", f"cannot write models into {out!r}: {exc.strerror or exc}") from None
     if not path.is_dir():
         raise ConfigError("--out", f"cannot write models into {out!r}: {str(path)!r} is not a directory")
     if not os.access(path, os.W_OK | os.X_OK):

@@ -302,16 +302,18 @@ def test_a_blank_line_in_a_csv_is_no_row(tmp_path: Path) -> None:
     assert describe_invalid(ds.source) is None
 
 
-def test_a_transaction_id_given_twice_is_an_invalid_row_and_the_first_is_kept(tmp_path: Path) -> None:
+def test_a_transaction_id_given_twice_keeps_its_last_row_and_skips_the_earlier(tmp_path: Path) -> None:
     """One payment, one row: a second copy would count twice in the velocity features and train
-    on two verdicts of one transaction."""
+    on two verdicts of one transaction. The later row is the later verdict (a chargeback after a
+    review), as the latest label stands online."""
     rows = [["t1", "c1", "m1", 10.0, "USD", "grocery", "false", "2026-10-01T10:00:00Z", "0"],
             ["t1", "c1", "m1", 10.0, "USD", "grocery", "false", "2026-10-01T10:00:00Z", "1"],
             ["t2", "c1", "m1", 11.0, "USD", "grocery", "false", "2026-10-01T11:00:00Z", "0"]]
     ds = load_table(_write_csv(tmp_path / "dup.csv", HEADER, rows))
-    assert [t.transaction_id for t in ds.transactions] == ["t1", "t2"] and ds.is_fraud.tolist() == [False, False]
-    assert ds.source["invalid_rows"]["by_reason"] == {"duplicate transaction_id": {"rows": 1, "first_lines": [3]}}
-    with pytest.raises(DataError, match="line 3: transaction_id 't1' is on an earlier row"):
+    assert [t.transaction_id for t in ds.transactions] == ["t1", "t2"] and ds.is_fraud.tolist() == [True, False]
+    assert ds.source["invalid_rows"]["by_reason"] == {
+        "duplicate transaction_id (the last row kept)": {"rows": 1, "first_lines": [2]}}
+    with pytest.raises(DataError, match="line 3: transaction_id 't1' is also on line 2"):
         load_table(_write_csv(tmp_path / "dup.csv", HEADER, rows), strict=True)
 
 
@@ -334,6 +336,9 @@ def test_a_fraud_reported_before_its_payment_is_read_as_reported_at_the_payment(
             ["t2", "c2", "m1", 10.0, "USD", "grocery", "false", "2026-11-29T21:00:00Z", "0", ""]]
     ds = load_table(_write_csv(tmp_path / "l.csv", [*HEADER, "labeled_at"], rows))
     assert ds.labeled_at[0] == ds.transactions[0].event_time
+    far = [["t3", "c3", "m1", 10.0, "USD", "grocery", "false", "2026-11-28T21:00:00Z", "1", "1970-01-01"]]
+    with pytest.raises(DataError, match="more than a day before the payment"):
+        load_table(_write_csv(tmp_path / "far.csv", [*HEADER, "labeled_at"], far), strict=True)
     X = offline_features(ds.transactions, ds.labels())
     assert X[0, FEATURE_INDEX["merchant_fraud_count_7d"]] == 0.0, "its own report counted for it"
     assert X[1, FEATURE_INDEX["merchant_fraud_count_7d"]] == 1.0
