@@ -342,12 +342,11 @@ class FeatureStoreActor:
         for p in sorted(self._unclaimed & wanted):
             if p not in self._unclaimed:  # released meanwhile
                 continue
-            if p in ours:
-                await self._claim(store, p)
-                continue
             try:
                 await self._claim(store, p)
             except FeatureStoreRejected as exc:
+                if p in ours:
+                    raise
                 self._log.error("partition_claim_refused", partition=p, kind=exc.kind, error=str(exc))
                 self._drop_backlog(p, exc.kind)
 

@@ -150,6 +150,9 @@ class HttpServer:
         return scheme.lower() == "bearer" and hmac.compare_digest(digest, self._token_digest)
 
 
+_CONTENT_LENGTH = b"\r\ncontent-length:"
+
+
 class _Boundaries:
     """Where the client's requests end in the bytes it sent: enough to tell, once a response is
     done, whether the next request's head has begun (a pipelined head, sent while the previous
@@ -196,9 +199,9 @@ class _Boundaries:
             if b"\r\ntransfer-encoding:" in head:
                 self.lost = True
                 return
-            at = head.find(b"\r\ncontent-length:")
+            at = head.find(_CONTENT_LENGTH)
             if at >= 0:
-                value = head[at + 17:head.find(b"\r\n", at + 2)].strip()
+                value = head[at + len(_CONTENT_LENGTH):head.find(b"\r\n", at + 2)].strip()
                 if not value.isdigit():
                     self.lost = True  # aiohttp answers it 400 and closes
                     return
