@@ -215,6 +215,10 @@ def _time(value: Any) -> float | str:
     if type(value) is str:
         if "-" in value[1:] or ":" in value:  # ISO-8601 (a date has '-' after its first character)
             return value
+        if len(value) == 8 and value.isdigit():
+            # ISO-8601's basic date, 20261128, as the serving parser reads the same text (not
+            # epoch seconds of 1970, the only reading of eight digits as a number).
+            return value
         try:
             return float(value)
         except ValueError:

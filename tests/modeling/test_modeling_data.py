@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fraudactors.cli import main as cli_main
+from fraudactors.features.schema import transaction_from_obj
 from fraudactors.modeling.data import DataError
 from fraudactors.modeling.registry import load_model_info
 from fraudactors.modeling.table import describe_invalid, load_table, parse_mapping
@@ -99,6 +100,19 @@ def test_labeled_at_and_epoch_timestamps_are_read(tmp_path: Path) -> None:
     assert ds.labeled_at[0] == 1790812800 + 2 * 86400
     assert ds.transactions[1].merchant_category == "unknown" and ds.transactions[1].amount == 7.0
     assert [label.transaction_id for label in ds.labels()] == ["t1"]
+
+
+def test_a_basic_iso_date_is_a_date_not_epoch_seconds(tmp_path: Path) -> None:
+    """Eight digits are ISO-8601's basic date, as the engine reads the same text in a transaction
+    (SPEC §2): 20261001 is 2026-10-01, not 20,261,001 seconds after 1970. Ten digits stay epoch."""
+    rows = [["t1", "c1", "m1", 10.5, "USD", "grocery", "0", "20261001", "1", "20261003", "atm"],
+            ["t2", "c1", "m1", 7.0, "USD", "grocery", "0", "1790812800", "0", "", ""]]
+    ds = load_table(_write_csv(tmp_path / "t.csv", [*HEADER, "labeled_at", "scenario"], rows))
+    serving = transaction_from_obj({"transaction_id": "t1", "user_id": "c1", "amount": 1.0,
+                                    "timestamp": "20261001"})
+    assert ds.transactions[0].event_time == serving.event_time == 1790812800
+    assert ds.labeled_at[0] == 1790812800 + 2 * 86400
+    assert ds.transactions[1].event_time == 1790812800
 
 
 BAD_ROWS = [
