@@ -70,9 +70,10 @@ class EventTimeRing:
             self.counts[ring] += np.bincount(chosen.ravel(), minlength=self.counts.shape[1])
             self.rows[ring] += chosen.shape[0]
 
-    def totals(self) -> tuple[int, np.ndarray]:
-        """(rows, counts per bin) of the sub-windows within the window."""
-        live = self.held > self.newest - self.counts.shape[0]
+    def totals(self, newest: int | None = None) -> tuple[int, np.ndarray]:
+        """(rows, counts per bin) of the sub-windows within the window that ends at sub-window
+        ``newest`` (default: the newest this ring was given)."""
+        live = self.held > (self.newest if newest is None else newest) - self.counts.shape[0]
         return int(self.rows[live].sum()), self.counts[live].sum(axis=0)
 
 
@@ -218,10 +219,16 @@ class ModelMonitor:
         for model in self._models.values():
             self._export_model(model)
 
+    def _totals(self, model: _Model) -> tuple[int, np.ndarray]:
+        # Every window ends at the newest event time of all rows (the degraded ring sees each):
+        # a model whose rows stop (a fallback after an outage, a version no longer routed to) has
+        # its rows leave the window as the stream goes on, not keep its last figures for good.
+        return model.ring.totals(self._degraded.newest)
+
     def _export_model(self, model: _Model) -> None:
-        rows, counts = model.ring.totals()
+        rows, counts = self._totals(model)
         if rows < self._settings.min_rows:
-            if model.gauges is not None:  # the window emptied (a jump in event time): no figure
+            if model.gauges is not None:  # the window emptied (its rows stopped, or a jump in event time)
                 for feature, top in model.features:
                     self._metrics.feature_psi.remove(model.version, feature, top)
                 self._metrics.score_psi.remove(model.version)
@@ -240,7 +247,7 @@ class ModelMonitor:
         model = self._models.get(version)
         if model is None:
             return None
-        rows, counts = model.ring.totals()
+        rows, counts = self._totals(model)
         if rows < self._settings.min_rows:
             return None
         values = _psi_per_group(counts, model.expected, model.offsets, rows)

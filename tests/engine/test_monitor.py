@@ -133,9 +133,13 @@ def test_the_degraded_share_is_over_the_window_and_degraded_rows_only_feed_the_f
     assert after is not None and set(after) == {"score"} and after["score"] > 0.2
     assert {dict(k)["version"] for k in samples["fraudactors_feature_psi"]} == {"v9"}
     assert (("version", fallback),) in samples["fraudactors_score_psi"]
-    # a window later, with no degraded rows, the share is back at 0
+    # a window later, with no degraded rows, the share is back at 0, and the fallback, which
+    # scored nothing since, has no figure left (its score PSI would otherwise alert for good)
     observe(monitor, X, T0 + 10_000)
-    assert metric_samples(metrics.render())["fraudactors_degraded_share"][()] == 0.0
+    samples = metric_samples(metrics.render())
+    assert samples["fraudactors_degraded_share"][()] == 0.0
+    assert monitor.psi(fallback) is None
+    assert set(samples["fraudactors_score_psi"]) == {(("version", "v9"),)}
 
 
 def test_a_shadow_variants_scores_of_the_same_rows_fill_its_own_window() -> None:
@@ -224,6 +228,25 @@ def test_a_version_a_routing_change_brings_is_monitored_and_a_known_one_keeps_it
     samples = metric_samples(metrics.render())
     assert samples["fraudactors_model_offline_detection_rate"] == {(("version", "v9"),): 0.9,
                                                                     (("version", "v10"),): 0.8}
+
+
+def test_a_version_the_routing_drops_loses_its_window_and_its_series() -> None:
+    metrics = EngineMetrics()
+    other = dataclasses.replace(model_info(offline=0.8), version="v10")
+    monitor = ModelMonitor(SETTINGS, metrics, [model_info(fallback=True), other])
+    rng = np.random.default_rng(8)
+    X = rows(rng, 800)
+    monitor.observe(X, {"v9": (np.arange(800), scores(X)), "v10": (np.arange(800), scores(X)),
+                        fallback_id("v9"): (np.arange(800), scores(X))}, np.full(800, False), T0 + np.arange(800))
+    samples = metric_samples(metrics.render())
+    assert {dict(k)["version"] for k in samples["fraudactors_score_psi"]} == {"v9", "v10", fallback_id("v9")}
+    monitor.retain(["v10"])
+    assert monitor.versions == ("v10",) and monitor.psi("v9") is None
+    samples = metric_samples(metrics.render())
+    for name in ("fraudactors_score_psi", "fraudactors_feature_psi", "fraudactors_model_offline_detection_rate"):
+        assert {dict(k)["version"] for k in samples[name]} == {"v10"}, name
+    monitor.add([model_info(fallback=True)])  # routed to again: a new window, no figure yet
+    assert monitor.psi("v9") is None and monitor.psi(fallback_id("v9")) is None
 
 
 def test_the_committed_fallbacks_export_their_offline_figure(models_dir: Path) -> None:
