@@ -7,9 +7,15 @@ labelled fraud), the score distribution, each with its **label maturity**: the s
 window's decisions older than ``ab.label_delay_s`` (whose labels should be in). A figure over
 immature decisions is a lower bound for precision and noisy for detection; the report says so.
 
-The *champion* is the deciding model with the most decisions in the window (degraded fallbacks
-aside); every other non-fallback member is a challenger. A shadow challenger is compared on the
-same transactions (McNemar); a deciding one on its own share of the traffic (two-proportion z).
+The *champion* is the deciding model (degraded fallbacks aside) taking the most traffic now: of
+those that decided in the newest two buckets any of them decided in, the one with the largest
+share of the deciding models' decisions in the buckets where it decided (ties: the most decisions
+in the window). A model retired by a promotion stops being the champion an hour or two after it,
+and a quiet hour with one decision does not hand the role to a 10 % variant. Every other non-fallback member is a challenger. A shadow challenger is
+compared on the same transactions (McNemar); a deciding one on its own share of the traffic
+(two-proportion z) over the buckets in which both decided, since models that ran at different
+times would show any change in the traffic or in the labels' maturity as a difference between
+them. Two that never decided in the same bucket are not compared.
 """
 
 from __future__ import annotations
@@ -92,33 +98,41 @@ def _quantile(histogram: list[int], q: float) -> float | None:
 
 def gather(window: Window, label_delay_s: float) -> list[Evidence]:
     """Sum each member's buckets; maturity from the ledger's clock."""
+    return [_evidence(window, name, label_delay_s) for name in sorted(window.buckets)]
+
+
+def _deciding_buckets(window: Window, name: str) -> set[int]:
+    return {bucket for bucket, fields in window.buckets.get(name, {}).items() if fields.get("n", 0) > 0}
+
+
+def _evidence(window: Window, name: str, label_delay_s: float, only: set[int] | None = None) -> Evidence:
+    """One member's totals over its buckets (``only``: over these of them)."""
     mature_before = None if window.newest is None else window.newest - label_delay_s
-    out: list[Evidence] = []
-    for name, buckets in sorted(window.buckets.items()):
-        role, variant, model = parse_member(name)
-        ev = Evidence(name, "shadow" if role == "s" else "deciding", variant, model)
-        for bucket, fields in buckets.items():
-            n = fields.get("n", 0)
-            ev.decisions += n
-            ev.flagged += fields.get("f", 0)
-            ev.tp += fields.get("tp", 0)
-            ev.fn += fields.get("fn", 0)
-            ev.fp += fields.get("fp", 0)
-            ev.tn += fields.get("tn", 0)
-            if mature_before is not None and (bucket + 1) * window.bucket_s <= mature_before:
-                ev.mature_decisions += n
-            for i in range(HIST_BINS):
-                ev.histogram[i] += fields.get(f"h{i}", 0)
-            for key, value in fields.items():
-                if key.startswith("p:"):
-                    ev.pairs[key[2:]] = ev.pairs.get(key[2:], 0) + value
-                elif key.startswith("x:"):
-                    ev.only_this[key[2:]] = ev.only_this.get(key[2:], 0) + value
-                elif key.startswith("g"):
-                    _add_group_field(ev, key, value)
-        _not_below_zero(ev)
-        out.append(ev)
-    return out
+    role, variant, model = parse_member(name)
+    ev = Evidence(name, "shadow" if role == "s" else "deciding", variant, model)
+    for bucket, fields in window.buckets[name].items():
+        if only is not None and bucket not in only:
+            continue
+        n = fields.get("n", 0)
+        ev.decisions += n
+        ev.flagged += fields.get("f", 0)
+        ev.tp += fields.get("tp", 0)
+        ev.fn += fields.get("fn", 0)
+        ev.fp += fields.get("fp", 0)
+        ev.tn += fields.get("tn", 0)
+        if mature_before is not None and (bucket + 1) * window.bucket_s <= mature_before:
+            ev.mature_decisions += n
+        for i in range(HIST_BINS):
+            ev.histogram[i] += fields.get(f"h{i}", 0)
+        for key, value in fields.items():
+            if key.startswith("p:"):
+                ev.pairs[key[2:]] = ev.pairs.get(key[2:], 0) + value
+            elif key.startswith("x:"):
+                ev.only_this[key[2:]] = ev.only_this.get(key[2:], 0) + value
+            elif key.startswith("g"):
+                _add_group_field(ev, key, value)
+    _not_below_zero(ev)
+    return ev
 
 
 def _not_below_zero(ev: Evidence) -> None:
@@ -240,17 +254,61 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
+def _champion(window: Window, deciding: list[Evidence]) -> Evidence | None:
+    """The deciding model taking the most traffic now (module docstring)."""
+    active = {ev.member: _deciding_buckets(window, ev.member) for ev in deciding}
+    if not any(active.values()):
+        return max(deciding, key=lambda ev: (ev.decisions, ev.member)) if deciding else None
+    newest = max(max(buckets) for buckets in active.values() if buckets)
+    per_bucket: dict[int, int] = {}
+    for ev in deciding:
+        for bucket in active[ev.member]:
+            per_bucket[bucket] = per_bucket.get(bucket, 0) + window.buckets[ev.member][bucket]["n"]
+
+    def rank(ev: Evidence) -> tuple[bool, float, int, str]:
+        buckets = active[ev.member]
+        if not buckets:
+            return False, 0.0, ev.decisions, ev.member
+        own = sum(window.buckets[ev.member][b]["n"] for b in buckets)
+        return max(buckets) >= newest - 1, own / sum(per_bucket[b] for b in buckets), ev.decisions, ev.member
+
+    return max(deciding, key=rank)
+
+
+def _not_compared(champion: Evidence, challenger: Evidence) -> dict[str, Any]:
+    return {
+        "champion": champion.member, "challenger": challenger.member, "traffic": "split", "test": None,
+        "detection_difference": None, "p_value": None, "design_effect": None, "more_labelled_frauds_needed": None,
+        "flagged_rate_difference": None, "flagged_rate_p_value": None, "champion_frauds": 0, "challenger_frauds": 0,
+        "overlap_buckets": 0,
+        "verdict": "not compared: the two never decided in the same bucket of the window (one replaced the other)",
+    }
+
+
 def build_report(window: Window, *, window_s: float, label_delay_s: float, alpha: float = 0.05,
                  power: float = 0.8, min_effect: float = 0.01) -> dict[str, Any]:
     evidence = gather(window, label_delay_s)
     deciding = [ev for ev in evidence if ev.role == "deciding" and not ev.fallback]
-    champion = max(deciding, key=lambda ev: (ev.decisions, ev.member)) if deciding else None
+    champion = _champion(window, deciding)
     comparisons = []
     if champion is not None:
         for ev in evidence:
             if ev is champion or ev.fallback:
                 continue
-            comparisons.append(compare(champion, ev, alpha=alpha, power=power, min_effect=min_effect))
+            if ev.role == "shadow":  # the same transactions: paired, whenever each ran
+                comparisons.append({**compare(champion, ev, alpha=alpha, power=power, min_effect=min_effect),
+                                    "overlap_buckets": None})
+                continue
+            # Split traffic: only the buckets in which both decided, so that two models that ran at
+            # different times (a promotion) are not told apart by what changed in between.
+            common = _deciding_buckets(window, champion.member) & _deciding_buckets(window, ev.member)
+            if not common:
+                comparisons.append(_not_compared(champion, ev))
+                continue
+            both = (_evidence(window, champion.member, label_delay_s, common),
+                    _evidence(window, ev.member, label_delay_s, common))
+            comparisons.append({**compare(*both, alpha=alpha, power=power, min_effect=min_effect),
+                                "overlap_buckets": len(common)})
     return {
         "window": {"from": _iso(None if window.newest is None else window.newest - window_s),
                    "to": _iso(window.newest), "window_s": window_s, "label_delay_s": label_delay_s,
@@ -293,6 +351,9 @@ def format_report(report: dict[str, Any]) -> str:
     for c in report["comparisons"]:
         p = "-" if c["p_value"] is None else f"{c['p_value']:.3g}"
         challenger, champion = (name.partition(":")[2] for name in (c["challenger"], c["champion"]))
+        if c["test"] is None:
+            lines.append(f"  {challenger} vs {champion}: {c['verdict']}")
+            continue
         effect = "" if c.get("design_effect") is None else f", design effect {c['design_effect']:.2f}"
         lines.append(f"  {challenger} vs {champion} ({c['traffic']} traffic, {c['test']}: "
                      f"detection {c['detection_difference'] * 100:+.2f} points, p={p}{effect}): {c['verdict']}")

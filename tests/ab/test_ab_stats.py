@@ -348,3 +348,48 @@ def test_a_stray_flip_in_one_card_group_keeps_the_clustered_test() -> None:
     assert comparison["test"].endswith("card-clustered"), comparison["test"]
     assert comparison["champion_frauds"] == 40
     assert comparison["p_value"] > 10 * two_proportions(20, 40, 36, 40).p_value  # type: ignore[operator]
+
+
+def _hourly(catch: dict[str, list[float]], hours: range, per_hour: dict[str, int]) -> dict[str, dict[int, dict[str, int]]]:
+    """Buckets per member: ``per_hour[m]`` decisions an hour, a tenth of them frauds, of which the
+    share ``catch[m][h]`` caught (the rate may change by the hour: the traffic does)."""
+    out: dict[str, dict[int, dict[str, int]]] = {}
+    for member, n in per_hour.items():
+        for hour in hours:
+            rate = catch[member][hour]
+            if rate < 0:
+                continue  # not deciding this hour
+            frauds = n // 10
+            tp = round(frauds * rate)
+            out.setdefault(member, {})[hour] = {"n": n, "f": tp, "tp": tp, "fn": frauds - tp}
+    return out
+
+
+def test_after_a_promotion_the_new_model_is_champion_and_split_models_meet_only_where_both_ran() -> None:
+    """A promotes v2 at hour 300 of 600, and from then on every model catches 70 % instead of 90 %
+    (a harder month). v1 and v2 are equally good: the report must neither keep the retired v1 as
+    champion nor call v2 worse for the month it happened to run in."""
+    hours = range(600)
+    b_ran = [0.9] * 300 + [0.7] * 300
+    v1_ran = [0.9] * 300 + [-1.0] * 300
+    v2_ran = [-1.0] * 300 + [0.7] * 300
+    buckets = _hourly({"d:A/v1": v1_ran, "d:A/v2": v2_ran, "d:B/v2": b_ran}, hours,
+                      {"d:A/v1": 900, "d:A/v2": 900, "d:B/v2": 100})
+    report = build_report(Window(600 * 3600.0, 3600, 0, buckets), window_s=600 * 3600.0, label_delay_s=0.0)
+    assert report["champion"] == "d:A/v2"
+    by_challenger = {c["challenger"]: c for c in report["comparisons"]}
+    retired = by_challenger["d:A/v1"]
+    assert retired["p_value"] is None and retired["overlap_buckets"] == 0
+    assert retired["verdict"].startswith("not compared")
+    b = by_challenger["d:B/v2"]
+    assert b["overlap_buckets"] == 300 and b["detection_difference"] == pytest.approx(0.0)
+    assert b["challenger_frauds"] == 300 * 10 and b["champion_frauds"] == 300 * 90
+    assert not b["verdict"].endswith(("better", "worse")), b["verdict"]
+
+
+def test_a_quiet_hour_does_not_hand_the_champion_to_the_small_variant() -> None:
+    hours = range(48)
+    buckets = _hourly({"d:A/v1": [0.9] * 48, "d:B/v2": [0.9] * 48}, hours, {"d:A/v1": 90, "d:B/v2": 10})
+    buckets["d:B/v2"][48] = {"n": 1, "f": 0}  # the newest hour so far: one decision, B's
+    report = build_report(Window(48 * 3600.0 + 60, 3600, 0, buckets), window_s=28 * 86400, label_delay_s=0.0)
+    assert report["champion"] == "d:A/v1"
