@@ -7,7 +7,13 @@ no consumer group (assign, seek to the beginning), so each one sees every docume
 :class:`RoutingFollower` is a supervised child started after the inference actor and before the
 ingestor: it reads the topic up to its end and applies the newest document before it reports
 started (so no transaction is decided before the replica routes as the others do), then applies
-each new one as it arrives. Applying is the inference actor's job
+each new one as it arrives. **The newest document on the topic is the routing**, whatever its
+revision: that is the one a compacted topic keeps, so it is what a replica that starts later, and
+``fraudactors models list``, find. Two changes written at the same time (each built on the same
+revision) could otherwise leave the running replicas on the first and every later one on the
+second under one revision number; a writer refuses to write when the topic moved since it read it,
+and a document that does not raise the revision is applied with a ``routing_conflict`` warning.
+Applying is the inference actor's job
 (:meth:`~fraudactors.engine.inference.InferenceActor.apply_routing`): every version is loaded and
 sha256-checked in every scorer first, and a failure refuses the whole document -- logged with the
 reason, counted in ``fraudactors_routing_changes_total{result="refused"}`` -- while the routing in
@@ -59,10 +65,10 @@ async def ensure_control_topic(settings: Settings) -> bool:
         await admin.close()
 
 
-async def read_documents(settings: Settings, consumer: Any = None) -> list[bytes]:
+async def read_documents(settings: Settings, consumer: Any = None) -> tuple[list[bytes], int]:
     """Every routing document on the control topic up to its current end, oldest first
-    (tombstones left out). With ``consumer`` (assigned to the topic, at the beginning) it reads
-    with that one and leaves it at the end."""
+    (tombstones left out), and that end offset. With ``consumer`` (assigned to the topic, at the
+    beginning) it reads with that one and leaves it at the end."""
     own = consumer is None
     tp = TopicPartition(settings.topics.control, 0)
     if own:
@@ -77,7 +83,7 @@ async def read_documents(settings: Settings, consumer: Any = None) -> list[bytes
         while await consumer.position(tp) < end:
             batch = await consumer.getmany(tp, timeout_ms=_POLL_MS)
             out.extend(r.value for r in batch.get(tp, []) if r.key == ROUTING_KEY and r.value is not None)
-        return out
+        return out, end
     finally:
         if own:
             await consumer.stop()
@@ -86,25 +92,52 @@ async def read_documents(settings: Settings, consumer: Any = None) -> list[bytes
 async def current_routing(settings: Settings) -> Routing:
     """The newest valid routing document, or the configuration's variants (revision 0) when there
     is none. An invalid one (every replica refused it) is passed over, so a change can replace it."""
+    return (await routing_and_end(settings))[0]
+
+
+async def routing_and_end(settings: Settings) -> tuple[Routing, int]:
+    """:func:`current_routing` and the control topic's end offset it was read at."""
     await ensure_control_topic(settings)
-    for document in reversed(await read_documents(settings)):
+    documents, end = await read_documents(settings)
+    for document in reversed(documents):
         try:
-            return Routing.from_json(document)
+            return Routing.from_json(document), end
         except RoutingRefused:
             continue
-    return Routing.from_settings(settings.models)
+    return Routing.from_settings(settings.models), end
 
 
-async def publish_routing(settings: Settings, routing: Routing) -> int:
-    """Write ``routing`` under the routing key; returns its offset once the broker has it."""
+async def publish_routing(settings: Settings, routing: Routing, read_at: int | None = None) -> int:
+    """Write ``routing`` under the routing key; returns its offset once the broker has it.
+
+    ``read_at``: the topic's end offset when the routing this change was built on was read. The
+    change is refused (RoutingRefused, nothing written) if the topic has moved since: another change
+    was written meanwhile, and this one would silently replace it."""
     producer = make_producer(settings, client_id=f"{settings.kafka.client_id}-control")
     await producer.start()
     try:
+        if read_at is not None:
+            end = await _end_offset(settings)
+            if end != read_at:
+                raise RoutingRefused(
+                    f"not written: the routing changed while this change was made (the control topic "
+                    f"{settings.topics.control} moved from offset {read_at} to {end}); run the command again "
+                    "to build on the change written meanwhile")
         meta = await producer.send_and_wait(settings.topics.control, routing.to_json(), key=ROUTING_KEY,
                                             partition=0)
         return int(meta.offset)
     finally:
         await producer.stop()
+
+
+async def _end_offset(settings: Settings) -> int:
+    tp = TopicPartition(settings.topics.control, 0)
+    consumer = make_consumer(settings, group_id=None, client_id=f"{settings.kafka.client_id}-control")
+    await consumer.start()
+    try:
+        return int((await consumer.end_offsets([tp]))[tp])
+    finally:
+        await consumer.stop()
 
 
 class RoutingFollower:
@@ -115,7 +148,7 @@ class RoutingFollower:
         self._metrics = metrics
         self._inference = inference
         self.applied = Routing.from_settings(settings.models)
-        self._refused: set[int] = set()  # revisions refused here: not tried again after a restart
+        self._refused: set[bytes] = set()  # documents refused here: not tried again after a restart
         self._log = get_logger(actor="routing")
         metrics.routing_revision.set(0)
 
@@ -132,7 +165,7 @@ class RoutingFollower:
             tp = TopicPartition(s.topics.control, 0)
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
-            documents = await read_documents(s, consumer)
+            documents, _ = await read_documents(s, consumer)
             if documents:
                 await self._catch_up(documents[-1])
             self._log.info("routing_following", revision=self.applied.revision, topic=s.topics.control)
@@ -155,14 +188,21 @@ class RoutingFollower:
         await self._try(routing.previous)
 
     async def _apply(self, document: bytes) -> Routing | None:
-        """Apply one document unless stale or already refused; returns it parsed (None: unreadable)."""
+        """Apply one document unless it is the routing in force or was refused here; returns it
+        parsed (None: unreadable). A document newer on the topic wins even when its revision is not
+        higher (module docstring): every replica, and every later one, ends on the same routing."""
         try:
             routing = Routing.from_json(document)
         except RoutingRefused as exc:
             self._refuse(None, str(exc))
             return None
-        if routing.revision <= self.applied.revision or routing.revision in self._refused:
+        if routing == self.applied or routing.to_json() in self._refused:
             return routing
+        if routing.revision <= self.applied.revision:
+            self._log.warning("routing_conflict", revision=routing.revision, reason=routing.reason,
+                              serving=self.applied.revision, serving_reason=self.applied.reason,
+                              detail="a newer document on the control topic does not raise the revision: "
+                                     "two changes were written at the same time; the newer one is applied")
         await self._try(routing)
         return routing
 
@@ -181,7 +221,7 @@ class RoutingFollower:
 
     def _refuse(self, routing: Routing | None, reason: str) -> None:
         if routing is not None:
-            self._refused.add(routing.revision)
+            self._refused.add(routing.to_json())
         self._metrics.routing_changes.labels("refused").inc()
         self._log.error("routing_refused", revision=None if routing is None else routing.revision,
                         error=reason, serving=self.applied.revision)

@@ -3,7 +3,8 @@
 A change reads the newest routing document on the control topic (or the configuration's variants,
 revision 0, when there is none), makes the new one (``revision + 1``, the current one kept as its
 ``previous``), checks that every version it routes to loads here -- present in ``models.dir``, every
-file matching its sha256, the ONNX sessions open -- and writes it. The replicas apply it (or refuse
+file matching its sha256, the ONNX sessions open -- and writes it, unless another change was
+written meanwhile (then nothing is written and the command says to run it again). The replicas apply it (or refuse
 it, keeping their routing) within a fetch; ``fraudactors_routing_revision`` shows where each one is.
 
     fraudactors models list
@@ -64,10 +65,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _run(settings: Any, args: argparse.Namespace) -> int:
-    from fraudactors.engine.control import current_routing, publish_routing
+    from fraudactors.engine.control import publish_routing, routing_and_end
     from fraudactors.engine.routing import Routing
 
-    current: Routing = await current_routing(settings)
+    current: Routing
+    current, read_at = await routing_and_end(settings)
     if args.action == "list":
         print(describe(current, available_versions(settings.models.dir)))
         return 0
@@ -83,7 +85,7 @@ async def _run(settings: Any, args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     new = replace(new, models={**{k: v for k, v in new.models.items() if k in pins}, **pins}).validate()
-    offset = await publish_routing(settings, new)
+    offset = await publish_routing(settings, new, read_at=read_at)
     print(f"routing revision {new.revision} written ({new.reason}) at offset {offset} of {settings.topics.control}")
     print(new.describe())
     return 0

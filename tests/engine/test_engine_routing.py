@@ -19,6 +19,7 @@ from engine_helpers import (
     transactions,
     wait_until,
 )
+from structlog.testing import capture_logs
 
 from fraudactors.engine.control import current_routing, publish_routing
 from fraudactors.engine.decision import Router
@@ -204,6 +205,26 @@ async def test_of_two_routing_documents_in_one_fetch_the_newer_is_applied(engine
             await producer.stop()
         await wait_until(lambda: engine.routing.applied.revision == second.revision, timeout_s=30)
         assert engine.routing.applied.variants == second.variants
+
+
+async def test_two_changes_built_on_one_revision_leave_every_replica_on_the_newer(engine_settings: Settings) -> None:
+    """Two changes written at the same time, both revision 1 (the writers' own check cannot close
+    the race entirely). The running replica and one started afterwards, which reads only the newest
+    document (all a compacted topic keeps), must route alike: both on the newer."""
+    s = engine_settings.replace(engine={"inference_mode": "thread"})
+    base = Routing.from_settings(s.models)
+    first = base.with_weights({"A": 0.5, "B": 0.5}, {}, "operator 1: B to 50 %")
+    second = base.with_weights({"A": 1.0, "B": 0.0}, {}, "operator 2: stop B")
+    with capture_logs() as logs:
+        async with running(s) as engine:
+            await publish_routing(s, first)
+            await wait_until(lambda: engine.routing.applied == first, timeout_s=30)
+            await publish_routing(s, second)
+            await wait_until(lambda: engine.routing.applied == second, timeout_s=30)
+            async with running(s) as later:
+                assert later.routing.applied == second
+                assert later.inference.router.deciding == engine.inference.router.deciding
+    assert [e["revision"] for e in logs if e["event"] == "routing_conflict"] == [1]
 
 
 async def test_a_scorer_lets_go_of_versions_no_routing_in_reach_uses_and_loads_them_again(

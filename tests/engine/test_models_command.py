@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,31 @@ def test_an_unreachable_broker_is_one_line_naming_it(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fraudactors models: cannot reach Kafka at 127.0.0.1:1"), lines
+
+
+def test_a_change_written_meanwhile_is_not_overwritten(
+        cli_settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another operator's change lands while this one verifies its models: this one is not written
+    (it was built on the routing before, and would silently undo the other); run again, it builds
+    on the other."""
+    from fraudactors.engine import control, models_command
+
+    s = cli_settings
+    verify = models_command.verify_versions
+    other = Routing.from_settings(s.models).with_weights({"B": 0.0}, {}, "the other operator: stop B")
+
+    def verify_while_another_change_lands(models_dir: str, versions: tuple[str, ...]) -> dict[str, str]:
+        with ThreadPoolExecutor(1) as pool:  # its own loop: the command's is running here
+            pool.submit(asyncio.run, control.publish_routing(s, other)).result()
+        return verify(models_dir, versions)
+
+    monkeypatch.setattr(models_command, "verify_versions", verify_while_another_change_lands)
+    assert cli.main(["models", "set-weights", "B=0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the routing changed while this change was made" in err[0], err
+    assert current(s).reason == "the other operator: stop B" and current(s).revision == 1
+    monkeypatch.setattr(models_command, "verify_versions", verify)
+    assert cli.main(["models", "set-weights", "B=0.5"]) == 0
+    now = current(s)
+    assert now.revision == 2 and now.variants["B"].weight == 0.5
+    assert now.previous is not None and now.previous.reason == other.reason
