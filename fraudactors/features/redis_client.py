@@ -9,6 +9,7 @@ nodes from ``redis.url`` (and ``redis.cluster_nodes`` if that one is down), foll
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,6 +26,8 @@ from redis.exceptions import (
     RedisError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fraudactors.settings import Settings
 
@@ -80,8 +83,15 @@ class ScriptRunner:
     master that owns the slot and each group goes out as one pipeline on a connection to that
     master (redis-py's cluster pipeline refuses EVALSHA), all masters at once. A call answered
     with MOVED, ASK or TRYAGAIN (a slot moving) is sent again through the cluster client, which
-    follows the redirection and refreshes its slot map; a script missing on a node (a restart)
-    is loaded on every node and the call sent again. Replies come back in call order.
+    follows the redirection and refreshes its slot map; a script missing on a node (a restart, or
+    a master added after the scripts were loaded) is loaded on every node and the call sent
+    again. Replies come back in call order.
+
+    A node that cannot be reached fails the whole run (the caller's outage path), and before the
+    error goes up the cluster client is told -- a PING to that node through it, which on failure
+    asks for a fresh slot map -- so that once a replica has taken over the dead master's slots,
+    the next run goes to it. The node connections are this runner's own, so the cluster client
+    would otherwise never learn of the failure and keep routing to the dead master for good.
     """
 
     def __init__(self, client: Any, cluster: bool, scripts: dict[str, str], settings: Settings | None = None,
@@ -127,7 +137,12 @@ class ScriptRunner:
             for i in indexes:
                 keys, args = calls[i]
                 pipe.evalsha(sha, len(keys), *keys, *args)
-            for i, reply in zip(indexes, await pipe.execute(raise_on_error=False), strict=True):
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                await self._node_failed(node)
+                raise
+            for i, reply in zip(indexes, results, strict=True):
                 replies[i] = reply
 
         await asyncio.gather(*(send(node, indexes) for node, indexes in groups.values()))
@@ -141,8 +156,20 @@ class ScriptRunner:
             elif not isinstance(reply, NoScriptError | MovedError | AskError | TryAgainError):
                 raise reply
             keys, args = calls[i]
-            replies[i] = await self._client.evalsha(sha, len(keys), *keys, *args)
+            try:
+                replies[i] = await self._client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:  # redirected to a node that joined after the scripts were loaded
+                await self.load()
+                replies[i] = await self._client.evalsha(sha, len(keys), *keys, *args)
         return replies
+
+    async def _node_failed(self, node: Any) -> None:
+        """Tell the cluster client that ``node`` failed (see the class docstring)."""
+        stale = self._nodes.pop(node.name, None)
+        if stale is not None:
+            await stale.aclose()
+        with contextlib.suppress(*CLIENT_ERRORS, OSError):
+            await self._client.execute_command("PING", target_nodes=node)
 
     def _node_client(self, node: Any) -> Any:
         client = self._nodes.get(node.name)

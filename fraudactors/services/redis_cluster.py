@@ -41,7 +41,9 @@ class EmbeddedRedisNode(EmbeddedRedis):
                 "--dir", str(self._dir),
                 "--cluster-config-file", f"nodes-{port}.conf",
                 "--cluster-node-timeout", str(self._node_timeout_ms),
-                "--cluster-require-full-coverage", "no"]
+                "--cluster-require-full-coverage", "no",
+                # a replica (add_replica) syncs at once, not after the default 5 s wait for others
+                "--repl-diskless-sync-delay", "0"]
 
 
 class EmbeddedRedisCluster:
@@ -154,6 +156,52 @@ class EmbeddedRedisCluster:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    async def add_node(self) -> EmbeddedRedisNode:
+        """A node without slots joins the cluster (a master to migrate slots to, or to make a
+        replica of); it is ``nodes[-1]``. Returns once every running node knows it and says
+        ``cluster_state:ok``."""
+        assert self._tmp is not None, "start the cluster first"
+        directory = self._tmp / f"node{len(self.nodes)}"
+        directory.mkdir()
+        node = EmbeddedRedisNode(directory, self._binary)
+        await node.start()
+        self.nodes.append(node)
+        try:
+            await self._command(self.nodes[0], "CLUSTER", "MEET", node.host, node.port, node.bus_port)
+            async with asyncio.timeout(self._start_timeout_s):
+                while True:
+                    if await self._knows_everyone():
+                        break
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise ServiceError("the embedded Redis cluster did not take in its new node") from None
+        return node
+
+    async def _knows_everyone(self) -> bool:
+        for node in self.nodes:
+            if node.running:
+                info = (await self._command(node, "CLUSTER", "INFO")).decode()
+                fields = dict(line.split(":", 1) for line in info.split() if ":" in line)
+                if fields.get("cluster_state") != "ok" or int(fields.get("cluster_known_nodes", 0)) < len(self.nodes):
+                    return False
+        return True
+
+    async def add_replica(self, master: int) -> EmbeddedRedisNode:
+        """A new node replicating master ``master``; returns once it holds the master's data (its
+        link is up), so stopping the master then makes it fail over: ``cluster-node-timeout`` later
+        the replica is the slots' master."""
+        node = await self.add_node()
+        await self._command(node, "CLUSTER", "REPLICATE", await self.node_id(self.nodes[master]))
+        try:
+            async with asyncio.timeout(self._start_timeout_s):
+                while True:
+                    if (await self._command(node, "INFO", "replication")).get("master_link_status") == "up":
+                        break
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise ServiceError("the embedded Redis replica did not sync with its master") from None
+        return node
 
     async def node_id(self, node: EmbeddedRedisNode) -> str:
         return (await self._command(node, "CLUSTER", "MYID")).decode()

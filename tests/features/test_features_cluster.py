@@ -1,0 +1,90 @@
+"""The online store on a Redis Cluster whose shape changes under it: a master fails over to its
+replica, a master joins and takes a slot. The store must follow without a restart, keep every
+event it wrote, and never call such a change a refused write (docs/operations.md, "Redis Cluster")."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.crc import key_slot
+
+from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
+from fraudactors.features.schema import Transaction, format_timestamp
+from fraudactors.features.store import OnlineFeatureStore
+from fraudactors.services.redis_cluster import EmbeddedRedisCluster
+from fraudactors.settings import Settings, load_settings
+
+pytestmark = pytest.mark.asyncio
+T0 = 1_795_000_000.0
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[EmbeddedRedisCluster]:
+    async with EmbeddedRedisCluster(3) as c:  # a private one: these tests change its shape
+        yield c
+
+
+def on(cluster: EmbeddedRedisCluster) -> Settings:
+    return load_settings(env={}, overrides={"redis": {
+        "url": cluster.url, "cluster": True, "cluster_nodes": cluster.startup_nodes,
+        "key_prefix": f"fa-cluster-{uuid.uuid4().hex[:12]}:", "socket_timeout_ms": 500}})
+
+
+def txn(i: int, user: str) -> Transaction:
+    t = T0 + 60 * i
+    return Transaction(f"t{i}", user, "m1", 20.0 + i, "USD", "food", False, t, format_timestamp(t))
+
+
+def users_on(store: OnlineFeatureStore, cluster: EmbeddedRedisCluster, master: int, n: int) -> list[str]:
+    low, high = cluster.slot_range(master)
+    return [u for u in (f"u{i}" for i in range(2000)) if low <= key_slot(store.keys.user(u).encode()) <= high][:n]
+
+
+async def test_a_master_that_fails_over_to_its_replica_is_followed_without_a_restart(
+        cluster: EmbeddedRedisCluster) -> None:
+    await cluster.add_replica(1)
+    store = OnlineFeatureStore(on(cluster))
+    await store.open()
+    try:
+        await store.claim(0)
+        users = users_on(store, cluster, 1, 3)
+        await store.compute([txn(i, u) for i, u in enumerate(users)], 0, [0, 1, 2])
+        await cluster.nodes[1].stop()
+        failures, offset = 0, 3
+        for _ in range(120):  # the replica takes over after cluster-node-timeout (2 s)
+            try:
+                await store.compute([txn(offset, users[0])], 0, [offset])
+                break
+            except FeatureStoreUnavailable:
+                failures += 1
+                await asyncio.sleep(0.25)
+        else:
+            pytest.fail(f"the store still calls the dead master after {failures} tries")
+        assert failures > 0  # the master was down for a while: the store did meet the failure
+        state = await store.user_state(users[0])
+        assert state is not None and len(state.times) == 2  # the replica kept the first event
+    finally:
+        await store.close()
+
+
+async def test_a_slot_moved_to_a_master_that_joined_later_is_written_at_the_first_call(
+        cluster: EmbeddedRedisCluster) -> None:
+    store = OnlineFeatureStore(on(cluster))
+    await store.open()
+    try:
+        await store.claim(0)
+        user = users_on(store, cluster, 2, 1)[0]
+        await store.compute([txn(0, user)], 0, [0])
+        await cluster.add_node()  # joins after the store loaded its scripts on the nodes it knew
+        await cluster.migrate_slot(key_slot(store.keys.user(user).encode()), 2, len(cluster.nodes) - 1)
+        try:
+            await store.compute([txn(1, user)], 0, [1])
+        except FeatureStoreRejected as exc:
+            pytest.fail(f"a slot's new master was taken for a refused write: {exc}")
+        state = await store.user_state(user)
+        assert state is not None and len(state.times) == 2
+    finally:
+        await store.close()
