@@ -67,23 +67,36 @@ def build_producer(settings: Settings) -> AIOKafkaProducer:
 _TP = tuple[str, int]
 
 
-
 class KeyPartitioner:
     """aiokafka's default partitioner (murmur2 of the key, pure Python: ~2 % of the engine's CPU)
-    with the hash of each key remembered; the memory is dropped when it holds 65,536 keys."""
+    with the hash of each key remembered; the memory is dropped when it holds 65,536 keys.
+
+    Only keys of up to ``MAX_CACHED_KEY`` bytes are remembered: a ``user_id`` is at most 64
+    characters (256 bytes of UTF-8), and a dead letter keeps whatever key its producer sent, so
+    65,536 remembered keys of 2 KiB would be 134 MB held for nothing."""
+
+    MAX_CACHED_KEY = 256
+    MAX_KEYS = 65_536
 
     def __init__(self) -> None:
-        self._hashes: dict[bytes | None, int] = {}
+        self._hashes: dict[bytes, int] = {}
 
     def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
         if key is None:
             return DefaultPartitioner()(key, all_partitions, available)
         h = self._hashes.get(key)
         if h is None:
-            if len(self._hashes) >= 65_536:
-                self._hashes.clear()
-            h = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+            h = murmur2(key) & 0x7FFFFFFF
+            if len(key) <= self.MAX_CACHED_KEY:
+                if len(self._hashes) >= self.MAX_KEYS:
+                    self._hashes.clear()
+                self._hashes[key] = h
         return all_partitions[h % len(all_partitions)]
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(len(key) for key in self._hashes)
+
 
 class _Batch:
     """An open, then sealed, record batch of one partition and the future of its delivery."""

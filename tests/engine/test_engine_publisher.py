@@ -10,7 +10,7 @@ from aiokafka import TopicPartition
 
 from fraudactors.actors import IGNORED
 from fraudactors.engine.metrics import EngineMetrics
-from fraudactors.engine.publisher import Publisher
+from fraudactors.engine.publisher import KeyPartitioner, Publisher
 from fraudactors.services.kafka import make_consumer
 from fraudactors.settings import Settings
 
@@ -247,3 +247,16 @@ async def test_a_dead_letter_the_broker_refuses_as_too_large_is_sent_without_its
     assert got["error"] == b"value too large" and got["stage"] == b"parse", "the original headers stay"
     assert got["value_omitted"].startswith(str(len(huge)).encode() + b" bytes not accepted")
     assert [r.value for r in found[predictions]] == [b"decided"]
+
+
+def test_the_partitioner_places_keys_as_kafka_does_and_remembers_only_short_ones() -> None:
+    """The records' partitions are Kafka's default (murmur2) whether a key is remembered or not;
+    dead letters keep any key their producer sent, and long ones are not held in memory."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    partitioner, reference = KeyPartitioner(), DefaultPartitioner()
+    partitions = list(range(12))
+    keys = [f"c-{i}".encode() for i in range(500)] + [bytes([i % 251]) * 2048 for i in range(200)]
+    for key in keys * 2:
+        assert partitioner(key, partitions, partitions) == reference(key, partitions, partitions)
+    assert partitioner.cached_bytes == sum(len(f"c-{i}") for i in range(500))
