@@ -56,12 +56,14 @@ CARD_GROUPS = 64
 # KEYS: index (zset), clock (string), then one bucket hash per entry.
 # ARGV: bucket_s, buckets to keep, the newest event time of this call ("" if none), the bucket
 # key base ("<prefix>{ab}:b:"), a JSON array of [bucket, member, [field, increment, ...]] aligned
-# with KEYS[3..]. Adds what is inside the kept window, drops the rest, deletes buckets that fell
-# out of it. Returns the number of entries applied.
+# with KEYS[3..], the keys' TTL in seconds. Adds what is inside the kept window, drops the rest,
+# deletes buckets that fell out of it. Returns the number of entries applied. The TTL (refreshed
+# on every write) only collects a ledger nobody writes any more, e.g. under a retired key prefix.
 AB_ADD = "#!lua\n" + CHECK_TYPES + """
 local bucket_s, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 local entries = cjson.decode(ARGV[5])
-if not bucket_s or bucket_s <= 0 or not keep or #entries ~= #KEYS - 2 then
+local ttl = tonumber(ARGV[6])
+if not bucket_s or bucket_s <= 0 or not keep or not ttl or ttl <= 0 or #entries ~= #KEYS - 2 then
   return redis.error_reply('INVALID arguments')
 end
 local err = check_type(KEYS[1], 'zset') or check_type(KEYS[2], 'string')
@@ -85,6 +87,7 @@ for i, e in ipairs(entries) do
     for j = 1, #kv, 2 do
       redis.call('HINCRBY', KEYS[i + 2], kv[j], kv[j + 1])
     end
+    redis.call('EXPIRE', KEYS[i + 2], ttl)
     redis.call('ZADD', KEYS[1], e[1], e[1] .. ':' .. e[2])
     applied = applied + 1
   end
@@ -95,6 +98,9 @@ for _, m in ipairs(old) do
 end
 if #old > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', floor)
+end
+for i = 1, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ttl) end
 end
 return applied
 """
@@ -170,13 +176,13 @@ class Deltas:
         if other.newest is not None:
             self.saw(other.newest)
 
-    def call(self, keys: LedgerKeys, bucket_s: int, keep: int) -> tuple[list[str], list[Any]]:
-        """The AB_ADD call for these increments: (keys, args)."""
+    def call(self, keys: LedgerKeys, bucket_s: int, keep: int, ttl_s: int) -> tuple[list[str], list[Any]]:
+        """The AB_ADD call for these increments: (keys, args); ``ttl_s``: see AB_ADD."""
         items = [(bucket, name, fields) for (bucket, name), fields in self.counts.items()]
         call_keys = [keys.index, keys.clock, *(keys.bucket(b, n) for b, n, _ in items)]
         entries = [[b, n, [x for kv in fields.items() for x in kv]] for b, n, fields in items]
         newest = "" if self.newest is None else repr(self.newest)
-        return call_keys, [bucket_s, keep, newest, keys.base, orjson.dumps(entries)]
+        return call_keys, [bucket_s, keep, newest, keys.base, orjson.dumps(entries), ttl_s]
 
 
 def card_group(user_id: str) -> int:

@@ -115,6 +115,8 @@ class OutcomeRecorder:
         self.ledger_keys = LedgerKeys(settings.redis.key_prefix)
         self._bucket_s = settings.ab.bucket_s
         self._keep = settings.ab.keep_buckets
+        # a bucket must outlive the window, written or not, at any pace of event time
+        self._ledger_ttl = max(settings.redis.ttl_s, int(settings.ab.window_s) + 2 * settings.ab.bucket_s)
         self.dropped = 0
         self._redis: Any = None
         self._scripts: Any = None
@@ -222,7 +224,7 @@ class OutcomeRecorder:
         if self.deltas and self._scripts is not None:
             deltas = self.deltas.take()
             try:
-                await self._scripts.run("ab_add", [deltas.call(self.ledger_keys, self._bucket_s, self._keep)])
+                await self._scripts.run("ab_add", [deltas.call(self.ledger_keys, self._bucket_s, self._keep, self._ledger_ttl)])
             except BaseException:
                 self.deltas.merge(deltas)
                 raise

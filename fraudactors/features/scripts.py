@@ -617,20 +617,23 @@ end
 return status
 """
 
-# KEYS: the partition's epoch key. A new fencing epoch for its next owner: one more than the last,
-# and at least the Redis server's clock in seconds. The clock keeps epochs rising when the counter
+# KEYS: the partition's epoch key; ARGV: its TTL (an epoch key that expired is one Redis lost: the
+# clock below recovers it). A new fencing epoch for its next owner: one more than the last, and at least the Redis server's clock in seconds. The clock keeps epochs rising when the counter
 # itself was lost (a Redis restarted empty or from an older snapshot, a failover that lost the last
 # INCR) while engines still hold epochs they claimed before: a new owner's epoch is then still the
 # newest. Seconds fit the blobs' 32-bit epoch field until 2106.
 CLAIM = "#!lua\n" + CHECK_TYPES + """
 local err = check_type(KEYS[1], 'string')
 if err then return err end
+local ttl = tonumber(ARGV[1])
+if not ttl or ttl <= 0 then return redis.error_reply('INVALID arguments') end
 local epoch = redis.call('INCR', KEYS[1])
 local now = tonumber(redis.call('TIME')[1])
 if epoch < now then
   redis.call('SET', KEYS[1], now)
   epoch = now
 end
+redis.call('EXPIRE', KEYS[1], ttl)
 return epoch
 """
 

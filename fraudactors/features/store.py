@@ -330,7 +330,7 @@ class OnlineFeatureStore:
         Every later write of this store for the partition carries it; a former owner's writes
         are refused where this owner has written.
         """
-        (reply,) = await self._run("claim", [([self.keys.epoch(partition)], [])], "claim")
+        (reply,) = await self._run("claim", [([self.keys.epoch(partition)], [self._settings.redis.ttl_s])], "claim")
         epoch = int(reply)
         self._epochs[partition] = epoch
         return epoch

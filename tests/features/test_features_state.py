@@ -202,6 +202,8 @@ async def test_an_owner_claiming_after_redis_lost_its_epochs_still_fences_the_fo
     await new.open()
     try:
         await old.claim(5)
+        # an epoch key that expires is one Redis lost: it carries the state TTL like every key
+        assert 0 < await client.ttl(old.keys.epoch(5)) <= store_settings.redis.ttl_s
         await old.compute([txn("a0", "u", "m", T0)], 5, [10])
         # the loss, a little later (a restart or a failover takes seconds; a claim in the same
         # second of Redis's clock as the lost one may get an equal epoch)
