@@ -482,6 +482,8 @@ class InferenceActor:
         res = _Results(degraded=degraded,
                        amounts=X[:, self._amount_column] if self._policy.mode == "approve-below" else None)
         for (model, rows), (p, r) in zip(index.items(), results, strict=True):
+            if not ((p >= 0.0) & (p <= 1.0)).all():  # NaN fails both
+                p = self._not_a_probability(model, p)
             position = np.full(n, -1, dtype=np.intp)
             position[rows] = np.arange(rows.size)
             res.probs[model], res.reasons[model], res.position[model] = p, r, position
@@ -505,6 +507,18 @@ class InferenceActor:
             start = end
         self._count_published()
         return out
+
+    def _not_a_probability(self, model: str, p: np.ndarray) -> np.ndarray:
+        """A broken model's scores that are no probability go to review: neither approved (every
+        comparison with NaN is false) nor declined on a number that means nothing, and never an
+        exception on the decision path (the batch would be retried for ever)."""
+        bad = ~((p >= 0.0) & (p <= 1.0))
+        p = p.copy()
+        p[bad] = self._thresholds[model].review
+        count = int(bad.sum())
+        self._metrics.nonfinite_scores.labels(model).inc(count)
+        self._log.error("model_score_not_a_probability", version=model, rows=count)
+        return p
 
     def _count_published(self) -> None:
         """Count the published scorings waiting (see :meth:`observe`) in the metrics and the monitor."""

@@ -227,6 +227,11 @@ class EngineMetrics:
             "fraudactors_ab_p_value",
             "p-value of the detection difference, challenger against champion (McNemar or z-test).",
             ["challenger", "champion", "traffic"], registry=r)
+        self.nonfinite_scores = Counter(
+            "fraudactors_nonfinite_scores",
+            "Scores a model returned that were no probability (NaN, infinite, outside 0..1): each row "
+            "decided at the model's review threshold (logged as model_score_not_a_probability).",
+            ["version"], registry=r)
         self.ab_report_failures = Counter(
             "fraudactors_ab_report_failures",
             "A/B refreshes whose report could not be made (logged as ab_report_failed; the last figures stay up).",

@@ -307,3 +307,28 @@ def models_with_extras(models_dir: Path, tmp_path: Path) -> Path:
     meta["sha256"] = sha256_file(bad_onnx / "model.onnx")
     (bad_onnx / "metadata.json").write_text(json.dumps(meta))
     return root
+
+
+def nan_model(models_dir: Path, root: Path, version: str = "v3-nan") -> Path:
+    """A version under ``root`` whose model loads and runs and scores every row NaN (0 / 0): a
+    broken export, as a real ONNX graph; v2's fallback and attribution files otherwise."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    directory = shutil.copytree(models_dir / "v2", root / version)
+    meta = json.loads((directory / "metadata.json").read_text())
+    width = len(meta["feature_names"])
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["X", "start", "end", "axis"], ["two"]),
+         helper.make_node("Sub", ["two", "two"], ["zero"]),
+         helper.make_node("Div", ["zero", "zero"], ["probabilities"])],
+        "nan", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, width])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])],
+        initializer=[helper.make_tensor(name, TensorProto.INT64, [1], [value])
+                     for name, value in (("start", 0), ("end", 2), ("axis", 1))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, directory / "model.onnx")
+    meta["sha256"] = sha256_file(directory / "model.onnx")
+    (directory / "metadata.json").write_text(json.dumps(meta))
+    return directory

@@ -8,14 +8,16 @@ a real stage raise (the monkeypatched stage calls the real one otherwise).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from engine_helpers import produce, reading, running, transactions, wait_committed, wait_until
+from engine_helpers import nan_model, produce, reading, running, transactions, wait_committed, wait_until
 
 from fraudactors.engine.engine import Engine
 from fraudactors.engine.features import FeatureStoreActor
@@ -158,3 +160,34 @@ async def test_a_killed_inference_worker_mid_stream_loses_nothing(engine_setting
         assert pool.worker_deaths_total == 1
         assert engine.supervisor.restarts_total == 0
     assert set(ids_of(decided.records)) == set(sent)
+
+
+async def test_a_model_scoring_nan_sends_its_rows_to_review_and_the_stream_goes_on(
+        engine_settings: Settings, models_dir: Path, tmp_path: Path) -> None:
+    """A broken export that scores NaN must neither approve (every comparison with NaN is false)
+    nor stop the partition (the A/B tally and the monitor cannot bin NaN): its rows are decided at
+    its review threshold, counted and logged; the other variant's rows are untouched."""
+    root = tmp_path / "models"
+    root.mkdir()
+    for version in ("v1", "v2"):
+        (root / version).symlink_to(models_dir / version, target_is_directory=True)
+    nan_model(models_dir, root)
+    review = json.loads((root / "v3-nan" / "metadata.json").read_text())["thresholds"]["review"]
+    s = engine_settings.replace(models={"dir": str(root), "variants": {
+        "A": {"version": "v1", "weight": 0.5}, "B": {"version": "v3-nan", "weight": 0.5}}})
+    txns = transactions(400)
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        await produce(s, [(k, v) for k, v, _ in txns])
+        await reader.wait_for(lambda recs: len(recs) >= len(txns), timeout_s=90)
+        decisions = {d["transaction_id"]: d for d in reader.decisions()}
+        counted = engine.metrics.registry.get_sample_value("fraudactors_nonfinite_scores_total",
+                                                           {"version": "v3-nan"})
+        restarted = [(sample.labels, sample.value) for metric in engine.metrics.registry.collect()
+                     for sample in metric.samples if sample.name == "fraudactors_actor_restarts_total"]
+        assert all(value == 0 for _, value in restarted), restarted
+    assert len(decisions) == len(txns)
+    broken = [d for d in decisions.values() if d["model_version"] == "v3-nan"]
+    assert broken and counted == len(broken)
+    assert {d["decision"] for d in broken} == {"review"}
+    assert all(d["fraud_probability"] == pytest.approx(review) for d in broken)
+    assert {d["decision"] for d in decisions.values() if d["model_version"] == "v1"} >= {"approve"}
