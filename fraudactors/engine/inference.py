@@ -14,6 +14,7 @@ then says what its decision may be (:mod:`fraudactors.modeling.policy`).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -217,6 +218,7 @@ class InferenceActor:
         # never runs: its requests are failed from here on close).
         self._calls: dict[asyncio.Task[None], list[_Request]] = {}
         self._log = get_logger(actor="inference", mode=settings.engine.inference_mode)
+        self._not_a_probability_logged: dict[str, float] = {}
         self.feature_names: tuple[str, ...] = ()
         self.monitor: ModelMonitor | None = None
         # Published scorings not yet counted in the metrics and the monitor (see observe()); a
@@ -517,7 +519,12 @@ class InferenceActor:
         p[bad] = self._thresholds[model].review
         count = int(bad.sum())
         self._metrics.nonfinite_scores.labels(model).inc(count)
-        self._log.error("model_score_not_a_probability", version=model, rows=count)
+        now = time.monotonic()
+        if now - self._not_a_probability_logged.get(model, -math.inf) >= 10.0:  # not a line per batch
+            self._not_a_probability_logged[model] = now
+            self._log.error("model_score_not_a_probability", version=model, rows=count,
+                            detail="decided at the model's review threshold; counted in "
+                                   "fraudactors_nonfinite_scores_total (logged at most every 10 s)")
         return p
 
     def _count_published(self) -> None:
