@@ -52,6 +52,12 @@ def main(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     overrides: dict[str, float] = {}
     if args.window_days is not None:
+        kept = settings.ab.window_s
+        if args.window_days * 86400.0 > kept:
+            # the engines delete the ledger's buckets older than that: a longer window would be
+            # headed with dates it holds nothing for
+            raise FraudActorsError(f"--window-days {args.window_days:g}: the ledger keeps ab.window_s = "
+                                   f"{kept / 86400:g} days of event time; ask for at most that")
         overrides["window_s"] = args.window_days * 86400.0
     if args.label_delay_days is not None:
         overrides["label_delay_s"] = args.label_delay_days * 86400.0
