@@ -11,11 +11,13 @@ The *champion* is the deciding model (degraded fallbacks aside) taking the most 
 those that decided in the newest two buckets any of them decided in, the one with the largest
 share of the deciding models' decisions in the buckets where it decided (ties: the most decisions
 in the window). A model retired by a promotion stops being the champion an hour or two after it,
-and a quiet hour with one decision does not hand the role to a 10 % variant. Every other non-fallback member is a challenger. A shadow challenger is
-compared on the same transactions (McNemar); a deciding one on its own share of the traffic
-(two-proportion z) over the buckets in which both decided, since models that ran at different
-times would show any change in the traffic or in the labels' maturity as a difference between
-them. Two that never decided in the same bucket are not compared.
+and a quiet hour with one decision does not hand the role to a 10 % variant.
+
+Every other non-fallback member is a challenger. A shadow challenger is compared on the same
+transactions (McNemar); a deciding one on its own share of the traffic (two-proportion z) over
+the buckets in which both decided, since models that ran at different times would show any change
+in the traffic or in the labels' maturity as a difference between them. Two that never decided
+in the same bucket are not compared.
 """
 
 from __future__ import annotations
