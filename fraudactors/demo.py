@@ -101,6 +101,8 @@ def main(args: argparse.Namespace) -> int:
     settings = _tuned_for_embedded_broker(load_settings(args.config))  # ConfigError -> one line, exit 2
     ensure_report_dir(args.report)  # a bad --report fails now, not after the run
     configure_logging(args.log_level, "json", stream=sys.stderr)
+    # aiokafka logs every failed connection attempt; the load generator reports a lost broker itself.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     terminated = False
 
     async def guarded() -> int:

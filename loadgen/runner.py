@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import murmur2
 
 from fraudactors.errors import FraudActorsError
@@ -233,6 +233,7 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
             raise LoadgenError(f"cannot connect to Kafka at {settings.kafka.bootstrap_servers}: {exc!r}") from exc
         raise
 
+    state = _State()
     try:
         pred_tps = await _partitions(consumer, topics.predictions)
         n_partitions = len(await _partitions(consumer, topics.transactions))
@@ -244,7 +245,6 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
             consumer.seek(tp, offset)
 
         sent_at = np.full(total, np.nan, dtype=np.float64)
-        state = _State()
         warm_stats = await _warm_up(producer, consumer, topics.transactions, topics.labels, prepared, n_partitions,
                                     config, progress) if prepared.warmup is not None else None
         # Read the DLQ from here on too, counting only this run's transactions: other traffic on
@@ -264,6 +264,7 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
         if on_clock_start is not None:
             on_clock_start()
         start = time.perf_counter()
+        state.phase = "send"
         collector = DecisionCollector(prefix, scheduled, start)
         collector.track_window = progress.enabled
 
@@ -338,6 +339,11 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
             phase = "done" if state.phase == "done" else "stopped"
             progress.finish(format_line(phase, t_end, profile.duration_s, 0.0, state.sent / max(t_end, 1e-9),
                                         state.sent, collector.distinct, collector.window_p99_ms()))
+    except KafkaError as exc:
+        # The broker went away (or stopped answering): the reader, the sender or the drain's last
+        # look at the topic gave up. One typed error naming the broker, not aiokafka's timeouts.
+        raise LoadgenError(f"lost the Kafka broker at {settings.kafka.bootstrap_servers} while "
+                           f"{_DOING[state.phase]}: {exc!r}") from exc
     finally:
         await asyncio.shield(_stop_clients(producer, consumer))
 
@@ -352,6 +358,9 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
     )
 
 
+_DOING = {"start": "preparing the run", "send": "sending", "drain": "draining", "done": "finishing"}
+
+
 class _State:
     def __init__(self) -> None:
         self.sent = 0  # transactions handed to the producer
@@ -360,7 +369,7 @@ class _State:
         self.label_send_errors = 0
         self.enqueue_retries = 0  # batches the producer could not take within its request timeout
         self.dlq = 0  # this run's transactions seen on the dead-letter topic
-        self.phase = "send"
+        self.phase = "start"  # start (topics, warm-up), send, drain, done
         self.stop = False
         self._progressed: asyncio.Future[None] | None = None
 
@@ -499,9 +508,22 @@ async def _reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) 
     return True
 
 
-async def _stop_clients(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
-    with contextlib.suppress(Exception):
-        await producer.stop()
-    with contextlib.suppress(Exception):
-        await consumer.stop()
+# How long each Kafka client may take to stop. Against a broker that is gone, the producer's stop
+# waits for batches that can no longer be delivered.
+STOP_TIMEOUT_S = 10.0
+
+
+async def _stop_clients(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer,
+                        timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Stop both clients, each within ``timeout_s``. A client's own failure to stop is not ours to
+    report: aiokafka's stop can end in an error, or in the CancelledError of a background task it
+    cancelled, which must not read as this task being cancelled."""
+    for client in (producer, consumer):
+        stopping = asyncio.ensure_future(client.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=timeout_s)
+        if not done:
+            stopping.cancel()
+            await asyncio.wait({stopping}, timeout=1.0)
+        elif not stopping.cancelled():
+            stopping.exception()  # retrieved: a failed stop is not logged as never retrieved
 
