@@ -224,3 +224,16 @@ def test_variants_other_than_a_and_b_are_counted_under_their_own_names() -> None
     assert report["variants"] == {"A": 2, "B": 1, "C": 2, "challenger-2": 1}
     assert report["accuracy_by_variant"]["C"]["detection_rate"] == pytest.approx(1.0)
     assert report["other_variants"] == {}
+
+
+def test_latency_percentiles_are_those_of_the_decisions() -> None:
+    """1,000 decisions, 1 ms to 1,000 ms late: p50 is the 500th, p95 the 950th, p99 the 990th and
+    p99.9 the 999th (within the histogram's 3 significant digits)."""
+    n = 1000
+    c = DecisionCollector(PREFIX, np.zeros(n), start=0.0)
+    for i in range(n):
+        c.feed([decision(i)], now=(i + 1) / 1000.0)
+    latency = build_report(make_result(c, np.zeros(n, dtype=bool), n, 1.0, n))["latency_ms"]
+    expected = {"p50": 500.0, "p95": 950.0, "p99": 990.0, "p999": 999.0, "max": 1000.0, "min": 1.0,
+                "mean": 500.5}
+    assert latency == {k: pytest.approx(v, rel=1e-3) for k, v in expected.items()}

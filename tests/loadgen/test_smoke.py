@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 from fraudactors.settings import Settings
@@ -90,3 +93,64 @@ async def test_warmup_is_decided_first_and_left_out_of_the_report(settings: Sett
                                 "complete": True, "labels_sent": report["warmup"]["labels_sent"]}
     assert report["sent"] == report["decided"] == 200 and report["lost"] == 0
     assert report["foreign_decisions"] == 0
+
+
+async def test_latency_counts_the_wait_in_the_load_generator_from_the_scheduled_time(settings: Settings,
+                                                                                        responder) -> None:
+    """Coordinated omission: with a 400 ms send tick, a transaction waits up to 400 ms in the load
+    generator before it is sent. That wait is part of its latency, which runs from its scheduled
+    time, never from the moment it was sent."""
+    config = LoadConfig(profile=make_profile("constant", 100, 1.5), send_tick_s=0.4, drain_timeout_s=30,
+                        progress=False, send_labels=False)
+    async with responder(settings):
+        result = await run_load(settings, config)
+    m = result.collector.matches
+    assert np.isfinite(m.latency_ms).all()
+    lag_ms = (result.sent_at_s - result.scheduled_s) * 1000.0
+    assert lag_ms.max() >= 300.0  # the tick held transactions back: there is a wait to count
+    assert (m.latency_ms >= lag_ms).all()
+    np.testing.assert_allclose(m.latency_ms, (m.decided_at_s - result.scheduled_s) * 1000.0)
+
+
+async def test_duplicates_written_after_every_first_decision_are_counted(settings: Settings) -> None:
+    """The engine's part is played here: once everything is sent, every transaction's decision and
+    then 12,000 duplicates of 1 kB go to one partition, in that order. The reader's first fetch
+    (8 MiB per partition at most) has every first decision while duplicates are still on the topic:
+    the drain reads to the end of the topic before it stops, so all 12,000 count."""
+    from fraudactors.services.kafka import make_producer
+    from loadgen.runner import prepare_load
+
+    config = LoadConfig(profile=make_profile("constant", 100, 2.0), drain_timeout_s=30, progress=False,
+                        send_labels=False)
+    prepared = prepare_load(config)
+    n, copies = 200, 12_000
+
+    async def answer() -> None:
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            values = [orjson.dumps({"transaction_id": f"{prepared.prefix}{i % n}", "is_fraud": False,
+                                    "fraud_probability": 0.1, "variant": "A", "pad": "x" * 1000})
+                      for i in range(n + copies)]
+            futures = []
+            batch = producer.create_batch()
+            for value in values:
+                if batch.append(key=None, value=value, timestamp=None) is None:  # full
+                    futures.append(await producer.send_batch(batch, settings.topics.predictions, partition=0))
+                    batch = producer.create_batch()
+                    batch.append(key=None, value=value, timestamp=None)
+            futures.append(await producer.send_batch(batch, settings.topics.predictions, partition=0))
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    def answer_now() -> None:
+        # Called in the run's event loop after the last send: it holds the reader until all is written.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, answer()).result(timeout=60)
+
+    result = await run_load(settings, config, prepared=prepared, on_send_end=answer_now)
+    report = build_report(result)
+    check_report(report)
+    assert report["sent"] == report["decided"] == n and report["drained"] is True
+    assert report["duplicates"] == copies
