@@ -38,6 +38,7 @@ HELP = "run the whole system locally: embedded broker and Redis, engine, load ge
 # Exit codes: 130 after Ctrl-C (the CLI maps KeyboardInterrupt), 143 after SIGTERM.
 EXIT_TERMINATED = 128 + signal.SIGTERM
 DEFAULT_REPORT = "reports/demo-report.json"
+ENGINE_LOG_SUFFIX = "-engine.log"  # the engine's log, kept next to the report as <stem>-engine.log
 # Transactions of history sent (unmeasured) before the run, so users have a past: 300,000 are about
 # 21 simulated days of the 5,000 users (~40 s here). The models are calibrated on users with weeks
 # of history; measured with the default run (1,000/s, 30 s) on 2026-12-02, the run's false-positive
@@ -99,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
     from loadgen.report import ensure_report_dir
 
     settings = _tuned_for_embedded_broker(load_settings(args.config))  # ConfigError -> one line, exit 2
-    ensure_report_dir(args.report)  # a bad --report fails now, not after the run
+    ensure_report_dir(args.report, extra=(ENGINE_LOG_SUFFIX,))  # a bad --report fails now, not after the run
     configure_logging(args.log_level, "json", stream=sys.stderr)
     # aiokafka logs every failed connection attempt; the load generator reports a lost broker itself.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
@@ -177,7 +178,7 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
     from loadgen.cli import load_config_from_args
     from loadgen.procs import CpuMeter, StageMeter, engine_child
     from loadgen.progress import Progress
-    from loadgen.report import format_table, lost_line, write_outputs
+    from loadgen.report import build_report, lost_line, write_error, write_report_files
     from loadgen.runner import prepare_load, run_load
 
     settings = stack.settings
@@ -230,30 +231,21 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
         ab_report = await _ab_report(settings)  # after the stop: the engine's last flush is in
         engine_log = engine.tail(2000)
         # The engine's own log (JSON lines) is kept next to the report, for what the numbers do not say.
-        engine_log_path = Path(args.report).with_name(Path(args.report).stem + "-engine.log")
-        engine_log_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(engine.log_path, engine_log_path)
-    report = write_outputs(result, args.report)
-    # Extra keys: what the demo itself checked.
-    report.update({"partitions": settings.topics.partitions, "received": report["decided"], "redis_ok": redis_ok,
-                   "engine_exit_code": code, "cpu_cores": cpu, "cpu_wait_cores": meter.waiting,
-                   "engine_stages_ms": stage_ms,
-                   "loadavg": _loadavg(), "engine_log": str(engine_log_path), "ab": ab_report})
-    _rewrite(args.report, report)
-    say(format_table(report))
-    if ab_report is not None:
-        from fraudactors.ab.report import format_report
-
-        warm = (report.get("warmup") or {}).get("labels_sent", 0)
-        say(f"labels fed: {warm + report.get('labels_sent', 0):,} (warm-up {warm:,}, run "
-            f"{report.get('labels_sent', 0):,}): the simulator's delayed fraud reports")
-        say(format_report(ab_report))
-    say("cpu over the send window, cores used (waiting for a cpu): "
-        + ", ".join(f"{k} {v:.2f} ({meter.waiting.get(k, 0.0):.2f})" for k, v in cpu.items())
-        + f"; load average {report['loadavg']}")
-    if stage_ms:
-        say("engine stages over the send window, mean per batch (batches): "
-            + ", ".join(f"{name} {v['mean_ms']:.2f} ms ({v['batches']:,})" for name, v in stage_ms.items()))
+        engine_log_path = Path(args.report).with_name(Path(args.report).stem + ENGINE_LOG_SUFFIX)
+        report = build_report(result)
+        # Extra keys: what the demo itself checked.
+        report.update({"partitions": settings.topics.partitions, "received": report["decided"],
+                       "redis_ok": redis_ok, "engine_exit_code": code, "cpu_cores": cpu,
+                       "cpu_wait_cores": meter.waiting, "engine_stages_ms": stage_ms,
+                       "loadavg": _loadavg(), "engine_log": str(engine_log_path), "ab": ab_report})
+        # The summary first: a report that cannot be written then loses no result.
+        _summarize(report, ab_report, cpu, meter.waiting, stage_ms)
+        try:
+            engine_log_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(engine.log_path, engine_log_path)
+        except OSError as exc:
+            raise write_error(exc) from exc
+        write_report_files(result, report, args.report)
     say(f"report written to {args.report} (+ {report['markdown']}, charts: "
         f"{', '.join(Path(c).name for c in report['charts'])})")
     problems = []
@@ -265,6 +257,27 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
     if not redis_ok:
         problems.append("the embedded Redis did not answer PING")
     return DemoResult(report=report, ok=not problems, problems=problems)
+
+
+def _summarize(report: dict[str, Any], ab_report: dict[str, Any] | None, cpu: dict[str, float],
+               waiting: dict[str, float], stage_ms: dict[str, dict[str, float]] | None) -> None:
+    """The run's summary on stdout: the report's table, the A/B evidence, CPU and engine stages."""
+    from loadgen.report import format_table
+
+    say(format_table(report))
+    if ab_report is not None:
+        from fraudactors.ab.report import format_report
+
+        warm = (report.get("warmup") or {}).get("labels_sent", 0)
+        say(f"labels fed: {warm + report.get('labels_sent', 0):,} (warm-up {warm:,}, run "
+            f"{report.get('labels_sent', 0):,}): the simulator's delayed fraud reports")
+        say(format_report(ab_report))
+    say("cpu over the send window, cores used (waiting for a cpu): "
+        + ", ".join(f"{k} {v:.2f} ({waiting.get(k, 0.0):.2f})" for k, v in cpu.items())
+        + f"; load average {report['loadavg']}")
+    if stage_ms:
+        say("engine stages over the send window, mean per batch (batches): "
+            + ", ".join(f"{name} {v['mean_ms']:.2f} ms ({v['batches']:,})" for name, v in stage_ms.items()))
 
 
 def _loadavg() -> list[float] | None:
@@ -302,9 +315,3 @@ async def _redis_ping(settings: Settings) -> bool:
         return False
     finally:
         await client.aclose()
-
-
-def _rewrite(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
-    from loadgen.report import write_json
-
-    write_json(report, Path(path))

@@ -97,7 +97,9 @@ def write_charts(result: RunResult, base: Path) -> dict[str, str]:
 def _save(plt: Any, fig: Any, stem: str | Path, kind: str) -> str:
     """Write ``<stem>-<kind>.png``, close the figure, return the file's name."""
     path = Path(f"{stem}-{kind}.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
     return path.name

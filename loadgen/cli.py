@@ -86,12 +86,14 @@ def load_config_from_args(args: argparse.Namespace) -> Any:
 
 
 def finish(result: Any, report_path: str | None) -> dict[str, Any]:
-    """Write the files (when asked) and print the summary table on stdout; returns the report."""
-    from loadgen.report import build_report, format_table, write_outputs
+    """Print the summary table on stdout, then write the files (when asked); returns the report.
+    The table comes first, so a report that cannot be written (``LoadgenError``) loses no result."""
+    from loadgen.report import build_report, format_table, write_report_files
 
-    report = write_outputs(result, report_path) if report_path else build_report(result)
-    print(format_table(report))
+    report = build_report(result)
+    print(format_table(report), flush=True)
     if report_path:
+        write_report_files(result, report, report_path)
         print(f"report: {report_path} (+ {report['markdown']}, {len(report['charts'])} charts)")
     return report
 

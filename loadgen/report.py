@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -286,9 +286,24 @@ def render_markdown(report: dict[str, Any], charts: dict[str, str] | None = None
 
 
 
-def ensure_report_dir(path: str | Path) -> None:
-    """Create the directory ``path`` goes in and check it is writable, before a run rather than after
-    it: a bad ``--report`` fails fast with one clear line (``LoadgenError``), not a traceback at the end."""
+CHART_KINDS = ("latency", "throughput", "distribution")
+
+
+def report_files(path: str | Path, extra: tuple[str, ...] = ()) -> list[Path]:
+    """Every file a run writes for the report ``path``: the JSON, the Markdown (``.md``), the charts
+    (``<stem>-latency.png`` ...) and one ``<stem><suffix>`` per ``extra`` suffix (the demo's
+    ``-engine.log``)."""
+    path = Path(path)
+    stem = path.with_suffix("")
+    return [path, path.with_suffix(".md"), *(Path(f"{stem}-{kind}.png") for kind in CHART_KINDS),
+            *(Path(f"{stem}{suffix}") for suffix in extra)]
+
+
+def ensure_report_dir(path: str | Path, extra: tuple[str, ...] = ()) -> None:
+    """Create the directory ``path`` goes in and check the report's files can be written there (see
+    :func:`report_files`), before a run rather than after it: a bad ``--report`` fails fast with one
+    clear line (``LoadgenError``), not a traceback at the end. Writable means a file can be created
+    there, tried for real: ``os.access`` says yes to root even where nothing can be written (/proc)."""
     if Path(path).is_dir():
         raise LoadgenError(f"the report {str(path)!r} is a directory: give a file name (its .md and charts go beside it)")
     parent = Path(path).parent
@@ -296,21 +311,43 @@ def ensure_report_dir(path: str | Path) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LoadgenError(f"cannot create the report directory {str(parent)!r}: {exc.strerror or exc}") from exc
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LoadgenError(f"the report directory {str(parent)!r} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise LoadgenError(f"no file can be created in the report directory {str(parent)!r}: "
+                           f"{exc.strerror or exc}") from exc
+    for file in report_files(path, extra)[1:]:
+        if file.is_dir():
+            raise LoadgenError(f"the report's {file.name!r} cannot be written: {str(file)!r} is a directory")
 
 
 def write_outputs(result: RunResult, path: str | Path) -> dict[str, Any]:
+    """Build the report and write its files (:func:`write_report_files`). Returns the report."""
+    report = build_report(result)
+    write_report_files(result, report, path)
+    return report
+
+
+def write_report_files(result: RunResult, report: dict[str, Any], path: str | Path) -> None:
     """Write the report JSON at ``path``, the Markdown at ``path`` with ``.md``, and the PNG charts
-    next to it (``<stem>-latency.png``, ``-throughput.png``, ``-distribution.png``). Returns the report."""
+    next to it (``<stem>-latency.png``, ``-throughput.png``, ``-distribution.png``); adds their
+    names to ``report`` (``charts``, ``markdown``). A file that cannot be written is a
+    ``LoadgenError`` naming it."""
     from loadgen.charts import write_charts
 
     path = Path(path)
-    report = build_report(result)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    charts = write_charts(result, path)
-    report["charts"] = [str(path.parent / name) for name in charts.values()]
-    report["markdown"] = str(path.with_suffix(".md"))
-    write_json(report, path)
-    path.with_suffix(".md").write_text(render_markdown(report, charts), encoding="utf-8")
-    return report
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        charts = write_charts(result, path)
+        report["charts"] = [str(path.parent / name) for name in charts.values()]
+        report["markdown"] = str(path.with_suffix(".md"))
+        write_json(report, path)
+        path.with_suffix(".md").write_text(render_markdown(report, charts), encoding="utf-8")
+    except OSError as exc:
+        raise write_error(exc) from exc
+
+
+def write_error(exc: OSError) -> LoadgenError:
+    """The one line for a report file that could not be written."""
+    return LoadgenError(f"cannot write the report: {exc}")

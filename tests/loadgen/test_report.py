@@ -15,12 +15,13 @@ from loadgen.report import (
     auc_score,
     build_report,
     check_report,
+    ensure_report_dir,
     format_table,
     lost_line,
     render_markdown,
     write_outputs,
 )
-from loadgen.runner import LoadConfig, RunResult
+from loadgen.runner import LoadConfig, LoadgenError, RunResult
 from loadgen.schedule import make_profile, scheduled_times
 
 PREFIX = "lg-test-"
@@ -237,3 +238,28 @@ def test_latency_percentiles_are_those_of_the_decisions() -> None:
     expected = {"p50": 500.0, "p95": 950.0, "p99": 990.0, "p999": 999.0, "max": 1000.0, "min": 1.0,
                 "mean": 500.5}
     assert latency == {k: pytest.approx(v, rel=1e-3) for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("sibling", ["r.md", "r-latency.png", "r-distribution.png", "r-engine.log"])
+def test_a_report_file_taken_by_a_directory_fails_before_the_run(tmp_path: Path, sibling: str) -> None:
+    (tmp_path / sibling).mkdir()
+    with pytest.raises(LoadgenError, match=sibling):
+        ensure_report_dir(tmp_path / "r.json", extra=("-engine.log",))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_a_report_where_no_file_can_be_created_fails_before_the_run_even_for_root() -> None:
+    with pytest.raises(LoadgenError, match="no file can be created"):
+        ensure_report_dir("/proc/report.json")
+
+
+def test_a_report_that_cannot_be_written_fails_in_one_line_after_the_summary(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loadgen.cli import finish
+
+    c = DecisionCollector(PREFIX, np.array([0.0, 0.5]), start=0.0)
+    c.feed([decision(0), decision(1)], now=1.0)
+    (tmp_path / "r.md").mkdir()  # appeared after the check before the run
+    with pytest.raises(LoadgenError, match=r"cannot write the report: .*r\.md"):
+        finish(make_result(c, np.zeros(2, dtype=bool), 2, 1.0, 2.0), str(tmp_path / "r.json"))
+    assert "| decided" in capsys.readouterr().out  # the results are on the screen all the same
