@@ -220,10 +220,12 @@ async def run_demo(args: argparse.Namespace, stack: EmbeddedStack) -> DemoResult
                                     on_clock_start=window_start, on_send_end=window_end)
             cpu = meter.result
             stage_ms = await stages.result()
-        except BaseException:
+        except BaseException as exc:
             engine_log = engine.tail(2000)
             await asyncio.shield(engine.stop())
-            if engine.returncode not in (0, None) and engine_log:
+            # The engine's last words explain its failure; not when the demo itself was interrupted.
+            interrupted = isinstance(exc, asyncio.CancelledError | KeyboardInterrupt)
+            if engine.returncode not in (0, None) and engine_log and not interrupted:
                 say(f"engine output (last lines):\n{engine_log}")
             raise
         say("engine: stopping (SIGTERM)")

@@ -237,6 +237,10 @@ class StageMeter:
         return out
 
 
+# How long a child stopped before it was ready may take to exit after SIGTERM, before SIGKILL.
+STOP_WHILE_STARTING_S = 10.0
+
+
 class Child:
     """One child process: output to a log file, readiness by a log line or an HTTP 200, SIGTERM stop."""
 
@@ -261,7 +265,7 @@ class Child:
         return self.proc.pid if self.proc else None
 
     async def start(self, timeout_s: float = 90.0) -> None:
-        """Spawn and wait until ready (a failure to become ready kills the child and raises ChildFailed)."""
+        """Spawn and wait until ready (a failure to become ready stops the child and raises ChildFailed)."""
         await self.spawn()
         await self.wait_ready(timeout_s)
 
@@ -276,10 +280,13 @@ class Child:
             preexec_fn=_make_preexec(os.getpid()))
 
     async def wait_ready(self, timeout_s: float = 90.0) -> None:
+        """Wait until the child is ready. Not ready in time, exited, or this wait cancelled (Ctrl-C,
+        SIGTERM): the child is stopped as :meth:`stop` does (SIGTERM first, so it cleans up after
+        itself, e.g. its multiprocessing temp dir), then the error is raised."""
         try:
             await self._wait_ready(timeout_s)
         except BaseException:
-            await asyncio.shield(self.kill())
+            await asyncio.shield(self.stop(STOP_WHILE_STARTING_S))
             raise
 
     async def _wait_ready(self, timeout_s: float) -> None:
