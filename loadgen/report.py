@@ -64,6 +64,7 @@ def build_report(result: RunResult) -> dict[str, Any]:
     decided_mask = m.counts > 0
     decided = int(decided_mask.sum())
     h = c.histogram
+    latency: dict[str, float | None]
     if h.get_total_count():
         latency = {k: _ms(h.get_value_at_percentile(p)) for k, p in
                    (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))}
@@ -71,7 +72,8 @@ def build_report(result: RunResult) -> dict[str, Any]:
         latency["mean"] = _ms(h.get_mean_value())
         latency["min"] = _ms(h.get_min_value())
     else:
-        latency = {k: 0.0 for k in LATENCY_KEYS}
+        # No decision, no latency: null, not a 0.0 that reads as instantaneous.
+        latency = {k: None for k in LATENCY_KEYS}
     last_decision = float(np.nanmax(m.decided_at_s)) if decided else 0.0
     achieved = decided / last_decision if last_decision > 0 else 0.0
     send_window = result.send_end_s if result.send_end_s > 0 else profile.duration_s
@@ -164,13 +166,11 @@ def _num(x: float) -> float | int:
 
 
 def check_report(report: dict[str, Any]) -> None:
-    """Raise ValueError unless ``report`` has every SPEC §5 key with the right shape and arithmetic."""
+    """Raise ValueError unless ``report`` has every SPEC §5 key with the right shape and arithmetic
+    (its latencies are null only in a run that decided nothing)."""
     for key in REPORT_KEYS:
         if key not in report:
             raise ValueError(f"report misses {key!r}")
-    for key in LATENCY_KEYS:
-        if not isinstance(report["latency_ms"].get(key), int | float):
-            raise ValueError(f"report latency_ms misses {key!r}")
     for key in ACCURACY_KEYS:
         value = report["accuracy"].get(key)
         if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
@@ -182,6 +182,10 @@ def check_report(report: dict[str, Any]) -> None:
         raise ValueError("report lost != sent - decided")
     if report["lost"] < 0:
         raise ValueError(f"report lost is negative ({report['lost']}): more transactions decided than sent")
+    for key in LATENCY_KEYS:
+        value = report["latency_ms"].get(key, ...)
+        if not isinstance(value, int | float) and not (value is None and report["decided"] == 0):
+            raise ValueError(f"report latency_ms misses {key!r} (null only when nothing was decided)")
 
 
 def lost_line(report: dict[str, Any]) -> str:
@@ -210,8 +214,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("duplicates", f"{report['duplicates']:,}"),
         ("DLQ", f"{report['dlq']:,}"),
         ("achieved TPS", f"{report['achieved_tps']:,.1f}"),
-        ("latency p50 / p95 / p99", f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms"),
-        ("latency p99.9 / max", f"{lat['p999']:.1f} / {lat['max']:.1f} ms"),
+        ("latency p50 / p95 / p99", f"{_ms_text(lat['p50'])} / {_ms_text(lat['p95'])} / {_ms_text(lat['p99'])} ms"),
+        ("latency p99.9 / max", f"{_ms_text(lat['p999'])} / {_ms_text(lat['max'])} ms"),
         *_engine_row(report),
         ("detection rate", f"{acc['detection_rate']:.3f}"),
         ("false positive rate", f"{acc['false_positive_rate']:.4f}"),
@@ -220,6 +224,11 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("degraded", f"{report['degraded']:,}"),
         *_degraded_row(report),
     ]
+
+
+def _ms_text(value: float | None) -> str:
+    """A latency for the table: one decimal, or "-" for none (nothing was decided)."""
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _degraded_row(report: dict[str, Any]) -> list[tuple[str, str]]:

@@ -138,7 +138,11 @@ def make_profile(
             Segment(k * width, duration_s if k == steps - 1 else (k + 1) * width, r, r)
             for k, r in enumerate(rates)
         )
-    return RateProfile(name, segments)
+    profile = RateProfile(name, segments)
+    if profile.total == 0:
+        raise ConfigError("loadgen.rate", f"{rate:g}/s for {duration_s:g} s schedules no transaction: "
+                                          "give a rate and duration that make at least one")
+    return profile
 
 
 def scheduled_times(profile: RateProfile) -> np.ndarray:

@@ -114,3 +114,9 @@ def test_a_report_path_that_is_a_directory_is_refused_before_the_run(tmp_path: P
     assert cli.main(["loadgen", "--report", str(tmp_path), "--duration", "1"]) == 2
     err = capsys.readouterr().err
     assert "is a directory" in err and err.count("\n") == 1
+
+
+def test_a_load_that_schedules_no_transaction_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["loadgen", "--rate", "0.5", "--duration", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "loadgen.rate" in err and "schedules no transaction" in err and err.count("\n") == 1

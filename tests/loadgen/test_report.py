@@ -263,3 +263,18 @@ def test_a_report_that_cannot_be_written_fails_in_one_line_after_the_summary(
     with pytest.raises(LoadgenError, match=r"cannot write the report: .*r\.md"):
         finish(make_result(c, np.zeros(2, dtype=bool), 2, 1.0, 2.0), str(tmp_path / "r.json"))
     assert "| decided" in capsys.readouterr().out  # the results are on the screen all the same
+
+
+def test_a_run_without_decisions_has_no_latency_rather_than_zero(tmp_path: Path) -> None:
+    c = DecisionCollector(PREFIX, np.array([0.0, 0.5, 1.0]), start=0.0)
+    report = write_outputs(make_result(c, np.zeros(3, dtype=bool), 3, 1.5, 2.0), tmp_path / "r.json")
+    check_report(report)
+    assert report["decided"] == 0 and report["lost"] == 3
+    assert report["latency_ms"] == {"p50": None, "p95": None, "p99": None, "p999": None, "max": None}
+    assert orjson.loads((tmp_path / "r.json").read_bytes())["latency_ms"]["p99"] is None
+    assert "| latency p50 / p95 / p99 | - / - / - ms |" in (tmp_path / "r.md").read_text()
+    assert "- / - / - ms" in format_table(report)
+    assert len(report["charts"]) == 3
+    # null is for a run that decided nothing; a run with decisions must give numbers
+    with pytest.raises(ValueError, match="latency_ms"):
+        check_report({**report, "decided": 1, "lost": 2})

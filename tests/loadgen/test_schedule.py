@@ -54,6 +54,7 @@ def test_vectorized_schedule_matches_the_scalar_inverse(name: str) -> None:
 @pytest.mark.parametrize(("name", "rate", "duration", "key"), [
     ("constant", 0, 1, "loadgen.rate"), ("constant", 10, -1, "loadgen.duration"),
     ("zigzag", 10, 1, "loadgen.profile"), ("ramp", 10, 1, "loadgen.rate_to"),
+    ("constant", 0.5, 1, "loadgen.rate"),  # no transaction at all
 ])
 def test_bad_profiles_are_refused_with_the_key(name: str, rate: float, duration: float, key: str) -> None:
     with pytest.raises(ConfigError) as err:
