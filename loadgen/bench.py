@@ -28,15 +28,15 @@ HELP = "benchmarks (not tests): drain | scaleout | pool | state; print numbers (
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from loadgen.cli import non_negative_int
+    from loadgen.cli import non_negative_int, positive_float, positive_int, positive_int_list
 
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, text in (("drain", "engine drain rate on a backlog vs the null pipeline"),
                        ("scaleout", "1 vs 2 engine processes in one group on the same backlog")):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--records", type=int, default=100_000, metavar="N", help="backlog size (default 100000)")
-        p.add_argument("--partitions", type=int, default=None, help="partitions (default: topics.partitions)")
-        p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+        p.add_argument("--records", type=positive_int, default=100_000, metavar="N", help="backlog size (default 100000)")
+        p.add_argument("--partitions", type=positive_int, default=None, help="partitions (default: topics.partitions)")
+        p.add_argument("--timeout", type=positive_float, default=300.0, metavar="S",
                        help="give up a trial after this long (default 300)")
         p.add_argument("--config", default=None, metavar="PATH", help="TOML settings for the engine")
         p.add_argument("--redis-cluster", type=non_negative_int, default=0, metavar="N",
@@ -46,7 +46,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--peer", default=None, metavar="PATH",
                            help="also drain the backlog with this per-message peer script (seedref.py: "
                                 "kafka-python, make_rf.py beside it) on the same broker and Redis")
-            p.add_argument("--peer-records", type=int, default=10_000, metavar="N",
+            p.add_argument("--peer-records", type=positive_int, default=10_000, metavar="N",
                            help="records the peer drains (default 10000; it is slow)")
             p.add_argument("--history-days", type=float, default=0.0, metavar="D",
                            help="first drain about D simulated days of the same users' transactions, unmeasured, "
@@ -54,19 +54,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                 "population as old as the backlog)")
     p = sub.add_parser("pool", help="ProcessPool vs thread for ONNX inference",
                        description="ONNX inference through the ProcessPool vs a session in a thread")
-    p.add_argument("--rows", default="1,32,256", help="rows per call, comma-separated (default 1,32,256)")
-    p.add_argument("--calls", type=int, default=2000, help="calls per batch size and mode (default 2000)")
-    p.add_argument("--concurrency", type=int, default=8,
+    p.add_argument("--rows", type=positive_int_list, default="1,32,256", help="rows per call, comma-separated (default 1,32,256)")
+    p.add_argument("--calls", type=positive_int, default=2000, help="calls per batch size and mode (default 2000)")
+    p.add_argument("--concurrency", type=positive_int, default=8,
                    help="calls in flight for the throughput run (default 8)")
     p.add_argument("--config", default=None, metavar="PATH", help="TOML settings (models.dir, variants)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     text = "Redis memory after N and 2N transactions over a fixed population (bounded state)"
     p = sub.add_parser("state", help=text, description=text)
-    p.add_argument("--records", type=int, default=120_000, metavar="N",
+    p.add_argument("--records", type=positive_int, default=120_000, metavar="N",
                    help="transactions at the first checkpoint; the second is 2N (default 120000)")
-    p.add_argument("--users", type=int, default=1000, help="simulated users (default 1000)")
-    p.add_argument("--merchants", type=int, default=200, help="simulated merchants (default 200)")
-    p.add_argument("--partitions", type=int, default=12, help="partitions (default 12)")
+    p.add_argument("--users", type=positive_int, default=1000, help="simulated users (default 1000)")
+    p.add_argument("--merchants", type=positive_int, default=200, help="simulated merchants (default 200)")
+    p.add_argument("--partitions", type=positive_int, default=12, help="partitions (default 12)")
     p.add_argument("--seed", type=non_negative_int, default=7, help="simulator seed (default 7)")
     p.add_argument("--redis-cluster", type=non_negative_int, default=0, metavar="N",
                    help="an embedded N-master Redis Cluster instead of one Redis")

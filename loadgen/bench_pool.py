@@ -84,7 +84,7 @@ async def _measure(call: Callable[[np.ndarray], Awaitable[Any]], X: np.ndarray, 
     }
 
 
-async def pool_bench(settings: Settings, rows_spec: str, calls: int, concurrency: int) -> dict[str, Any]:
+async def pool_bench(settings: Settings, sizes: list[int], calls: int, concurrency: int) -> dict[str, Any]:
     from fraudactors.actors.pool import ProcessPool
     from fraudactors.modeling.registry import load_model_info
     from fraudactors.modeling.scorer import Scorer
@@ -97,7 +97,6 @@ async def pool_bench(settings: Settings, rows_spec: str, calls: int, concurrency
     version = next(v.version for v in settings.models.variants.values() if not v.shadow)
     versions = (version,)
     model = load_model_info(models_dir, version)
-    sizes = [int(x) for x in rows_spec.split(",") if x.strip()]
     rng = np.random.default_rng(0)
     n_features = len(model.feature_names)
     say(f"model {version} ({n_features} features) from {models_dir}; {calls} calls per size, "

@@ -35,6 +35,22 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count of records, calls, partitions)."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: comma-separated whole numbers >= 1 ("1,32,256")."""
+    values = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"give at least one number: {text!r}")
+    return values
+
+
 def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration: float, report: str | None,
                        warmup: int = 0, send_tick_ms: float = 20.0) -> None:
     """The options shared by ``loadgen`` and ``demo``."""

@@ -120,3 +120,20 @@ def test_a_load_that_schedules_no_transaction_is_a_config_error(capsys: pytest.C
     assert cli.main(["loadgen", "--rate", "0.5", "--duration", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "loadgen.rate" in err and "schedules no transaction" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["bench", "state", "--records", "0"], "--records"), (["bench", "state", "--users", "0"], "--users"),
+    (["bench", "pool", "--concurrency", "0"], "--concurrency"), (["bench", "pool", "--rows", "abc"], "--rows"),
+    (["bench", "pool", "--rows", "1,0"], "--rows"), (["bench", "pool", "--calls", "0"], "--calls"),
+    (["bench", "drain", "--records", "-5"], "--records"), (["bench", "drain", "--partitions", "0"], "--partitions"),
+    (["bench", "scaleout", "--timeout", "0"], "--timeout"), (["bench", "drain", "--peer-records", "0"], "--peer-records"),
+])
+def test_bench_refuses_counts_below_one_before_any_work(argv: list[str], flag: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, --records 0 and --concurrency 0 hung, --rows abc was a traceback, -5 ran."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"fraudactors {' '.join(argv[:2])}: error: argument {flag}"), last
