@@ -97,10 +97,12 @@ class DemoResult:
 def main(args: argparse.Namespace) -> int:
     from fraudactors.logging import configure_logging
     from fraudactors.settings import load_settings
-    from loadgen.report import ensure_report_dir
+    from loadgen.report import ensure_report_dir, remove_old_report
 
     settings = _tuned_for_embedded_broker(load_settings(args.config))  # ConfigError -> one line, exit 2
     ensure_report_dir(args.report, extra=(ENGINE_LOG_SUFFIX,))  # a bad --report fails now, not after the run
+    # An interrupted or failed run leaves no earlier report looking current.
+    remove_old_report(args.report, extra=(ENGINE_LOG_SUFFIX,))
     configure_logging(args.log_level, "json", stream=sys.stderr)
     # aiokafka logs every failed connection attempt; the load generator reports a lost broker itself.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from typing import Any
 
@@ -114,14 +115,18 @@ def finish(result: Any, report_path: str | None) -> dict[str, Any]:
     return report
 
 
+# Exit code after SIGTERM (Ctrl-C is 130, from the CLI's KeyboardInterrupt).
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
 def main(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
     from fraudactors.logging import configure_logging
     from fraudactors.settings import load_settings
-    from loadgen.report import ensure_report_dir, lost_line
-    from loadgen.runner import prepare_load, run_load
+    from loadgen.report import ensure_report_dir, lost_line, remove_old_report
+    from loadgen.runner import RunResult, prepare_load, run_load
 
     configure_logging("warning", "json", stream=sys.stderr)
     # aiokafka logs every failed connection attempt; the load generator reports failures itself.
@@ -134,10 +139,36 @@ def main(args: argparse.Namespace) -> int:
     config = load_config_from_args(args)
     if args.report:
         ensure_report_dir(args.report)
-    if not args.no_progress:
-        print(f"fraudactors loadgen: generating {config.profile.total:,} transactions", file=sys.stderr)
-    prepared = prepare_load(config)
-    result = asyncio.run(run_load(settings, config, prepared=prepared))
+        remove_old_report(args.report)  # an interrupted or failed run leaves no report looking current
+    terminated = False
+
+    async def guarded() -> RunResult:
+        # SIGTERM cancels the run as Ctrl-C does (asyncio.run cancels it and raises KeyboardInterrupt).
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_sigterm() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        try:
+            if not args.no_progress:
+                print(f"fraudactors loadgen: generating {config.profile.total:,} transactions", file=sys.stderr)
+            prepared = prepare_load(config)
+            return await run_load(settings, config, prepared=prepared)
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        result = asyncio.run(guarded())
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        print("fraudactors loadgen: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     report = finish(result, args.report)
     if report["lost"]:
         print(f"fraudactors loadgen: {lost_line(report)}", file=sys.stderr)

@@ -331,6 +331,16 @@ def ensure_report_dir(path: str | Path, extra: tuple[str, ...] = ()) -> None:
             raise LoadgenError(f"the report's {file.name!r} cannot be written: {str(file)!r} is a directory")
 
 
+def remove_old_report(path: str | Path, extra: tuple[str, ...] = ()) -> None:
+    """Remove the files an earlier run left at ``path`` (only those this run writes, see
+    :func:`report_files`), so a run that ends without a report leaves none that looks current."""
+    for file in report_files(path, extra):
+        try:
+            file.unlink(missing_ok=True)
+        except OSError as exc:
+            raise LoadgenError(f"cannot remove the earlier report file {str(file)!r}: {exc.strerror or exc}") from exc
+
+
 def write_outputs(result: RunResult, path: str | Path) -> dict[str, Any]:
     """Build the report and write its files (:func:`write_report_files`). Returns the report."""
     report = build_report(result)

@@ -72,3 +72,37 @@ def test_loadgen_command_fails_in_one_line_without_a_broker(tmp_path: Path) -> N
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "cannot connect to Kafka" in proc.stderr
+
+
+def test_loadgen_on_sigterm_stops_in_one_line_and_leaves_no_earlier_report(null_engine: Path,
+                                                                             tmp_path: Path) -> None:
+    report = tmp_path / "out" / "lg.json"
+    report.parent.mkdir()
+    earlier = [report, report.with_suffix(".md"), tmp_path / "out" / "lg-latency.png"]
+    for path in earlier:
+        path.write_text("an earlier run's")
+    other = tmp_path / "out" / "lg-notes.txt"  # not a file the run writes: left alone
+    other.write_text("mine")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fraudactors", "loadgen", "--rate", "100", "--duration", "60", "--report", str(report)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(null_engine))
+    try:
+        def sending() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if line.startswith("[send]"):
+                    return
+            raise AssertionError("loadgen ended before it was sending")
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(sending).result(timeout=60)
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, err
+    assert [line for line in err.splitlines() if line.startswith("fraudactors")] == ["fraudactors loadgen: terminated"]
+    assert not any(path.exists() for path in earlier)
+    assert other.read_text() == "mine"
