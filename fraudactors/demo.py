@@ -57,13 +57,13 @@ EMBEDDED_BROKER_SEND_TICK_MS = 30.0
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from loadgen.cli import add_load_arguments, non_negative_int
+    from loadgen.cli import add_load_arguments, non_negative_int, positive_float
 
     add_load_arguments(parser, rate=1000.0, duration=30.0, report=DEFAULT_REPORT, warmup=DEFAULT_WARMUP,
                        send_tick_ms=EMBEDDED_BROKER_SEND_TICK_MS)
     parser.add_argument("--config", default=None, metavar="PATH",
                         help="TOML config file (defaults apply to every key it leaves out)")
-    parser.add_argument("--engine-timeout", type=float, default=120.0, metavar="S",
+    parser.add_argument("--engine-timeout", type=positive_float, default=120.0, metavar="S",
                         help="how long the engine may take to become ready (default 120)")
     parser.add_argument("--redis-cluster", type=non_negative_int, default=0, metavar="N",
                         help="run the feature store on an embedded N-master Redis Cluster (default: one instance)")
@@ -97,9 +97,11 @@ class DemoResult:
 def main(args: argparse.Namespace) -> int:
     from fraudactors.logging import configure_logging
     from fraudactors.settings import load_settings
+    from loadgen.cli import load_config_from_args
     from loadgen.report import ensure_report_dir, remove_old_report
 
     settings = _tuned_for_embedded_broker(load_settings(args.config))  # ConfigError -> one line, exit 2
+    load_config_from_args(args)  # so is a bad load profile, before any service starts
     ensure_report_dir(args.report, extra=(ENGINE_LOG_SUFFIX,))  # a bad --report fails now, not after the run
     # An interrupted or failed run leaves no earlier report looking current.
     remove_old_report(args.report, extra=(ENGINE_LOG_SUFFIX,))

@@ -66,7 +66,7 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, rate: float, duration
                         help="arrival-rate profile (default constant)")
     parser.add_argument("--rate-to", type=positive_float, default=None, metavar="TPS",
                         help="final rate for step/ramp (default: --rate)")
-    parser.add_argument("--steps", type=int, default=4, help="number of steps for --profile step (default 4)")
+    parser.add_argument("--steps", type=positive_int, default=4, help="number of steps for --profile step (default 4)")
     parser.add_argument("--drain-timeout", type=positive_float, default=30.0, metavar="S",
                         help="after sending, wait at most this long for outstanding decisions (default 30)")
     parser.add_argument("--event-time", choices=("sim", "send"), default="sim",

@@ -137,3 +137,23 @@ def test_bench_refuses_counts_below_one_before_any_work(argv: list[str], flag: s
     assert info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"fraudactors {' '.join(argv[:2])}: error: argument {flag}"), last
+
+
+def test_demo_refuses_a_load_that_schedules_nothing_before_starting_any_service(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo", "--rate", "0.5", "--duration", "1", "--report", str(tmp_path / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "loadgen.rate" in err and err.count("\n") == 1
+    assert "starting embedded" not in out
+
+
+@pytest.mark.parametrize(("argv", "flag"), [(["demo", "--profile", "step", "--steps", "0"], "--steps"),
+                                            (["loadgen", "--steps", "-1"], "--steps"),
+                                            (["demo", "--engine-timeout", "0"], "--engine-timeout"),
+                                            (["demo", "--engine-timeout", "-3"], "--engine-timeout")])
+def test_demo_and_loadgen_refuse_bad_steps_and_engine_timeout(argv: list[str], flag: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err.strip().splitlines()[-1]
