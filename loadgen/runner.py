@@ -224,14 +224,23 @@ async def run_load(settings: Settings, config: LoadConfig, progress: Progress | 
                              auto_offset_reset="earliest")
     producer = make_producer(settings, client_id=f"loadgen-{run_id}", linger_ms=config.linger_ms,
                              max_batch_size=max(settings.kafka.max_batch_size, 256 * 1024))
+    connected = False
     try:
         await consumer.start()
+        connected = True
         await producer.start()
     except BaseException as exc:
         await asyncio.shield(_stop_clients(producer, consumer))
-        if isinstance(exc, Exception):
-            raise LoadgenError(f"cannot connect to Kafka at {settings.kafka.bootstrap_servers}: {exc!r}") from exc
-        raise
+        if not isinstance(exc, Exception):
+            raise
+        where = settings.kafka.bootstrap_servers
+        if not connected:
+            raise LoadgenError(f"cannot connect to Kafka at {where}: {exc!r}") from exc
+        # Connected (the consumer started), so the broker refused the producer: e.g. its
+        # InitProducerId, which an idempotent producer needs and Tansu does not grant.
+        hint = ("; for a broker without idempotent producers set kafka.enable_idempotence = false"
+                if settings.kafka.enable_idempotence else "")
+        raise LoadgenError(f"the Kafka producer could not start at {where}: {exc!r}{hint}") from exc
 
     state = _State()
     try:
