@@ -74,6 +74,26 @@ async def test_waiting_senders_are_served_in_order_and_cannot_be_overtaken() -> 
     assert mb.depth == 0
 
 
+async def test_one_freed_slot_admits_one_of_many_blocked_senders_never_more_than_maxsize() -> None:
+    mb: Mailbox[int] = Mailbox(2)
+    mb.try_put(0)
+    mb.try_put(1)
+    senders = [asyncio.create_task(mb.put(i)) for i in range(2, 6)]
+    await wait_until(lambda: mb.waiting_senders == 4)
+    received = [await mb.get()]
+    for _ in range(10):  # let every woken sender run: only the one granted the freed slot appends
+        await asyncio.sleep(0)
+        assert mb.depth <= mb.maxsize and mb.high_watermark <= mb.maxsize
+    assert mb.depth == 2 and mb.waiting_senders == 3
+    while len(received) < 6:
+        received.append(await mb.get())
+        for _ in range(3):
+            await asyncio.sleep(0)
+            assert mb.depth <= mb.maxsize and mb.high_watermark <= mb.maxsize
+    await asyncio.gather(*senders)
+    assert received == list(range(6)) and mb.depth == 0 and mb.high_watermark == 2
+
+
 async def test_put_timeout_raises_backpressure_timeout_and_adds_nothing() -> None:
     mb: Mailbox[int] = Mailbox(1)
     await mb.put(1)
