@@ -238,6 +238,23 @@ def test_fraud_labels_count_from_the_hour_after_they_are_reported() -> None:
     assert f(features_of(None, m, txn(t + H)), "merchant_fraud_count_7d") == 5.0
 
 
+def test_the_30_day_fraud_rate_divides_by_the_30_day_transactions() -> None:
+    day0 = (T0 // D) * D
+    t = day0 + 10 * H
+    m = MerchantState()
+    for days_back, n in [(1, 2), (6, 1), (8, 3), (20, 1), (29, 1), (30, 4)]:  # day D-30 is out of both
+        for _ in range(n):
+            count_merchant_tx(m, day0 - days_back * D + 5)
+    count_merchant_fraud(m, day0 - 2 * D)  # in 7d and 30d
+    count_merchant_fraud(m, day0 - 10 * D)  # in 30d only
+    count_merchant_fraud(m, day0 - 20 * D)  # in 30d only
+    vec = features_of(None, m, txn(t))
+    assert f(vec, "merchant_tx_count_7d") == 3.0 and f(vec, "merchant_tx_count_30d") == 8.0
+    assert f(vec, "merchant_fraud_count_7d") == 1.0 and f(vec, "merchant_fraud_count_30d") == 3.0
+    assert f(vec, "merchant_fraud_rate_7d") == 1.0 / (3 + MERCHANT_RATE_PRIOR)
+    assert f(vec, "merchant_fraud_rate_30d") == 3.0 / (8 + MERCHANT_RATE_PRIOR)
+
+
 def test_state_dependent_features_are_deterministic() -> None:
     events = [txn(T0 + i * 137.0, 5.0 + i, merchant=f"m{i % 3}") for i in range(50)]
     rows_a, _ = run(events, merchant=MerchantState())
