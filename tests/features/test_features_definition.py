@@ -12,6 +12,7 @@ import pytest
 from fraudactors.features.definition import (
     FEATURE_INDEX,
     FEATURE_NAMES,
+    HISTORY_S,
     MAX_EVENTS,
     MAX_SEEN_MERCHANTS,
     MERCHANT_CATEGORIES,
@@ -24,6 +25,7 @@ from fraudactors.features.definition import (
     count_merchant_tx,
     entity_hash,
     features_of,
+    is_late,
     merchant_features,
     transaction_only_features,
     transition,
@@ -75,6 +77,15 @@ def test_transaction_only_block() -> None:
     assert f(transaction_only_features(txn(T0 + 4 * H)), "is_night") == 1.0  # 01:00 Sunday
     assert f(transaction_only_features(txn(T0 + 4 * H)), "day_of_week") == 6.0
     assert f(vec, "merchant_category_code") == 0.0  # grocery
+
+
+def test_night_is_midnight_up_to_but_not_including_six() -> None:
+    day0 = (T0 // D) * D
+    _, state = run([txn(day0 - 2 * H), txn(day0 - H)])  # a user with history: the compiled window path
+    for t, night in [(day0, 1.0), (day0 + 6 * H - 0.001, 1.0), (day0 + 6 * H, 0.0), (day0 + 7 * H, 0.0),
+                     (day0 + D - 0.001, 0.0)]:
+        assert f(transaction_only_features(txn(t)), "is_night") == night, format_timestamp(t)
+        assert f(features_of(state, None, txn(t)), "is_night") == night, format_timestamp(t)
 
 
 def test_merchant_category_code_is_the_place_in_a_fixed_catalogue() -> None:
@@ -145,6 +156,27 @@ def test_history_is_pruned_to_30_days_and_capped() -> None:
     rows, state = run(events)
     assert len(state.times) == MAX_EVENTS and state.times[0] == T0 + 40
     assert f(rows[-1], "tx_count_30d") == MAX_EVENTS  # saturates at the cap (offline too)
+
+
+def test_a_record_exactly_30_days_older_than_the_newest_is_not_late() -> None:
+    """Late means strictly older than the newest event minus 30 days: a record at exactly that time
+    is scored at its own time (no earlier event left in its windows) and applied (its merchant is
+    seen); one a millisecond older is scored at the newest event and leaves the state as it was."""
+    newest = T0 + 40 * D
+    _, state = run([txn(newest - 10 * D), txn(newest)])
+    edge = newest - HISTORY_S
+    assert not is_late(state, edge) and is_late(state, edge - 0.001)
+
+    late_vec = features_of(state, None, txn(edge - 0.001, merchant="older"))
+    assert f(late_vec, "tx_count_30d") == 2.0 and f(late_vec, "seconds_since_last_tx") == 0.0
+    late_vec, state = transition(state, None, txn(edge - 0.001, merchant="older"))
+    assert f(late_vec, "tx_count_30d") == 2.0 and entity_hash("older") not in state.merchants
+
+    assert f(features_of(state, None, txn(edge, merchant="edge")), "tx_count_30d") == 0.0
+    vec, state = transition(state, None, txn(edge, merchant="edge"))
+    assert f(vec, "tx_count_30d") == 0.0 and f(vec, "seconds_since_last_tx") == NO_PREVIOUS_TX
+    assert entity_hash("edge") in state.merchants
+    assert list(state.times) == [newest - 10 * D, newest]  # applied, then pruned at once (30 days old)
 
 
 def test_new_merchant_category_country_flags() -> None:
@@ -253,6 +285,30 @@ def test_the_30_day_fraud_rate_divides_by_the_30_day_transactions() -> None:
     assert f(vec, "merchant_fraud_count_7d") == 1.0 and f(vec, "merchant_fraud_count_30d") == 3.0
     assert f(vec, "merchant_fraud_rate_7d") == 1.0 / (3 + MERCHANT_RATE_PRIOR)
     assert f(vec, "merchant_fraud_rate_30d") == 3.0 / (8 + MERCHANT_RATE_PRIOR)
+
+
+def test_counting_into_the_cached_window_at_other_hours_and_days_keeps_it_exact() -> None:
+    """The window sums are cached at the hour of the last lookup; a transaction counted at another
+    hour or day (late, or another partition's) enters each window only when inside it."""
+    day0 = (T0 // D) * D
+    t = day0 + 10 * H + 30 * 60  # 10:30 on day D
+    m = MerchantState()
+    count_merchant_tx(m, t - H)
+    merchant_features(m, t)  # caches the sums at t's hour
+    for at, new in [(day0 + 10 * H + 5, False),  # t's own hour
+                    (t - 23 * H, True),  # hour H-23: the oldest of the 24 h window
+                    (t - 24 * H, True),  # hour H-24: out of 24 h, in 7 d and 30 d
+                    (day0 - 6 * D + 5, False),  # day D-6: the oldest of 7 d
+                    (day0 - 7 * D + 5, False),  # day D-7: out of 7 d, in 30 d
+                    (day0 - 29 * D + 5, True),  # day D-29: the oldest of 30 d
+                    (day0 - 30 * D + 5, True)]:  # day D-30: out of every window
+        count_merchant_tx(m, at, new)
+    cached = merchant_features(m, t)
+    fresh = merchant_features(MerchantState(m.tx_hours.copy(), m.tx_days.copy(), m.fraud_hours.copy(),
+                                            m.fraud_days.copy(), m.new_hours.copy(), m.new_days.copy()), t)
+    assert cached == fresh
+    assert cached[:3] == (3.0, 5.0, 7.0)  # c24, c7, c30
+    assert cached[7] == (1 + 1.0) / (3 / 30.0 + 1.0)  # new customers: 1 in 24 h, 3 in 30 d
 
 
 def test_state_dependent_features_are_deterministic() -> None:
