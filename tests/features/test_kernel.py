@@ -265,6 +265,22 @@ def test_the_window_sums_check_their_arguments() -> None:
         _kernel.window_sums({}, {}, {}, {}, {}, {}, 2**50)
 
 
+def test_the_window_sums_at_their_edges() -> None:
+    """Each window's oldest bucket is in it and the one before is out, in both compiled sums:
+    24 h = hours [H-23, H], 7 d / 30 d = days [D-6, D] / [D-29, D]; frauds today before hour H, and
+    the past days [D-7, D-1] / [D-30, D-1]."""
+    day = HOUR // 24
+    entries = [(1, HOUR, 1), (1, HOUR - 23, 2), (1, HOUR - 24, 4),
+               (2, day, 8), (2, day - 6, 16), (2, day - 7, 32), (2, day - 29, 64), (2, day - 30, 128),
+               (3, HOUR - 23, 1), (3, HOUR - 24, 2), (4, day - 29, 4), (4, day - 30, 8)]
+    assert _kernel.counts_sums(reference_features.encode_counts(entries), HOUR) == [3, 24, 120, 1, 4]
+    tx_hours, tx_days, new_hours, new_days = reference_features.decode_counts(reference_features.encode_counts(entries))
+    fraud_hours = {day * 24: 1, HOUR - 1: 2, HOUR: 4}
+    fraud_days = {day: 8, day - 1: 16, day - 7: 32, day - 8: 64, day - 30: 128, day - 31: 256}
+    sums = _kernel.window_sums(tx_hours, tx_days, new_hours, new_days, fraud_hours, fraud_days, HOUR)
+    assert sums == [3, 24, 120, 3, 48, 240, 1, 4]
+
+
 packed_counts = st.one_of(st.integers(0, 40), st.integers(-(2**63), 2**63 - 1))
 packed_entries = st.lists(st.tuples(
     st.sampled_from([1, 2, 3, 4]),
