@@ -50,6 +50,13 @@ def test_final_split_fits_up_to_the_label_cut_off_and_calibrates_on_rows_it_did_
     # every labelled row up to the cut-off is in the fit (but the calibration half, with fraction 1)
     expected = ((t >= t[0] + 5 * DAY_S) & (t < end - 4 * DAY_S)).sum() - (split.calib.size if fraction == 1 else 0)
     assert split.fit.size == expected
+    # The calibration rows are exactly the window's rows legitimate as known at the last transaction
+    # that the fit did not draw: a fraud reported after it counts as legitimate there too.
+    window = (t >= end - 10 * DAY_S) & (t < end - 4 * DAY_S)
+    assert np.array_equal(split.calib, np.setdiff1d(np.flatnonzero(window & ~y), fitted))
+    reported_later = np.flatnonzero(window & ds.is_fraud & (ds.labeled_at > end))
+    assert reported_later.size >= 5  # the data has such rows
+    assert np.isin(reported_later, split.calib).any()
 
 
 def test_final_split_needs_more_than_warm_up_calibration_and_gap() -> None:
