@@ -513,6 +513,34 @@ async def test_restart_budget_is_a_sliding_window() -> None:
     assert sup.restarts_total == 3
 
 
+@pytest.mark.parametrize(("third_at", "allowed"), [(1010.0, True), (1009.999, False)])
+async def test_a_restart_leaves_the_window_exactly_window_s_after_it(third_at: float, allowed: bool) -> None:
+    """The window is (now - window_s, now]: at exactly 1010.0 the restart of t=1000 no longer counts."""
+    now = [1000.0]
+    crasher = Child("crasher", [])
+    sup = Supervisor("root", [crasher.spec], max_restarts=2, window_s=10.0, backoff_base_s=0,
+                     clock=lambda: now[0])
+    run = await started(sup)
+
+    async def crash_and_wait_restart(n: int) -> None:
+        crasher.commands.put_nowait("crash")
+        await wait_until(lambda: crasher.starts == n and sup.child_running("crasher"))
+
+    await crash_and_wait_restart(2)  # restart 1 at t=1000
+    now[0] = 1005.0
+    await crash_and_wait_restart(3)  # restart 2 at t=1005: budget (2 in 10 s) now used up
+    now[0] = third_at
+    if allowed:
+        crasher.commands.put_nowait("crash")
+        await wait_until(lambda: run.done() or (crasher.starts == 4 and sup.child_running("crasher")))
+        assert not run.done(), "the restart of t=1000 was still counted at t=1010"
+        assert sup.restarts_total == 3
+    crasher.commands.put_nowait("crash")  # 1005 and 1010 (or 1000 and 1005) in the window: no budget left
+    with pytest.raises(RestartIntensityExceeded):
+        await run
+    assert sup.restarts_total == (3 if allowed else 2)
+
+
 def test_backoff_is_exponential_capped_and_jittered() -> None:
     sup = Supervisor("s", [], backoff_base_s=0.1, backoff_max_s=1.0, seed=7)
     delays = [sup.backoff_delay(attempt) for attempt in range(1, 11)]
