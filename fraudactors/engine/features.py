@@ -401,9 +401,15 @@ class FeatureStoreActor:
 
     async def _ping(self, store: OnlineFeatureStore) -> bool:
         try:
-            return bool(await store.ping())
+            answered = bool(await store.ping())
         except _UNAVAILABLE:
-            return False
+            answered = False
+        # redis-py can return the reply of a call whose task was cancelled meanwhile, the
+        # CancelledError lost: raise it again, or the probe outlives the actor's stop.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
+        return answered
 
     def compute_degraded(self, txns: Sequence[Transaction]) -> np.ndarray:
         assert self.store is not None

@@ -289,6 +289,37 @@ async def test_a_partition_whose_claim_redis_refuses_does_not_degrade_the_others
         assert 'fraudactors_state_skipped_total{reason="wrongtype"} 1.0' in metrics.render().decode()
 
 
+async def test_an_actor_cancelled_while_its_probe_ping_is_answered_still_stops(
+        store_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py can answer a PING whose task was cancelled meanwhile and return the reply: the
+    CancelledError is lost (seen when an actor stopped just as Redis came back from a hang). The
+    probe must stop anyway; before, it marked the store up and waited for the next outage, and the
+    actor's stop waited for it for ever."""
+    s = store_settings.replace(redis={"retry_interval_ms": 10})
+    actor = FeatureStoreActor(s, EngineMetrics())
+    ready = Started()
+    task = asyncio.create_task(actor.run(ready))
+    await asyncio.wait_for(ready.event.wait(), 30)
+    assert actor.up
+    pinging = asyncio.Event()
+
+    async def answered_despite_the_cancel(_store: OnlineFeatureStore) -> bool:
+        pinging.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass  # the reply came in with the cancellation: answered, the cancellation lost
+        return True
+
+    monkeypatch.setattr(OnlineFeatureStore, "ping", answered_despite_the_cancel)
+    actor._mark_down(FeatureStoreUnavailable("a hang"))  # the probe starts pinging
+    await asyncio.wait_for(pinging.wait(), 30)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert done, "the actor did not stop"
+    assert task.cancelled()
+
+
 async def test_a_label_dated_far_ahead_does_not_age_out_the_marks_that_keep_a_repeat_from_counting(
         store: OnlineFeatureStore) -> None:
     """A merchant's label marks are pruned against its own newest mark, and only past the keep
