@@ -110,11 +110,14 @@ async def test_a_record_replayed_after_its_state_write_gets_exactly_its_first_de
         assert same == {k: v for k, v in first_decision.items() if k not in volatile}, again["transaction_id"]
 
 
-async def test_a_hung_redis_degrades_within_twice_the_socket_timeout_and_its_decisions_enter_the_state(
+async def test_a_hung_redis_is_an_outage_its_decisions_go_on_degraded_and_enter_the_state(
         engine_settings: Settings, fresh_redis: Any) -> None:
-    """SIGSTOP of Redis (a hang, not a refused connection) mid-stream: decisions go on degraded
-    after at most ~2x socket_timeout_ms; after SIGCONT the degraded transactions are applied to the
-    state before the user's next one is scored, which counts them."""
+    """SIGSTOP of Redis (a hang, not a refused connection) mid-stream: the store is marked down and
+    decisions go on degraded; after SIGCONT the degraded transactions are applied to the state
+    before the user's next one is scored, which counts them. (That the hang is given up on after
+    the socket timeout and one PING, not later, is held by the order of events in
+    tests/features/test_features_state.py::
+    test_a_hung_redis_degrades_a_batch_before_a_client_with_three_times_the_socket_timeout_gives_up.)"""
     timeout_ms = 400
     s = engine_settings.replace(redis={"url": fresh_redis.url, "socket_timeout_ms": timeout_ms,
                                        "retry_interval_ms": 200},
@@ -127,13 +130,11 @@ async def test_a_hung_redis_degrades_within_twice_the_socket_timeout_and_its_dec
         try:
             await produce(s, [txn_record(f"h{i}", "u-hang", "m-hang", t0 + 10 + i) for i in range(30)])
             await reader.wait_for(lambda recs: len(recs) >= 31, timeout_s=30)
+            assert not engine.features.up, "the hang is an outage: the store is down until Redis answers"
         finally:
             os.kill(fresh_redis.pid, signal.SIGCONT)
         frozen = reader.decisions()[1:]
         assert all(d["degraded"] for d in frozen)
-        # the engine's own time for the first degraded batch: one timed-out call plus one PING
-        # (2x the socket timeout), with slack for batching on a shared 2-core machine
-        assert min(d["latency_ms"] for d in frozen) < 2 * timeout_ms + 600
         await wait_until(lambda: engine.features.up, timeout_s=30)
         await produce(s, [txn_record("after", "u-hang", "m-hang", t0 + 100)])
         await reader.wait_for(lambda recs: len(recs) >= 32, timeout_s=30)

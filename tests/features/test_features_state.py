@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from test_features_store import DAY, T0, assert_parity, generate
 
 from fraudactors.engine.features import FeatureStoreActor
@@ -26,6 +27,7 @@ from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.features import scripts
 from fraudactors.features.definition import FEATURE_INDEX, HISTORY_S, day_of, hour_of
 from fraudactors.features.offline import offline_features
+from fraudactors.features.redis_client import make_client
 from fraudactors.features.schema import Label, Transaction, format_timestamp
 from fraudactors.features.store import OnlineFeatureStore
 from fraudactors.services.redis import EmbeddedRedis
@@ -287,6 +289,47 @@ async def test_a_partition_whose_claim_redis_refuses_does_not_degrade_the_others
         assert state is not None and len(state.times) == 3
         assert await actor.store.user_state("seven") is None
         assert 'fraudactors_state_skipped_total{reason="wrongtype"} 1.0' in metrics.render().decode()
+
+
+async def test_a_hung_redis_degrades_a_batch_before_a_client_with_three_times_the_socket_timeout_gives_up(
+        store_settings: Settings, fresh_redis: Any) -> None:
+    """SIGSTOP of Redis (a hang): the batch's call times out after socket_timeout_ms, a PING to tell
+    a hang from load times out after as long again, and the batch is decided degraded -- before a
+    client made like the store's, with three times the timeout and asked at the same moment, gives
+    up. Timers of one event loop fire in deadline order, so this is an order of events, not a
+    wall-clock bound: a store that waited longer than its setting (or a PING that did) loses."""
+    timeout_ms = 300
+    s = store_settings.replace(redis={"url": fresh_redis.url, "socket_timeout_ms": timeout_ms,
+                                      "retry_interval_ms": 100})
+    metrics = EngineMetrics()
+    reference = make_client(s, 3 * timeout_ms / 1000.0)
+    async with running_actor(s, metrics) as actor:
+        try:
+            await actor.claim(1)
+            _, degraded = await actor.compute([txn("w", "u", "m", T0)], 1, [0])
+            assert not degraded
+            assert await reference.ping()  # connected before the hang
+            order: list[str] = []
+
+            async def reference_ping() -> None:
+                with pytest.raises(RedisTimeoutError):
+                    await reference.ping()
+                order.append("reference gave up")
+
+            async def batch() -> None:
+                _, degraded = await actor.compute([txn("h", "u", "m", T0 + 60.0)], 1, [1])
+                order.append("degraded" if degraded else "scored")
+
+            os.kill(fresh_redis.pid, signal.SIGSTOP)
+            try:
+                await asyncio.gather(reference_ping(), batch())
+            finally:
+                os.kill(fresh_redis.pid, signal.SIGCONT)
+        finally:
+            await reference.aclose()
+        assert order == ["degraded", "reference gave up"]
+        assert "fraudactors_feature_store_slow_total 0.0" in metrics.render().decode()  # an outage, not load
+        await asyncio.wait_for(actor._up.wait(), 30)
 
 
 async def test_an_actor_cancelled_while_its_probe_ping_is_answered_still_stops(
