@@ -94,6 +94,15 @@ def _is_timeout(exc: BaseException) -> bool:
     return False
 
 
+def _raise_if_cancelling() -> None:
+    """Raise the CancelledError of a stop that was asked for but lost: redis-py can return the
+    reply of a call whose task was cancelled meanwhile, and the actor would then wait for its next
+    request, or its next outage, instead of stopping."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class FeatureStoreActor:
     def __init__(self, settings: Settings, metrics: EngineMetrics) -> None:
         self._settings = settings
@@ -196,6 +205,7 @@ class FeatureStoreActor:
         """
         loop = asyncio.get_running_loop()
         while True:
+            _raise_if_cancelling()  # a stop that a store call swallowed (see the function)
             requests = [r for r in await self.mailbox.get_batch(_COALESCE_MAX, 0.0) if not r.abandoned]
             if not requests:
                 continue
@@ -404,11 +414,7 @@ class FeatureStoreActor:
             answered = bool(await store.ping())
         except _UNAVAILABLE:
             answered = False
-        # redis-py can return the reply of a call whose task was cancelled meanwhile, the
-        # CancelledError lost: raise it again, or the probe outlives the actor's stop.
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError
+        _raise_if_cancelling()
         return answered
 
     def compute_degraded(self, txns: Sequence[Transaction]) -> np.ndarray:

@@ -363,6 +363,36 @@ async def test_an_actor_cancelled_while_its_probe_ping_is_answered_still_stops(
     assert task.cancelled()
 
 
+async def test_an_actor_cancelled_while_a_store_call_is_answered_still_stops(
+        store_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same lost cancellation on the serving path: a store read answered as the actor is
+    stopped. The actor must stop, not wait for its next request."""
+    actor = FeatureStoreActor(store_settings, EngineMetrics())
+    ready = Started()
+    task = asyncio.create_task(actor.run(ready))
+    await asyncio.wait_for(ready.event.wait(), 30)
+    reading = asyncio.Event()
+    real_stage = OnlineFeatureStore.stage
+
+    async def answered_despite_the_cancel(self: OnlineFeatureStore, *args: Any, **kwargs: Any) -> Any:
+        reading.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass  # the reply came in with the cancellation: answered, the cancellation lost
+        return await real_stage(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineFeatureStore, "stage", answered_despite_the_cancel)
+    caller = asyncio.create_task(actor.compute_staged([txn("c0", "u", "m", T0)], 0, [0]))
+    await asyncio.wait_for(reading.wait(), 30)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert done, "the actor did not stop"
+    assert task.cancelled()
+    caller.cancel()
+    await asyncio.gather(caller, return_exceptions=True)
+
+
 async def test_a_label_dated_far_ahead_does_not_age_out_the_marks_that_keep_a_repeat_from_counting(
         store: OnlineFeatureStore) -> None:
     """A merchant's label marks are pruned against its own newest mark, and only past the keep
