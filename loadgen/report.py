@@ -326,15 +326,21 @@ def ensure_report_dir(path: str | Path, extra: tuple[str, ...] = ()) -> None:
     except OSError as exc:
         raise LoadgenError(f"no file can be created in the report directory {str(parent)!r}: "
                            f"{exc.strerror or exc}") from exc
-    for file in report_files(path, extra)[1:]:
+    for file in report_files(path, extra):
         if file.is_dir():
             raise LoadgenError(f"the report's {file.name!r} cannot be written: {str(file)!r} is a directory")
+        if file.is_symlink() or (file.exists() and not file.is_file()):
+            # a device, a FIFO, a link: not something a report run may replace (or remove first)
+            raise LoadgenError(f"the report's {file.name!r} cannot be written: {str(file)!r} is not a regular file")
 
 
 def remove_old_report(path: str | Path, extra: tuple[str, ...] = ()) -> None:
     """Remove the files an earlier run left at ``path`` (only those this run writes, see
-    :func:`report_files`), so a run that ends without a report leaves none that looks current."""
+    :func:`report_files`), so a run that ends without a report leaves none that looks current.
+    Regular files only (``ensure_report_dir`` refuses anything else at those paths)."""
     for file in report_files(path, extra):
+        if file.is_symlink() or not file.is_file():
+            continue
         try:
             file.unlink(missing_ok=True)
         except OSError as exc:

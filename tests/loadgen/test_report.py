@@ -18,6 +18,7 @@ from loadgen.report import (
     ensure_report_dir,
     format_table,
     lost_line,
+    remove_old_report,
     render_markdown,
     write_outputs,
 )
@@ -245,6 +246,21 @@ def test_a_report_file_taken_by_a_directory_fails_before_the_run(tmp_path: Path,
     (tmp_path / sibling).mkdir()
     with pytest.raises(LoadgenError, match=sibling):
         ensure_report_dir(tmp_path / "r.json", extra=("-engine.log",))
+
+
+@pytest.mark.parametrize("taken", ["r.json", "r.md", "r-engine.log"])
+def test_a_report_path_that_is_no_regular_file_is_refused_and_never_removed(tmp_path: Path, taken: str) -> None:
+    """``--report /dev/null`` (or a FIFO, or a link) is not a report to replace: the run is refused
+    before it starts, and clearing an earlier report removes regular files only (root may unlink
+    a device node)."""
+    import os
+
+    os.mkfifo(tmp_path / taken)
+    (tmp_path / "r-latency.png").write_bytes(b"an earlier run's chart")
+    with pytest.raises(LoadgenError, match="is not a regular file"):
+        ensure_report_dir(tmp_path / "r.json", extra=("-engine.log",))
+    remove_old_report(tmp_path / "r.json", extra=("-engine.log",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [taken]
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
