@@ -7,11 +7,12 @@ labelled fraud), the score distribution, each with its **label maturity**: the s
 window's decisions older than ``ab.label_delay_s`` (whose labels should be in). A figure over
 immature decisions is a lower bound for precision and noisy for detection; the report says so.
 
-The *champion* is the deciding model (degraded fallbacks aside) taking the most traffic now: of
-those that decided in the newest two buckets any of them decided in, the one with the largest
-share of the deciding models' decisions in the buckets where it decided (ties: the most decisions
-in the window). A model retired by a promotion stops being the champion an hour or two after it,
-and a quiet hour with one decision does not hand the role to a 10 % variant.
+The *champion* is the deciding model (degraded fallbacks aside) taking the most traffic now: the
+one with the most decisions in the newest buckets that together hold at least
+``CHAMPION_RECENT_DECISIONS`` of the deciding models' decisions (ties: the most decisions in the
+window). A model retired by a promotion, or turned down by a canary ramp, stops being the champion
+as soon as the traffic has moved, and a quiet hour with one decision does not hand the role to a
+10 % variant.
 
 Every other non-fallback member is a challenger. A shadow challenger is compared on the same
 transactions (McNemar); a deciding one on its own share of the traffic (two-proportion z) over
@@ -256,25 +257,27 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
+# The champion is judged on the newest buckets that together hold at least this many decisions
+# of the deciding models: the traffic now, and not one quiet hour's handful.
+CHAMPION_RECENT_DECISIONS = 200
+
+
 def _champion(window: Window, deciding: list[Evidence]) -> Evidence | None:
     """The deciding model taking the most traffic now (module docstring)."""
-    active = {ev.member: _deciding_buckets(window, ev.member) for ev in deciding}
-    if not any(active.values()):
-        return max(deciding, key=lambda ev: (ev.decisions, ev.member)) if deciding else None
-    newest = max(max(buckets) for buckets in active.values() if buckets)
-    per_bucket: dict[int, int] = {}
-    for ev in deciding:
-        for bucket in active[ev.member]:
-            per_bucket[bucket] = per_bucket.get(bucket, 0) + window.buckets[ev.member][bucket]["n"]
-
-    def rank(ev: Evidence) -> tuple[bool, float, int, str]:
-        buckets = active[ev.member]
-        if not buckets:
-            return False, 0.0, ev.decisions, ev.member
-        own = sum(window.buckets[ev.member][b]["n"] for b in buckets)
-        return max(buckets) >= newest - 1, own / sum(per_bucket[b] for b in buckets), ev.decisions, ev.member
-
-    return max(deciding, key=rank)
+    if not deciding:
+        return None
+    counts = {ev.member: {b: n for b, f in window.buckets[ev.member].items() if (n := f.get("n", 0)) > 0}
+              for ev in deciding}
+    recent = dict.fromkeys(counts, 0)
+    total = 0
+    for bucket in sorted({b for per_bucket in counts.values() for b in per_bucket}, reverse=True):
+        for member, per_bucket in counts.items():
+            n = per_bucket.get(bucket, 0)
+            recent[member] += n
+            total += n
+        if total >= CHAMPION_RECENT_DECISIONS:
+            break
+    return max(deciding, key=lambda ev: (recent[ev.member], ev.decisions, ev.member))
 
 
 def _not_compared(champion: Evidence, challenger: Evidence) -> dict[str, Any]:

@@ -393,3 +393,14 @@ def test_a_quiet_hour_does_not_hand_the_champion_to_the_small_variant() -> None:
     buckets["d:B/v2"][48] = {"n": 1, "f": 0}  # the newest hour so far: one decision, B's
     report = build_report(Window(48 * 3600.0 + 60, 3600, 0, buckets), window_s=28 * 86400, label_delay_s=0.0)
     assert report["champion"] == "d:A/v1"
+
+
+def test_a_canary_ramp_makes_the_model_taking_the_traffic_the_champion() -> None:
+    """Weights moved from 90/10 to 10/90 with both variants still deciding: the champion follows
+    the traffic at once, not after half the window."""
+    hours = range(600)
+    buckets = _hourly({"d:A/v1": [0.9] * 600, "d:B/v2": [0.9] * 600}, hours, {"d:A/v1": 900, "d:B/v2": 100})
+    for hour in range(590, 600):  # the last ten hours: swapped
+        buckets["d:A/v1"][hour]["n"], buckets["d:B/v2"][hour]["n"] = 100, 900
+    report = build_report(Window(600 * 3600.0, 3600, 0, buckets), window_s=600 * 3600.0, label_delay_s=0.0)
+    assert report["champion"] == "d:B/v2"
