@@ -4,7 +4,9 @@ A change reads the newest routing document on the control topic (or the configur
 revision 0, when there is none), makes the new one (``revision + 1``, the current one kept as its
 ``previous``), checks that every version it routes to loads here -- present in ``models.dir``, every
 file matching its sha256, the ONNX sessions open -- and writes it, unless another change was
-written meanwhile (then nothing is written and the command says to run it again). The replicas apply it (or refuse
+written meanwhile (then nothing is written and the command says to run it again). The check is
+best effort: two commands that pass it within the same milliseconds both write, and the replicas
+follow the later document (``fraudactors.engine.control``). The replicas apply it (or refuse
 it, keeping their routing) within a fetch; ``fraudactors_routing_revision`` shows where each one is.
 
     fraudactors models list

@@ -24,6 +24,7 @@ from redis.exceptions import (
     NoScriptError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -75,6 +76,14 @@ def make_client(settings: Settings, timeout_s: float, *, retry: bool = False) ->
                                  decode_responses=False, **common)
 
 
+def _redirected(reply: Exception) -> bool:
+    """A slot moving: MOVED, ASK or TRYAGAIN. redis-py 5 gives a plain (non-cluster) client these as
+    a bare ResponseError (checked with 5.0.8), so the reply's text is read too."""
+    if isinstance(reply, MovedError | AskError | TryAgainError):
+        return True
+    return isinstance(reply, ResponseError) and str(reply).startswith(("MOVED ", "ASK ", "TRYAGAIN"))
+
+
 class ScriptRunner:
     """Runs Lua scripts by name, one call per hash-slot group, in one round trip per node.
 
@@ -89,8 +98,9 @@ class ScriptRunner:
 
     A node that cannot be reached fails the whole run (the caller's outage path), and before the
     error goes up the cluster client is told -- a PING to that node through it, which on failure
-    asks for a fresh slot map -- so that once a replica has taken over the dead master's slots,
-    the next run goes to it. The node connections are this runner's own, so the cluster client
+    asks for a fresh slot map (redis-py 5 closes and rebuilds the whole cluster client instead) --
+    so that once a replica has taken over the dead master's slots, the next run goes to it. For a
+    master that hangs rather than refuses, the PING waits out a second socket timeout. The node connections are this runner's own, so the cluster client
     would otherwise never learn of the failure and keep routing to the dead master for good.
     """
 
@@ -153,7 +163,7 @@ class ScriptRunner:
             if isinstance(reply, NoScriptError) and not loaded:
                 await self.load()
                 loaded = True
-            elif not isinstance(reply, NoScriptError | MovedError | AskError | TryAgainError):
+            elif not isinstance(reply, NoScriptError) and not _redirected(reply):
                 raise reply
             keys, args = calls[i]
             try:
