@@ -505,8 +505,10 @@ class FeatureStoreActor:
         reader = self._reader
         if reader is None:
             return False
+        from fraudactors.features.redis_client import ping
+
         try:
-            return bool(await reader.ping())
+            return await ping(reader)  # every master, on a cluster: one hung master is an outage
         except (*_UNAVAILABLE, *_redis_errors()):
             return False
 

@@ -76,6 +76,14 @@ def make_client(settings: Settings, timeout_s: float, *, retry: bool = False) ->
                                  decode_responses=False, **common)
 
 
+async def ping(client: Any) -> bool:
+    """PING one Redis, or every master of a cluster: a cluster with one master hung or gone is not
+    up for the feature store (nearly every batch touches its slots), though the others answer."""
+    if isinstance(client, RedisCluster):
+        return bool(await client.ping(target_nodes=RedisCluster.PRIMARIES))
+    return bool(await client.ping())
+
+
 def _redirected(reply: Exception) -> bool:
     """A slot moving: MOVED, ASK or TRYAGAIN. redis-py 5 gives a plain (non-cluster) client these as
     a bare ResponseError (checked with 5.0.8), so the reply's text is read too."""

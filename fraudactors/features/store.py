@@ -79,6 +79,7 @@ from fraudactors.features.definition import (
 )
 from fraudactors.features.keys import KeyLayout, shard
 from fraudactors.features.redis_client import CLIENT_ERRORS, ScriptRunner, make_client
+from fraudactors.features.redis_client import ping as redis_ping
 from fraudactors.features.schema import Label, Transaction
 from fraudactors.features.state_codec import StateDecodeError, decode_state, encode_state
 from fraudactors.logging import get_logger
@@ -303,7 +304,7 @@ class OnlineFeatureStore:
         if self._redis is None:
             return False
         try:
-            return bool(await self._redis.ping())
+            return await redis_ping(self._redis)  # every master, on a cluster
         except _IO_ERRORS:
             return False
 

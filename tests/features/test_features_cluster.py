@@ -5,6 +5,8 @@ event it wrote, and never call such a change a refused write (docs/operations.md
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 
@@ -88,3 +90,45 @@ async def test_a_slot_moved_to_a_master_that_joined_later_is_written_at_the_firs
         assert state is not None and len(state.times) == 2
     finally:
         await store.close()
+
+
+class _Started:
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def started(self, value: object = None) -> None:
+        self.event.set()
+
+
+async def test_a_hung_master_is_an_outage_not_a_slow_redis_and_its_end_is_seen(
+        cluster: EmbeddedRedisCluster) -> None:
+    """One master frozen (SIGSTOP), no replica: the other masters answer a PING, but nearly every
+    batch needs the frozen one's slots. Its batches must be decided degraded (an outage), not
+    retried for ever as "slow"; when it answers again, the store is up again without a restart."""
+    from fraudactors.engine.features import FeatureStoreActor
+    from fraudactors.engine.metrics import EngineMetrics
+
+    s = on(cluster).replace(redis={"retry_interval_ms": 100})
+    actor = FeatureStoreActor(s, EngineMetrics())
+    started = _Started()
+    task = asyncio.create_task(actor.run(started))
+    try:
+        await asyncio.wait_for(started.event.wait(), 30)
+        assert actor.up
+        user = users_on(actor.store, cluster, 1, 1)[0]  # type: ignore[arg-type]
+        _, degraded, _ = await actor.compute_staged([txn(0, user)], 0, [0])
+        assert not degraded
+        pid = cluster.nodes[1].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            _, degraded, _ = await asyncio.wait_for(actor.compute_staged([txn(1, user)], 0, [1]), 60)
+            assert degraded and not actor.up
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.wait_for(actor._up.wait(), 60)
+        _, degraded, _ = await actor.compute_staged([txn(2, user)], 0, [2])
+        assert not degraded
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
