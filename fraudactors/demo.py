@@ -98,6 +98,7 @@ def main(args: argparse.Namespace) -> int:
     from fraudactors.logging import configure_logging
     from fraudactors.settings import load_settings
     from loadgen.cli import load_config_from_args
+    from loadgen.procs import SigtermCancels
     from loadgen.report import ensure_report_dir, remove_old_report
 
     settings = _tuned_for_embedded_broker(load_settings(args.config))  # ConfigError -> one line, exit 2
@@ -108,33 +109,26 @@ def main(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, "json", stream=sys.stderr)
     # aiokafka logs every failed connection attempt; the load generator reports a lost broker itself.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    terminated = False
+    sigterm = SigtermCancels()
 
     async def guarded() -> int:
         # Ctrl-C: asyncio.Runner cancels this task and raises KeyboardInterrupt afterwards (exit 130).
         # SIGTERM: the same cancellation, so the engine and services are stopped on the way out (exit 143).
-        loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-
-        def on_sigterm() -> None:
-            nonlocal terminated
-            terminated = True
-            task.cancel()
 
         def quiet_when_interrupted(record: logging.LogRecord) -> bool:
             # Once Ctrl-C or SIGTERM cancels the run, the Kafka clients are torn down mid-request and
             # aiokafka logs the connections it loses; the demo says "interrupted" once instead.
             return not (record.name.startswith("aiokafka") and task.cancelling() > 0)
 
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         handlers = list(logging.getLogger().handlers)
         for handler in handlers:
             handler.addFilter(quiet_when_interrupted)
         try:
-            return await _main(args, settings)
+            with sigterm:
+                return await _main(args, settings)
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)
             for handler in handlers:
                 handler.removeFilter(quiet_when_interrupted)
 
@@ -142,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             return runner.run(guarded())
         except asyncio.CancelledError:
-            if not terminated:
+            if not sigterm.terminated:
                 raise
             print("fraudactors demo: terminated", file=sys.stderr)
             return EXIT_TERMINATED

@@ -125,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
 
     from fraudactors.logging import configure_logging
     from fraudactors.settings import load_settings
+    from loadgen.procs import SigtermCancels
     from loadgen.report import ensure_report_dir, lost_line, remove_old_report
     from loadgen.runner import RunResult, prepare_load, run_load
 
@@ -140,32 +141,20 @@ def main(args: argparse.Namespace) -> int:
     if args.report:
         ensure_report_dir(args.report)
         remove_old_report(args.report)  # an interrupted or failed run leaves no report looking current
-    terminated = False
+    sigterm = SigtermCancels()
 
     async def guarded() -> RunResult:
         # SIGTERM cancels the run as Ctrl-C does (asyncio.run cancels it and raises KeyboardInterrupt).
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-
-        def on_sigterm() -> None:
-            nonlocal terminated
-            terminated = True
-            task.cancel()
-
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-        try:
+        with sigterm:
             if not args.no_progress:
                 print(f"fraudactors loadgen: generating {config.profile.total:,} transactions", file=sys.stderr)
             prepared = prepare_load(config)
             return await run_load(settings, config, prepared=prepared)
-        finally:
-            loop.remove_signal_handler(signal.SIGTERM)
 
     try:
         result = asyncio.run(guarded())
     except asyncio.CancelledError:
-        if not terminated:
+        if not sigterm.terminated:
             raise
         print("fraudactors loadgen: terminated", file=sys.stderr)
         return EXIT_TERMINATED

@@ -25,6 +25,32 @@ from fraudactors.settings import Settings, as_dict
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+class SigtermCancels:
+    """While entered (in the run's task), SIGTERM cancels that task as Ctrl-C does, so a command
+    stops its children and clients on the way out; ``terminated`` says whether SIGTERM came (the
+    command then prints one line and exits 143)."""
+
+    def __init__(self) -> None:
+        self.terminated = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __enter__(self) -> SigtermCancels:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None, "enter SigtermCancels in the task it cancels"
+
+        def on_sigterm() -> None:
+            self.terminated = True
+            task.cancel()
+
+        self._loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None
+        self._loop.remove_signal_handler(signal.SIGTERM)
+
+
 class ChildFailed(FraudActorsError):
     """A child process exited early or did not become ready in time."""
 
