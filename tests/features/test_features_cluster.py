@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.crc import key_slot
+from test_features_state import Started
 
 from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.features.schema import Transaction, format_timestamp
@@ -92,14 +93,6 @@ async def test_a_slot_moved_to_a_master_that_joined_later_is_written_at_the_firs
         await store.close()
 
 
-class _Started:
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-
-    def started(self, value: object = None) -> None:
-        self.event.set()
-
-
 async def test_a_hung_master_is_an_outage_not_a_slow_redis_and_its_end_is_seen(
         cluster: EmbeddedRedisCluster) -> None:
     """One master frozen (SIGSTOP), no replica: the other masters answer a PING, but nearly every
@@ -110,7 +103,7 @@ async def test_a_hung_master_is_an_outage_not_a_slow_redis_and_its_end_is_seen(
 
     s = on(cluster).replace(redis={"retry_interval_ms": 100})
     actor = FeatureStoreActor(s, EngineMetrics())
-    started = _Started()
+    started = Started()
     task = asyncio.create_task(actor.run(started))
     try:
         await asyncio.wait_for(started.event.wait(), 30)
