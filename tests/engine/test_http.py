@@ -195,12 +195,16 @@ async def test_a_head_pipelined_behind_a_request_has_the_header_timeout_from_the
     assert SHORT_S - 0.05 <= t_short < LONG_S <= t_long + 0.05, (t_short, t_long)
 
 
-async def test_a_kept_alive_connection_may_idle_after_a_post_and_an_empty_line() -> None:
-    """The body and a stray CRLF after it are not the start of a next head: no deadline."""
+@pytest.mark.parametrize("first", [
+    request("GET", "/healthz"),
+    # the body and a stray CRLF after it are not the start of a next head: no deadline
+    request("POST", "/predict", b'{"amount": 1}', Content_Type=_JSON) + b"\r\n",
+], ids=["get", "post-and-empty-line"])
+async def test_a_kept_alive_connection_may_idle_longer_than_the_header_timeout(first: bytes) -> None:
     async with serving(header_timeout_s=0.2) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         try:
-            writer.write(request("POST", "/predict", b'{"amount": 1}', Content_Type=_JSON) + b"\r\n")
+            writer.write(first)
             assert (await read_response(reader))[0] == 200
             await asyncio.sleep(1.0)  # idle well past the header timeout: nothing to wait for but time
             writer.write(request("GET", "/healthz"))
@@ -220,17 +224,6 @@ async def test_a_client_that_promises_a_body_and_never_sends_it_gets_408_and_is_
     assert b"body not received" in sent
 
 
-async def test_a_kept_alive_connection_may_idle_longer_than_the_header_timeout() -> None:
-    async with serving(header_timeout_s=0.2) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        try:
-            writer.write(request("GET", "/healthz"))
-            assert (await read_response(reader))[0] == 200
-            await asyncio.sleep(1.0)  # idle well past the header timeout: nothing to wait for but time
-            writer.write(request("GET", "/healthz"))
-            assert (await read_response(reader))[0] == 200
-        finally:
-            writer.close()
 
 
 # -- the connection cap ------------------------------------------------------------------------------

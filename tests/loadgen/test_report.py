@@ -263,7 +263,6 @@ def test_a_report_path_that_is_no_regular_file_is_refused_and_never_removed(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == [taken]
 
 
-@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
 def test_a_report_where_no_file_can_be_created_fails_before_the_run_even_for_root() -> None:
     with pytest.raises(LoadgenError, match="no file can be created"):
         ensure_report_dir("/proc/report.json")
