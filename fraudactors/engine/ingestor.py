@@ -17,6 +17,9 @@
   offset does not move for ``watchdog_s``, raises :class:`ConsumerStalled`; the supervisor restarts
   the ingestor (a new consumer), and /readyz says so meanwhile. Partitions waiting on purpose (for
   Redis under the hold policy, for the broker while the publisher is held back) are not stalled.
+- A fetched batch that does not decode (bad CRC, unknown codec: :mod:`fraudactors.engine.unreadable`)
+  stops its partition at that offset, logged once as ``partition_unreadable`` and shown by the
+  ``fraudactors_partition_unreadable`` gauge; the other partitions carry on. It is not a stall.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from fraudactors.actors import (
     ChildSpec,
@@ -44,6 +47,7 @@ from fraudactors.actors import (
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.offsets import OffsetTracker
 from fraudactors.engine.partition import Partition
+from fraudactors.engine.unreadable import Unreadable, salvage
 from fraudactors.engine.worker import FeatureWorker, Stages
 from fraudactors.errors import ActorError, RestartIntensityExceeded
 from fraudactors.logging import get_logger
@@ -185,7 +189,14 @@ class Ingestor:
         fetch_delay = self._metrics.fetch_delay
         while not self._stopping:
             self._resume_drained()
-            data = await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=max_records)
+            unreadable: Unreadable | None = None
+            try:
+                data = await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=max_records)
+            except Exception as exc:
+                unreadable = salvage(exc)
+                if unreadable is None:
+                    raise
+                data = unreadable.taken  # what the failed call had drained: routed as any fetch
             now = time.monotonic()
             self.last_poll = now
             if data:
@@ -203,6 +214,23 @@ class Ingestor:
                 consumed.labels(str(tp.partition)).inc(len(records))
                 if state.route([(r, now) for r in records]):
                     self.pauses += 1
+            if unreadable is not None:
+                self._stop_unreadable(consumer, unreadable)
+
+    def _stop_unreadable(self, consumer: AIOKafkaConsumer, found: Unreadable) -> None:
+        """Stop the partition at the batch that does not decode; the others carry on."""
+        tp = found.tp
+        state = self._parts.get(tp.partition)
+        if state is None or state.tp != tp or state.closing or state.halted:
+            # Its records were not routed: read again from where the failed call began (the rewind
+            # or the next owner reads them in any case), not from where aiokafka would move on to.
+            taken = found.taken.get(tp)
+            with contextlib.suppress(IllegalStateError):
+                consumer.seek(tp, taken[0].offset if taken else found.offset)
+            return
+        if state.stop_unreadable(found.offset):
+            self._log.error("partition_unreadable", partition=tp.partition, offset=found.offset,
+                            batch_end=found.batch_end, error=repr(found.error))
 
     def _resume_drained(self) -> None:
         for state in self._parts.values():
@@ -249,6 +277,8 @@ class Ingestor:
         waiting = self._features.holding or self._publisher.held_back
         lag = self.lag()
         for p, s in self._parts.items():
+            if s.unreadable is not None:
+                continue  # stopped at a batch that does not decode: waits for the operator
             mark = (s.position, s.tracker.done_end)  # fetching or finishing: either is progress
             if waiting or mark != s.progress_mark or lag.get(p, 0) == 0:
                 s.progress_mark = mark

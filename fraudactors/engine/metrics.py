@@ -100,6 +100,11 @@ class EngineMetrics:
         self.partition_paused = Gauge(
             "fraudactors_partition_paused", "1 while a partition is paused because its worker is full.",
             ["partition"], registry=r)
+        self.partition_unreadable = Gauge(
+            "fraudactors_partition_unreadable",
+            "1 while a partition is stopped at a batch the consumer cannot decode (logged as "
+            "partition_unreadable with its offset): its transactions wait for the operator.",
+            ["partition"], registry=r)
         self.fraud_probability = Histogram(
             "fraudactors_fraud_probability", "Scored fraud probability per variant (shadow included).",
             ["variant"], buckets=_PROBABILITY_BUCKETS, registry=r)

@@ -7,15 +7,32 @@ bad disk or a broker bug puts such a batch in the log all the same), and aiokafk
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
 import orjson
 from aiokafka import TopicPartition
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from engine_helpers import committed, reading, running, transactions, wait_committed, wait_until
+from structlog.testing import capture_logs
 
 from fraudactors.engine.unreadable import salvage
 from fraudactors.services.kafka import make_consumer, make_producer
 from fraudactors.settings import Settings
+
+
+async def produce_tracked(settings: Settings, records: list[tuple[bytes, bytes, str]]) -> dict[str, int]:
+    """Send and wait for every record; returns each transaction_id's partition."""
+    producer = make_producer(settings, linger_ms=5)
+    await producer.start()
+    try:
+        futures = [(tid, await producer.send(settings.topics.transactions, value, key=key))
+                   for key, value, tid in records]
+        return {tid: (await fut).partition for tid, fut in futures}
+    finally:
+        await producer.stop()
 
 
 async def produce_corrupt(settings: Settings, partition: int, records: list[tuple[bytes, bytes, str]]) -> int:
@@ -40,6 +57,10 @@ async def produce_corrupt(settings: Settings, partition: int, records: list[tupl
     [(_, [(_, error, offset, *_)])] = response.topics
     assert error == 0, f"the broker refused the corrupt batch: error {error}"
     return int(offset)
+
+
+def ids_of(records: list[Any]) -> list[str]:
+    return [orjson.loads(r.value)["transaction_id"] for r in records]
 
 
 async def test_salvage_gives_back_what_a_getmany_failing_on_a_corrupt_batch_dropped(settings: Settings) -> None:
@@ -88,3 +109,59 @@ async def test_salvage_gives_back_what_a_getmany_failing_on_a_corrupt_batch_drop
     assert [r.offset for r in found[0].taken[found[0].tp]] == [0, 1, 2], "the bad partition's own, before it"
     assert "CRC" in repr(found[0].error)
 
+
+async def test_a_corrupt_batch_stops_only_its_partition_and_loses_nothing(engine_settings: Settings) -> None:
+    """A batch with a bad CRC used to fail the ingestor on every fetch: restarts until the engine
+    exited, every partition of the replica with it. Now its partition stops at the batch -- the
+    records before it decided, the ones after it waiting, the stop logged once with its offset and
+    shown by fraudactors_partition_unreadable -- and the other partitions are decided as before;
+    the watchdog does not take the stopped partition for a stalled consumer."""
+    s = engine_settings.replace(engine={"watchdog_s": 2.0})
+    parts = s.topics.partitions
+    bad = parts - 1
+    before = transactions(600, prefix="pre")
+    where = await produce_tracked(s, before)
+    offset = await produce_corrupt(s, bad, transactions(3, start=10_000, prefix="corrupt"))
+    after = transactions(600, start=600, prefix="post")
+    where |= await produce_tracked(s, after)
+    ends = dict(Counter(where.values()))
+    ends[bad] += 3
+    assert ends[bad] > offset + 3 and offset > 0, "records before and after the corrupt batch"
+    expected = {t for _, _, t in before} | {t for _, _, t in after if where[t] != bad}
+    waiting = {t for _, _, t in after if where[t] == bad}
+    with capture_logs() as logs:
+        async with running(s) as engine, reading(s, s.topics.predictions) as decided, \
+                reading(s, s.topics.dlq) as dead:
+            await decided.wait_for(lambda recs: set(ids_of(recs)) >= expected, timeout_s=90)
+            gauge = engine.metrics.registry.get_sample_value
+            await wait_until(lambda: gauge("fraudactors_partition_unreadable", {"partition": str(bad)}) == 1,
+                             timeout_s=10)
+            # Past the watchdog's limit, more traffic: the other partitions are still decided.
+            passes = engine.ingestor.housekeeping_passes
+            await wait_until(lambda: engine.ingestor.housekeeping_passes >= passes + 20, timeout_s=30)
+            more = transactions(300, start=2000, prefix="more")
+            where_more = await produce_tracked(s, more)
+            more_expected = {t for _, _, t in more if where_more[t] != bad}
+            await decided.wait_for(lambda recs: set(ids_of(recs)) >= more_expected, timeout_s=60)
+            for p, n in Counter(where_more.values()).items():
+                ends[p] = ends.get(p, 0) + (n if p != bad else 0)
+            commits = await wait_committed(s, {p: e for p, e in ends.items() if p != bad}, timeout_s=30)
+            assert engine.done is not None and not engine.done.done(), "the engine is running"
+            assert engine.ingestor.stalls == 0
+            restarts = engine.metrics.registry.get_sample_value(
+                "fraudactors_actor_restarts_total", {"actor": "ingestor"})
+            assert not restarts, "the ingestor was not restarted"
+            assert engine.readiness() == {}
+            assert engine.ingestor.lag().get(bad, 0) >= len(waiting) + 3, "the stopped partition shows its lag"
+    ids = Counter(ids_of(decided.records))
+    assert set(ids) == expected | more_expected, "everything but the stopped partition's rest is decided"
+    assert not set(ids) & waiting
+    assert max(ids.values()) == 1
+    assert dead.records == []
+    assert commits.get(bad) == offset, "the stopped partition is committed up to the corrupt batch"
+    assert all(commits.get(p, 0) >= e for p, e in ends.items() if p != bad)
+    stops = [e for e in logs if e["event"] == "partition_unreadable"]
+    assert len(stops) == 1, stops
+    assert stops[0]["partition"] == bad and stops[0]["offset"] == offset
+    assert stops[0]["batch_end"] == offset + 3 and stops[0]["log_level"] == "error"
+    assert (await committed(s)).get(bad) == offset
