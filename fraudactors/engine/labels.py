@@ -3,7 +3,9 @@
 :class:`OutcomeRecorder` remembers what each variant (deciding and shadow) said about a user's
 latest decisions, so that a label arriving days later can be matched: one capped list per user
 (``<prefix>{u<shard>}:o:<user_id>``, the user's newest ``OUTCOMES_PER_USER`` decisions, with the
-state's TTL), written by one script call per flush. Its memory grows with active users, never
+state's TTL), written every 0.2 s in script calls of up to 256 entries. A failed call's entries
+are sent again with a check that skips an entry already listed, so a retry never lists a decision
+twice (the call may have landed in part or in whole). Its memory grows with active users, never
 with decisions; a label for a decision that has left its user's list (the user made more than
 ``OUTCOMES_PER_USER`` payments since, or the list expired) is counted as unmatched.
 
@@ -109,6 +111,9 @@ class OutcomeRecorder:
         self.keys = KeyLayout(settings.redis.key_prefix)
         self._ttl = settings.redis.ttl_s
         self._buffer: deque[tuple[str, bytes]] = deque(maxlen=_MAX_BUFFER)
+        # Entries at the buffer's front that a failed call may have written: resent with the check.
+        # May count more than there are (a full buffer drops from the front): a needless check.
+        self._unsure = 0
         # the A/B ledger's increments (fraudactors.ab.ledger), flushed with the outcomes
         self.deltas = Deltas()
         self._said: dict[tuple[str, str, str], tuple[str, tuple[str, str]]] = {}  # see _member
@@ -230,18 +235,28 @@ class OutcomeRecorder:
                 raise
 
     async def _flush_outcomes(self) -> None:
+        """The buffer in calls of up to ``_CHUNK`` entries. A failed call's chunk goes back to the
+        buffer's front, and its entries are sent again with the script's check for an entry already
+        listed: the call may have landed in part (on a cluster, every master but the failed one) or
+        in whole (a reply lost; a frozen master runs the request it holds when it thaws)."""
         buffer = self._buffer
         keys_of = self.keys
         while self._scripts is not None and buffer:
-            chunk = [buffer.popleft() for _ in range(min(len(buffer), _CHUNK))]
+            # never a chunk of resent and new entries: only a resend pays for the check
+            self._unsure = min(self._unsure, len(buffer))
+            again = self._unsure > 0
+            chunk = [buffer.popleft() for _ in range(min(len(buffer), _CHUNK, self._unsure or _CHUNK))]
+            self._unsure = max(self._unsure - len(chunk), 0)
             groups = self._grouped([user_id for user_id, _ in chunk])
             calls = [([keys_of.outcomes(chunk[i][0]) for i in group],
-                      [self._ttl, OUTCOMES_PER_USER, *(chunk[i][1] for i in group)]) for group in groups]
+                      [self._ttl, OUTCOMES_PER_USER, int(again), *(chunk[i][1] for i in group)]) for group in groups]
             try:
                 await self._scripts.run("record", calls)
             except BaseException:
                 room = _MAX_BUFFER - len(buffer)
-                buffer.extendleft(reversed(chunk[len(chunk) - room:] if room < len(chunk) else chunk))
+                kept = chunk[len(chunk) - room:] if room < len(chunk) else chunk
+                buffer.extendleft(reversed(kept))
+                self._unsure += len(kept)
                 raise
 
 

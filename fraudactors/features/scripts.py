@@ -637,17 +637,23 @@ redis.call('EXPIRE', KEYS[1], ttl)
 return epoch
 """
 
-# KEYS: one outcome list per decision (the user's). ARGV: ttl, the list cap, then one entry
-# "<transaction_id>\\t<variant>=<0|1>,..." per key. Each list keeps the user's newest entries.
+# KEYS: one outcome list per decision (the user's). ARGV: ttl, the list cap, "1" to skip an entry
+# its list already holds (a resend of a call that failed: it may have landed) or "0", then one
+# entry "<transaction_id>\\t<bucket>\\t<member>=<0|1>,..." per key. Each list keeps the user's
+# newest entries. The check (LPOS over at most cap entries) is asked for on resends only: asked
+# always, it cost 0.1-0.9 us more per entry, up to a fifth of the script's time (docs/benchmarks.md).
 RECORD_OUTCOMES = "#!lua\n" + CHECK_TYPES + """
-local ttl, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
-if not ttl or not cap or #ARGV ~= 2 + #KEYS then return redis.error_reply('INVALID arguments') end
+local ttl, cap, again = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
+if not ttl or not cap or #ARGV ~= 3 + #KEYS then return redis.error_reply('INVALID arguments') end
 for i, key in ipairs(KEYS) do
   local err = check_type(key, 'list')
   if err then return err end
 end
 for i, key in ipairs(KEYS) do
-  if redis.call('LPUSH', key, ARGV[i + 2]) > cap then redis.call('LTRIM', key, 0, cap - 1) end
+  local entry = ARGV[i + 3]
+  if not (again and redis.call('LPOS', key, entry)) then
+    if redis.call('LPUSH', key, entry) > cap then redis.call('LTRIM', key, 0, cap - 1) end
+  end
   redis.call('EXPIRE', key, ttl)
 end
 return #KEYS

@@ -1,6 +1,7 @@
 """The online store on a Redis Cluster whose shape changes under it: a master fails over to its
-replica, a master joins and takes a slot. The store must follow without a restart, keep every
-event it wrote, and never call such a change a refused write (docs/operations.md, "Redis Cluster")."""
+replica, a master joins and takes a slot, a master hangs. The store must follow without a restart,
+keep every event it wrote, and never call such a change a refused write; the outcome memory's
+retried flushes list each decision once (docs/operations.md, "Redis Cluster")."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from redis.crc import key_slot
 from test_features_state import Started
 
 from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
+from fraudactors.features.keys import KeyLayout
 from fraudactors.features.schema import Transaction, format_timestamp
 from fraudactors.features.store import OnlineFeatureStore
 from fraudactors.services.redis_cluster import EmbeddedRedisCluster
@@ -41,9 +43,9 @@ def txn(i: int, user: str) -> Transaction:
     return Transaction(f"t{i}", user, "m1", 20.0 + i, "USD", "food", False, t, format_timestamp(t))
 
 
-def users_on(store: OnlineFeatureStore, cluster: EmbeddedRedisCluster, master: int, n: int) -> list[str]:
+def users_on(keys: KeyLayout, cluster: EmbeddedRedisCluster, master: int, n: int) -> list[str]:
     low, high = cluster.slot_range(master)
-    return [u for u in (f"u{i}" for i in range(2000)) if low <= key_slot(store.keys.user(u).encode()) <= high][:n]
+    return [u for u in (f"u{i}" for i in range(2000)) if low <= key_slot(keys.user(u).encode()) <= high][:n]
 
 
 async def test_a_master_that_fails_over_to_its_replica_is_followed_without_a_restart(
@@ -53,7 +55,7 @@ async def test_a_master_that_fails_over_to_its_replica_is_followed_without_a_res
     await store.open()
     try:
         await store.claim(0)
-        users = users_on(store, cluster, 1, 3)
+        users = users_on(store.keys, cluster, 1, 3)
         await store.compute([txn(i, u) for i, u in enumerate(users)], 0, [0, 1, 2])
         await cluster.nodes[1].stop()
         failures, offset = 0, 3
@@ -79,7 +81,7 @@ async def test_a_slot_moved_to_a_master_that_joined_later_is_written_at_the_firs
     await store.open()
     try:
         await store.claim(0)
-        user = users_on(store, cluster, 2, 1)[0]
+        user = users_on(store.keys, cluster, 2, 1)[0]
         await store.compute([txn(0, user)], 0, [0])
         await cluster.add_node()  # joins after the store loaded its scripts on the nodes it knew
         await cluster.migrate_slot(key_slot(store.keys.user(user).encode()), 2, len(cluster.nodes) - 1)
@@ -108,7 +110,7 @@ async def test_a_hung_master_is_an_outage_not_a_slow_redis_and_its_end_is_seen(
     try:
         await asyncio.wait_for(started.event.wait(), 30)
         assert actor.up
-        user = users_on(actor.store, cluster, 1, 1)[0]  # type: ignore[arg-type]
+        user = users_on(KeyLayout(s.redis.key_prefix), cluster, 1, 1)[0]
         _, degraded, _ = await actor.compute_staged([txn(0, user)], 0, [0])
         assert not degraded
         pid = cluster.nodes[1].pid
@@ -125,3 +127,49 @@ async def test_a_hung_master_is_an_outage_not_a_slow_redis_and_its_end_is_seen(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_outcome_flush_that_fails_on_a_frozen_master_lists_each_decision_once_after_its_retry(
+        cluster: EmbeddedRedisCluster) -> None:
+    """One master frozen (SIGSTOP) during an outcome flush: the other masters take their entries,
+    the frozen one runs the request it holds when it thaws, and the failed flush is sent again in
+    full. Every user's list must hold each decision once (a duplicate takes a real entry's place
+    among the 64)."""
+    from fraudactors.engine.inference import Scored
+    from fraudactors.engine.labels import OutcomeRecorder
+    from fraudactors.engine.metrics import EngineMetrics
+    from fraudactors.features.redis_client import CLIENT_ERRORS
+
+    recorder = OutcomeRecorder(on(cluster), EngineMetrics())
+    client = recorder.connect()
+    try:
+        users = [u for master in range(3) for u in users_on(recorder.keys, cluster, master, 4)]
+
+        def decide(first: int) -> None:
+            txns = [txn(first + i, u) for i, u in enumerate(users)]
+            recorder.record(txns, [Scored("A", "v1", 0.1, "approve", False, []) for _ in txns])
+
+        decide(0)
+        await recorder.flush()  # connections to every master open, the slot map known
+        decide(len(users))
+        pid = cluster.nodes[1].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises((*CLIENT_ERRORS, OSError)):
+                await recorder.flush()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for _ in range(100):
+            try:
+                await recorder.flush()
+                break
+            except (*CLIENT_ERRORS, OSError):
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the outcome flush never went through after the master thawed")
+        for i, user in enumerate(users):
+            listed = [entry.split(b"\t", 1)[0] for entry in await client.lrange(recorder.keys.outcomes(user), 0, -1)]
+            assert listed == [f"t{len(users) + i}".encode(), f"t{i}".encode()], user
+    finally:
+        await recorder._final_flush(client, ())
