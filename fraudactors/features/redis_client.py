@@ -104,12 +104,16 @@ class ScriptRunner:
     a master added after the scripts were loaded) is loaded on every node and the call sent
     again. Replies come back in call order.
 
-    A node that cannot be reached fails the whole run (the caller's outage path), and before the
-    error goes up the cluster client is told -- a PING to that node through it, which on failure
-    asks for a fresh slot map (redis-py 5 closes and rebuilds the whole cluster client instead) --
-    so that once a replica has taken over the dead master's slots, the next run goes to it. For a
-    master that hangs rather than refuses, the PING waits out a second socket timeout. The node connections are this runner's own, so the cluster client
-    would otherwise never learn of the failure and keep routing to the dead master for good.
+    A node that cannot be reached fails the whole run (the caller's outage path), and the cluster
+    client is told -- a PING to that node through it, which on failure asks for a fresh slot map
+    (redis-py 5 closes and rebuilds the whole cluster client instead) -- so that once a replica has
+    taken over the dead master's slots, the next run goes to it. The node connections are this
+    runner's own, so the cluster client would otherwise never learn of the failure and keep routing
+    to the dead master for good. A refused connection is told before the error goes up (its PING
+    fails at once); a node that timed out hangs, and its PING would wait out a second socket
+    timeout before the caller heard of the outage, so it goes out in the background instead (one
+    at a time per node, cancelled by :meth:`close`): the slot map is asked for when it times out,
+    as before, and the caller's error comes one timeout sooner.
     """
 
     def __init__(self, client: Any, cluster: bool, scripts: dict[str, str], settings: Settings | None = None,
@@ -125,6 +129,7 @@ class ScriptRunner:
         self._registered = {name: client.register_script(text) for name, text in scripts.items()} \
             if not cluster else {}
         self._nodes: dict[str, Any] = {}  # node name -> a plain client to that node
+        self._pings: dict[str, asyncio.Task[None]] = {}  # node name -> its PING in the background
 
     async def load(self) -> None:
         for text in self._texts.values():
@@ -134,6 +139,10 @@ class ScriptRunner:
                 await self._client.script_load(text)
 
     async def close(self) -> None:
+        pings, self._pings = list(self._pings.values()), {}
+        for task in pings:
+            task.cancel()
+        await asyncio.gather(*pings, return_exceptions=True)
         nodes, self._nodes = self._nodes, {}
         for client in nodes.values():
             await client.aclose()
@@ -157,8 +166,8 @@ class ScriptRunner:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             try:
                 results = await pipe.execute(raise_on_error=False)
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                await self._node_failed(node)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                await self._node_failed(node, hung=isinstance(exc, RedisTimeoutError | TimeoutError))
                 raise
             for i, reply in zip(indexes, results, strict=True):
                 replies[i] = reply
@@ -181,11 +190,19 @@ class ScriptRunner:
                 replies[i] = await self._client.evalsha(sha, len(keys), *keys, *args)
         return replies
 
-    async def _node_failed(self, node: Any) -> None:
+    async def _node_failed(self, node: Any, *, hung: bool) -> None:
         """Tell the cluster client that ``node`` failed (see the class docstring)."""
         stale = self._nodes.pop(node.name, None)
         if stale is not None:
             await stale.aclose()
+        if not hung:
+            await self._ping(node)
+        elif node.name not in self._pings:
+            task = self._pings[node.name] = asyncio.create_task(self._ping(node))
+            task.add_done_callback(lambda done: self._pings.pop(node.name) if self._pings.get(node.name) is done
+                                   else None)
+
+    async def _ping(self, node: Any) -> None:
         with contextlib.suppress(*CLIENT_ERRORS, OSError):
             await self._client.execute_command("PING", target_nodes=node)
 

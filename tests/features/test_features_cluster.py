@@ -173,3 +173,37 @@ async def test_an_outcome_flush_that_fails_on_a_frozen_master_lists_each_decisio
             assert listed == [f"t{len(users) + i}".encode(), f"t{i}".encode()], user
     finally:
         await recorder._final_flush(client, ())
+
+
+async def test_a_batch_on_a_hung_master_fails_after_one_socket_timeout_not_two(cluster: EmbeddedRedisCluster) -> None:
+    """The node pipeline times out on a frozen master; the PING that makes the cluster client
+    refresh its slot map would time out on the same node too, so it must not be awaited before
+    the error goes up. When the master thaws, the store writes to it again."""
+    timeout_s = 2.0
+    store = OnlineFeatureStore(on(cluster).replace(redis={"socket_timeout_ms": int(timeout_s * 1000)}))
+    await store.open()
+    try:
+        await store.claim(0)
+        user = users_on(store.keys, cluster, 1, 1)[0]
+        await store.compute([txn(0, user)], 0, [0])  # the node connection is open
+        pid = cluster.nodes[1].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(1.5 * timeout_s):  # two timeouts would be 2 * timeout_s
+                with pytest.raises(FeatureStoreUnavailable):
+                    await store.compute([txn(1, user)], 0, [1])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for _ in range(100):
+            try:
+                await store.compute([txn(1, user)], 0, [1])
+                break
+            except FeatureStoreUnavailable:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the store never wrote to the thawed master")
+        state = await store.user_state(user)
+        assert state is not None and len(state.times) == 2
+    finally:
+        await store.close()
