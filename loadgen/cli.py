@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import signal
 import sys
@@ -105,12 +106,18 @@ def load_config_from_args(args: argparse.Namespace) -> Any:
 def finish(result: Any, report_path: str | None) -> dict[str, Any]:
     """Print the summary table on stdout, then write the files (when asked); returns the report.
     The table comes first, so a report that cannot be written (``LoadgenError``) loses no result."""
-    from loadgen.report import build_report, format_table, write_report_files
+    from loadgen.report import build_report, format_table, remove_old_report, write_report_files
+    from loadgen.runner import LoadgenError
 
     report = build_report(result)
     print(format_table(report), flush=True)
     if report_path:
-        write_report_files(result, report, report_path)
+        try:
+            write_report_files(result, report, report_path)
+        except BaseException:  # failed, or stopped (Ctrl-C, SIGTERM): no half-written report left
+            with contextlib.suppress(LoadgenError):
+                remove_old_report(report_path)
+            raise
         print(f"report: {report_path} (+ {report['markdown']}, {len(report['charts'])} charts)")
     return report
 
@@ -125,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
 
     from fraudactors.logging import configure_logging
     from fraudactors.settings import load_settings
-    from loadgen.procs import SigtermCancels
+    from loadgen.procs import SigtermCancels, SigtermRaises, Terminated
     from loadgen.report import ensure_report_dir, lost_line, remove_old_report
     from loadgen.runner import RunResult, prepare_load, run_load
 
@@ -152,13 +159,15 @@ def main(args: argparse.Namespace) -> int:
             return await run_load(settings, config, prepared=prepared)
 
     try:
-        result = asyncio.run(guarded())
-    except asyncio.CancelledError:
-        if not sigterm.terminated:
+        # SIGTERM outside the run's task (the report being written) raises as Ctrl-C does there
+        with SigtermRaises():
+            result = asyncio.run(guarded())
+            report = finish(result, args.report)
+    except (asyncio.CancelledError, Terminated) as exc:
+        if isinstance(exc, asyncio.CancelledError) and not sigterm.terminated:
             raise
         print("fraudactors loadgen: terminated", file=sys.stderr)
         return EXIT_TERMINATED
-    report = finish(result, args.report)
     if report["lost"]:
         print(f"fraudactors loadgen: {lost_line(report)}", file=sys.stderr)
         return 1

@@ -28,11 +28,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 class SigtermCancels:
     """While entered (in the run's task), SIGTERM cancels that task as Ctrl-C does, so a command
     stops its children and clients on the way out; ``terminated`` says whether SIGTERM came (the
-    command then prints one line and exits 143)."""
+    command then prints one line and exits 143). On exit the handler from before is back (the
+    event loop alone would leave SIGTERM's default action: the process killed without a word)."""
 
     def __init__(self) -> None:
         self.terminated = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: Any = None
 
     def __enter__(self) -> SigtermCancels:
         self._loop = asyncio.get_running_loop()
@@ -43,12 +45,39 @@ class SigtermCancels:
             self.terminated = True
             task.cancel()
 
+        self._previous = signal.getsignal(signal.SIGTERM)
         self._loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._loop is not None
         self._loop.remove_signal_handler(signal.SIGTERM)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM in synchronous code under :class:`SigtermRaises`: a BaseException, as
+    KeyboardInterrupt is for Ctrl-C, so no ``except Exception`` on the way takes it."""
+
+
+class SigtermRaises:
+    """While entered (main thread), SIGTERM raises :class:`Terminated` wherever the code is, as
+    Ctrl-C raises KeyboardInterrupt: for what a command does outside its event loop (writing its
+    report), where :class:`SigtermCancels` has no task to cancel."""
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+
+    def __enter__(self) -> SigtermRaises:
+        def on_sigterm(signum: int, frame: object) -> None:
+            raise Terminated
+
+        self._previous = signal.signal(signal.SIGTERM, on_sigterm)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 class ChildFailed(FraudActorsError):

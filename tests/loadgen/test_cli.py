@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -106,3 +107,39 @@ def test_loadgen_on_sigterm_stops_in_one_line_and_leaves_no_earlier_report(null_
     assert [line for line in err.splitlines() if line.startswith("fraudactors")] == ["fraudactors loadgen: terminated"]
     assert not any(path.exists() for path in earlier)
     assert other.read_text() == "mine"
+
+
+# The load generator with its chart writer patched to signal the process itself once the charts
+# are on disk: the signal comes while the report is being written, at that exact point.
+_SIGNAL_WHILE_WRITING = """
+import os, signal, sys
+import loadgen.charts
+from fraudactors.cli import main
+
+write_charts = loadgen.charts.write_charts
+
+def then_signalled(result, base):
+    names = write_charts(result, base)
+    os.kill(os.getpid(), int(os.environ["SIGNAL_WHILE_WRITING"]))
+    return names
+
+loadgen.charts.write_charts = then_signalled
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("sig", "code", "line"), [(signal.SIGINT, 130, "fraudactors loadgen: interrupted"),
+                                                   (signal.SIGTERM, 143, "fraudactors loadgen: terminated")])
+def test_loadgen_stopped_while_writing_its_report_exits_in_one_line_and_leaves_no_half_report(
+        null_engine: Path, tmp_path: Path, sig: signal.Signals, code: int, line: str) -> None:
+    """Ctrl-C and SIGTERM after the run, while the report files are written: the summary table is
+    printed, one line says why the command stopped, and no half-written report is left."""
+    report = tmp_path / "out" / "lg.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_WHILE_WRITING, "loadgen", "--rate", "100", "--duration", "1",
+         "--no-progress", "--report", str(report)],
+        capture_output=True, text=True, timeout=90, env={**_env(null_engine), "SIGNAL_WHILE_WRITING": str(int(sig))})
+    assert proc.returncode == code, proc.stderr
+    assert "| lost" in proc.stdout  # the summary table came before the files
+    assert [text for text in proc.stderr.splitlines() if text.startswith("fraudactors")] == [line], proc.stderr
+    assert not list(report.parent.iterdir()), "a half-written report was left"
