@@ -1,7 +1,9 @@
 """Write the built-in simulator's stream as a CSV that ``fraudactors train --data`` reads.
 
-Columns: the SPEC §2 transaction fields, ``is_fraud``, ``labeled_at`` (empty for legitimate or
-never-reported fraud) and ``scenario``. Used to measure how fast ``train --data`` reads a big file
+Columns: the SPEC §2 transaction fields, ``is_fraud``, ``labeled_at`` (empty for a legitimate
+payment, ``never`` for a fraud never reported: ``train --data`` then knows it at no cut-off, as
+``train --synthetic`` does, instead of taking it as reported ``--label-delay-days`` later) and
+``scenario``. Used to measure how fast ``train --data`` reads a big file
 (docs/models.md); about 16,000 rows per simulated day at 5,000 users. Run:
 ``.venv/bin/python scripts/sim_csv.py --days 70 --out /tmp/sim.csv`` (about a million rows).
 """
@@ -12,11 +14,18 @@ import argparse
 import csv
 import sys
 
+from fraudactors.modeling.table import NEVER
 from fraudactors.sim import Simulator
-from fraudactors.sim.simulator import iso
+from fraudactors.sim.simulator import SimEvent, iso
 
 HEADER = ("transaction_id", "user_id", "merchant_id", "amount", "currency", "merchant_category",
           "is_international", "timestamp", "is_fraud", "labeled_at", "scenario")
+
+
+def labeled_at(ev: SimEvent) -> str:
+    if ev.label_at is not None:
+        return iso(ev.label_at)
+    return NEVER if ev.is_fraud else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             t = ev.txn
             writer.writerow((t["transaction_id"], t["user_id"], t["merchant_id"], f"{t['amount']:.2f}",
                              t["currency"], t["merchant_category"], "true" if t["is_international"] else "false",
-                             t["timestamp"], 1 if ev.is_fraud else 0,
-                             "" if ev.label_at is None else iso(ev.label_at), ev.scenario))
+                             t["timestamp"], 1 if ev.is_fraud else 0, labeled_at(ev), ev.scenario))
             n += 1
     print(f"wrote {n:,} rows to {args.out}", file=sys.stderr)
     return 0

@@ -1,7 +1,8 @@
 """Training data from a file a user brings: CSV (any suffix but Parquet's) or Parquet (pyarrow).
 
 Columns are the SPEC §2 fields plus ``is_fraud`` and optionally ``labeled_at`` (when absent or
-empty, a fraud counts as reported ``label_delay_days`` after the transaction) and ``scenario``;
+empty, a fraud counts as reported ``label_delay_days`` after the transaction; ``never``: a fraud
+never reported, which no training cut-off knows, as the simulator's) and ``scenario``;
 ``--map src=dst`` renames them. Each row is validated by the engine's own parser
 (``features.schema.transaction_from_obj``), so training accepts exactly what serving accepts.
 
@@ -178,6 +179,7 @@ def _parquet(path: Path) -> _Source:
 # A cell is a stripped string (CSV, empty = missing) or a typed value (Parquet, None = missing).
 
 _MISSING = ("", None)
+NEVER = "never"  # labeled_at of a fraud never reported (scripts/sim_csv.py writes it)
 
 
 def _number(value: Any, column: str) -> float:
@@ -299,9 +301,9 @@ def _read(path: Path, source: _Source, mapping: dict[str, str], label_delay_days
         is_fraud = _boolean(cells[i_fraud], "is_fraud")
         try:
             txn = transaction_from_obj(obj)
-            reported = math.inf
-            if is_fraud:
-                value = None if i_labeled is None else cells[i_labeled]
+            reported = math.inf  # legitimate, or a fraud never reported: a label at no cut-off
+            value = None if i_labeled is None or not is_fraud else cells[i_labeled]
+            if is_fraud and not (type(value) is str and value.lower() == NEVER):
                 # A report cannot precede its payment: a date-only labeled_at (midnight) on the
                 # day of the payment is read as reported at the payment, else the row's own
                 # label would be in its merchant's fraud counts (from the hour after the report);

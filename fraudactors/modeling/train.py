@@ -64,7 +64,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     data.add_argument("--strict", action="store_true",
                       help="fail on the first invalid row (default: skip invalid rows and report them per reason)")
     data.add_argument("--label-delay-days", type=float, default=7.0,
-                      help="when labeled_at is absent, a fraud counts as reported this long after it (default 7)")
+                      help="when labeled_at is absent, a fraud counts as reported this long after it (default 7); "
+                           "labeled_at 'never': never reported")
     split = p.add_argument_group("time split (days, counted back from the last transaction); final refit")
     split.add_argument("--warmup-days", type=float, default=7.0, help="feature warm-up, not trained on (default 7)")
     split.add_argument("--calib-days", type=float, default=7.0, help="threshold calibration period (default 7)")

@@ -92,12 +92,14 @@ def test_train_on_a_users_csv_with_column_mapping(tmp_path: Path, capsys: pytest
 
 def test_labeled_at_and_epoch_timestamps_are_read(tmp_path: Path) -> None:
     rows = [["t1", "c1", "m1", 10.5, "USD", "grocery", "0", 1790812800, "1", "2026-10-03T00:00:00+00:00", "atm"],
-            ["t2", "c1", "m1", "7", "", "", "", "2026-10-01T01:00:00", "0", "", ""]]
+            ["t2", "c1", "m1", "7", "", "", "", "2026-10-01T01:00:00", "0", "", ""],
+            ["t3", "c2", "m1", "7", "", "", "", "2026-10-01T02:00:00", "1", "Never", ""]]
     data = _write_csv(tmp_path / "t.csv", [*HEADER, "labeled_at", "scenario"], rows)
     ds = load_table(data)
-    assert ds.scenario.tolist() == ["atm", "unknown"]
-    assert len(ds) == 2 and ds.is_fraud.tolist() == [True, False]
+    assert ds.scenario.tolist() == ["atm", "unknown", "unknown"]
+    assert len(ds) == 3 and ds.is_fraud.tolist() == [True, False, True]
     assert ds.labeled_at[0] == 1790812800 + 2 * 86400
+    assert ds.labeled_at[2] == float("inf")  # a fraud never reported: a label at no cut-off
     assert ds.transactions[1].merchant_category == "unknown" and ds.transactions[1].amount == 7.0
     assert [label.transaction_id for label in ds.labels()] == ["t1"]
 
@@ -374,3 +376,31 @@ def test_a_final_calibration_window_without_enough_legitimate_rows_fails_instead
     assert code == 2 and last.startswith("fraudactors train: "), err
     assert "final refit's calibration window" in last and "holds 0 legitimate transaction(s)" in last
     assert not (tmp_path / "m").exists()
+
+
+def test_a_simulated_csv_trains_on_the_labels_the_simulator_knows_never_reported_frauds_included(
+        tmp_path: Path) -> None:
+    """scripts/sim_csv.py writes the simulator's stream for ``train --data``: read back, it is the
+    dataset ``train --synthetic`` builds. A fraud never reported is never a known label (it counts
+    as legitimate in the fit, as with --synthetic), not one reported --label-delay-days later."""
+    import numpy as np
+
+    from fraudactors.modeling.data import synthetic_dataset
+    from fraudactors.modeling.split import known_labels
+
+    out = tmp_path / "sim.csv"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "sim_csv.py"
+    subprocess.run([sys.executable, str(script), "--days", "20", "--users", "500", "--merchants", "200",
+                    "--out", str(out)], check=True, capture_output=True, timeout=120)
+    read = load_table(out, strict=True)
+    simulated = synthetic_dataset(7, 20, 500, 200)
+    never = simulated.is_fraud & np.isinf(simulated.labeled_at)
+    assert never.any(), "the simulation has no never-reported fraud to check"
+    assert [t.transaction_id for t in read.transactions] == [t.transaction_id for t in simulated.transactions]
+    assert (read.is_fraud == simulated.is_fraud).all()
+    assert (np.isinf(read.labeled_at) == np.isinf(simulated.labeled_at)).all()
+    finite = np.isfinite(simulated.labeled_at)
+    assert np.allclose(read.labeled_at[finite], simulated.labeled_at[finite], rtol=0, atol=1e-3)
+    end = float(simulated.event_time[-1])
+    assert (known_labels(read, end) == known_labels(simulated, end)).all()
+    assert len(read.labels()) == len(simulated.labels())
