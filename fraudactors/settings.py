@@ -188,7 +188,7 @@ class EngineSettings:
     start_timeout_s: float = 60.0
     # A consumer that made no progress with records waiting for this long is restarted.
     watchdog_s: float = 30.0
-    # Records dated further ahead of the partition's event time and of the clock are dead letters.
+    # Transactions and labels dated further ahead of the clock are dead letters.
     max_future_skew_s: float = 300.0
     restart_max: int = 5
     restart_window_s: float = 60.0

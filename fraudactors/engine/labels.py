@@ -15,9 +15,9 @@ nothing), counts each new or changed verdict against what each variant said
 (``fraudactors_label_outcomes_total{variant,outcome}``; a flipped verdict also in
 ``fraudactors_label_flips_total``), sends malformed labels to the dead-letter topic with
 ``stage=labels``, and commits once those dead letters are acknowledged. A label dated more than
-``engine.max_future_skew_s`` ahead of both the labels already taken and the clock is malformed
-too: its ``labeled_at`` would be the newest of its merchant's marks and age every other mark out
-of the dedup that keeps a redelivered label from counting twice.
+``engine.max_future_skew_s`` ahead of the clock is malformed too: its ``labeled_at`` would be the
+newest of its merchant's marks and age every other mark out of the dedup that keeps a redelivered
+label from counting twice.
 """
 
 from __future__ import annotations
@@ -274,17 +274,14 @@ class LabelConsumer:
         self.applied = 0
         self.invalid = 0
         self._skew = settings.engine.max_future_skew_s
-        self._watermark = float("-inf")  # the newest labeled_at taken
 
     def _check_time(self, label: Label) -> None:
-        """A label may not be dated more than the skew ahead of both the labels taken and the clock
-        (the wall clock only guards against the future: a replay of last year's labels passes)."""
-        horizon = max(self._watermark, time.time()) + self._skew
-        if label.labeled_at > horizon:
+        """A label may not be dated more than the skew ahead of the clock (the wall clock only
+        guards against the future: a replay of last year's labels passes). Not ahead of the newest
+        label taken: a run of labels each a little ahead of the one before would walk that far."""
+        if label.labeled_at > time.time() + self._skew:
             self._metrics.future_records.inc()
-            raise InvalidRecord(f"labeled_at is more than {self._skew:g}s ahead of the labels taken "
-                                f"and of the clock")
-        self._watermark = max(self._watermark, label.labeled_at)
+            raise InvalidRecord(f"labeled_at is more than {self._skew:g}s ahead of the clock")
 
     async def run(self, task_status: Any) -> None:
         from fraudactors.features.schema import parse_label

@@ -176,7 +176,7 @@ class EngineMetrics:
             registry=r)
         self.future_records = Counter(
             "fraudactors_future_records",
-            "Transactions and labels dated too far ahead of the event time taken and the clock (dead-lettered).",
+            "Transactions and labels dated more than engine.max_future_skew_s ahead of the clock (dead-lettered).",
             registry=r)
         self.commit_failures = Counter(
             "fraudactors_commit_failures", "Offset commits given up: timeout (engine.commit_timeout_s) or error.",

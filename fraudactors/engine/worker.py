@@ -115,8 +115,6 @@ class FeatureWorker:
         self._publisher = stages.publisher
         self._on_decided = stages.on_decided
         self._parse = parse_transaction
-        # event-time guard: the newest event time accepted on this partition
-        self._watermark = float("-inf")
         self._skew = settings.engine.max_future_skew_s
         # engine.emit_features: the names to label each decision's feature vector with (audit).
         self._feature_names: tuple[str, ...] | None = FEATURE_NAMES if settings.engine.emit_features else None
@@ -203,7 +201,9 @@ class FeatureWorker:
         arrivals: list[float] = []
         txns: list[Transaction] = []
         dead: list[Message] = []
-        horizon = max(self._watermark, time.time()) + self._skew
+        # the wall clock only guards against the future (the state follows event time): a replay of
+        # last year's records passes, and no run of records can walk the horizon past the clock
+        horizon = time.time() + self._skew
         for record, arrival in items:
             try:
                 txn = parse(record.value)
@@ -217,8 +217,6 @@ class FeatureWorker:
             if reason is not None:
                 dead.append(dlq_message(self._settings, record, reason, "validate"))
                 continue
-            if txn.event_time > self._watermark:
-                self._watermark = txn.event_time
             records.append(record)
             arrivals.append(arrival)
             txns.append(txn)
@@ -236,16 +234,17 @@ class FeatureWorker:
 
         Its key must be its ``user_id`` (one partition owns a user: a record keyed otherwise
         could be applied by two owners at once), and its time may not lie more than
-        ``engine.max_future_skew_s`` ahead of both the partition's event time and the clock
-        (a record from 2099 would move its user's and merchant's pruning horizon).
+        ``engine.max_future_skew_s`` ahead of the clock (a record from 2099 would move its user's
+        and merchant's pruning horizon). The horizon is the clock's, not the partition's newest
+        event time plus the skew: with that, a run of records each a little ahead of the one before
+        it (a producer whose clock drifts) would walk the horizon arbitrarily far.
         """
         if record.key != txn.user_id.encode():
             key = "none" if record.key is None else repr(record.key[:80])
             return f"record key {key} is not the transaction's user_id (transactions are keyed by user_id)"
         if txn.event_time > horizon:
             self._metrics.future_records.inc()
-            return (f"timestamp {txn.timestamp} is more than {self._skew:g}s ahead of the partition's "
-                    f"event time and of the clock")
+            return f"timestamp {txn.timestamp} is more than {self._skew:g}s ahead of the clock"
         return None
 
     async def _finish(self, batch: _Prepared, previous: asyncio.Task[None] | None) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from typing import Any
 
 import numpy as np
 import orjson
+import redis.asyncio as aioredis
 from engine_helpers import (
     BASE_TIME,
     EngineProcess,
@@ -27,6 +29,7 @@ from engine_helpers import (
 
 from fraudactors.engine.engine import Engine
 from fraudactors.features.definition import FEATURE_INDEX, FEATURE_NAMES
+from fraudactors.features.keys import KeyLayout
 from fraudactors.features.offline import offline_features
 from fraudactors.features.schema import Transaction, format_timestamp, parse_transaction
 from fraudactors.features.store import OnlineFeatureStore
@@ -66,8 +69,35 @@ async def test_a_record_from_2099_and_a_miskeyed_record_are_dead_letters_and_cha
     assert np.array_equal(vectors(decisions, ids), offline), "exactly the stream without the two"
     assert offline[-1, FEATURE_INDEX["tx_count_24h"]] > 0 and offline[-1, FEATURE_INDEX["merchant_tx_count_24h"]] > 0
     errors = {orjson.loads(r.value)["transaction_id"]: dict(r.headers) for r in dead.records}
-    assert errors["future"]["stage"] == b"validate" and b"ahead of the partition" in errors["future"]["error"]
+    assert errors["future"]["stage"] == b"validate" and b"ahead of the clock" in errors["future"]["error"]
     assert errors["miskeyed"]["stage"] == b"validate" and b"user_id" in errors["miskeyed"]["error"]
+
+
+async def test_a_producer_clock_running_ahead_cannot_walk_the_event_time_past_the_clock(
+        engine_settings: Settings) -> None:
+    """Records each within the skew of the one before it, one batch each (a producer whose clock
+    drifts ahead): only the one within the skew of the wall clock enters the state; the others are
+    dead letters, and the records after them get exactly the features of the stream without them."""
+    s = engine_settings.replace(engine={"emit_features": True})
+    step = 0.7 * s.engine.max_future_skew_s
+    async with running(s), reading(s, s.topics.predictions) as decided, reading(s, s.topics.dlq) as dead:
+        now = time.time()
+        history = [txn_record(f"h{i}", "u-walk", "m-walk", now - 3000.0 + i * 100.0, 10.0 + i) for i in range(20)]
+        await produce(s, history)
+        await decided.wait_for(lambda recs: len(recs) >= 20, timeout_s=60)
+        walk = [txn_record(f"w{k}", "u-walk", "m-walk", now + k * step) for k in range(1, 9)]
+        for k, record in enumerate(walk, 1):  # each one decided or dead before the next is sent
+            await produce(s, [record])
+            await wait_until(lambda k=k: len(decided.records) + len(dead.records) >= 20 + k, timeout_s=30)
+        after = [txn_record(f"a{i}", "u-walk", "m-walk", now + step + 10.0 * (i + 1), 50.0) for i in range(3)]
+        await produce(s, after)
+        await wait_until(lambda: len(decided.records) + len(dead.records) >= 31, timeout_s=30)
+    assert sorted(orjson.loads(r.value)["transaction_id"] for r in dead.records) == [f"w{k}" for k in range(2, 9)]
+    assert all(dict(r.headers)["stage"] == b"validate" and b"ahead of the clock" in dict(r.headers)["error"]
+               for r in dead.records)
+    taken = [*history, walk[0], *after]
+    ids = [orjson.loads(v)["transaction_id"] for _, v in taken]
+    assert np.array_equal(vectors(decided.decisions(), ids), offline_features([parse_transaction(v) for _, v in taken]))
 
 
 async def test_a_record_replayed_after_its_state_write_gets_exactly_its_first_decision(
@@ -160,6 +190,32 @@ async def test_malformed_labels_are_dead_letters_with_stage_labels(engine_settin
     assert record.value == b"{not json" and headers["stage"] == b"labels"
     assert headers["source_topic"] == s.topics.labels.encode()
     assert 'fraudactors_dlq_total{stage="labels"} 1.0' in text
+
+
+async def test_labels_dated_ahead_step_by_step_cannot_walk_past_the_clock(engine_settings: Settings) -> None:
+    """Labels each within the skew of the one before it, one batch each: only the one within the
+    skew of the wall clock is taken (it would otherwise be its merchant's newest mark, and age the
+    others out of the dedup); the others are dead letters with stage=labels."""
+    s = engine_settings
+    step = 0.7 * s.engine.max_future_skew_s
+    async with running(s) as engine, reading(s, s.topics.dlq) as dead:
+        now = time.time()
+        for k in range(1, 7):
+            label = orjson.dumps({"transaction_id": f"w{k}", "user_id": "u-walk", "merchant_id": "m-walk",
+                                  "is_fraud": True, "labeled_at": now + k * step})
+            await produce(s, [(b"u-walk", label)], topic=s.topics.labels)
+            await wait_until(lambda k=k: engine.labels.applied + engine.labels.invalid >= k, timeout_s=30)
+        assert engine.labels.applied == 1 and engine.labels.invalid == 5
+        await dead.wait_for(lambda recs: len(recs) >= 5, timeout_s=30)
+    client = aioredis.Redis.from_url(s.redis.url)
+    try:
+        marks = await client.hkeys(KeyLayout(s.redis.key_prefix).label_marks("m-walk"))
+    finally:
+        await client.aclose()
+    assert sorted(orjson.loads(r.value)["transaction_id"] for r in dead.records) == [f"w{k}" for k in range(2, 7)]
+    assert all(dict(r.headers)["stage"] == b"labels" and b"ahead of the clock" in dict(r.headers)["error"]
+               for r in dead.records)
+    assert marks == [b"lw1"]
 
 
 async def test_a_rebalance_while_a_write_is_delayed_leaves_every_feature_exact(engine_settings: Settings) -> None:
