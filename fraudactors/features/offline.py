@@ -9,11 +9,15 @@ still only count earlier events, but its novelty flags see merchants used "after
 
 Labels: a fraud label counts for a transaction only once reported, from the start of the hour
 after its ``labeled_at`` (``definition.merchant_features`` applies that rule from the buckets, so
-all labels can be loaded up front). For one ``transaction_id`` the label with the latest
-``labeled_at`` stands (ties: the first given), as in the online store; a standing fraud verdict
-counts at the ``labeled_at`` of the report that first said fraud since the last "not fraud".
-Online, a verdict flipped to "not fraud" counted as fraud until the flip was applied; here only
-the standing verdict counts (the one place labels make the two differ).
+all labels can be loaded up front). It counts at its transaction's merchant, joined by
+``transaction_id`` (``schema.label_merchant``): the label's own ``merchant_id`` is used only for a
+transaction not in the data, and a label naming none for such a transaction counts nowhere. For one
+transaction (and merchant) the label with the latest ``labeled_at`` stands (ties: the first given),
+as in the online store; a standing fraud verdict counts at the ``labeled_at`` of the report that
+first said fraud since the last "not fraud". Online, a verdict flipped to "not fraud" counted as
+fraud until the flip was applied; here only the standing verdict counts. And online a label whose
+decision the engine no longer remembers is placed by its own ``merchant_id`` (engine/labels.py):
+those two are the places labels make the two differ.
 """
 
 from __future__ import annotations
@@ -33,26 +37,40 @@ from fraudactors.features.definition import (
     is_new_customer,
     transition,
 )
-from fraudactors.features.schema import Label, Transaction, label_from_obj, transaction_from_obj
+from fraudactors.features.schema import (
+    Label,
+    Transaction,
+    label_from_obj,
+    label_merchant,
+    transaction_from_obj,
+)
 
 _CHUNK = 4096
 
 
-def merchant_states_from_labels(labels: Iterable[Label]) -> dict[str, MerchantState]:
-    """Merchant fraud buckets from the standing label of each transaction (module doc)."""
-    # transaction_id -> (labeled_at ms of the latest label, is_fraud, counted report time, merchant)
-    standing: dict[str, tuple[int, bool, float, str]] = {}
+def merchant_states_from_labels(labels: Iterable[Label],
+                                merchant_of: Mapping[str, str] | None = None) -> dict[str, MerchantState]:
+    """Merchant fraud buckets from the standing label of each transaction (module doc);
+    ``merchant_of``: the merchant of each labelled transaction in the data, by ``transaction_id``."""
+    # (merchant, transaction_id) -> (labeled_at ms of the latest label, is_fraud, counted report time):
+    # keyed as the online marks are (one hash per merchant)
+    standing: dict[tuple[str, str], tuple[int, bool, float]] = {}
+    known = merchant_of or {}
     for label in sorted(labels, key=lambda x: round(x.labeled_at * 1000)):
+        merchant_id = label_merchant(label, known.get(label.transaction_id))
+        if merchant_id is None:
+            continue
         at = round(label.labeled_at * 1000)
-        old = standing.get(label.transaction_id)
+        key = (merchant_id, label.transaction_id)
+        old = standing.get(key)
         if old is not None and at <= old[0]:
             continue
         if old is not None and old[1] == label.is_fraud:
-            standing[label.transaction_id] = (at, old[1], old[2], old[3])
+            standing[key] = (at, old[1], old[2])
         else:
-            standing[label.transaction_id] = (at, label.is_fraud, label.labeled_at, label.merchant_id)
+            standing[key] = (at, label.is_fraud, label.labeled_at)
     merchants: dict[str, MerchantState] = {}
-    for _, is_fraud, reported, merchant_id in standing.values():
+    for (merchant_id, _), (_, is_fraud, reported) in standing.items():
         if is_fraud:
             m = merchants.get(merchant_id)
             if m is None:
@@ -77,7 +95,10 @@ def offline_features(
         return out
     times = np.fromiter((t.event_time for t in transactions), dtype=np.float64, count=n)
     order = np.argsort(times, kind="stable").tolist()
-    merchants = merchant_states_from_labels(labels)
+    given = list(labels)
+    labelled = {label.transaction_id for label in given}
+    merchants = merchant_states_from_labels(  # each label at its transaction's merchant (module doc)
+        given, {t.transaction_id: t.merchant_id for t in transactions if t.transaction_id in labelled})
     users: dict[str, UserState] = {}
     rows: list[list[float]] = []
     idx: list[int] = []

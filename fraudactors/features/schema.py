@@ -66,6 +66,17 @@ class Label:
     labeled_at: float  # epoch seconds, UTC
 
 
+def label_merchant(label: Label, transaction_merchant: str | None) -> str | None:
+    """The merchant whose risk a label counts in: its transaction's (``transaction_merchant``, when
+    known: online the merchant the decision was made at, offline the transaction's in the data),
+    else the label's own ``merchant_id`` when it names one; None when neither is known -- such a
+    label counts nowhere, not at merchant "unknown" (which stands for the transactions without one).
+    """
+    if transaction_merchant is not None:
+        return transaction_merchant
+    return None if label.merchant_id == DEFAULT_MERCHANT_ID else label.merchant_id
+
+
 def _type_name(value: object) -> str:
     if value is None:
         return "null"

@@ -64,6 +64,20 @@ def test_a_label_counts_only_once_reported() -> None:
     assert col(later, "merchant_fraud_count_7d") == [3.0]
 
 
+def test_a_label_counts_at_its_transactions_merchant() -> None:
+    """Labels are joined to their transactions: the merchant a label names (or its missing one,
+    "unknown") does not matter when the transaction is in the data; a label for a transaction
+    not in the data counts at the merchant it names, and nowhere when it names none."""
+    day0 = T0 + 10 * D
+    txns = [txn("a", day0), txn("b", day0 + 60.0), txn("c", day0 + 120.0)]
+    labels = [Label("a", "u", "unknown", True, day0 + H), Label("b", "u", "m-wrong", True, day0 + H),
+              Label("c", "u", "m-x", True, day0 + H), Label("c", "u", "m-y", True, day0 + 2 * H),
+              Label("elsewhere", "v", "m-named", True, day0 + H), Label("nowhere", "v", "unknown", True, day0 + H)]
+    probes = [txn(f"p-{m}", day0 + D, user="p", merchant=m) for m in ("m", "unknown", "m-wrong", "m-x", "m-y", "m-named")]
+    out = offline_features([*txns, *probes], labels)
+    assert col(out, "merchant_fraud_count_7d")[3:] == [3.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+
+
 def test_merchant_counts_are_point_in_time() -> None:
     txns = [txn(f"t{i}", T0 + i * 60.0, user=f"u{i}") for i in range(5)]
     out = offline_features(txns[::-1])  # input order does not matter; event time does

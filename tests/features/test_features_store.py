@@ -376,7 +376,7 @@ async def test_out_of_order_arrivals_match_the_definition_in_arrival_order(store
     rng = random.Random(12)
     arrival = sorted(txns, key=lambda t: t.event_time + rng.uniform(0, 2 * 3600))
     assert any(b.event_time < a.event_time for a, b in itertools.pairwise(arrival))
-    merchants = merchant_states_from_labels(labels)
+    merchants = merchant_states_from_labels(labels, {t.transaction_id: t.merchant_id for t in txns})
     users: dict[str, UserState] = {}
     expected = []
     for txn in arrival:
