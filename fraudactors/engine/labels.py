@@ -1,17 +1,22 @@
 """Delayed labels: feed the store's label-driven features and measure each variant online.
 
 :class:`OutcomeRecorder` remembers what each variant (deciding and shadow) said about a user's
-latest decisions, so that a label arriving days later can be matched: one capped list per user
-(``<prefix>{u<shard>}:o:<user_id>``, the user's newest ``OUTCOMES_PER_USER`` decisions, with the
-state's TTL), written every 0.2 s in script calls of up to 256 entries. A failed call's entries
-are sent again with a check that skips an entry already listed, so a retry never lists a decision
-twice (the call may have landed in part or in whole). Its memory grows with active users, never
-with decisions; a label for a decision that has left its user's list (the user made more than
-``OUTCOMES_PER_USER`` payments since, or the list expired) is counted as unmatched.
+latest decisions, and the merchant each was made at, so that a label arriving days later can be
+matched: one capped list per user (``<prefix>{u<shard>}:o:<user_id>``, the user's newest
+``OUTCOMES_PER_USER`` decisions, with the state's TTL), written every 0.2 s in script calls of up
+to 256 entries. A failed call's entries are sent again with a check that skips an entry already
+listed, so a retry never lists a decision twice (the call may have landed in part or in whole).
+Its memory grows with active users, never with decisions; a label for a decision that has left its
+user's list (the user made more than ``OUTCOMES_PER_USER`` payments since, or the list expired) is
+counted as unmatched.
 
-:class:`LabelConsumer` reads ``labels`` in its own consumer group (``<group_id>.labels``),
-applies them to the store (``apply_labels``: the latest ``labeled_at`` stands, a repeat changes
-nothing), counts each new or changed verdict against what each variant said
+:class:`LabelConsumer` reads ``labels`` in its own consumer group (``<group_id>.labels``), looks
+each label's decision up, and applies the labels to the store at their transaction's merchant
+(``schema.label_merchant``): the merchant the decision was made at when it is remembered (a label's
+own ``merchant_id`` may be missing or wrong), else the label's ``merchant_id``; a label naming none
+whose decision is forgotten counts nowhere (``fraudactors_labels_unplaced_total``), as offline a
+label for a transaction not in the data. The store's ``apply_labels``: the latest ``labeled_at``
+stands, a repeat changes nothing. It counts each new or changed verdict against what each variant said
 (``fraudactors_label_outcomes_total{variant,outcome}``; a flipped verdict also in
 ``fraudactors_label_flips_total``), sends malformed labels to the dead-letter topic with
 ``stage=labels``, and commits once those dead letters are acknowledged. A label dated more than
@@ -26,7 +31,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from aiokafka.errors import KafkaError
@@ -50,6 +55,7 @@ from fraudactors.engine.worker import dlq_message
 from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable, InvalidRecord
 from fraudactors.features import scripts
 from fraudactors.features.keys import KeyLayout
+from fraudactors.features.schema import label_merchant
 from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
 
@@ -74,23 +80,31 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 
 @dataclass(frozen=True, slots=True)
 class Said:
-    """What the models said about one remembered decision: its ledger bucket and each member's
-    is_fraud (``d:A/v1`` decided, ``s:C/v3`` shadow). Entries written before the A/B ledger
-    (``A=1,B=0``: variant names, no bucket) have ``bucket`` None and count in the metrics only."""
+    """What the models said about one remembered decision: its ledger bucket, each member's
+    is_fraud (``d:A/v1`` decided, ``s:C/v3`` shadow) and the merchant it was made at. An entry is
+    ``<transaction_id>\x1f<bucket>\t<flags>\t<merchant_id>`` (the flags hold no tab; the merchant
+    id, last, may); this parses what follows the transaction id. Entries of the engines before
+    (``<transaction_id>\t...``, still read: a rolling upgrade) have ``merchant`` None:
+    ``<bucket>\t<flags>``, and before the A/B ledger ``A=1,B=0`` (variant names, no bucket:
+    ``bucket`` None, they count in the metrics only). Those engines do not find the new entries
+    (their lookup wants the tab): after a rollback the labels of decisions made by this version count
+    as unmatched instead of being misread (they would read the merchant into the last flag)."""
 
     bucket: int | None
     flags: dict[str, bool]
+    merchant: str | None = None
 
     @classmethod
     def parse(cls, raw: bytes) -> Said:
         text = raw.decode()
         bucket_text, tab, rest = text.partition("\t")
         bucket = int(bucket_text) if tab else None
+        flags_text, tab, merchant = rest.partition("\t") if tab else (text, "", "")
         flags: dict[str, bool] = {}
-        for part in (rest if tab else text).split(","):
+        for part in flags_text.split(","):
             name, _, flag = part.partition("=")
             flags[name] = flag == "1"
-        return cls(bucket, flags)
+        return cls(bucket, flags, merchant if tab else None)
 
     def variant_of(self, name: str) -> str:
         return parse_member(name)[1] if self.bucket is not None else name
@@ -151,7 +165,7 @@ class OutcomeRecorder:
                 cell = (bucket, name, sh.is_fraud, bin_index(sh.probability))
                 tally[cell] = tally.get(cell, 0) + 1
                 text = f"{text},{flags[sh.is_fraud]}"
-            append((txn.user_id, f"{txn.transaction_id}\t{bucket}\t{text}".encode()))
+            append((txn.user_id, f"{txn.transaction_id}\x1f{bucket}\t{text}\t{txn.merchant_id}".encode()))
         if txns:
             decision_deltas(self.deltas, tally)
             self.deltas.saw(max(txn.event_time for txn in txns))
@@ -364,13 +378,20 @@ class LabelConsumer:
             return
         store = self._features.store
         assert store is not None
-        statuses = await store.apply_labels(labels)
-        changed = [(label, status) for label, status in zip(labels, statuses, strict=True) if status in (1, 2)]
-        known = await self._outcomes.lookup([label for label, _ in changed])
+        # Looked up before the store is written: the decision says which merchant the label counts at.
+        placed: list[tuple[Label, Said | None]] = []
+        for label, said in zip(labels, await self._outcomes.lookup(labels), strict=True):
+            merchant = label_merchant(label, said.merchant if said is not None else None)
+            if merchant is not None:
+                placed.append((label if merchant == label.merchant_id else replace(label, merchant_id=merchant),
+                               said))
+        statuses = await store.apply_labels([label for label, _ in placed])
         counts: dict[tuple[str, str], int] = {}
         unmatched = flips = 0
         deltas = self._outcomes.deltas
-        for (label, status), said in zip(changed, known, strict=True):
+        for (label, said), status in zip(placed, statuses, strict=True):
+            if status not in (1, 2):
+                continue
             flips += status == 2
             if said is None:
                 unmatched += 1
@@ -387,4 +408,6 @@ class LabelConsumer:
             self._metrics.labels_unmatched.inc(unmatched)
         if flips:
             self._metrics.label_flips.inc(flips)
+        if len(placed) < len(labels):
+            self._metrics.labels_unplaced.inc(len(labels) - len(placed))
         self.applied += len(labels)

@@ -115,6 +115,10 @@ class EngineMetrics:
         self.labels_unmatched = Counter(
             "fraudactors_labels_unmatched", "Labels whose decision is unknown (expired or never seen).",
             registry=r)
+        self.labels_unplaced = Counter(
+            "fraudactors_labels_unplaced",
+            "Labels counted in no merchant's risk: their decision is forgotten and they name no merchant_id.",
+            registry=r)
         self.label_flips = Counter(
             "fraudactors_label_flips",
             "Labels that overturned the standing verdict of their transaction (latest labeled_at wins).",

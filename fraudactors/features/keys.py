@@ -7,7 +7,7 @@ one hash slot):
 | key | holds | tag |
 |---|---|---|
 | ``<prefix>{u<shard>}:<user_id>`` | the user's state blob (``state_codec``) | user shard |
-| ``<prefix>{u<shard>}:o:<user_id>`` | what each variant said about the user's last decisions | user shard |
+| ``<prefix>{u<shard>}:o:<user_id>`` | what each variant said about the user's last decisions, and their merchants | user shard |
 | ``<prefix>{u<shard>}:rl:<partition>`` | replay log: feature vectors of the shard's records not yet committed | user shard |
 | ``<prefix>{p<partition>}:ep`` | the partition's fencing epoch (raised on every claim: ``scripts.CLAIM``) | partition |
 | ``<prefix>{m<shard>}:c:<merchant_id>`` | merchant transaction counts by event hour/day (also new customers'), one packed string of appended entries (``scripts.COUNTS_CODEC``) | merchant shard |

@@ -639,9 +639,10 @@ return epoch
 
 # KEYS: one outcome list per decision (the user's). ARGV: ttl, the list cap, "1" to skip an entry
 # its list already holds (a resend of a call that failed: it may have landed) or "0", then one
-# entry "<transaction_id>\\t<bucket>\\t<member>=<0|1>,..." per key. Each list keeps the user's
-# newest entries. The check (LPOS over at most cap entries) is asked for on resends only: asked
-# always, it cost 0.1-0.9 us more per entry, up to a fifth of the script's time (docs/benchmarks.md).
+# entry "<transaction_id>\x1f<bucket>\t<member>=<0|1>,...\t<merchant_id>" per key (engine/labels.py
+# Said). Each list keeps the user's newest entries. The check (LPOS over at most cap entries) is
+# asked for on resends only: asked always, it cost 0.1-0.9 us more per entry, up to a fifth of the
+# script's time (docs/benchmarks.md).
 RECORD_OUTCOMES = "#!lua\n" + CHECK_TYPES + """
 local ttl, cap, again = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
 if not ttl or not cap or #ARGV ~= 3 + #KEYS then return redis.error_reply('INVALID arguments') end
@@ -660,16 +661,21 @@ return #KEYS
 """
 
 # KEYS: the outcome list of each label's user. ARGV: the transaction_id of each label.
-# Returns, per label, the entry's flags ("<variant>=<0|1>,...") or false when not remembered.
+# Returns, per label, the rest of the entry after "<transaction_id>\\x1f" (bucket, flags, merchant)
+# or, in an entry of the engines before the merchant was kept, after "<transaction_id>\\t"; false
+# when not remembered. (The new separator keeps the lookup of those engines from matching the new
+# entries, which they would misread, after a rollback: it counts their labels as unmatched.)
 LOOKUP_OUTCOMES = """
 local out = {}
 for i, key in ipairs(KEYS) do
   local found = false
   if redis.call('TYPE', key)['ok'] == 'list' then
-    local prefix = ARGV[i] .. '\\t'
+    local n = #ARGV[i] + 1
+    local now, before = ARGV[i] .. '\\31', ARGV[i] .. '\\t'
     for _, entry in ipairs(redis.call('LRANGE', key, 0, -1)) do
-      if string.sub(entry, 1, #prefix) == prefix then
-        found = string.sub(entry, #prefix + 1)
+      local head = string.sub(entry, 1, n)
+      if head == now or head == before then
+        found = string.sub(entry, n + 1)
         break
       end
     end

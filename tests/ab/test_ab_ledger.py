@@ -156,11 +156,12 @@ def test_a_batch_of_decisions_adds_each_models_count_flags_and_score_bin() -> No
     assert recorder.deltas.counts == expected
     assert recorder.deltas.newest == txns[-1].event_time
     remembered = list(recorder._buffer)
-    assert remembered[0] == ("u0", f"t0\t{int(t0 // BUCKET_S)}\td:B/v2=0,s:S/v3={int(scored[0].shadows[0].is_fraud)}".encode())
+    assert remembered[0] == ("u0", f"t0\x1f{int(t0 // BUCKET_S)}\td:B/v2=0,s:S/v3={int(scored[0].shadows[0].is_fraud)}"
+                                   f"\t{txns[0].merchant_id}".encode())
     assert [user for user, _ in remembered] == [t.user_id for t in txns]
-    for (_, entry), s in zip(remembered, scored, strict=True):
-        assert entry.decode().rsplit("\t", 1)[1] == \
-            f"d:{s.variant}/{s.model_version}={int(s.is_fraud)},s:S/v3={int(s.shadows[0].is_fraud)}"
+    for (_, entry), s, txn in zip(remembered, scored, txns, strict=True):
+        assert entry.decode().split("\t")[1:] == \
+            [f"d:{s.variant}/{s.model_version}={int(s.is_fraud)},s:S/v3={int(s.shadows[0].is_fraud)}", txn.merchant_id]
 
 
 async def test_each_user_keeps_their_newest_decisions_whatever_the_flush_size(
@@ -191,6 +192,15 @@ async def test_each_user_keeps_their_newest_decisions_whatever_the_flush_size(
         assert all(s is not None for s in said[busy:]), "every other decision is remembered"
         assert [s.flags for s in said[busy:busy + 2] if s] == [{"d:A/v1": (busy % 2 == 0)},
                                                               {"d:A/v1": (busy % 2 == 1)}]
+        assert {s.merchant for s in said if s} == {"m"}, "each entry holds the merchant decided at"
+        # the lookup of the engines before the merchant was kept (a rollback) finds none of them: it
+        # counts their labels as unmatched instead of reading the merchant into the last flag
+        previous = """local prefix = ARGV[1] .. '\\t'
+for _, entry in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if string.sub(entry, 1, #prefix) == prefix then return entry end
+end
+return false"""
+        assert await client.eval(previous, 1, recorder.keys.outcomes("u0"), f"t{busy}") is None
         key = recorder.keys.outcomes("busy")
         assert await client.llen(key) == OUTCOMES_PER_USER
         assert 0 < await client.ttl(key) <= settings.redis.ttl_s

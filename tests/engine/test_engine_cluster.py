@@ -13,6 +13,7 @@ import orjson
 import pytest
 from engine_helpers import produce, reading, transactions, wait_until
 from redis.crc import key_slot
+from test_engine_state import labels_count_at_their_transactions_merchant
 from test_parity_stream import compare, offline, online_matrix, running, simulate, stream_through_engine
 
 from fraudactors.features.definition import FEATURE_NAMES, MERCHANT_COUNT_FEATURES
@@ -38,6 +39,13 @@ async def test_twenty_thousand_transactions_on_a_cluster_are_decided_once_with_t
     decisions = await stream_through_engine(s, data)  # exactly one decision each, none degraded
     exact = [name for name in FEATURE_NAMES if name not in MERCHANT_COUNT_FEATURES]
     assert compare(online_matrix(decisions, data.ids), offline(data), data.ids, exact) == len(data.ids) * len(exact)
+
+
+async def test_labels_count_at_their_transactions_merchant_on_a_cluster(
+        engine_settings: Settings, cluster: EmbeddedRedisCluster) -> None:
+    """The outcome lookup (the users' slots) comes before the labels' write (the merchants'
+    slots): each script still touches one slot."""
+    await labels_count_at_their_transactions_merchant(on_cluster(engine_settings, cluster))
 
 
 async def outage_under_load(s: Settings, cluster: EmbeddedRedisCluster, lost: list[int], before: int,

@@ -31,7 +31,8 @@ from fraudactors.engine.engine import Engine
 from fraudactors.features.definition import FEATURE_INDEX, FEATURE_NAMES
 from fraudactors.features.keys import KeyLayout
 from fraudactors.features.offline import offline_features
-from fraudactors.features.schema import Transaction, format_timestamp, parse_transaction
+from fraudactors.features.redis_client import make_client
+from fraudactors.features.schema import Transaction, format_timestamp, parse_label, parse_transaction
 from fraudactors.features.store import OnlineFeatureStore
 from fraudactors.services.kafka import create_topics, delete_topics
 from fraudactors.settings import Settings
@@ -216,6 +217,62 @@ async def test_labels_dated_ahead_step_by_step_cannot_walk_past_the_clock(engine
     assert all(dict(r.headers)["stage"] == b"labels" and b"ahead of the clock" in dict(r.headers)["error"]
                for r in dead.records)
     assert marks == [b"lw1"]
+
+
+async def test_a_label_counts_at_its_transactions_merchant_whatever_merchant_it_names(
+        engine_settings: Settings) -> None:
+    await labels_count_at_their_transactions_merchant(engine_settings)  # a cluster: test_engine_cluster.py
+
+
+async def labels_count_at_their_transactions_merchant(s: Settings) -> None:
+    """A label counts in the risk of the merchant its transaction was decided at (remembered in the
+    user's outcome list): a label without merchant_id does not count at "unknown", one naming
+    another merchant does not count there, and a transaction labelled twice under two merchant ids
+    counts once. A label whose decision is not remembered counts at the merchant it names, and
+    nowhere when it names none; an entry the previous engine wrote (no merchant) still parses. The
+    features are the offline ones, which join labels to their transactions."""
+    t = BASE_TIME + 7000.0
+    decided = [txn_record(f"t-{u}", f"u-{u}", "m-true", t + i) for i, u in enumerate("abc")]
+    at = t + 86400.0
+
+    def label(tid: str, user: str, merchant: str | None, labeled_at: float) -> tuple[bytes, bytes]:
+        obj: dict[str, Any] = {"transaction_id": tid, "user_id": user, "is_fraud": True, "labeled_at": labeled_at}
+        if merchant is not None:
+            obj["merchant_id"] = merchant
+        return user.encode(), orjson.dumps(obj)
+
+    labels = [label("t-a", "u-a", None, at),  # names no merchant
+              label("t-b", "u-b", "m-wrong", at),  # names another
+              label("t-c", "u-c", "m-x", at), label("t-c", "u-c", "m-y", at + 60.0),  # twice, two merchants
+              label("t-z", "u-z", "m-named", at),  # decided elsewhere: its own merchant
+              label("t-q", "u-q", None, at),  # decided elsewhere, names none: nowhere
+              label("t-old", "u-old", "m-old", at)]  # the previous engine's outcome entry
+    merchants = ["m-true", "unknown", "m-wrong", "m-x", "m-y", "m-named", "m-old"]
+    probes = [Transaction(f"p-{m}", "u-probe", m, 5.0, "USD", "grocery", False, t + 3 * 86400.0,
+                          format_timestamp(t + 3 * 86400.0)) for m in merchants]
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        await produce(s, decided)
+        await reader.wait_for(lambda recs: len(recs) >= 3, timeout_s=30)
+        await engine.outcomes.flush()
+        client = make_client(s, 5.0)
+        try:  # what an engine before the merchant was remembered wrote
+            await client.lpush(KeyLayout(s.redis.key_prefix).outcomes("u-old"),
+                               f"t-old\t{int(t // s.ab.bucket_s)}\td:A/v1=1".encode())
+        finally:
+            await client.aclose()
+        await produce(s, labels, topic=s.topics.labels)
+        await wait_until(lambda: engine.labels.applied >= len(labels), timeout_s=60)
+        store = engine.features.store
+        assert store is not None
+        online = await store.peek(probes)
+        text = engine.metrics.render().decode()
+    column = FEATURE_INDEX["merchant_fraud_count_7d"]
+    assert dict(zip(merchants, online[:, column].tolist(), strict=True)) == {
+        "m-true": 3.0, "unknown": 0.0, "m-wrong": 0.0, "m-x": 0.0, "m-y": 0.0, "m-named": 1.0, "m-old": 1.0}
+    assert "fraudactors_labels_unplaced_total 1.0" in text and "fraudactors_labels_unmatched_total 1.0" in text
+    offline = offline_features([*(parse_transaction(v) for _, v in decided), *probes],
+                               [parse_label(v) for _, v in labels])
+    assert np.array_equal(online, offline[3:]), "online and offline place the labels alike"
 
 
 async def test_a_rebalance_while_a_write_is_delayed_leaves_every_feature_exact(engine_settings: Settings) -> None:

@@ -18,10 +18,10 @@ from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from fraudactors.actors import IGNORED
-from fraudactors.engine.labels import LabelConsumer
+from fraudactors.engine.labels import LabelConsumer, Said
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.errors import InvalidRecord
-from fraudactors.features.schema import Label
+from fraudactors.features.schema import Label, label_merchant
 from fraudactors.features.store import OnlineFeatureStore
 from fraudactors.services import kafka
 from fraudactors.settings import Settings
@@ -132,6 +132,28 @@ def test_a_label_dated_ahead_of_the_clock_is_refused_however_it_got_there(settin
     labels._check_time(_label("walk-0", now + skew * 0.9))
     with pytest.raises(InvalidRecord, match="ahead of the clock"):
         labels._check_time(_label("walk-1", now + skew * 1.8))
+
+
+def test_outcome_entries_of_this_engine_and_of_the_engines_before_parse() -> None:
+    """An entry holds the merchant its decision was made at, last (a merchant id may hold a tab or a
+    comma); the entries of the previous engines (no merchant; before the A/B ledger, no bucket
+    either) still parse: a rolling upgrade leaves them in Redis for a while."""
+    now = Said.parse(b"493\td:A/v1=1,s:S/v3=0\tm-7, \tx")
+    assert (now.bucket, now.flags, now.merchant) == (493, {"d:A/v1": True, "s:S/v3": False}, "m-7, \tx")
+    before = Said.parse(b"493\td:A/v1=1,s:S/v3=0")
+    assert (before.bucket, before.flags, before.merchant) == (493, {"d:A/v1": True, "s:S/v3": False}, None)
+    oldest = Said.parse(b"A=1,B=0")
+    assert (oldest.bucket, oldest.flags, oldest.merchant) == (None, {"A": True, "B": False}, None)
+
+
+def test_a_label_counts_at_the_merchant_of_its_decision_else_at_the_one_it_names() -> None:
+    decided = Said(1, {"d:A/v1": True}, "m-true")
+    assert label_merchant(Label("t", "u", "m-wrong", True, 0.0), decided.merchant) == "m-true"
+    assert label_merchant(Label("t", "u", "unknown", True, 0.0), decided.merchant) == "m-true"
+    assert label_merchant(Label("t", "u", "m-named", True, 0.0), None) == "m-named"
+    assert label_merchant(Label("t", "u", "unknown", True, 0.0), None) is None
+    assert label_merchant(Label("t", "u", "m-named", True, 0.0), "unknown") == "unknown", \
+        "a transaction without a merchant is at merchant 'unknown'"
 
 
 async def test_a_label_from_the_far_future_goes_to_the_dead_letter_topic(
