@@ -169,7 +169,7 @@ async def test_an_outcome_flush_that_fails_on_a_frozen_master_lists_each_decisio
         else:
             pytest.fail("the outcome flush never went through after the master thawed")
         for i, user in enumerate(users):
-            listed = [entry.split(b"\t", 1)[0] for entry in await client.lrange(recorder.keys.outcomes(user), 0, -1)]
+            listed = [entry.split(b"\x1f", 1)[0] for entry in await client.lrange(recorder.keys.outcomes(user), 0, -1)]
             assert listed == [f"t{len(users) + i}".encode(), f"t{i}".encode()], user
     finally:
         await recorder._final_flush(client, ())
