@@ -27,13 +27,17 @@ Keys (all under the ``{ab}`` hash tag: one slot, one script call per flush, also
 | ``<prefix>{ab}:i`` | sorted set: ``<bucket>:<member>`` scored by bucket |
 | ``<prefix>{ab}:t`` | the newest event time recorded (the ledger's clock) |
 | ``<prefix>{ab}:b:<bucket>:<member>`` | one bucket of one member (hash above) |
+| ``<prefix>{ab}:w:<writer>`` | the number of the newest payload applied from one engine process |
 
 Memory is bounded by time and models, never by decisions: buckets older than ``ab.window_s``
 before the newest event time are deleted by the same script that adds (event time: a backfill of
 last year keeps a window of last year). A flipped label takes its earlier verdict back out.
 
-The counts are evidence, not the books: a record replayed after a crash counts its decision again,
-and increments buffered in a replica are lost if it is killed within a flush interval (0.2 s).
+A flush is applied once however often it is sent: each process (writer) numbers its payloads and
+sends them one at a time, a failed one again as it was (its reply may have been lost after Redis
+applied it), and the script skips a payload whose number it has applied. The counts are evidence,
+not the books: a record replayed after a crash counts its decision again, and increments buffered
+in a replica are lost if it is killed within a flush interval (0.2 s).
 """
 
 from __future__ import annotations
@@ -53,22 +57,36 @@ HIST_BINS = 20
 # for a variance with 63 degrees of freedom, few enough to keep a bucket's hash small.
 CARD_GROUPS = 64
 
-# KEYS: index (zset), clock (string), then one bucket hash per entry.
-# ARGV: bucket_s, buckets to keep, the newest event time of this call ("" if none), the bucket
-# key base ("<prefix>{ab}:b:"), a JSON array of [bucket, member, [field, increment, ...]] aligned
-# with KEYS[3..], the keys' TTL in seconds. Adds what is inside the kept window, drops the rest,
-# deletes buckets that fell out of it. Returns the number of entries applied. The TTL (refreshed
-# on every write) only collects a ledger nobody writes any more, e.g. under a retired key prefix.
+# KEYS: index (zset), clock (string), then one bucket hash per entry, then (with a payload number)
+# the writer's key (string). ARGV: bucket_s, buckets to keep, the newest event time of this call
+# ("" if none), the bucket key base ("<prefix>{ab}:b:"), a JSON array of [bucket, member, [field,
+# increment, ...]] aligned with KEYS[3..], the keys' TTL in seconds, and optionally the payload's
+# number (ARGV[7]). Adds what is inside the kept window, drops the rest, deletes buckets that fell
+# out of it. Returns the number of entries applied, or -1 for a payload whose number is not above
+# the writer's newest applied (a resend of a call that landed: nothing is done). The TTL (refreshed
+# on every write) only collects a ledger nobody writes any more, e.g. under a retired key prefix,
+# and the writer's key of a process that stopped without removing it. A call without a number
+# (engines before 2026-12-08) is applied without a check.
 AB_ADD = "#!lua\n" + CHECK_TYPES + """
 local bucket_s, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 local entries = cjson.decode(ARGV[5])
 local ttl = tonumber(ARGV[6])
-if not bucket_s or bucket_s <= 0 or not keep or not ttl or ttl <= 0 or #entries ~= #KEYS - 2 then
+local number, buckets = nil, #KEYS - 2
+if ARGV[7] then number, buckets = tonumber(ARGV[7]), #KEYS - 3 end
+if not bucket_s or bucket_s <= 0 or not keep or not ttl or ttl <= 0 or (ARGV[7] and not number)
+    or #entries ~= buckets then
   return redis.error_reply('INVALID arguments')
+end
+local writer = KEYS[#KEYS]
+if number then
+  local err = check_type(writer, 'string')
+  if err then return err end
+  local done = tonumber(redis.call('GET', writer) or '')
+  if done and number <= done then return -1 end
 end
 local err = check_type(KEYS[1], 'zset') or check_type(KEYS[2], 'string')
 if err then return err end
-for i = 3, #KEYS do
+for i = 3, buckets + 2 do
   err = check_type(KEYS[i], 'hash')
   if err then return err end
 end
@@ -102,6 +120,7 @@ end
 for i = 1, 2 do
   if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ttl) end
 end
+if number then redis.call('SET', writer, ARGV[7], 'EX', ttl) end
 return applied
 """
 
@@ -127,15 +146,20 @@ BIN_FIELDS = tuple(f"h{i}" for i in range(HIST_BINS))
 
 
 class LedgerKeys:
-    __slots__ = ("base", "clock", "index")
+    __slots__ = ("base", "clock", "index", "prefix")
 
     def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
         self.index = f"{prefix}{{ab}}:i"
         self.clock = f"{prefix}{{ab}}:t"
         self.base = f"{prefix}{{ab}}:b:"
 
     def bucket(self, bucket: int, name: str) -> str:
         return f"{self.base}{bucket}:{name}"
+
+    def writer(self, writer: str) -> str:
+        """The key of one writer's newest applied payload number (see AB_ADD)."""
+        return f"{self.prefix}{{ab}}:w:{writer}"
 
 
 class Deltas:
@@ -168,21 +192,20 @@ class Deltas:
         self.counts, self.newest = {}, None
         return out
 
-    def merge(self, other: Deltas) -> None:
-        """Put back increments that could not be written."""
-        for (bucket, name), fields in other.counts.items():
-            for field_name, increment in fields.items():
-                self.add(bucket, name, field_name, increment)
-        if other.newest is not None:
-            self.saw(other.newest)
-
-    def call(self, keys: LedgerKeys, bucket_s: int, keep: int, ttl_s: int) -> tuple[list[str], list[Any]]:
-        """The AB_ADD call for these increments: (keys, args); ``ttl_s``: see AB_ADD."""
+    def call(self, keys: LedgerKeys, bucket_s: int, keep: int, ttl_s: int, writer: str | None = None,
+             number: int | None = None) -> tuple[list[str], list[Any]]:
+        """The AB_ADD call for these increments: (keys, args); ``ttl_s``: see AB_ADD. With ``writer``
+        and ``number`` (the payload's number, increasing per writer) the script applies the call
+        once however often it is sent."""
         items = [(bucket, name, fields) for (bucket, name), fields in self.counts.items()]
         call_keys = [keys.index, keys.clock, *(keys.bucket(b, n) for b, n, _ in items)]
         entries = [[b, n, [x for kv in fields.items() for x in kv]] for b, n, fields in items]
         newest = "" if self.newest is None else repr(self.newest)
-        return call_keys, [bucket_s, keep, newest, keys.base, orjson.dumps(entries), ttl_s]
+        args: list[Any] = [bucket_s, keep, newest, keys.base, orjson.dumps(entries), ttl_s]
+        if writer is not None and number is not None:
+            call_keys.append(keys.writer(writer))
+            args.append(number)
+        return call_keys, args
 
 
 def card_group(user_id: str) -> int:

@@ -28,6 +28,7 @@ label from counting twice.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -130,6 +131,11 @@ class OutcomeRecorder:
         self._unsure = 0
         # the A/B ledger's increments (fraudactors.ab.ledger), flushed with the outcomes
         self.deltas = Deltas()
+        # This process's ledger payloads are numbered (see _flush_ledger); the payload being sent is
+        # kept with its number until Redis answers.
+        self._writer = os.urandom(8).hex()
+        self._number = 0
+        self._sending: tuple[int, Deltas] | None = None
         self._said: dict[tuple[str, str, str], tuple[str, tuple[str, str]]] = {}  # see _member
         self.ledger_keys = LedgerKeys(settings.redis.key_prefix)
         self._bucket_s = settings.ab.bucket_s
@@ -229,8 +235,11 @@ class OutcomeRecorder:
         try:
             async with asyncio.timeout(2.0):
                 await self.flush()
+                if self._number and self._sending is None:  # nothing in doubt: the number is not needed
+                    await client.delete(self.ledger_keys.writer(self._writer))
         except catch as exc:
-            self._log.warning("outcomes_lost_on_stop", buffered=len(self._buffer), error=repr(exc))
+            self._log.warning("outcomes_lost_on_stop", buffered=len(self._buffer),
+                              ledger_unsent=self._sending is not None or bool(self.deltas), error=repr(exc))
         finally:
             self._redis = None
             runner, self._scripts = self._scripts, None
@@ -240,13 +249,28 @@ class OutcomeRecorder:
 
     async def flush(self) -> None:
         await self._flush_outcomes()
+        await self._flush_ledger()
+
+    async def _flush_ledger(self) -> None:
+        """The ledger's increments as numbered payloads, one at a time. A payload whose call failed
+        may have landed (a reply lost; a frozen Redis runs the request it holds when it thaws): it
+        is sent again as it is, with its number, before anything newer, and the script skips a
+        number it has applied. Increments taken meanwhile wait in ``deltas``, merged as they come:
+        never more than one payload besides them, however long Redis is away."""
+        if self._sending is not None:
+            await self._send_ledger(*self._sending)
         if self.deltas and self._scripts is not None:
-            deltas = self.deltas.take()
-            try:
-                await self._scripts.run("ab_add", [deltas.call(self.ledger_keys, self._bucket_s, self._keep, self._ledger_ttl)])
-            except BaseException:
-                self.deltas.merge(deltas)
-                raise
+            self._number += 1
+            self._sending = (self._number, self.deltas.take())
+            await self._send_ledger(*self._sending)
+
+    async def _send_ledger(self, number: int, payload: Deltas) -> None:
+        if self._scripts is None:
+            return
+        call = payload.call(self.ledger_keys, self._bucket_s, self._keep, self._ledger_ttl, self._writer, number)
+        if await self._scripts.run("ab_add", [call]) == [-1]:
+            self._log.info("ab_payload_already_applied", number=number)
+        self._sending = None
 
     async def _flush_outcomes(self) -> None:
         """The buffer in calls of up to ``_CHUNK`` entries. A failed call's chunk goes back to the

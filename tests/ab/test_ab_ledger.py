@@ -1,14 +1,20 @@
-"""The A/B ledger in a real Redis: bounded by event time, flips taken back, refusals atomic."""
+"""The A/B ledger in a real Redis: bounded by event time, flips taken back, refusals atomic, a
+resent flush counted once."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
+import signal
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from fraudactors.ab.ledger import (
     AB_ADD,
@@ -109,16 +115,93 @@ async def test_a_wrong_type_key_is_refused_before_any_write(client: aioredis.Red
     assert not await client.exists(keys.bucket(bucket, "d:A/v1"), keys.index, keys.clock)
 
 
-def test_deltas_put_back_after_a_failed_flush_lose_nothing() -> None:
-    deltas = Deltas()
-    deltas.add(5, "d:A/v1", "n", 3)
-    deltas.saw(100.0)
-    taken = deltas.take()
-    assert not deltas
-    deltas.add(5, "d:A/v1", "n", 2)
-    deltas.saw(50.0)
-    deltas.merge(taken)
-    assert deltas.counts == {(5, "d:A/v1"): {"n": 5}} and deltas.newest == 100.0
+async def test_a_payload_sent_again_with_its_number_is_applied_once_and_an_unnumbered_call_still_adds(
+        client: aioredis.Redis, settings: Settings) -> None:
+    """AB_ADD with a writer and a payload number skips a number the writer has applied (a resend
+    of a call whose reply was lost) and anything below it; a call without one (an engine from
+    before the numbers) adds as it always did."""
+    keys = LedgerKeys(settings.redis.key_prefix)
+    bucket = 1_700_000_000 // BUCKET_S
+
+    def payload(n: int) -> Deltas:
+        deltas = Deltas()
+        deltas.add(bucket, "d:A/v1", "n", n)
+        deltas.saw(bucket * BUCKET_S)
+        return deltas
+
+    async def add(deltas: Deltas, number: int | None) -> int:
+        call_keys, args = deltas.call(keys, BUCKET_S, 24, 86400, "w1" if number else None, number)
+        return int(await client.eval(AB_ADD, len(call_keys), *call_keys, *args))
+
+    assert await add(payload(1), 1) == 1
+    assert await add(payload(1), 1) == -1, "a resend of an applied payload does nothing"
+    assert await add(payload(10), 2) == 1
+    assert await add(payload(1), 1) == -1, "nor does a stale copy of an older one"
+    assert await add(payload(100), None) == 1
+    assert await client.hget(keys.bucket(bucket, "d:A/v1"), "n") == b"111"
+    assert await client.get(keys.writer("w1")) == b"2"
+    assert 0 < await client.ttl(keys.writer("w1")) <= 86400
+    assert key_slot(keys.writer("w1").encode()) == key_slot(keys.index.encode()), "one slot: one call on a cluster"
+
+
+async def test_a_ledger_flush_whose_reply_a_frozen_redis_lost_counts_once_after_its_retry(
+        settings: Settings, fresh_redis: Any) -> None:
+    """Redis frozen (SIGSTOP) while a ledger flush is on its way: the call times out, and Redis
+    runs the request it holds when it thaws (SIGCONT) -- the increments landed, the reply was lost.
+    The recorder sends the failed payload again, and whatever was recorded meanwhile after it:
+    each increment must count once (before the payload numbers the resend counted it twice, and
+    redis-py's own retries of the timed-out call more)."""
+    from fraudactors.engine.labels import OutcomeRecorder
+    from fraudactors.engine.metrics import EngineMetrics
+    from fraudactors.features.redis_client import CLIENT_ERRORS
+
+    recorder = OutcomeRecorder(settings.replace(redis={"url": fresh_redis.url}), EngineMetrics())
+    client = recorder.connect()
+    probe = aioredis.Redis.from_url(fresh_redis.url)
+    bucket = 1_700_000_000 // BUCKET_S
+    key = recorder.ledger_keys.bucket(bucket, "d:A/v1")
+
+    def decide(n: int) -> None:
+        recorder.deltas.add(bucket, "d:A/v1", "n", n)
+        recorder.deltas.saw(bucket * BUCKET_S)
+
+    async def counted() -> int:
+        return int(await probe.hget(key, "n") or 0)
+
+    try:
+        decide(1)
+        await recorder.flush()  # the connection open, the script loaded
+        decide(10)
+        pid = fresh_redis.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises((*CLIENT_ERRORS, OSError)):
+                await recorder.flush()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        async with asyncio.timeout(10):
+            # the request Redis held has run: the reply was lost, not the call (polling Redis: no event)
+            while await counted() < 11:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        decide(100)  # recorded while the payload is in doubt: goes in a payload of its own, after it
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    await recorder.flush()
+                    break
+                except (*CLIENT_ERRORS, OSError):
+                    await asyncio.sleep(0.1)
+        assert await counted() == 111
+        assert not recorder.deltas and recorder._sending is None
+        assert await probe.exists(recorder.ledger_keys.writer(recorder._writer))
+        await recorder._final_flush(client, ())
+        assert not await probe.exists(recorder.ledger_keys.writer(recorder._writer)), \
+            "a recorder that stopped with nothing in doubt removes its writer's key"
+    finally:
+        if recorder._scripts is not None:
+            await recorder._final_flush(client, ())
+        await probe.aclose()
 
 
 def test_a_batch_of_decisions_adds_each_models_count_flags_and_score_bin() -> None:
