@@ -209,7 +209,9 @@ class OutcomeRecorder:
         from fraudactors.features.redis_client import ScriptRunner, make_client
 
         timeout = max(self._settings.redis.socket_timeout_ms / 1000.0, 1.0)
-        client = make_client(self._settings, timeout, retry=True)
+        # No re-send by the client itself: a timed-out call may have landed, and only the flush's
+        # own resend checks for that (the outcome lists' check, the ledger's payload numbers).
+        client = make_client(self._settings, timeout)
         self._redis = client
         self._scripts = ScriptRunner(client, self._settings.redis.cluster, {
             "record": scripts.RECORD_OUTCOMES, "lookup": scripts.LOOKUP_OUTCOMES, "ab_add": AB_ADD},

@@ -204,6 +204,53 @@ async def test_a_ledger_flush_whose_reply_a_frozen_redis_lost_counts_once_after_
         await probe.aclose()
 
 
+async def test_an_outcome_flush_whose_reply_a_frozen_redis_lost_lists_each_decision_once(
+        settings: Settings, fresh_redis: Any) -> None:
+    """The outcome lists' twin of the ledger test above, on one Redis: frozen (SIGSTOP) while an
+    outcome flush is on its way, Redis runs the request it holds when it thaws; the flush is sent
+    again with the check for an entry already listed. No copy may come from the client itself
+    (redis-py's own retries of a timed-out call go out without that check)."""
+    from fraudactors.engine.inference import Scored
+    from fraudactors.engine.labels import OutcomeRecorder
+    from fraudactors.engine.metrics import EngineMetrics
+    from fraudactors.features.redis_client import CLIENT_ERRORS
+    from fraudactors.features.schema import Transaction, format_timestamp
+
+    recorder = OutcomeRecorder(settings.replace(redis={"url": fresh_redis.url}), EngineMetrics())
+    client = recorder.connect()
+    users = [f"u{i}" for i in range(8)]
+
+    def decide(first: int) -> None:
+        txns = [Transaction(f"t{first + i}", u, "m1", 20.0, "USD", "food", False, 1_700_000_000.0 + first + i,
+                            format_timestamp(1_700_000_000.0 + first + i)) for i, u in enumerate(users)]
+        recorder.record(txns, [Scored("A", "v1", 0.1, "approve", False, []) for _ in txns])
+
+    try:
+        decide(0)
+        await recorder.flush()  # the connection open, the scripts loaded
+        decide(len(users))
+        pid = fresh_redis.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises((*CLIENT_ERRORS, OSError)):
+                await recorder.flush()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    await recorder.flush()
+                    break
+                except (*CLIENT_ERRORS, OSError):
+                    await asyncio.sleep(0.1)
+        for i, user in enumerate(users):
+            listed = [entry.split(b"\x1f", 1)[0] for entry in await client.lrange(recorder.keys.outcomes(user), 0, -1)]
+            assert listed == [f"t{len(users) + i}".encode(), f"t{i}".encode()], user
+    finally:
+        await recorder._final_flush(client, ())
+
+
 def test_a_batch_of_decisions_adds_each_models_count_flags_and_score_bin() -> None:
     """OutcomeRecorder.record tallies a batch once: per bucket and model, the decisions (n), the
     flagged (f) and the histogram of scores (h0..h19: 20 equal bins of [0, 1], 1.0 in the last),
