@@ -18,6 +18,9 @@ from typing import Any
 
 import orjson
 from aiokafka import TopicPartition
+from aiokafka.client import AIOKafkaClient
+from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from fraudactors.engine.engine import Engine
 from fraudactors.modeling.registry import sha256_file
@@ -108,20 +111,49 @@ async def reading(settings: Settings, topic: str) -> AsyncIterator[TopicReader]:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def committed(settings: Settings, group_id: str | None = None) -> dict[int, int]:
-    """The group's committed offsets on ``transactions`` (partitions without a commit: absent)."""
+async def committed(settings: Settings, group_id: str | None = None, topic: str | None = None) -> dict[int, int]:
+    """The group's committed offsets on ``topic`` (default: transactions; partitions without a
+    commit: absent)."""
     consumer = make_consumer(settings, group_id=group_id or settings.kafka.group_id,
                              client_id="engine-test-offsets")
     await consumer.start()
     try:
         out = {}
         for p in range(settings.topics.partitions):
-            offset = await consumer.committed(TopicPartition(settings.topics.transactions, p))
+            offset = await consumer.committed(TopicPartition(topic or settings.topics.transactions, p))
             if offset is not None:
                 out[p] = offset
         return out
     finally:
         await consumer.stop()
+
+
+async def produce_corrupt(settings: Settings, partition: int, records: Sequence[tuple[bytes | None, bytes]],
+                          topic: str | None = None) -> int:
+    """Write ``records`` to ``partition`` of ``topic`` (default: transactions) as one record batch
+    whose CRC does not match (a byte of the last value flipped after the CRC was computed), with a
+    raw Produce request; returns the batch's base offset. Tansu stores it as sent; Apache Kafka
+    would refuse it at the door, but a bad disk or a broker bug puts such a batch in the log all
+    the same."""
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0, producer_id=-1,
+                                        producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+    for i, (key, value) in enumerate(records):
+        builder.append(i, timestamp=None, key=key, value=value, headers=[])
+    data = bytearray(builder.build())
+    data[-2] ^= 0xFF
+    topic = topic or settings.topics.transactions
+    client = AIOKafkaClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await client.bootstrap()
+    try:
+        await client.fetch_all_metadata()
+        leader = client.cluster.leader_for_partition(TopicPartition(topic, partition))
+        response = await client.send(leader, ProduceRequest(
+            transactional_id=None, required_acks=-1, timeout=10000, topics=[(topic, [(partition, bytes(data))])]))
+    finally:
+        await client.close()
+    [(_, [(_, error, offset, *_)])] = response.topics
+    assert error == 0, f"the broker refused the corrupt batch: error {error}"
+    return int(offset)
 
 
 def metric_samples(text: str | bytes) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

@@ -1,8 +1,7 @@
 """A record batch the consumer cannot decode stops its partition, and only its partition.
 
 The fault is real: a record batch whose CRC does not match its bytes is written to the broker
-with a raw Produce request (Tansu stores it as sent; Apache Kafka would refuse it at the door, but a
-bad disk or a broker bug puts such a batch in the log all the same), and aiokafka fetches it.
+with a raw Produce request (``engine_helpers.produce_corrupt``), and aiokafka fetches it.
 """
 
 from __future__ import annotations
@@ -12,10 +11,15 @@ from typing import Any
 
 import orjson
 from aiokafka import TopicPartition
-from aiokafka.client import AIOKafkaClient
-from aiokafka.protocol.produce import ProduceRequest
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from engine_helpers import committed, reading, running, transactions, wait_committed, wait_until
+from engine_helpers import (
+    committed,
+    produce_corrupt,
+    reading,
+    running,
+    transactions,
+    wait_committed,
+    wait_until,
+)
 from structlog.testing import capture_logs
 
 from fraudactors.engine.unreadable import salvage
@@ -33,30 +37,6 @@ async def produce_tracked(settings: Settings, records: list[tuple[bytes, bytes, 
         return {tid: (await fut).partition for tid, fut in futures}
     finally:
         await producer.stop()
-
-
-async def produce_corrupt(settings: Settings, partition: int, records: list[tuple[bytes, bytes, str]]) -> int:
-    """Write ``records`` to ``partition`` as one record batch whose CRC does not match (a byte of
-    the last value flipped after the CRC was computed); returns the batch's base offset."""
-    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0, producer_id=-1,
-                                        producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
-    for i, (key, value, _) in enumerate(records):
-        builder.append(i, timestamp=None, key=key, value=value, headers=[])
-    data = bytearray(builder.build())
-    data[-2] ^= 0xFF
-    topic = settings.topics.transactions
-    client = AIOKafkaClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-    await client.bootstrap()
-    try:
-        await client.fetch_all_metadata()
-        leader = client.cluster.leader_for_partition(TopicPartition(topic, partition))
-        response = await client.send(leader, ProduceRequest(
-            transactional_id=None, required_acks=-1, timeout=10000, topics=[(topic, [(partition, bytes(data))])]))
-    finally:
-        await client.close()
-    [(_, [(_, error, offset, *_)])] = response.topics
-    assert error == 0, f"the broker refused the corrupt batch: error {error}"
-    return int(offset)
 
 
 def ids_of(records: list[Any]) -> list[str]:
@@ -79,7 +59,7 @@ async def test_salvage_gives_back_what_a_getmany_failing_on_a_corrupt_batch_drop
                 await producer.send_and_wait(s.topics.transactions, value, key=key, partition=p)
     finally:
         await producer.stop()
-    offset = await produce_corrupt(s, bad, [(b"k", b"lost?", "x")])
+    offset = await produce_corrupt(s, bad, [(b"k", b"lost?")])
     assert offset == 3
     consumer = make_consumer(s, group_id=None, client_id="salvage-test")
     await consumer.start()
@@ -121,7 +101,7 @@ async def test_a_corrupt_batch_stops_only_its_partition_and_loses_nothing(engine
     bad = parts - 1
     before = transactions(600, prefix="pre")
     where = await produce_tracked(s, before)
-    offset = await produce_corrupt(s, bad, transactions(3, start=10_000, prefix="corrupt"))
+    offset = await produce_corrupt(s, bad, [(k, v) for k, v, _ in transactions(3, start=10_000, prefix="corrupt")])
     after = transactions(600, start=600, prefix="post")
     where |= await produce_tracked(s, after)
     ends = dict(Counter(where.values()))
