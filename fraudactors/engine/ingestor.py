@@ -47,7 +47,7 @@ from fraudactors.actors import (
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.offsets import OffsetTracker
 from fraudactors.engine.partition import Partition
-from fraudactors.engine.unreadable import Unreadable, salvage
+from fraudactors.engine.unreadable import Stopped, Unreadable, fetch
 from fraudactors.engine.worker import FeatureWorker, Stages
 from fraudactors.errors import ActorError, RestartIntensityExceeded
 from fraudactors.logging import get_logger
@@ -91,6 +91,7 @@ class Ingestor:
         self._parts: dict[int, Partition] = {}
         self._stopping = False
         self._log = get_logger(actor="ingestor")
+        self._stopped = Stopped(metrics.partition_unreadable, self._log)  # partitions at a batch that does not decode
         self.last_poll = time.monotonic()
         self.stalls = 0
         self.stalled_reason: str | None = None
@@ -189,14 +190,8 @@ class Ingestor:
         fetch_delay = self._metrics.fetch_delay
         while not self._stopping:
             self._resume_drained()
-            unreadable: Unreadable | None = None
-            try:
-                data = await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=max_records)
-            except Exception as exc:
-                unreadable = salvage(exc)
-                if unreadable is None:
-                    raise
-                data = unreadable.taken  # what the failed call had drained: routed as any fetch
+            # a batch that does not decode: data is what the failed call had drained, routed as any fetch
+            data, unreadable = await fetch(consumer, timeout_ms=_POLL_TIMEOUT_MS, max_records=max_records)
             now = time.monotonic()
             self.last_poll = now
             if data:
@@ -228,9 +223,8 @@ class Ingestor:
             with contextlib.suppress(IllegalStateError):
                 consumer.seek(tp, taken[0].offset if taken else found.offset)
             return
-        if state.stop_unreadable(found.offset):
-            self._log.error("partition_unreadable", partition=tp.partition, offset=found.offset,
-                            batch_end=found.batch_end, error=repr(found.error))
+        self._stopped.stop(consumer, found)
+        state.unreadable = found.offset  # what came before it goes on to the worker
 
     def _resume_drained(self) -> None:
         for state in self._parts.values():
@@ -423,6 +417,7 @@ class Ingestor:
         if self._parts.get(p) is state:
             del self._parts[p]
         state.forget_metrics()
+        self._stopped.forget(state.tp)
 
     async def _shutdown(self, consumer: AIOKafkaConsumer, supervising: asyncio.Task[None]) -> None:
         """Stop fetching, finish in-flight batches, commit, stop the workers' supervisor, leave the group."""

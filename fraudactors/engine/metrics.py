@@ -103,8 +103,10 @@ class EngineMetrics:
         self.partition_unreadable = Gauge(
             "fraudactors_partition_unreadable",
             "1 while a partition is stopped at a batch the consumer cannot decode (logged as "
-            "partition_unreadable with its offset): its transactions wait for the operator.",
-            ["partition"], registry=r)
+            "partition_unreadable with its offset): nothing after it is read until an operator acts. "
+            "topic: transactions (not decided), labels (not applied) or the control topic (routing "
+            "changes do not reach the replica).",
+            ["topic", "partition"], registry=r)
         self.fraud_probability = Histogram(
             "fraudactors_fraud_probability", "Scored fraud probability per variant (shadow included).",
             ["variant"], buckets=_PROBABILITY_BUCKETS, registry=r)

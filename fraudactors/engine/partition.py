@@ -37,7 +37,7 @@ class Partition:
     paused: bool = False    # by backpressure (its mailbox is full)
     halted: bool = False    # its worker crashed; the restart rewinds it
     closing: bool = False   # revoked or shutting down: no more records go in
-    unreadable: int | None = None  # stopped at this offset: a batch there does not decode
+    unreadable: int | None = None  # stopped at this offset by the ingestor: a batch there does not decode
     first_offset: int | None = None
     fetched_end: int = -1   # next offset after the last record routed to the worker
     position: int = -1      # the consumer's position, refreshed by housekeeping
@@ -89,17 +89,6 @@ class Partition:
                 self.consumer.resume(self.tp)
             self._set_paused(False)
 
-    def stop_unreadable(self, offset: int) -> bool:
-        """A batch at ``offset`` does not decode: stop fetching the partition there (what came before
-        it goes on to the worker). True when this is news, not the offset it was stopped at already."""
-        with contextlib.suppress(IllegalStateError):  # no longer assigned
-            self.consumer.seek(self.tp, offset)  # aiokafka would move past what it read before it
-            self.consumer.pause(self.tp)
-        news = self.unreadable != offset
-        self.unreadable = offset
-        self.metrics.partition_unreadable.labels(str(self.tp.partition)).set(1)
-        return news
-
     def halt(self) -> None:
         """The worker crashed: stop fetching the partition until its restart rewinds it."""
         self.halted = True
@@ -130,8 +119,7 @@ class Partition:
     def forget_metrics(self) -> None:
         label = str(self.tp.partition)
         m = self.metrics
-        for gauge, value in ((m.consumer_lag, label), (m.partition_paused, label),
-                             (m.partition_unreadable, label), (m.mailbox_depth, self.child_id)):
+        for gauge, value in ((m.consumer_lag, label), (m.partition_paused, label), (m.mailbox_depth, self.child_id)):
             with contextlib.suppress(KeyError):
                 gauge.remove(value)
 

@@ -15,15 +15,22 @@ aiokafka's internals (0.14); when the traceback does not have that shape :func:`
 None and the failure is the consumer's, as it was before: a fresh consumer reads from the committed
 offsets, so nothing is lost either way. ``tests/engine/test_engine_unreadable.py`` writes a batch
 with a bad CRC on the broker and fails if aiokafka changes under this module.
+
+A consumer fetches with :func:`fetch` and stops a partition at such a batch with :class:`Stopped`
+(seeked back to it and paused, the ``fraudactors_partition_unreadable{topic,partition}`` gauge, the
+``partition_unreadable`` log line).
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import IllegalStateError
+from prometheus_client import Gauge
 
 _FETCHER = "aiokafka.consumer.fetcher"
 
@@ -78,3 +85,44 @@ def _batch_end(batch: Any, offset: int) -> int | None:
     if isinstance(base, int) and isinstance(end, int) and base <= offset < end:
         return end
     return None
+
+
+async def fetch(consumer: AIOKafkaConsumer, *partitions: TopicPartition,
+                **options: Any) -> tuple[dict[TopicPartition, list[Any]], Unreadable | None]:
+    """``consumer.getmany(*partitions, **options)`` and None; when it fails on a batch that does not
+    decode, what it had drained (to be handled as any fetch) and the batch. Other failures raise."""
+    try:
+        return await consumer.getmany(*partitions, **options), None
+    except Exception as exc:
+        found = salvage(exc)
+        if found is None:
+            raise
+        return found.taken, found
+
+
+class Stopped:
+    """The partitions one consumer is stopped at, each at a batch that does not decode: seeked back
+    to the batch and paused, 1 in ``gauge`` (labels: topic, partition), logged once per batch."""
+
+    def __init__(self, gauge: Gauge, log: Any) -> None:
+        self._gauge = gauge
+        self._log = log
+        self.at: dict[TopicPartition, int] = {}
+
+    def stop(self, consumer: AIOKafkaConsumer, found: Unreadable, **context: Any) -> None:
+        """Stop ``found.tp`` at the batch; ``context`` goes into the log line."""
+        tp = found.tp
+        with contextlib.suppress(IllegalStateError):  # no longer assigned
+            consumer.seek(tp, found.offset)  # aiokafka would move past what it read before it
+            consumer.pause(tp)
+        self._gauge.labels(tp.topic, str(tp.partition)).set(1)
+        if self.at.get(tp) != found.offset:
+            self.at[tp] = found.offset
+            self._log.error("partition_unreadable", topic=tp.topic, partition=tp.partition, offset=found.offset,
+                            batch_end=found.batch_end, error=repr(found.error), **context)
+
+    def forget(self, tp: TopicPartition) -> None:
+        """``tp`` is no longer this consumer's (revoked): its next owner finds the batch again."""
+        self.at.pop(tp, None)
+        with contextlib.suppress(KeyError):
+            self._gauge.remove(tp.topic, str(tp.partition))

@@ -114,8 +114,8 @@ async def test_a_corrupt_batch_stops_only_its_partition_and_loses_nothing(engine
                 reading(s, s.topics.dlq) as dead:
             await decided.wait_for(lambda recs: set(ids_of(recs)) >= expected, timeout_s=90)
             gauge = engine.metrics.registry.get_sample_value
-            await wait_until(lambda: gauge("fraudactors_partition_unreadable", {"partition": str(bad)}) == 1,
-                             timeout_s=10)
+            stopped = {"topic": s.topics.transactions, "partition": str(bad)}
+            await wait_until(lambda: gauge("fraudactors_partition_unreadable", stopped) == 1, timeout_s=10)
             # Past the watchdog's limit, more traffic: the other partitions are still decided.
             passes = engine.ingestor.housekeeping_passes
             await wait_until(lambda: engine.ingestor.housekeeping_passes >= passes + 20, timeout_s=30)
@@ -142,6 +142,6 @@ async def test_a_corrupt_batch_stops_only_its_partition_and_loses_nothing(engine
     assert all(commits.get(p, 0) >= e for p, e in ends.items() if p != bad)
     stops = [e for e in logs if e["event"] == "partition_unreadable"]
     assert len(stops) == 1, stops
-    assert stops[0]["partition"] == bad and stops[0]["offset"] == offset
+    assert (stops[0]["topic"], stops[0]["partition"], stops[0]["offset"]) == (s.topics.transactions, bad, offset)
     assert stops[0]["batch_end"] == offset + 3 and stops[0]["log_level"] == "error"
     assert (await committed(s)).get(bad) == offset
