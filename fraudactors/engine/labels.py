@@ -19,7 +19,9 @@ label for a transaction not in the data. The store's ``apply_labels``: the lates
 stands, a repeat changes nothing. It counts each new or changed verdict against what each variant said
 (``fraudactors_label_outcomes_total{variant,outcome}``; a flipped verdict also in
 ``fraudactors_label_flips_total``), sends malformed labels to the dead-letter topic with
-``stage=labels``, and commits once those dead letters are acknowledged. A label dated more than
+``stage=labels``, and commits once those dead letters are acknowledged. A batch that does not
+decode stops its partition there (:mod:`fraudactors.engine.unreadable`; committed up to it, logged
+once as ``partition_unreadable``); the other partitions' labels are applied. A label dated more than
 ``engine.max_future_skew_s`` ahead of the clock is malformed too: its ``labeled_at`` would be the
 newest of its merchant's marks and age every other mark out of the dedup that keeps a redelivered
 label from counting twice.
@@ -52,6 +54,7 @@ from fraudactors.engine.features import FeatureStoreActor
 from fraudactors.engine.inference import Scored
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.publisher import Publisher
+from fraudactors.engine.unreadable import Stopped, fetch
 from fraudactors.engine.worker import dlq_message
 from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable, InvalidRecord
 from fraudactors.features import scripts
@@ -314,6 +317,7 @@ class LabelConsumer:
         self.applied = 0
         self.invalid = 0
         self._skew = settings.engine.max_future_skew_s
+        self._stopped = Stopped(metrics.partition_unreadable, self._log)  # partitions at a batch that does not decode
 
     def _check_time(self, label: Label) -> None:
         """A label may not be dated more than the skew ahead of the clock (the wall clock only
@@ -341,11 +345,18 @@ class LabelConsumer:
         task_status.started()
         errors = _redis_errors()
         retry_s = settings.redis.retry_interval_ms / 1000.0
+        stopped = self._stopped
         try:
             await consumer.start()
             while True:
-                data = await consumer.getmany(timeout_ms=500, max_records=1000)
-                if not data:
+                if stopped.at:  # revoked since: its next owner finds the batch again
+                    for tp in stopped.at.keys() - consumer.assignment():
+                        stopped.forget(tp)
+                data, unreadable = await fetch(consumer, timeout_ms=500, max_records=1000)
+                if unreadable is not None:
+                    # what the failed call had drained is handled as any fetch; the rest waits
+                    stopped.stop(consumer, unreadable)
+                elif not data:
                     continue
                 labels: list[Label] = []
                 sources: list[Any] = []
@@ -380,6 +391,8 @@ class LabelConsumer:
                 if dead:  # committed only once the broker has the dead letters
                     await (await self._publisher.send_many(dead))
                 offsets = {tp: records[-1].offset + 1 for tp, records in data.items() if records}
+                if unreadable is not None:
+                    offsets[unreadable.tp] = unreadable.offset  # up to the batch, not past it
                 try:
                     await consumer.commit(offsets)
                 except KafkaError as exc:
