@@ -45,6 +45,11 @@ class RoutingRefused(FraudActorsError):
     (missing, sha256 mismatch, onnxruntime refuses it). The routing in force keeps serving."""
 
 
+class TopicUnreadable(FraudActorsError):
+    """A record batch that does not decode (bad CRC, unknown codec) where a reader needs every record
+    up to the end: the message names the topic, partition and offset."""
+
+
 class ServiceError(FraudActorsError):
     """An embedded broker or Redis server that cannot be found or started."""
 

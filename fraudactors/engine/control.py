@@ -19,20 +19,27 @@ sha256-checked in every scorer first, and a failure refuses the whole document -
 reason, counted in ``fraudactors_routing_changes_total{result="refused"}`` -- while the routing in
 force keeps serving. A replica that cannot apply the newest document at start-up applies the
 routing it replaced (its ``previous``), which is what the running replicas kept serving.
+
+A record batch on the topic that does not decode (:mod:`fraudactors.engine.unreadable`) stops the
+follower there: the routing in force keeps serving (at start-up: the newest document before the
+batch), the stop is logged once as ``partition_unreadable`` and shown by
+``fraudactors_partition_unreadable``, and the documents at and after it wait for the operator.
+``fraudactors models`` refuses to build a change on a topic it cannot read to the end.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from fraudactors.engine.inference import InferenceActor
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.routing import ROUTING_KEY, Routing
-from fraudactors.errors import RoutingRefused, ServiceError
+from fraudactors.engine.unreadable import Stopped, Unreadable, fetch
+from fraudactors.errors import RoutingRefused, ServiceError, TopicUnreadable
 from fraudactors.logging import get_logger
 from fraudactors.redact import redact_url
 from fraudactors.services.kafka import make_admin, make_consumer, make_producer
@@ -65,28 +72,43 @@ async def ensure_control_topic(settings: Settings) -> bool:
         await admin.close()
 
 
-async def read_documents(settings: Settings, consumer: Any = None) -> tuple[list[bytes], int]:
+async def read_documents(settings: Settings) -> tuple[list[bytes], int]:
     """Every routing document on the control topic up to its current end, oldest first
-    (tombstones left out), and that end offset. With ``consumer`` (assigned to the topic, at the
-    beginning) it reads with that one and leaves it at the end."""
-    own = consumer is None
+    (tombstones left out), and that end offset. A batch on the way that does not decode raises
+    :class:`TopicUnreadable`: the routing in force is not known."""
     tp = TopicPartition(settings.topics.control, 0)
-    if own:
-        consumer = make_consumer(settings, group_id=None, client_id=f"{settings.kafka.client_id}-control",
-                                 auto_offset_reset="earliest")
-        await consumer.start()
+    consumer = make_consumer(settings, group_id=None, client_id=f"{settings.kafka.client_id}-control",
+                             auto_offset_reset="earliest")
+    await consumer.start()
+    try:
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
-    try:
-        end = (await consumer.end_offsets([tp]))[tp]
-        out: list[bytes] = []
-        while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=_POLL_MS)
-            out.extend(r.value for r in batch.get(tp, []) if r.key == ROUTING_KEY and r.value is not None)
-        return out, end
+        documents, end, found = await read_to_end(consumer, tp)
     finally:
-        if own:
-            await consumer.stop()
+        await consumer.stop()
+    if found is not None:
+        raise TopicUnreadable(
+            f"the control topic {tp.topic} cannot be read past offset {found.offset}: a record batch there "
+            f"does not decode ({found.error}); the routing in force is not known and nothing is changed "
+            '(docs/operations.md, "A partition stopped at an unreadable batch")')
+    return documents, end
+
+
+async def read_to_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> tuple[list[bytes], int, Unreadable | None]:
+    """The routing documents from ``consumer``'s position on ``tp`` to the current end, that end,
+    and the batch that does not decode if one stopped the read short (None: read to the end)."""
+    end = (await consumer.end_offsets([tp]))[tp]
+    out: list[bytes] = []
+    while await consumer.position(tp) < end:
+        batch, found = await fetch(consumer, tp, timeout_ms=_POLL_MS)
+        out.extend(_documents(batch.get(tp, [])))
+        if found is not None:
+            return out, end, found
+    return out, end, None
+
+
+def _documents(records: list[Any]) -> list[bytes]:
+    return [r.value for r in records if r.key == ROUTING_KEY and r.value is not None]
 
 
 async def current_routing(settings: Settings) -> Routing:
@@ -150,6 +172,7 @@ class RoutingFollower:
         self.applied = Routing.from_settings(settings.models)
         self._refused: set[bytes] = set()  # documents refused here: not tried again after a restart
         self._log = get_logger(actor="routing")
+        self._stopped = Stopped(metrics.partition_unreadable, self._log)
         metrics.routing_revision.set(0)
 
     async def run(self, task_status: Any) -> None:
@@ -165,18 +188,26 @@ class RoutingFollower:
             tp = TopicPartition(s.topics.control, 0)
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
-            documents, _ = await read_documents(s, consumer)
+            documents, _, found = await read_to_end(consumer, tp)
             if documents:
                 await self._catch_up(documents[-1])
+            if found is not None:
+                self._stop(consumer, found)
             self._log.info("routing_following", revision=self.applied.revision, topic=s.topics.control)
             task_status.started()
             while True:
-                batch = await consumer.getmany(tp, timeout_ms=_POLL_MS)
-                values = [r.value for r in batch.get(tp, []) if r.key == ROUTING_KEY and r.value is not None]
+                batch, found = await fetch(consumer, tp, timeout_ms=_POLL_MS)
+                values = _documents(batch.get(tp, []))
                 if values:
                     await self._apply(values[-1])  # the newest wins; older ones in the same fetch are superseded
+                if found is not None:
+                    self._stop(consumer, found)
         finally:
             await consumer.stop()
+
+    def _stop(self, consumer: AIOKafkaConsumer, found: Unreadable) -> None:
+        """A batch that does not decode: read no further, keep the routing in force (module docstring)."""
+        self._stopped.stop(consumer, found, serving=self.applied.revision)
 
     async def _catch_up(self, document: bytes) -> None:
         routing = await self._apply(document)

@@ -16,7 +16,10 @@ import orjson
 from engine_helpers import committed, produce_corrupt, reading, running, transactions, wait_until
 from structlog.testing import capture_logs
 
+from fraudactors.engine.control import publish_routing
+from fraudactors.engine.decision import Router
 from fraudactors.engine.engine import Engine
+from fraudactors.engine.routing import ROUTING_KEY, Routing
 from fraudactors.services.kafka import make_producer
 from fraudactors.settings import Settings
 
@@ -94,3 +97,46 @@ async def test_a_corrupt_label_batch_stops_only_its_labels_partition_and_transac
     assert len(stops) == 1, stops
     assert (stops[0]["topic"], stops[0]["partition"], stops[0]["offset"]) == (topic, bad, offset)
     assert stops[0]["batch_end"] == offset + 3 and stops[0]["log_level"] == "error"
+
+
+async def test_a_corrupt_batch_on_the_control_topic_keeps_the_routing_in_force_on_every_replica(
+        engine_settings: Settings) -> None:
+    """A running replica keeps the routing it follows (the documents at and after the batch are not
+    read) and decides with it; a replica started afterwards starts with the newest document before
+    the batch instead of failing to start. Both report the stop."""
+    s = engine_settings.replace(engine={"inference_mode": "thread"})
+    topic = s.topics.control
+    first = Routing.from_settings(s.models).with_weights({"A": 0.3, "B": 0.7}, {}, "first")
+    lost = first.with_weights({"A": 0.6, "B": 0.4}, {}, "in the corrupt batch")
+    unread = lost.with_weights({"A": 1.0, "B": 0.0}, {}, "after the corrupt batch")
+    await publish_routing(s, first)
+    txns = transactions(300)
+    with capture_logs() as logs:
+        async with running(s) as engine, reading(s, s.topics.predictions) as decided:
+            assert engine.routing.applied == first
+            offset = await produce_corrupt(s, 0, [(ROUTING_KEY, lost.to_json())], topic=topic)
+            await publish_routing(s, unread)
+            gauge = engine.metrics.registry.get_sample_value
+            await wait_alive(engine, lambda: gauge(UNREADABLE, {"topic": topic, "partition": "0"}) == 1,
+                             timeout_s=30)
+            await produce_to(s, s.topics.transactions, {0: [(k, v) for k, v, _ in txns[:150]]})
+            await decided.wait_for(lambda recs: len(recs) >= 150, timeout_s=60)
+            async with running(s) as later:
+                assert later.routing.applied == first
+                assert gauge(UNREADABLE, {"topic": topic, "partition": "0"}) == 1
+                assert later.metrics.registry.get_sample_value(
+                    UNREADABLE, {"topic": topic, "partition": "0"}) == 1
+                assert later.readiness() == {}
+            await produce_to(s, s.topics.transactions, {0: [(k, v) for k, v, _ in txns[150:]]})
+            await decided.wait_for(lambda recs: len(recs) >= 300, timeout_s=60)
+            assert engine.done is not None and not engine.done.done(), "the engine is running"
+            assert restarts(engine, "routing") == 0, "the routing follower was not restarted"
+            assert engine.routing.applied == first
+            assert engine.metrics.registry.get_sample_value("fraudactors_routing_revision") == first.revision
+    router = Router(first.variants)
+    variants = {d["transaction_id"]: d["variant"] for d in map(orjson.loads, (r.value for r in decided.records))}
+    assert variants == {t: router.route(t).name for _, _, t in txns}, "every decision on the routing in force"
+    stops = [e for e in logs if e["event"] == "partition_unreadable"]
+    assert len(stops) == 2, stops  # once per replica
+    assert {(e["topic"], e["partition"], e["offset"], e["serving"]) for e in stops} == {
+        (topic, 0, offset, first.revision)}

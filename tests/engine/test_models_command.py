@@ -10,12 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from engine_helpers import models_with_extras, produce
+from aiokafka import TopicPartition
+from engine_helpers import models_with_extras, produce, produce_corrupt
 
 from fraudactors import cli
 from fraudactors.engine.control import current_routing
 from fraudactors.engine.routing import Routing
 from fraudactors.modeling.registry import load_model_info
+from fraudactors.services.kafka import make_consumer
 from fraudactors.settings import Settings, VariantSettings
 
 
@@ -97,6 +99,35 @@ def test_an_invalid_document_on_the_topic_is_passed_over_and_can_be_replaced(
     assert capsys.readouterr().out.startswith("routing revision 1")
     assert cli.main(["models", "rollback"]) == 0
     assert current(s).revision == 2 and current(s).variants["B"].weight == 0.1
+
+
+@pytest.mark.parametrize("argv", [["list"], ["set-weights", "B=0.5"]])
+def test_a_corrupt_batch_on_the_control_topic_is_one_line_naming_its_offset_and_nothing_is_written(
+        cli_settings: Settings, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    """Read up to a batch that does not decode, the newest routing is not known: neither listed
+    (it may not be the one in force) nor built upon."""
+    s = cli_settings
+    assert cli.main(["models", "set-weights", "B=0.2"]) == 0
+    offset = asyncio.run(produce_corrupt(s, 0, [(b"routing", b'{"revision": 2}')], topic=s.topics.control))
+    capsys.readouterr()
+    assert cli.main(["models", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"fraudactors models: the control topic {s.topics.control} cannot be read past "
+                               f"offset {offset}: a record batch there does not decode (")
+    assert asyncio.run(end_offset(s)) == offset + 1, "nothing written"
+
+
+async def end_offset(s: Settings) -> int:
+    tp = TopicPartition(s.topics.control, 0)
+    consumer = make_consumer(s, group_id=None)
+    await consumer.start()
+    try:
+        return int((await consumer.end_offsets([tp]))[tp])
+    finally:
+        await consumer.stop()
 
 
 def test_an_unreachable_broker_is_one_line_naming_it(tmp_path: Path) -> None:
