@@ -11,13 +11,16 @@ Labels: a fraud label counts for a transaction only once reported, from the star
 after its ``labeled_at`` (``definition.merchant_features`` applies that rule from the buckets, so
 all labels can be loaded up front). It counts at its transaction's merchant, joined by
 ``transaction_id`` (``schema.label_merchant``): the label's own ``merchant_id`` is used only for a
-transaction not in the data, and a label naming none for such a transaction counts nowhere. For one
+transaction not in the data, and a label naming none for such a transaction counts nowhere; such a
+transaction's later labels (``labeled_at`` order) go where its first placed one went, as online
+(a transaction's labels count at one merchant). For one
 transaction (and merchant) the label with the latest ``labeled_at`` stands (ties: the first given),
 as in the online store; a standing fraud verdict counts at the ``labeled_at`` of the report that
 first said fraud since the last "not fraud". Online, a verdict flipped to "not fraud" counted as
-fraud until the flip was applied; here only the standing verdict counts. And online a label whose
-decision the engine no longer remembers is placed by its own ``merchant_id`` (engine/labels.py):
-those two are the places labels make the two differ.
+fraud until the flip was applied; here only the standing verdict counts. And online the first
+label of a transaction whose decision the engine no longer remembers is placed by its own
+``merchant_id`` (engine/labels.py; its later labels follow it): those two are the places labels
+make the two differ.
 """
 
 from __future__ import annotations
@@ -55,11 +58,12 @@ def merchant_states_from_labels(labels: Iterable[Label],
     # (merchant, transaction_id) -> (labeled_at ms of the latest label, is_fraud, counted report time):
     # keyed as the online marks are (one hash per merchant)
     standing: dict[tuple[str, str], tuple[int, bool, float]] = {}
-    known = merchant_of or {}
+    known = dict(merchant_of or {})  # and where each transaction not in the data was placed
     for label in sorted(labels, key=lambda x: round(x.labeled_at * 1000)):
         merchant_id = label_merchant(label, known.get(label.transaction_id))
         if merchant_id is None:
             continue
+        known[label.transaction_id] = merchant_id
         at = round(label.labeled_at * 1000)
         key = (merchant_id, label.transaction_id)
         old = standing.get(key)

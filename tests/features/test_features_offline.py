@@ -78,6 +78,18 @@ def test_a_label_counts_at_its_transactions_merchant() -> None:
     assert col(out, "merchant_fraud_count_7d")[3:] == [3.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 
 
+def test_a_transaction_not_in_the_data_counts_where_its_first_label_was_placed() -> None:
+    """Its labels count at one merchant, as online (the engine records each transaction's
+    placement): a reversal naming another merchant, or none, takes the first verdict back where
+    it counted; a first label naming none places nothing."""
+    day0 = T0 + 10 * D
+    labels = [Label("x", "v", "m-first", True, day0 + H), Label("x", "v", "m-second", False, day0 + 2 * H),
+              Label("y", "v", "m-first", True, day0 + H), Label("y", "v", "unknown", False, day0 + 2 * H),
+              Label("z", "v", "unknown", True, day0 + H), Label("z", "v", "m-second", True, day0 + 2 * H)]
+    probes = [txn(f"p-{m}", day0 + D, user="p", merchant=m) for m in ("m-first", "m-second", "unknown")]
+    assert col(offline_features(probes, labels), "merchant_fraud_count_7d") == [0.0, 1.0, 0.0]
+
+
 def test_merchant_counts_are_point_in_time() -> None:
     txns = [txn(f"t{i}", T0 + i * 60.0, user=f"u{i}") for i in range(5)]
     out = offline_features(txns[::-1])  # input order does not matter; event time does
