@@ -12,10 +12,15 @@ counted as unmatched.
 
 :class:`LabelConsumer` reads ``labels`` in its own consumer group (``<group_id>.labels``), looks
 each label's decision up, and applies the labels to the store at their transaction's merchant
-(``schema.label_merchant``): the merchant the decision was made at when it is remembered (a label's
-own ``merchant_id`` may be missing or wrong), else the label's ``merchant_id``; a label naming none
-whose decision is forgotten counts nowhere (``fraudactors_labels_unplaced_total``), as offline a
-label for a transaction not in the data. The store's ``apply_labels``: the latest ``labeled_at``
+(``schema.label_merchant``): where the transaction's labels were placed before (the user's
+placements hash ``<prefix>{u<shard>}:lp:<user_id>``, read by the same script as the outcome list,
+written once a label is applied), else the merchant the decision was made at when it is remembered
+(a label's own ``merchant_id`` may be missing or wrong), else the label's ``merchant_id``; a label
+naming none whose decision is forgotten counts nowhere (``fraudactors_labels_unplaced_total``), as
+offline a label for a transaction not in the data. So a reversal that comes after its decision left
+the outcome list still takes the first verdict back where it counted. The placements are pruned
+``KEEP_LABEL_MS`` behind the user's newest label and to ``PLACEMENTS_PER_USER``: bounded per user
+whatever the label rate. The store's ``apply_labels``: the latest ``labeled_at``
 stands, a repeat changes nothing. It counts each new or changed verdict against what each variant said
 (``fraudactors_label_outcomes_total{variant,outcome}``; a flipped verdict also in
 ``fraudactors_label_flips_total``), sends malformed labels to the dead-letter topic with
@@ -60,6 +65,7 @@ from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable, In
 from fraudactors.features import scripts
 from fraudactors.features.keys import KeyLayout
 from fraudactors.features.schema import label_merchant
+from fraudactors.features.store import KEEP_LABEL_MS, store_error
 from fraudactors.logging import get_logger
 from fraudactors.settings import Settings
 
@@ -73,6 +79,9 @@ _MAX_BUFFER = 200_000
 # calls behind it for ~4 ms; at 256 a call takes ~1 ms and theirs slot in between.
 _CHUNK = 256
 OUTCOMES_PER_USER = 64
+# A user's recorded label placements (transaction -> merchant) kept besides those pruned by time
+# (KEEP_LABEL_MS behind the user's newest label): scripts.RECORD_PLACEMENTS.
+PLACEMENTS_PER_USER = 256
 _UNAVAILABLE = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
 
 
@@ -194,18 +203,36 @@ class OutcomeRecorder:
             groups.setdefault(self.keys.user_tag(user_id), []).append(i)
         return list(groups.values())
 
-    async def lookup(self, labels: Sequence[Label]) -> list[Said | None]:
-        """What each model said about each label's transaction (None: not remembered)."""
+    async def lookup(self, labels: Sequence[Label]) -> list[tuple[Said | None, str | None]]:
+        """Per label, what each model said about its transaction (None: not remembered) and the
+        merchant its transaction's labels were placed at before (None: none recorded)."""
         if self._scripts is None or not labels:
-            return [None] * len(labels)
+            return [(None, None)] * len(labels)
+        keys_of = self.keys
         groups = self._grouped([label.user_id for label in labels])
-        calls = [([self.keys.outcomes(labels[i].user_id) for i in group],
+        calls = [([key for i in group for key in (keys_of.outcomes(labels[i].user_id),
+                                                   keys_of.placements(labels[i].user_id))],
                   [labels[i].transaction_id for i in group]) for group in groups]
-        values: list[Any] = [None] * len(labels)
+        found: list[tuple[Said | None, str | None]] = [(None, None)] * len(labels)
         for group, reply in zip(groups, await self._scripts.run("lookup", calls), strict=True):
-            for i, raw in zip(group, reply, strict=True):
-                values[i] = raw
-        return [Said.parse(raw) if raw else None for raw in values]
+            for n, i in enumerate(group):
+                raw, placed = reply[2 * n], reply[2 * n + 1]
+                found[i] = (Said.parse(raw) if raw else None, placed.decode() if placed else None)
+        return found
+
+    async def record_placed(self, labels: Sequence[Label]) -> int:
+        """Remembers the merchant each applied label was placed at (its ``merchant_id``), in its
+        user's placements hash, for the later labels of its transaction. Idempotent: the first
+        merchant recorded for a transaction stands. Returns the fields written."""
+        if self._scripts is None or not labels:
+            return 0
+        keys_of = self.keys
+        calls = [([keys_of.placements(labels[i].user_id) for i in group],
+                  [self._ttl, KEEP_LABEL_MS, PLACEMENTS_PER_USER,
+                   *(value for i in group for value in (labels[i].transaction_id, round(labels[i].labeled_at * 1000),
+                                                        labels[i].merchant_id))])
+                 for group in self._grouped([label.user_id for label in labels])]
+        return sum(int(reply) for reply in await self._scripts.run("place", calls))
 
     def connect(self) -> Any:
         """Open the client (lazily connected) and the scripts; returns the client."""
@@ -217,7 +244,8 @@ class OutcomeRecorder:
         client = make_client(self._settings, timeout)
         self._redis = client
         self._scripts = ScriptRunner(client, self._settings.redis.cluster, {
-            "record": scripts.RECORD_OUTCOMES, "lookup": scripts.LOOKUP_OUTCOMES, "ab_add": AB_ADD},
+            "record": scripts.RECORD_OUTCOMES, "lookup": scripts.LOOKUP_OUTCOMES,
+            "place": scripts.RECORD_PLACEMENTS, "ab_add": AB_ADD},
             self._settings, timeout)
         return client
 
@@ -401,27 +429,47 @@ class LabelConsumer:
             await asyncio.shield(consumer.stop())
 
     async def _applied(self, labels: list[Label], errors: tuple[type[BaseException], ...], retry_s: float) -> None:
-        """:meth:`_apply`, retried while Redis is unavailable (raises FeatureStoreRejected)."""
+        """:meth:`_apply`, retried while Redis is unavailable (raises FeatureStoreRejected); then
+        the applied labels' placements recorded, that call alone retried (it is idempotent; the
+        labels are not applied again, which would count them as repeats)."""
         while True:
             try:
-                await self._apply(labels)
-                return
+                placed = await self._apply(labels)
+                break
             except FeatureStoreRejected:
                 raise
             except errors as exc:
                 self._log.warning("labels_retry", error=repr(exc), labels=len(labels))
                 await asyncio.sleep(retry_s)
+        while placed:
+            try:
+                await self._outcomes.record_placed(placed)
+                break
+            except errors as exc:
+                if isinstance(store_error(exc, "placement record"), FeatureStoreRejected):
+                    # applied, and stays so; only a later label of these transactions may go elsewhere
+                    self._log.error("label_placements_refused", error=repr(exc), labels=len(placed))
+                    break
+                self._log.warning("label_placements_retry", error=repr(exc), labels=len(placed))
+                await asyncio.sleep(retry_s)
+        self.applied += len(labels)
 
-    async def _apply(self, labels: list[Label]) -> None:
+    async def _apply(self, labels: list[Label]) -> list[Label]:
+        """Applies the labels where they count; returns the placed ones (at their merchant)."""
         if not labels:
-            return
+            return []
         store = self._features.store
         assert store is not None
-        # Looked up before the store is written: the decision says which merchant the label counts at.
+        # Looked up before the store is written: where the transaction's labels were placed before,
+        # else the decision's merchant, says where the label counts (schema.label_merchant). A
+        # transaction labelled twice in the batch: both where the first goes.
         placed: list[tuple[Label, Said | None]] = []
-        for label, said in zip(labels, await self._outcomes.lookup(labels), strict=True):
-            merchant = label_merchant(label, said.merchant if said is not None else None)
+        at: dict[str, str] = {}
+        for label, (said, before) in zip(labels, await self._outcomes.lookup(labels), strict=True):
+            merchant = at.get(label.transaction_id) or before or label_merchant(
+                label, said.merchant if said is not None else None)
             if merchant is not None:
+                at[label.transaction_id] = merchant
                 placed.append((label if merchant == label.merchant_id else replace(label, merchant_id=merchant),
                                said))
         statuses = await store.apply_labels([label for label, _ in placed])
@@ -449,4 +497,4 @@ class LabelConsumer:
             self._metrics.label_flips.inc(flips)
         if len(placed) < len(labels):
             self._metrics.labels_unplaced.inc(len(labels) - len(placed))
-        self.applied += len(labels)
+        return [label for label, _ in placed]

@@ -8,6 +8,7 @@ one hash slot):
 |---|---|---|
 | ``<prefix>{u<shard>}:<user_id>`` | the user's state blob (``state_codec``) | user shard |
 | ``<prefix>{u<shard>}:o:<user_id>`` | what each variant said about the user's last decisions, and their merchants | user shard |
+| ``<prefix>{u<shard>}:lp:<user_id>`` | hash: the merchant each of the user's labelled transactions counts at, pruned by ``labeled_at`` | user shard |
 | ``<prefix>{u<shard>}:rl:<partition>`` | replay log: feature vectors of the shard's records not yet committed | user shard |
 | ``<prefix>{p<partition>}:ep`` | the partition's fencing epoch (raised on every claim: ``scripts.CLAIM``) | partition |
 | ``<prefix>{m<shard>}:c:<merchant_id>`` | merchant transaction counts by event hour/day (also new customers'), one packed string of appended entries (``scripts.COUNTS_CODEC``) | merchant shard |
@@ -56,6 +57,9 @@ class KeyLayout:
 
     def outcomes(self, user_id: str) -> str:
         return f"{self.prefix}{{u{shard(user_id)}}}:o:{user_id}"
+
+    def placements(self, user_id: str) -> str:
+        return f"{self.prefix}{{u{shard(user_id)}}}:lp:{user_id}"
 
     def replay_log(self, user_shard: int, partition: int) -> str:
         return f"{self.prefix}{{u{user_shard}}}:rl:{partition}"

@@ -660,14 +660,18 @@ end
 return #KEYS
 """
 
-# KEYS: the outcome list of each label's user. ARGV: the transaction_id of each label.
-# Returns, per label, the rest of the entry after "<transaction_id>\\x1f" (bucket, flags, merchant)
-# or, in an entry of the engines before the merchant was kept, after "<transaction_id>\\t"; false
-# when not remembered. (The new separator keeps the lookup of those engines from matching the new
-# entries, which they would misread, after a rollback: it counts their labels as unmatched.)
+# KEYS: per label, its user's outcome list and its user's placements hash (one slot). ARGV: the
+# transaction_id of each label. Returns two values per label: the rest of the outcome entry after
+# "<transaction_id>\\x1f" (bucket, flags, merchant) or, in an entry of the engines before the
+# merchant was kept, after "<transaction_id>\\t" (false when not remembered); then the merchant the
+# transaction's labels were placed at (RECORD_PLACEMENTS; false when none was recorded). (The new
+# separator keeps the lookup of the engines before the merchant was kept from matching the new
+# entries, which they would misread, after a rollback: it counts their labels as unmatched.) A key
+# of another type is read as absent.
 LOOKUP_OUTCOMES = """
 local out = {}
-for i, key in ipairs(KEYS) do
+for i = 1, #ARGV do
+  local key, placements = KEYS[2 * i - 1], KEYS[2 * i]
   local found = false
   if redis.call('TYPE', key)['ok'] == 'list' then
     local n = #ARGV[i] + 1
@@ -680,7 +684,77 @@ for i, key in ipairs(KEYS) do
       end
     end
   end
-  out[i] = found
+  local placed = false
+  if redis.call('TYPE', placements)['ok'] == 'hash' then
+    local value = redis.call('HGET', placements, ARGV[i])
+    if value then placed = string.match(value, '^[^|]*|(.*)$') or false end
+  end
+  out[2 * i - 1], out[2 * i] = found, placed
 end
 return out
+"""
+
+# KEYS: the placements hash of each label's user ("<prefix>{u<shard>}:lp:<user_id>", the user's
+# slot). ARGV: ttl, keep (ms of labeled_at), cap, then (transaction_id, labeled_at in ms, merchant)
+# per key. Field "<transaction_id>", value "<labeled_at_ms>|<merchant>": the merchant the
+# transaction's labels count at, written once the label is applied. The first merchant recorded
+# stands (a transaction's labels go to one merchant); a later label only raises the time. When a
+# call's new fields take a hash past a multiple of 64, fields more than keep before its newest are
+# pruned (the label marks' keep: past it a later verdict changes no feature) and then the oldest
+# beyond cap: at most cap + 63 fields per user, whatever the label rate. A key of another type is
+# left alone (not a placement hash: never overwritten). Returns the number of fields written.
+RECORD_PLACEMENTS = """#!lua
+local ttl, keep, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if not ttl or not keep or not cap or #ARGV ~= 3 + 3 * #KEYS then
+  return redis.error_reply('INVALID arguments')
+end
+local written = 0
+local grown = {}
+for i, key in ipairs(KEYS) do
+  local a = 4 + (i - 1) * 3
+  local t = redis.call('TYPE', key)['ok']
+  local at = tonumber(ARGV[a + 1])
+  if at and (t == 'none' or t == 'hash') then
+    local old = redis.call('HGET', key, ARGV[a])
+    if not old then
+      redis.call('HSET', key, ARGV[a], ARGV[a + 1] .. '|' .. ARGV[a + 2])
+      grown[key] = (grown[key] or 0) + 1
+      written = written + 1
+    else
+      local old_at, merchant = string.match(old, '^([^|]*)|(.*)$')
+      if not tonumber(old_at) or tonumber(old_at) < at then
+        redis.call('HSET', key, ARGV[a], ARGV[a + 1] .. '|' .. (merchant or ARGV[a + 2]))
+      end
+    end
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+for key, added in pairs(grown) do
+  local size = redis.call('HLEN', key)
+  if math.floor(size / 64) > math.floor((size - added) / 64) then
+    local flat = redis.call('HGETALL', key)
+    local newest = 0
+    for x = 2, #flat, 2 do
+      local at = tonumber(string.match(flat[x], '^([^|]*)'))
+      if at and at > newest then newest = at end
+    end
+    local dead, kept = {}, {}
+    for x = 1, #flat, 2 do
+      local at = tonumber(string.match(flat[x + 1], '^([^|]*)'))
+      if not at or at < newest - keep then
+        dead[#dead + 1] = flat[x]
+      else
+        kept[#kept + 1] = {at, flat[x]}
+      end
+    end
+    if #kept > cap then
+      table.sort(kept, function(p, q) return p[1] < q[1] end)
+      for x = 1, #kept - cap do dead[#dead + 1] = kept[x][2] end
+    end
+    for x = 1, #dead, 500 do
+      redis.call('HDEL', key, unpack(dead, x, math.min(x + 499, #dead)))
+    end
+  end
+end
+return written
 """

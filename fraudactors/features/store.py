@@ -97,8 +97,9 @@ _KEEP_FRAUD_HOURS = 8 * 24
 _KEEP_FRAUD_DAYS = 40
 _MAX_FRAUD_FIELDS = 320
 # A transaction's standing label is kept this long (labeled_at, event time) after the newest label
-# of its merchant: past the 30-day windows, a later verdict cannot change any feature.
-_KEEP_LABEL_MS = 45 * 86400 * 1000
+# of its merchant: past the 30-day windows, a later verdict cannot change any feature. The label
+# placements (engine/labels.py) keep as long behind their user's newest label.
+KEEP_LABEL_MS = 45 * 86400 * 1000
 # Redis runs one script at a time: big label batches are split to keep each call short.
 _MAX_LABELS_PER_CALL = 1000
 
@@ -656,7 +657,7 @@ class OnlineFeatureStore:
             for start in range(0, len(indexes), _MAX_LABELS_PER_CALL):
                 chunk = indexes[start:start + _MAX_LABELS_PER_CALL]
                 keys: list[str] = []
-                args: list[Any] = [self._ttl, _KEEP_LABEL_MS]
+                args: list[Any] = [self._ttl, KEEP_LABEL_MS]
                 for i in chunk:
                     label = labels[i]
                     at = label.labeled_at

@@ -316,7 +316,7 @@ async def test_each_user_keeps_their_newest_decisions_whatever_the_flush_size(
         await recorder.flush()
         assert not recorder._buffer
         labels = [Label(t.transaction_id, t.user_id, "m", True, t.event_time + 86_400) for t in txns]
-        said = await recorder.lookup(labels)
+        said = [s for s, _ in await recorder.lookup(labels)]
         assert [s is None for s in said[:busy]] == [True] * 7 + [False] * OUTCOMES_PER_USER, \
             "the busy user's seven oldest decisions are no longer remembered, the newest are"
         assert all(s is not None for s in said[busy:]), "every other decision is remembered"

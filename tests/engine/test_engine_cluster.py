@@ -13,7 +13,10 @@ import orjson
 import pytest
 from engine_helpers import produce, reading, transactions, wait_until
 from redis.crc import key_slot
-from test_engine_state import labels_count_at_their_transactions_merchant
+from test_engine_state import (
+    a_reversal_counts_where_its_first_verdict_did,
+    labels_count_at_their_transactions_merchant,
+)
 from test_parity_stream import compare, offline, online_matrix, running, simulate, stream_through_engine
 
 from fraudactors.features.definition import FEATURE_NAMES, MERCHANT_COUNT_FEATURES
@@ -46,6 +49,13 @@ async def test_labels_count_at_their_transactions_merchant_on_a_cluster(
     """The outcome lookup (the users' slots) comes before the labels' write (the merchants'
     slots): each script still touches one slot."""
     await labels_count_at_their_transactions_merchant(on_cluster(engine_settings, cluster))
+
+
+async def test_a_reversal_counts_where_its_first_verdict_did_on_a_cluster(
+        engine_settings: Settings, cluster: EmbeddedRedisCluster) -> None:
+    """The placements hash is in its user's slot, read with the outcome list in one script and
+    written after the label (the merchants' slots) in another."""
+    await a_reversal_counts_where_its_first_verdict_did(on_cluster(engine_settings, cluster))
 
 
 async def outage_under_load(s: Settings, cluster: EmbeddedRedisCluster, lost: list[int], before: int,

@@ -275,6 +275,66 @@ async def labels_count_at_their_transactions_merchant(s: Settings) -> None:
     assert np.array_equal(online, offline[3:]), "online and offline place the labels alike"
 
 
+async def test_a_reversal_counts_where_its_first_verdict_did_after_the_decision_is_forgotten(
+        engine_settings: Settings) -> None:
+    await a_reversal_counts_where_its_first_verdict_did(engine_settings)  # a cluster: test_engine_cluster.py
+
+
+async def a_reversal_counts_where_its_first_verdict_did(s: Settings) -> None:
+    """A transaction's labels count at one merchant, whatever the outcome list remembers by the
+    time each comes: a "fraud" placed at the decision's merchant and reversed ("not fraud") after
+    the user made OUTCOMES_PER_USER more payments (the decision has left the list) takes the count
+    back there, whether the reversal names another merchant or none; a transaction decided
+    elsewhere stays at the merchant its first label named. Online equals offline (joined by
+    transaction_id), and each reversal is a flip."""
+    from fraudactors.engine.labels import OUTCOMES_PER_USER
+
+    t = BASE_TIME + 7000.0
+    first = [txn_record("t-a", "u-a", "m-true", t), txn_record("t-b", "u-b", "m-true", t + 1)]
+    later = [txn_record(f"t-{u}{i}", f"u-{u}", "m-other", t + 10 + i) for u in "ab" for i in range(OUTCOMES_PER_USER)]
+    at = t + 3600.0
+
+    def label(tid: str, user: str, merchant: str | None, fraud: bool, labeled_at: float) -> tuple[bytes, bytes]:
+        obj: dict[str, Any] = {"transaction_id": tid, "user_id": user, "is_fraud": fraud, "labeled_at": labeled_at}
+        if merchant is not None:
+            obj["merchant_id"] = merchant
+        return user.encode(), orjson.dumps(obj)
+
+    verdicts = [label("t-a", "u-a", "m-named", True, at), label("t-b", "u-b", None, True, at),
+                label("t-z", "u-z", "m-first", True, at)]  # decided elsewhere
+    reversals = [label("t-a", "u-a", "m-named", False, at + 86400.0),  # names another merchant
+                 label("t-b", "u-b", None, False, at + 86400.0),  # names none
+                 label("t-z", "u-z", "m-second", False, at + 86400.0)]  # names another than its first
+    merchants = ["m-true", "m-named", "m-first", "m-second"]
+    probe_t = t + 3 * 86400.0
+    probes = [Transaction(f"p-{m}", "u-probe", m, 5.0, "USD", "grocery", False, probe_t, format_timestamp(probe_t))
+              for m in merchants]
+    column = FEATURE_INDEX["merchant_fraud_count_7d"]
+    async with running(s) as engine, reading(s, s.topics.predictions) as reader:
+        await produce(s, first)
+        await reader.wait_for(lambda recs: len(recs) >= len(first), timeout_s=30)
+        await engine.outcomes.flush()
+        await produce(s, verdicts, topic=s.topics.labels)
+        await wait_until(lambda: engine.labels.applied >= len(verdicts), timeout_s=60)
+        store = engine.features.store
+        assert store is not None
+        counted = dict(zip(merchants, (await store.peek(probes))[:, column].tolist(), strict=True))
+        assert counted == {"m-true": 2.0, "m-named": 0.0, "m-first": 1.0, "m-second": 0.0}
+        await produce(s, later)
+        await reader.wait_for(lambda recs: len(recs) >= len(first) + len(later), timeout_s=60)
+        await engine.outcomes.flush()
+        await produce(s, reversals, topic=s.topics.labels)
+        await wait_until(lambda: engine.labels.applied >= len(verdicts) + len(reversals), timeout_s=60)
+        online = await store.peek(probes)
+        text = engine.metrics.render().decode()
+    assert dict(zip(merchants, online[:, column].tolist(), strict=True)) == dict.fromkeys(merchants, 0.0)
+    assert "fraudactors_label_flips_total 3.0" in text and "fraudactors_labels_unplaced_total 0.0" in text
+    assert "fraudactors_labels_unmatched_total 4.0" in text, "t-z's labels and the reversals: not remembered"
+    offline = offline_features([*(parse_transaction(v) for _, v in first + later), *probes],
+                               [parse_label(v) for _, v in verdicts + reversals])
+    assert np.array_equal(online, offline[-len(probes):]), "online and offline place the labels alike"
+
+
 async def test_a_rebalance_while_a_write_is_delayed_leaves_every_feature_exact(engine_settings: Settings) -> None:
     """Two engines: the first one's state write is held while a second engine joins and takes half
     of the partitions (the first gives up its batch in hand after its revoke timeout), decides

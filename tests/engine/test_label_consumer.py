@@ -20,7 +20,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from fraudactors.actors import IGNORED
 from fraudactors.engine.labels import LabelConsumer, Said
 from fraudactors.engine.metrics import EngineMetrics
-from fraudactors.errors import InvalidRecord
+from fraudactors.errors import FeatureStoreRejected, InvalidRecord
 from fraudactors.features.schema import Label, label_merchant
 from fraudactors.features.store import OnlineFeatureStore
 from fraudactors.services import kafka
@@ -180,8 +180,11 @@ class _NoOutcomes:
 
     deltas: dict[Any, Any] = {}
 
-    async def lookup(self, labels: Any) -> list[None]:
-        return [None] * len(labels)
+    async def lookup(self, labels: Any) -> list[tuple[None, None]]:
+        return [(None, None)] * len(labels)
+
+    async def record_placed(self, labels: Any) -> int:
+        return len(labels)
 
 
 async def test_a_label_redis_refuses_is_a_dead_letter_and_the_rest_of_its_batch_is_applied(
@@ -218,3 +221,113 @@ async def test_a_label_redis_refuses_is_a_dead_letter_and_the_rest_of_its_batch_
     finally:
         await client.aclose()
         await store.close()
+
+
+async def test_a_transactions_label_placement_is_recorded_once_and_bounded_per_user(settings: Settings) -> None:
+    """scripts.RECORD_PLACEMENTS / LOOKUP_OUTCOMES on a real Redis: the first merchant recorded for a
+    transaction stands (a later label only moves its time); a user's placements are pruned past
+    the label marks' keep behind the user's newest label, and then to PLACEMENTS_PER_USER (at most
+    63 more), and expire; a key of another type is neither read nor overwritten."""
+    from fraudactors.engine.labels import PLACEMENTS_PER_USER, OutcomeRecorder
+    from fraudactors.features.store import KEEP_LABEL_MS
+
+    recorder = OutcomeRecorder(settings, EngineMetrics())
+    client = recorder.connect()
+    try:
+        at = 1_790_000_000.0
+        assert await recorder.record_placed([Label("t1", "u", "m-1", True, at)]) == 1
+        assert await recorder.record_placed([Label("t1", "u", "m-2", False, at + 60.0),
+                                             Label("t2", "u", "m-2", True, at)]) == 1
+        assert await recorder.lookup([Label("t1", "u", "m-9", True, at), Label("t3", "u", "m-9", True, at)]) == \
+            [(None, "m-1"), (None, None)]
+        key = recorder.keys.placements("u")
+        assert await client.hget(key, "t1") == f"{round((at + 60.0) * 1000)}|m-1".encode()
+        assert 0 < await client.ttl(key) <= settings.redis.ttl_s
+        # past the keep behind the user's newest label: pruned once the hash grows past 64 fields
+        later = at + KEEP_LABEL_MS / 1000 + 3600.0
+        await recorder.record_placed([Label(f"n{i}", "u", "m-3", True, later + i) for i in range(61)])
+        assert await client.hlen(key) == 63 and await client.hexists(key, "t1")  # not at 64 yet
+        await recorder.record_placed([Label("n61", "u", "m-3", True, later)])
+        assert not await client.hexists(key, "t1") and not await client.hexists(key, "t2")
+        assert await client.hlen(key) == 62
+        # a heavy user: at most PLACEMENTS_PER_USER + 63, the newest kept
+        heavy = [Label(f"h{i}", "heavy", "m", True, at + i) for i in range(3 * PLACEMENTS_PER_USER)]
+        for start in range(0, len(heavy), 50):
+            await recorder.record_placed(heavy[start:start + 50])
+        kept = {k.decode() for k in await client.hkeys(recorder.keys.placements("heavy"))}
+        assert PLACEMENTS_PER_USER <= len(kept) < PLACEMENTS_PER_USER + 64
+        assert {f"h{i}" for i in range(len(heavy) - PLACEMENTS_PER_USER, len(heavy))} <= kept
+        assert "h0" not in kept
+        # not a placements hash (say, a user id "lp:x"'s state blob): left alone
+        await client.set(recorder.keys.placements("x"), b"blob")
+        assert await recorder.record_placed([Label("t1", "x", "m-1", True, at)]) == 0
+        assert await client.get(recorder.keys.placements("x")) == b"blob"
+        assert await recorder.lookup([Label("t1", "x", "m-1", True, at)]) == [(None, None)]
+    finally:
+        keys = [k async for k in client.scan_iter(match=settings.redis.key_prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+        await recorder._final_flush(client, ())
+
+
+class _Placing:
+    """Outcomes without decisions that remember placements; the first record call fails."""
+
+    deltas: dict[Any, Any] = {}
+
+    def __init__(self) -> None:
+        self.placed: dict[str, str] = {}
+        self.record_calls = 0
+
+    async def lookup(self, labels: Any) -> list[tuple[None, str | None]]:
+        return [(None, self.placed.get(label.transaction_id)) for label in labels]
+
+    async def record_placed(self, labels: Any) -> int:
+        self.record_calls += 1
+        if self.record_calls == 1:
+            raise ConnectionError("lost")
+        for label in labels:
+            self.placed.setdefault(label.transaction_id, label.merchant_id)
+        return len(labels)
+
+
+class _Store:
+    """apply_labels: refuses merchant m-broken, records what it applied."""
+
+    def __init__(self) -> None:
+        self.applied: list[Label] = []
+
+    async def apply_labels(self, labels: list[Label]) -> list[int]:
+        if any(label.merchant_id == "m-broken" for label in labels):
+            raise FeatureStoreRejected("refused", "wrongtype")
+        self.applied.extend(labels)
+        return [1] * len(labels)
+
+
+async def test_a_placement_is_recorded_once_its_label_is_applied_and_its_record_alone_is_retried(
+        settings: Settings, consumer: _Consumer) -> None:
+    """A transaction labelled twice in a batch under two merchant ids counts at the first's; a
+    refused label is not recorded as placed; a record call that failed is sent again by itself
+    (the labels are not applied twice, which would count them as repeats)."""
+    def record(offset: int, tid: str, merchant: str, fraud: bool) -> ConsumerRecord[bytes, bytes]:
+        value = orjson.dumps({"transaction_id": tid, "user_id": "u-1", "merchant_id": merchant,
+                              "is_fraud": fraud, "labeled_at": "2026-10-20T10:00:00+00:00"})
+        return ConsumerRecord("labels", 3, offset, 0, 0, b"u-1", value, None, 0, len(value), ())
+
+    consumer.batches = [{TP: [record(0, "t-1", "m-1", True), record(1, "t-1", "m-2", False)]},
+                        {TP: [record(2, "t-2", "m-broken", True)]}]
+    store, outcomes, publisher = _Store(), _Placing(), _Publisher()
+    publisher.ack.set_result(None)
+    s = settings.replace(redis={"retry_interval_ms": 10})
+    labels = LabelConsumer(s, EngineMetrics(), features=SimpleNamespace(store=store),  # type: ignore[arg-type]
+                           outcomes=outcomes, publisher=publisher)  # type: ignore[arg-type]
+    task = asyncio.create_task(labels.run(IGNORED))
+    try:
+        await _until(lambda: len(consumer.commits) == 2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [(label.transaction_id, label.merchant_id) for label in store.applied] == [("t-1", "m-1")] * 2, \
+        "each label applied once, both at the first label's merchant"
+    assert outcomes.placed == {"t-1": "m-1"} and outcomes.record_calls == 2
+    assert len(publisher.sent) == 1 and labels.applied == 2
