@@ -19,7 +19,9 @@
   Redis under the hold policy, for the broker while the publisher is held back) are not stalled.
 - A fetched batch that does not decode (bad CRC, unknown codec: :mod:`fraudactors.engine.unreadable`)
   stops its partition at that offset, logged once as ``partition_unreadable`` and shown by the
-  ``fraudactors_partition_unreadable`` gauge; the other partitions carry on. It is not a stall.
+  ``fraudactors_partition_unreadable`` gauge; the other partitions carry on. It is not a stall. A
+  worker restart's rewind re-reads the partition up to the batch, flow-controlled as any other, and
+  stops there again; the gauge stays at 1 meanwhile.
 """
 
 from __future__ import annotations
@@ -209,6 +211,8 @@ class Ingestor:
                 consumed.labels(str(tp.partition)).inc(len(records))
                 if state.route([(r, now) for r in records]):
                     self.pauses += 1
+                if self._stopped.at:
+                    self._stopped.passed(tp, records[-1].offset + 1)
             if unreadable is not None:
                 self._stop_unreadable(consumer, unreadable)
 

@@ -7,8 +7,12 @@ the Kafka edge, never a buffer without end -- until the mailbox is half empty ag
 The partition's :class:`FeatureWorker` is a child of the ingestor's worker supervisor. A crashed
 worker halts its partition (no fetching while the supervisor backs off); the restart rewinds it: a
 fresh mailbox, the consumer seeked to the end of the last batch handed to the publisher. Records
-taken but not handed off are fetched again; nothing is skipped (the rewind also re-reads up to a
-batch the partition is stopped at because it does not decode, and stops there again).
+taken but not handed off are fetched again; nothing is skipped. A partition stopped at a batch that
+does not decode (``unreadable``) is no longer stopped after the rewind: it is re-read like any other
+-- paused and resumed by its mailbox, watched by the watchdog -- up to the batch, and stops there
+again (the ingestor's :class:`~fraudactors.engine.unreadable.Stopped` keeps its gauge at 1 meanwhile
+and does not log the same batch twice). Kept stopped, a re-read that filled the mailbox before the
+batch would stay paused for good, its records neither decided nor committed.
 """
 
 from __future__ import annotations
@@ -98,7 +102,8 @@ class Partition:
 
     def rewind(self) -> int:
         """Before a restarted worker runs: a fresh mailbox, and the consumer back at the end of the
-        last batch handed off (or the first record routed). Returns that position (-1: none)."""
+        last batch handed off (or the first record routed), not stopped at a batch that does not
+        decode until the re-read reaches it. Returns that position (-1: none)."""
         old = self.mailbox
         self.mailbox = Mailbox(old.maxsize, old.name)
         old.close()
@@ -112,6 +117,7 @@ class Partition:
                 self.fetched_end = position
             self.consumer.resume(self.tp)
         self.halted = False
+        self.unreadable = None  # the re-read finds the batch again
         if self.paused:
             self._set_paused(False)
         return position

@@ -18,7 +18,8 @@ with a bad CRC on the broker and fails if aiokafka changes under this module.
 
 A consumer fetches with :func:`fetch` and stops a partition at such a batch with :class:`Stopped`
 (seeked back to it and paused, the ``fraudactors_partition_unreadable{topic,partition}`` gauge, the
-``partition_unreadable`` log line).
+``partition_unreadable`` log line). A stop outlives a re-read up to the batch (the gauge stays 1, the
+line is not repeated) and ends when records past the batch are read (``partition_readable``).
 """
 
 from __future__ import annotations
@@ -120,6 +121,15 @@ class Stopped:
             self.at[tp] = found.offset
             self._log.error("partition_unreadable", topic=tp.topic, partition=tp.partition, offset=found.offset,
                             batch_end=found.batch_end, error=repr(found.error), **context)
+
+    def passed(self, tp: TopicPartition, end: int) -> None:
+        """Records of ``tp`` before ``end`` were read. Past the batch ``tp`` was stopped at (re-read
+        after a rewind, the batch was readable this time -- a good copy leads now -- or is gone), it
+        is stopped no longer: gauge removed, logged once."""
+        at = self.at.get(tp)
+        if at is not None and end > at:
+            self.forget(tp)
+            self._log.info("partition_readable", topic=tp.topic, partition=tp.partition, offset=at)
 
     def forget(self, tp: TopicPartition) -> None:
         """``tp`` is no longer this consumer's (revoked): its next owner finds the batch again."""

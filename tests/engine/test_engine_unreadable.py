@@ -6,10 +6,12 @@ with a raw Produce request (``engine_helpers.produce_corrupt``), and aiokafka fe
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
 import orjson
+import pytest
 from aiokafka import TopicPartition
 from engine_helpers import (
     committed,
@@ -22,6 +24,8 @@ from engine_helpers import (
 )
 from structlog.testing import capture_logs
 
+from fraudactors.engine import ingestor as ingestor_module
+from fraudactors.engine.features import FeatureStoreActor
 from fraudactors.engine.unreadable import salvage
 from fraudactors.services.kafka import make_consumer, make_producer
 from fraudactors.settings import Settings
@@ -145,3 +149,82 @@ async def test_a_corrupt_batch_stops_only_its_partition_and_loses_nothing(engine
     assert (stops[0]["topic"], stops[0]["partition"], stops[0]["offset"]) == (s.topics.transactions, bad, offset)
     assert stops[0]["batch_end"] == offset + 3 and stops[0]["log_level"] == "error"
     assert (await committed(s)).get(bad) == offset
+
+
+async def test_a_worker_restart_after_the_stop_decides_every_record_before_the_batch(
+        engine_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped partition whose worker crashes is re-read from the last batch handed off. Before,
+    it stayed stopped through the rewind: the re-read filled the mailbox before the batch, paused the
+    partition and never resumed it (nor did the watchdog, which leaves a stopped partition alone),
+    so the records between the pause and the batch were neither decided nor committed -- and the
+    runbook's reset past the batch would have skipped them. Now the re-read goes on to the batch and
+    stops there again: everything before it decided once, committed up to it, the gauge at 1 all
+    along, the stop logged once."""
+    s = engine_settings.replace(engine={"mailbox_size": 32, "batch_max": 8, "watchdog_s": 5.0},
+                                kafka={"fetch_max_records": 40})
+    bad, n = 0, 100
+    records = transactions(n, prefix="pre")
+    producer = make_producer(s, linger_ms=5)
+    await producer.start()
+    try:
+        for key, value, _ in records:
+            await producer.send(s.topics.transactions, value, key=key, partition=bad)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    offset = await produce_corrupt(s, bad, [(b"u-1", b"x")])
+    assert offset == n
+
+    # The first fetches take everything up to the batch at once, the worker waiting meanwhile: the
+    # stop comes with nothing handed off. The re-read then comes 40 records at a time, and its
+    # worker waits until the mailbox is full: it pauses before the batch.
+    limit = {"max_records": 1000}
+    real_fetch = ingestor_module.fetch
+
+    async def fetch(consumer: Any, *partitions: Any, **options: Any) -> Any:
+        data, found = await real_fetch(consumer, *partitions, **{**options, "max_records": limit["max_records"]})
+        if found is not None:
+            limit["max_records"] = s.kafka.fetch_max_records
+        return data, found
+
+    monkeypatch.setattr(ingestor_module, "fetch", fetch)
+    gate, re_read_paused = asyncio.Event(), asyncio.Event()
+    crash = {"left": 1}
+    real_compute = FeatureStoreActor.compute_staged
+
+    async def compute(self: FeatureStoreActor, txns: Any, partition: int, offsets: Any) -> Any:
+        if partition == bad:
+            await gate.wait()
+            if crash["left"]:
+                crash["left"] -= 1
+                raise RuntimeError("injected worker crash")
+            await re_read_paused.wait()
+        return await real_compute(self, txns, partition, offsets)
+
+    monkeypatch.setattr(FeatureStoreActor, "compute_staged", compute)
+    expected = {t for _, _, t in records}
+    stopped = {"topic": s.topics.transactions, "partition": str(bad)}
+    with capture_logs() as logs:
+        async with running(s) as engine, reading(s, s.topics.predictions) as decided:
+            gauge = engine.metrics.registry.get_sample_value
+            await wait_until(lambda: gauge("fraudactors_partition_unreadable", stopped) == 1, timeout_s=60)
+            part = engine.ingestor._parts[bad]
+            assert part.unreadable == offset and part.tracker.registered_end < 0, "nothing handed off yet"
+            assert limit["max_records"] == s.kafka.fetch_max_records
+            gate.set()  # the worker crashes on its first batch; its restart rewinds to offset 0
+            await wait_until(lambda: engine.ingestor.worker_restarts == 1, timeout_s=30)
+            await wait_until(lambda: part.paused, timeout_s=30)
+            assert part.fetched_end < offset, "paused before the batch"
+            re_read_paused.set()
+            await decided.wait_for(lambda recs: set(ids_of(recs)) >= expected, timeout_s=30)
+            await wait_until(lambda: part.unreadable == offset, timeout_s=30)
+            commits = await wait_committed(s, {bad: offset}, timeout_s=30)
+            assert gauge("fraudactors_partition_unreadable", stopped) == 1
+            assert engine.ingestor.stalls == 0
+    assert commits[bad] == offset, "committed up to the batch, not past it"
+    ids = Counter(ids_of(decided.records))
+    assert set(ids) == expected and max(ids.values()) == 1
+    stops = [e for e in logs if e["event"] == "partition_unreadable"]
+    assert len(stops) == 1, stops
+    assert not [e for e in logs if e["event"] == "partition_readable"], "stopped all along"
+

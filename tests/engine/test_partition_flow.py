@@ -122,3 +122,30 @@ async def test_a_halted_or_closing_partition_takes_nothing_and_a_rewind_resumes_
     p.closing = True  # revoked: the next owner fetches the rest
     assert p.route(items(topic, 13, 15)) is False
     assert p.mailbox.depth == 0
+
+
+async def test_a_rewind_of_a_partition_stopped_at_an_unreadable_batch_resumes_the_re_read_before_it(
+        settings: Settings, consumer: AIOKafkaConsumer) -> None:
+    """A partition stopped at a batch that does not decode, whose worker then crashes, is re-read
+    from the end of the last batch handed off. Before, the rewind left it stopped: a re-read that
+    filled the mailbox before the batch paused it, and draining the mailbox never resumed it -- the
+    records between the pause and the batch were never decided nor committed."""
+    topic = settings.topics.transactions
+    p = partition(consumer, topic, size=4)
+    tp = p.tp
+    assert p.route(items(topic, 0, 4)) is False
+    p.tracker.register(2, None)  # [0, 2) handed off
+    consumer.pause(tp)
+    p.unreadable = 9  # the ingestor stopped it there: [4, 9) lie between the mailbox and the batch
+    p.halt()
+
+    assert p.rewind() == 2
+    assert p.unreadable is None, "not stopped while re-read: the ingestor stops it at the batch again"
+    assert consumer.paused() == set()
+    assert p.route(items(topic, 2, 8)) is True, "the re-read fills the mailbox before the batch"
+    assert consumer.paused() == {tp}
+    assert await drain(p, 4) == [2, 3, 4, 5]
+    p.resume_if_drained()
+    assert consumer.paused() == set(), "resumed: the re-read goes on to the batch"
+    assert not p.paused and paused(p) == 0
+    assert await drain(p, 4) == [6, 7]
