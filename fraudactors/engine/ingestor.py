@@ -19,9 +19,9 @@
   Redis under the hold policy, for the broker while the publisher is held back) are not stalled.
 - A fetched batch that does not decode (bad CRC, unknown codec: :mod:`fraudactors.engine.unreadable`)
   stops its partition at that offset, logged once as ``partition_unreadable`` and shown by the
-  ``fraudactors_partition_unreadable`` gauge; the other partitions carry on. It is not a stall. A
-  worker restart's rewind re-reads the partition up to the batch, flow-controlled as any other, and
-  stops there again; the gauge stays at 1 meanwhile.
+  ``fraudactors_partition_unreadable`` gauge; the other partitions carry on. It is not a stall (a
+  failed publish of the records before it is). A worker restart's rewind re-reads the partition up
+  to the batch, flow-controlled as any other, and stops there again; the gauge stays at 1 meanwhile.
 """
 
 from __future__ import annotations
@@ -275,8 +275,10 @@ class Ingestor:
         waiting = self._features.holding or self._publisher.held_back
         lag = self.lag()
         for p, s in self._parts.items():
+            if s.tracker.failed is not None:  # stopped or not: the records handed off are read again
+                self._stall(f"partition {p}: publishing failed: {s.tracker.failed!r}")
             if s.unreadable is not None:
-                continue  # stopped at a batch that does not decode: waits for the operator
+                continue  # stopped at a batch that does not decode: its lag waits for the operator
             mark = (s.position, s.tracker.done_end)  # fetching or finishing: either is progress
             if waiting or mark != s.progress_mark or lag.get(p, 0) == 0:
                 s.progress_mark = mark
@@ -284,8 +286,6 @@ class Ingestor:
             elif now - s.progress_at > limit:
                 self._stall(f"partition {p} made no progress for {now - s.progress_at:.1f}s "
                             f"with {lag.get(p, 0)} records waiting")
-            if s.tracker.failed is not None:
-                self._stall(f"partition {p}: publishing failed: {s.tracker.failed!r}")
 
     def _stall(self, reason: str) -> None:
         self.stalls += 1

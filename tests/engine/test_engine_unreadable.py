@@ -228,3 +228,58 @@ async def test_a_worker_restart_after_the_stop_decides_every_record_before_the_b
     assert len(stops) == 1, stops
     assert not [e for e in logs if e["event"] == "partition_readable"], "stopped all along"
 
+
+async def test_a_failed_publish_before_the_batch_restarts_the_consumer_and_is_decided_again(
+        engine_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog leaves a stopped partition's lag alone, but not a publish that failed for good:
+    the records it held are read again only by a new consumer. Before, the stop was checked first
+    and the failure never acted on: those records were never decided, the commit stayed below them."""
+    s = engine_settings
+    bad, n = 0, 60
+    records = transactions(n, prefix="pre")
+    producer = make_producer(s, linger_ms=5)
+    await producer.start()
+    try:
+        for key, value, _ in records:
+            await producer.send(s.topics.transactions, value, key=key, partition=bad)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    offset = await produce_corrupt(s, bad, [(b"u-1", b"x")])
+    gate = asyncio.Event()  # the worker waits for the stop: its batches are handed off after it
+    real_compute = FeatureStoreActor.compute_staged
+
+    async def compute(self: FeatureStoreActor, txns: Any, partition: int, offsets: Any) -> Any:
+        await gate.wait()
+        return await real_compute(self, txns, partition, offsets)
+
+    monkeypatch.setattr(FeatureStoreActor, "compute_staged", compute)
+    expected = {t for _, _, t in records}
+    stopped = {"topic": s.topics.transactions, "partition": str(bad)}
+    failed: list[int] = []
+    with capture_logs() as logs:
+        async with running(s) as engine, reading(s, s.topics.predictions) as decided:
+            publisher = engine.publisher
+            real_send = publisher.send_many
+
+            async def send_many(messages: Any) -> asyncio.Future[None]:
+                if not failed and messages:
+                    failed.append(len(messages))  # this batch never reaches the broker
+                    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    lost.set_exception(RuntimeError("the broker refused the batch"))
+                    return lost
+                return await real_send(messages)
+
+            publisher.send_many = send_many  # type: ignore[method-assign]
+            gauge = engine.metrics.registry.get_sample_value
+            await wait_until(lambda: gauge("fraudactors_partition_unreadable", stopped) == 1, timeout_s=60)
+            assert engine.ingestor._parts[bad].unreadable == offset
+            gate.set()
+            await wait_until(lambda: engine.ingestor.stalls > 0, timeout_s=30)
+            await decided.wait_for(lambda recs: set(ids_of(recs)) >= expected, timeout_s=60)
+            commits = await wait_committed(s, {bad: offset}, timeout_s=30)
+            await wait_until(lambda: gauge("fraudactors_partition_unreadable", stopped) == 1, timeout_s=30)
+    assert failed, "a batch before the corrupt one failed"
+    assert commits[bad] == offset, "committed up to the batch, not past it"
+    stalls = [e["reason"] for e in logs if e["event"] == "consumer_stalled"]
+    assert len(stalls) == 1 and "publishing failed" in stalls[0], stalls
