@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, MutableMapping
+import time
+from collections.abc import Hashable, Iterable, MutableMapping
 from typing import Any
 
 import orjson
@@ -88,3 +89,20 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
 
 def get_logger(**context: Any) -> Any:
     return structlog.get_logger("fraudactors").bind(**context)
+
+
+class Every:
+    """Whether a line about ``key`` is due: at most one per ``interval_s`` per key -- a failure
+    that repeats on every batch or flush is said once a minute per kind, not once per try."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval = interval_s
+        self._last: dict[Hashable, float] = {}
+
+    def due(self, key: Hashable) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            return False
+        self._last[key] = now
+        return True

@@ -44,7 +44,7 @@ import numpy as np
 from fraudactors.actors import Mailbox, Request, ask
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
-from fraudactors.logging import get_logger
+from fraudactors.logging import Every, get_logger
 from fraudactors.settings import Settings
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class FeatureStoreActor:
         # degraded-mode decisions to apply to the state once Redis is back, in arrival order
         self._backlog: deque[tuple[Transaction, int, int]] = deque()
         self._backlog_max = settings.redis.backlog_max
-        self._rejected_logged: dict[str, float] = {}
+        self._rejected_logged = Every(_REJECTED_LOG_EVERY_S)
         self._synced: dict[str, int] = {}
         self.mailbox: Mailbox[_FeatureRequest] = Mailbox(_COALESCE_MAX * 2, "feature_store")
         metrics.feature_store_up.set(0)
@@ -297,9 +297,7 @@ class FeatureStoreActor:
     def _refused(self, store: OnlineFeatureStore, txns: Sequence[Transaction],
                  exc: FeatureStoreRejected) -> tuple[np.ndarray, bool]:
         """Redis refused this batch: degraded features, not applied to the state, said once a minute."""
-        now = time.monotonic()
-        if now - self._rejected_logged.get(exc.kind, -_REJECTED_LOG_EVERY_S) >= _REJECTED_LOG_EVERY_S:
-            self._rejected_logged[exc.kind] = now
+        if self._rejected_logged.due(exc.kind):
             self._log.error("feature_store_rejected", kind=exc.kind, error=str(exc), records=len(txns))
         self._metrics.feature_store_errors.labels(exc.kind).inc()
         self._metrics.state_skipped.labels(exc.kind).inc(len(txns))

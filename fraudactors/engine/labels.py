@@ -35,6 +35,7 @@ label from counting twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import deque
@@ -66,7 +67,7 @@ from fraudactors.features import scripts
 from fraudactors.features.keys import KeyLayout
 from fraudactors.features.schema import label_merchant
 from fraudactors.features.store import KEEP_LABEL_MS, store_error
-from fraudactors.logging import get_logger
+from fraudactors.logging import Every, get_logger
 from fraudactors.settings import Settings
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ OUTCOMES_PER_USER = 64
 # (KEEP_LABEL_MS behind the user's newest label): scripts.RECORD_PLACEMENTS.
 PLACEMENTS_PER_USER = 256
 _UNAVAILABLE = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
+_REFUSED_LOG_EVERY_S = 60.0
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
@@ -157,7 +159,9 @@ class OutcomeRecorder:
         self.dropped = 0
         self._redis: Any = None
         self._scripts: Any = None
+        self._errors = _redis_errors()
         self._log = get_logger(actor="outcomes")
+        self._refused_logged = Every(_REFUSED_LOG_EVERY_S)
 
     def record(self, txns: Sequence[Transaction], scored: Sequence[Scored]) -> None:
         """Called by the feature workers, synchronously, once per batch."""
@@ -250,16 +254,14 @@ class OutcomeRecorder:
         return client
 
     async def run(self, task_status: Any) -> None:
-        errors = _redis_errors()
+        errors = self._errors
         client = self.connect()
         task_status.started()
         try:
             while True:
                 await asyncio.sleep(_FLUSH_S)
-                try:
+                with contextlib.suppress(*errors):  # counted and said by flush; sent again next time
                     await self.flush()
-                except errors as exc:
-                    self._log.debug("outcomes_flush_failed", error=repr(exc), buffered=len(self._buffer))
         finally:
             await asyncio.shield(self._final_flush(client, errors))
 
@@ -281,8 +283,29 @@ class OutcomeRecorder:
             await client.aclose()
 
     async def flush(self) -> None:
-        await self._flush_outcomes()
-        await self._flush_ledger()
+        part = "outcomes"
+        try:
+            await self._flush_outcomes()
+            part = "ledger"
+            await self._flush_ledger()
+        except self._errors as exc:
+            self._flush_failed(part, exc)
+            raise
+
+    def _flush_failed(self, part: str, exc: BaseException) -> None:
+        """Count a failed flush (``fraudactors_outcome_flush_failures_total{part,kind}``). Redis
+        refusing it (a key of the wrong type, out of memory) is said once a minute per part and
+        kind: what was refused is sent again as it is (a ledger payload is applied once by its
+        number), refused again until an operator acts, and what is newer waits behind it."""
+        error = exc if isinstance(exc, FeatureStoreRejected | FeatureStoreUnavailable) else store_error(exc, part)
+        kind = error.kind if isinstance(error, FeatureStoreRejected) else "unavailable"
+        self._metrics.outcome_flush_failures.labels(part, kind).inc()
+        if kind == "unavailable":
+            self._log.debug("outcomes_flush_failed", part=part, error=repr(exc), buffered=len(self._buffer))
+        elif self._refused_logged.due((part, kind)):
+            self._log.error("outcomes_flush_refused", part=part, kind=kind, error=str(exc),
+                            buffered=len(self._buffer),
+                            ledger_payload=self._sending[0] if self._sending is not None else None)
 
     async def _flush_ledger(self) -> None:
         """The ledger's increments as numbered payloads, one at a time. A payload whose call failed

@@ -121,6 +121,11 @@ class EngineMetrics:
             "fraudactors_labels_unplaced",
             "Labels counted in no merchant's risk: their decision is forgotten and they name no merchant_id.",
             registry=r)
+        self.outcome_flush_failures = Counter(
+            "fraudactors_outcome_flush_failures",
+            "Failed flushes of the outcome recorder, by part (outcomes: the decisions' lists; ledger: an "
+            "A/B ledger payload) and kind (unavailable; refused: oom, wrongtype, script, invalid).",
+            ["part", "kind"], registry=r)
         self.label_flips = Counter(
             "fraudactors_label_flips",
             "Labels that overturned the standing verdict of their transaction (latest labeled_at wins).",

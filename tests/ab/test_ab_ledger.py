@@ -337,3 +337,55 @@ return false"""
         assert await client.llen(recorder.keys.outcomes("u0")) == 1
     finally:
         await recorder._final_flush(recorder._redis, ())
+
+
+async def test_a_ledger_payload_redis_refuses_is_kept_counted_and_said_once_a_minute(
+        client: aioredis.Redis, settings: Settings) -> None:
+    """A payload Redis refuses (a key of the ledger's with the wrong type) is sent again as it is at
+    every flush, refused again, and what is newer waits behind it. Before, nothing showed it but a
+    debug line per try; now each failure is counted by part and kind (the alert's metric) and the
+    refusal is logged at error level once a minute. Once the key is mended it is applied, once."""
+    from structlog.testing import capture_logs
+
+    from fraudactors.engine.labels import OutcomeRecorder
+    from fraudactors.engine.metrics import EngineMetrics
+
+    metrics = EngineMetrics()
+    recorder = OutcomeRecorder(settings, metrics)
+    redis = recorder.connect()
+    bucket = 1_700_000_000 // BUCKET_S
+    key = recorder.ledger_keys.bucket(bucket, "d:A/v1")
+
+    def decide(n: int) -> None:
+        recorder.deltas.add(bucket, "d:A/v1", "n", n)
+        recorder.deltas.saw(bucket * BUCKET_S)
+
+    def failures(kind: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "fraudactors_outcome_flush_failures_total", {"part": "ledger", "kind": kind})
+
+    try:
+        await client.hset(recorder.ledger_keys.clock, "x", "1")  # the ledger's clock key, wrong type
+        decide(1)
+        with capture_logs() as logs:
+            for n in (10, 100):
+                with pytest.raises(aioredis.ResponseError, match="WRONGTYPE"):
+                    await recorder.flush()
+                assert recorder._sending is not None and recorder._sending[0] == 1, "kept, with its number"
+                decide(n)  # waits behind it
+            with pytest.raises(aioredis.ResponseError, match="WRONGTYPE"):
+                await recorder.flush()
+        assert failures("wrongtype") == 3
+        refused = [e for e in logs if e["event"] == "outcomes_flush_refused"]
+        assert [(e["log_level"], e["part"], e["kind"], e["ledger_payload"]) for e in refused] == [
+            ("error", "ledger", "wrongtype", 1)], "once a minute per part and kind, not once per try"
+        assert "WRONGTYPE" in refused[0]["error"]
+
+        await client.delete(recorder.ledger_keys.clock)  # mended
+        await recorder.flush()
+        assert int(await client.hget(key, "n") or 0) == 111
+        assert recorder._sending is None and not recorder.deltas
+        assert failures("wrongtype") == 3 and failures("unavailable") is None
+    finally:
+        await client.delete(recorder.ledger_keys.clock)
+        await recorder._final_flush(redis, ())
