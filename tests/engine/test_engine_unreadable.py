@@ -283,3 +283,32 @@ async def test_a_failed_publish_before_the_batch_restarts_the_consumer_and_is_de
     assert commits[bad] == offset, "committed up to the batch, not past it"
     stalls = [e["reason"] for e in logs if e["event"] == "consumer_stalled"]
     assert len(stalls) == 1 and "publishing failed" in stalls[0], stalls
+
+
+async def test_a_stop_outlives_a_re_read_up_to_the_batch_and_ends_past_it(settings: Settings) -> None:
+    """Stopped again at the same batch (a re-read after a rewind): the gauge stays, no second line.
+    Records read past the batch (a good copy leads now, or it was deleted): the stop ends."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from fraudactors.engine.unreadable import Stopped, Unreadable
+    from fraudactors.logging import get_logger
+
+    gauge = Gauge("unreadable", "test", ["topic", "partition"], registry=CollectorRegistry())
+    consumer = make_consumer(settings, group_id=None, client_id="stopped-test")
+    await consumer.start()
+    try:
+        tp = TopicPartition(settings.topics.transactions, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        stopped = Stopped(gauge, get_logger())
+        found = Unreadable(tp, 5, RuntimeError("bad CRC"), {})
+        with capture_logs() as logs:
+            stopped.stop(consumer, found)
+            stopped.passed(tp, 5)  # the re-read, up to the batch
+            stopped.stop(consumer, found)
+            assert gauge.labels(tp.topic, "0")._value.get() == 1 and consumer.paused() == {tp}
+            stopped.passed(tp, 7)
+        assert [e["event"] for e in logs] == ["partition_unreadable", "partition_readable"]
+        assert stopped.at == {} and next(iter(gauge.collect())).samples == []
+    finally:
+        await consumer.stop()
