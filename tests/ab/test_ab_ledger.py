@@ -4,9 +4,7 @@ resent flush counted once."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -14,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from recorder_faults import flush_failing_while_frozen, flush_until_through
 from redis.crc import key_slot
 
 from fraudactors.ab.ledger import (
@@ -153,7 +152,6 @@ async def test_a_ledger_flush_whose_reply_a_frozen_redis_lost_counts_once_after_
     redis-py's own retries of the timed-out call more)."""
     from fraudactors.engine.labels import OutcomeRecorder
     from fraudactors.engine.metrics import EngineMetrics
-    from fraudactors.features.redis_client import CLIENT_ERRORS
 
     recorder = OutcomeRecorder(settings.replace(redis={"url": fresh_redis.url}), EngineMetrics())
     client = recorder.connect()
@@ -172,26 +170,13 @@ async def test_a_ledger_flush_whose_reply_a_frozen_redis_lost_counts_once_after_
         decide(1)
         await recorder.flush()  # the connection open, the script loaded
         decide(10)
-        pid = fresh_redis.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            with pytest.raises((*CLIENT_ERRORS, OSError)):
-                await recorder.flush()
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        await flush_failing_while_frozen(recorder, fresh_redis.pid)
         async with asyncio.timeout(10):
             # the request Redis held has run: the reply was lost, not the call (polling Redis: no event)
             while await counted() < 11:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         decide(100)  # recorded while the payload is in doubt: goes in a payload of its own, after it
-        async with asyncio.timeout(20):
-            while True:
-                try:
-                    await recorder.flush()
-                    break
-                except (*CLIENT_ERRORS, OSError):
-                    await asyncio.sleep(0.1)
+        await flush_until_through(recorder)
         assert await counted() == 111
         assert not recorder.deltas and recorder._sending is None
         assert await probe.exists(recorder.ledger_keys.writer(recorder._writer))
@@ -213,7 +198,6 @@ async def test_an_outcome_flush_whose_reply_a_frozen_redis_lost_lists_each_decis
     from fraudactors.engine.inference import Scored
     from fraudactors.engine.labels import OutcomeRecorder
     from fraudactors.engine.metrics import EngineMetrics
-    from fraudactors.features.redis_client import CLIENT_ERRORS
     from fraudactors.features.schema import Transaction, format_timestamp
 
     recorder = OutcomeRecorder(settings.replace(redis={"url": fresh_redis.url}), EngineMetrics())
@@ -229,21 +213,8 @@ async def test_an_outcome_flush_whose_reply_a_frozen_redis_lost_lists_each_decis
         decide(0)
         await recorder.flush()  # the connection open, the scripts loaded
         decide(len(users))
-        pid = fresh_redis.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            with pytest.raises((*CLIENT_ERRORS, OSError)):
-                await recorder.flush()
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        async with asyncio.timeout(20):
-            while True:
-                try:
-                    await recorder.flush()
-                    break
-                except (*CLIENT_ERRORS, OSError):
-                    await asyncio.sleep(0.1)
+        await flush_failing_while_frozen(recorder, fresh_redis.pid)
+        await flush_until_through(recorder)
         for i, user in enumerate(users):
             listed = [entry.split(b"\x1f", 1)[0] for entry in await client.lrange(recorder.keys.outcomes(user), 0, -1)]
             assert listed == [f"t{len(users) + i}".encode(), f"t{i}".encode()], user

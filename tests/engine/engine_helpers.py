@@ -364,3 +364,37 @@ def nan_model(models_dir: Path, root: Path, version: str = "v3-nan") -> Path:
     meta["sha256"] = sha256_file(directory / "model.onnx")
     (directory / "metadata.json").write_text(json.dumps(meta))
     return directory
+
+
+def fail_first_publish(publisher: Any) -> list[int]:
+    """Make ``publisher``'s next non-empty ``send_many`` fail for good (its acknowledgement future
+    fails: the batch never reaches the broker); the list returned gets that batch's size."""
+    real = publisher.send_many
+    failed: list[int] = []
+
+    async def send_many(messages: Any) -> asyncio.Future[None]:
+        if not failed and messages:
+            failed.append(len(messages))
+            lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            lost.set_exception(RuntimeError("the broker refused the batch"))
+            return lost
+        return await real(messages)
+
+    publisher.send_many = send_many
+    return failed
+
+
+async def produce_before_corrupt(settings: Settings, partition: int, n: int,
+                                 prefix: str) -> tuple[list[tuple[bytes, bytes, str]], int]:
+    """``n`` transactions on ``partition`` of the transactions topic, then a batch that does not
+    decode; returns the transactions and the batch's offset."""
+    records = transactions(n, prefix=prefix)
+    producer = make_producer(settings, linger_ms=5)
+    await producer.start()
+    try:
+        for key, value, _ in records:
+            await producer.send(settings.topics.transactions, value, key=key, partition=partition)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return records, await produce_corrupt(settings, partition, [(b"u-1", b"x")])

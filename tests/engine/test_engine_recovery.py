@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
-from engine_helpers import committed, produce, reading, running, transactions, wait_until
+from engine_helpers import committed, fail_first_publish, produce, reading, running, transactions, wait_until
 
 from fraudactors.engine.engine import Engine
 from fraudactors.settings import Settings
@@ -75,19 +75,7 @@ async def test_a_batch_the_broker_never_acknowledged_restarts_the_consumer_and_i
     txns = transactions(600, prefix="unacked")
     ids = {t for _, _, t in txns}
     async with running(s) as engine, reading(s, s.topics.predictions) as reader:
-        publisher = engine.publisher
-        real = publisher.send_many
-        failed: list[int] = []
-
-        async def send_many(messages: Any) -> asyncio.Future[None]:
-            if not failed and messages:
-                failed.append(len(messages))  # this batch never reaches the broker
-                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                lost.set_exception(RuntimeError("the broker refused the batch"))
-                return lost
-            return await real(messages)
-
-        publisher.send_many = send_many  # type: ignore[method-assign]
+        failed = fail_first_publish(engine.publisher)
         await produce(s, [(k, v) for k, v, _ in txns])
         await wait_until(lambda: engine.ingestor.stalls > 0, timeout_s=30)
         await reader.wait_for(lambda recs: ids <= {orjson.loads(r.value)["transaction_id"] for r in recs},

@@ -15,6 +15,8 @@ import pytest
 from aiokafka import TopicPartition
 from engine_helpers import (
     committed,
+    fail_first_publish,
+    produce_before_corrupt,
     produce_corrupt,
     reading,
     running,
@@ -163,16 +165,7 @@ async def test_a_worker_restart_after_the_stop_decides_every_record_before_the_b
     s = engine_settings.replace(engine={"mailbox_size": 32, "batch_max": 8, "watchdog_s": 5.0},
                                 kafka={"fetch_max_records": 40})
     bad, n = 0, 100
-    records = transactions(n, prefix="pre")
-    producer = make_producer(s, linger_ms=5)
-    await producer.start()
-    try:
-        for key, value, _ in records:
-            await producer.send(s.topics.transactions, value, key=key, partition=bad)
-        await producer.flush()
-    finally:
-        await producer.stop()
-    offset = await produce_corrupt(s, bad, [(b"u-1", b"x")])
+    records, offset = await produce_before_corrupt(s, bad, n, prefix="pre")
     assert offset == n
 
     # The first fetches take everything up to the batch at once, the worker waiting meanwhile: the
@@ -236,16 +229,7 @@ async def test_a_failed_publish_before_the_batch_restarts_the_consumer_and_is_de
     and the failure never acted on: those records were never decided, the commit stayed below them."""
     s = engine_settings
     bad, n = 0, 60
-    records = transactions(n, prefix="pre")
-    producer = make_producer(s, linger_ms=5)
-    await producer.start()
-    try:
-        for key, value, _ in records:
-            await producer.send(s.topics.transactions, value, key=key, partition=bad)
-        await producer.flush()
-    finally:
-        await producer.stop()
-    offset = await produce_corrupt(s, bad, [(b"u-1", b"x")])
+    records, offset = await produce_before_corrupt(s, bad, n, prefix="pre")
     gate = asyncio.Event()  # the worker waits for the stop: its batches are handed off after it
     real_compute = FeatureStoreActor.compute_staged
 
@@ -256,21 +240,9 @@ async def test_a_failed_publish_before_the_batch_restarts_the_consumer_and_is_de
     monkeypatch.setattr(FeatureStoreActor, "compute_staged", compute)
     expected = {t for _, _, t in records}
     stopped = {"topic": s.topics.transactions, "partition": str(bad)}
-    failed: list[int] = []
     with capture_logs() as logs:
         async with running(s) as engine, reading(s, s.topics.predictions) as decided:
-            publisher = engine.publisher
-            real_send = publisher.send_many
-
-            async def send_many(messages: Any) -> asyncio.Future[None]:
-                if not failed and messages:
-                    failed.append(len(messages))  # this batch never reaches the broker
-                    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                    lost.set_exception(RuntimeError("the broker refused the batch"))
-                    return lost
-                return await real_send(messages)
-
-            publisher.send_many = send_many  # type: ignore[method-assign]
+            failed = fail_first_publish(engine.publisher)
             gauge = engine.metrics.registry.get_sample_value
             await wait_until(lambda: gauge("fraudactors_partition_unreadable", stopped) == 1, timeout_s=60)
             assert engine.ingestor._parts[bad].unreadable == offset

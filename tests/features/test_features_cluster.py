@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from recorder_faults import flush_failing_while_frozen, flush_until_through
 from redis.crc import key_slot
 from test_features_state import Started
 
@@ -138,7 +139,6 @@ async def test_an_outcome_flush_that_fails_on_a_frozen_master_lists_each_decisio
     from fraudactors.engine.inference import Scored
     from fraudactors.engine.labels import OutcomeRecorder
     from fraudactors.engine.metrics import EngineMetrics
-    from fraudactors.features.redis_client import CLIENT_ERRORS
 
     recorder = OutcomeRecorder(on(cluster), EngineMetrics())
     client = recorder.connect()
@@ -152,22 +152,8 @@ async def test_an_outcome_flush_that_fails_on_a_frozen_master_lists_each_decisio
         decide(0)
         await recorder.flush()  # connections to every master open, the slot map known
         decide(len(users))
-        pid = cluster.nodes[1].pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            with pytest.raises((*CLIENT_ERRORS, OSError)):
-                await recorder.flush()
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        for _ in range(100):
-            try:
-                await recorder.flush()
-                break
-            except (*CLIENT_ERRORS, OSError):
-                await asyncio.sleep(0.1)
-        else:
-            pytest.fail("the outcome flush never went through after the master thawed")
+        await flush_failing_while_frozen(recorder, cluster.nodes[1].pid)
+        await flush_until_through(recorder)
         for i, user in enumerate(users):
             listed = [entry.split(b"\x1f", 1)[0] for entry in await client.lrange(recorder.keys.outcomes(user), 0, -1)]
             assert listed == [f"t{len(users) + i}".encode(), f"t{i}".encode()], user
