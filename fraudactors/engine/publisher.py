@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from fraudactors.actors import last_step
@@ -53,6 +54,9 @@ Message = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]
 _BACKOFF_START_S = 0.05
 _MAX_REQUEST_BYTES = 4 * 1024 * 1024
 _BACKOFF_MAX_S = 2.0
+# The errors that say a record is too large, from the broker (its max.message.bytes) or from the
+# producer itself (over max_request_size): the only ones a dead letter is cut down for.
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 
 def build_producer(settings: Settings) -> AIOKafkaProducer:
@@ -429,16 +433,28 @@ class Publisher:
                 self._retrying -= 1
 
     def _fallback(self, message: Message, exc: BaseException) -> Message:
-        """What to send again after ``exc``: the same message, except a dead letter that can never
-        be accepted as is (too large for the broker): it goes again without its value, saying so,
-        so one poison record cannot stall its partition."""
+        """What to send again after ``exc``: the same message, except a dead letter refused as too
+        large (:data:`_TOO_LARGE`, never a timeout, an authorization or policy error: those are
+        retried unchanged, so a dead letter keeps its bytes through an outage). It goes again
+        without its value, and if that is still too large, without its key too; the length and
+        sha256 of what was dropped are in headers, so the original can be found in the source topic
+        (headers ``source_partition``, ``source_offset``) and one poison record cannot stall its
+        partition."""
         topic, key, value, headers = message
-        retriable = getattr(exc, "retriable", True)
-        if retriable or topic != self._settings.topics.dlq or value is None:
+        if topic != self._settings.topics.dlq or not isinstance(exc, _TOO_LARGE):
             return message
-        self._log.error("dead_letter_value_omitted", error=repr(exc), bytes=len(value))
-        omitted = ("value_omitted", f"{len(value)} bytes not accepted by the broker: {exc!r}"[:500].encode())
-        return (topic, key, None, [*(headers or []), omitted])
+        if value is not None:
+            part, dropped = "value", value
+        elif key is not None:
+            part, dropped = "key", key
+        else:
+            return message  # nothing left to drop: headers alone too large (ours are bounded)
+        self._log.error("dead_letter_part_omitted", part=part, error=repr(exc), bytes=len(dropped))
+        omitted = [(f"{part}_omitted", f"{len(dropped)} bytes not accepted by the broker: {exc!r}"[:500].encode()),
+                   (f"{part}_sha256", hashlib.sha256(dropped).hexdigest().encode())]
+        if part == "value":
+            return (topic, key, None, [*(headers or []), *omitted])
+        return (topic, None, value, [*(headers or []), *omitted])
 
     async def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every batch handed off so far is acknowledged (or failed for good); False

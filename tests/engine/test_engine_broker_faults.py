@@ -182,6 +182,40 @@ async def test_the_publisher_retries_through_a_frozen_broker_and_delivers_everyt
     assert delivered == set(values), "every record delivered (a repeat is allowed)"
 
 
+async def test_a_broker_freeze_longer_than_the_request_timeout_keeps_the_bytes_of_every_dead_letter(
+        settings: Settings, fresh_broker: EmbeddedBroker) -> None:
+    """Frozen past ``request_timeout_ms``, the producer fails the in-flight dead letters with
+    KafkaTimeoutError, which aiokafka marks not retriable (a partition's second sealed batch gives
+    up waiting for the first). That is an outage, not a record too large: every dead letter is
+    sent again as it was, with its original bytes (SPEC §1), and none carries ``value_omitted``."""
+    s = await _on(fresh_broker, settings, request_timeout_ms=1500, linger_ms=5)
+    metrics = EngineMetrics()
+    publisher = Publisher(s, metrics)
+    task = asyncio.create_task(publisher.run(IGNORED))
+    dlq = s.topics.dlq
+    headers = [("error", b"not JSON"), ("stage", b"parse")]
+    originals = [f"original-bytes-{i}".encode() for i in range(6)]
+    try:
+        await asyncio.wait_for(await publisher.send_many([(dlq, b"k", b"warm-up", headers)]), 30)
+        with frozen(fresh_broker):
+            acks = []
+            for value in originals:  # six micro-batches for one key: six sealed batches of one partition
+                acks.append(await publisher.send_many([(dlq, b"k", value, headers)]))
+                await asyncio.sleep(0.05)  # past the linger: each is its own batch
+            # each batch timed out and was sent again at least twice
+            await wait_until(lambda: (metrics.registry.get_sample_value(
+                "fraudactors_publish_retries_total", {"topic": dlq}) or 0) >= 2 * len(originals), timeout_s=30)
+        async with asyncio.timeout(60):
+            await asyncio.gather(*acks)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    records = await _read_all(s, dlq, 1 + len(originals))
+    assert all(r.value is not None and "value_omitted" not in dict(r.headers) for r in records), \
+        [(r.value, dict(r.headers).get("value_omitted")) for r in records]
+    assert {r.value for r in records} == {b"warm-up", *originals}
+
+
 async def test_stopping_the_publisher_while_the_broker_is_frozen_ends_in_time_and_fails_what_is_unacknowledged(
         settings: Settings, fresh_broker: EmbeddedBroker) -> None:
     """The stop path flushes within its deadline, then stops retrying: the unacknowledged batch's

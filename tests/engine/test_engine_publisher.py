@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 
 from fraudactors.actors import IGNORED
 from fraudactors.engine.metrics import EngineMetrics
@@ -260,3 +261,102 @@ def test_the_partitioner_places_keys_as_kafka_does_and_remembers_only_short_ones
     for key in keys * 2:
         assert partitioner(key, partitions, partitions) == reference(key, partitions, partitions)
     assert partitioner.cached_bytes == sum(len(f"c-{i}") for i in range(500))
+
+
+def test_only_a_size_refusal_cuts_a_dead_letter_down_and_the_key_goes_only_after_the_value(
+        settings: Settings) -> None:
+    """A timeout (aiokafka: not retriable), an authorization or a policy refusal leaves the dead
+    letter as it is: it is sent again with its bytes. MESSAGE_TOO_LARGE / RECORD_LIST_TOO_LARGE
+    (the broker's) or MessageSizeTooLargeError (the producer's own max_request_size) drop its
+    value, then, still too large, its key -- each with its length and sha256 in headers. Decisions
+    are never changed."""
+    import hashlib
+
+    from aiokafka.errors import (
+        KafkaTimeoutError,
+        MessageSizeTooLargeError,
+        PolicyViolationError,
+        RecordListTooLargeError,
+        TopicAuthorizationFailedError,
+    )
+
+    publisher = Publisher(settings, EngineMetrics())
+    dlq, predictions = settings.topics.dlq, settings.topics.predictions
+    key, value = b"k" * 3000, b"v" * 5000
+    headers = [("error", b"not JSON"), ("stage", b"parse"), ("source_partition", b"3"), ("source_offset", b"42")]
+    dead = (dlq, key, value, headers)
+    for exc in (KafkaTimeoutError(), TopicAuthorizationFailedError(), PolicyViolationError(), KafkaError("x")):
+        assert publisher._fallback(dead, exc) is dead, exc
+    for exc in (MessageSizeTooLargeError(), RecordListTooLargeError()):
+        assert publisher._fallback((predictions, key, value, None), exc) == (predictions, key, value, None)
+
+    topic, k, v, h = no_value = publisher._fallback(dead, MessageSizeTooLargeError())
+    assert (topic, k, v) == (dlq, key, None)
+    got = dict(h or [])
+    assert got["value_omitted"].startswith(b"5000 bytes not accepted by the broker")
+    assert got["value_sha256"] == hashlib.sha256(value).hexdigest().encode()
+    assert publisher._fallback(no_value, KafkaTimeoutError()) is no_value
+
+    topic, k, v, h = publisher._fallback(no_value, RecordListTooLargeError())
+    assert (topic, k, v) == (dlq, None, None)
+    got = dict(h or [])
+    assert got["key_omitted"].startswith(b"3000 bytes not accepted by the broker")
+    assert got["key_sha256"] == hashlib.sha256(key).hexdigest().encode()
+    assert got["value_sha256"] == hashlib.sha256(value).hexdigest().encode()
+    assert (got["source_partition"], got["source_offset"], got["stage"]) == (b"3", b"42", b"parse")
+
+
+async def test_a_dead_letter_whose_key_alone_is_too_large_is_delivered_without_it(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead letter whose key alone is over the broker's limit (value dropped, still refused) goes
+    without its key too, instead of being retried for ever with its partition's commits frozen."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    limit = 1024 * 1024
+    real_send_batch = AIOKafkaProducer.send_batch
+
+    async def send_batch(self: AIOKafkaProducer, batch: Any, topic: str, *, partition: int) -> Any:
+        if batch.size() > limit:  # the broker's answer for a DLQ topic of max.message.bytes 1 MiB
+            refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            refused.set_exception(MessageSizeTooLargeError())
+            return refused
+        return await real_send_batch(self, batch, topic, partition=partition)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send_batch", send_batch)
+    settings = settings.replace(kafka={"linger_ms": 0})
+    metrics = EngineMetrics()
+    publisher = Publisher(settings, metrics)
+    task = asyncio.create_task(publisher.run(IGNORED))
+    dlq = settings.topics.dlq
+    huge_key = b"K" * (2 * limit)
+    headers = [("error", b"not JSON"), ("stage", b"parse"), ("source_offset", b"7")]
+    try:
+        ack = await publisher.send_many([(dlq, huge_key, b"not json", headers)])
+        async with asyncio.timeout(30):
+            await ack
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert metrics.registry.get_sample_value("fraudactors_publish_retries_total", {"topic": dlq}) == 2
+    assert publisher.pending == 0 and not publisher.held_back
+
+    consumer = make_consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(dlq, p) for p in range(settings.topics.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        found: list[Any] = []
+        async with asyncio.timeout(30):
+            while not found:
+                for recs in (await consumer.getmany(timeout_ms=500)).values():
+                    found.extend(recs)
+    finally:
+        await consumer.stop()
+    (dead,) = found
+    got = dict(dead.headers)
+    assert dead.key is None and dead.value is None
+    assert got["key_omitted"].startswith(str(len(huge_key)).encode() + b" bytes not accepted")
+    assert got["source_offset"] == b"7" and "value_sha256" in got
+
