@@ -340,7 +340,7 @@ class Publisher:
                     self._discard(tp)
                     try:
                         out.append(await producer.send(topic, value, key=key, partition=tp[1], headers=headers))
-                    except KafkaError as exc:
+                    except Exception as exc:  # the record's failure, retried by _confirm
                         out.append(exc)
                     continue
             out.append(batch.delivered)
@@ -387,8 +387,12 @@ class Publisher:
             try:
                 producer = await self._current()
                 fut = await producer.send_batch(batch.builder, topic, partition=partition)
-            except (KafkaError, ActorDied) as exc:
+            except Exception as exc:  # not CancelledError (a BaseException): that ends the sender
+                # any failure (KafkaError, ActorDied, the AssertionError of a partition gone from the
+                # metadata) fails the batch, never the sender: its confirmation retries or fails
                 queue.popleft()
+                if not isinstance(exc, KafkaError | ActorDied):
+                    self._log.error("publish_batch_failed", topic=topic, partition=partition, error=repr(exc))
                 if not batch.delivered.done():
                     batch.delivered.set_exception(exc)
                 continue
@@ -410,7 +414,7 @@ class Publisher:
                         try:
                             await fut
                             exc = None
-                        except KafkaError as e:
+                        except Exception as e:  # every failure is retried (routed again)
                             exc = e
                     if exc is not None:
                         failed.append(self._fallback(message, exc))

@@ -360,3 +360,36 @@ async def test_a_dead_letter_whose_key_alone_is_too_large_is_delivered_without_i
     assert got["key_omitted"].startswith(str(len(huge_key)).encode() + b" bytes not accepted")
     assert got["source_offset"] == b"7" and "value_sha256" in got
 
+
+async def test_a_batch_the_producer_fails_with_any_error_is_retried_and_the_sender_lives_on(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """send_batch asserts its partition is in the metadata (an output topic recreated with fewer
+    partitions): that AssertionError fails the batch, whose confirmation retries it -- it does
+    not end the partition's sender with the batch's future never resolved."""
+    from aiokafka import AIOKafkaProducer
+
+    real_send_batch = AIOKafkaProducer.send_batch
+    failures = [AssertionError()]
+
+    async def send_batch(self: AIOKafkaProducer, batch: Any, topic: str, *, partition: int) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real_send_batch(self, batch, topic, partition=partition)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send_batch", send_batch)
+    settings = settings.replace(kafka={"linger_ms": 0})
+    metrics = EngineMetrics()
+    publisher = Publisher(settings, metrics)
+    task = asyncio.create_task(publisher.run(IGNORED))
+    topic = settings.topics.predictions
+    try:
+        ack = await publisher.send_many([(topic, b"u-1", b"decided", None)])
+        async with asyncio.timeout(20):
+            await ack
+        assert metrics.registry.get_sample_value("fraudactors_publish_retries_total", {"topic": topic}) == 1
+        again = await publisher.send_many([(topic, b"u-1", b"decided again", None)])  # same partition's sender
+        async with asyncio.timeout(20):
+            await again
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
