@@ -181,6 +181,11 @@ class EngineSettings:
     # Records per output partition handed to the producer and not yet acknowledged; a full window
     # makes the workers wait (their mailboxes fill, the ingestor pauses partitions). >= batch_max.
     publish_window: int = 4096
+    # Records of an input partition handed to the publisher whose offsets cannot be committed yet
+    # (not acknowledged, or after one that is not); more pauses the partition until half of them
+    # are. Bounds what a publish retried for long holds: memory, the replay log, what a restart
+    # decides again. >= batch_max.
+    max_unacknowledged: int = 8192
     commit_interval_ms: int = 500
     # A commit the broker does not answer within this is given up and retried at the next interval.
     commit_timeout_s: float = 5.0
@@ -206,6 +211,8 @@ class EngineSettings:
         _require(self.inference_workers >= 1, "engine.inference_workers", "must be >= 1")
         _require(self.max_inflight_batches >= 1, "engine.max_inflight_batches", "must be >= 1")
         _require(self.publish_window >= self.batch_max, "engine.publish_window",
+                 f"must be >= engine.batch_max ({self.batch_max}): a micro-batch must fit in it")
+        _require(self.max_unacknowledged >= self.batch_max, "engine.max_unacknowledged",
                  f"must be >= engine.batch_max ({self.batch_max}): a micro-batch must fit in it")
         _require(self.commit_interval_ms > 0, "engine.commit_interval_ms", "must be > 0")
         _require(self.commit_timeout_s > 0, "engine.commit_timeout_s", "must be > 0")

@@ -46,6 +46,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[decision]\nreview_threshold = 0.8\ndecline_threshold = 0.5\n", "decision.review_threshold"),
         ("[decision]\ndecline_threshold = 1.5\n", "decision.decline_threshold"),
         ("[engine]\nbatch_max = 512\npublish_window = 256\n", "engine.publish_window"),
+        ("[engine]\nbatch_max = 512\nmax_unacknowledged = 256\n", "engine.max_unacknowledged"),
         ("[engine]\nrestart_max = -1\n", "engine.restart_max"),
         ("[engine]\nmax_future_skew_s = -1.0\n", "engine.max_future_skew_s"),
         ("[engine]\nwatchdog_s = 0\n", "engine.watchdog_s"),

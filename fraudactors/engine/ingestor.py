@@ -15,8 +15,12 @@
   housekeeping never freezes while the broker does).
 - Watchdog: a poll loop that stops returning, or a partition with records waiting whose finished
   offset does not move for ``watchdog_s``, raises :class:`ConsumerStalled`; the supervisor restarts
-  the ingestor (a new consumer), and /readyz says so meanwhile. Partitions waiting on purpose (for
-  Redis under the hold policy, for the broker while the publisher is held back) are not stalled.
+  the ingestor (a new consumer), and /readyz says so meanwhile. Partitions waiting on purpose (all
+  of them for Redis under the hold policy; one whose worker waits for room in the publish window or
+  whose oldest unacknowledged batch is being sent again, for the broker) are not stalled.
+- A partition with more than ``engine.max_unacknowledged`` records handed off but not committable
+  is paused until half are (:meth:`Partition.hold_if_unacknowledged`); the age of its oldest
+  unacknowledged batch is ``fraudactors_unacknowledged_age_seconds``.
 - A fetched batch that does not decode (bad CRC, unknown codec: :mod:`fraudactors.engine.unreadable`)
   stops its partition at that offset, logged once as ``partition_unreadable`` and shown by the
   ``fraudactors_partition_unreadable`` gauge; the other partitions carry on. It is not a stall (a
@@ -100,6 +104,7 @@ class Ingestor:
         self.running = False
         self.worker_restarts = 0
         self.pauses = 0
+        self.holds = 0  # partitions paused for too many unacknowledged records
         self.housekeeping_passes = 0
         self._workers: Supervisor | None = None  # the feature workers' supervisor, one per run
         self._committing: dict[int, int] = {}  # the offsets of the commit awaiting the broker
@@ -231,8 +236,14 @@ class Ingestor:
         state.unreadable = found.offset  # what came before it goes on to the worker
 
     def _resume_drained(self) -> None:
+        limit = self._settings.engine.max_unacknowledged
         for state in self._parts.values():
             state.resume_if_drained()
+            if state.hold_if_unacknowledged(limit):
+                self.holds += 1
+                self._log.warning("partition_held_unacknowledged", partition=state.number,
+                                  records=state.tracker.outstanding, limit=limit,
+                                  oldest_s=round(state.tracker.oldest_age(time.monotonic()), 1))
 
     async def _housekeeping(self, consumer: AIOKafkaConsumer, poll: asyncio.Task[None]) -> None:
         """Periodic commits, gauges and the watchdog."""
@@ -261,8 +272,10 @@ class Ingestor:
         metrics = self._metrics
         for p, lag in self.lag().items():
             metrics.consumer_lag.labels(str(p)).set(lag)
+        now = time.monotonic()
         for s in self._parts.values():
             metrics.mailbox_depth.labels(s.child_id).set(s.mailbox.depth)
+            metrics.unacknowledged_age.labels(str(s.number)).set(s.tracker.oldest_age(now))
 
     def _watchdog(self, now: float) -> None:
         limit = self._settings.engine.watchdog_s
@@ -270,9 +283,10 @@ class Ingestor:
             return
         if now - self.last_poll > limit:
             self._stall(f"poll loop made no call for {now - self.last_poll:.1f}s")
-        # Partitions that wait on purpose -- for Redis (hold policy), for the broker (a full publish
-        # window, sends being retried) -- are not stalled: a new consumer would not help them.
-        waiting = self._features.holding or self._publisher.held_back
+        # Partitions that wait on purpose -- all for Redis (hold policy); one for the broker (its
+        # worker waits for room in the publish window, or the batch its commits wait for is being
+        # sent again) -- are not stalled: a new consumer would not help them.
+        holding = self._features.holding
         lag = self.lag()
         for p, s in self._parts.items():
             if s.tracker.failed is not None:  # stopped or not: the records handed off are read again
@@ -280,7 +294,7 @@ class Ingestor:
             if s.unreadable is not None:
                 continue  # stopped at a batch that does not decode: its lag waits for the operator
             mark = (s.position, s.tracker.done_end)  # fetching or finishing: either is progress
-            if waiting or mark != s.progress_mark or lag.get(p, 0) == 0:
+            if holding or s.waits_on(self._publisher) or mark != s.progress_mark or lag.get(p, 0) == 0:
                 s.progress_mark = mark
                 s.progress_at = now
             elif now - s.progress_at > limit:
@@ -377,13 +391,16 @@ class Ingestor:
             self._log.warning("feature_worker_restarted", partition=state.number, start=state.starts + 1,
                               position=position)
         state.starts += 1
-        worker = FeatureWorker(state.number, state.mailbox, state.tracker, settings=self._settings,
-                               metrics=self._metrics, stages=self._stages)
+        worker = state.worker = FeatureWorker(state.number, state.mailbox, state.tracker, settings=self._settings,
+                                              metrics=self._metrics, stages=self._stages)
         try:
             await worker.run(task_status)
         except Exception:
             state.halt()
             raise
+        finally:
+            if state.worker is worker:
+                state.worker = None
 
     async def revoke(self, tps: list[TopicPartition]) -> None:
         states = [self._parts[tp.partition] for tp in tps if tp.partition in self._parts

@@ -98,7 +98,12 @@ class EngineMetrics:
         self.actor_restarts = Counter(
             "fraudactors_actor_restarts", "Actor restarts by the supervisors.", ["actor"], registry=r)
         self.partition_paused = Gauge(
-            "fraudactors_partition_paused", "1 while a partition is paused because its worker is full.",
+            "fraudactors_partition_paused", "1 while a partition is paused by backpressure: its worker "
+            "is full, or too many of its records wait for the broker's acknowledgement.",
+            ["partition"], registry=r)
+        self.unacknowledged_age = Gauge(
+            "fraudactors_unacknowledged_age_seconds", "Age of the partition's oldest batch handed to "
+            "the publisher and not yet acknowledged by the broker (0: none); its commits wait for it.",
             ["partition"], registry=r)
         self.partition_unreadable = Gauge(
             "fraudactors_partition_unreadable",

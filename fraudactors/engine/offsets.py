@@ -9,18 +9,33 @@ only moves over the longest acknowledged prefix, so a commit never skips an unfi
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+
+
+class _Handed:
+    """One batch handed off: its end offset, size, when, and whether the broker acknowledged it."""
+
+    __slots__ = ("ack", "acked", "end", "records", "since")
+
+    def __init__(self, end: int, records: int, ack: asyncio.Future[None] | None) -> None:
+        self.end = end
+        self.records = records
+        self.since = time.monotonic()
+        self.ack = ack
+        self.acked = ack is None or (ack.done() and not ack.cancelled() and ack.exception() is None)
 
 
 class OffsetTracker:
     """Per-partition bookkeeping of handed-off batches and their broker acknowledgements."""
 
-    __slots__ = ("_committed", "_done_end", "_failed", "_idle", "_pending", "_registered_end", "partition")
+    __slots__ = ("_committed", "_done_end", "_failed", "_idle", "_outstanding", "_pending", "_registered_end",
+                 "partition")
 
     def __init__(self, partition: int, start: int = -1) -> None:
         self.partition = partition
-        # Each entry: [end_offset (last offset + 1), acked flag]
-        self._pending: deque[list[int | bool]] = deque()
+        self._pending: deque[_Handed] = deque()  # the first one, if any, is not acknowledged
+        self._outstanding = 0           # records of the pending batches
         self._done_end = start          # next offset to consume after the acknowledged prefix
         self._registered_end = start    # next offset after the last batch handed to the publisher
         self._committed = start         # last offset committed to the group (a "next offset")
@@ -28,23 +43,24 @@ class OffsetTracker:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def register(self, end_offset: int, ack: asyncio.Future[None] | None) -> None:
-        """A batch whose last offset is ``end_offset - 1`` was handed off; ``ack`` resolves when done."""
+    def register(self, end_offset: int, ack: asyncio.Future[None] | None, records: int = 1) -> None:
+        """A batch of ``records`` whose last offset is ``end_offset - 1`` was handed off; ``ack``
+        resolves when done."""
         if end_offset <= self._registered_end:
             raise ValueError(f"partition {self.partition}: offsets must increase "
                              f"({end_offset} <= {self._registered_end})")
         self._registered_end = end_offset
-        if ack is None or (ack.done() and not ack.cancelled() and ack.exception() is None):
-            entry: list[int | bool] = [end_offset, True]
-            self._pending.append(entry)
+        entry = _Handed(end_offset, records, ack)
+        self._pending.append(entry)
+        self._outstanding += records
+        if entry.acked:
             self._advance()
             return
-        entry = [end_offset, False]
-        self._pending.append(entry)
+        assert ack is not None
         self._idle.clear()
         ack.add_done_callback(lambda fut: self._on_ack(entry, fut))
 
-    def _on_ack(self, entry: list[int | bool], fut: asyncio.Future[None]) -> None:
+    def _on_ack(self, entry: _Handed, fut: asyncio.Future[None]) -> None:
         if fut.cancelled():
             return  # the batch was abandoned (shutdown); its offsets stay uncommitted
         exc = fut.exception()
@@ -52,13 +68,15 @@ class OffsetTracker:
             self._failed = exc
             self._idle.set()  # wake waiters: they see the failure
             return
-        entry[1] = True
+        entry.acked = True
         self._advance()
 
     def _advance(self) -> None:
         pending = self._pending
-        while pending and pending[0][1]:
-            self._done_end = int(pending.popleft()[0])
+        while pending and pending[0].acked:
+            entry = pending.popleft()
+            self._done_end = entry.end
+            self._outstanding -= entry.records
         if not pending:
             self._idle.set()
 
@@ -75,6 +93,20 @@ class OffsetTracker:
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    @property
+    def outstanding(self) -> int:
+        """Records handed off that cannot be committed yet: not acknowledged, or after one that is not."""
+        return self._outstanding
+
+    @property
+    def oldest_ack(self) -> asyncio.Future[None] | None:
+        """The acknowledgement the commits wait for: the oldest batch's not acknowledged (None: none)."""
+        return self._pending[0].ack if self._pending else None
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds since the oldest batch not acknowledged was handed off (0: none)."""
+        return max(0.0, now - self._pending[0].since) if self._pending else 0.0
 
     @property
     def failed(self) -> BaseException | None:

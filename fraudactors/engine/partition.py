@@ -2,7 +2,10 @@
 
 The ingestor routes fetched records into the partition's mailbox. When the mailbox is full the rest
 of a fetch waits in a small overflow and the partition is paused at the consumer -- backpressure at
-the Kafka edge, never a buffer without end -- until the mailbox is half empty again.
+the Kafka edge, never a buffer without end -- until the mailbox is half empty again. It is paused
+the same way while more than ``engine.max_unacknowledged`` of its records are handed to the
+publisher but cannot be committed (a publish being retried holds back those after it), until half
+of them are: what a broker that keeps refusing one record holds stays bounded.
 
 The partition's :class:`FeatureWorker` is a child of the ingestor's worker supervisor. A crashed
 worker halts its partition (no fetching while the supervisor backs off); the restart rewinds it: a
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
@@ -27,7 +31,10 @@ from aiokafka.errors import IllegalStateError
 from fraudactors.actors import Mailbox
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.offsets import OffsetTracker
-from fraudactors.engine.worker import Item
+from fraudactors.engine.worker import FeatureWorker, Item
+
+if TYPE_CHECKING:
+    from fraudactors.engine.publisher import Publisher
 
 
 @dataclass(eq=False)
@@ -39,6 +46,7 @@ class Partition:
     tracker: OffsetTracker
     overflow: list[Item] = field(default_factory=list)
     paused: bool = False    # by backpressure (its mailbox is full)
+    held: bool = False      # by backpressure (too many of its records unacknowledged)
     halted: bool = False    # its worker crashed; the restart rewinds it
     closing: bool = False   # revoked or shutting down: no more records go in
     unreadable: int | None = None  # stopped at this offset by the ingestor: a batch there does not decode
@@ -48,6 +56,7 @@ class Partition:
     progress_mark: tuple[int, int] = (-1, -1)
     progress_at: float = field(default_factory=time.monotonic)
     starts: int = 0         # of its worker
+    worker: FeatureWorker | None = None  # the running one
 
     @property
     def number(self) -> int:
@@ -75,7 +84,8 @@ class Partition:
         if self.paused:
             return False
         self.consumer.pause(self.tp)
-        self._set_paused(True)
+        self.paused = True
+        self._show_paused()
         return True
 
     def resume_if_drained(self) -> None:
@@ -89,9 +99,38 @@ class Partition:
             taken = mailbox.try_put_many(self.overflow)
             del self.overflow[:taken]
         if not self.overflow:
-            if self.unreadable is None:
-                self.consumer.resume(self.tp)
-            self._set_paused(False)
+            self.paused = False
+            self._resume()
+
+    def hold_if_unacknowledged(self, limit: int) -> bool:
+        """Pause the partition while more than ``limit`` of its records handed off cannot be
+        committed yet; resume once at most half of that are. True when this paused it."""
+        outstanding = self.tracker.outstanding
+        if not self.held:
+            if outstanding <= limit or self.closing or self.halted:
+                return False
+            self.consumer.pause(self.tp)
+            self.held = True
+            self._show_paused()
+            return True
+        if outstanding <= limit // 2:
+            self.held = False
+            self._resume()
+        return False
+
+    def waits_on(self, publisher: Publisher) -> bool:
+        """Its progress waits for the broker: its worker waits in ``send_many`` (for room in the
+        publish window), or the batch its commits wait for is being sent again."""
+        if self.worker is not None and self.worker.handing_off:
+            return True
+        ack = self.tracker.oldest_ack
+        return ack is not None and publisher.retrying(ack)
+
+    def _resume(self) -> None:
+        """Fetch again if nothing else keeps the partition paused."""
+        if not (self.paused or self.held or self.closing or self.halted) and self.unreadable is None:
+            self.consumer.resume(self.tp)
+        self._show_paused()
 
     def halt(self) -> None:
         """The worker crashed: stop fetching the partition until its restart rewinds it."""
@@ -115,20 +154,21 @@ class Partition:
             if position >= 0:
                 self.consumer.seek(self.tp, position)
                 self.fetched_end = position
-            self.consumer.resume(self.tp)
+            if not self.held:
+                self.consumer.resume(self.tp)
         self.halted = False
         self.unreadable = None  # the re-read finds the batch again
-        if self.paused:
-            self._set_paused(False)
+        self.paused = False
+        self._show_paused()
         return position
 
     def forget_metrics(self) -> None:
         label = str(self.tp.partition)
         m = self.metrics
-        for gauge, value in ((m.consumer_lag, label), (m.partition_paused, label), (m.mailbox_depth, self.child_id)):
+        for gauge, value in ((m.consumer_lag, label), (m.partition_paused, label), (m.mailbox_depth, self.child_id),
+                             (m.unacknowledged_age, label)):
             with contextlib.suppress(KeyError):
                 gauge.remove(value)
 
-    def _set_paused(self, paused: bool) -> None:
-        self.paused = paused
-        self.metrics.partition_paused.labels(str(self.tp.partition)).set(1 if paused else 0)
+    def _show_paused(self) -> None:
+        self.metrics.partition_paused.labels(str(self.tp.partition)).set(1 if self.paused or self.held else 0)

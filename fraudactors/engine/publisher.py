@@ -140,7 +140,7 @@ class Publisher:
         self._in_flight: dict[_TP, int] = {}
         self._waiters: deque[tuple[asyncio.Future[None], dict[_TP, int]]] = deque()
         self.window_peak = 0  # the most records ever in flight on one partition
-        self._retrying = 0  # batches whose sends failed and are being retried
+        self._retrying: set[asyncio.Future[None]] = set()  # confirmations whose sends failed, being retried
         self._partitioner = KeyPartitioner()
         self._linger_s = settings.kafka.linger_ms / 1000.0
         self._open: dict[_TP, _Batch] = {}  # per partition: the batch records are added to
@@ -157,11 +157,9 @@ class Publisher:
         """Senders waiting for room in the window (the workers held back right now)."""
         return len(self._waiters)
 
-    @property
-    def held_back(self) -> bool:
-        """True while the broker holds the pipeline back: senders wait for room in the window, or
-        sends that failed are being retried."""
-        return bool(self._waiters) or self._retrying > 0
+    def retrying(self, ack: asyncio.Future[None]) -> bool:
+        """True while sends of the batch ``ack`` (from :meth:`send_many`) failed and are retried."""
+        return ack in self._retrying
 
     def window(self) -> dict[_TP, int]:
         """Records in flight per output (topic, partition)."""
@@ -403,6 +401,8 @@ class Publisher:
                        futures: list[asyncio.Future[Any] | BaseException]) -> None:
         backoff = _BACKOFF_START_S
         retrying = False
+        me = asyncio.current_task()
+        assert me is not None
         try:
             while True:
                 failed: list[Message] = []
@@ -425,7 +425,7 @@ class Publisher:
                     raise ActorDied(f"publisher stopped with {len(failed)} unacknowledged records")
                 if not retrying:
                     retrying = True
-                    self._retrying += 1
+                    self._retrying.add(me)
                 self._metrics.publish_retries.labels(failed[0][0]).inc(len(failed))
                 self._log.warning("publish_retry", records=len(failed), error=repr(error), backoff_s=backoff)
                 await asyncio.sleep(backoff)
@@ -434,7 +434,7 @@ class Publisher:
                 futures = await self._send(messages)
         finally:
             if retrying:
-                self._retrying -= 1
+                self._retrying.discard(me)
 
     def _fallback(self, message: Message, exc: BaseException) -> Message:
         """What to send again after ``exc``: the same message, except a dead letter refused as too

@@ -121,6 +121,7 @@ class FeatureWorker:
         self._log = get_logger(actor="feature_worker", partition=partition)
         self.batches = 0
         self.last_progress = time.monotonic()
+        self.handing_off = False  # waiting in send_many: for room in the publish window, or metadata
 
     async def run(self, task_status: Any) -> None:
         """Supervised child. Cancellation lets the batches in hand finish (bounded), then stops."""
@@ -293,8 +294,12 @@ class FeatureWorker:
                 metrics.dlq.labels(stage).inc(count)
         t2 = time.perf_counter()
         items = batch.items
-        ack = await self._publisher.send_many(messages)
-        self.tracker.register(items[-1][0].offset + 1, ack)
+        self.handing_off = True
+        try:
+            ack = await self._publisher.send_many(messages)
+        finally:
+            self.handing_off = False
+        self.tracker.register(items[-1][0].offset + 1, ack, records=len(items))
         metrics.stage_latency.labels("publish").observe(time.perf_counter() - t2)
         if not ack.done():
             # end_to_end: the batch's oldest arrival at the ingestor -> acknowledged by the broker

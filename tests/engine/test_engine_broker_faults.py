@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import TopicPartition
-from engine_helpers import produce, reading, running, transactions, wait_committed, wait_until
+from engine_helpers import committed, produce, reading, running, transactions, wait_committed, wait_until
 
 from fraudactors.actors import IGNORED
 from fraudactors.engine.metrics import EngineMetrics
@@ -239,3 +239,68 @@ async def test_stopping_the_publisher_while_the_broker_is_frozen_ends_in_time_an
         assert ack.done()
         assert ack.cancelled() or isinstance(ack.exception(), Exception)
         assert publisher.window() == {}
+
+
+async def test_a_dead_letter_refused_for_long_pauses_only_its_partition_and_bounds_what_waits(
+        engine_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker refuses the dead-letter topic (an authorization taken away) while one partition
+    gets a bad record and then a steady stream of good ones. The dead letter is retried with its
+    bytes; its partition goes on deciding only until ``engine.max_unacknowledged`` records wait
+    behind it, then is paused -- not deciding without end while nothing can be committed (memory,
+    the replay log, what a restart decides again). The watchdog excuses that partition only, the
+    age of its oldest unacknowledged batch shows the wait, and once the refusal is lifted
+    everything is delivered and committed."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import TopicAuthorizationFailedError
+    from aiokafka.partitioner import murmur2
+
+    limit, batch, mailbox, fetch = 64, 16, 32, 50
+    s = engine_settings.replace(
+        kafka={"fetch_max_records": fetch},
+        engine={"max_unacknowledged": limit, "batch_max": batch, "mailbox_size": mailbox, "watchdog_s": 2.0,
+                "commit_interval_ms": 200})
+    dlq, partitions = s.topics.dlq, s.topics.partitions
+    refusing = True
+    real_send_batch = AIOKafkaProducer.send_batch
+
+    async def send_batch(self: AIOKafkaProducer, builder: Any, topic: str, *, partition: int) -> Any:
+        if topic == dlq and refusing:
+            refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            refused.set_exception(TopicAuthorizationFailedError())
+            return refused
+        return await real_send_batch(self, builder, topic, partition=partition)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send_batch", send_batch)
+
+    def partition_of(key: bytes) -> int:
+        return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+    txns = [t for t in transactions(6000, users=3000, prefix="refused") if partition_of(t[0]) == 0][:400]
+    poison = (txns[0][0], b"not json at all")
+    async with running(s) as engine, reading(s, s.topics.predictions) as decided:
+        ingestor, registry = engine.ingestor, engine.metrics.registry
+        (poison_at,) = (await produce(s, [poison])).values()  # its end offset
+        poison_at -= 1
+        ends = await produce(s, [(k, v) for k, v, _ in txns])
+        await wait_until(lambda: ingestor.holds >= 1, timeout_s=60)
+        part = ingestor._parts[0]
+        tracker = part.tracker
+        # Held past the watchdog: no stall, the age shows it, the other partitions are not excused.
+        await wait_until(lambda: (registry.get_sample_value(
+            "fraudactors_unacknowledged_age_seconds", {"partition": "0"}) or 0) > 3 * 2.0, timeout_s=30)
+        assert ingestor.stalls == 0, ingestor.stalled_reason
+        assert part.waits_on(engine.publisher) and part.held
+        assert registry.get_sample_value("fraudactors_partition_paused", {"partition": "0"}) == 1
+        assert not any(q.waits_on(engine.publisher) for n, q in ingestor._parts.items() if n != 0)
+        # Bounded: the limit, plus what was fetched before the pause (mailbox, a fetch's overflow).
+        bound = limit + mailbox + fetch + batch
+        assert tracker.outstanding <= bound, tracker.outstanding
+        assert len(decided.records) <= bound < len(txns)
+        assert (await committed(s)).get(0, -1) <= poison_at, "nothing committed past the dead letter"
+
+        refusing = False
+        await decided.wait_for(lambda recs: set(ids_of(recs)) >= {t for _, _, t in txns}, timeout_s=120)
+        assert await wait_committed(s, ends, timeout_s=60) == ends
+        assert not part.held and ingestor.stalls == 0
+    dead = await _read_all(s, dlq, 1)
+    assert [(r.key, r.value) for r in dead] == [poison], "retried with its bytes, not cut down"

@@ -115,3 +115,27 @@ async def test_a_waiter_already_waiting_sees_a_failed_ack_at_once() -> None:
     # Done within those turns, not at its hour-long timeout, and it reports the failure.
     assert waiter.done()
     assert waiter.result() is False
+
+
+async def test_outstanding_records_and_the_oldest_unacknowledged_batch() -> None:
+    """What holds back the commits: the records of every batch from the oldest one not
+    acknowledged on, that batch's acknowledgement and how long it has waited."""
+    loop = asyncio.get_running_loop()
+    tracker = OffsetTracker(0)
+    assert tracker.outstanding == 0 and tracker.oldest_ack is None and tracker.oldest_age(loop.time()) == 0.0
+    first: asyncio.Future[None] = loop.create_future()
+    second: asyncio.Future[None] = loop.create_future()
+    tracker.register(10, first, records=10)
+    tracker.register(14, second, records=4)
+    tracker.register(20, None, records=6)
+    assert tracker.outstanding == 20 and tracker.oldest_ack is first
+    import time
+
+    assert 0.0 <= tracker.oldest_age(time.monotonic()) < 5.0
+    assert tracker.oldest_age(time.monotonic() + 100) >= 100
+    second.set_result(None)
+    await asyncio.sleep(0)
+    assert tracker.outstanding == 20 and tracker.oldest_ack is first, "acknowledged behind one that is not"
+    first.set_result(None)
+    await asyncio.sleep(0)
+    assert tracker.outstanding == 0 and tracker.oldest_ack is None and tracker.done_end == 20

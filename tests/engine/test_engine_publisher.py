@@ -339,7 +339,7 @@ async def test_a_dead_letter_whose_key_alone_is_too_large_is_delivered_without_i
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert metrics.registry.get_sample_value("fraudactors_publish_retries_total", {"topic": dlq}) == 2
-    assert publisher.pending == 0 and not publisher.held_back
+    assert publisher.pending == 0 and publisher.window() == {} and not publisher.retrying(ack)
 
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()

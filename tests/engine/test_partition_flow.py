@@ -149,3 +149,55 @@ async def test_a_rewind_of_a_partition_stopped_at_an_unreadable_batch_resumes_th
     assert consumer.paused() == set(), "resumed: the re-read goes on to the batch"
     assert not p.paused and paused(p) == 0
     assert await drain(p, 4) == [6, 7]
+
+
+async def test_too_many_unacknowledged_records_pause_the_partition_until_half_are_acknowledged(
+        settings: Settings, consumer: AIOKafkaConsumer) -> None:
+    """A batch the broker does not acknowledge holds back the commits of every batch after it:
+    past the limit the partition is paused (what a publish retried for long holds stays bounded),
+    and fetches again once at most half the limit waits -- unless its mailbox keeps it paused."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    topic = settings.topics.transactions
+    p = partition(consumer, topic, size=4)
+    tp = p.tp
+    refused: asyncio.Future[None] = loop.create_future()  # retried by the publisher, for now
+    p.tracker.register(10, refused, records=10)
+    later = [loop.create_future() for _ in range(3)]
+    for i, ack in enumerate(later):
+        ack.set_result(None)  # acknowledged, but behind the refused one: not committable
+        p.tracker.register(15 + 5 * i, ack, records=5)
+    assert p.tracker.outstanding == 25 and p.tracker.oldest_ack is refused
+    assert p.hold_if_unacknowledged(limit=25) is False and consumer.paused() == set()
+    p.tracker.register(30, None, records=5)
+    assert p.hold_if_unacknowledged(limit=25) is True
+    assert p.held and consumer.paused() == {tp} and paused(p) == 1
+    assert p.hold_if_unacknowledged(limit=25) is False, "paused once"
+
+    # its mailbox fills meanwhile, then drains: still held
+    assert p.route(items(topic, 30, 36)) is True
+    await drain(p, 4)
+    p.resume_if_drained()
+    await drain(p, 2)
+    p.resume_if_drained()
+    assert not p.paused and p.held and consumer.paused() == {tp} and paused(p) == 1
+
+    refused.set_result(None)  # acknowledged at last: everything is committable
+    await asyncio.sleep(0)
+    assert p.tracker.outstanding == 0 and p.tracker.done_end == 30 and p.tracker.oldest_ack is None
+    assert p.hold_if_unacknowledged(limit=25) is False
+    assert not p.held and consumer.paused() == set() and paused(p) == 0
+
+    # held and paused by its mailbox: the release does not resume it, the drain does
+    stuck: asyncio.Future[None] = loop.create_future()
+    p.tracker.register(60, stuck, records=30)
+    assert p.hold_if_unacknowledged(limit=25) is True
+    assert p.route(items(topic, 36, 42)) is True
+    stuck.set_result(None)
+    await asyncio.sleep(0)
+    assert p.hold_if_unacknowledged(limit=25) is False and not p.held
+    assert consumer.paused() == {tp} and paused(p) == 1
+    await drain(p, 6)
+    p.resume_if_drained()
+    assert consumer.paused() == set() and paused(p) == 0
