@@ -59,7 +59,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 import orjson
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 
 from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.features import scripts
@@ -106,6 +113,9 @@ _MAX_LABELS_PER_CALL = 1000
 _IO_ERRORS: tuple[type[BaseException], ...] = (*CLIENT_ERRORS, OSError, TimeoutError)
 # Replies that mean "not now" rather than "never": a busy, loading or failing-over server.
 _TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK")
+# The same replies as redis-py's own classes, which strip the reply's first word (MovedError is an
+# AskError, MasterDownError a ClusterDownError): a failover or a slot move, not a refusal.
+_TRANSIENT_ERRORS = (ReadOnlyError, AskError, TryAgainError, ClusterDownError)
 _OFFSET = struct.Struct(">q")
 _VECTOR_BYTES = 4 * N_FEATURES
 # A replay-log member: the record's offset (big-endian) and its feature vector (float32, native)
@@ -114,7 +124,7 @@ _MEMBER = np.dtype([("offset", ">i8"), ("vector", np.float32, (N_FEATURES,))])
 
 def store_error(exc: BaseException, what: str) -> FeatureStoreUnavailable | FeatureStoreRejected:
     """The store's error for a Redis failure: unavailable (retry later) or rejected (deterministic)."""
-    if isinstance(exc, ResponseError):
+    if isinstance(exc, ResponseError) and not isinstance(exc, _TRANSIENT_ERRORS):
         message = str(exc)
         if not message.startswith(_TRANSIENT_REPLIES):
             head = message.split(" ", 1)[0]

@@ -785,3 +785,37 @@ async def test_users_stored_by_the_former_release_keep_their_history_and_feature
     assert_parity(online, offline_features(txns)[half:])
     for user_id in {t.user_id for t in txns[half:]}:
         assert (await client.get(store.keys.user(user_id)))[:1] == b"\x04"
+
+
+@pytest.mark.parametrize("reply", ["MOVED 3999 127.0.0.1:6381", "ASK 3999 127.0.0.1:6381", "TRYAGAIN Multiple keys",
+                                   "CLUSTERDOWN The cluster is down", "MASTERDOWN Link with MASTER is down"])
+async def test_a_cluster_in_motion_is_an_outage_not_a_refusal(reply: str) -> None:
+    """Replies a cluster gives while it moves slots or fails over change on retry: the store must
+    keep the batch for later (outage), never decide it degraded and drop its state write (refusal).
+    redis-py turns them into its own error classes and strips the reply's first word."""
+    from redis._parsers.base import BaseParser
+
+    from fraudactors.features.store import store_error
+
+    assert isinstance(store_error(BaseParser.parse_error(reply), "write"), FeatureStoreUnavailable)
+
+
+async def test_a_write_a_replica_refuses_as_read_only_is_an_outage_not_a_refusal(
+        redis_server: EmbeddedRedis, fresh_redis: Any) -> None:
+    """A former master that became a replica (a failover the client has not seen yet) answers
+    READONLY: the write is kept for later, as in an outage. Before, it was a refusal: the batch was
+    decided degraded and its state write skipped for good, and a label's placement record dropped."""
+    from redis.exceptions import ResponseError
+
+    from fraudactors.features.store import store_error
+
+    replica = aioredis.Redis.from_url(fresh_redis.url)
+    host, _, port = redis_server.url.removeprefix("redis://").split("/")[0].rpartition(":")
+    try:
+        await replica.execute_command("REPLICAOF", host, port)
+        with pytest.raises(ResponseError) as refused:
+            await replica.eval("return redis.call('SET', KEYS[1], '1')", 1, "k")
+        assert isinstance(store_error(refused.value, "write"), FeatureStoreUnavailable), refused.value
+    finally:
+        await replica.execute_command("REPLICAOF", "NO", "ONE")
+        await replica.aclose()
