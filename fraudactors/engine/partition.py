@@ -120,11 +120,13 @@ class Partition:
 
     def waits_on(self, publisher: Publisher) -> bool:
         """Its progress waits for the broker: its worker waits in ``send_many`` (for room in the
-        publish window), or the batch its commits wait for is being sent again."""
+        publish window), or the batch its commits wait for is being sent again, or it is held for
+        that batch's acknowledgement (the producer retries a request for up to its request timeout
+        before the publisher hears of a failure: a new consumer would not bring it sooner)."""
         if self.worker is not None and self.worker.handing_off:
             return True
         ack = self.tracker.oldest_ack
-        return ack is not None and publisher.retrying(ack)
+        return ack is not None and (self.held or publisher.retrying(ack))
 
     def _resume(self) -> None:
         """Fetch again if nothing else keeps the partition paused."""

@@ -201,3 +201,30 @@ async def test_too_many_unacknowledged_records_pause_the_partition_until_half_ar
     await drain(p, 6)
     p.resume_if_drained()
     assert consumer.paused() == set() and paused(p) == 0
+
+
+async def test_a_partition_held_for_its_oldest_acknowledgement_waits_on_the_broker(
+        settings: Settings, consumer: AIOKafkaConsumer) -> None:
+    """Held past ``max_unacknowledged`` while its oldest batch is still in the producer's first
+    attempt (the publisher hears of a failure only after the request timeout): the partition waits
+    on the broker, so the watchdog excuses it. Before, only a batch already being sent again was
+    excused: a held partition's position stood still and a new consumer was started every
+    ``watchdog_s``, deciding its records again and resetting the age the alert waits on."""
+    import asyncio
+
+    from fraudactors.engine.publisher import Publisher
+
+    loop = asyncio.get_running_loop()
+    publisher = Publisher(settings, EngineMetrics())
+    p = partition(consumer, settings.topics.transactions, size=4)
+    first: asyncio.Future[None] = loop.create_future()  # in the producer's first attempt
+    p.tracker.register(10, first, records=10)
+    assert not p.waits_on(publisher), "a batch on its way is no wait while the partition fetches"
+    p.tracker.register(30, None, records=20)
+    assert p.hold_if_unacknowledged(limit=25) is True
+    assert not publisher.retrying(first)
+    assert p.waits_on(publisher), "held for the acknowledgement: waiting on the broker"
+    first.set_result(None)
+    await asyncio.sleep(0)
+    assert p.hold_if_unacknowledged(limit=25) is False and not p.held
+    assert not p.waits_on(publisher)
