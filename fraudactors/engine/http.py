@@ -32,6 +32,7 @@ _LINGER_S = 1.0  # after an early answer (401, 408, 413), how long the unread re
 _SHUTDOWN_S = 2.0  # requests in flight when the server stops
 
 Response = tuple[int, str, bytes]  # status, content type, body
+_RETRY_AFTER_S = "1"  # the Retry-After of a 503 from POST /predict
 
 
 class Endpoints(Protocol):
@@ -140,7 +141,10 @@ class HttpServer:
             return _closing(_json(408, {"error": f"body not received within {self.settings.body_timeout_s:g} s"}))
         except web.HTTPRequestEntityTooLarge:  # chunked: no Content-Length to refuse it by
             return _closing(_json(413, {"error": f"body over {MAX_BODY} bytes"}))
-        return _response(await self._endpoints.predict(body))
+        status, content_type, answer = await self._endpoints.predict(body)
+        # every 503 of /predict is passing: models loading, an actor restarting, the store's reads busy
+        return web.Response(status=status, body=answer, headers={"Content-Type": content_type, **(
+            {"Retry-After": _RETRY_AFTER_S} if status == 503 else {})})
 
     def _authorized(self, request: web.Request) -> bool:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")

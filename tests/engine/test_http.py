@@ -32,6 +32,8 @@ class StubEngine:
         return 503, _JSON, b'{"ready":false}'
 
     async def predict(self, body: bytes) -> Response:
+        if body == b"busy":
+            return 503, _JSON, b'{"error":"feature store busy"}'
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -298,6 +300,15 @@ async def test_routes_answer_as_before_and_metrics_are_the_registry_in_text_form
         assert (status, headers["allow"]) == (405, "POST") and orjson.loads(body)["error"]
         status, _, body = await exchange(server.port, request("GET", "/nowhere"))
         assert status == 404 and orjson.loads(body)["error"]
+
+
+async def test_a_503_of_predict_tells_the_caller_when_to_retry() -> None:
+    """/predict's 503s are passing (the store's reads busy, models loading): Retry-After says so."""
+    async with serving() as server:
+        status, headers, body = await exchange(server.port, request("POST", "/predict", b"busy"))
+        assert (status, headers["retry-after"], orjson.loads(body)) == (503, "1", {"error": "feature store busy"})
+        status, headers, _ = await exchange(server.port, request("POST", "/predict", b'{"amount": 1}'))
+        assert status == 200 and "retry-after" not in headers
 
 
 async def test_predict_needs_the_bearer_token_when_one_is_configured_and_the_probes_do_not() -> None:
