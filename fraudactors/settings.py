@@ -146,6 +146,10 @@ class RedisSettings:
     # one instance), `cluster_nodes` more startup nodes ("host:port") in case that one is down.
     cluster: bool = False
     cluster_nodes: tuple[str, ...] = ()
+    # Connections at most in each client's pool (per node on a cluster): the stream path's client,
+    # the labels', the A/B ledger's and the PING client each have one; POST /predict has its own,
+    # of http.max_store_reads. Ours, not whatever the redis-py version defaults to.
+    max_connections: int = 100
 
     def validate(self) -> None:
         _require(self.url.startswith(("redis://", "rediss://", "unix://")), "redis.url",
@@ -154,6 +158,7 @@ class RedisSettings:
         _require(self.socket_timeout_ms > 0, "redis.socket_timeout_ms", "must be > 0")
         _require(self.retry_interval_ms > 0, "redis.retry_interval_ms", "must be > 0")
         _require(self.backlog_max >= 0, "redis.backlog_max", "must be >= 0")
+        _require(self.max_connections >= 1, "redis.max_connections", "must be >= 1")
         for node in self.cluster_nodes:
             host, _, port = node.rpartition(":")
             _require(bool(host) and port.isdigit(), "redis.cluster_nodes", f"'{node}' is not host:port")
@@ -331,6 +336,11 @@ class HttpSettings:
     body_timeout_s: float = 10.0
     # Open connections at most; one more is answered 503 and closed.
     max_connections: int = 256
+    # POST /predict reads the online state over its own Redis connections, this many at most (so a
+    # flood of requests never takes the stream path's); one more waits for a free one up to
+    # store_read_wait_ms, then is answered 503 with Retry-After.
+    max_store_reads: int = 32
+    store_read_wait_ms: int = 500
     # When set, POST /predict needs "Authorization: Bearer <token>" (401 otherwise); the probes
     # and /metrics stay open. Give it as FRAUDACTORS_HTTP__PREDICT_TOKEN (a Secret), not in a file.
     predict_token: str = field(default="", repr=False)
@@ -340,6 +350,8 @@ class HttpSettings:
         _require(self.header_timeout_s > 0, "http.header_timeout_s", "must be > 0")
         _require(self.body_timeout_s > 0, "http.body_timeout_s", "must be > 0")
         _require(self.max_connections >= 1, "http.max_connections", "must be >= 1")
+        _require(self.max_store_reads >= 1, "http.max_store_reads", "must be >= 1")
+        _require(self.store_read_wait_ms > 0, "http.store_read_wait_ms", "must be > 0")
         if self.predict_token:
             _require(len(self.predict_token) >= _MIN_TOKEN_LENGTH, "http.predict_token",
                      f"must be at least {_MIN_TOKEN_LENGTH} characters (or empty: no token)")

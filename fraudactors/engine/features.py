@@ -29,6 +29,12 @@ grow by themselves (each user lives in one partition, and a worker has at most o
 flight, so mixing partitions keeps every user's records in order). The callers get their features
 once the read and the transition are done, and score them while the actor makes the call's
 state write; the actor serves the next call only after it (see :meth:`FeatureStoreActor._serve`).
+
+POST /predict reads (:meth:`FeatureStoreActor.peek`) go over a client of their own, of
+``http.max_store_reads`` connections, never the stream path's: a flood of requests cannot take the
+connections every card payment needs. As many reads as that pool holds run at once; the others
+wait for a slot up to ``http.store_read_wait_ms`` and are then refused as busy (503), not scored
+degraded: Redis is healthy, the engine is at capacity.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import numpy as np
 
 from fraudactors.actors import Mailbox, Request, ask
 from fraudactors.engine.metrics import EngineMetrics
-from fraudactors.errors import FeatureStoreRejected, FeatureStoreUnavailable
+from fraudactors.errors import BackpressureTimeout, FeatureStoreRejected, FeatureStoreUnavailable
 from fraudactors.logging import Every, get_logger
 from fraudactors.settings import Settings
 
@@ -108,6 +114,10 @@ class FeatureStoreActor:
         self._settings = settings
         self._metrics = metrics
         self.store: OnlineFeatureStore | None = None
+        # POST /predict's reads: their own pool, as many at once as it holds (see the module doc)
+        self._peeker: OnlineFeatureStore | None = None
+        self._reads = asyncio.Semaphore(settings.http.max_store_reads)
+        self._read_wait_s = settings.http.store_read_wait_ms / 1000.0
         self._reader: Any = None  # a second client: tells a slow Redis from a hung or gone one
         self._up = asyncio.Event()
         self._down = asyncio.Event()
@@ -167,6 +177,12 @@ class FeatureStoreActor:
         except _UNAVAILABLE as exc:
             self._mark_down(exc)
         self.store = store
+        peeker = OnlineFeatureStore(self._settings, max_connections=self._settings.http.max_store_reads)
+        try:
+            await peeker.open()
+        except _UNAVAILABLE:
+            pass  # usable anyway: it connects on its first read (health is the stream path's to say)
+        self._peeker = peeker
         from fraudactors.features.redis_client import make_client
 
         # A second client for the PING that tells a slow Redis from a hung or gone one.
@@ -183,7 +199,10 @@ class FeatureStoreActor:
             self._up.clear()
             self._metrics.feature_store_up.set(0)
             reader, self._reader = self._reader, None
+            peeker, self._peeker = self._peeker, None
             await asyncio.shield(store.close())
+            if peeker is not None:
+                await asyncio.shield(peeker.close())
             if reader is not None:
                 await asyncio.shield(reader.aclose())
 
@@ -513,17 +532,30 @@ class FeatureStoreActor:
     async def peek(self, txns: Sequence[Transaction]) -> tuple[np.ndarray, bool]:
         """Features from the current online state WITHOUT updating it (for POST /predict).
 
-        The same definition and the same store as the stream path (one read, no write);
-        transaction-only (degraded) while Redis is unreachable. A failed read degrades this
-        request only: the stream path decides about the store's health.
+        The same definition and the same state as the stream path (one read, no write), over
+        /predict's own connections; transaction-only (degraded) while Redis is unreachable. A
+        failed read degrades this request only: the stream path decides about the store's health.
+        Raises :class:`BackpressureTimeout` (retriable) when no read slot came free within
+        ``http.store_read_wait_ms``.
         """
-        store = self.store
+        store = self._peeker
         assert store is not None, "feature store actor not started"
         if self._up.is_set():
             try:
-                return await store.peek(txns), False
+                async with asyncio.timeout(self._read_wait_s):
+                    await self._reads.acquire()
+            except TimeoutError:
+                self._metrics.predict_store_busy.inc()
+                raise BackpressureTimeout(
+                    f"feature store busy: all {self._settings.http.max_store_reads} /predict reads in use "
+                    f"for {self._settings.http.store_read_wait_ms} ms") from None
+            try:
+                if self._up.is_set():  # Redis may have gone down during the wait
+                    return await store.peek(txns), False
             except (*_UNAVAILABLE, *_redis_errors()) as exc:
                 self._log.warning("predict_features_degraded", error=repr(exc))
+            finally:
+                self._reads.release()
         return store.compute_degraded(txns), True
 
 

@@ -158,6 +158,10 @@ class EngineMetrics:
             "fraudactors_feature_store_slow",
             "Feature batches retried because Redis answered too late while still alive (load, not outage).",
             registry=r)
+        self.predict_store_busy = Counter(
+            "fraudactors_predict_store_busy",
+            "POST /predict requests answered 503: every http.max_store_reads Redis read was in use "
+            "for http.store_read_wait_ms.", registry=r)
         self.commits = Counter("fraudactors_commits", "Offset commits.", registry=r)
         # the state path (docs/architecture.md, "State and its invariants")
         self.feature_store_errors = Counter(

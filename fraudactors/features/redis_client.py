@@ -58,11 +58,16 @@ def _connection(url: str) -> dict[str, Any]:
     return {"connection_class": PackedConnection} if urlsplit(url).scheme == "redis" else {}
 
 
-def make_client(settings: Settings, timeout_s: float, *, retry: bool = False) -> Any:
+def make_client(settings: Settings, timeout_s: float, *, retry: bool = False,
+                max_connections: int | None = None) -> Any:
     """A client with ``timeout_s`` for connects and replies; ``retry=False``: never re-send by itself
-    (a write whose reply was lost may have been applied: the caller decides)."""
+    (a write whose reply was lost may have been applied: the caller decides). Its pool holds
+    ``max_connections`` (default ``redis.max_connections``) at most, per node on a cluster: one
+    call more is refused at once (``MaxConnectionsError``), so a caller that can have more calls in
+    flight bounds them itself."""
     cfg = settings.redis
-    common: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    common: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+                              "max_connections": max_connections or cfg.max_connections}
     if not retry:
         common["retry"] = Retry(NoBackoff(), 0)
     if not cfg.cluster:
@@ -117,10 +122,11 @@ class ScriptRunner:
     """
 
     def __init__(self, client: Any, cluster: bool, scripts: dict[str, str], settings: Settings | None = None,
-                 timeout_s: float = 1.0) -> None:
+                 timeout_s: float = 1.0, max_connections: int | None = None) -> None:
         import hashlib
 
         self._client = client
+        self._max_connections = max_connections or (settings.redis.max_connections if settings else None)
         self.cluster = cluster
         self._settings = settings
         self._timeout_s = timeout_s
@@ -216,5 +222,5 @@ class ScriptRunner:
             client = self._nodes[node.name] = aioredis.Redis.from_url(
                 address, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s,
                 retry=Retry(NoBackoff(), 0), decode_responses=False, health_check_interval=0,
-                **_connection(address))
+                max_connections=self._max_connections, **_connection(address))
         return client

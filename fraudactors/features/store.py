@@ -264,8 +264,11 @@ def _group(groups: dict[str, _G], tag: str, kind: type[_G]) -> _G:
 class OnlineFeatureStore:
     """Redis-backed online features; see the module doc for keys, round trips and invariants."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, max_connections: int | None = None) -> None:
+        """``max_connections``: of its Redis pool (per node on a cluster); ``redis.max_connections``
+        by default."""
         self._settings = settings
+        self._max_connections = max_connections or settings.redis.max_connections
         cfg = settings.redis
         self.keys = KeyLayout(cfg.key_prefix)
         self._ttl = cfg.ttl_s
@@ -292,11 +295,11 @@ class OnlineFeatureStore:
         The client stays usable after a failed open: later calls reconnect by themselves.
         """
         if self._redis is None:
-            self._redis = make_client(self._settings, self._timeout_s)
+            self._redis = make_client(self._settings, self._timeout_s, max_connections=self._max_connections)
             self._scripts = ScriptRunner(self._redis, self._cluster, {
                 "read": scripts.READ_BATCH, "write": scripts.WRITE_BATCH, "labels": scripts.APPLY_LABELS,
                 "claim": scripts.CLAIM},
-                self._settings, self._timeout_s)
+                self._settings, self._timeout_s, self._max_connections)
         try:
             await self._redis.ping()
             if self._cluster:
