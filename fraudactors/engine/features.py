@@ -40,6 +40,7 @@ degraded: Redis is healthy, the engine is at capacity.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 
 # Errors that mean "Redis is not there right now" even if the store did not wrap them.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (FeatureStoreUnavailable, ConnectionError, OSError, TimeoutError)
+_REFUSED: tuple[type[BaseException], ...] = (FeatureStoreRejected,)
 _RETRY_PAUSE_S = 0.02
 _ALIVE_CACHE_S = 0.1
 _REJECTED_LOG_EVERY_S = 60.0
@@ -168,29 +170,28 @@ class FeatureStoreActor:
         from fraudactors.features.store import OnlineFeatureStore
 
         store = OnlineFeatureStore(self._settings)
-        try:
-            await store.open()
-            if await self._ping(store):
-                self._mark_up()
-            else:
-                self._mark_down(FeatureStoreUnavailable("ping failed"))
-        except _UNAVAILABLE as exc:
-            self._mark_down(exc)
-        self.store = store
         peeker = OnlineFeatureStore(self._settings, max_connections=self._settings.http.max_store_reads)
-        try:
-            await peeker.open()
-        except _UNAVAILABLE:
-            pass  # usable anyway: it connects on its first read (health is the stream path's to say)
-        self._peeker = peeker
-        from fraudactors.features.redis_client import make_client
+        reader: Any = None
+        try:  # everything opened here is closed in the finally, a stop during start-up included
+            with contextlib.suppress(*_UNAVAILABLE):
+                await peeker.open()  # usable anyway: it connects on its first read
+            self._peeker = peeker  # before the store can be marked up: /predict reads through it
+            try:
+                await store.open()
+                if await self._ping(store):
+                    self._mark_up()
+                else:
+                    self._mark_down(FeatureStoreUnavailable("ping failed"))
+            except _UNAVAILABLE as exc:
+                self._mark_down(exc)
+            self.store = store
+            from fraudactors.features.redis_client import make_client
 
-        # A second client for the PING that tells a slow Redis from a hung or gone one.
-        self._reader = make_client(self._settings, self._timeout_s)
-        if self.mailbox.failed:  # a restart after a crash: the old mailbox failed its callers
-            self.mailbox = Mailbox(self.mailbox.maxsize, self.mailbox.name)
-        task_status.started()
-        try:
+            # A second client for the PING that tells a slow Redis from a hung or gone one.
+            reader = self._reader = make_client(self._settings, self._timeout_s)
+            if self.mailbox.failed:  # a restart after a crash: the old mailbox failed its callers
+                self.mailbox = Mailbox(self.mailbox.maxsize, self.mailbox.name)
+            task_status.started()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._serve(store))
                 tasks.create_task(self._probe(store))
@@ -198,11 +199,10 @@ class FeatureStoreActor:
             self.mailbox.fail(FeatureStoreUnavailable("feature store actor stopped"))
             self._up.clear()
             self._metrics.feature_store_up.set(0)
-            reader, self._reader = self._reader, None
-            peeker, self._peeker = self._peeker, None
+            self._reader = None
+            self._peeker = None  # /predict answers from transaction-only features meanwhile
             await asyncio.shield(store.close())
-            if peeker is not None:
-                await asyncio.shield(peeker.close())
+            await asyncio.shield(peeker.close())
             if reader is not None:
                 await asyncio.shield(reader.aclose())
 
@@ -538,8 +538,6 @@ class FeatureStoreActor:
         Raises :class:`BackpressureTimeout` (retriable) when no read slot came free within
         ``http.store_read_wait_ms``.
         """
-        store = self._peeker
-        assert store is not None, "feature store actor not started"
         if self._up.is_set():
             try:
                 async with asyncio.timeout(self._read_wait_s):
@@ -550,13 +548,20 @@ class FeatureStoreActor:
                     f"feature store busy: all {self._settings.http.max_store_reads} /predict reads in use "
                     f"for {self._settings.http.store_read_wait_ms} ms") from None
             try:
-                if self._up.is_set():  # Redis may have gone down during the wait
+                store = self._peeker  # taken after the wait: the actor may have restarted meanwhile
+                if store is not None and self._up.is_set():  # Redis may have gone down meanwhile
                     return await store.peek(txns), False
-            except (*_UNAVAILABLE, *_redis_errors()) as exc:
+            except (*_UNAVAILABLE, *_redis_errors(), *_REFUSED) as exc:  # this request degraded only
                 self._log.warning("predict_features_degraded", error=repr(exc))
             finally:
                 self._reads.release()
-        return store.compute_degraded(txns), True
+        return _degraded(txns), True
+
+
+def _degraded(txns: Sequence[Transaction]) -> np.ndarray:
+    from fraudactors.features.store import OnlineFeatureStore
+
+    return OnlineFeatureStore.compute_degraded(txns)
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:

@@ -304,5 +304,6 @@ def _response(response: Response) -> web.Response:
 def _raw(status: int, reason: str, error: str) -> bytes:
     """A whole response written before aiohttp has a request to answer."""
     body = orjson.dumps({"error": error})
+    retry = f"Retry-After: {_RETRY_AFTER_S}\r\n" if status == 503 else ""
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {_JSON}\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + body
+            f"{retry}Connection: close\r\n\r\n").encode() + body

@@ -643,7 +643,8 @@ class OnlineFeatureStore:
             self.stale_refused_total += stale
             self._log.warning("stale_writer_refused", users=stale, written=written)
 
-    def compute_degraded(self, txns: Sequence[Transaction]) -> np.ndarray:
+    @staticmethod
+    def compute_degraded(txns: Sequence[Transaction]) -> np.ndarray:
         """Transaction-only features (Redis down): see ``definition.transaction_only_features``."""
         if not txns:
             return np.empty((0, N_FEATURES), dtype=np.float32)

@@ -243,6 +243,7 @@ async def test_one_connection_over_the_cap_gets_503_and_a_freed_slot_is_reused()
             finally:
                 writer.close()
             assert sent.startswith(b"HTTP/1.1 503 ")
+            assert b"\r\nRetry-After: 1\r\n" in sent.split(b"\r\n\r\n", 1)[0] + b"\r\n", sent
             held[0][1].close()
             await wait_until(lambda: server.connections == 1, timeout_s=GENEROUS_S)
             assert (await exchange(server.port, request("GET", "/healthz")))[0] == 200

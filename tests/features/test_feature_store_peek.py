@@ -6,15 +6,19 @@ as busy (a retriable error: 503 on /predict), not answered degraded."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
 from structlog.testing import capture_logs
-from test_features_state import running_actor, txn
+from test_features_state import Started, running_actor, txn
 from test_features_store import T0
 
+from fraudactors.engine.features import FeatureStoreActor
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.errors import BackpressureTimeout
 from fraudactors.features.schema import Transaction
@@ -100,3 +104,55 @@ async def test_a_predict_read_past_its_wait_is_refused_as_busy_and_counted(
         assert (await first)[1] is False
         assert (await actor.peek([txn("p2", "u1", "m", T0)]))[1] is False
         assert metrics.registry.get_sample_value("fraudactors_predict_store_busy_total") == 1.0
+
+
+async def test_predict_reads_while_the_actor_restarts_are_answered_degraded(peek_settings: Settings) -> None:
+    """Between a stop of the feature store actor and its restart (the supervisor's back-off),
+    /predict answers from transaction-only features, as while Redis is down. Before, the read
+    found no client of its own and raised an AssertionError: a 500 without Retry-After."""
+    async with running_actor(peek_settings, EngineMetrics()) as actor:
+        assert actor.up
+    txns = [txn("r0", "u0", "m", T0)]
+    features, degraded = await actor.peek(txns)  # stopped: not yet restarted
+    assert degraded
+    assert np.array_equal(features, OnlineFeatureStore.compute_degraded(txns))
+
+
+async def test_a_stop_during_start_up_closes_both_clients(
+        peek_settings: Settings, fresh_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped while it opens its clients (Redis frozen: the first reply never comes), the actor
+    closes what it opened. Before, the stream path's store and /predict's were opened before the
+    part that closes them: a stop there left both clients open."""
+
+
+
+    opened: list[OnlineFeatureStore] = []
+    closed: list[OnlineFeatureStore] = []
+    real_open, real_close = OnlineFeatureStore.open, OnlineFeatureStore.close
+
+    async def open_(self: OnlineFeatureStore) -> None:
+        opened.append(self)
+        await real_open(self)
+
+    async def close(self: OnlineFeatureStore) -> None:
+        closed.append(self)
+        await real_close(self)
+
+    monkeypatch.setattr(OnlineFeatureStore, "open", open_)
+    monkeypatch.setattr(OnlineFeatureStore, "close", close)
+    settings = peek_settings.replace(redis={"url": fresh_redis.url})
+    pid = fresh_redis.pid
+    assert pid is not None
+    actor = FeatureStoreActor(settings, EngineMetrics())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        task = asyncio.create_task(actor.run(Started()))
+        async with asyncio.timeout(30):
+            while not opened:  # noqa: ASYNC110 (no event to wait on: the open is inside the actor)
+                await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert opened and {id(s) for s in opened} <= {id(s) for s in closed}, (opened, closed)
+    assert len(closed) == 2, "the stream path's store and /predict's are both closed"
