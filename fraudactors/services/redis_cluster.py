@@ -36,9 +36,11 @@ class EmbeddedRedisNode(EmbeddedRedis):
         # or past 65535 for a high free port); a restart keeps it.
         self.bus_port = free_port(self.host)
 
+    def working_dir(self) -> Path:
+        return self._dir  # the cluster's own, kept across a node's restart (its nodes-<port>.conf)
+
     def argv(self, port: int) -> Sequence[str]:
         return [*super().argv(port), "--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
-                "--dir", str(self._dir),
                 "--cluster-config-file", f"nodes-{port}.conf",
                 "--cluster-node-timeout", str(self._node_timeout_ms),
                 "--cluster-require-full-coverage", "no",
