@@ -83,10 +83,22 @@ def make_client(settings: Settings, timeout_s: float, *, retry: bool = False,
 
 async def ping(client: Any) -> bool:
     """PING one Redis, or every master of a cluster: a cluster with one master hung or gone is not
-    up for the feature store (nearly every batch touches its slots), though the others answer."""
+    up for the feature store (nearly every batch touches its slots), though the others answer.
+
+    One Redis must also be a master: a former master demoted to a replica (a failover the address
+    has not followed yet) answers PING but refuses every write (READONLY), so the store would go
+    up and down again with every batch. Where ROLE is not allowed (a managed service may rename
+    it), PING decides."""
     if isinstance(client, RedisCluster):
         return bool(await client.ping(target_nodes=RedisCluster.PRIMARIES))
-    return bool(await client.ping())
+    if not await client.ping():
+        return False
+    try:
+        role = await client.execute_command("ROLE")
+    except ResponseError:
+        return True
+    first = role[0] if isinstance(role, list | tuple) and role else role
+    return first in (b"master", "master")
 
 
 def _redirected(reply: Exception) -> bool:

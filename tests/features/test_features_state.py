@@ -819,3 +819,43 @@ async def test_a_write_a_replica_refuses_as_read_only_is_an_outage_not_a_refusal
     finally:
         await replica.execute_command("REPLICAOF", "NO", "ONE")
         await replica.aclose()
+
+
+async def test_a_redis_demoted_to_a_replica_keeps_the_store_down_until_it_is_a_master_again(
+        redis_server: EmbeddedRedis, fresh_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica answers PING but refuses every write (READONLY, an outage): the probe must not
+    bring the store up while it is one. Before, each probe's PING brought it up, the next batch
+    took it down again (a flap every retry interval: the up gauge and /readyz flickering, and
+    FraudactorsFeatureStoreDown never firing)."""
+    import fraudactors.features.store as store_module
+    from fraudactors.features.redis_client import ping
+
+    probes = 0
+
+    async def counted(client: Any) -> bool:
+        nonlocal probes
+        probes += 1
+        return await ping(client)
+
+    monkeypatch.setattr(store_module, "redis_ping", counted)
+    settings = load_settings(env={}, overrides={
+        "redis": {"url": fresh_redis.url, "key_prefix": f"fa-replica-{uuid.uuid4().hex[:8]}:",
+                  "retry_interval_ms": 20}})
+    admin = aioredis.Redis.from_url(fresh_redis.url)
+    host, _, port = redis_server.url.removeprefix("redis://").split("/")[0].rpartition(":")
+    await admin.execute_command("REPLICAOF", host, port)
+    metrics = EngineMetrics()
+    try:
+        async with running_actor(settings, metrics) as actor:
+            async with asyncio.timeout(30):
+                while probes < 10 and not actor.up:  # noqa: ASYNC110 (the probe has no event to wait on)
+                    await asyncio.sleep(0.01)
+            assert not actor.up, "never up while a replica"
+            await admin.execute_command("REPLICAOF", "NO", "ONE")
+            async with asyncio.timeout(30):
+                await actor._up.wait()
+            _, degraded = await actor.compute([txn("after", "u-r", "m", T0)], 0, [0])
+            assert not degraded
+    finally:
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+        await admin.aclose()
