@@ -283,10 +283,11 @@ class Ingestor:
             return
         if now - self.last_poll > limit:
             self._stall(f"poll loop made no call for {now - self.last_poll:.1f}s")
-        # Partitions that wait on purpose -- all for Redis (hold policy); one for the broker (its
-        # worker waits for room in the publish window, or the batch its commits wait for is being
-        # sent again) -- are not stalled: a new consumer would not help them.
-        holding = self._features.holding
+        # Partitions that wait on purpose -- all for Redis (hold policy) or for a broker that
+        # acknowledges nothing (its fetches stand still too); one for the broker (its worker waits
+        # for room in the publish window, or the batch its commits wait for is unacknowledged) --
+        # are not stalled: a new consumer would not help them.
+        holding = self._features.holding or self._publisher.silent_s(now) >= min(1.0, limit / 2)
         lag = self.lag()
         for p, s in self._parts.items():
             if s.tracker.failed is not None:  # stopped or not: the records handed off are read again
@@ -294,7 +295,7 @@ class Ingestor:
             if s.unreadable is not None:
                 continue  # stopped at a batch that does not decode: its lag waits for the operator
             mark = (s.position, s.tracker.done_end)  # fetching or finishing: either is progress
-            if holding or s.waits_on(self._publisher) or mark != s.progress_mark or lag.get(p, 0) == 0:
+            if holding or s.waits_on() or mark != s.progress_mark or lag.get(p, 0) == 0:
                 s.progress_mark = mark
                 s.progress_at = now
             elif now - s.progress_at > limit:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
@@ -32,9 +31,6 @@ from fraudactors.actors import Mailbox
 from fraudactors.engine.metrics import EngineMetrics
 from fraudactors.engine.offsets import OffsetTracker
 from fraudactors.engine.worker import FeatureWorker, Item
-
-if TYPE_CHECKING:
-    from fraudactors.engine.publisher import Publisher
 
 
 @dataclass(eq=False)
@@ -118,15 +114,16 @@ class Partition:
             self._resume()
         return False
 
-    def waits_on(self, publisher: Publisher) -> bool:
+    def waits_on(self) -> bool:
         """Its progress waits for the broker: its worker waits in ``send_many`` (for room in the
-        publish window), or the batch its commits wait for is being sent again, or it is held for
-        that batch's acknowledgement (the producer retries a request for up to its request timeout
-        before the publisher hears of a failure: a new consumer would not bring it sooner)."""
+        publish window), or the batch its commits wait for is not acknowledged yet -- in the
+        producer's first attempt (up to its request timeout, before the publisher hears of a
+        failure) or sent again. A new consumer would not bring the acknowledgement sooner; a batch
+        never acknowledged shows in ``fraudactors_unacknowledged_age_seconds`` and pages."""
         if self.worker is not None and self.worker.handing_off:
             return True
         ack = self.tracker.oldest_ack
-        return ack is not None and (self.held or publisher.retrying(ack))
+        return ack is not None and not ack.done()
 
     def _resume(self) -> None:
         """Fetch again if nothing else keeps the partition paused."""

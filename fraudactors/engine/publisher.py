@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
@@ -141,6 +142,7 @@ class Publisher:
         self._waiters: deque[tuple[asyncio.Future[None], dict[_TP, int]]] = deque()
         self.window_peak = 0  # the most records ever in flight on one partition
         self._retrying: set[asyncio.Future[None]] = set()  # confirmations whose sends failed, being retried
+        self._last_ack = time.monotonic()  # a record acknowledged by the broker, the last time
         self._partitioner = KeyPartitioner()
         self._linger_s = settings.kafka.linger_ms / 1000.0
         self._open: dict[_TP, _Batch] = {}  # per partition: the batch records are added to
@@ -156,6 +158,11 @@ class Publisher:
     def waiting(self) -> int:
         """Senders waiting for room in the window (the workers held back right now)."""
         return len(self._waiters)
+
+    def silent_s(self, now: float) -> float:
+        """How long the broker has acknowledged none of the records that wait for it (0 while none
+        wait): the whole broker holds the pipeline back, its fetches too (a freeze, an outage)."""
+        return now - self._last_ack if self.pending else 0.0
 
     def retrying(self, ack: asyncio.Future[None]) -> bool:
         """True while sends of the batch ``ack`` (from :meth:`send_many`) failed and are retried."""
@@ -414,6 +421,7 @@ class Publisher:
                         try:
                             await fut
                             exc = None
+                            self._last_ack = time.monotonic()
                         except Exception as e:  # every failure is retried (routed again)
                             exc = e
                     if exc is not None:

@@ -289,9 +289,9 @@ async def test_a_dead_letter_refused_for_long_pauses_only_its_partition_and_boun
         await wait_until(lambda: (registry.get_sample_value(
             "fraudactors_unacknowledged_age_seconds", {"partition": "0"}) or 0) > 3 * 2.0, timeout_s=30)
         assert ingestor.stalls == 0, ingestor.stalled_reason
-        assert part.waits_on(engine.publisher) and part.held
+        assert part.waits_on() and part.held
         assert registry.get_sample_value("fraudactors_partition_paused", {"partition": "0"}) == 1
-        assert not any(q.waits_on(engine.publisher) for n, q in ingestor._parts.items() if n != 0)
+        assert not any(q.waits_on() for n, q in ingestor._parts.items() if n != 0)
         # Bounded: the limit, plus what was fetched before the pause (mailbox, a fetch's overflow).
         bound = limit + mailbox + fetch + batch
         assert tracker.outstanding <= bound, tracker.outstanding

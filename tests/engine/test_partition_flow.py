@@ -203,13 +203,14 @@ async def test_too_many_unacknowledged_records_pause_the_partition_until_half_ar
     assert consumer.paused() == set() and paused(p) == 0
 
 
-async def test_a_partition_held_for_its_oldest_acknowledgement_waits_on_the_broker(
+async def test_a_partition_whose_oldest_batch_is_unacknowledged_waits_on_the_broker(
         settings: Settings, consumer: AIOKafkaConsumer) -> None:
-    """Held past ``max_unacknowledged`` while its oldest batch is still in the producer's first
-    attempt (the publisher hears of a failure only after the request timeout): the partition waits
-    on the broker, so the watchdog excuses it. Before, only a batch already being sent again was
-    excused: a held partition's position stood still and a new consumer was started every
-    ``watchdog_s``, deciding its records again and resetting the age the alert waits on."""
+    """While the batch its commits wait for is unacknowledged -- still in the producer's first
+    attempt (the publisher hears of a failure only after the request timeout), or held past
+    ``max_unacknowledged`` for it -- the partition waits on the broker, and the watchdog excuses it.
+    Before, only a batch already being sent again was excused: in a broker outage (or a held
+    partition) a new consumer was started every ``watchdog_s`` before the first attempt failed,
+    deciding its records again and resetting the age the alert waits on."""
     import asyncio
 
     from fraudactors.engine.publisher import Publisher
@@ -217,14 +218,84 @@ async def test_a_partition_held_for_its_oldest_acknowledgement_waits_on_the_brok
     loop = asyncio.get_running_loop()
     publisher = Publisher(settings, EngineMetrics())
     p = partition(consumer, settings.topics.transactions, size=4)
+    assert not p.waits_on(), "nothing unacknowledged"
     first: asyncio.Future[None] = loop.create_future()  # in the producer's first attempt
     p.tracker.register(10, first, records=10)
-    assert not p.waits_on(publisher), "a batch on its way is no wait while the partition fetches"
+    assert not publisher.retrying(first)
+    assert p.waits_on(), "its oldest batch waits for the broker's acknowledgement"
     p.tracker.register(30, None, records=20)
     assert p.hold_if_unacknowledged(limit=25) is True
-    assert not publisher.retrying(first)
-    assert p.waits_on(publisher), "held for the acknowledgement: waiting on the broker"
+    assert p.waits_on(), "held for the acknowledgement: waiting on the broker"
     first.set_result(None)
     await asyncio.sleep(0)
     assert p.hold_if_unacknowledged(limit=25) is False and not p.held
-    assert not p.waits_on(publisher)
+    assert not p.waits_on()
+
+
+class _FetchlessConsumer:
+    """The consumer of a frozen broker: records wait at the high watermark, none are fetched."""
+
+    def __init__(self, high: int) -> None:
+        self.high = high
+        self.paused_tps: set[TopicPartition] = set()
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused_tps.update(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused_tps.difference_update(tps)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        pass
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return self.high
+
+
+async def test_the_watchdog_excuses_a_partition_with_nothing_in_flight_while_the_broker_acknowledges_nothing(
+        settings: Settings) -> None:
+    """A broker frozen: partition 1 has nothing unacknowledged (its last batch was acknowledged
+    before the freeze) and cannot fetch the records waiting for it, while partition 0's batch waits
+    for an acknowledgement. A new consumer would not fetch either: no stall. Before (flaky in the
+    frozen-broker test), partition 1 was taken for a stalled consumer after ``watchdog_s``. Once the
+    broker acknowledges again, a partition that still makes no progress is a stall."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fraudactors.engine.ingestor import ConsumerStalled, Ingestor
+    from fraudactors.engine.publisher import Publisher
+
+    loop = asyncio.get_running_loop()
+    metrics = EngineMetrics()
+    publisher = Publisher(settings, metrics)
+    ingestor = Ingestor(settings, metrics, SimpleNamespace(features=SimpleNamespace(holding=False),
+                                                           publisher=publisher))
+    consumer = _FetchlessConsumer(high=500)
+    ingestor._consumer = consumer  # type: ignore[assignment]
+    parts = {}
+    for n in (0, 1):
+        tp = TopicPartition(settings.topics.transactions, n)
+        part = Partition(tp, consumer, metrics, Mailbox(8, f"features-{n}"), OffsetTracker(0))  # type: ignore[arg-type]
+        part.position = part.fetched_end = 100
+        parts[n] = ingestor._parts[n] = part
+    waiting: asyncio.Future[None] = loop.create_future()  # partition 0's batch, in the producer's hands
+    parts[0].tracker.register(100, waiting, records=100)
+    done: asyncio.Future[None] = loop.create_future()
+    done.set_result(None)
+    parts[1].tracker.register(100, done, records=100)  # acknowledged before the freeze
+    publisher.pending = 100  # records the producer holds, none acknowledged since
+    limit = settings.engine.watchdog_s
+    now = time.monotonic()
+    ingestor.last_poll = now + 10 * limit
+    ingestor._watchdog(now)
+    later = now + 2 * limit
+    ingestor.last_poll = later
+    ingestor._watchdog(later)  # partition 1 made no progress for twice watchdog_s: excused
+    assert ingestor.stalls == 0
+
+    publisher._last_ack = later  # the broker acknowledges again; partition 1 still fetches nothing
+    publisher.pending = 0
+    latest = later + 2 * limit
+    ingestor.last_poll = latest
+    with pytest.raises(ConsumerStalled, match="partition 1"):
+        ingestor._watchdog(latest)
