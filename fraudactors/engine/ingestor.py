@@ -16,8 +16,9 @@
 - Watchdog: a poll loop that stops returning, or a partition with records waiting whose finished
   offset does not move for ``watchdog_s``, raises :class:`ConsumerStalled`; the supervisor restarts
   the ingestor (a new consumer), and /readyz says so meanwhile. Partitions waiting on purpose (all
-  of them for Redis under the hold policy; one whose worker waits for room in the publish window or
-  whose oldest unacknowledged batch is being sent again, for the broker) are not stalled.
+  of them for Redis under the hold policy, or while the broker acknowledges nothing; one whose
+  worker waits for room in the publish window or whose oldest batch is unacknowledged, for the
+  broker) are not stalled.
 - A partition with more than ``engine.max_unacknowledged`` records handed off but not committable
   is paused until half are (:meth:`Partition.hold_if_unacknowledged`); the age of its oldest
   unacknowledged batch is ``fraudactors_unacknowledged_age_seconds``.

@@ -188,18 +188,12 @@ async def test_a_full_window_makes_the_sender_wait_until_acknowledgements_free_i
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_a_dead_letter_the_broker_refuses_as_too_large_is_sent_without_its_value(
-        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A dead letter the broker can never accept as is (over its message.max.bytes) goes again
-    without its value, saying so in a header, so one poison record cannot stall its partition;
-    the records around it are delivered as they are.
-
-    The embedded broker has no size limit, so its refusal is the one stand-in here: batches over
-    1 MiB fail as Kafka's default message.max.bytes would fail them (MESSAGE_SIZE_TOO_LARGE)."""
+def _refuse_batches_over(monkeypatch: pytest.MonkeyPatch, limit: int) -> int:
+    """The producer's batches over ``limit`` bytes fail as Kafka fails them past a topic's
+    max.message.bytes (MESSAGE_SIZE_TOO_LARGE); the embedded broker has no such limit."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.errors import MessageSizeTooLargeError
 
-    limit = 1024 * 1024
     real_send_batch = AIOKafkaProducer.send_batch
 
     async def send_batch(self: AIOKafkaProducer, batch: Any, topic: str, *, partition: int) -> Any:
@@ -210,6 +204,18 @@ async def test_a_dead_letter_the_broker_refuses_as_too_large_is_sent_without_its
         return await real_send_batch(self, batch, topic, partition=partition)
 
     monkeypatch.setattr(AIOKafkaProducer, "send_batch", send_batch)
+    return limit
+
+
+async def test_a_dead_letter_the_broker_refuses_as_too_large_is_sent_without_its_value(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead letter the broker can never accept as is (over its message.max.bytes) goes again
+    without its value, saying so in a header, so one poison record cannot stall its partition;
+    the records around it are delivered as they are.
+
+    The embedded broker has no size limit, so its refusal is the one stand-in here: batches over
+    1 MiB fail as Kafka's default message.max.bytes would fail them (MESSAGE_SIZE_TOO_LARGE)."""
+    limit = _refuse_batches_over(monkeypatch, 1024 * 1024)
     settings = settings.replace(kafka={"linger_ms": 0})
     metrics = EngineMetrics()
     publisher = Publisher(settings, metrics)
@@ -310,20 +316,7 @@ async def test_a_dead_letter_whose_key_alone_is_too_large_is_delivered_without_i
         settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """A dead letter whose key alone is over the broker's limit (value dropped, still refused) goes
     without its key too, instead of being retried for ever with its partition's commits frozen."""
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.errors import MessageSizeTooLargeError
-
-    limit = 1024 * 1024
-    real_send_batch = AIOKafkaProducer.send_batch
-
-    async def send_batch(self: AIOKafkaProducer, batch: Any, topic: str, *, partition: int) -> Any:
-        if batch.size() > limit:  # the broker's answer for a DLQ topic of max.message.bytes 1 MiB
-            refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            refused.set_exception(MessageSizeTooLargeError())
-            return refused
-        return await real_send_batch(self, batch, topic, partition=partition)
-
-    monkeypatch.setattr(AIOKafkaProducer, "send_batch", send_batch)
+    limit = _refuse_batches_over(monkeypatch, 1024 * 1024)
     settings = settings.replace(kafka={"linger_ms": 0})
     metrics = EngineMetrics()
     publisher = Publisher(settings, metrics)
